@@ -1,0 +1,273 @@
+// pybind11 module obc_native._core: validate under the GIL, release it, solve, rebuild outputs.
+// Conversion policy (dtypes, contiguity, finiteness messages) lives in python/obc_native/_arrays.py;
+// this layer only accepts C-contiguous float32/float64 arrays and maps C++ errors to Python.
+#include <pybind11/eigen.h>
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "obc/build_info.hpp"
+#include "obc/errors.hpp"
+#include "obc/hessian.hpp"
+#include "obc/prune.hpp"
+#include "obc/quant.hpp"
+
+namespace py = pybind11;
+using obc::Index;
+
+namespace {
+
+/// Ctrl-C: polled by the core from the calling thread; takes the GIL only for the check.
+class PythonInterrupt : public obc::InterruptHook {
+ public:
+  bool should_stop() override {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) {
+      PyErr_Clear();  // re-raised as KeyboardInterrupt once the solver has unwound
+      return true;
+    }
+    return false;
+  }
+};
+
+template <class S>
+using RowRef = Eigen::Ref<const obc::RowMatrix<S>>;
+using HRef = Eigen::Ref<const Eigen::MatrixXd>;
+
+template <class S>
+py::array_t<S> to_array(const obc::RowMatrix<S>& m) {
+  py::array_t<S> out({m.rows(), m.cols()});
+  std::copy(m.data(), m.data() + m.size(), out.mutable_data());
+  return out;
+}
+
+py::array_t<bool> mask_kept(const obc::MaskMatrix& pruned) {
+  py::array_t<bool> out({pruned.rows(), pruned.cols()});
+  bool* dst = out.mutable_data();
+  for (Index i = 0; i < pruned.size(); ++i) dst[i] = pruned.data()[i] == 0;
+  return out;
+}
+
+py::array_t<double> to_vector(const Eigen::VectorXd& v) {
+  py::array_t<double> out(v.size());
+  std::copy(v.data(), v.data() + v.size(), out.mutable_data());
+  return out;
+}
+
+obc::RunOptions run_options(int num_threads, int lazy_batch, PythonInterrupt& hook) {
+  obc::RunOptions run;
+  run.num_threads = num_threads;
+  run.lazy_batch = lazy_batch;
+  run.interrupt = &hook;
+  return run;
+}
+
+obc::Spread parse_spread(const std::string& spread) {
+  if (spread == "global") return obc::Spread::Global;
+  if (spread == "uniform") return obc::Spread::Uniform;
+  throw obc::InvalidArgument("spread: expected 'global' or 'uniform', got '" + spread + "'");
+}
+
+template <class S>
+py::dict prune_dict(obc::PruneResult<S>&& r) {
+  py::dict d;
+  d["weight"] = to_array<S>(r.weight);
+  d["mask"] = mask_kept(r.pruned);
+  d["row_losses"] = to_vector(r.row_losses);
+  d["damp"] = r.damp;
+  d["damp_absolute"] = r.damp_absolute;
+  return d;
+}
+
+template <class S>
+py::dict quant_dict(obc::QuantResult<S>&& r) {
+  py::dict d;
+  d["weight"] = to_array<S>(r.weight);
+  d["codes"] = to_array<std::uint8_t>(r.codes);
+  d["scale"] = to_array<S>(r.grid.scale);
+  d["zero"] = to_array<std::uint8_t>(r.grid.zero);
+  d["group_size"] = r.grid.group_size;
+  d["mask"] = mask_kept(r.pruned);
+  d["row_losses"] = to_vector(r.row_losses);
+  d["damp"] = r.damp;
+  d["damp_absolute"] = r.damp_absolute;
+  return d;
+}
+
+template <class S>
+void bind_scalar(py::module_& m) {
+  m.def("prune_unstructured",
+        [](RowRef<S> W, HRef H, double sparsity, const std::string& spread, double damp,
+           int num_threads, int lazy_batch) {
+          const obc::Spread sp = parse_spread(spread);
+          PythonInterrupt hook;
+          obc::PruneResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::prune_unstructured<S>(W, H, sparsity, sp, obc::HessianOptions{damp},
+                                           run_options(num_threads, lazy_batch, hook));
+          }
+          return prune_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("spread"), py::arg("damp"),
+        py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("prune_blocked",
+        [](RowRef<S> W, HRef H, double sparsity, Index block, const std::string& spread,
+           double damp, int num_threads, int lazy_batch) {
+          const obc::Spread sp = parse_spread(spread);
+          PythonInterrupt hook;
+          obc::PruneResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::prune_blocked<S>(W, H, sparsity, block, sp, obc::HessianOptions{damp},
+                                      run_options(num_threads, lazy_batch, hook));
+          }
+          return prune_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("block"), py::arg("spread"),
+        py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("prune_nm",
+        [](RowRef<S> W, HRef H, Index n, Index mm, double damp, int num_threads, int lazy_batch) {
+          PythonInterrupt hook;
+          obc::PruneResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::prune_nm<S>(W, H, n, mm, obc::HessianOptions{damp},
+                                 run_options(num_threads, lazy_batch, hook));
+          }
+          return prune_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("n"), py::arg("m"), py::arg("damp"),
+        py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("prune_structured",
+        [](RowRef<S> W, HRef H, double sparsity, Index group, double damp, int num_threads) {
+          PythonInterrupt hook;
+          obc::PruneResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::prune_structured<S>(W, H, sparsity, group, obc::HessianOptions{damp},
+                                         run_options(num_threads, 0, hook));
+          }
+          return prune_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("group"), py::arg("damp"),
+        py::arg("num_threads"));
+  m.def("trace",
+        [](RowRef<S> W, HRef H, Index block, double damp, int num_threads, int lazy_batch) {
+          PythonInterrupt hook;
+          obc::Trace t;
+          obc::PreparedHessian prep;
+          {
+            py::gil_scoped_release release;
+            prep = obc::prepare_hessian(H, obc::HessianOptions{damp});
+            t = obc::trace_rows<S>(W, prep, block, run_options(num_threads, lazy_batch, hook));
+          }
+          py::dict d;
+          d["order"] = to_array<std::int32_t>(t.order);
+          d["losses"] = to_array<double>(t.step_losses);
+          d["damp"] = prep.damp;
+          d["damp_absolute"] = prep.damp_absolute;
+          return d;
+        },
+        py::arg("W"), py::arg("H"), py::arg("block"), py::arg("damp"), py::arg("num_threads"),
+        py::arg("lazy_batch") = 0);
+  m.def("solve_masked",
+        [](RowRef<S> W, HRef H, Eigen::Ref<const obc::MaskMatrix> pruned, double damp,
+           int num_threads) {
+          PythonInterrupt hook;
+          obc::PruneResult<S> r;
+          {
+            py::gil_scoped_release release;
+            const obc::PreparedHessian prep = obc::prepare_hessian(H, obc::HessianOptions{damp});
+            r = obc::solve_masked<S>(W, H, prep, obc::MaskMatrix(pruned),
+                                     run_options(num_threads, 0, hook));
+          }
+          return prune_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("pruned"), py::arg("damp"), py::arg("num_threads"));
+  auto quant_options = [](int bits, bool sym, Index group_size, const std::string& grid) {
+    obc::QuantOptions opt;
+    opt.bits = bits;
+    opt.sym = sym;
+    opt.group_size = group_size;
+    if (grid == "mse") opt.grid = obc::GridSearch::Mse;
+    else if (grid == "minmax") opt.grid = obc::GridSearch::MinMax;
+    else throw obc::InvalidArgument("grid: expected 'mse' or 'minmax', got '" + grid + "'");
+    return opt;
+  };
+  m.def("quantize",
+        [quant_options](RowRef<S> W, HRef H, int bits, bool sym, Index group_size,
+                        const std::string& grid, double damp, int num_threads, int lazy_batch) {
+          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          PythonInterrupt hook;
+          obc::QuantResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::quantize<S>(W, H, opt, obc::HessianOptions{damp},
+                                 run_options(num_threads, lazy_batch, hook));
+          }
+          return quant_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
+        py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("quantize_rtn",
+        [quant_options](RowRef<S> W, HRef H, int bits, bool sym, Index group_size,
+                        const std::string& grid, int num_threads) {
+          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          PythonInterrupt hook;
+          obc::QuantResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::quantize_rtn<S>(W, H, opt, obc::HessianOptions{},
+                                     run_options(num_threads, 0, hook));
+          }
+          return quant_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
+        py::arg("grid"), py::arg("num_threads"));
+  m.def("layer_loss",
+        [](RowRef<S> W, RowRef<S> W_hat, HRef H, int num_threads) {
+          Eigen::VectorXd losses;
+          {
+            py::gil_scoped_release release;
+            losses = obc::row_losses<S>(W, W_hat, H, num_threads);
+          }
+          return to_vector(losses);
+        },
+        py::arg("W"), py::arg("W_hat"), py::arg("H"), py::arg("num_threads"));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "obc_native compiled core (private; use the obc_native package API)";
+  static py::exception<obc::NotPositiveDefinite> hessian_error(m, "HessianError",
+                                                               PyExc_ValueError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const obc::Interrupted&) {
+      PyErr_SetNone(PyExc_KeyboardInterrupt);
+    } catch (const obc::NotPositiveDefinite& e) {
+      py::set_error(hessian_error, e.what());
+    } catch (const obc::InvalidArgument& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    }
+  });
+  m.def("build_info", []() {
+    const obc::BuildInfo info = obc::build_info();
+    py::dict d;
+    d["version"] = info.version;
+    d["openmp"] = info.openmp;
+    d["max_threads"] = info.max_threads;
+    d["eigen_version"] = info.eigen_version;
+    d["cuda"] = info.cuda;
+    d["simd"] = info.simd;
+    d["compiler"] = info.compiler;
+    return d;
+  });
+  py::module_ f32 = m.def_submodule("f32", "float32 kernels");
+  py::module_ f64 = m.def_submodule("f64", "float64 kernels");
+  bind_scalar<float>(f32);
+  bind_scalar<double>(f64);
+}

@@ -1,0 +1,20 @@
+// What was compiled into this build of the core.
+#pragma once
+
+#include <string>
+
+namespace obc {
+
+struct BuildInfo {
+  std::string version;        ///< project version, e.g. "0.1.0"
+  bool openmp = false;        ///< compiled with OpenMP
+  int max_threads = 1;        ///< omp_get_max_threads() now (1 without OpenMP)
+  std::string eigen_version;  ///< e.g. "3.4.1"
+  bool cuda = false;          ///< CUDA kernels compiled in
+  std::string simd;           ///< Eigen's SIMD instruction sets in use, e.g. "SSE, SSE2"
+  std::string compiler;       ///< compiler id and version
+};
+
+BuildInfo build_info();
+
+}  // namespace obc

@@ -1,0 +1,46 @@
+// Exception types of the obc_native core and the OBC_CHECK macro for user errors.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace obc {
+
+/// A caller passed an invalid argument (wrong shape, NaN/Inf, value out of range).
+/// Derives from std::invalid_argument; reaches Python as ValueError.
+class InvalidArgument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+/// The (damped) Hessian is not positive definite, or the inverse Hessian lost
+/// positive definiteness during elimination. The message names the damping tried.
+/// Reaches Python as obc_native.HessianError (a ValueError).
+class NotPositiveDefinite : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A long computation was stopped by an InterruptHook. Reaches Python as KeyboardInterrupt.
+class Interrupted : public std::runtime_error {
+ public:
+  Interrupted() : std::runtime_error("obc_native: computation interrupted") {}
+};
+
+namespace detail {
+template <class... Parts>
+std::string concat(const Parts&... parts) {
+  std::ostringstream out;
+  (out << ... << parts);
+  return out.str();
+}
+}  // namespace detail
+
+}  // namespace obc
+
+/// Throws obc::InvalidArgument with the streamed message parts when `cond` is false.
+#define OBC_CHECK(cond, ...)                                                \
+  do {                                                                      \
+    if (!(cond)) throw ::obc::InvalidArgument(::obc::detail::concat(__VA_ARGS__)); \
+  } while (0)

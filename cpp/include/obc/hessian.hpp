@@ -1,0 +1,50 @@
+// Hessian preparation: validation, dead inputs, relative damping, Cholesky inverse.
+#pragma once
+
+#include <Eigen/Core>
+#include <vector>
+
+#include "obc/types.hpp"
+
+namespace obc {
+
+/// How a layer Hessian H = 2/n * X X^T (cols x cols) is turned into the inverse the solvers use.
+struct HessianOptions {
+  /// Relative damping: lambda = damp * mean(diag H over live inputs) is added to the diagonal
+  /// of the live inputs. Dimensionless, >= 0 (0 allowed). Default 0.01 (the paper uses 0.01 of
+  /// the mean diagonal in its GPTQ/SparseGPT successors; 0 in OBC itself).
+  double damp = 0.01;
+  /// H must equal H^T within symmetry_tol * max|H| (absolute difference), else InvalidArgument.
+  double symmetry_tol = 1e-6;
+};
+
+/// A validated, damped Hessian and its inverse. Dead inputs (diag H == 0: the input is always
+/// zero in the calibration data) are decoupled: their row/column of `h` is the unit vector, so
+/// `hinv` has a 1 there too and the solvers treat them as already pruned.
+struct PreparedHessian {
+  Eigen::MatrixXd h;          ///< cols x cols damped Hessian, dead inputs decoupled
+  Eigen::MatrixXd hinv;       ///< cols x cols inverse of `h`, full symmetric, from Cholesky
+  std::vector<char> dead;     ///< cols flags: 1 where diag(H) == 0
+  Index num_dead = 0;         ///< number of dead inputs
+  double damp = 0.0;          ///< relative damping used (equals the option)
+  double damp_absolute = 0.0; ///< lambda actually added to the diagonal
+  Index cols() const { return h.rows(); }
+};
+
+/// Validates H (square, finite, symmetric, non-negative diagonal, zero rows at dead inputs).
+/// Throws InvalidArgument naming the problem.
+void validate_hessian(const Eigen::Ref<const Eigen::MatrixXd>& H, double symmetry_tol = 1e-6);
+
+/// Validates H and builds its damped inverse. Throws NotPositiveDefinite (naming the damping
+/// tried) when the damped Hessian has no Cholesky factor; never retries with more damping.
+PreparedHessian prepare_hessian(const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                const HessianOptions& options = {});
+
+/// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
+/// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.
+template <class Scalar>
+Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                           const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,
+                           const Eigen::Ref<const Eigen::MatrixXd>& H, int num_threads = 0);
+
+}  // namespace obc

@@ -1,0 +1,23 @@
+// The one parallel loop over independent work items (rows, column chunks).
+#pragma once
+
+#include <functional>
+
+#include "obc/interrupt.hpp"
+#include "obc/types.hpp"
+
+namespace obc {
+
+/// Number of threads a call with `requested` (0 = default) will use.
+int resolve_num_threads(int requested);
+
+/// Runs fn(item, thread_id) for item in [0, count). Items are handed out dynamically, so
+/// results must not depend on which thread runs an item (no cross-item float reductions).
+/// The calling thread polls `hook` between items; on a stop, no new item starts and
+/// obc::Interrupted is thrown. An exception thrown by fn stops the loop and the one from
+/// the lowest item index is rethrown after all threads finish.
+/// thread_id is in [0, resolve_num_threads(num_threads)), usable to index workspaces.
+void parallel_for(Index count, int num_threads, InterruptHook* hook,
+                  const std::function<void(Index item, int thread_id)>& fn);
+
+}  // namespace obc

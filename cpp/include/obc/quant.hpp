@@ -1,0 +1,83 @@
+// OBQ quantization: grids (symmetric/asymmetric, per row or per group, min-max or MSE-searched)
+// and the greedy exact quantizer, which also serves joint pruning + quantization.
+//
+// A weight w on a grid (scale s, zero point z, bits b, maxq = 2^b - 1) has the integer code
+// c = clamp(round_half_even(w / s) + z, 0, maxq) and the value s * (c - z). 0 is always on the
+// grid (the range always contains 0), so weights that are zero stay exactly zero.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+#include "obc/hessian.hpp"
+#include "obc/interrupt.hpp"
+#include "obc/types.hpp"
+
+namespace obc {
+
+enum class GridSearch {
+  MinMax,  ///< the range is [min(w, 0), max(w, 0)]
+  Mse,     ///< the range is shrunk by p = 1 - i/100, i < 80, minimizing sum |q(w) - w|^2.4
+};
+
+struct QuantOptions {
+  /// Bits per weight, 2..8.
+  int bits = 4;
+  /// Symmetric grid: zero point 2^(b-1), scale = max|w| / (2^(b-1) - 1), so both +max|w| and
+  /// -max|w| are representable (codes 1..maxq hold them; code 0 is one extra negative level).
+  /// Asymmetric: scale = (xmax - xmin) / maxq, zero point round(-xmin / scale).
+  bool sym = true;
+  /// Inputs sharing one grid: 0 = the whole row (per-channel), else cols % group_size == 0.
+  Index group_size = 0;
+  GridSearch grid = GridSearch::Mse;
+  /// Exponent of the MSE grid search error (the paper's 2.4). > 0.
+  double mse_norm = 2.4;
+  /// OBQ outlier rule: a free weight whose rounding error exceeds (1 + outlier_tol) * scale^2/4
+  /// lies outside the grid's range by more than half a step; the one with the largest error is
+  /// quantized first. The relative tolerance makes the rule deterministic for weights exactly
+  /// at the range edge, where float rounding would otherwise decide. >= 0.
+  double outlier_tol = 1e-3;
+};
+
+/// Grid per row and group: rows x groups.
+template <class Scalar>
+struct QuantGrid {
+  RowMatrix<Scalar> scale;        ///< > 0
+  RowMatrix<std::uint8_t> zero;   ///< zero point, integer in [0, maxq]
+  int bits = 4;
+  Index group_size = 0;           ///< resolved: cols when per row
+};
+
+template <class Scalar>
+struct QuantResult {
+  RowMatrix<Scalar> weight;       ///< rows x cols dequantized weights, exactly on the grid
+  RowMatrix<std::uint8_t> codes;  ///< rows x cols integer codes in [0, 2^bits - 1]
+  QuantGrid<Scalar> grid;
+  MaskMatrix pruned;              ///< rows x cols, 1 where the weight was zero before (kept zero)
+  Eigen::VectorXd row_losses;     ///< rows: 1/2 dw H dw^T with the undamped H
+  double damp = 0.0;
+  double damp_absolute = 0.0;
+};
+
+/// Computes the grid of every row / group of W from W itself. Throws InvalidArgument for bits
+/// outside 2..8 or a group size that does not divide cols.
+template <class Scalar>
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt);
+
+/// Rounds W to its grid (round-to-nearest, no error feedback): the RTN baseline.
+template <class Scalar>
+QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const QuantOptions& opt, const HessianOptions& hopt = {},
+                                 const RunOptions& run = {});
+
+/// OBQ: per row, greedily fixes the weight with the smallest (w_q - q(w_q))^2 / [H^-1]_qq to its
+/// grid value (outliers first, see QuantOptions::outlier_tol) and updates the free weights
+/// optimally. Weights that are zero on entry (and dead inputs) stay exactly zero: joint
+/// pruning + quantization is quantize() of a pruned layer.
+template <class Scalar>
+QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                             const Eigen::Ref<const Eigen::MatrixXd>& H, const QuantOptions& opt,
+                             const HessianOptions& hopt = {}, const RunOptions& run = {});
+
+}  // namespace obc

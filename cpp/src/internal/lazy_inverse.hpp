@@ -1,0 +1,185 @@
+// LazyInverse: one row's inverse Hessian over its still-active inputs, with lazy batched downdates.
+//
+// The greedy OBS loop downdates the inverse after every step: G <- G - g_q g_q^T / G_qq. Doing
+// that eagerly streams the whole n x n matrix from memory each step. Instead we keep the last k
+// downdates as columns of a thin matrix U (n x capacity), so that the current inverse is
+// G0 - U U^T. A column of it costs O(n k); the exact diagonal is maintained in O(n) per step;
+// when U is full, flush() applies it to G0 in one symmetric rank-k update (level-3, lower
+// triangle only) and compacts away the eliminated inputs, so the active set shrinks over time.
+// Only the lower triangle of G0 is ever read or written.
+#pragma once
+
+#include <Eigen/Core>
+#include <Eigen/Cholesky>
+#include <cmath>
+#include <vector>
+
+#include "obc/types.hpp"
+
+namespace obc::internal {
+
+template <class S>
+class LazyInverse {
+ public:
+  using Mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+  using Vec = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+  using MatMap = Eigen::Map<Mat>;
+  using ConstMatMap = Eigen::Map<const Mat>;
+
+  /// Loads G0 = hinv(active, active) (lower triangle) and empties U.
+  void load(const Eigen::MatrixXd& hinv, const std::vector<Index>& active, Index capacity) {
+    n_ = static_cast<Index>(active.size());
+    capacity_ = std::max<Index>(1, capacity);
+    if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));
+    if (static_cast<Index>(u_.size()) < n_ * capacity_)
+      u_.resize(static_cast<size_t>(n_ * capacity_));
+    MatMap g = gmap();
+    for (Index j = 0; j < n_; ++j) {
+      const Index cj = active[static_cast<size_t>(j)];
+      for (Index i = j; i < n_; ++i) g(i, j) = static_cast<S>(hinv(active[static_cast<size_t>(i)], cj));
+    }
+    k_ = 0;
+    diag_.resize(n_);
+    for (Index i = 0; i < n_; ++i) diag_[i] = g(i, i);
+    urow_.resize(capacity_);
+  }
+
+  Index size() const { return n_; }
+  Index room() const { return capacity_ - k_; }
+  Index pending() const { return k_; }
+  const Vec& diag() const { return diag_; }
+
+  /// Current column q of the inverse (length n) into `out`.
+  void column(Index q, Eigen::Ref<Vec> out) {
+    ConstMatMap g = cgmap();
+    for (Index i = 0; i < q; ++i) out[i] = g(q, i);  // upper part read from the lower triangle
+    out.tail(n_ - q) = g.col(q).tail(n_ - q);
+    if (k_ > 0) {
+      ConstMatMap u = cumap();
+      for (Index t = 0; t < k_; ++t) urow_[t] = u(q, t);
+      out.noalias() -= u.leftCols(k_) * urow_.head(k_);
+    }
+  }
+
+  /// Current columns [begin, begin + len) into out (n x len).
+  void columns(Index begin, Index len, Mat& out) {
+    out.resize(n_, len);
+    for (Index c = 0; c < len; ++c) {
+      const Index q = begin + c;
+      ConstMatMap g = cgmap();
+      for (Index i = 0; i < q; ++i) out(i, c) = g(q, i);
+      out.col(c).tail(n_ - q) = g.col(q).tail(n_ - q);
+    }
+    if (k_ > 0) {
+      ConstMatMap u = cumap();
+      out.noalias() -= u.leftCols(k_) * u.middleRows(begin, len).leftCols(k_).transpose();
+    }
+  }
+
+  /// Current diagonal block [begin, begin + len)^2 into out (len x len), both triangles.
+  void diagonal_block(Index begin, Index len, Mat& out) const {
+    out.resize(len, len);
+    ConstMatMap g = cgmap();
+    for (Index j = 0; j < len; ++j)
+      for (Index i = j; i < len; ++i) out(i, j) = out(j, i) = g(begin + i, begin + j);
+    if (k_ > 0) {
+      ConstMatMap u = cumap();
+      for (Index j = 0; j < len; ++j)
+        for (Index i = j; i < len; ++i) {
+          S dot = 0;
+          for (Index t = 0; t < k_; ++t) dot += u(begin + i, t) * u(begin + j, t);
+          out(i, j) -= dot;
+          if (i != j) out(j, i) -= dot;
+        }
+    }
+  }
+
+  /// Rank-1 downdate by the current column `col` of input q: G <- G - col col^T / col[q].
+  /// Requires room() >= 1.
+  void downdate(Index q, const Eigen::Ref<const Vec>& col) {
+    const S scale = S(1) / std::sqrt(col[q]);
+    MatMap u = umap();
+    u.col(k_) = col * scale;
+    diag_ -= u.col(k_).cwiseAbs2();
+    ++k_;
+  }
+
+  /// Rank-len downdate by the current columns `cols` (n x len) of a set B whose diagonal block
+  /// G_BB = L L^T: G <- G - cols G_BB^-1 cols^T, stored as V = cols L^-T. Requires room() >= len.
+  template <class Lower>
+  void downdate_block(const Mat& cols, const Lower& L) {
+    const Index len = cols.cols();
+    MatMap u = umap();
+    auto v = u.middleCols(k_, len);
+    v = cols;
+    L.template triangularView<Eigen::Lower>().transpose().template solveInPlace<Eigen::OnTheRight>(v);
+    diag_ -= v.rowwise().squaredNorm();
+    k_ += len;
+  }
+
+  /// Eliminates the local inputs in `set` at once (no pending downdates allowed): G becomes the
+  /// inverse restricted to the others, i.e. G_FF - G_FS G_SS^-1 G_SF, and the set is dropped.
+  /// Returns false when G_SS is not numerically positive definite.
+  bool eliminate_now(const std::vector<Index>& set) {
+    if (set.empty()) return true;
+    const Index z = static_cast<Index>(set.size());
+    Mat cols(n_, z);
+    for (Index c = 0; c < z; ++c) column(set[static_cast<size_t>(c)], cols.col(c));
+    Mat css(z, z);
+    for (Index c = 0; c < z; ++c) css.row(c) = cols.row(set[static_cast<size_t>(c)]);
+    Eigen::LLT<Mat> llt(css);
+    if (llt.info() != Eigen::Success) return false;
+    std::vector<char> keep(static_cast<size_t>(n_), 1);
+    for (Index i : set) keep[static_cast<size_t>(i)] = 0;
+    Mat kept_cols(n_ - z, z);
+    for (Index i = 0, r = 0; i < n_; ++i)
+      if (keep[static_cast<size_t>(i)]) kept_cols.row(r++) = cols.row(i);
+    llt.matrixL().transpose().template solveInPlace<Eigen::OnTheRight>(kept_cols);
+    flush(keep);  // compacts (nothing pending)
+    if (n_ > 0) gmap().template selfadjointView<Eigen::Lower>().rankUpdate(kept_cols, S(-1));
+    for (Index i = 0; i < n_; ++i) diag_[i] = cgmap()(i, i);
+    return true;
+  }
+
+  /// Applies the pending downdates to G0 and drops every local index i with keep[i] == 0.
+  /// `keep` has size() entries; afterwards size() is the number kept, in the same order.
+  void flush(const std::vector<char>& keep) {
+    std::vector<Index> kept;
+    kept.reserve(static_cast<size_t>(n_));
+    for (Index i = 0; i < n_; ++i)
+      if (keep[static_cast<size_t>(i)]) kept.push_back(i);
+    const Index m = static_cast<Index>(kept.size());
+    // In-place compaction: element (i, j) moves to (kept-rank i, kept-rank j) with the new leading
+    // dimension m <= n; every destination address is <= its source and both increase together,
+    // so a forward sweep never overwrites data it still has to read.
+    S* g = g_.data();
+    for (Index j = 0; j < m; ++j)
+      for (Index i = j; i < m; ++i)
+        g[j * m + i] = g[kept[static_cast<size_t>(j)] * n_ + kept[static_cast<size_t>(i)]];
+    S* u = u_.data();
+    for (Index t = 0; t < k_; ++t)
+      for (Index i = 0; i < m; ++i) u[t * m + i] = u[t * n_ + kept[static_cast<size_t>(i)]];
+    n_ = m;
+    if (k_ > 0 && n_ > 0) {
+      gmap().template selfadjointView<Eigen::Lower>().rankUpdate(cumap().leftCols(k_), S(-1));
+    }
+    k_ = 0;
+    diag_.resize(n_);
+    ConstMatMap gm = cgmap();
+    for (Index i = 0; i < n_; ++i) diag_[i] = gm(i, i);
+  }
+
+ private:
+  MatMap gmap() { return MatMap(g_.data(), n_, n_); }
+  ConstMatMap cgmap() const { return ConstMatMap(g_.data(), n_, n_); }
+  MatMap umap() { return MatMap(u_.data(), n_, capacity_); }
+  ConstMatMap cumap() const { return ConstMatMap(u_.data(), n_, capacity_); }
+
+  std::vector<S, Eigen::aligned_allocator<S>> g_;  // G0, n x n column-major, lower triangle
+  std::vector<S, Eigen::aligned_allocator<S>> u_;  // U, n x capacity column-major
+  Vec diag_;                                       // exact diagonal of G0 - U U^T
+  Vec urow_;                                       // scratch: U(q, 0:k)
+  Index n_ = 0, capacity_ = 1, k_ = 0;
+};
+
+}  // namespace obc::internal

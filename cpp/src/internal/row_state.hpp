@@ -1,0 +1,165 @@
+// RowState: one weight row during a greedy OBS solve (active inputs, weights, lazy inverse).
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <cmath>
+#include <vector>
+
+#include "internal/lazy_inverse.hpp"
+#include "obc/errors.hpp"
+#include "obc/hessian.hpp"
+
+namespace obc::internal {
+
+/// Lazy batch size for n active inputs: large enough that flushes are level-3, small enough that
+/// the O(n k) column reconstruction stays cheap next to the O(n^2) amortized flush.
+inline Index lazy_capacity(Index n, int requested) {
+  if (requested > 0) return requested;
+  if (n <= 128) return 16;
+  if (n <= 1024) return 32;
+  return 64;
+}
+
+template <class S>
+class RowState {
+ public:
+  using Vec = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+  using Mat = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+
+  /// Loads row `w_row` (length cols). Dead inputs are dropped; live inputs whose weight is zero,
+  /// or for which `fixed_zero` (optional, length cols) is set, are eliminated at once (they stay
+  /// exactly zero). `out` (length cols) receives final weights as inputs get fixed.
+  void load(const S* w_row, const PreparedHessian& prep, int lazy_batch, S* out,
+            const char* fixed_zero = nullptr) {
+    const Index cols = prep.cols();
+    out_ = out;
+    orig_.clear();
+    std::vector<Index> zero_local;
+    for (Index c = 0; c < cols; ++c) {
+      if (prep.dead[static_cast<size_t>(c)]) {
+        out_[c] = S(0);
+        continue;
+      }
+      if (w_row[c] == S(0) || (fixed_zero != nullptr && fixed_zero[c])) {
+        zero_local.push_back(static_cast<Index>(orig_.size()));
+        out_[c] = S(0);
+      }
+      orig_.push_back(c);
+    }
+    const Index n = static_cast<Index>(orig_.size());
+    inv_.load(prep.hinv, orig_, lazy_capacity(n, lazy_batch));
+    w_.resize(n);
+    for (Index i = 0; i < n; ++i) w_[i] = w_row[orig_[static_cast<size_t>(i)]];
+    free_.assign(static_cast<size_t>(n), 1);
+    if (!zero_local.empty()) {
+      if (!inv_.eliminate_now(zero_local)) lost_definiteness();
+      std::vector<char> keep(static_cast<size_t>(n), 1);
+      for (Index i : zero_local) keep[static_cast<size_t>(i)] = 0;
+      compact(keep);
+    }
+    num_free_ = inv_.size();
+  }
+
+  Index size() const { return inv_.size(); }
+  Index num_free() const { return num_free_; }
+  bool is_free(Index i) const { return free_[static_cast<size_t>(i)] != 0; }
+  Index orig(Index i) const { return orig_[static_cast<size_t>(i)]; }
+  const Vec& w() const { return w_; }
+  const Vec& diag() const { return inv_.diag(); }
+
+  /// Makes room for `b` more downdates, flushing (and compacting local indices) if needed.
+  /// Returns true when local indices changed.
+  bool ensure_room(Index b) {
+    if (inv_.room() >= b) return false;
+    inv_.flush(free_);
+    compact(free_);
+    return true;
+  }
+
+  /// Fixes local input q to `target` with the exact OBS update of the free weights.
+  /// Returns the step's loss increase 1/2 (w_q - target)^2 / G_qq. Requires room for 1.
+  double fix(Index q, S target) {
+    col_.resize(inv_.size());
+    inv_.column(q, col_);
+    const S dq = col_[q];
+    if (!(dq > S(0)) || !std::isfinite(dq)) lost_definiteness();
+    const S err = w_[q] - target;
+    w_.noalias() -= col_ * (err / dq);
+    w_[q] = target;
+    inv_.downdate(q, col_);
+    mark_fixed(q, target);
+    return 0.5 * static_cast<double>(err) * static_cast<double>(err) / static_cast<double>(dq);
+  }
+
+  /// Factorizes the current diagonal block [begin, begin+len) of the inverse; false if not PD.
+  bool factor_block(Index begin, Index len) {
+    inv_.diagonal_block(begin, len, block_);
+    llt_.compute(block_);
+    if (llt_.info() != Eigen::Success) return false;
+    return (llt_.matrixLLT().diagonal().array() > S(0)).all();
+  }
+
+  /// OBS score w_B^T G_BB^-1 w_B of the block last factorized by factor_block().
+  double block_score(Index begin, Index len) {
+    y_ = w_.segment(begin, len);
+    llt_.matrixL().solveInPlace(y_);
+    return static_cast<double>(y_.squaredNorm());
+  }
+
+  /// Prunes the block last factorized by factor_block() (all its inputs must be free) with the
+  /// exact multi-weight OBS update. Returns the loss increase. Requires room for len.
+  double prune_block(Index begin, Index len) {
+    const double loss = 0.5 * block_score(begin, len);
+    inv_.columns(begin, len, cols_);
+    Vec coef = y_;
+    llt_.matrixU().solveInPlace(coef);  // G_BB^-1 w_B
+    w_.noalias() -= cols_ * coef;
+    inv_.downdate_block(cols_, llt_.matrixLLT());
+    for (Index i = begin; i < begin + len; ++i) mark_fixed(i, S(0));
+    return loss;
+  }
+
+  /// Writes the free weights to the output row.
+  void finish() {
+    for (Index i = 0; i < inv_.size(); ++i)
+      if (free_[static_cast<size_t>(i)]) out_[orig_[static_cast<size_t>(i)]] = w_[i];
+  }
+
+  [[noreturn]] static void lost_definiteness() {
+    throw NotPositiveDefinite(
+        "the inverse Hessian lost positive definiteness during elimination (H is too "
+        "ill-conditioned for this precision); increase damp or pass float64 inputs");
+  }
+
+ private:
+  void mark_fixed(Index q, S value) {
+    free_[static_cast<size_t>(q)] = 0;
+    --num_free_;
+    out_[orig_[static_cast<size_t>(q)]] = value;
+  }
+
+  void compact(const std::vector<char>& keep) {
+    Index m = 0;
+    for (Index i = 0; i < static_cast<Index>(keep.size()); ++i) {
+      if (!keep[static_cast<size_t>(i)]) continue;
+      w_[m] = w_[i];
+      orig_[static_cast<size_t>(m)] = orig_[static_cast<size_t>(i)];
+      ++m;
+    }
+    w_.conservativeResize(m);
+    orig_.resize(static_cast<size_t>(m));
+    free_.assign(static_cast<size_t>(m), 1);
+  }
+
+  LazyInverse<S> inv_;
+  Vec w_, col_, y_;
+  Mat cols_, block_;
+  Eigen::LLT<Mat> llt_;
+  std::vector<Index> orig_;
+  std::vector<char> free_;
+  Index num_free_ = 0;
+  S* out_ = nullptr;
+};
+
+}  // namespace obc::internal

@@ -1,0 +1,388 @@
+// ExactOBS pruning: traces (unstructured and blocked), N:M, spreading and closed-form re-solve.
+#include "obc/prune.hpp"
+
+#include <Eigen/Cholesky>
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "internal/row_state.hpp"
+#include "obc/errors.hpp"
+#include "obc/parallel.hpp"
+
+namespace obc {
+
+using internal::RowState;
+using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
+
+namespace {
+
+template <class Scalar>
+void check_weight(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hessian_cols) {
+  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
+            W.rows(), "x", W.cols());
+  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  OBC_CHECK(hessian_cols == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
+            " (cols of W), got ", hessian_cols, "x", hessian_cols);
+}
+
+void check_sparsity(double sparsity) {
+  OBC_CHECK(std::isfinite(sparsity) && sparsity >= 0 && sparsity <= 1,
+            "sparsity: expected a value in [0, 1], got ", sparsity);
+}
+
+// One row's greedy trace. Unstructured when block == 1. Stops after `max_steps` steps (counting
+// the already-pruned entries, which come first); unfilled trace entries get -1 / NaN.
+// Final (or stopped-at) weights go to `out`.
+template <class Scalar>
+void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const PreparedHessian& prep,
+                   Index block, Index max_steps, int lazy_batch, std::int32_t* order,
+                   double* losses, Scalar* out) {
+  const Index cols = prep.cols();
+  const Index num_blocks = cols / block;
+  state.load(w_row, prep, lazy_batch, out);
+  std::fill(order, order + num_blocks, -1);
+  std::fill(losses, losses + num_blocks, std::numeric_limits<double>::quiet_NaN());
+  // Entries already pruned on entry (zero or dead) come first, in index order, at zero loss.
+  Index step = 0;
+  std::vector<char> has_free(static_cast<size_t>(num_blocks), 0);
+  for (Index i = 0; i < state.size(); ++i) has_free[static_cast<size_t>(state.orig(i) / block)] = 1;
+  for (Index b = 0; b < num_blocks; ++b) {
+    if (!has_free[static_cast<size_t>(b)]) {
+      order[step] = static_cast<std::int32_t>(b);
+      losses[step] = 0.0;
+      ++step;
+    }
+  }
+  if (block == 1) {
+    while (step < max_steps && state.num_free() > 0) {
+      state.ensure_room(1);
+      const auto& w = state.w();
+      const auto& d = state.diag();
+      Index best = -1;
+      Scalar best_score = std::numeric_limits<Scalar>::infinity();
+      for (Index i = 0; i < state.size(); ++i) {
+        if (!state.is_free(i)) continue;
+        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
+        const Scalar score = w[i] * w[i] / d[i];
+        if (score < best_score || best < 0) {
+          best_score = score;
+          best = i;
+        }
+      }
+      order[step] = static_cast<std::int32_t>(state.orig(best));
+      losses[step] = state.fix(best, Scalar(0));
+      ++step;
+    }
+  } else {
+    while (step < max_steps && state.num_free() > 0) {
+      state.ensure_room(block);
+      // Free inputs of a block are contiguous local indices (blocks leave whole).
+      Index best_begin = -1, best_len = 0;
+      double best_score = std::numeric_limits<double>::infinity();
+      for (Index i = 0; i < state.size();) {
+        if (!state.is_free(i)) {
+          ++i;
+          continue;
+        }
+        const Index b = state.orig(i) / block;
+        Index len = 1;
+        while (i + len < state.size() && state.is_free(i + len) && state.orig(i + len) / block == b)
+          ++len;
+        if (!state.factor_block(i, len)) RowState<Scalar>::lost_definiteness();
+        const double score = state.block_score(i, len);
+        if (score < best_score || best_begin < 0) {
+          best_score = score;
+          best_begin = i;
+          best_len = len;
+        }
+        i += len;
+      }
+      order[step] = static_cast<std::int32_t>(state.orig(best_begin) / block);
+      state.factor_block(best_begin, best_len);
+      losses[step] = state.prune_block(best_begin, best_len);
+      ++step;
+    }
+  }
+  state.finish();
+}
+
+template <class Scalar>
+void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
+              Index block, const IndexVector* max_steps, const RunOptions& run, Trace* trace,
+              RowMatrix<Scalar>* weights) {
+  const Index rows = W.rows(), cols = W.cols();
+  const Index num_blocks = cols / block;
+  const int threads = resolve_num_threads(run.num_threads);
+  std::vector<RowState<Scalar>> states(static_cast<size_t>(threads));
+  IndexMatrix order_scratch;
+  RowMatrixXd loss_scratch;
+  IndexMatrix& order = trace ? trace->order : order_scratch;
+  RowMatrixXd& losses = trace ? trace->step_losses : loss_scratch;
+  order.resize(rows, num_blocks);
+  losses.resize(rows, num_blocks);
+  RowMatrix<Scalar> out_scratch;
+  RowMatrix<Scalar>& out = weights ? *weights : out_scratch;
+  out.resize(rows, cols);
+  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
+    const Index limit = max_steps ? (*max_steps)[r] : num_blocks;
+    trace_one_row<Scalar>(states[static_cast<size_t>(tid)], W.row(r).data(), prep, block, limit,
+                          run.lazy_batch, order.row(r).data(), losses.row(r).data(),
+                          out.row(r).data());
+  });
+  if (trace) trace->block = block;
+}
+
+template <class Scalar>
+PruneResult<Scalar> finish_result(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                  const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                  const PreparedHessian& prep, RowMatrix<Scalar>&& weight,
+                                  MaskMatrix&& pruned, const RunOptions& run) {
+  PruneResult<Scalar> result;
+  result.weight = std::move(weight);
+  result.pruned = std::move(pruned);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.damp = prep.damp;
+  result.damp_absolute = prep.damp_absolute;
+  return result;
+}
+
+template <class Scalar>
+MaskMatrix zero_mask(const RowMatrix<Scalar>& weight, const PreparedHessian& prep) {
+  MaskMatrix pruned(weight.rows(), weight.cols());
+  for (Index r = 0; r < weight.rows(); ++r)
+    for (Index c = 0; c < weight.cols(); ++c)
+      pruned(r, c) = (weight(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
+  return pruned;
+}
+
+}  // namespace
+
+Index count_for_sparsity(double sparsity, Index steps) {
+  check_sparsity(sparsity);
+  // The small slack makes 0.3 * 10 count as 3, not 4, despite binary rounding.
+  const double exact = sparsity * static_cast<double>(steps);
+  Index count = static_cast<Index>(std::ceil(exact - 1e-9 * std::max(1.0, exact)));
+  return std::clamp<Index>(count, 0, steps);
+}
+
+template <class Scalar>
+Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
+                 Index block, const RunOptions& run) {
+  check_weight<Scalar>(W, hessian.cols());
+  OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
+            W.cols(), "), got ", block);
+  Trace trace;
+  run_rows<Scalar>(W, hessian, block, nullptr, run, &trace, nullptr);
+  return trace;
+}
+
+IndexVector steps_per_row(const Trace& trace, double sparsity, Spread spread) {
+  const Index rows = trace.order.rows(), steps = trace.order.cols();
+  IndexVector counts(rows);
+  if (spread == Spread::Uniform) {
+    counts.setConstant(count_for_sparsity(sparsity, steps));
+    return counts;
+  }
+  const Index total = count_for_sparsity(sparsity, rows * steps);
+  counts.setZero();
+  if (total == 0) return counts;
+  // The `total` smallest step losses of the layer, ties broken by (row, step).
+  std::vector<Index> ids(static_cast<size_t>(rows * steps));
+  std::iota(ids.begin(), ids.end(), Index(0));
+  const double* loss = trace.step_losses.data();
+  auto less = [loss](Index a, Index b) {
+    return loss[a] < loss[b] || (loss[a] == loss[b] && a < b);
+  };
+  std::nth_element(ids.begin(), ids.begin() + (total - 1), ids.end(), less);
+  for (Index i = 0; i < total; ++i) ++counts[ids[static_cast<size_t>(i)] / steps];
+  return counts;
+}
+
+MaskMatrix mask_from_trace(const Trace& trace, Index cols,
+                           const Eigen::Ref<const IndexVector>& counts) {
+  const Index rows = trace.order.rows(), steps = trace.order.cols();
+  OBC_CHECK(counts.size() == rows, "counts: expected ", rows, " entries, got ", counts.size());
+  OBC_CHECK(steps * trace.block == cols, "cols: expected ", steps * trace.block, ", got ", cols);
+  MaskMatrix pruned = MaskMatrix::Zero(rows, cols);
+  for (Index r = 0; r < rows; ++r) {
+    OBC_CHECK(counts[r] >= 0 && counts[r] <= steps, "counts[", r, "]: expected 0..", steps,
+              ", got ", counts[r]);
+    for (Index s = 0; s < counts[r]; ++s) {
+      const Index b = trace.order(r, s);
+      OBC_CHECK(b >= 0 && b < steps, "trace: row ", r, " step ", s, " is not recorded");
+      for (Index c = b * trace.block; c < (b + 1) * trace.block; ++c) pruned(r, c) = 1;
+    }
+  }
+  return pruned;
+}
+
+template <class Scalar>
+PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const PreparedHessian& prep, const MaskMatrix& pruned_in,
+                                 const RunOptions& run) {
+  check_weight<Scalar>(W, prep.cols());
+  OBC_CHECK(pruned_in.rows() == W.rows() && pruned_in.cols() == W.cols(), "mask: expected ",
+            W.rows(), "x", W.cols(), ", got ", pruned_in.rows(), "x", pruned_in.cols());
+  const Index rows = W.rows(), cols = W.cols();
+  MaskMatrix pruned = pruned_in;
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; ++c)
+      if (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) pruned(r, c) = 1;
+  RowMatrix<Scalar> weight(rows, cols);
+  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int) {
+    std::vector<Index> P, F;
+    for (Index c = 0; c < cols; ++c) (pruned(r, c) ? P : F).push_back(c);
+    const Eigen::VectorXd w = W.row(r).template cast<double>().transpose();
+    Eigen::VectorXd out = w;
+    if (!P.empty() && !F.empty()) {
+      const Index np = static_cast<Index>(P.size()), nf = static_cast<Index>(F.size());
+      Eigen::VectorXd wp(np);
+      for (Index i = 0; i < np; ++i) wp[i] = w[P[static_cast<size_t>(i)]];
+      if (np <= nf) {
+        // w_hat = w - Hinv[:,P] (Hinv_PP)^-1 w_P
+        Eigen::MatrixXd gpp(np, np);
+        for (Index j = 0; j < np; ++j)
+          for (Index i = 0; i < np; ++i) gpp(i, j) = prep.hinv(P[i], P[j]);
+        Eigen::LLT<Eigen::MatrixXd> llt(gpp);
+        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+        const Eigen::VectorXd coef = llt.solve(wp);
+        for (Index i = 0; i < nf; ++i) {
+          double delta = 0;
+          for (Index j = 0; j < np; ++j) delta += prep.hinv(F[i], P[j]) * coef[j];
+          out[F[i]] -= delta;
+        }
+      } else {
+        // w_hat_F = w_F + H_FF^-1 H_FP w_P
+        Eigen::MatrixXd hff(nf, nf);
+        for (Index j = 0; j < nf; ++j)
+          for (Index i = 0; i < nf; ++i) hff(i, j) = prep.h(F[i], F[j]);
+        Eigen::VectorXd rhs = Eigen::VectorXd::Zero(nf);
+        for (Index i = 0; i < nf; ++i)
+          for (Index j = 0; j < np; ++j) rhs[i] += prep.h(F[i], P[j]) * wp[j];
+        Eigen::LLT<Eigen::MatrixXd> llt(hff);
+        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+        const Eigen::VectorXd delta = llt.solve(rhs);
+        for (Index i = 0; i < nf; ++i) out[F[i]] += delta[i];
+      }
+    }
+    for (Index c : P) out[c] = 0.0;
+    weight.row(r) = out.transpose().template cast<Scalar>();
+  });
+  return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+}
+
+template <class Scalar>
+static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                        const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                        double sparsity, Index block, Spread spread,
+                                        const HessianOptions& hopt, const RunOptions& run) {
+  check_sparsity(sparsity);
+  const PreparedHessian prep = prepare_hessian(H, hopt);
+  check_weight<Scalar>(W, prep.cols());
+  OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
+            W.cols(), "), got ", block);
+  const Index num_blocks = W.cols() / block;
+  if (spread == Spread::Uniform) {
+    // Every row stops at the same count: the greedy's own weights are optimal for its mask.
+    IndexVector counts = IndexVector::Constant(W.rows(), count_for_sparsity(sparsity, num_blocks));
+    RowMatrix<Scalar> weight;
+    Trace partial;
+    run_rows<Scalar>(W, prep, block, &counts, run, &partial, &weight);
+    MaskMatrix pruned = mask_from_trace(partial, W.cols(), counts);
+    for (Index r = 0; r < W.rows(); ++r)
+      for (Index c = 0; c < W.cols(); ++c)
+        if (prep.dead[static_cast<size_t>(c)] || W(r, c) == Scalar(0)) pruned(r, c) = 1;
+    return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+  }
+  Trace trace;
+  run_rows<Scalar>(W, prep, block, nullptr, run, &trace, nullptr);
+  const IndexVector counts = steps_per_row(trace, sparsity, Spread::Global);
+  return solve_masked<Scalar>(W, H, prep, mask_from_trace(trace, W.cols(), counts), run);
+}
+
+template <class Scalar>
+PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                       const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                       Spread spread, const HessianOptions& hopt,
+                                       const RunOptions& run) {
+  return prune_traced<Scalar>(W, H, sparsity, 1, spread, hopt, run);
+}
+
+template <class Scalar>
+PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                  const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                  Index block, Spread spread, const HessianOptions& hopt,
+                                  const RunOptions& run) {
+  return prune_traced<Scalar>(W, H, sparsity, block, spread, hopt, run);
+}
+
+template <class Scalar>
+PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                             const Eigen::Ref<const Eigen::MatrixXd>& H, Index n, Index m,
+                             const HessianOptions& hopt, const RunOptions& run) {
+  OBC_CHECK(m >= 2 && n >= 1 && n < m, "n, m: expected 0 < n < m, got n = ", n, ", m = ", m);
+  OBC_CHECK(W.cols() % m == 0, "m: expected a divisor of cols (", W.cols(), ") so that every ",
+            "input belongs to a group of m, got m = ", m);
+  const PreparedHessian prep = prepare_hessian(H, hopt);
+  check_weight<Scalar>(W, prep.cols());
+  const Index rows = W.rows(), cols = W.cols(), groups = cols / m;
+  RowMatrix<Scalar> weight(rows, cols);
+  std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
+  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
+    RowState<Scalar>& state = states[static_cast<size_t>(tid)];
+    state.load(W.row(r).data(), prep, run.lazy_batch, weight.row(r).data());
+    // Zeros per group so far; entries already zero (or dead) count toward the group's n.
+    std::vector<Index> zeros(static_cast<size_t>(groups), m);
+    for (Index i = 0; i < state.size(); ++i) --zeros[static_cast<size_t>(state.orig(i) / m)];
+    while (true) {
+      state.ensure_room(1);
+      const auto& w = state.w();
+      const auto& d = state.diag();
+      Index best = -1;
+      Scalar best_score = std::numeric_limits<Scalar>::infinity();
+      for (Index i = 0; i < state.size(); ++i) {
+        if (!state.is_free(i) || zeros[static_cast<size_t>(state.orig(i) / m)] >= n) continue;
+        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
+        const Scalar score = w[i] * w[i] / d[i];
+        if (score < best_score || best < 0) {
+          best_score = score;
+          best = i;
+        }
+      }
+      if (best < 0) break;
+      ++zeros[static_cast<size_t>(state.orig(best) / m)];
+      state.fix(best, Scalar(0));
+    }
+    state.finish();
+  });
+  MaskMatrix pruned = zero_mask(weight, prep);
+  return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+}
+
+#define OBC_INSTANTIATE(S)                                                                       \
+  template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,    \
+                               Index, const RunOptions&);                                        \
+  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                 \
+                                          const Eigen::Ref<const Eigen::MatrixXd>&,              \
+                                          const PreparedHessian&, const MaskMatrix&,             \
+                                          const RunOptions&);                                    \
+  template PruneResult<S> prune_unstructured<S>(const Eigen::Ref<const RowMatrix<S>>&,           \
+                                                const Eigen::Ref<const Eigen::MatrixXd>&, double, \
+                                                Spread, const HessianOptions&,                   \
+                                                const RunOptions&);                              \
+  template PruneResult<S> prune_blocked<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
+                                           const Eigen::Ref<const Eigen::MatrixXd>&, double,      \
+                                           Index, Spread, const HessianOptions&,                 \
+                                           const RunOptions&);                                   \
+  template PruneResult<S> prune_nm<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
+                                      const Eigen::Ref<const Eigen::MatrixXd>&, Index, Index,    \
+                                      const HessianOptions&, const RunOptions&);
+
+OBC_INSTANTIATE(float)
+OBC_INSTANTIATE(double)
+
+}  // namespace obc

@@ -1,0 +1,231 @@
+// OBQ: quantization grids, round-to-nearest, and the greedy exact quantizer.
+#include "obc/quant.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "internal/row_state.hpp"
+#include "obc/errors.hpp"
+#include "obc/parallel.hpp"
+
+namespace obc {
+
+using internal::RowState;
+
+namespace {
+
+template <class Scalar>
+struct GridPoint {
+  Scalar scale;
+  int zero;
+  int maxq;
+  /// Integer code of w: clamp(round_half_even(w / scale) + zero, 0, maxq).
+  int code(Scalar w) const {
+    const Scalar c = std::nearbyint(w / scale) + static_cast<Scalar>(zero);
+    return static_cast<int>(std::clamp(c, Scalar(0), static_cast<Scalar>(maxq)));
+  }
+  Scalar value(int c) const { return scale * static_cast<Scalar>(c - zero); }
+  Scalar quantize(Scalar w) const { return value(code(w)); }
+};
+
+// The grid for range [xmin, xmax] (xmin <= 0 <= xmax); sym uses max(|xmin|, xmax).
+template <class Scalar>
+GridPoint<Scalar> grid_for_range(double xmin, double xmax, int bits, bool sym) {
+  const int maxq = (1 << bits) - 1;
+  GridPoint<Scalar> g{Scalar(1), 0, maxq};
+  if (sym) {
+    const double amax = std::max(-xmin, xmax);
+    g.zero = 1 << (bits - 1);
+    if (amax > 0) g.scale = static_cast<Scalar>(amax / static_cast<double>(g.zero - 1));
+  } else {
+    if (xmax > xmin) {
+      g.scale = static_cast<Scalar>((xmax - xmin) / maxq);
+      const double z = std::nearbyint(-xmin / static_cast<double>(g.scale));
+      g.zero = static_cast<int>(std::clamp(z, 0.0, static_cast<double>(maxq)));
+    }
+  }
+  if (!(g.scale > Scalar(0)) || !std::isfinite(static_cast<double>(g.scale))) g.scale = Scalar(1);
+  return g;
+}
+
+template <class Scalar>
+GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt) {
+  double xmin = 0, xmax = 0;
+  for (Index i = 0; i < len; ++i) {
+    xmin = std::min(xmin, static_cast<double>(w[i]));
+    xmax = std::max(xmax, static_cast<double>(w[i]));
+  }
+  GridPoint<Scalar> best = grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
+  if (opt.grid == GridSearch::MinMax) return best;
+  double best_err = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < 80; ++i) {
+    const double p = 1.0 - i / 100.0;
+    const GridPoint<Scalar> g = grid_for_range<Scalar>(p * xmin, p * xmax, opt.bits, opt.sym);
+    double err = 0;
+    for (Index j = 0; j < len; ++j)
+      err += std::pow(std::abs(static_cast<double>(g.quantize(w[j]) - w[j])), opt.mse_norm);
+    if (err < best_err) {
+      best_err = err;
+      best = g;
+    }
+  }
+  return best;
+}
+
+void check_quant_options(const QuantOptions& opt, Index cols) {
+  OBC_CHECK(opt.bits >= 2 && opt.bits <= 8, "bits: expected an integer in 2..8, got ", opt.bits);
+  OBC_CHECK(opt.group_size >= 0 && (opt.group_size == 0 || cols % opt.group_size == 0),
+            "group_size: expected None/0 or a positive divisor of cols (", cols, "), got ",
+            opt.group_size);
+  OBC_CHECK(std::isfinite(opt.mse_norm) && opt.mse_norm > 0, "mse_norm: expected > 0, got ",
+            opt.mse_norm);
+  OBC_CHECK(std::isfinite(opt.outlier_tol) && opt.outlier_tol >= 0,
+            "outlier_tol: expected >= 0, got ", opt.outlier_tol);
+}
+
+template <class Scalar>
+GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
+  const Index g = c / grid.group_size;
+  return GridPoint<Scalar>{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
+                           (1 << grid.bits) - 1};
+}
+
+template <class Scalar>
+void fill_codes(QuantResult<Scalar>& result) {
+  const auto& W = result.weight;
+  result.codes.resize(W.rows(), W.cols());
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c)
+      result.codes(r, c) = static_cast<std::uint8_t>(grid_at(result.grid, r, c).code(W(r, c)));
+}
+
+}  // namespace
+
+template <class Scalar>
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt) {
+  check_quant_options(opt, W.cols());
+  QuantGrid<Scalar> grid;
+  grid.bits = opt.bits;
+  grid.group_size = opt.group_size == 0 ? W.cols() : opt.group_size;
+  const Index groups = W.cols() / grid.group_size;
+  grid.scale.resize(W.rows(), groups);
+  grid.zero.resize(W.rows(), groups);
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index g = 0; g < groups; ++g) {
+      const GridPoint<Scalar> p =
+          fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt);
+      grid.scale(r, g) = p.scale;
+      grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
+    }
+  return grid;
+}
+
+template <class Scalar>
+static void check_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
+            W.rows(), "x", W.cols());
+  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
+            hcols, "x", hcols);
+}
+
+template <class Scalar>
+QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const QuantOptions& opt, const HessianOptions& hopt,
+                                 const RunOptions& run) {
+  check_quant_options(opt, W.cols());
+  validate_hessian(H, hopt.symmetry_tol);
+  check_inputs<Scalar>(W, H.rows());
+  QuantResult<Scalar> result;
+  result.grid = make_grid<Scalar>(W, opt);
+  result.weight.resize(W.rows(), W.cols());
+  result.pruned.resize(W.rows(), W.cols());
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c) {
+      result.weight(r, c) = grid_at(result.grid, r, c).quantize(W(r, c));
+      result.pruned(r, c) = W(r, c) == Scalar(0) ? 1 : 0;
+    }
+  fill_codes(result);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  return result;
+}
+
+template <class Scalar>
+QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                             const Eigen::Ref<const Eigen::MatrixXd>& H, const QuantOptions& opt,
+                             const HessianOptions& hopt, const RunOptions& run) {
+  check_quant_options(opt, W.cols());
+  const PreparedHessian prep = prepare_hessian(H, hopt);
+  check_inputs<Scalar>(W, prep.cols());
+  QuantResult<Scalar> result;
+  result.grid = make_grid<Scalar>(W, opt);
+  const QuantGrid<Scalar>& grid = result.grid;
+  const Index rows = W.rows(), cols = W.cols();
+  result.weight.resize(rows, cols);
+  std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
+  const double outlier_factor = 0.25 * (1.0 + opt.outlier_tol);
+  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
+    RowState<Scalar>& state = states[static_cast<size_t>(tid)];
+    state.load(W.row(r).data(), prep, run.lazy_batch, result.weight.row(r).data());
+    while (state.num_free() > 0) {
+      state.ensure_room(1);
+      const auto& w = state.w();
+      const auto& d = state.diag();
+      Index best = -1, worst_outlier = -1;
+      Scalar best_score = std::numeric_limits<Scalar>::infinity();
+      double worst_err = -1;
+      for (Index i = 0; i < state.size(); ++i) {
+        if (!state.is_free(i)) continue;
+        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
+        const GridPoint<Scalar> g = grid_at(grid, r, state.orig(i));
+        const Scalar err = w[i] - g.quantize(w[i]);
+        const Scalar err2 = err * err;
+        const Scalar score = err2 / d[i];
+        if (score < best_score || best < 0) {
+          best_score = score;
+          best = i;
+        }
+        const double scale = static_cast<double>(g.scale);
+        if (static_cast<double>(err2) > outlier_factor * scale * scale &&
+            static_cast<double>(err2) > worst_err) {
+          worst_err = static_cast<double>(err2);
+          worst_outlier = i;
+        }
+      }
+      // Outlier rule: a weight pushed outside the range by more than half a step only gets
+      // worse as others are fixed and push errors onto it, so it is fixed first.
+      const Index q = worst_outlier >= 0 ? worst_outlier : best;
+      state.fix(q, grid_at(grid, r, state.orig(q)).quantize(w[q]));
+    }
+    state.finish();
+  });
+  result.pruned.resize(rows, cols);
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; ++c)
+      result.pruned(r, c) = (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
+  fill_codes(result);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.damp = prep.damp;
+  result.damp_absolute = prep.damp_absolute;
+  return result;
+}
+
+#define OBC_INSTANTIATE(S)                                                                     \
+  template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
+                                     const QuantOptions&);                                      \
+  template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
+                                          const Eigen::Ref<const Eigen::MatrixXd>&,             \
+                                          const QuantOptions&, const HessianOptions&,           \
+                                          const RunOptions&);                                   \
+  template QuantResult<S> quantize<S>(const Eigen::Ref<const RowMatrix<S>>&,                    \
+                                      const Eigen::Ref<const Eigen::MatrixXd>&,                 \
+                                      const QuantOptions&, const HessianOptions&,               \
+                                      const RunOptions&);
+
+OBC_INSTANTIATE(float)
+OBC_INSTANTIATE(double)
+
+}  // namespace obc

@@ -1,0 +1,223 @@
+"""Numpy-level ExactOBS / OBQ solvers: validation in Python, solving in the C++ core."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays, _core
+from ._results import PruneResult, QuantResult, Trace
+
+_SPREADS = ("global", "uniform")
+
+
+def _kernels(W: np.ndarray):
+    return _core.f64 if W.dtype == np.float64 else _core.f32
+
+
+def _prune_result(d: dict) -> PruneResult:
+    return PruneResult(
+        weight=d["weight"], mask=d["mask"], row_losses=d["row_losses"],
+        damp=d["damp"], damp_absolute=d["damp_absolute"],
+    )
+
+
+def _quant_result(d: dict, bits: int, sym: bool) -> QuantResult:
+    return QuantResult(
+        weight=d["weight"], codes=d["codes"], scale=d["scale"], zero=d["zero"], bits=bits,
+        sym=sym, group_size=int(d["group_size"]), mask=d["mask"], row_losses=d["row_losses"],
+        damp=d["damp"], damp_absolute=d["damp_absolute"],
+    )
+
+
+def _layer(W, H):
+    W = _arrays.as_weight(W, "W")
+    return W, _arrays.as_hessian(H, W.shape[1], "H")
+
+
+def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", num_threads=None):
+    """Unstructured ExactOBS pruning of a layer.
+
+    Args:
+        W: (rows, cols) weights (outputs x inputs), float32 or float64.
+        H: (cols, cols) Hessian 2/n X X^T of the layer inputs X (cols x n).
+        sparsity: fraction of weights to prune, in [0, 1]; ceil(sparsity * rows * cols) in all
+            ("global") or ceil(sparsity * cols) per row ("uniform"). Existing zeros count.
+        damp: relative damping; lambda = damp * mean(diag H) is added to diag(H).
+        spread: "global" (the paper: smallest greedy step losses across the layer) or "uniform".
+        num_threads: threads over rows (None = OpenMP default). Results do not depend on it.
+    Returns:
+        PruneResult.
+    """
+    W, H = _layer(W, H)
+    sparsity = _arrays.as_fraction(sparsity, "sparsity")
+    spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    return _prune_result(_kernels(W).prune_unstructured(
+        W, H, sparsity, spread, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+
+
+def prune_nm(W, H, n, m, *, damp=0.01, num_threads=None):
+    """N:M ExactOBS pruning: at least n zeros in every group of m consecutive inputs of a row.
+
+    Args:
+        W: (rows, cols) weights; H: (cols, cols) Hessian.
+        n, m: 0 < n < m, cols % m == 0 (e.g. 2, 4 for 2:4).
+    Returns:
+        PruneResult (exactly n zeros per group unless a group already had more).
+    """
+    W, H = _layer(W, H)
+    m = _arrays.as_int(m, "m", low=2)
+    n = _arrays.as_int(n, "n")
+    if not 0 < n < m:
+        raise ValueError(f"n: expected 0 < n < m = {m}, got n = {n}")
+    if W.shape[1] % m:
+        raise ValueError(f"m: expected a divisor of cols ({W.shape[1]}), got m = {m}")
+    return _prune_result(_kernels(W).prune_nm(
+        W, H, n, m, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+
+
+def prune_blocked(W, H, sparsity, block, *, damp=0.01, spread="global", num_threads=None):
+    """Blocked ExactOBS pruning: blocks of `block` consecutive weights of a row removed together.
+
+    Args:
+        W: (rows, cols) weights; H: (cols, cols) Hessian.
+        sparsity: fraction of blocks to prune, in [0, 1] (spread as in prune_unstructured).
+        block: block length, a divisor of cols.
+    Returns:
+        PruneResult.
+    """
+    W, H = _layer(W, H)
+    sparsity = _arrays.as_fraction(sparsity, "sparsity")
+    block = _arrays.as_divisor(block, "block", W.shape[1])
+    spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    return _prune_result(_kernels(W).prune_blocked(
+        W, H, sparsity, block, spread, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+
+
+def prune_structured(W, H, sparsity, *, group=1, damp=0.01, num_threads=None):
+    """Structured ExactOBS pruning: whole groups of `group` input columns removed from all rows.
+
+    Args:
+        W: (rows, cols) weights; H: (cols, cols) Hessian.
+        sparsity: fraction of column groups removed: ceil(sparsity * cols / group).
+        group: consecutive columns per group (e.g. kh*kw for one conv input channel).
+    Returns:
+        PruneResult.
+    """
+    W, H = _layer(W, H)
+    sparsity = _arrays.as_fraction(sparsity, "sparsity")
+    group = _arrays.as_divisor(group, "group", W.shape[1])
+    return _prune_result(_kernels(W).prune_structured(
+        W, H, sparsity, group, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+
+
+def _quant_args(W, bits, sym, group_size, grid):
+    bits = _arrays.as_int(bits, "bits", low=2, high=8)
+    if not isinstance(sym, (bool, np.bool_)):
+        raise TypeError(f"sym: expected a bool, got {type(sym).__name__}")
+    group = 0 if group_size is None else _arrays.as_divisor(group_size, "group_size", W.shape[1])
+    grid = _arrays.as_choice(grid, "grid", ("mse", "minmax"))
+    return bits, bool(sym), group, grid
+
+
+def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, num_threads=None):
+    """OBQ: exact greedy quantization of a layer (joint with pruning when W has zeros).
+
+    Args:
+        W: (rows, cols) weights; zeros stay exactly zero. H: (cols, cols) Hessian.
+        bits: 2..8. sym: symmetric grid (zero point 2**(bits-1)) or asymmetric.
+        group_size: None for one grid per row, else inputs per grid (divides cols).
+        grid: "mse" (range shrink search minimizing sum |q(w) - w|^2.4) or "minmax".
+    Returns:
+        QuantResult.
+    """
+    W, H = _layer(W, H)
+    bits, sym, group, grid = _quant_args(W, bits, sym, group_size, grid)
+    return _quant_result(_kernels(W).quantize(
+        W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads)),
+        bits, sym)
+
+
+def quantize_rtn(W, H, bits, *, sym=True, group_size=None, grid="mse", num_threads=None):
+    """Round-to-nearest baseline on the same grid as quantize(); H only measures the loss."""
+    W, H = _layer(W, H)
+    bits, sym, group, grid = _quant_args(W, bits, sym, group_size, grid)
+    return _quant_result(_kernels(W).quantize_rtn(
+        W, H, bits, sym, group, grid, _arrays.as_threads(num_threads)), bits, sym)
+
+
+def _trace(W, H, block, damp, num_threads) -> Trace:
+    W, H = _layer(W, H)
+    block = _arrays.as_divisor(block, "block", W.shape[1])
+    threads = _arrays.as_threads(num_threads)
+    d = _kernels(W).trace(W, H, block, _arrays.as_damp(damp), threads)
+    return Trace(order=d["order"], losses=d["losses"], block=block, damp=d["damp"],
+                 damp_absolute=d["damp_absolute"], _W=W, _H=H, _num_threads=threads)
+
+
+def trace_unstructured(W, H, *, damp=0.01, num_threads=None) -> Trace:
+    """Complete unstructured ExactOBS trace of every row (order and step losses).
+
+    Memory: O(rows * cols) for the trace; weights at any sparsity are rebuilt with
+    Trace.weights(sparsity, spread) in closed form, never stored per step.
+    """
+    return _trace(W, H, 1, damp, num_threads)
+
+
+def trace_blocked(W, H, block, *, damp=0.01, num_threads=None) -> Trace:
+    """Complete blocked ExactOBS trace of every row; order holds block indices."""
+    return _trace(W, H, block, damp, num_threads)
+
+
+def solve_masked(W, H, mask, *, damp=0.01, num_threads=None) -> PruneResult:
+    """Optimal weights for a given mask (True = kept), in closed form per row.
+
+    Existing zeros and dead inputs are pruned too. Returns PruneResult.
+    """
+    W, H = _layer(W, H)
+    mask = np.asarray(mask)
+    if mask.shape != W.shape or mask.dtype != np.bool_:
+        raise ValueError(f"mask: expected a bool array of shape {W.shape}, got "
+                         f"{mask.dtype} {mask.shape}")
+    pruned = np.ascontiguousarray(~mask, dtype=np.uint8)
+    return _prune_result(_kernels(W).solve_masked(
+        W, H, pruned, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+
+
+def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
+    """Magnitude pruning baseline: zero the smallest |w| (no update). Returns the new W.
+
+    "global" prunes ceil(s * rows * cols) weights over the layer, "uniform" ceil(s * cols) per
+    row; ties go to the lower flat index.
+    """
+    from ._results import _count
+
+    W = _arrays.as_weight(W, "W")
+    sparsity = _arrays.as_fraction(sparsity, "sparsity")
+    spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    out = W.copy()
+    if spread == "global":
+        k = _count(sparsity, W.size)
+        idx = np.argsort(np.abs(W).ravel(), kind="stable")[:k]
+        out.ravel()[idx] = 0
+    else:
+        k = _count(sparsity, W.shape[1])
+        idx = np.argsort(np.abs(W), axis=1, kind="stable")[:, :k]
+        np.put_along_axis(out, idx, 0, axis=1)
+    return out
+
+
+def layer_loss(W, W_hat, H, *, num_threads=None) -> np.ndarray:
+    """(rows,) float64: 1/2 (w - w_hat) H (w - w_hat)^T per row = ||(W - W_hat) X||^2 / n."""
+    W = _arrays.as_weight(W, "W")
+    W_hat = _arrays.as_weight(W_hat, "W_hat")
+    if W_hat.shape != W.shape:
+        raise ValueError(f"W_hat: expected shape {W.shape}, got {W_hat.shape}")
+    W_hat = W_hat.astype(W.dtype, copy=False)
+    H = _arrays.as_hessian(H, W.shape[1], "H")
+    return _kernels(W).layer_loss(W, W_hat, H, _arrays.as_threads(num_threads))
+
+
+def build_info() -> dict:
+    """What the compiled core contains: version, openmp, max_threads, eigen_version, cuda,
+    simd, compiler."""
+    return dict(_core.build_info())

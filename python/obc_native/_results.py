@@ -1,0 +1,141 @@
+"""Result objects returned by the numpy-level API."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    """Pruned layer.
+
+    Attributes:
+        weight: (rows, cols) pruned and updated weights, dtype of the input W.
+        mask: (rows, cols) bool, True where the weight is kept (False = pruned, exactly 0).
+        row_losses: (rows,) float64, 1/2 dw H dw^T per row with the undamped H, which equals
+            ||(W - W_hat) X||^2 / n for H = 2/n X X^T.
+        damp: relative damping used; damp_absolute: lambda added to diag(H).
+    """
+
+    weight: np.ndarray
+    mask: np.ndarray
+    row_losses: np.ndarray
+    damp: float
+    damp_absolute: float
+
+    @property
+    def loss(self) -> float:
+        """Layer loss ||(W - W_hat) X||_F^2 / n (sum of row_losses)."""
+        return float(self.row_losses.sum())
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of pruned weights."""
+        return float(1.0 - self.mask.mean())
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    """Quantized layer: weight == scale[:, g] * (codes - zero[:, g]) for input c in group g.
+
+    Attributes:
+        weight: (rows, cols) dequantized weights, dtype of W, exactly on the grid.
+        codes: (rows, cols) uint8 integer codes in [0, 2**bits - 1].
+        scale: (rows, groups) grid step, dtype of W; zero: (rows, groups) uint8 zero points.
+        bits, sym, group_size: the grid (group_size == cols when one grid per row).
+        mask: (rows, cols) bool, False where the weight was zero on input (kept exactly zero).
+        row_losses, damp, damp_absolute: as in PruneResult.
+    """
+
+    weight: np.ndarray
+    codes: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bits: int
+    sym: bool
+    group_size: int
+    mask: np.ndarray
+    row_losses: np.ndarray
+    damp: float
+    damp_absolute: float
+
+    @property
+    def loss(self) -> float:
+        """Layer loss ||(W - W_hat) X||_F^2 / n (sum of row_losses)."""
+        return float(self.row_losses.sum())
+
+    def group_index(self) -> np.ndarray:
+        """(cols,) index of the grid group of every input column."""
+        return np.arange(self.codes.shape[1]) // self.group_size
+
+
+@dataclass(frozen=True)
+class Trace:
+    """Complete greedy ExactOBS elimination traces of a layer (one per row).
+
+    Attributes:
+        order: (rows, steps) int32, the column (block == 1) or block index removed at each step;
+            entries that were already zero (or dead inputs) come first, at zero loss.
+        losses: (rows, steps) float64, loss increase of each step under the damped H.
+        block: weights removed per step.
+        damp, damp_absolute: damping used.
+    """
+
+    order: np.ndarray
+    losses: np.ndarray
+    block: int
+    damp: float
+    damp_absolute: float
+    _W: np.ndarray = field(repr=False)
+    _H: np.ndarray = field(repr=False)
+    _num_threads: int = field(repr=False, default=0)
+
+    def steps_per_row(self, sparsity: float, spread: str = "global") -> np.ndarray:
+        """(rows,) number of leading steps of each row's order taken for `sparsity`.
+
+        "global": the ceil(s * rows * steps) smallest step losses of the layer (ties by row,
+        then step); "uniform": ceil(s * steps) per row.
+        """
+        from . import _arrays
+
+        sparsity = _arrays.as_fraction(sparsity, "sparsity")
+        spread = _arrays.as_choice(spread, "spread", ("global", "uniform"))
+        rows, steps = self.order.shape
+        if spread == "uniform":
+            return np.full(rows, _count(sparsity, steps), dtype=np.int64)
+        total = _count(sparsity, rows * steps)
+        counts = np.zeros(rows, dtype=np.int64)
+        if total:
+            flat = self.losses.ravel()
+            # lexsort: primary key loss, then flat index (row-major = row, then step)
+            chosen = np.lexsort((np.arange(flat.size), flat))[:total]
+            np.add.at(counts, chosen // steps, 1)
+        return counts
+
+    def pruned_mask(self, counts) -> np.ndarray:
+        """(rows, cols) bool, True where pruned by the first counts[r] steps of each row."""
+        counts = np.asarray(counts)
+        rows, steps = self.order.shape
+        take = np.arange(steps)[None, :] < counts[:, None]
+        pruned_blocks = np.zeros((rows, steps), dtype=bool)
+        r_idx = np.broadcast_to(np.arange(rows)[:, None], (rows, steps))
+        pruned_blocks[r_idx[take], self.order[take]] = True
+        return np.repeat(pruned_blocks, self.block, axis=1)
+
+    def weights(self, sparsity: float, spread: str = "global") -> PruneResult:
+        """Pruned weights at `sparsity`, re-solved in closed form for the trace's mask."""
+        from . import _api
+
+        counts = self.steps_per_row(sparsity, spread)
+        return _api.solve_masked(
+            self._W, self._H, ~self.pruned_mask(counts), damp=self.damp,
+            num_threads=self._num_threads or None,
+        )
+
+
+def _count(sparsity: float, steps: int) -> int:
+    """ceil(sparsity * steps) with the core's tolerance for binary rounding (0.3 * 10 = 3)."""
+    exact = sparsity * steps
+    return int(min(steps, max(0, np.ceil(exact - 1e-9 * max(1.0, exact)))))
