@@ -11,6 +11,7 @@
 #include "obc/hessian.hpp"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "register.hpp"
 
 namespace py = pybind11;
 using obc::Index;
@@ -270,4 +271,5 @@ PYBIND11_MODULE(_core, m) {
   py::module_ f64 = m.def_submodule("f64", "float64 kernels");
   bind_scalar<float>(f32);
   bind_scalar<double>(f64);
+  obc_bindings::register_hessian_io(m);
 }

@@ -1,0 +1,11 @@
+// Registration functions of the binding files; module.cpp calls each one once.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace obc_bindings {
+
+/// Hessian accumulator and Hessian files (hessian_io.cpp).
+void register_hessian_io(pybind11::module_& m);
+
+}  // namespace obc_bindings
