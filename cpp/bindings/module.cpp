@@ -272,4 +272,5 @@ PYBIND11_MODULE(_core, m) {
   bind_scalar<float>(f32);
   bind_scalar<double>(f64);
   obc_bindings::register_hessian_io(m);
+  obc_bindings::register_dp(m);
 }
