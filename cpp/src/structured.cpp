@@ -41,16 +41,39 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     removed += all ? 1 : 0;
   }
 
+  // Rows with zeros of their own (outside the columns pruned from the start) have a different
+  // constrained problem per row: they get a private inverse (a RowState) so that every greedy
+  // score is exact. All other rows share one inverse.
+  std::vector<Index> own_rows, shared_rows;
+  for (Index r = 0; r < rows; ++r) {
+    bool own = false;
+    for (Index c = 0; c < cols && !own; ++c) own = !gone[c] && W(r, c) == Scalar(0);
+    (own ? own_rows : shared_rows).push_back(r);
+  }
+  const Index live = cols - prep.num_dead;
+  const double own_bytes = static_cast<double>(own_rows.size()) * live * live * 8.0;
+  OBC_CHECK(own_bytes <= 8.0 * (1 << 30), "W: ", own_rows.size(),
+            " rows have zeros of their own; exact structured pruning then needs a private ",
+            "inverse per such row (", own_bytes / (1 << 30), " GiB > 8 GiB). Prune whole ",
+            "columns first or pass a dense W");
+  const RowMatrixXd W64 = W.template cast<double>();
+  RowMatrixXd own_out(static_cast<Index>(own_rows.size()), cols);
+  std::vector<internal::RowState<double>> own_states(own_rows.size());
+  for (size_t i = 0; i < own_rows.size(); ++i)
+    own_states[i].load(W64.row(own_rows[i]).data(), prep, run.lazy_batch,
+                       own_out.row(static_cast<Index>(i)).data());
+
   // The shared problem in float64: it is solved once for all rows, so precision is cheap.
   std::vector<Index> active;  // original column of each local index
   for (Index c = 0; c < cols; ++c)
     if (!prep.dead[static_cast<size_t>(c)]) active.push_back(c);
   Index n = static_cast<Index>(active.size());
+  const Index num_shared = static_cast<Index>(shared_rows.size());
   Eigen::MatrixXd G(n, n);
-  RowMatrixXd Wl(rows, n);
+  RowMatrixXd Wl(num_shared, n);
   for (Index j = 0; j < n; ++j) {
     for (Index i = 0; i < n; ++i) G(i, j) = prep.hinv(active[i], active[j]);
-    Wl.col(j) = W.col(active[j]).template cast<double>();
+    for (Index r = 0; r < num_shared; ++r) Wl(r, j) = W64(shared_rows[r], active[j]);
   }
 
   // Drops the local set `drop` after G has been downdated: compacts G, Wl and `active`.
@@ -60,7 +83,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
       if (!drop[static_cast<size_t>(i)]) keep.push_back(i);
     const Index m = static_cast<Index>(keep.size());
     Eigen::MatrixXd Gk(m, m);
-    RowMatrixXd Wk(rows, m);
+    RowMatrixXd Wk(num_shared, m);
     std::vector<Index> active_k(static_cast<size_t>(m));
     for (Index j = 0; j < m; ++j) {
       for (Index i = 0; i < m; ++i) Gk(i, j) = G(keep[i], keep[j]);
@@ -73,7 +96,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     n = m;
   };
   // G <- G - G[:,B] G_BB^-1 G[B,:] for the local index set B.
-  auto downdate = [&](const std::vector<Index>& B) -> Eigen::MatrixXd {
+  auto downdate = [&](const std::vector<Index>& B) {
     const Index len = static_cast<Index>(B.size());
     Eigen::MatrixXd cols_b(n, len), gbb(len, len);
     for (Index c = 0; c < len; ++c) cols_b.col(c) = G.col(B[c]);
@@ -84,7 +107,6 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     llt.matrixL().transpose().solveInPlace<Eigen::OnTheRight>(v);
     G.selfadjointView<Eigen::Lower>().rankUpdate(v, -1.0);
     G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
-    return cols_b;
   };
 
   {  // live columns that are zero in every row: eliminated first (weights need no update)
@@ -101,7 +123,22 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     }
   }
 
+  // Local span [begin, begin + len) of each group among a row state's free inputs (len 0: none).
+  auto own_spans = [&](internal::RowState<double>& state, std::vector<Index>& begin,
+                       std::vector<Index>& len) {
+    begin.assign(static_cast<size_t>(num_groups), 0);
+    len.assign(static_cast<size_t>(num_groups), 0);
+    for (Index i = state.size() - 1; i >= 0; --i) {
+      if (!state.is_free(i)) continue;
+      const size_t g = static_cast<size_t>(state.orig(i) / group);
+      begin[g] = i;
+      ++len[g];
+    }
+  };
+
   constexpr Index row_chunk = 64;
+  const Index num_own = static_cast<Index>(own_rows.size());
+  std::vector<std::vector<Index>> own_begin(own_rows.size()), own_len(own_rows.size());
   while (removed < target) {
     // Candidate groups: the still-active columns of each group, contiguous in local order.
     std::vector<std::pair<Index, Index>> spans;  // (local begin, len)
@@ -113,31 +150,54 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
       i += len;
     }
     if (spans.empty()) break;
+    const Index num_spans = static_cast<Index>(spans.size());
     std::vector<double> scores(spans.size());
-    parallel_for(static_cast<Index>(spans.size()), run.num_threads, run.interrupt,
-                 [&](Index s, int) {
-                   const auto [begin, len] = spans[static_cast<size_t>(s)];
-                   Eigen::LLT<Eigen::MatrixXd> llt(G.block(begin, begin, len, len));
-                   if (llt.info() != Eigen::Success)
-                     internal::RowState<double>::lost_definiteness();
-                   Eigen::MatrixXd wt = Wl.middleCols(begin, len).transpose();  // len x rows
-                   llt.matrixL().solveInPlace(wt);
-                   scores[static_cast<size_t>(s)] = wt.squaredNorm();
-                 });
+    parallel_for(num_spans, run.num_threads, run.interrupt, [&](Index s, int) {
+      const auto [begin, len] = spans[static_cast<size_t>(s)];
+      Eigen::LLT<Eigen::MatrixXd> llt(G.block(begin, begin, len, len));
+      if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
+      Eigen::MatrixXd wt = Wl.middleCols(begin, len).transpose();  // len x shared rows
+      llt.matrixL().solveInPlace(wt);
+      scores[static_cast<size_t>(s)] = wt.squaredNorm();
+    });
+    // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
+    Eigen::MatrixXd own_scores = Eigen::MatrixXd::Zero(num_own, num_spans);
+    parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
+      internal::RowState<double>& state = own_states[static_cast<size_t>(i)];
+      state.ensure_room(group);
+      own_spans(state, own_begin[i], own_len[i]);
+      for (Index s = 0; s < num_spans; ++s) {
+        const size_t g = static_cast<size_t>(active[spans[s].first] / group);
+        if (own_len[i][g] == 0) continue;
+        if (!state.factor_block(own_begin[i][g], own_len[i][g]))
+          internal::RowState<double>::lost_definiteness();
+        own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
+      }
+    });
+    for (Index i = 0; i < num_own; ++i)
+      for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
     size_t best = 0;
     for (size_t s = 1; s < spans.size(); ++s)
       if (scores[s] < scores[best]) best = s;
     const auto [begin, len] = spans[best];
+    const size_t best_group = static_cast<size_t>(active[begin] / group);
+    parallel_for(num_own, run.num_threads, nullptr, [&](Index i, int) {
+      const Index b = own_begin[i][best_group], l = own_len[i][best_group];
+      if (l == 0) return;
+      internal::RowState<double>& state = own_states[static_cast<size_t>(i)];
+      state.factor_block(b, l);
+      state.prune_block(b, l);
+    });
     std::vector<Index> B(static_cast<size_t>(len));
     for (Index c = 0; c < len; ++c) B[c] = begin + c;
-    // W <- W - W_B G_BB^-1 G[B,:] for every row, then the shared inverse downdate.
+    // W <- W - W_B G_BB^-1 G[B,:] for every shared row, then the shared inverse downdate.
     const Eigen::MatrixXd gbb = G.block(begin, begin, len, len);
     const Eigen::MatrixXd g_rows = G.middleRows(begin, len);  // len x n
     Eigen::LLT<Eigen::MatrixXd> llt(gbb);
-    const Index chunks = (rows + row_chunk - 1) / row_chunk;
+    const Index chunks = (num_shared + row_chunk - 1) / row_chunk;
     parallel_for(chunks, run.num_threads, nullptr, [&](Index ch, int) {
-      const Index r0 = ch * row_chunk, nr = std::min(row_chunk, rows - r0);
-      const Eigen::MatrixXd coef = llt.solve(Wl.block(r0, begin, nr, len).transpose());  // len x nr
+      const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
+      const Eigen::MatrixXd coef = llt.solve(Wl.block(r0, begin, nr, len).transpose());
       Wl.middleRows(r0, nr).noalias() -= coef.transpose() * g_rows;
     });
     downdate(B);
@@ -151,20 +211,16 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
   RowMatrix<Scalar> weight = RowMatrix<Scalar>::Zero(rows, cols);
   MaskMatrix pruned = MaskMatrix::Ones(rows, cols);
   for (Index j = 0; j < n; ++j) {
-    weight.col(active[j]) = Wl.col(j).template cast<Scalar>();
-    pruned.col(active[j]).setZero();
+    for (Index r = 0; r < num_shared; ++r) {
+      weight(shared_rows[r], active[j]) = static_cast<Scalar>(Wl(r, j));
+      pruned(shared_rows[r], active[j]) = 0;
+    }
   }
-  // Rows with zeros of their own (not whole removed columns) need those zeros kept: re-solve
-  // them exactly for their own mask; the shared inverse cannot express per-row constraints.
-  bool partial = false;
-  for (Index r = 0; r < rows && !partial; ++r)
-    for (Index j = 0; j < n && !partial; ++j) partial = W(r, active[j]) == Scalar(0);
-  if (partial) {
-    MaskMatrix mask = pruned;
-    for (Index r = 0; r < rows; ++r)
-      for (Index c = 0; c < cols; ++c)
-        if (W(r, c) == Scalar(0)) mask(r, c) = 1;
-    return solve_masked<Scalar>(W, H, prep, mask, run);
+  for (Index i = 0; i < num_own; ++i) {
+    own_states[static_cast<size_t>(i)].finish();
+    const Index r = own_rows[static_cast<size_t>(i)];
+    weight.row(r) = own_out.row(i).template cast<Scalar>();
+    for (Index j = 0; j < n; ++j) pruned(r, active[j]) = W(r, active[j]) == Scalar(0) ? 1 : 0;
   }
   PruneResult<Scalar> result;
   result.weight = std::move(weight);

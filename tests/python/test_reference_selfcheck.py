@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from conftest import ILL_DAMP, make_problem
+from problems import ILL_DAMP, make_problem
 
 
 def kkt_optimum(w, Hd, fixed, target):
@@ -323,3 +323,33 @@ def test_obq_outlier_rule_fires_first():
         s_e, z_e = ref.grid_1d(edge, 2, True, "minmax")  # max|w| = 1 sits exactly on the grid
         _, _, _, _, n_edge = ref.quantize_row(edge, np.eye(3), np.zeros(3, bool), np.full(3, s_e), np.full(3, z_e), 2)
         assert n_edge == 0
+
+
+def test_structured_with_scattered_zeros_is_exact_greedy():
+    """With rows that have zeros of their own, every structured step removes the group whose
+    removal gives the smallest true layer loss (each row's own zeros held at zero), checked by
+    solving every candidate's KKT system directly."""
+    W, H, _ = make_problem(4, 12, seed=13, zeros=0.3, dead=1)
+    Hd, dead, _ = ref.damped_hessian(H, 0.01)
+    Hk = Hd.copy()
+    Hk[dead, dead] = 1.0  # decoupled unit rows for the KKT solves
+    _, kept, _, order = ref.prune_structured(W, H, 0.5, group=2, damp=0.01, score_check=True, return_order=True)
+    fixed = (W == 0) | dead[None, :]
+    pre = [g for g in range(6) if fixed[:, 2 * g : 2 * g + 2].all()]
+    assert order[: len(pre)] == pre
+    for g in order[len(pre) :]:
+        totals = []
+        for cand in range(6):
+            if fixed[:, 2 * cand : 2 * cand + 2].all():
+                totals.append(np.inf)
+                continue
+            f = fixed.copy()
+            f[:, 2 * cand : 2 * cand + 2] = True
+            loss = 0.0
+            for r in range(4):
+                opt = kkt_optimum(W[r], Hk, f[r], np.zeros(12))
+                loss += 0.5 * (opt - W[r]) @ Hd @ (opt - W[r])
+            totals.append(loss)
+        assert int(np.argmin(totals)) == g
+        fixed[:, 2 * g : 2 * g + 2] = True
+    assert np.array_equal(~kept, fixed)

@@ -98,7 +98,9 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 /// from every row at once (e.g. the kh*kw columns of one conv input channel), choosing greedily
 /// by the summed group OBS score with the shared inverse and updating all rows exactly.
 /// ceil(sparsity * cols/group) groups end up removed (already-zero groups count).
-/// Rows that had partial zeros of their own are re-solved exactly for the final mask.
+/// Rows with zeros of their own (not whole zero columns) keep them: such rows get a private
+/// inverse so every greedy score stays exact (memory rows_with_zeros * cols^2 * 8 bytes, at most
+/// 8 GiB, else InvalidArgument).
 template <class Scalar>
 PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                      const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
