@@ -264,6 +264,7 @@ PYBIND11_MODULE(_core, m) {
     d["eigen_version"] = info.eigen_version;
     d["cuda"] = info.cuda;
     d["simd"] = info.simd;
+    d["kernel_isa"] = info.kernel_isa;
     d["compiler"] = info.compiler;
     return d;
   });

@@ -1,6 +1,8 @@
 // build_info(): what this build of the core contains.
 #include "obc/build_info.hpp"
 
+#include "internal/row_kernels.hpp"
+
 #include <Eigen/Core>
 #include <sstream>
 
@@ -21,6 +23,7 @@ BuildInfo build_info() {
   eigen << EIGEN_WORLD_VERSION << '.' << EIGEN_MAJOR_VERSION << '.' << EIGEN_MINOR_VERSION;
   info.eigen_version = eigen.str();
   info.simd = Eigen::SimdInstructionSetsInUse();
+  info.kernel_isa = internal::kernels().isa;
   std::ostringstream compiler;
 #if defined(__clang__)
   compiler << "clang " << __clang_major__ << '.' << __clang_minor__;

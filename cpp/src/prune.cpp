@@ -8,6 +8,7 @@
 #include <numeric>
 #include <vector>
 
+#include "internal/prepared_view.hpp"
 #include "internal/row_state.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -33,90 +34,12 @@ void check_sparsity(double sparsity) {
             "sparsity: expected a value in [0, 1], got ", sparsity);
 }
 
-// One row's greedy trace. Unstructured when block == 1. Stops after `max_steps` steps (counting
-// the already-pruned entries, which come first); unfilled trace entries get -1 / NaN.
-// Final (or stopped-at) weights go to `out`.
-template <class Scalar>
-void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const PreparedHessian& prep,
-                   Index block, Index max_steps, int lazy_batch, std::int32_t* order,
-                   double* losses, Scalar* out) {
-  const Index cols = prep.cols();
-  const Index num_blocks = cols / block;
-  state.load(w_row, prep, lazy_batch, out);
-  std::fill(order, order + num_blocks, -1);
-  std::fill(losses, losses + num_blocks, std::numeric_limits<double>::quiet_NaN());
-  // Entries already pruned on entry (zero or dead) come first, in index order, at zero loss.
-  Index step = 0;
-  std::vector<char> has_free(static_cast<size_t>(num_blocks), 0);
-  for (Index i = 0; i < state.size(); ++i) has_free[static_cast<size_t>(state.orig(i) / block)] = 1;
-  for (Index b = 0; b < num_blocks; ++b) {
-    if (!has_free[static_cast<size_t>(b)]) {
-      order[step] = static_cast<std::int32_t>(b);
-      losses[step] = 0.0;
-      ++step;
-    }
-  }
-  if (block == 1) {
-    while (step < max_steps && state.num_free() > 0) {
-      state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i)) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const Scalar score = w[i] * w[i] / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-      }
-      order[step] = static_cast<std::int32_t>(state.orig(best));
-      losses[step] = state.fix(best, Scalar(0));
-      ++step;
-    }
-  } else {
-    while (step < max_steps && state.num_free() > 0) {
-      state.ensure_room(block);
-      // Free inputs of a block are contiguous local indices (blocks leave whole).
-      Index best_begin = -1, best_len = 0;
-      double best_score = std::numeric_limits<double>::infinity();
-      for (Index i = 0; i < state.size();) {
-        if (!state.is_free(i)) {
-          ++i;
-          continue;
-        }
-        const Index b = state.orig(i) / block;
-        Index len = 1;
-        while (i + len < state.size() && state.is_free(i + len) && state.orig(i + len) / block == b)
-          ++len;
-        if (!state.factor_block(i, len)) RowState<Scalar>::lost_definiteness();
-        const double score = state.block_score(i, len);
-        if (score < best_score || best_begin < 0) {
-          best_score = score;
-          best_begin = i;
-          best_len = len;
-        }
-        i += len;
-      }
-      order[step] = static_cast<std::int32_t>(state.orig(best_begin) / block);
-      state.factor_block(best_begin, best_len);
-      losses[step] = state.prune_block(best_begin, best_len);
-      ++step;
-    }
-  }
-  state.finish();
-}
-
 template <class Scalar>
 void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
               Index block, const IndexVector* max_steps, const RunOptions& run, Trace* trace,
               RowMatrix<Scalar>* weights) {
   const Index rows = W.rows(), cols = W.cols();
   const Index num_blocks = cols / block;
-  const int threads = resolve_num_threads(run.num_threads);
-  std::vector<RowState<Scalar>> states(static_cast<size_t>(threads));
   IndexMatrix order_scratch;
   RowMatrixXd loss_scratch;
   IndexMatrix& order = trace ? trace->order : order_scratch;
@@ -126,12 +49,12 @@ void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessia
   RowMatrix<Scalar> out_scratch;
   RowMatrix<Scalar>& out = weights ? *weights : out_scratch;
   out.resize(rows, cols);
-  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
-    const Index limit = max_steps ? (*max_steps)[r] : num_blocks;
-    trace_one_row<Scalar>(states[static_cast<size_t>(tid)], W.row(r).data(), prep, block, limit,
-                          run.lazy_batch, order.row(r).data(), losses.row(r).data(),
-                          out.row(r).data());
-  });
+  std::vector<Index> limits;
+  if (max_steps) limits.assign(max_steps->data(), max_steps->data() + rows);
+  const internal::TraceJob<Scalar> job{W.data(), rows, internal::view_of(prep), block,
+                                       max_steps ? limits.data() : nullptr, order.data(),
+                                       losses.data(), out.data()};
+  internal::row_kernels<Scalar>().trace(job, run);
   if (trace) trace->block = block;
 }
 
@@ -329,36 +252,10 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             "input belongs to a group of m, got m = ", m);
   const PreparedHessian prep = prepare_hessian(H, hopt);
   check_weight<Scalar>(W, prep.cols());
-  const Index rows = W.rows(), cols = W.cols(), groups = cols / m;
+  const Index rows = W.rows(), cols = W.cols();
   RowMatrix<Scalar> weight(rows, cols);
-  std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
-  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
-    RowState<Scalar>& state = states[static_cast<size_t>(tid)];
-    state.load(W.row(r).data(), prep, run.lazy_batch, weight.row(r).data());
-    // Zeros per group so far; entries already zero (or dead) count toward the group's n.
-    std::vector<Index> zeros(static_cast<size_t>(groups), m);
-    for (Index i = 0; i < state.size(); ++i) --zeros[static_cast<size_t>(state.orig(i) / m)];
-    while (true) {
-      state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i) || zeros[static_cast<size_t>(state.orig(i) / m)] >= n) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const Scalar score = w[i] * w[i] / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-      }
-      if (best < 0) break;
-      ++zeros[static_cast<size_t>(state.orig(best) / m)];
-      state.fix(best, Scalar(0));
-    }
-    state.finish();
-  });
+  const internal::NmJob<Scalar> job{W.data(), rows, internal::view_of(prep), n, m, weight.data()};
+  internal::row_kernels<Scalar>().nm(job, run);
   MaskMatrix pruned = zero_mask(weight, prep);
   return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }

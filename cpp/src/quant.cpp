@@ -6,29 +6,17 @@
 #include <limits>
 #include <vector>
 
-#include "internal/row_state.hpp"
+#include "internal/grid_point.hpp"
+#include "internal/prepared_view.hpp"
+#include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
 namespace obc {
 
-using internal::RowState;
+using internal::GridPoint;
 
 namespace {
-
-template <class Scalar>
-struct GridPoint {
-  Scalar scale;
-  int zero;
-  int maxq;
-  /// Integer code of w: clamp(round_half_even(w / scale) + zero, 0, maxq).
-  int code(Scalar w) const {
-    const Scalar c = std::nearbyint(w / scale) + static_cast<Scalar>(zero);
-    return static_cast<int>(std::clamp(c, Scalar(0), static_cast<Scalar>(maxq)));
-  }
-  Scalar value(int c) const { return scale * static_cast<Scalar>(c - zero); }
-  Scalar quantize(Scalar w) const { return value(code(w)); }
-};
 
 // The grid for range [xmin, xmax] (xmin <= 0 <= xmax); sym uses max(|xmin|, xmax).
 template <class Scalar>
@@ -165,43 +153,12 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   const QuantGrid<Scalar>& grid = result.grid;
   const Index rows = W.rows(), cols = W.cols();
   result.weight.resize(rows, cols);
-  std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
-  const double outlier_factor = 0.25 * (1.0 + opt.outlier_tol);
-  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
-    RowState<Scalar>& state = states[static_cast<size_t>(tid)];
-    state.load(W.row(r).data(), prep, run.lazy_batch, result.weight.row(r).data());
-    while (state.num_free() > 0) {
-      state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1, worst_outlier = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      double worst_err = -1;
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i)) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const GridPoint<Scalar> g = grid_at(grid, r, state.orig(i));
-        const Scalar err = w[i] - g.quantize(w[i]);
-        const Scalar err2 = err * err;
-        const Scalar score = err2 / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-        const double scale = static_cast<double>(g.scale);
-        if (static_cast<double>(err2) > outlier_factor * scale * scale &&
-            static_cast<double>(err2) > worst_err) {
-          worst_err = static_cast<double>(err2);
-          worst_outlier = i;
-        }
-      }
-      // Outlier rule: a weight pushed outside the range by more than half a step only gets
-      // worse as others are fixed and push errors onto it, so it is fixed first.
-      const Index q = worst_outlier >= 0 ? worst_outlier : best;
-      state.fix(q, grid_at(grid, r, state.orig(q)).quantize(w[q]));
-    }
-    state.finish();
-  });
+  const internal::ObqJob<Scalar> job{W.data(),          rows,
+                                     internal::view_of(prep), grid.scale.data(),
+                                     grid.zero.data(),   grid.group_size,
+                                     grid.bits,          0.25 * (1.0 + opt.outlier_tol),
+                                     result.weight.data()};
+  internal::row_kernels<Scalar>().obq(job, run);
   result.pruned.resize(rows, cols);
   for (Index r = 0; r < rows; ++r)
     for (Index c = 0; c < cols; ++c)

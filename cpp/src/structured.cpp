@@ -5,6 +5,7 @@
 #include <limits>
 #include <vector>
 
+#include "internal/prepared_view.hpp"
 #include "internal/row_state.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -60,7 +61,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
   RowMatrixXd own_out(static_cast<Index>(own_rows.size()), cols);
   std::vector<internal::RowState<double>> own_states(own_rows.size());
   for (size_t i = 0; i < own_rows.size(); ++i)
-    own_states[i].load(W64.row(own_rows[i]).data(), prep, run.lazy_batch,
+    own_states[i].load(W64.row(own_rows[i]).data(), internal::view_of(prep), run.lazy_batch,
                        own_out.row(static_cast<Index>(i)).data());
 
   // The shared problem in float64: it is solved once for all rows, so precision is cheap.

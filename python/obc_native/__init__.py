@@ -20,10 +20,27 @@ from ._api import (
 )
 from ._core import HessianError
 from ._results import PruneResult, QuantResult, Trace
+from .budget import (
+    BudgetSolution,
+    BudgetSpec,
+    InfeasibleBudgetError,
+    LayerLevels,
+    Level,
+    LevelDatabase,
+    LevelDatabaseError,
+    LevelSelection,
+    apply_level,
+    build_layer_levels,
+    parse_budget,
+    solve_budget,
+    solve_levels,
+)
+from .hessian import HessianAccumulator, load_hessian, save_hessian
 
 __version__ = build_info()["version"]
 
 __all__ = [
+    "HessianAccumulator",
     "HessianError",
     "PruneResult",
     "QuantResult",
@@ -31,6 +48,7 @@ __all__ = [
     "__version__",
     "build_info",
     "layer_loss",
+    "load_hessian",
     "prune_blocked",
     "prune_magnitude",
     "prune_nm",
@@ -38,7 +56,21 @@ __all__ = [
     "prune_unstructured",
     "quantize",
     "quantize_rtn",
+    "save_hessian",
     "solve_masked",
     "trace_blocked",
     "trace_unstructured",
+    "BudgetSolution",
+    "BudgetSpec",
+    "InfeasibleBudgetError",
+    "LayerLevels",
+    "Level",
+    "LevelDatabase",
+    "LevelDatabaseError",
+    "LevelSelection",
+    "apply_level",
+    "build_layer_levels",
+    "parse_budget",
+    "solve_budget",
+    "solve_levels",
 ]

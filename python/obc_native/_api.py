@@ -219,5 +219,5 @@ def layer_loss(W, W_hat, H, *, num_threads=None) -> np.ndarray:
 
 def build_info() -> dict:
     """What the compiled core contains: version, openmp, max_threads, eigen_version, cuda,
-    simd, compiler."""
+    simd, kernel_isa (row kernels picked at run time), compiler."""
     return dict(_core.build_info())

@@ -11,7 +11,8 @@ struct BuildInfo {
   int max_threads = 1;        ///< omp_get_max_threads() now (1 without OpenMP)
   std::string eigen_version;  ///< e.g. "3.4.1"
   bool cuda = false;          ///< CUDA kernels compiled in
-  std::string simd;           ///< Eigen's SIMD instruction sets in use, e.g. "SSE, SSE2"
+  std::string simd;           ///< Eigen's SIMD instruction sets of the portable build, e.g. "SSE, SSE2"
+  std::string kernel_isa;     ///< row kernels picked at run time: "avx2+fma" or "generic" (OBC_SIMD=generic forces it)
   std::string compiler;       ///< compiler id and version
 };
 

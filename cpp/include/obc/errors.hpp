@@ -28,6 +28,21 @@ class Interrupted : public std::runtime_error {
   Interrupted() : std::runtime_error("obc_native: computation interrupted") {}
 };
 
+/// A file is not a valid obc_native file (wrong magic, unsupported format version, truncated or
+/// oversized, checksum mismatch, inconsistent contents). Derives from InvalidArgument, so it
+/// reaches Python as ValueError.
+class FormatError : public InvalidArgument {
+ public:
+  using InvalidArgument::InvalidArgument;
+};
+
+/// The operating system refused a file operation (open, read, write, rename). The message names
+/// the path and the system's reason. Reaches Python as OSError.
+class IoError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 namespace detail {
 template <class... Parts>
 std::string concat(const Parts&... parts) {

@@ -1,6 +1,8 @@
 // InterruptHook: polled by the core between units of work, implemented by hosts.
 #pragma once
 
+#include <chrono>
+
 namespace obc {
 
 /// Hosts implement this to stop long computations (Ctrl-C in Python, a timeout in C++).
@@ -12,6 +14,24 @@ class InterruptHook {
   virtual ~InterruptHook() = default;
   /// Return true to stop. Called with no locks held by the core.
   virtual bool should_stop() = 0;
+};
+
+/// A timeout for C++ hosts: stops the computation once `deadline` has passed.
+/// Usage: `obc::DeadlineInterrupt timeout(std::chrono::seconds(30)); run.interrupt = &timeout;`
+/// then catch obc::Interrupted. The deadline is checked whenever the core polls (see
+/// InterruptHook), so the solver stops within about one poll interval plus one row of work.
+class DeadlineInterrupt : public InterruptHook {
+ public:
+  using Clock = std::chrono::steady_clock;
+  /// Stops once `timeout` has elapsed from construction.
+  explicit DeadlineInterrupt(Clock::duration timeout) : deadline_(Clock::now() + timeout) {}
+  /// Stops once the steady clock reaches `deadline`.
+  explicit DeadlineInterrupt(Clock::time_point deadline) : deadline_(deadline) {}
+  bool should_stop() override { return Clock::now() >= deadline_; }
+  Clock::time_point deadline() const { return deadline_; }
+
+ private:
+  Clock::time_point deadline_;
 };
 
 /// Options shared by every solver: threading, interruption, kernel tuning.

@@ -16,7 +16,12 @@
 
 #include "obc/types.hpp"
 
-namespace obc::internal {
+// Compiled once per SIMD level: each copy lives in its own namespace (see row_kernels.hpp).
+#ifndef OBC_KERNEL_NS
+#define OBC_KERNEL_NS internal
+#endif
+
+namespace obc::OBC_KERNEL_NS {
 
 template <class S>
 class LazyInverse {
@@ -26,8 +31,8 @@ class LazyInverse {
   using MatMap = Eigen::Map<Mat>;
   using ConstMatMap = Eigen::Map<const Mat>;
 
-  /// Loads G0 = hinv(active, active) (lower triangle) and empties U.
-  void load(const Eigen::MatrixXd& hinv, const std::vector<Index>& active, Index capacity) {
+  /// Loads G0 = hinv(active, active) (lower triangle) and empties U. hinv: ld x ld, symmetric.
+  void load(const double* hinv, Index ld, const std::vector<Index>& active, Index capacity) {
     n_ = static_cast<Index>(active.size());
     capacity_ = std::max<Index>(1, capacity);
     if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));
@@ -36,7 +41,8 @@ class LazyInverse {
     MatMap g = gmap();
     for (Index j = 0; j < n_; ++j) {
       const Index cj = active[static_cast<size_t>(j)];
-      for (Index i = j; i < n_; ++i) g(i, j) = static_cast<S>(hinv(active[static_cast<size_t>(i)], cj));
+      for (Index i = j; i < n_; ++i)
+        g(i, j) = static_cast<S>(hinv[cj * ld + active[static_cast<size_t>(i)]]);
     }
     k_ = 0;
     diag_.resize(n_);
@@ -182,4 +188,4 @@ class LazyInverse {
   Index n_ = 0, capacity_ = 1, k_ = 0;
 };
 
-}  // namespace obc::internal
+}  // namespace obc::OBC_KERNEL_NS

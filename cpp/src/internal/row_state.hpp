@@ -7,10 +7,12 @@
 #include <vector>
 
 #include "internal/lazy_inverse.hpp"
+#include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
-#include "obc/hessian.hpp"
 
-namespace obc::internal {
+namespace obc::OBC_KERNEL_NS {
+
+using internal::HessianView;
 
 /// Lazy batch size for n active inputs: large enough that flushes are level-3, small enough that
 /// the O(n k) column reconstruction stays cheap next to the O(n^2) amortized flush.
@@ -30,14 +32,14 @@ class RowState {
   /// Loads row `w_row` (length cols). Dead inputs are dropped; live inputs whose weight is zero,
   /// or for which `fixed_zero` (optional, length cols) is set, are eliminated at once (they stay
   /// exactly zero). `out` (length cols) receives final weights as inputs get fixed.
-  void load(const S* w_row, const PreparedHessian& prep, int lazy_batch, S* out,
+  void load(const S* w_row, const HessianView& h, int lazy_batch, S* out,
             const char* fixed_zero = nullptr) {
-    const Index cols = prep.cols();
+    const Index cols = h.cols;
     out_ = out;
     orig_.clear();
     std::vector<Index> zero_local;
     for (Index c = 0; c < cols; ++c) {
-      if (prep.dead[static_cast<size_t>(c)]) {
+      if (h.dead[c]) {
         out_[c] = S(0);
         continue;
       }
@@ -48,7 +50,7 @@ class RowState {
       orig_.push_back(c);
     }
     const Index n = static_cast<Index>(orig_.size());
-    inv_.load(prep.hinv, orig_, lazy_capacity(n, lazy_batch));
+    inv_.load(h.hinv, cols, orig_, lazy_capacity(n, lazy_batch));
     w_.resize(n);
     for (Index i = 0; i < n; ++i) w_[i] = w_row[orig_[static_cast<size_t>(i)]];
     free_.assign(static_cast<size_t>(n), 1);
@@ -162,4 +164,4 @@ class RowState {
   S* out_ = nullptr;
 };
 
-}  // namespace obc::internal
+}  // namespace obc::OBC_KERNEL_NS

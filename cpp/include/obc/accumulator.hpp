@@ -1,0 +1,79 @@
+// HessianAccumulator: the float64 sum of x x^T over calibration activations, mergeable across
+// shards.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+#include "obc/types.hpp"
+
+namespace obc {
+
+struct AccumulatorOptions {
+  /// Worker threads for the per-batch Gram products; 0 = OpenMP's default. >= 0. The result is
+  /// bit-identical for every thread count.
+  int num_threads = 0;
+};
+
+/// Accumulates the layer Hessian H = 2/n * sum_x x x^T from batches of activation rows.
+///
+/// Each batch is an n x cols row-major matrix whose rows are input vectors x of the layer (for a
+/// linear layer the activations; for a convolution the unfolded patches, n = batch * positions).
+/// The accumulator keeps the float64 sum S = sum_x x x^T (cols x cols, exactly symmetric) and the
+/// sample count n, so shards accumulated in different processes merge exactly: S and n add.
+///
+/// Summation order is fixed: each batch is cut into chunks of `chunk_rows` rows in input order;
+/// the chunk's Gram matrix X_c^T X_c is computed in float64 (float32 rows are widened first, so a
+/// float32 batch gives the same sum as the same values in float64) and added to S. The result
+/// therefore depends only on the sequence of batches, never on the thread count.
+///
+/// Not thread-safe: synchronize concurrent add()/merge() on one object externally.
+class HessianAccumulator {
+ public:
+  /// Rows per Gram product. Part of the summation order (see above); fixed.
+  static constexpr Index chunk_rows = 2048;
+
+  /// An empty accumulator for inputs of width `cols` (> 0). Throws InvalidArgument otherwise.
+  explicit HessianAccumulator(Index cols, const AccumulatorOptions& options = {});
+
+  /// Adds the n rows of X (n x cols, n >= 0). Throws InvalidArgument, leaving the accumulator
+  /// unchanged, when X has another width or holds NaN/Inf.
+  void add(const Eigen::Ref<const RowMatrix<float>>& X);
+  void add(const Eigen::Ref<const RowMatrix<double>>& X);
+  /// The same for a raw row-major buffer of rows x cols values (data may be null when rows == 0).
+  void add(const float* data, Index rows, Index cols);
+  void add(const double* data, Index rows, Index cols);
+
+  /// Adds the sum and count of `other` (same cols, else InvalidArgument). merge(*this) doubles.
+  void merge(const HessianAccumulator& other);
+
+  /// Forgets all samples.
+  void reset();
+
+  Index cols() const { return sum_.rows(); }
+  /// Number of activation rows added so far.
+  std::uint64_t count() const { return count_; }
+  /// S = sum_x x x^T, cols x cols, exactly symmetric, float64.
+  const Eigen::MatrixXd& sum() const { return sum_; }
+  /// H = 2/n * S, cols x cols, exactly symmetric. Throws InvalidArgument when count() == 0.
+  Eigen::MatrixXd hessian() const;
+
+  const AccumulatorOptions& options() const { return options_; }
+  void set_options(const AccumulatorOptions& options);
+
+  /// Rebuilds an accumulator from a saved state (e.g. a Hessian file). Throws InvalidArgument
+  /// unless `sum` is square, non-empty, finite, exactly symmetric with a non-negative diagonal,
+  /// and all zero when count == 0.
+  static HessianAccumulator from_state(const Eigen::Ref<const Eigen::MatrixXd>& sum,
+                                       std::uint64_t count, const AccumulatorOptions& options = {});
+
+ private:
+  template <class Scalar>
+  void add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X);
+
+  Eigen::MatrixXd sum_;
+  std::uint64_t count_ = 0;
+  AccumulatorOptions options_;
+};
+
+}  // namespace obc

@@ -1,0 +1,140 @@
+// HessianAccumulator: chunked float64 Gram products, tiled over columns, in a fixed order.
+#include "obc/accumulator.hpp"
+
+#include <algorithm>
+#include <limits>
+
+#include "obc/errors.hpp"
+#include "obc/parallel.hpp"
+
+namespace obc {
+
+namespace {
+
+// Columns per parallel work item. Each item owns a block column of the lower triangle, so every
+// element of the sum is written by exactly one thread with the same arithmetic whatever the
+// thread count (rule 7: no float reductions across threads).
+constexpr Index kTileCols = 64;
+
+void check_options(const AccumulatorOptions& options) {
+  OBC_CHECK(options.num_threads >= 0, "num_threads: expected >= 0 (0 = default), got ",
+            options.num_threads);
+}
+
+// Copies the strictly lower triangle onto the strictly upper one: the lower triangle is the
+// authoritative result of the tiled products, and S must be exactly symmetric.
+void mirror_lower(Eigen::MatrixXd& m) {
+  const Index n = m.rows();
+  for (Index j = 1; j < n; ++j) {
+    for (Index i = 0; i < j; ++i) m(i, j) = m(j, i);
+  }
+}
+
+}  // namespace
+
+HessianAccumulator::HessianAccumulator(Index cols, const AccumulatorOptions& options)
+    : options_(options) {
+  OBC_CHECK(cols > 0, "cols: expected a positive input width, got ", cols);
+  check_options(options);
+  sum_ = Eigen::MatrixXd::Zero(cols, cols);
+}
+
+void HessianAccumulator::set_options(const AccumulatorOptions& options) {
+  check_options(options);
+  options_ = options;
+}
+
+void HessianAccumulator::reset() {
+  sum_.setZero();
+  count_ = 0;
+}
+
+template <class Scalar>
+void HessianAccumulator::add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X) {
+  const Index cols = this->cols();
+  OBC_CHECK(X.cols() == cols, "X: expected ", cols,
+            " columns (the accumulator's input width), got ", X.rows(), "x", X.cols());
+  const Index rows = X.rows();
+  if (rows == 0) return;
+  // Validate the whole batch first so that a rejected batch leaves the state unchanged.
+  OBC_CHECK(X.allFinite(), "X: expected finite values, got NaN or Inf");
+  OBC_CHECK(static_cast<std::uint64_t>(rows) <= std::numeric_limits<std::uint64_t>::max() - count_,
+            "X: sample count would overflow");
+
+  const Index tiles = (cols + kTileCols - 1) / kTileCols;
+  RowMatrixXd chunk;
+  for (Index begin = 0; begin < rows; begin += chunk_rows) {
+    const Index len = std::min(chunk_rows, rows - begin);
+    // Widen (or copy) to a contiguous float64 chunk: float32 and float64 inputs of the same
+    // values then take the identical arithmetic path.
+    chunk = X.middleRows(begin, len).template cast<double>();
+    parallel_for(tiles, options_.num_threads, nullptr, [&](Index tile, int) {
+      const Index j0 = tile * kTileCols;
+      const Index width = std::min(kTileCols, cols - j0);
+      const Index below = cols - j0;
+      sum_.block(j0, j0, below, width).noalias() +=
+          chunk.rightCols(below).transpose() * chunk.middleCols(j0, width);
+    });
+  }
+  mirror_lower(sum_);
+  count_ += static_cast<std::uint64_t>(rows);
+}
+
+void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<float>>& X) { add_rows<float>(X); }
+void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<double>>& X) { add_rows<double>(X); }
+
+void HessianAccumulator::add(const float* data, Index rows, Index cols) {
+  OBC_CHECK(rows >= 0 && cols >= 0, "X: expected a non-negative shape, got ", rows, "x", cols);
+  OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
+  if (rows == 0) {
+    OBC_CHECK(cols == this->cols(), "X: expected ", this->cols(), " columns, got 0x", cols);
+    return;
+  }
+  add_rows<float>(Eigen::Map<const RowMatrix<float>>(data, rows, cols));
+}
+
+void HessianAccumulator::add(const double* data, Index rows, Index cols) {
+  OBC_CHECK(rows >= 0 && cols >= 0, "X: expected a non-negative shape, got ", rows, "x", cols);
+  OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
+  if (rows == 0) {
+    OBC_CHECK(cols == this->cols(), "X: expected ", this->cols(), " columns, got 0x", cols);
+    return;
+  }
+  add_rows<double>(Eigen::Map<const RowMatrix<double>>(data, rows, cols));
+}
+
+void HessianAccumulator::merge(const HessianAccumulator& other) {
+  OBC_CHECK(other.cols() == cols(), "other: expected an accumulator of ", cols(), " columns, got ",
+            other.cols());
+  OBC_CHECK(other.count_ <= std::numeric_limits<std::uint64_t>::max() - count_,
+            "other: sample count would overflow");
+  sum_ += other.sum_;  // elementwise, so the result stays exactly symmetric
+  count_ += other.count_;
+}
+
+Eigen::MatrixXd HessianAccumulator::hessian() const {
+  OBC_CHECK(count_ > 0, "HessianAccumulator: no samples were added; H = 2/n sum x x^T needs n > 0");
+  return (2.0 / static_cast<double>(count_)) * sum_;
+}
+
+HessianAccumulator HessianAccumulator::from_state(const Eigen::Ref<const Eigen::MatrixXd>& sum,
+                                                  std::uint64_t count,
+                                                  const AccumulatorOptions& options) {
+  OBC_CHECK(sum.rows() == sum.cols() && sum.rows() > 0,
+            "sum: expected a non-empty square cols x cols matrix, got ", sum.rows(), "x",
+            sum.cols());
+  OBC_CHECK(sum.allFinite(), "sum: expected finite values, got NaN or Inf");
+  OBC_CHECK(sum == sum.transpose(), "sum: expected an exactly symmetric matrix");
+  for (Index i = 0; i < sum.rows(); ++i) {
+    OBC_CHECK(sum(i, i) >= 0, "sum: expected a non-negative diagonal (a sum of x x^T), got sum[", i,
+              ",", i, "] = ", sum(i, i));
+  }
+  OBC_CHECK(count > 0 || sum.cwiseAbs().maxCoeff() == 0,
+            "sum: expected all zeros for a sample count of 0");
+  HessianAccumulator acc(sum.rows(), options);
+  acc.sum_ = sum;
+  acc.count_ = count;
+  return acc;
+}
+
+}  // namespace obc

@@ -1,0 +1,341 @@
+// Hessian files: byte-exact little-endian writer and a reader that checks every field.
+#include "obc/hessian_io.hpp"
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <functional>
+#include <istream>
+#include <optional>
+#include <ostream>
+#include <thread>
+#include <vector>
+
+#include "obc/errors.hpp"
+
+namespace obc {
+
+namespace {
+
+constexpr char kMagic[8] = {'O', 'B', 'C', 'H', 'E', 'S', 'S', '\0'};
+constexpr std::uint64_t kChecksumBytes = 8;
+// Largest cols whose payload size 8 * cols^2 cannot overflow 64 bits (and far beyond any layer).
+constexpr std::uint64_t kMaxCols = std::uint64_t(1) << 28;
+// Payload bytes moved per read/write call (and per byte-order conversion buffer).
+constexpr std::size_t kIoChunkBytes = std::size_t(1) << 20;
+
+bool host_is_little_endian() {
+  const std::uint32_t probe = 1;
+  unsigned char first = 0;
+  std::memcpy(&first, &probe, 1);
+  return first == 1;
+}
+
+void put_u32(unsigned char* out, std::uint32_t v) {
+  for (int i = 0; i < 4; ++i) out[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+void put_u64(unsigned char* out, std::uint64_t v) {
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<unsigned char>(v >> (8 * i));
+}
+std::uint32_t get_u32(const unsigned char* in) {
+  std::uint32_t v = 0;
+  for (int i = 0; i < 4; ++i) v |= static_cast<std::uint32_t>(in[i]) << (8 * i);
+  return v;
+}
+std::uint64_t get_u64(const unsigned char* in) {
+  std::uint64_t v = 0;
+  for (int i = 0; i < 8; ++i) v |= static_cast<std::uint64_t>(in[i]) << (8 * i);
+  return v;
+}
+
+// Reverses the byte order of each 8-byte word (doubles on big-endian hosts).
+void swap_words(unsigned char* bytes, std::size_t size) {
+  for (std::size_t i = 0; i + 8 <= size; i += 8) std::reverse(bytes + i, bytes + i + 8);
+}
+
+std::uint64_t file_bytes_for(std::uint64_t cols) {
+  return kHessianHeaderBytes + 8 * cols * cols + kChecksumBytes;
+}
+
+using Sink = std::function<void(const unsigned char*, std::size_t)>;
+// Reads up to `size` bytes, returns how many were read (fewer only at the end of the data).
+using Source = std::function<std::size_t(unsigned char*, std::size_t)>;
+
+void write_impl(const HessianAccumulator& acc, const Sink& sink) {
+  unsigned char header[kHessianHeaderBytes] = {};
+  std::memcpy(header, kMagic, 8);
+  put_u32(header + 8, kHessianFormatVersion);
+  put_u32(header + 12, 0);
+  put_u64(header + 16, static_cast<std::uint64_t>(acc.cols()));
+  put_u64(header + 24, acc.count());
+  std::uint64_t hash = fnv1a64(header, sizeof header);
+  sink(header, sizeof header);
+  // S is symmetric, so its column-major storage is also its row-major byte sequence.
+  const auto* payload = reinterpret_cast<const unsigned char*>(acc.sum().data());
+  const std::size_t payload_bytes = static_cast<std::size_t>(acc.sum().size()) * 8;
+  const bool little = host_is_little_endian();
+  std::vector<unsigned char> buffer;
+  for (std::size_t done = 0; done < payload_bytes; done += kIoChunkBytes) {
+    const std::size_t len = std::min(kIoChunkBytes, payload_bytes - done);
+    const unsigned char* bytes = payload + done;
+    if (!little) {
+      buffer.assign(bytes, bytes + len);
+      swap_words(buffer.data(), len);
+      bytes = buffer.data();
+    }
+    hash = fnv1a64(bytes, len, hash);
+    sink(bytes, len);
+  }
+  unsigned char checksum[kChecksumBytes];
+  put_u64(checksum, hash);
+  sink(checksum, sizeof checksum);
+}
+
+std::string hex64(std::uint64_t v) {
+  char text[19];
+  std::snprintf(text, sizeof text, "0x%016llx", static_cast<unsigned long long>(v));
+  return text;
+}
+
+HessianFileInfo parse_header(const unsigned char* header, std::size_t got,
+                             const std::string& name) {
+  if (got < kHessianHeaderBytes) {
+    throw FormatError(detail::concat(name, ": truncated Hessian file: ", got,
+                                     " bytes, the header alone is ", kHessianHeaderBytes));
+  }
+  if (std::memcmp(header, kMagic, 8) != 0) {
+    throw FormatError(detail::concat(
+        name, ": not an obc_native Hessian file (the first 8 bytes are not \"OBCHESS\\0\")"));
+  }
+  HessianFileInfo info;
+  info.version = get_u32(header + 8);
+  if (info.version != kHessianFormatVersion) {
+    throw FormatError(detail::concat(name, ": unsupported Hessian file format version ",
+                                     info.version, "; this library reads version ",
+                                     kHessianFormatVersion));
+  }
+  const std::uint32_t reserved = get_u32(header + 12);
+  if (reserved != 0) {
+    throw FormatError(
+        detail::concat(name, ": reserved header field is ", reserved, ", expected 0"));
+  }
+  const std::uint64_t cols = get_u64(header + 16);
+  if (cols == 0 || cols > kMaxCols) {
+    throw FormatError(detail::concat(name, ": invalid cols ", cols, " in the header (expected 1..",
+                                     kMaxCols, ")"));
+  }
+  info.cols = static_cast<Index>(cols);
+  info.count = get_u64(header + 24);
+  info.file_bytes = file_bytes_for(cols);
+  return info;
+}
+
+void check_size(const HessianFileInfo& info, std::uint64_t actual, const std::string& name) {
+  if (actual < info.file_bytes) {
+    throw FormatError(detail::concat(name, ": truncated Hessian file: ", actual,
+                                     " bytes, expected ", info.file_bytes,
+                                     " for cols = ", info.cols));
+  }
+  if (actual > info.file_bytes) {
+    throw FormatError(detail::concat(name, ": oversized Hessian file: ", actual,
+                                     " bytes, expected ", info.file_bytes,
+                                     " for cols = ", info.cols, " (trailing data)"));
+  }
+}
+
+// `known_size`: total bytes of the data when the source knows it (files, seekable streams),
+// checked before the payload is allocated; empty when unknown (then reading stops at the end).
+HessianAccumulator read_impl(const Source& source, std::optional<std::uint64_t> known_size,
+                             const std::string& name, const AccumulatorOptions& options) {
+  unsigned char header[kHessianHeaderBytes];
+  const std::size_t got = source(header, sizeof header);
+  const HessianFileInfo info = parse_header(header, got, name);
+  if (known_size) check_size(info, *known_size, name);
+
+  const std::uint64_t payload_bytes =
+      8 * static_cast<std::uint64_t>(info.cols) * static_cast<std::uint64_t>(info.cols);
+  std::uint64_t hash = fnv1a64(header, sizeof header);
+  // Grown chunk by chunk, so a corrupt header in a stream of unknown size cannot make us
+  // allocate more than the data that is really there.
+  std::vector<unsigned char> payload;
+  std::uint64_t done = 0;
+  while (done < payload_bytes) {
+    const std::size_t want =
+        static_cast<std::size_t>(std::min<std::uint64_t>(kIoChunkBytes, payload_bytes - done));
+    payload.resize(static_cast<std::size_t>(done) + want);
+    const std::size_t n = source(payload.data() + done, want);
+    hash = fnv1a64(payload.data() + done, n, hash);
+    done += n;
+    if (n < want) check_size(info, kHessianHeaderBytes + done, name);
+  }
+  unsigned char checksum[kChecksumBytes + 1];
+  const std::size_t tail = source(checksum, sizeof checksum);
+  if (tail < kChecksumBytes) check_size(info, kHessianHeaderBytes + payload_bytes + tail, name);
+  if (tail > kChecksumBytes) {
+    throw FormatError(detail::concat(
+        name, ": oversized Hessian file: data after the checksum at byte ", info.file_bytes));
+  }
+  const std::uint64_t stored = get_u64(checksum);
+  if (stored != hash) {
+    throw FormatError(detail::concat(name, ": Hessian file checksum mismatch (stored ",
+                                     hex64(stored), ", computed ", hex64(hash),
+                                     "): the file is corrupted or was modified"));
+  }
+  if (!host_is_little_endian()) swap_words(payload.data(), payload.size());
+  Eigen::MatrixXd sum(info.cols, info.cols);
+  std::memcpy(sum.data(), payload.data(), payload.size());
+  payload = {};
+  try {
+    return HessianAccumulator::from_state(sum, info.count, options);
+  } catch (const FormatError&) {
+    throw;
+  } catch (const InvalidArgument& e) {
+    throw FormatError(detail::concat(name, ": invalid Hessian file contents: ", e.what()));
+  }
+}
+
+std::string system_reason() { return std::strerror(errno); }
+
+// A FILE* closed on scope exit.
+struct File {
+  std::FILE* handle = nullptr;
+  File() = default;
+  File(const File&) = delete;
+  File& operator=(const File&) = delete;
+  ~File() {
+    if (handle != nullptr) std::fclose(handle);
+  }
+};
+
+std::uint64_t file_size(const std::string& path) {
+  std::error_code error;
+  const std::uintmax_t size = std::filesystem::file_size(path, error);
+  if (error) throw IoError(path + ": cannot read the file size: " + error.message());
+  return static_cast<std::uint64_t>(size);
+}
+
+void open_for_reading(File& file, const std::string& path) {
+  errno = 0;
+  file.handle = std::fopen(path.c_str(), "rb");
+  if (file.handle == nullptr) throw IoError(path + ": cannot open for reading: " + system_reason());
+}
+
+Source file_source(std::FILE* f, const std::string& path) {
+  return [f, path](unsigned char* out, std::size_t size) {
+    const std::size_t n = std::fread(out, 1, size, f);
+    if (n < size && std::ferror(f)) throw IoError(path + ": read failed: " + system_reason());
+    return n;
+  };
+}
+
+}  // namespace
+
+std::uint64_t fnv1a64(const void* data, std::size_t size, std::uint64_t hash) {
+  const auto* bytes = static_cast<const unsigned char*>(data);
+  for (std::size_t i = 0; i < size; ++i) {
+    hash ^= bytes[i];
+    hash *= 0x100000001b3ULL;
+  }
+  return hash;
+}
+
+void write_hessian(std::ostream& out, const HessianAccumulator& accumulator) {
+  write_impl(accumulator, [&out](const unsigned char* bytes, std::size_t size) {
+    out.write(reinterpret_cast<const char*>(bytes), static_cast<std::streamsize>(size));
+    if (!out) throw IoError("write_hessian: the output stream failed");
+  });
+}
+
+HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options) {
+  std::optional<std::uint64_t> known_size;
+  const std::istream::pos_type start = in.tellg();
+  if (start != std::istream::pos_type(-1)) {
+    in.seekg(0, std::ios::end);
+    const std::istream::pos_type end = in.tellg();
+    in.seekg(start);
+    if (end != std::istream::pos_type(-1) && in) {
+      known_size = static_cast<std::uint64_t>(end - start);
+    } else {
+      in.clear();
+      in.seekg(start);
+    }
+  }
+  const Source source = [&in](unsigned char* out, std::size_t size) {
+    in.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(size));
+    const auto n = static_cast<std::size_t>(in.gcount());
+    if (in.bad()) throw IoError("read_hessian: the input stream failed");
+    return n;
+  };
+  return read_impl(source, known_size, "read_hessian", options);
+}
+
+void save_hessian(const std::string& path, const HessianAccumulator& accumulator) {
+  OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
+  // A unique temporary next to the target, renamed into place once complete.
+  const auto salt = static_cast<unsigned long long>(
+      std::chrono::steady_clock::now().time_since_epoch().count() ^
+      (std::hash<std::thread::id>()(std::this_thread::get_id()) << 1));
+  const std::string temp = path + ".tmp" + std::to_string(salt % 1000000007ULL);
+  {
+    File file;
+    errno = 0;
+    file.handle = std::fopen(temp.c_str(), "wb");
+    if (file.handle == nullptr) {
+      throw IoError(path + ": cannot open for writing (" + temp + "): " + system_reason());
+    }
+    try {
+      write_impl(accumulator, [&](const unsigned char* bytes, std::size_t size) {
+        if (std::fwrite(bytes, 1, size, file.handle) != size) {
+          throw IoError(path + ": write failed: " + system_reason());
+        }
+      });
+      errno = 0;
+      const int closed = std::fclose(file.handle);
+      file.handle = nullptr;
+      if (closed != 0) throw IoError(path + ": write failed on close: " + system_reason());
+    } catch (...) {
+      if (file.handle != nullptr) {
+        std::fclose(file.handle);
+        file.handle = nullptr;
+      }
+      std::remove(temp.c_str());
+      throw;
+    }
+  }
+  errno = 0;
+  if (std::rename(temp.c_str(), path.c_str()) != 0) {
+    // Windows does not rename onto an existing file: remove the old one and retry.
+    std::remove(path.c_str());
+    errno = 0;
+    if (std::rename(temp.c_str(), path.c_str()) != 0) {
+      const std::string reason = system_reason();
+      std::remove(temp.c_str());
+      throw IoError(path + ": cannot move the written file into place: " + reason);
+    }
+  }
+}
+
+HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options) {
+  OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
+  File file;
+  open_for_reading(file, path);
+  const std::uint64_t size = file_size(path);
+  return read_impl(file_source(file.handle, path), size, path, options);
+}
+
+HessianFileInfo read_hessian_info(const std::string& path) {
+  OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
+  File file;
+  open_for_reading(file, path);
+  const std::uint64_t size = file_size(path);
+  unsigned char header[kHessianHeaderBytes];
+  const std::size_t got = file_source(file.handle, path)(header, sizeof header);
+  const HessianFileInfo info = parse_header(header, got, path);
+  check_size(info, size, path);
+  return info;
+}
+
+}  // namespace obc

@@ -1,0 +1,242 @@
+"""The ``obc-native`` command line: ``compress``, ``report`` and ``demo``.
+
+``obc-native compress`` loads a model, compresses it with a recipe file and saves it in the
+obc_native format (see ``obc_native.torch.serialize``)::
+
+    obc-native compress --model weights.safetensors --arch mypkg.models:Net \\
+        --calibration calib.pt --recipe recipe.yaml --out compressed/
+    obc-native compress --hf path/to/hf_model_dir --calibration ids.pt --recipe r.yaml --out out/
+
+Models: a state dict (``.safetensors``, or a torch file read with ``weights_only=True``) plus
+``--arch module:Class`` (and ``--arch-kwargs`` JSON) to build the architecture; a whole module
+saved with ``torch.save(model)`` only with ``--trust-pickle`` (unpickling runs code from the
+file: never for untrusted files); or a Hugging Face model directory with ``--hf``.
+
+Calibration file: a tensor, or a dict of tensors passed as keyword arguments (e.g.
+``input_ids``), split along dimension 0 into batches of ``--batch-size``; ``.safetensors``,
+``.npy`` or a torch file (``weights_only=True``).
+
+torch is imported only by the commands that need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["main", "build_parser"]
+
+logger = logging.getLogger("obc_native.cli")
+
+
+class CliError(Exception):
+    """A user error reported as one line on stderr with exit status 1."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="obc-native", description="Optimal Brain Compression of PyTorch models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress a model with a recipe and save it")
+    source = compress.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="state dict (.safetensors/.pt) or, with --trust-pickle, a saved module")
+    source.add_argument("--hf", metavar="DIR", help="Hugging Face model directory (needs transformers)")
+    compress.add_argument("--arch", help="architecture as 'package.module:Class' (for state dicts)")
+    compress.add_argument("--arch-kwargs", default="{}", help="JSON keyword arguments for --arch")
+    compress.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole saved module")
+    compress.add_argument("--calibration", required=True, help="calibration tensor file (.pt, .safetensors, .npy)")
+    compress.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    compress.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
+    compress.add_argument("--out", required=True, help="output directory")
+    compress.add_argument("--sequential", action="store_true", help="calibrate each layer on compressed inputs")
+    compress.add_argument(
+        "--correction", default="auto", choices=["auto", "batchnorm", "bias", "none"], help="statistics correction"
+    )
+    compress.add_argument("--threads", type=int, default=None, help="solver threads (default: all)")
+    compress.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+
+    report = commands.add_parser("report", help="print the manifest of a saved compressed model")
+    report.add_argument("directory")
+    report.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+    demo = commands.add_parser("demo", help="compress a small digits CNN with several recipes (offline)")
+    demo.add_argument("--recipes", nargs="*", default=None, help="subset of recipe names to run")
+    demo.add_argument("--progress", action="store_true", help="show progress bars")
+    return parser
+
+
+def _import_arch(spec: str):
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise CliError(f"--arch must look like 'package.module:Class', got {spec!r}")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as err:
+        raise CliError(f"--arch: cannot import {module_name!r}: {err}") from err
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise CliError(f"--arch: {module_name!r} has no attribute {attr!r}")
+        target = getattr(target, part)
+    return target
+
+
+def _load_tensor_file(path: str) -> Any:
+    """Tensors from .safetensors / .npy / torch files, never unpickling arbitrary objects."""
+    import numpy as np
+    import torch
+
+    if not os.path.isfile(path):
+        raise CliError(f"{path}: no such file")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    if path.endswith(".npy"):
+        return torch.from_numpy(np.load(path, allow_pickle=False))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError for non-tensor content
+        raise CliError(f"{path}: not a plain tensor file readable with weights_only=True ({err})") from err
+
+
+def _load_model(args: argparse.Namespace):
+    import torch
+
+    if args.hf:
+        try:
+            import transformers
+        except ImportError as err:
+            raise CliError("--hf needs the transformers package") from err
+        config = transformers.AutoConfig.from_pretrained(args.hf)
+        names = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, names[0], None) if names else None
+        model = (cls or transformers.AutoModel).from_pretrained(args.hf)
+        return model.eval(), {"source": "huggingface", "class": type(model).__name__}
+
+    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": json.loads(args.arch_kwargs)}
+    if args.trust_pickle and not args.arch:
+        if args.model.endswith(".safetensors"):
+            raise CliError("a .safetensors file holds a state dict: pass --arch")
+        model = torch.load(args.model, map_location="cpu", weights_only=False)
+        if not isinstance(model, torch.nn.Module):
+            raise CliError(f"{args.model}: holds a {type(model).__name__}, not an nn.Module; pass --arch")
+        return model.eval(), {"source": "pickled_module", "class": type(model).__qualname__}
+    if not args.arch:
+        raise CliError("--model needs --arch 'package.module:Class' (or --trust-pickle for a saved module)")
+    state = _load_tensor_file(args.model)
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CliError(f"{args.model}: expected a state dict of tensors")
+    model = _import_arch(args.arch)(**metadata["arch_kwargs"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CliError(f"{args.model} does not fit {args.arch}: {err}") from err
+    return model.eval(), metadata
+
+
+def _calibration_batches(path: str, batch_size: int) -> list[Any]:
+    import torch
+
+    if batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {batch_size}")
+    data = _load_tensor_file(path)
+    if isinstance(data, dict) and len(data) == 1:
+        data = next(iter(data.values()))
+    if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or data.shape[0] == 0:
+            raise CliError(f"{path}: calibration tensor of shape {tuple(data.shape)} has no samples")
+        return list(data.split(batch_size))
+    if isinstance(data, (list, tuple)) and all(isinstance(b, torch.Tensor) for b in data):
+        return list(data)
+    if isinstance(data, dict) and all(isinstance(v, torch.Tensor) for v in data.values()):
+        sizes = {v.shape[0] if v.dim() else None for v in data.values()}
+        if len(sizes) != 1 or None in sizes or 0 in sizes:
+            raise CliError(f"{path}: the tensors of a calibration dict must share a non-empty dimension 0")
+        n = sizes.pop()
+        return [{k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
+    raise CliError(f"{path}: expected a tensor, a list of tensors or a dict of tensors")
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
+    from obc_native.torch import compress, load_recipe, save_compressed
+
+    recipe = load_recipe(args.recipe)
+    model, metadata = _load_model(args)
+    batches = _calibration_batches(args.calibration, args.batch_size)
+    report = compress(
+        model,
+        batches,
+        recipe,
+        sequential=args.sequential,
+        correction=None if args.correction == "none" else args.correction,
+        num_threads=args.threads,
+        quiet=args.quiet,
+    )
+    save_compressed(model, args.out, report, metadata=metadata)
+    if args.hf:
+        model.config.save_pretrained(args.out)
+    if not args.quiet:
+        print(report.table())
+        print(f"saved to {args.out}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from obc_native.torch import read_manifest
+    from obc_native.torch.report import CompressionReport
+
+    manifest = read_manifest(args.directory)
+    if args.json:
+        print(json.dumps(manifest, indent=2))
+        return 0
+    if manifest.get("report"):
+        print(CompressionReport.from_dict(manifest["report"]).table())
+    path = os.path.join(args.directory, manifest["tensors"])
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size} bytes")
+    for name, entry in manifest["layers"].items():
+        bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
+        print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from obc_native.demo import DESCRIPTION, RECIPES, format_results, run_demo
+
+    logging.getLogger("obc_native.torch").setLevel(logging.WARNING)  # one summary line per run is noise here
+    unknown = [r for r in args.recipes or [] if r not in RECIPES]
+    if unknown:
+        raise CliError(f"unknown demo recipe(s) {unknown}; choose from {list(RECIPES)}")
+    print(DESCRIPTION + "\n")
+    results = run_demo(args.recipes or None, quiet=not args.progress)
+    print(format_results(results))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``obc-native`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except CliError as err:
+        print(f"obc-native: error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as err:  # RecipeError, CalibrationError, CompressionError, ...
+        if isinstance(err, RuntimeError) and type(err).__name__ != "CompressionError":
+            raise
+        print(f"obc-native: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Compress whole PyTorch models with ExactOBS / OBQ (optional extra: needs ``torch``).
+
+Typical use::
+
+    from obc_native.torch import LayerConfig, Recipe, Override, compress, save_compressed
+
+    recipe = Recipe(default=LayerConfig(prune="nm", n=2, m=4), skip=["features.0"])
+    report = compress(model, calibration_batches, recipe)
+    print(report.table())
+    save_compressed(model, "out/", report)
+
+See ``compress`` for calibration modes, ``recipe`` for pattern rules, ``serialize`` for the
+file format and ``layers`` for the weight-matrix layout of each layer type.
+"""
+
+from __future__ import annotations
+
+try:
+    import torch  # noqa: F401
+except ImportError as err:  # pragma: no cover - exercised only without torch
+    raise ImportError("obc_native.torch needs PyTorch: pip install 'obc_native[torch]'") from err
+
+from .actquant import ActQuantWrapper, quantize_activations, remove_activation_quantization
+from .calibration import as_batches, collect_hessians
+from .compress import CompressionError, compress
+from .correction import recalibrate_batchnorm
+from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .layers import LayerInfo, describe_layer, find_layers
+from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
+from .report import CompressionReport, LayerReport
+from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
+
+__all__ = [
+    "compress",
+    "CompressionReport",
+    "LayerReport",
+    "CompressionError",
+    "CalibrationError",
+    "LayerConfig",
+    "Override",
+    "Recipe",
+    "RecipeError",
+    "as_recipe",
+    "load_recipe",
+    "save_compressed",
+    "load_compressed",
+    "read_manifest",
+    "SerializationError",
+    "ActQuantWrapper",
+    "quantize_activations",
+    "remove_activation_quantization",
+    "recalibrate_batchnorm",
+    "collect_hessians",
+    "LayerHessian",
+    "LayerHooks",
+    "LayerInfo",
+    "describe_layer",
+    "find_layers",
+    "as_batches",
+]
+

@@ -1,0 +1,327 @@
+"""Whole-model compression: calibrate, solve every layer, correct statistics, report.
+
+Two calibration modes:
+
+- dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
+  hooks on every layer to compress; all Hessians are held at once (sum over layers of
+  ``groups * cols^2`` float64), then each layer is solved. One pass, fastest.
+- sequential (``sequential=True``): layers are compressed one at a time in execution order
+  (discovered by a first pass); each layer's Hessian is collected from a fresh pass through the
+  model whose earlier layers are already compressed, so it sees the inputs it will see after
+  compression. Only one Hessian is alive at a time. Cost: 1 + (number of layers) passes over the
+  calibration set, each stopped right after the layer's last call (layers late in the model cost
+  nearly a full forward).
+
+Everything that can be checked is checked before the first weight is written: the recipe
+against every layer's shape, the calibration batches (dense mode: all of them; sequential:
+one dense pass). Should anything fail later (a singular Hessian, NaN activations produced by a
+compressed layer, Ctrl-C), every modified weight, bias and BatchNorm statistic is restored before
+the error propagates, unless ``restore_on_error=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import asdict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ._solvers import get_core
+from .calibration import Forward, as_batches, model_device, run_calibration
+from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
+from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
+from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
+from .report import CompressionReport, LayerReport, QuantGrid
+from .solve import baseline_config, solve_unit
+
+__all__ = ["compress", "CompressionError"]
+
+logger = logging.getLogger("obc_native.torch")
+
+CORRECTIONS = ("auto", "batchnorm", "bias", None)
+
+
+class CompressionError(RuntimeError):
+    """A layer could not be compressed (e.g. its Hessian is not positive definite)."""
+
+
+class _Backup:
+    """Copies of tensors taken right before they are first modified, to undo a failed run."""
+
+    def __init__(self) -> None:
+        self._saved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def save(self, *tensors: torch.Tensor | None) -> None:
+        for tensor in tensors:
+            if tensor is not None and id(tensor) not in self._saved:
+                self._saved[id(tensor)] = (tensor, tensor.detach().clone())
+
+    def __len__(self) -> int:
+        return len(self._saved)
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for tensor, copy in self._saved.values():
+                tensor.copy_(copy)
+        self._saved.clear()
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    """Parameter id -> every name it is reachable under (tied weights have several)."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
+    layers = find_layers(model)
+    if not layers:
+        raise RecipeError("the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, HF Conv1D)")
+    plans = recipe.resolve(layers)
+    owners = _shared_weights(model)
+    for name, plan in plans.items():
+        if plan.config is None:
+            continue
+        names = owners.get(id(plan.info.module.weight), [])
+        others = [n for n in names if n != f"{name}.weight"]
+        if others:
+            reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
+            logger.warning("layer %r: %s", name, reason)
+            plans[name] = LayerPlan(plan.info, None, reason)
+    if not any(plan.config is not None for plan in plans.values()):
+        listing = "; ".join(f"{n}: {p.reason}" for n, p in plans.items())
+        raise RecipeError(f"no layer matches the recipe, nothing to compress ({listing})")
+    return plans
+
+
+def _resolve_correction(model: nn.Module, correction: str | None) -> str | None:
+    if correction not in CORRECTIONS:
+        raise ValueError(f"correction must be one of {CORRECTIONS}, got {correction!r}")
+    if correction == "auto":
+        return "batchnorm" if batchnorm_layers(model) else "bias"
+    return correction
+
+
+class _LayerCompressor:
+    """Solves layers one by one and writes them back into the model."""
+
+    def __init__(self, *, correction: str | None, baseline: bool, num_threads: int | None, backup: _Backup):
+        self.core = get_core()
+        self.correction = correction
+        self.baseline = baseline
+        self.num_threads = num_threads
+        self.backup = backup
+
+    def run(
+        self,
+        plan: LayerPlan,
+        stats: LayerHessian,
+        dense_output_mean: np.ndarray | None = None,
+        seconds_before: float = 0.0,
+    ) -> LayerReport:
+        start = time.perf_counter()
+        info, config = plan.info, plan.config
+        assert config is not None
+        hessians = stats.hessians()
+        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        new = np.empty_like(dense)
+        rows = info.rows
+        loss = 0.0
+        baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
+        damps, scales, zeros = [], [], []
+        threads = {} if self.num_threads is None else {"num_threads": self.num_threads}
+        for g, hessian in enumerate(hessians):
+            where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
+            unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
+            try:
+                result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
+                unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **threads)))
+                if config.is_baseline:
+                    baseline_loss += unit_loss
+                elif baseline_loss is not None:
+                    other = solve_unit(
+                        self.core, info, unit, hessian, baseline_config(config), num_threads=self.num_threads
+                    )
+                    baseline_loss += float(np.sum(self.core.layer_loss(unit, other.weight, hessian, **threads)))
+            except (ValueError, ArithmeticError) as err:
+                raise CompressionError(f"{where}: {err}") from err
+            new[g * rows : (g + 1) * rows] = result.weight
+            loss += unit_loss
+            damps.append(result.damp)
+            scales.append(result.scale)
+            zeros.append(result.zero)
+
+        new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
+        module = info.module
+        self.backup.save(module.weight, getattr(module, "bias", None))
+        set_weight_matrix(info, torch.from_numpy(new))
+        bias_corrected = False
+        if self.correction == "bias" and isinstance(getattr(module, "bias", None), torch.Tensor):
+            bias = module.bias.detach().to(torch.float64).cpu().numpy()
+            target = corrected_bias(bias, dense, new, stats.input_mean(), dense_output_mean)
+            with torch.no_grad():
+                module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
+            bias_corrected = True
+
+        grid = None
+        if config.bits is not None:
+            grid = QuantGrid(
+                bits=config.bits,
+                sym=config.sym,
+                group_size=config.group_size or info.cols,
+                column_order="channels_last" if info.is_conv else "native",
+                scale=np.concatenate(scales, axis=0),
+                zero=np.concatenate(zeros, axis=0),
+            )
+        present = [d for d in damps if d is not None]
+        return LayerReport(
+            name=info.name,
+            kind=info.kind,
+            shape=info.weight_shape,
+            mode=config.label,
+            method=config.method,
+            sparsity=float(np.mean(new == 0)),
+            bits=config.bits,
+            loss=loss,
+            baseline_loss=baseline_loss,
+            damp=max(present) if present else None,
+            samples=stats.n,
+            seconds=seconds_before + time.perf_counter() - start,
+            bias_corrected=bias_corrected,
+            config=_config_dict(config),
+            grid=grid,
+        )
+
+
+def _config_dict(config: LayerConfig) -> dict[str, Any]:
+    return asdict(config)
+
+
+def _skipped_report(plan: LayerPlan) -> LayerReport:
+    info = plan.info
+    return LayerReport(name=info.name, kind=info.kind, shape=info.weight_shape, mode="skipped", skipped=plan.reason)
+
+
+def _never_called(stats: Mapping[str, int], what: str) -> None:
+    missing = [name for name, count in stats.items() if count == 0]
+    if missing:
+        raise CalibrationError(
+            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated "
+            "(skip them in the recipe)"
+        )
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str,
+    *,
+    sequential: bool = False,
+    forward: Forward | None = None,
+    correction: str | None = "auto",
+    baseline: bool = True,
+    num_threads: int | None = None,
+    quiet: bool = False,
+    restore_on_error: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place following ``recipe``; returns a :class:`CompressionReport`.
+
+    Args:
+        model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
+            candidates. Layers whose weight is tied to another parameter are skipped (reported).
+        calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
+        recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
+            a JSON / YAML recipe file.
+        sequential: calibrate each layer on the outputs of the already-compressed earlier layers
+            (see the module docstring for the cost); default: one pass over the dense model.
+        forward: optional ``forward(model, batch)`` replacing the default call of the model.
+        correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
+            correction), "batchnorm", "bias", or None.
+        baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
+        num_threads: threads for the solvers (None: the core's default).
+        quiet: no progress bar.
+        restore_on_error: undo every modification if compression fails part way.
+    """
+    start = time.perf_counter()
+    recipe = as_recipe(recipe)
+    plans = _plan(model, recipe)
+    correction = _resolve_correction(model, correction)
+    batches = as_batches(calibration)
+    targets = {name: plan for name, plan in plans.items() if plan.config is not None}
+    infos: dict[str, LayerInfo] = {name: plan.info for name, plan in targets.items()}
+    device = model_device(model)
+    report = CompressionReport(calibration="sequential" if sequential else "dense", correction=correction)
+    get_core()  # fail early if the solvers are missing
+
+    training = {module: module.training for module in model.modules()}
+    backup = _Backup()
+    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
+    progress = tqdm(total=len(targets), desc="obc", unit="layer", disable=quiet, leave=False)
+    try:
+        model.eval()
+        if not sequential:
+            with LayerHooks(infos, record_order=True) as hooks:
+                report.batches = run_calibration(model, batches, hooks, device=device, forward=forward)
+            report.passes = 1
+            _never_called({n: hooks.hessians[n].n for n in infos}, "calibration pass")
+            for name in hooks.order:
+                progress.set_postfix_str(name)
+                layer = compressor.run(targets[name], hooks.hessians.pop(name))
+                report.layers.append(layer)
+                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
+                progress.update(1)
+        else:
+            with LayerHooks(infos, hessians=False, output_means=correction == "bias", record_order=True) as trace:
+                report.batches = run_calibration(model, batches, trace, device=device, forward=forward)
+            report.passes = 1
+            _never_called(trace.calls, "calibration pass")
+            calls = dict(trace.calls)
+            for name in trace.order:
+                progress.set_postfix_str(name)
+                layer_start = time.perf_counter()
+                with LayerHooks({name: infos[name]}, stop_after={name: calls[name]}) as hooks:
+                    run_calibration(model, batches, hooks, device=device, forward=forward)
+                report.passes += 1
+                dense_mean = trace.outputs[name].mean() if correction == "bias" else None
+                layer = compressor.run(
+                    targets[name], hooks.hessians[name], dense_mean, time.perf_counter() - layer_start
+                )
+                report.layers.append(layer)
+                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
+                progress.update(1)
+        if correction == "batchnorm":
+            for norm in batchnorm_layers(model).values():
+                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
+            recalibrate_batchnorm(model, batches, device=device, forward=forward)
+            report.passes += 1
+    except BaseException as err:
+        if not len(backup):
+            note = "compression failed before any weight was modified; the model is unchanged"
+        elif restore_on_error:
+            backup.restore()
+            note = "compression failed; the model was restored to its original weights"
+        else:
+            note = "compression failed; the model is PARTIALLY compressed (restore_on_error=False)"
+        logger.error(note)
+        if hasattr(err, "add_note"):
+            err.add_note(f"obc_native: {note}")
+        raise
+    finally:
+        progress.close()
+        for module, flag in training.items():
+            module.train(flag)
+
+    report.layers += [_skipped_report(plan) for plan in plans.values() if plan.config is None]
+    report.seconds = time.perf_counter() - start
+    logger.info(
+        "compressed %d layer(s), skipped %d, in %.2f s", len(report.compressed), len(report.skipped), report.seconds
+    )
+    return report

@@ -1,0 +1,213 @@
+"""Layer Hessians H = 2/n sum x x^T from forward hooks, accumulated as a float64 running mean.
+
+``n`` counts samples, not batches: every row of a linear layer's input (all leading dimensions,
+e.g. every token of a (B, T, C) input) and every unfolded patch of a convolution (one per output
+position per image). Scaling conventions matter only for the absolute value of the reported
+losses, which are then per sample: loss = ||(W - W_hat) X||_F^2 / n.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from .layers import LayerInfo, input_samples, output_channel_sum
+
+__all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks"]
+
+# Rows of unfolded samples converted to float64 at a time (bounds the temporary memory).
+_CHUNK_ROWS = 1 << 16
+
+
+class CalibrationError(ValueError):
+    """Calibration data that cannot be used: wrong shape or dtype, NaN/Inf, nothing seen."""
+
+
+class _StopForward(Exception):
+    """Raised by a hook once everything needed from a forward pass has been captured."""
+
+
+def _first_tensor(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The module's input tensor (first positional argument, or the only tensor keyword)."""
+    if args:
+        x = args[0]
+    else:
+        tensors = [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        x = tensors[0] if len(tensors) == 1 else None
+    if not isinstance(x, torch.Tensor):
+        raise CalibrationError(f"layer {name!r}: could not find the input tensor of the forward call")
+    return x
+
+
+class LayerHessian:
+    """Running-mean Hessian of one layer, one ``cols x cols`` block per unit (conv group).
+
+    Accumulates with torch on the inputs' device (CPU or GPU) straight from module inputs; the
+    numpy-level ``obc_native.HessianAccumulator`` is the counterpart for unfolded (n, cols)
+    activations on the CPU and for Hessian files.
+
+    Attributes:
+        info: the layer.
+        n: samples seen so far.
+        hessian: ``(groups, cols, cols)`` float64 tensor on the inputs' device (None before
+            the first sample), equal to ``2/n * sum x x^T`` over the samples of each unit.
+        input_sum: ``(groups, cols)`` float64, the sum of the samples (for bias correction).
+    """
+
+    def __init__(self, info: LayerInfo):
+        self.info = info
+        self.n = 0
+        self.hessian: torch.Tensor | None = None
+        self.input_sum: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`)."""
+        name = self.info.name
+        if not torch.is_floating_point(x):
+            raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
+        try:
+            samples = input_samples(self.info, x.detach())
+        except ValueError as err:
+            raise CalibrationError(str(err)) from None
+        for start in range(0, samples.shape[1], _CHUNK_ROWS):
+            self._add_chunk(samples[:, start : start + _CHUNK_ROWS].double())
+
+    def _add_chunk(self, chunk: torch.Tensor) -> None:
+        batch = chunk.shape[1]
+        if batch == 0:
+            return
+        if not bool(torch.isfinite(chunk).all()):
+            raise CalibrationError(f"layer {self.info.name!r}: calibration input contains NaN or Inf")
+        if self.hessian is None:
+            groups, cols = chunk.shape[0], chunk.shape[2]
+            self.hessian = torch.zeros(groups, cols, cols, dtype=torch.float64, device=chunk.device)
+            self.input_sum = torch.zeros(groups, cols, dtype=torch.float64, device=chunk.device)
+        total = self.n + batch
+        self.hessian.mul_(self.n / total)
+        self.hessian.baddbmm_(chunk.transpose(1, 2), chunk, alpha=2.0 / total)
+        self.input_sum.add_(chunk.sum(dim=1))
+        self.n = total
+
+    def hessians(self) -> list[np.ndarray]:
+        """One float64 ``cols x cols`` numpy array per unit (exactly symmetric)."""
+        if self.hessian is None:
+            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
+        sym = 0.5 * (self.hessian + self.hessian.transpose(1, 2))
+        return [h.cpu().numpy() for h in sym]
+
+    def input_mean(self) -> np.ndarray:
+        """``(groups, cols)`` float64 mean of the samples."""
+        if self.input_sum is None:
+            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
+        return (self.input_sum / self.n).cpu().numpy()
+
+
+class OutputMeanAccumulator:
+    """Mean of a layer's output per output channel over all samples (float64)."""
+
+    def __init__(self, info: LayerInfo):
+        self.info = info
+        self.n = 0
+        self.total: torch.Tensor | None = None
+
+    def add(self, y: torch.Tensor) -> None:
+        sums, count = output_channel_sum(self.info, y.detach())
+        self.total = sums if self.total is None else self.total + sums
+        self.n += count
+
+    def mean(self) -> np.ndarray:
+        if self.total is None or self.n == 0:
+            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
+        return (self.total / self.n).cpu().numpy()
+
+
+class LayerHooks:
+    """Context manager: forward hooks on some layers, always removed on exit (also on error).
+
+    Args:
+        layers: the layers to watch, by name.
+        hessians: accumulate a :class:`LayerHessian` per layer (``.hessians[name]``).
+        output_means: accumulate an :class:`OutputMeanAccumulator` per layer (``.outputs``).
+        stop_after: ``{name: calls}``; once every listed layer has been called that many times
+            in the current forward pass the pass is aborted (the runner catches it), which saves
+            computing the rest of the model. Call :meth:`begin_batch` before each pass.
+        record_order: record the order and count of first calls (``.order``, ``.calls``).
+
+    The hooks check that inputs are floating point and finite, raising :class:`CalibrationError`
+    naming the layer.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, LayerInfo],
+        *,
+        hessians: bool = True,
+        output_means: bool = False,
+        stop_after: Mapping[str, int] | None = None,
+        record_order: bool = False,
+    ):
+        self.layers = dict(layers)
+        self.hessians = {name: LayerHessian(info) for name, info in self.layers.items()} if hessians else {}
+        self.outputs = {name: OutputMeanAccumulator(info) for name, info in self.layers.items()} if output_means else {}
+        self.stop_after = dict(stop_after or {})
+        self.record_order = record_order
+        self.order: list[str] = []
+        self.calls: dict[str, int] = {name: 0 for name in self.layers}
+        self._handles: list = []
+
+    def begin_batch(self) -> None:
+        """Reset the per-forward-pass call counters."""
+        self.calls = {name: 0 for name in self.layers}
+
+    def __enter__(self) -> LayerHooks:
+        try:
+            for name, info in self.layers.items():
+                self._handles.append(
+                    info.module.register_forward_pre_hook(self._make_pre_hook(name), with_kwargs=True)
+                )
+                if self.outputs:
+                    self._handles.append(info.module.register_forward_hook(self._make_post_hook(name)))
+        except BaseException:
+            self._remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def _make_pre_hook(self, name: str):
+        def hook(module, args, kwargs):
+            x = _first_tensor(name, args, kwargs)
+            if self.record_order and name not in self.order:
+                self.order.append(name)
+            if name in self.hessians:
+                self.hessians[name].add(x)
+            elif not torch.is_floating_point(x):
+                raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
+            elif not bool(torch.isfinite(x).all()):
+                raise CalibrationError(f"layer {name!r}: calibration input contains NaN or Inf")
+            self.calls[name] += 1
+            if not self.outputs:
+                self._maybe_stop()
+            return None
+
+        return hook
+
+    def _make_post_hook(self, name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                self.outputs[name].add(output)
+            self._maybe_stop()
+            return None
+
+        return hook
+
+    def _maybe_stop(self) -> None:
+        if self.stop_after and all(self.calls[n] >= k for n, k in self.stop_after.items()):
+            raise _StopForward()

@@ -1,0 +1,181 @@
+"""Compression reports: one row per layer, printable as a table and serialisable as JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+
+__all__ = ["LayerReport", "QuantGrid", "CompressionReport"]
+
+
+@dataclass
+class QuantGrid:
+    """Quantization grid of a layer, kept for saving (not part of the JSON report).
+
+    Attributes:
+        bits, sym: as in the recipe.
+        group_size: columns per grid (cols when one grid per row).
+        column_order: "channels_last" or "native": the order of the columns that groups run along.
+        scale: ``out_features x groups`` float32; zero: same shape, uint8 zero points.
+    """
+
+    bits: int
+    sym: bool
+    group_size: int
+    column_order: str
+    scale: np.ndarray
+    zero: np.ndarray
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer.
+
+    Attributes:
+        name, kind, shape: the layer (``shape`` is the weight parameter's shape).
+        mode: recipe label ("2:4", "unstructured 50%", "int4", ...) or "skipped".
+        method: "obc", "magnitude"/"rtn", or "" when skipped.
+        sparsity: achieved fraction of zero weights after compression.
+        bits: quantization bits or None.
+        loss: ||(W - W_hat) X||_F^2 / n summed over output rows (and conv groups), with the
+            undamped calibration Hessian of this layer, W the weights before compression.
+        baseline_loss: the same for the magnitude / round-to-nearest result of the same setting
+            (None when not computed).
+        damp: relative damping used by the solver (None for magnitude pruning alone).
+        samples: calibration samples n the Hessian was averaged over.
+        seconds: wall time of calibration pass (sequential mode) plus solve.
+        bias_corrected: whether the bias was corrected against the dense model's outputs.
+        skipped: reason the layer was left untouched, or "".
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    mode: str
+    method: str = ""
+    sparsity: float = 0.0
+    bits: int | None = None
+    loss: float | None = None
+    baseline_loss: float | None = None
+    damp: float | None = None
+    samples: int = 0
+    seconds: float = 0.0
+    bias_corrected: bool = False
+    skipped: str = ""
+    config: dict[str, Any] | None = None
+    grid: QuantGrid | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
+        data["shape"] = list(self.shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        names = {f.name for f in fields(cls)} - {"grid"}
+        values = {k: v for k, v in data.items() if k in names}
+        values["shape"] = tuple(values.get("shape", ()))
+        return cls(**values)
+
+
+@dataclass
+class CompressionReport:
+    """Result of :func:`obc_native.torch.compress`: the per-layer rows plus run settings.
+
+    Attributes:
+        layers: one :class:`LayerReport` per supported layer, compressed ones in the order they
+            were compressed, then skipped ones.
+        calibration: "dense" or "sequential".
+        correction: statistics correction applied: "batchnorm", "bias" or None.
+        batches: calibration batches per pass; passes: forward passes over the calibration set.
+        seconds: total wall time.
+    """
+
+    layers: list[LayerReport] = field(default_factory=list)
+    calibration: str = "dense"
+    correction: str | None = None
+    batches: int = 0
+    passes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def compressed(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if not layer.skipped]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped]
+
+    def layer(self, name: str) -> LayerReport:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    @property
+    def total_loss(self) -> float:
+        return float(sum(layer.loss or 0.0 for layer in self.compressed))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["layers"] = [layer.to_dict() for layer in self.layers]
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
+        values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        values["layers"] = [LayerReport.from_dict(layer) for layer in data.get("layers", [])]
+        return cls(**values)
+
+    def table(self) -> str:
+        """A fixed-width text table, one line per layer, then a summary line."""
+        header = (
+            "layer", "kind", "shape", "mode", "method", "sparsity", "bits", "loss", "baseline", "damp", "s", "note"
+        )
+        rows = []
+        for layer in self.layers:
+            if layer.skipped:
+                rows.append((layer.name, layer.kind, _shape(layer.shape), "skipped", *[""] * 7, layer.skipped))
+                continue
+            rows.append(
+                (
+                    layer.name,
+                    layer.kind,
+                    _shape(layer.shape),
+                    layer.mode,
+                    layer.method,
+                    f"{layer.sparsity:.1%}",
+                    "" if layer.bits is None else str(layer.bits),
+                    _num(layer.loss),
+                    _num(layer.baseline_loss),
+                    _num(layer.damp),
+                    f"{layer.seconds:.2f}",
+                    "bias corrected" if layer.bias_corrected else "",
+                )
+            )
+        widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
+        lines.append("  ".join("-" * w for w in widths))
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        lines.append(
+            f"{len(self.compressed)} layer(s) compressed, {len(self.skipped)} skipped; calibration={self.calibration}, "
+            f"correction={self.correction}, passes={self.passes}, {self.seconds:.2f} s"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else f"{value:.4g}"

@@ -1,0 +1,427 @@
+"""Save and load compressed models: safetensors + a JSON manifest, bit-exact round trip.
+
+A saved model is a directory with two files:
+
+- ``model.safetensors``: every entry of the model's ``state_dict`` except the weights of
+  compressed layers, stored as is; for each compressed layer with weight key ``K``, some of
+  ``K:mask`` (uint8, bit-packed: bit ``i`` (most significant first) says whether entry ``i`` of
+  the row-major ``out x cols`` weight matrix is non-zero), ``K:values`` (the non-zero values,
+  the weight's dtype), ``K:codes`` (uint8, integer codes of ``bits`` bits packed densely, most
+  significant bit first, e.g. two 4-bit codes per byte; one code per non-zero entry when a mask is
+  stored, else per entry), ``K:scale`` (float32 ``out x groups``) and ``K:zero`` (uint8, same shape).
+- ``manifest.json``: format name and version, the SHA-256 of the tensor file, the model's
+  state-dict keys, per compressed layer its geometry, storage, pattern, bits and grid layout, and
+  the compression report.
+
+The weight matrix of a layer is the ``out x cols`` matrix of ``layers.weight_matrix`` (native
+column order; HF Conv1D transposed). Dequantized values are ``scale[r, g] * (code - zero[r, g])``
+in float32, where for convolutions the group ``g`` of native column ``c*K + k`` is
+``(k*C + c) // group_size`` (channels-last grouping). Each layer is stored in whichever of
+dense, sparse (mask + values), quantized (codes) or sparse quantized (mask + codes) is smallest;
+weights that are not exactly on the layer's grid (changed after compression) fall back to values.
+
+Loading never unpickles: safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
+from .report import CompressionReport, QuantGrid
+
+__all__ = [
+    "SerializationError",
+    "save_compressed",
+    "load_compressed",
+    "read_manifest",
+    "pack_bits",
+    "unpack_bits",
+    "MANIFEST_NAME",
+    "TENSORS_NAME",
+]
+
+logger = logging.getLogger("obc_native.torch")
+
+FORMAT = "obc_native.compressed"
+VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TENSORS_NAME = "model.safetensors"
+_CHUNK = 1 << 22  # codes packed at a time (a multiple of 8, so chunks stay byte aligned)
+
+
+class SerializationError(ValueError):
+    """A saved model that is missing, corrupted, or does not match the architecture."""
+
+
+def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack the low ``bits`` bits of each uint8 value densely, most significant bit first.
+
+    ``len(result) == ceil(len(values) * bits / 8)``; the last byte is zero padded.
+    """
+    values = np.ascontiguousarray(values, dtype=np.uint8).reshape(-1)
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    if bits < 8 and values.size and int(values.max()) >> bits:
+        raise ValueError(f"values do not fit in {bits} bits (max {int(values.max())})")
+    if bits == 8:
+        return values.copy()
+    pieces = []
+    for start in range(0, values.size, _CHUNK):
+        chunk = values[start : start + _CHUNK]
+        bit_matrix = np.unpackbits(chunk[:, None], axis=1)[:, 8 - bits :]
+        pieces.append(np.packbits(bit_matrix.reshape(-1)))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.uint8)
+
+
+def unpack_bits(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`pack_bits`: ``count`` uint8 values of ``bits`` bits each."""
+    packed = np.ascontiguousarray(packed, dtype=np.uint8).reshape(-1)
+    expected = math.ceil(count * bits / 8)
+    if packed.size != expected:
+        raise SerializationError(f"packed array has {packed.size} bytes, expected {expected} for {count} x {bits} bits")
+    if bits == 8:
+        return packed.copy()
+    out = np.empty(count, dtype=np.uint8)
+    chunk_bytes = _CHUNK * bits // 8
+    for index, start in enumerate(range(0, count, _CHUNK)):
+        n = min(_CHUNK, count - start)
+        chunk = packed[index * chunk_bytes : index * chunk_bytes + math.ceil(n * bits / 8)]
+        bit_matrix = np.unpackbits(chunk, count=n * bits).reshape(n, bits)
+        full = np.zeros((n, 8), dtype=np.uint8)
+        full[:, 8 - bits :] = bit_matrix
+        out[start : start + n] = np.packbits(full, axis=1).reshape(-1)
+    return out
+
+
+def _group_index(info: LayerInfo, group_size: int, column_order: str) -> np.ndarray:
+    """Quantization group of each native column, ``(cols,)``."""
+    position = np.arange(info.cols)
+    if column_order == "channels_last":
+        perm = channels_last_perm(info)
+        if perm is not None:
+            position = np.empty(info.cols, dtype=np.int64)
+            position[perm] = np.arange(info.cols)
+    return position // group_size
+
+
+def _dequantize(
+    info: LayerInfo, codes: np.ndarray, grid: dict[str, Any], scale: np.ndarray, zero: np.ndarray
+) -> np.ndarray:
+    """``out x cols`` float32 from codes (same shape) and the grid."""
+    groups = _group_index(info, grid["group_size"], grid["column_order"])
+    levels = codes.astype(np.float32) - zero[:, groups].astype(np.float32)
+    return scale[:, groups].astype(np.float32) * levels
+
+
+def _quantize_exact(info: LayerInfo, matrix: np.ndarray, grid: QuantGrid) -> np.ndarray | None:
+    """Codes of ``matrix`` (float32 ``out x cols``) on ``grid``, or None if it is not on it."""
+    scale = np.asarray(grid.scale, dtype=np.float32)
+    zero = np.asarray(grid.zero, dtype=np.uint8)
+    groups = _group_index(info, grid.group_size, grid.column_order)
+    if scale.shape != zero.shape or scale.shape[0] != matrix.shape[0] or scale.shape[1] <= int(groups.max()):
+        return None
+    full_scale = scale[:, groups]
+    safe = np.where(full_scale == 0, np.float32(1), full_scale)
+    levels = np.rint(matrix.astype(np.float64) / safe.astype(np.float64))
+    codes = levels + zero[:, groups]
+    if codes.min() < 0 or codes.max() > (1 << grid.bits) - 1:
+        return None
+    codes = codes.astype(np.uint8)
+    info_grid = {"group_size": grid.group_size, "column_order": grid.column_order}
+    if not np.array_equal(_dequantize(info, codes, info_grid, scale, zero).view(np.uint32), matrix.view(np.uint32)):
+        return None
+    return codes
+
+
+def _nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """Entries whose bit pattern is not all zeros (so -0.0 counts as a value to keep)."""
+    if not tensor.is_floating_point():
+        return tensor != 0
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(as_int) != 0
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Manifest entry and tensors of one layer's weight, in its smallest exact storage."""
+    tensor = weight_matrix(info)
+    dtype = tensor.dtype
+    total = tensor.numel()
+    nonzero = _nonzero_bits(tensor).cpu().numpy()
+    nnz = int(nonzero.sum())
+    entry: dict[str, Any] = {
+        "kind": info.kind,
+        "weight_key": key,
+        "weight_shape": list(info.weight_shape),
+        "matrix_shape": [info.out_features, info.cols],
+        "groups": info.groups,
+        "kernel": list(info.kernel),
+        "dtype": str(dtype).replace("torch.", ""),
+        "nonzeros": nnz,
+    }
+    mask_bytes = math.ceil(total / 8)
+    element = tensor.element_size()
+    options = {"dense": total * element, "sparse": mask_bytes + nnz * element}
+    codes = None
+    if grid is not None:
+        matrix32 = tensor.to(torch.float32).cpu().numpy()
+        if tensor.dtype == torch.float32:
+            codes = _quantize_exact(info, matrix32, grid)
+        if codes is None:
+            logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
+        else:
+            grid_bytes = grid.scale.size * 5
+            options["quantized"] = math.ceil(total * grid.bits / 8) + grid_bytes
+            options["sparse_quantized"] = mask_bytes + math.ceil(nnz * grid.bits / 8) + grid_bytes
+    storage = min(options, key=options.get)
+    entry["storage"] = storage
+    tensors: dict[str, torch.Tensor] = {}
+    if storage == "dense":
+        tensors[key] = info.module.weight.detach().cpu().contiguous().clone()
+        return entry, tensors
+    flat_mask = nonzero.reshape(-1)
+    if storage.startswith("sparse"):
+        tensors[f"{key}:mask"] = torch.from_numpy(np.packbits(flat_mask))
+    if storage == "sparse":
+        tensors[f"{key}:values"] = tensor.reshape(-1)[torch.from_numpy(flat_mask)].cpu().contiguous().clone()
+        return entry, tensors
+    selected = codes.reshape(-1)[flat_mask] if storage == "sparse_quantized" else codes.reshape(-1)
+    entry.update(bits=grid.bits, sym=grid.sym, group_size=grid.group_size, column_order=grid.column_order)
+    tensors[f"{key}:codes"] = torch.from_numpy(pack_bits(selected, grid.bits))
+    tensors[f"{key}:scale"] = torch.from_numpy(np.ascontiguousarray(grid.scale, dtype=np.float32))
+    tensors[f"{key}:zero"] = torch.from_numpy(np.ascontiguousarray(grid.zero, dtype=np.uint8))
+    return entry, tensors
+
+
+def save_compressed(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    report: CompressionReport | None = None,
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Save ``model`` (compressed by :func:`compress`) to ``directory``; returns the manifest.
+
+    ``report`` (the return value of ``compress``) supplies the quantization grids and the
+    per-layer description; without it, sparse layers are still stored compactly but quantized
+    layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
+    (e.g. how to rebuild the architecture).
+    """
+    from safetensors.torch import save_file
+
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    layers = find_layers(model)
+    state = model.state_dict()
+    compressed = {} if report is None else {layer.name: layer for layer in report.compressed}
+    missing = sorted(set(compressed) - set(layers))
+    if missing:
+        raise SerializationError(f"report names layer(s) {missing} that the model does not have")
+    names = list(compressed) if report is not None else list(layers)
+
+    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, Any] = {}
+    for name in names:
+        info = layers[name]
+        key = f"{name}.weight" if name else "weight"
+        if key not in state:
+            continue  # e.g. a tied weight that state_dict lists under another name
+        layer_report = compressed.get(name)
+        entry, layer_tensors = _encode_layer(info, layer_report.grid if layer_report else None, key)
+        if entry["storage"] == "dense" and layer_report is None:
+            continue
+        if layer_report is not None:
+            entry.update(mode=layer_report.mode, method=layer_report.method, config=layer_report.config)
+        entries[name] = entry
+        tensors.update(layer_tensors)
+    encoded = {entry["weight_key"] for entry in entries.values() if entry["storage"] != "dense"}
+    for key, value in state.items():
+        if key in encoded or key in tensors:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise SerializationError(f"state_dict entry {key!r} is not a tensor ({type(value).__name__})")
+        tensors[key] = value.detach().cpu().contiguous().clone()
+
+    tensor_path = os.path.join(directory, TENSORS_NAME)
+    save_file(tensors, tensor_path, metadata={"format": FORMAT})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "tensors": TENSORS_NAME,
+        "sha256": _sha256(tensor_path),
+        "state_dict_keys": list(state),
+        "layers": entries,
+        "report": None if report is None else report.to_dict(),
+        "metadata": dict(metadata or {}),
+    }
+    text = json.dumps(manifest, indent=1)
+    with open(os.path.join(directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a saved model (format and version checked)."""
+    path = os.path.join(os.fspath(directory), MANIFEST_NAME)
+    if not os.path.isfile(path):
+        raise SerializationError(f"{path}: no such file; not a model saved by obc_native.torch.save_compressed")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SerializationError(f"{path}: unreadable or corrupted manifest ({err})") from err
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise SerializationError(f"{path}: not an obc_native manifest (format {FORMAT!r} expected)")
+    if manifest.get("version") != VERSION:
+        raise SerializationError(f"{path}: manifest version {manifest.get('version')!r}; this version reads {VERSION}")
+    for field_name in ("tensors", "sha256", "state_dict_keys", "layers"):
+        if field_name not in manifest:
+            raise SerializationError(f"{path}: manifest lacks {field_name!r}")
+    return manifest
+
+
+def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The module weight (as stored in the module) from its manifest entry and tensors."""
+    key = entry["weight_key"]
+    storage = entry["storage"]
+    dtype = getattr(torch, entry["dtype"], None)
+    if not isinstance(dtype, torch.dtype):
+        raise SerializationError(f"layer {name!r}: unknown dtype {entry['dtype']!r}")
+
+    def get(suffix: str) -> torch.Tensor:
+        full = f"{key}:{suffix}" if suffix else key
+        if full not in tensors:
+            raise SerializationError(f"layer {name!r}: tensor {full!r} is missing from the file")
+        return tensors[full]
+
+    if storage == "dense":
+        return get("")
+    rows, cols = info.out_features, info.cols
+    total = rows * cols
+    mask = None
+    if storage.startswith("sparse"):
+        packed = get("mask").numpy()
+        if packed.dtype != np.uint8 or packed.size != math.ceil(total / 8):
+            raise SerializationError(f"layer {name!r}: mask has {packed.size} bytes, expected {math.ceil(total / 8)}")
+        mask = np.unpackbits(packed, count=total).astype(bool)
+        if int(mask.sum()) != entry["nonzeros"]:
+            raise SerializationError(
+                f"layer {name!r}: mask has {int(mask.sum())} entries, manifest says {entry['nonzeros']}"
+            )
+    if storage == "sparse":
+        values = get("values")
+        if values.dtype != dtype or values.numel() != entry["nonzeros"]:
+            raise SerializationError(
+                f"layer {name!r}: values tensor does not match the mask ({values.numel()} {values.dtype})"
+            )
+        matrix = torch.zeros(total, dtype=dtype)
+        matrix[torch.from_numpy(mask)] = values
+    elif storage in ("quantized", "sparse_quantized"):
+        bits = entry["bits"]
+        scale, zero = get("scale").numpy(), get("zero").numpy()
+        groups = cols // entry["group_size"] if entry["group_size"] else 0
+        if scale.shape != (rows, groups) or zero.shape != (rows, groups) or zero.dtype != np.uint8:
+            raise SerializationError(f"layer {name!r}: scale/zero of shape {scale.shape}, expected {(rows, groups)}")
+        count = total if mask is None else int(mask.sum())
+        codes = unpack_bits(get("codes").numpy(), bits, count)
+        if mask is not None:
+            full = np.zeros(total, dtype=np.uint8)
+            full[mask] = codes
+            codes = full
+        matrix32 = _dequantize(info, codes.reshape(rows, cols), entry, scale, zero)
+        if mask is not None:
+            matrix32.reshape(-1)[~mask] = 0.0
+        matrix = torch.from_numpy(matrix32).reshape(-1).to(dtype)
+    else:
+        raise SerializationError(f"layer {name!r}: unknown storage {storage!r}")
+    matrix = matrix.reshape(rows, cols)
+    if info.kind == "hf_conv1d":
+        return matrix.t().contiguous()
+    return matrix.reshape(info.weight_shape)
+
+
+def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
+    """Load a model saved by :func:`save_compressed` into ``model`` (same architecture).
+
+    Checks the manifest, the tensor file's SHA-256, that every compressed layer exists with
+    the same kind and shape, and that the state-dict keys and shapes match exactly; raises
+    :class:`SerializationError` otherwise (the model is unchanged then). Returns the manifest.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    directory = os.fspath(directory)
+    manifest = read_manifest(directory)
+    tensor_path = os.path.join(directory, manifest["tensors"])
+    if not os.path.isfile(tensor_path):
+        raise SerializationError(f"{tensor_path}: tensor file is missing")
+    if _sha256(tensor_path) != manifest["sha256"]:
+        raise SerializationError(f"{tensor_path}: checksum mismatch; the file is corrupted or not the one saved")
+    try:
+        tensors = load_file(tensor_path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise SerializationError(f"{tensor_path}: cannot read tensors ({err})") from err
+
+    current = model.state_dict()
+    saved_keys = list(manifest["state_dict_keys"])
+    missing = [k for k in saved_keys if k not in current]
+    unexpected = [k for k in current if k not in set(saved_keys)]
+    if missing or unexpected:
+        raise SerializationError(
+            "architecture mismatch: the saved model has state-dict keys the model lacks "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} and the model has keys the file lacks "
+            f"{unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
+    new_state: dict[str, torch.Tensor] = {}
+    for name, entry in manifest["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SerializationError(f"architecture mismatch: the model has no layer {name!r}") from None
+        if layer_kind(module) != entry.get("kind"):
+            raise SerializationError(
+                f"architecture mismatch: layer {name!r} is {type(module).__name__}, saved as {entry.get('kind')!r}"
+            )
+        info = describe_layer(name, module)
+        if list(info.weight_shape) != entry["weight_shape"] or info.groups != entry["groups"]:
+            raise SerializationError(
+                f"architecture mismatch: layer {name!r} has weight {list(info.weight_shape)} groups={info.groups}, "
+                f"saved {entry['weight_shape']} groups={entry['groups']}"
+            )
+        try:
+            new_state[entry["weight_key"]] = _decode_layer(name, info, entry, tensors)
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, SerializationError):
+                raise
+            raise SerializationError(f"layer {name!r}: corrupted entry ({err})") from err
+    for key in saved_keys:
+        if key in new_state:
+            continue
+        if key not in tensors:
+            raise SerializationError(f"{tensor_path}: tensor {key!r} is missing")
+        new_state[key] = tensors[key]
+    for key, value in new_state.items():
+        if tuple(value.shape) != tuple(current[key].shape) or value.dtype != current[key].dtype:
+            raise SerializationError(
+                f"architecture mismatch: {key!r} is {tuple(current[key].shape)} {current[key].dtype} in the model, "
+                f"{tuple(value.shape)} {value.dtype} in the file"
+            )
+    model.load_state_dict(new_state, strict=True)
+    return manifest

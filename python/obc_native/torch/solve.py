@@ -1,0 +1,165 @@
+"""Solve one unit (one weight matrix and its Hessian) for a LayerConfig with the numpy-level core.
+
+Column layout for convolutions (see layers.py): unstructured, N:M and blocked pruning and
+quantization run in channels-last order (kh, kw, c_in), so N:M groups, blocks and quantization
+groups are consecutive input channels at one kernel position; structured pruning runs in the
+native order (c_in, kh, kw) with groups of K = kh*kw columns, i.e. it removes whole input
+channels. Results are always returned in the native order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from types import ModuleType
+
+import numpy as np
+
+from .layers import LayerInfo, channels_last_perm
+from .recipe import LayerConfig
+
+__all__ = ["UnitResult", "solve_unit", "magnitude_nm", "magnitude_blocked", "magnitude_structured"]
+
+
+@dataclass
+class UnitResult:
+    """Compressed weights of one unit.
+
+    Attributes:
+        weight: ``rows x cols`` float32, native column order.
+        scale, zero: quantization grid ``rows x groups`` (groups along channels-last columns for
+            convolutions), or None without quantization.
+        damp: largest relative damping the solvers used (None for magnitude pruning alone).
+    """
+
+    weight: np.ndarray
+    scale: np.ndarray | None = None
+    zero: np.ndarray | None = None
+    damp: float | None = None
+
+
+def magnitude_nm(weight: np.ndarray, n: int, m: int) -> np.ndarray:
+    """Zero the ``n`` smallest-magnitude weights of every ``m`` consecutive columns of each row."""
+    rows, cols = weight.shape
+    groups = np.abs(weight).reshape(rows, cols // m, m)
+    order = np.argsort(groups, axis=2, kind="stable")[:, :, :n]
+    keep = np.ones_like(groups, dtype=bool)
+    np.put_along_axis(keep, order, False, axis=2)
+    return np.where(keep.reshape(rows, cols), weight, 0).astype(weight.dtype)
+
+
+def magnitude_blocked(weight: np.ndarray, sparsity: float, block: int, spread: str = "global") -> np.ndarray:
+    """Zero the blocks of ``block`` consecutive columns with the smallest L2 norm.
+
+    ``ceil(sparsity * rows * cols / block)`` blocks over the layer (global) or
+    ``ceil(sparsity * cols / block)`` per row (uniform).
+    """
+    rows, cols = weight.shape
+    scores = np.square(weight.astype(np.float64)).reshape(rows, cols // block, block).sum(axis=2)
+    keep = np.ones(scores.shape, dtype=bool)
+    if spread == "uniform":
+        count = math.ceil(sparsity * scores.shape[1])
+        order = np.argsort(scores, axis=1, kind="stable")[:, :count]
+        np.put_along_axis(keep, order, False, axis=1)
+    else:
+        count = math.ceil(sparsity * scores.size)
+        keep.reshape(-1)[np.argsort(scores.reshape(-1), kind="stable")[:count]] = False
+    return np.where(np.repeat(keep, block, axis=1), weight, 0).astype(weight.dtype)
+
+
+def magnitude_structured(weight: np.ndarray, sparsity: float, group: int) -> np.ndarray:
+    """Zero the ``ceil(sparsity * cols / group)`` column groups with the smallest L2 norm."""
+    rows, cols = weight.shape
+    scores = np.square(weight.astype(np.float64)).reshape(rows, cols // group, group).sum(axis=(0, 2))
+    keep = np.ones(scores.shape, dtype=bool)
+    keep[np.argsort(scores, kind="stable")[: math.ceil(sparsity * scores.size)]] = False
+    return np.where(np.repeat(keep, group)[None, :], weight, 0).astype(weight.dtype)
+
+
+def _max_damp(*values: float | None) -> float | None:
+    present = [float(v) for v in values if v is not None]
+    return max(present) if present else None
+
+
+def solve_unit(
+    core: ModuleType,
+    info: LayerInfo,
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    config: LayerConfig,
+    *,
+    num_threads: int | None = None,
+) -> UnitResult:
+    """Compress one unit: prune (if ``config.prune``), then quantize keeping zeros (if ``config.bits``).
+
+    Args:
+        core: the obc_native module (numpy-level solvers).
+        info: the layer the unit belongs to (for the column layout).
+        weight: ``rows x cols`` float32, native column order.
+        hessian: ``cols x cols`` float64, native order.
+        config: what to do; ``config.method`` picks ExactOBS/OBQ or magnitude/RTN.
+    """
+    threads = {} if num_threads is None else {"num_threads": num_threads}
+    perm = channels_last_perm(info)
+    baseline = config.is_baseline
+    damp = None
+    current = np.ascontiguousarray(weight, dtype=np.float32)
+
+    if config.prune == "structured":
+        group = info.kernel_numel
+        if baseline:
+            current = magnitude_structured(current, config.sparsity, group)
+        else:
+            result = core.prune_structured(current, hessian, config.sparsity, group=group, damp=config.damp, **threads)
+            current, damp = np.asarray(result.weight, dtype=np.float32), result.damp
+
+    h_cl = hessian if perm is None else np.ascontiguousarray(hessian[np.ix_(perm, perm)])
+    w_cl = current if perm is None else np.ascontiguousarray(current[:, perm])
+
+    if config.prune in ("unstructured", "nm", "blocked"):
+        if config.prune == "unstructured":
+            if baseline:
+                w_cl = np.asarray(core.prune_magnitude(w_cl, config.sparsity, spread=config.spread), dtype=np.float32)
+            else:
+                result = core.prune_unstructured(
+                    w_cl, h_cl, config.sparsity, damp=config.damp, spread=config.spread, **threads
+                )
+        elif config.prune == "nm":
+            if baseline:
+                w_cl = magnitude_nm(w_cl, config.n, config.m)
+            else:
+                result = core.prune_nm(w_cl, h_cl, config.n, config.m, damp=config.damp, **threads)
+        else:
+            if baseline:
+                w_cl = magnitude_blocked(w_cl, config.sparsity, config.block, config.spread)
+            else:
+                result = core.prune_blocked(
+                    w_cl, h_cl, config.sparsity, config.block, damp=config.damp, spread=config.spread, **threads
+                )
+        if not baseline:
+            w_cl, damp = np.asarray(result.weight, dtype=np.float32), result.damp
+
+    scale = zero = None
+    if config.bits is not None:
+        pruned = w_cl == 0
+        kwargs = dict(sym=config.sym, group_size=config.group_size, grid=config.grid, **threads)
+        if baseline:
+            result = core.quantize_rtn(w_cl, h_cl, config.bits, **kwargs)
+        else:
+            result = core.quantize(w_cl, h_cl, config.bits, damp=config.damp, **kwargs)
+        w_cl = np.array(result.weight, dtype=np.float32)
+        w_cl[pruned] = 0.0  # zeros are on every grid (integer zero point); keep pruned weights pruned
+        scale = np.asarray(result.scale, dtype=np.float32)
+        zero = np.asarray(result.zero, dtype=np.uint8)
+        damp = _max_damp(damp, None if baseline else result.damp)
+
+    if perm is not None:
+        restored = np.empty_like(w_cl)
+        restored[:, perm] = w_cl
+        w_cl = restored
+    return UnitResult(weight=w_cl, scale=scale, zero=zero, damp=damp)
+
+
+def baseline_config(config: LayerConfig) -> LayerConfig:
+    """The magnitude / round-to-nearest counterpart of ``config``."""
+    return replace(config, method="magnitude")

@@ -1,0 +1,416 @@
+// Tests for obc/obc.h: agreement with the C++ API, and error codes (never crashes) for bad calls.
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "check.hpp"
+#include "obc/accumulator.hpp"
+#include "obc/build_info.hpp"
+#include "obc/errors.hpp"
+#include "obc/hessian_io.hpp"
+#include "obc/obc.h"
+#include "obc/prune.hpp"
+#include "obc/quant.hpp"
+
+extern "C" int obc_test_c_api_from_c(void);
+
+using namespace obc;
+namespace fs = std::filesystem;
+
+namespace {
+
+struct Layer {
+  RowMatrixXd weight;  // rows x cols
+  RowMatrixXd x;       // n x cols activations
+  Eigen::MatrixXd hessian;
+};
+
+Layer make_layer(Index rows, Index cols, Index n, unsigned seed) {
+  std::mt19937_64 gen(seed);
+  std::normal_distribution<double> normal;
+  Layer l;
+  l.weight = RowMatrixXd::NullaryExpr(rows, cols, [&] { return normal(gen); });
+  l.x = RowMatrixXd::NullaryExpr(n, cols, [&] { return normal(gen); });
+  HessianAccumulator acc(cols);
+  acc.add(l.x);
+  l.hessian = acc.hessian();
+  return l;
+}
+
+bool error_mentions(const char* part) {
+  return std::string(obc_last_error()).find(part) != std::string::npos;
+}
+
+obc_options default_options() {
+  obc_options options;
+  obc_options_init(&options);
+  return options;
+}
+
+int stop_after(void* user_data) {
+  int* calls = static_cast<int*>(user_data);
+  ++*calls;
+  return 1;
+}
+
+int never_stop(void* user_data) {
+  ++*static_cast<int*>(user_data);
+  return 0;
+}
+
+}  // namespace
+
+OBC_TEST(c_translation_unit_works) { CHECK(obc_test_c_api_from_c() == 0); }
+
+OBC_TEST(version_status_names_and_defaults) {
+  CHECK(std::string(obc_version()) == build_info().version);
+  CHECK(std::string(obc_status_name(OBC_ERR_FORMAT)) == "OBC_ERR_FORMAT");
+  CHECK(std::string(obc_status_name(static_cast<obc_status>(99))) == "OBC_ERR_UNKNOWN_STATUS");
+  const obc_options options = default_options();
+  CHECK(options.struct_size == sizeof(obc_options));
+  CHECK(options.damp == 0.01 && options.spread == OBC_SPREAD_GLOBAL && options.num_threads == 0);
+  CHECK(options.interrupt == nullptr);
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  CHECK(quant.bits == 4 && quant.sym == 1 && quant.group_size == 0 && quant.grid == OBC_GRID_MSE);
+  obc_options_init(nullptr);  // allowed, does nothing
+  obc_quant_options_init(nullptr);
+}
+
+OBC_TEST(accumulator_matches_cpp_and_round_trips) {
+  const Layer l = make_layer(2, 12, 300, 1);
+  obc_accumulator* acc = nullptr;
+  CHECK(obc_accumulator_create(12, &acc) == OBC_OK);
+  CHECK(obc_accumulator_set_num_threads(acc, 2) == OBC_OK);
+  CHECK(obc_accumulator_add_f64(acc, l.x.data(), 100, 12) == OBC_OK);
+  obc_accumulator* shard = nullptr;
+  CHECK(obc_accumulator_create(12, &shard) == OBC_OK);
+  const RowMatrix<float> rest = l.x.bottomRows(200).cast<float>();
+  CHECK(obc_accumulator_add_f32(shard, rest.data(), 200, 12) == OBC_OK);
+  CHECK(obc_accumulator_merge(acc, shard) == OBC_OK);
+  uint64_t count = 0;
+  size_t cols = 0;
+  CHECK(obc_accumulator_count(acc, &count) == OBC_OK && count == 300);
+  CHECK(obc_accumulator_cols(acc, &cols) == OBC_OK && cols == 12);
+
+  HessianAccumulator cpp(12);
+  cpp.add(l.x.topRows(100));
+  cpp.add(rest);
+  Eigen::MatrixXd h(12, 12), s(12, 12);
+  CHECK(obc_accumulator_hessian(acc, h.data(), 144) == OBC_OK);
+  CHECK(obc_accumulator_sum(acc, s.data(), 144) == OBC_OK);
+  CHECK(h == cpp.hessian());
+  CHECK(s == cpp.sum());
+  CHECK(std::string(obc_last_error()).empty());
+
+  const fs::path path = fs::temp_directory_path() /
+                        ("obc_test_c_api_" + std::to_string(std::random_device{}()) + ".obchess");
+  CHECK(obc_accumulator_save(acc, path.string().c_str()) == OBC_OK);
+  obc_accumulator* loaded = nullptr;
+  CHECK(obc_accumulator_load(path.string().c_str(), &loaded) == OBC_OK);
+  Eigen::MatrixXd h_loaded(12, 12);
+  CHECK(obc_accumulator_hessian(loaded, h_loaded.data(), 144) == OBC_OK);
+  CHECK(h_loaded == h);
+  obc_accumulator_free(loaded);
+
+  // A corrupted file: OBC_ERR_FORMAT and *out stays NULL; a missing one: OBC_ERR_IO.
+  {
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(100);
+    f.put('\x55');
+  }
+  loaded = reinterpret_cast<obc_accumulator*>(&count);  // must be reset to NULL
+  CHECK(obc_accumulator_load(path.string().c_str(), &loaded) == OBC_ERR_FORMAT);
+  CHECK(loaded == nullptr);
+  CHECK(error_mentions("checksum mismatch"));
+  fs::remove(path);
+  CHECK(obc_accumulator_load(path.string().c_str(), &loaded) == OBC_ERR_IO);
+  CHECK(error_mentions("cannot open"));
+  CHECK(obc_accumulator_save(acc, (path / "nested" / "x").string().c_str()) == OBC_ERR_IO);
+
+  obc_accumulator_free(shard);
+  obc_accumulator_free(acc);
+  obc_accumulator_free(nullptr);
+}
+
+OBC_TEST(accumulator_bad_calls_return_codes) {
+  obc_accumulator* acc = nullptr;
+  CHECK(obc_accumulator_create(0, &acc) == OBC_ERR_INVALID_ARGUMENT && acc == nullptr);
+  CHECK(error_mentions("cols"));
+  CHECK(obc_accumulator_create(4, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_create(SIZE_MAX, &acc) != OBC_OK && acc == nullptr);
+  CHECK(obc_accumulator_create(4, &acc) == OBC_OK);
+  const double x[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+  CHECK(obc_accumulator_add_f64(nullptr, x, 2, 4) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("accumulator"));
+  CHECK(obc_accumulator_add_f64(acc, nullptr, 2, 4) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_add_f64(acc, x, 2, 3) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("expected 4"));
+  CHECK(obc_accumulator_add_f64(acc, nullptr, 0, 4) == OBC_OK);  // empty batch
+  const double nan[4] = {1, std::nan(""), 3, 4};
+  CHECK(obc_accumulator_add_f64(acc, nan, 1, 4) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("NaN"));
+  double h[16];
+  CHECK(obc_accumulator_hessian(acc, h, 16) == OBC_ERR_INVALID_ARGUMENT);  // no samples yet
+  CHECK(error_mentions("no samples"));
+  CHECK(obc_accumulator_add_f64(acc, x, 2, 4) == OBC_OK);
+  CHECK(obc_accumulator_hessian(acc, h, 15) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("hessian_size"));
+  CHECK(obc_accumulator_hessian(acc, nullptr, 16) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_sum(acc, h, 17) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_count(acc, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_cols(nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_merge(acc, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_merge(nullptr, acc) == OBC_ERR_INVALID_ARGUMENT);
+  obc_accumulator* other = nullptr;
+  CHECK(obc_accumulator_create(5, &other) == OBC_OK);
+  CHECK(obc_accumulator_merge(acc, other) == OBC_ERR_INVALID_ARGUMENT);
+  obc_accumulator_free(other);
+  CHECK(obc_accumulator_merge(acc, acc) == OBC_OK);
+  uint64_t count = 0;
+  CHECK(obc_accumulator_count(acc, &count) == OBC_OK && count == 4);
+  CHECK(obc_accumulator_set_num_threads(acc, -1) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_save(acc, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_save(nullptr, "x") == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_load(nullptr, &other) == OBC_ERR_INVALID_ARGUMENT && other == nullptr);
+  CHECK(obc_accumulator_load("x", nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  obc_accumulator_free(acc);
+}
+
+OBC_TEST(pruning_matches_cpp_for_both_dtypes) {
+  const Layer l = make_layer(6, 16, 200, 2);
+  const obc_options options = default_options();
+  const Index size = l.weight.size();
+
+  // float64, unstructured
+  {
+    const auto r = prune_unstructured<double>(l.weight, l.hessian, 0.5);
+    RowMatrixXd w(6, 16);
+    std::vector<uint8_t> kept(static_cast<size_t>(size));
+    Eigen::VectorXd losses(6);
+    double loss = 0;
+    CHECK(obc_prune_unstructured_f64(l.weight.data(), 6, 16, l.hessian.data(), 16, 0.5, &options,
+                                     w.data(), kept.data(), losses.data(), &loss) == OBC_OK);
+    CHECK(w == r.weight);
+    CHECK(losses == r.row_losses);
+    CHECK(loss == r.row_losses.sum());
+    for (Index i = 0; i < size; ++i)
+      CHECK(kept[static_cast<size_t>(i)] == (r.pruned.data()[i] ? 0 : 1));
+  }
+  // float32, every mode, optional outputs left NULL
+  const RowMatrix<float> w32 = l.weight.cast<float>();
+  RowMatrix<float> out(6, 16);
+  Eigen::VectorXd losses(6);
+  CHECK(obc_prune_unstructured_f32(w32.data(), 6, 16, l.hessian.data(), 16, 0.25, nullptr,
+                                   out.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(out == prune_unstructured<float>(w32, l.hessian, 0.25).weight);
+  CHECK(obc_prune_nm_f32(w32.data(), 6, 16, l.hessian.data(), 16, 2, 4, &options, out.data(),
+                         nullptr, losses.data(), nullptr) == OBC_OK);
+  auto nm = prune_nm<float>(w32, l.hessian, 2, 4);
+  CHECK(out == nm.weight && losses == nm.row_losses);
+  CHECK(obc_prune_blocked_f32(w32.data(), 6, 16, l.hessian.data(), 16, 0.5, 4, &options, out.data(),
+                              nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(out == prune_blocked<float>(w32, l.hessian, 0.5, 4).weight);
+  CHECK(obc_prune_structured_f32(w32.data(), 6, 16, l.hessian.data(), 16, 0.5, 2, &options,
+                                 out.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(out == prune_structured<float>(w32, l.hessian, 0.5, 2).weight);
+  // Uniform spread and damping options reach the solver.
+  obc_options uniform = default_options();
+  uniform.spread = OBC_SPREAD_UNIFORM;
+  uniform.damp = 0.1;
+  uniform.num_threads = 2;
+  CHECK(obc_prune_unstructured_f32(w32.data(), 6, 16, l.hessian.data(), 16, 0.5, &uniform,
+                                   out.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(
+      out ==
+      prune_unstructured<float>(w32, l.hessian, 0.5, Spread::Uniform, HessianOptions{0.1}).weight);
+  // In place: weight_out may alias weight.
+  RowMatrixXd in_place = l.weight;
+  CHECK(obc_prune_nm_f64(in_place.data(), 6, 16, l.hessian.data(), 16, 2, 4, nullptr,
+                         in_place.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(in_place == prune_nm<double>(l.weight, l.hessian, 2, 4).weight);
+}
+
+OBC_TEST(quantization_matches_cpp) {
+  const Layer l = make_layer(5, 12, 150, 3);
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  quant.bits = 3;
+  quant.sym = 0;
+  quant.group_size = 4;
+  quant.grid = OBC_GRID_MINMAX;
+  QuantOptions opt;
+  opt.bits = 3;
+  opt.sym = false;
+  opt.group_size = 4;
+  opt.grid = GridSearch::MinMax;
+  const auto r = quantize<double>(l.weight, l.hessian, opt);
+  RowMatrixXd w(5, 12), scales(5, 3);
+  RowMatrix<uint8_t> codes(5, 12), zeros(5, 3);
+  Eigen::VectorXd losses(5);
+  double loss = 0;
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &quant, nullptr, w.data(),
+                         codes.data(), scales.data(), zeros.data(), 15, losses.data(),
+                         &loss) == OBC_OK);
+  CHECK(w == r.weight && codes == r.codes && scales == r.grid.scale && zeros == r.grid.zero);
+  CHECK(losses == r.row_losses && loss == r.row_losses.sum());
+  // Defaults (quant NULL) are 4-bit symmetric per-row MSE grids.
+  const RowMatrix<float> w32 = l.weight.cast<float>();
+  RowMatrix<float> out(5, 12), scale32(5, 1);
+  CHECK(obc_quantize_f32(w32.data(), 5, 12, l.hessian.data(), 12, nullptr, nullptr, out.data(),
+                         nullptr, scale32.data(), nullptr, 5, nullptr, nullptr) == OBC_OK);
+  const auto r32 = quantize<float>(w32, l.hessian, QuantOptions{});
+  CHECK(out == r32.weight && scale32 == r32.grid.scale);
+  // Wrong grid buffer size, bad bits / group / enum values, uninitialized struct.
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &quant, nullptr, w.data(),
+                         nullptr, scales.data(), nullptr, 5, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("grid_size"));
+  obc_quant_options bad = quant;
+  bad.bits = 9;
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("bits"));
+  bad = quant;
+  bad.group_size = 5;
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  bad = quant;
+  bad.grid = 7;
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  bad = quant;
+  bad.struct_size = 0;
+  CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("obc_quant_options_init"));
+}
+
+OBC_TEST(bad_layer_calls_return_codes_and_leave_outputs) {
+  const Layer l = make_layer(3, 8, 100, 4);
+  const obc_options options = default_options();
+  RowMatrixXd w = RowMatrixXd::Constant(3, 8, 7.0);
+  double loss = 7.0;
+  const double* W = l.weight.data();
+  const double* H = l.hessian.data();
+  auto unchanged = [&] { return (w.array() == 7.0).all() && loss == 7.0; };
+
+  CHECK(obc_prune_unstructured_f64(nullptr, 3, 8, H, 8, 0.5, &options, w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("weight"));
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, nullptr, 8, 0.5, &options, w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("hessian"));
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &options, nullptr, nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("weight_out"));
+  CHECK(obc_prune_unstructured_f64(W, 0, 8, H, 8, 0.5, &options, w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("rows"));
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 7, 0.5, &options, w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("hessian_dim"));
+  CHECK(obc_prune_unstructured_f64(W, SIZE_MAX / 2, 8, H, 8, 0.5, &options, w.data(), nullptr,
+                                   nullptr, &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 1.5, &options, w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("sparsity"));
+  CHECK(obc_prune_nm_f64(W, 3, 8, H, 8, 4, 4, &options, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_nm_f64(W, 3, 8, H, 8, 1, 3, &options, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_blocked_f64(W, 3, 8, H, 8, 0.5, 3, &options, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_structured_f64(W, 3, 8, H, 8, 0.5, 0, &options, w.data(), nullptr, nullptr,
+                                 &loss) == OBC_ERR_INVALID_ARGUMENT);
+  obc_options bad = options;
+  bad.struct_size = 3;
+  CHECK(obc_prune_nm_f64(W, 3, 8, H, 8, 2, 4, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("obc_options_init"));
+  bad = options;
+  bad.damp = -1;
+  CHECK(obc_prune_nm_f64(W, 3, 8, H, 8, 2, 4, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("damp"));
+  bad = options;
+  bad.spread = 5;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  bad = options;
+  bad.num_threads = -2;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  // NaN weights, asymmetric H, singular H without damping.
+  RowMatrixXd nan_w = l.weight;
+  nan_w(1, 1) = std::nan("");
+  CHECK(obc_prune_unstructured_f64(nan_w.data(), 3, 8, H, 8, 0.5, &options, w.data(), nullptr,
+                                   nullptr, &loss) == OBC_ERR_INVALID_ARGUMENT);
+  Eigen::MatrixXd asym = l.hessian;
+  asym(0, 1) += 1.0;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, asym.data(), 8, 0.5, &options, w.data(), nullptr,
+                                   nullptr, &loss) == OBC_ERR_INVALID_ARGUMENT);
+  const Layer rank_deficient = make_layer(3, 8, 3, 5);  // 3 samples: rank 3 < 8
+  obc_options undamped = options;
+  undamped.damp = 0;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, rank_deficient.hessian.data(), 8, 0.5, &undamped,
+                                   w.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_NOT_POSITIVE_DEFINITE);
+  CHECK(error_mentions("damp"));
+  CHECK(unchanged());
+}
+
+OBC_TEST(interrupt_callback_stops_the_solve) {
+  const Layer l = make_layer(8, 16, 100, 6);
+  obc_options options = default_options();
+  int calls = 0;
+  options.interrupt = stop_after;
+  options.interrupt_user_data = &calls;
+  RowMatrixXd w = RowMatrixXd::Constant(8, 16, 7.0);
+  CHECK(obc_prune_unstructured_f64(l.weight.data(), 8, 16, l.hessian.data(), 16, 0.5, &options,
+                                   w.data(), nullptr, nullptr, nullptr) == OBC_ERR_INTERRUPTED);
+  CHECK(calls >= 1);
+  CHECK((w.array() == 7.0).all());
+  CHECK(error_mentions("interrupted"));
+  CHECK(obc_quantize_f64(l.weight.data(), 8, 16, l.hessian.data(), 16, nullptr, &options, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr, nullptr) == OBC_ERR_INTERRUPTED);
+  calls = 0;
+  options.interrupt = never_stop;
+  CHECK(obc_prune_structured_f64(l.weight.data(), 8, 16, l.hessian.data(), 16, 0.5, 1, &options,
+                                 w.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(calls >= 1);
+}
+
+OBC_TEST(deadline_interrupt_for_cpp_hosts) {
+  const Layer l = make_layer(8, 16, 100, 7);
+  DeadlineInterrupt expired(std::chrono::seconds(0));
+  RunOptions run;
+  run.interrupt = &expired;
+  CHECK_THROWS(prune_unstructured<double>(l.weight, l.hessian, 0.5, Spread::Global, {}, run),
+               Interrupted);
+  DeadlineInterrupt generous(std::chrono::hours(1));
+  run.interrupt = &generous;
+  const auto r = prune_unstructured<double>(l.weight, l.hessian, 0.5, Spread::Global, {}, run);
+  CHECK(r.weight == prune_unstructured<double>(l.weight, l.hessian, 0.5).weight);
+}
+
+OBC_TEST(last_error_is_per_thread) {
+  CHECK(obc_accumulator_create(0, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  const std::string mine = obc_last_error();
+  std::string theirs = "unset";
+  std::thread worker([&] { theirs = obc_last_error(); });
+  worker.join();
+  CHECK(theirs.empty());
+  CHECK(std::string(obc_last_error()) == mine);
+  CHECK(!mine.empty());
+}
+
+OBC_TEST_MAIN

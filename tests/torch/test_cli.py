@@ -1,0 +1,105 @@
+"""The obc-native command line: compress (state dict + arch, HF directory), report, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from obc_torch_helpers import tiny_gpt2
+
+from obc_native.cli import main
+from obc_native.demo.model import WEIGHTS_PATH, DigitsCNN, load_data
+from obc_native.torch import load_compressed, read_manifest
+
+pytestmark = pytest.mark.torch
+
+RECIPE = "default: {prune: nm, n: 2, m: 4, bits: 4, sym: false}\nskip: [features.0]\n"
+
+
+@pytest.fixture
+def digits_files(tmp_path):
+    calibration = tmp_path / "calib.pt"
+    torch.save(load_data().train_x[:96].clone(), calibration)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPE)
+    return calibration, recipe
+
+
+def test_compress_state_dict_and_report(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    args = ["compress", "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:DigitsCNN"]
+    args += ["--calibration", str(calibration), "--recipe", str(recipe), "--out", str(out), "--batch-size", "32"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "features.3" in printed and "2:4+int4 asym" in printed
+    manifest = read_manifest(out)
+    assert manifest["metadata"]["arch"] == "obc_native.demo.model:DigitsCNN"
+    assert manifest["report"]["batches"] == 3
+    model = DigitsCNN()
+    load_compressed(model, out)
+    assert float((model.features[3].weight == 0).float().mean()) >= 0.5
+
+    assert main(["report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "features.6" in printed and "sparse_quantized, 4-bit codes" in printed
+    assert main(["report", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["format"] == "obc_native.compressed"
+
+
+def test_compress_errors(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    module_file = tmp_path / "module.pt"
+    torch.save(DigitsCNN(), module_file)
+    base = ["compress", "--calibration", str(calibration), "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert main([*base, "--model", str(module_file)]) == 1
+    assert "--arch" in capsys.readouterr().err
+    assert main([*base, "--model", str(module_file), "--arch", "obc_native.demo.model:DigitsCNN"]) == 1
+    assert "weights_only=True" in capsys.readouterr().err
+    assert main([*base, "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:Nope"]) == 1
+    assert "no attribute 'Nope'" in capsys.readouterr().err
+    bad_recipe = tmp_path / "bad.yaml"
+    bad_recipe.write_text("default: {prune: nm, n: 2, m: 4}\n")  # features.0 has one input channel
+    bad = ["compress", "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:DigitsCNN"]
+    bad += ["--calibration", str(calibration), "--recipe", str(bad_recipe), "--out", str(tmp_path / "o")]
+    assert main(bad) == 1
+    assert "layer 'features.0'" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 1
+    assert "manifest.json: no such file" in capsys.readouterr().err
+
+
+def test_trusted_pickled_module(digits_files, tmp_path):
+    calibration, recipe = digits_files
+    module_file = tmp_path / "module.pt"
+    torch.save(DigitsCNN(), module_file)
+    args = ["compress", "--model", str(module_file), "--trust-pickle", "--quiet"]
+    args += ["--calibration", str(calibration), "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert main(args) == 0
+    assert read_manifest(tmp_path / "o")["metadata"]["source"] == "pickled_module"
+
+
+def test_compress_hf_directory(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    model = tiny_gpt2()
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    args = ["compress", "--hf", str(tmp_path / "hf"), "--calibration", str(tmp_path / "ids.safetensors")]
+    args += ["--batch-size", "4", "--recipe", str(recipe), "--out", str(tmp_path / "out"), "--sequential"]
+    assert main(args) == 0
+    assert "transformer.h.0.mlp.c_fc" in capsys.readouterr().out
+    assert (tmp_path / "out" / "config.json").is_file()
+    fresh = tiny_gpt2(seed=5)
+    load_compressed(fresh, tmp_path / "out")
+    assert float((fresh.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+
+
+def test_demo_command_subset(capsys):
+    assert main(["demo", "--recipes", "4-bit"]) == 0
+    printed = capsys.readouterr().out
+    assert "ExactOBS/OBQ" in printed and "magnitude/RTN" in printed and "dense" in printed
+    assert main(["demo", "--recipes", "5-bit"]) == 1

@@ -1,0 +1,64 @@
+"""The demo: ExactOBS / OBQ keeps accuracy and beats magnitude / RTN on the shipped digits CNN."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from obc_native.demo import RECIPES, expectations, format_results, run_demo
+from obc_native.demo.model import WEIGHTS_PATH, DigitsCNN, accuracy, load_data, load_pretrained, train_model
+
+pytestmark = pytest.mark.torch
+
+
+def test_shipped_weights_and_data():
+    assert os.path.getsize(WEIGHTS_PATH) < 100_000
+    data = load_data()
+    assert data.train_x.shape == (1297, 1, 8, 8) and data.test_x.shape == (500, 1, 8, 8)
+    assert float(data.train_x.min()) >= 0.0 and float(data.train_x.max()) <= 1.0
+    assert accuracy(load_pretrained(), data.test_x, data.test_y) >= 97.0
+
+
+def test_compressed_accuracy_meets_expectations():
+    torch.manual_seed(0)
+    results = run_demo()  # every recipe, both methods (a few seconds)
+    assert len(results) == 1 + 2 * len(RECIPES)
+    dense = results[0]
+    rows = {(r.recipe, r.method): r for r in results[1:]}
+    table = format_results(results)
+    assert all(name in table for name in RECIPES)
+    checks = expectations(results)
+    assert len(checks) == 4 and all(checks.values()), checks
+    assert "FAILED" not in table
+    # within 1 point of dense accuracy at 50% sparsity and 4 bits
+    assert rows["unstructured 50%", "obc"].accuracy >= dense.accuracy - 1.0
+    assert rows["4-bit", "obc"].accuracy >= dense.accuracy - 1.0
+    # better than magnitude pruning / round-to-nearest at 75% and 3 bits
+    for recipe in ("unstructured 75%", "3-bit"):
+        ours, baseline = rows[recipe, "obc"], rows[recipe, "baseline"]
+        assert ours.accuracy > baseline.accuracy, recipe
+        assert ours.test_loss < baseline.test_loss, recipe
+    # files shrink with the compression
+    assert rows["unstructured 75%", "obc"].file_bytes < 0.4 * dense.file_bytes
+    assert rows["3-bit", "obc"].file_bytes < 0.2 * dense.file_bytes
+
+
+@pytest.mark.slow
+def test_training_works():
+    data = load_data()
+    model = train_model(data, epochs=2)
+    assert isinstance(model, DigitsCNN)
+    assert accuracy(model, data.test_x, data.test_y) > 50.0
+
+
+@pytest.mark.slow
+def test_missing_weights_are_trained_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = load_pretrained(str(tmp_path / "missing.safetensors"))
+    assert (tmp_path / "obc_native" / "digits_cnn.safetensors").is_file()
+    data = load_data()
+    assert accuracy(model, data.test_x, data.test_y) > 90.0
+    again = load_pretrained(str(tmp_path / "missing.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
