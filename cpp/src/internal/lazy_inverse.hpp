@@ -51,6 +51,15 @@ class LazyInverse {
   }
 
   Index size() const { return n_; }
+  /// Grows the capacity of U to at least b columns (a block step needs b at once).
+  /// Only with no pending downdates.
+  void reserve(Index b) {
+    if (capacity_ >= b) return;
+    capacity_ = b;
+    if (static_cast<Index>(u_.size()) < n_ * capacity_)
+      u_.resize(static_cast<size_t>(n_ * capacity_));
+    urow_.resize(capacity_);
+  }
   Index room() const { return capacity_ - k_; }
   Index pending() const { return k_; }
   const Vec& diag() const { return diag_; }

@@ -76,6 +76,7 @@ class RowState {
     if (inv_.room() >= b) return false;
     inv_.flush(free_);
     compact(free_);
+    inv_.reserve(b);  // a block larger than the lazy batch
     return true;
   }
 
