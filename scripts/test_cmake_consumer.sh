@@ -47,4 +47,26 @@ cmake -S tests/cmake_consumer -B "$WORK/consumer" -DCMAKE_BUILD_TYPE=Release \
 cmake --build "$WORK/consumer" -j "$JOBS"
 "$WORK/consumer/obc_consumer" "$WORK/out"
 "$WORK/consumer/obc_consumer_c"
+
+echo "== example host: examples/cpp against the installed prefix"
+cmake -S examples/cpp -B "$WORK/example" -DCMAKE_BUILD_TYPE=Release \
+  -DCMAKE_PREFIX_PATH="$PREFIX" >/dev/null
+cmake --build "$WORK/example" -j "$JOBS"
+EX=$WORK/example/obc_compress
+OUT=$WORK/out
+"$EX" accumulate --out "$OUT/example_acts.obchess" "$OUT/X.npy"
+"$EX" merge --out "$OUT/example_merged.obchess" "$OUT/example_acts.obchess" "$OUT/hessian.obchess"
+"$EX" info "$OUT/example_merged.obchess"
+# Same Hessian file and settings as the consumer's C API calls: tests/python compares exactly.
+"$EX" prune --weight "$OUT/W.npy" --hessian "$OUT/hessian.obchess" --sparsity 0.5 \
+  --out "$OUT/example_prune_weight.npy" --mask "$OUT/example_prune_kept.npy"
+"$EX" quantize --weight "$OUT/W.npy" --hessian "$OUT/hessian.obchess" --bits 4 \
+  --out "$OUT/example_quant_weight.npy" --codes "$OUT/example_quant_codes.npy"
+"$EX" prune --weight "$OUT/W.npy" --acts "$OUT/X.npy" --nm 2:4 --threads 2 --out "$OUT/example_nm.npy"
+status=0
+"$EX" prune --weight "$OUT/W.npy" --hessian "$OUT/hessian.obchess" --sparsity 0.5 --timeout 0 \
+  --out "$OUT/never_written.npy" || status=$?
+if [ "$status" != 3 ] || [ -e "$OUT/never_written.npy" ]; then
+  echo "expected exit status 3 and no output for an expired --timeout, got $status"; exit 1
+fi
 echo "== cmake consumer: all passed"

@@ -6,19 +6,19 @@
 // reported loss equals ||(W - W_hat) X^T||^2 / n. With OUT_DIR it also writes its inputs and the
 // C API's results (.npy files, a Hessian file, manifest.json) for tests/python/test_hessian_io.py,
 // which checks that the Python module gives the same results. Exit status 0 when all checks pass.
-#include <obc/accumulator.hpp>
-#include <obc/build_info.hpp>
-#include <obc/errors.hpp>
-#include <obc/hessian_io.hpp>
 #include <obc/obc.h>
-#include <obc/prune.hpp>
-#include <obc/quant.hpp>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <fstream>
+#include <obc/accumulator.hpp>
+#include <obc/build_info.hpp>
+#include <obc/errors.hpp>
+#include <obc/hessian_io.hpp>
+#include <obc/prune.hpp>
+#include <obc/quant.hpp>
 #include <string>
 #include <vector>
 
@@ -128,13 +128,13 @@ int main(int argc, char** argv) {
         "merged shards equal 2/n X^T X");
 
   obc_accumulator* acc = nullptr;
-  bool c_ok = obc_accumulator_create(kCols, &acc) == OBC_OK &&
-              obc_accumulator_add_f32(acc, X.data(), kShard, kCols) == OBC_OK &&
-              obc_accumulator_add_f32(acc, X.data() + kShard * kCols, kSamples - kShard, kCols) ==
-                  OBC_OK;
+  bool c_ok =
+      obc_accumulator_create(kCols, &acc) == OBC_OK &&
+      obc_accumulator_add_f32(acc, X.data(), kShard, kCols) == OBC_OK &&
+      obc_accumulator_add_f32(acc, X.data() + kShard * kCols, kSamples - kShard, kCols) == OBC_OK;
   Eigen::MatrixXd H_c(kCols, kCols);
   c_ok = c_ok && obc_accumulator_hessian(acc, H_c.data(), kCols * kCols) == OBC_OK;
-  check(c_ok, std::string("C API accumulates (") + obc_last_error() + ")");
+  check(c_ok, c_ok ? "C API accumulates" : std::string("C API accumulates: ") + obc_last_error());
   obc_accumulator_free(acc);
   // The C accumulator added both batches to one sum; C++ merged two sums: equal to rounding.
   check((H_c - H).cwiseAbs().maxCoeff() <= 1e-13 * H.cwiseAbs().maxCoeff(),
@@ -216,8 +216,10 @@ int main(int argc, char** argv) {
   std::printf("4-bit OBQ: loss %.6g\n", quant_loss);
 
   // --- Errors come back as codes, never as exceptions or crashes.
-  check(obc_prune_nm_f64(W.data(), kRows, kCols, H.data(), kCols - 1, 2, 4, &options,
-                         nm_weight.data(), nullptr, nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT,
+  const obc_status wrong_size =
+      obc_prune_nm_f64(W.data(), kRows, kCols, H.data(), kCols - 1, 2, 4, &options,
+                       nm_weight.data(), nullptr, nullptr, nullptr);
+  check(wrong_size == OBC_ERR_INVALID_ARGUMENT,
         std::string("wrong Hessian size is an error: ") + obc_last_error());
   obc::DeadlineInterrupt expired(std::chrono::seconds(0));
   obc::RunOptions run;

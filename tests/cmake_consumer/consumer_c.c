@@ -1,10 +1,9 @@
 /* Outside C consumer of the installed package: accumulate, prune, quantize, handle errors.
  * Exit status 0 when all checks pass. */
 #include <math.h>
+#include <obc/obc.h>
 #include <stdio.h>
 #include <string.h>
-
-#include <obc/obc.h>
 
 enum { ROWS = 8, COLS = 16, SAMPLES = 128 };
 
