@@ -106,8 +106,9 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
     Eigen::MatrixXd v = cols_b;
     llt.matrixL().transpose().solveInPlace<Eigen::OnTheRight>(v);
-    G.selfadjointView<Eigen::Lower>().rankUpdate(v, -1.0);
-    G.triangularView<Eigen::StrictlyUpper>() = G.transpose();
+    // Both triangles at once: for the few columns of a group a plain product is cheaper than a
+    // one-triangle update followed by a strided mirror copy.
+    G.noalias() -= v * v.transpose();
   };
 
   {  // live columns that are zero in every row: eliminated first (weights need no update)
@@ -152,9 +153,20 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     }
     if (spans.empty()) break;
     const Index num_spans = static_cast<Index>(spans.size());
+    // Small layers: a parallel region per step costs more than the scoring itself.
+    const int score_threads =
+        static_cast<double>(num_shared + 1) * static_cast<double>(n) * group < 1e6
+            ? 1
+            : run.num_threads;
     std::vector<double> scores(spans.size());
-    parallel_for(num_spans, run.num_threads, run.interrupt, [&](Index s, int) {
+    const Eigen::RowVectorXd col_norms = Wl.colwise().squaredNorm();
+    parallel_for(num_spans, score_threads, run.interrupt, [&](Index s, int) {
       const auto [begin, len] = spans[static_cast<size_t>(s)];
+      if (len == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
+        if (!(G(begin, begin) > 0)) internal::RowState<double>::lost_definiteness();
+        scores[static_cast<size_t>(s)] = col_norms[begin] / G(begin, begin);
+        return;
+      }
       Eigen::LLT<Eigen::MatrixXd> llt(G.block(begin, begin, len, len));
       if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
       Eigen::MatrixXd wt = Wl.middleCols(begin, len).transpose();  // len x shared rows
@@ -196,7 +208,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     const Eigen::MatrixXd g_rows = G.middleRows(begin, len);  // len x n
     Eigen::LLT<Eigen::MatrixXd> llt(gbb);
     const Index chunks = (num_shared + row_chunk - 1) / row_chunk;
-    parallel_for(chunks, run.num_threads, nullptr, [&](Index ch, int) {
+    parallel_for(chunks, score_threads, nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       const Eigen::MatrixXd coef = llt.solve(Wl.block(r0, begin, nr, len).transpose());
       Wl.middleRows(r0, nr).noalias() -= coef.transpose() * g_rows;
