@@ -17,19 +17,6 @@ namespace py = pybind11;
 
 namespace {
 
-/// Ctrl-C: polled by the core from the calling thread; takes the GIL only for the check.
-class DpInterrupt : public obc::InterruptHook {
- public:
-  bool should_stop() override {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) {
-      PyErr_Clear();  // re-raised as KeyboardInterrupt once the solver has unwound
-      return true;
-    }
-    return false;
-  }
-};
-
 /// Copies a list of 1-D float64 arrays into Eigen vectors (GIL held).
 std::vector<Eigen::VectorXd> to_vectors(const py::list& arrays, const char* name) {
   std::vector<Eigen::VectorXd> out;
@@ -66,7 +53,7 @@ void register_dp(pybind11::module_& m) {
          bool lower_bound) {
         const std::vector<Eigen::VectorXd> loss_vectors = to_vectors(losses, "losses");
         const std::vector<Eigen::VectorXd> cost_vectors = to_vectors(costs, "costs");
-        DpInterrupt hook;
+        obc_bindings::PythonInterrupt hook;
         obc::LevelDpOptions options;
         options.buckets = buckets;
         options.lower_bound = lower_bound;

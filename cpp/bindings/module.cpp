@@ -18,18 +18,7 @@ using obc::Index;
 
 namespace {
 
-/// Ctrl-C: polled by the core from the calling thread; takes the GIL only for the check.
-class PythonInterrupt : public obc::InterruptHook {
- public:
-  bool should_stop() override {
-    py::gil_scoped_acquire gil;
-    if (PyErr_CheckSignals() != 0) {
-      PyErr_Clear();  // re-raised as KeyboardInterrupt once the solver has unwound
-      return true;
-    }
-    return false;
-  }
-};
+using obc_bindings::PythonInterrupt;
 
 template <class S>
 using RowRef = Eigen::Ref<const obc::RowMatrix<S>>;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "internal/prepared_view.hpp"
+#include "internal/prune_result.hpp"
 #include "internal/row_state.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -56,20 +57,6 @@ void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessia
                                        losses.data(), out.data()};
   internal::row_kernels<Scalar>().trace(job, run);
   if (trace) trace->block = block;
-}
-
-template <class Scalar>
-PruneResult<Scalar> finish_result(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                  const Eigen::Ref<const Eigen::MatrixXd>& H,
-                                  const PreparedHessian& prep, RowMatrix<Scalar>&& weight,
-                                  MaskMatrix&& pruned, const RunOptions& run) {
-  PruneResult<Scalar> result;
-  result.weight = std::move(weight);
-  result.pruned = std::move(pruned);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
-  return result;
 }
 
 template <class Scalar>
@@ -195,7 +182,7 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     for (Index c : P) out[c] = 0.0;
     weight.row(r) = out.transpose().template cast<Scalar>();
   });
-  return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+  return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }
 
 template <class Scalar>
@@ -219,7 +206,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
     for (Index r = 0; r < W.rows(); ++r)
       for (Index c = 0; c < W.cols(); ++c)
         if (prep.dead[static_cast<size_t>(c)] || W(r, c) == Scalar(0)) pruned(r, c) = 1;
-    return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+    return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
   }
   Trace trace;
   run_rows<Scalar>(W, prep, block, nullptr, run, &trace, nullptr);
@@ -257,7 +244,7 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   const internal::NmJob<Scalar> job{W.data(), rows, internal::view_of(prep), n, m, weight.data()};
   internal::row_kernels<Scalar>().nm(job, run);
   MaskMatrix pruned = zero_mask(weight, prep);
-  return finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+  return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }
 
 #define OBC_INSTANTIATE(S)                                                                       \

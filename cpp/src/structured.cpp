@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "internal/prepared_view.hpp"
+#include "internal/prune_result.hpp"
 #include "internal/row_state.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -235,13 +236,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     weight.row(r) = own_out.row(i).template cast<Scalar>();
     for (Index j = 0; j < n; ++j) pruned(r, active[j]) = W(r, active[j]) == Scalar(0) ? 1 : 0;
   }
-  PruneResult<Scalar> result;
-  result.weight = std::move(weight);
-  result.pruned = std::move(pruned);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
-  return result;
+  return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }
 
 template PruneResult<float> prune_structured<float>(const Eigen::Ref<const RowMatrix<float>>&,

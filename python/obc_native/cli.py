@@ -1,11 +1,17 @@
 """The ``obc-native`` command line: ``compress``, ``report`` and ``demo``.
 
-``obc-native compress`` loads a model, compresses it with a recipe file and saves it in the
-obc_native format (see ``obc_native.torch.serialize``)::
+``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
+budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``)::
 
     obc-native compress --model weights.safetensors --arch mypkg.models:Net \\
         --calibration calib.pt --recipe recipe.yaml --out compressed/
     obc-native compress --hf path/to/hf_model_dir --calibration ids.pt --recipe r.yaml --out out/
+    obc-native compress --model w.safetensors --arch mypkg.models:Net --calibration calib.pt \\
+        --budget flops=2x --database levels.json --out compressed/
+
+``--budget`` (``flops=2x``, ``params=2x``, ``bits=4.5``, ...) picks one level per layer with the
+DP over a level database (see ``obc_native.torch.nonuniform``); ``--database PATH`` reuses the
+database saved at PATH, or saves the one built there; ``--recipe`` then only selects the layers.
 
 Models: a state dict (``.safetensors``, or a torch file read with ``weights_only=True``) plus
 ``--arch module:Class`` (and ``--arch-kwargs`` JSON) to build the architecture; a whole module
@@ -52,7 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole saved module")
     compress.add_argument("--calibration", required=True, help="calibration tensor file (.pt, .safetensors, .npy)")
     compress.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    compress.add_argument("--recipe", required=True, help="recipe file (.yaml, .yml or .json)")
+    compress.add_argument("--recipe", help="recipe file (.yaml, .yml or .json); with --budget it only selects layers")
+    compress.add_argument(
+        "--budget",
+        help="non-uniform compression within a total cost: e.g. flops=2x (2x fewer FLOPs), params=2x, "
+        "bits=4.5 (bits per weight) or an absolute flops=1e6",
+    )
+    compress.add_argument(
+        "--database", metavar="PATH", help="level database (JSON): reused if PATH exists, else built and saved there"
+    )
+    compress.add_argument(
+        "--levels", metavar="JSON", help='levels to build, e.g. \'{"sparsities": [0.5, 0.7], "nm": []}\''
+    )
+    compress.add_argument("--stitch", action="store_true", help="also measure each level's model loss when building")
+    compress.add_argument(
+        "--objective", default="auto", choices=["auto", "layer", "normalized", "model"], help="what the DP minimizes"
+    )
     compress.add_argument("--out", required=True, help="output directory")
     compress.add_argument("--sequential", action="store_true", help="calibrate each layer on compressed inputs")
     compress.add_argument(
@@ -165,10 +186,48 @@ def _calibration_batches(path: str, batch_size: int) -> list[Any]:
     raise CliError(f"{path}: expected a tensor, a list of tensors or a dict of tensors")
 
 
+def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
+    """compress() keyword arguments of --budget, --database, --levels, --stitch, --objective."""
+    if not args.budget:
+        given = [flag for flag, value in (("--database", args.database), ("--levels", args.levels),
+                                          ("--stitch", args.stitch)) if value]
+        if given:
+            raise CliError(f"{', '.join(given)} need --budget")
+        if args.objective != "auto":
+            raise CliError("--objective needs --budget")
+        return {}
+    options: dict[str, Any] = {"budget": args.budget, "objective": args.objective, "stitch": args.stitch}
+    if args.levels:
+        try:
+            options["levels"] = json.loads(args.levels)
+        except json.JSONDecodeError as err:
+            raise CliError(f"--levels: not valid JSON ({err})") from err
+        if not isinstance(options["levels"], dict):
+            raise CliError(f"--levels: expected a JSON object, got {args.levels!r}")
+        from obc_native.torch import LevelSpec
+
+        try:
+            options["levels"] = LevelSpec.from_dict(options["levels"])
+        except (TypeError, ValueError) as err:
+            raise CliError(f"--levels: {err}") from err
+    if args.database and os.path.isfile(args.database):
+        from obc_native.budget import LevelDatabase
+
+        if args.levels or args.stitch:
+            raise CliError(f"--levels and --stitch apply when building a database, but {args.database} exists")
+        options["database"] = LevelDatabase.load(args.database)
+    return options
+
+
 def _cmd_compress(args: argparse.Namespace) -> int:
     from obc_native.torch import compress, load_recipe, save_compressed
 
-    recipe = load_recipe(args.recipe)
+    if not args.recipe and not args.budget:
+        raise CliError("give --recipe (uniform compression) or --budget (non-uniform compression)")
+    options = _budget_options(args)
+    if options and args.sequential:
+        raise CliError("--sequential is not supported with --budget")
+    recipe = load_recipe(args.recipe) if args.recipe else None
     model, metadata = _load_model(args)
     batches = _calibration_batches(args.calibration, args.batch_size)
     report = compress(
@@ -179,12 +238,17 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         correction=None if args.correction == "none" else args.correction,
         num_threads=args.threads,
         quiet=args.quiet,
+        **options,
     )
     save_compressed(model, args.out, report, metadata=metadata)
     if args.hf:
         model.config.save_pretrained(args.out)
+    if args.database and "database" not in options:
+        report.database.save(args.database)
     if not args.quiet:
         print(report.table())
+        if args.database and "database" not in options:
+            print(f"level database saved to {args.database}")
         print(f"saved to {args.out}")
     return 0
 
@@ -202,19 +266,22 @@ def _cmd_report(args: argparse.Namespace) -> int:
     path = os.path.join(args.directory, manifest["tensors"])
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size} bytes")
+    levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
     for name, entry in manifest["layers"].items():
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
-        print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}")
+        level = entry.get("level") or levels.get(name)
+        level = f", level {level}" if level else ""
+        print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from obc_native.demo import DESCRIPTION, RECIPES, format_results, run_demo
+    from obc_native.demo import BUDGETS, DESCRIPTION, RECIPES, format_results, run_demo
 
     logging.getLogger("obc_native.torch").setLevel(logging.WARNING)  # one summary line per run is noise here
-    unknown = [r for r in args.recipes or [] if r not in RECIPES]
+    unknown = [r for r in args.recipes or [] if r not in RECIPES and r not in BUDGETS]
     if unknown:
-        raise CliError(f"unknown demo recipe(s) {unknown}; choose from {list(RECIPES)}")
+        raise CliError(f"unknown demo recipe(s) {unknown}; choose from {[*RECIPES, *BUDGETS]}")
     print(DESCRIPTION + "\n")
     results = run_demo(args.recipes or None, quiet=not args.progress)
     print(format_results(results))

@@ -337,3 +337,17 @@ def test_python_matches_the_c_api():
     np.testing.assert_allclose(quant.scale, out["quant_scales"], rtol=1e-14)
     np.testing.assert_allclose(quant.weight, out["quant_weight"], rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(quant.row_losses, out["quant_row_losses"], rtol=1e-10)
+
+
+def test_example_host_matches_the_c_api():
+    """examples/cpp/obc_compress, run by scripts/test_cmake_consumer.sh on the same inputs."""
+    _, out = _consumer_outputs()
+    if "example_prune_weight" not in out:
+        pytest.skip("no outputs of examples/cpp/obc_compress in the consumer directory")
+    assert np.array_equal(out["example_prune_weight"], out["prune_weight"])
+    assert np.array_equal(out["example_prune_kept"], out["prune_kept"])
+    assert np.array_equal(out["example_quant_weight"], out["quant_weight"])
+    assert np.array_equal(out["example_quant_codes"], out["quant_codes"])
+    np.testing.assert_allclose(out["example_nm"], out["nm_weight"], rtol=1e-9, atol=1e-12)
+    merged = load_hessian(CONSUMER_OUT / "example_merged.obchess")
+    assert merged.count == 2 * len(out["X"])

@@ -103,3 +103,9 @@ def test_demo_command_subset(capsys):
     printed = capsys.readouterr().out
     assert "ExactOBS/OBQ" in printed and "magnitude/RTN" in printed and "dense" in printed
     assert main(["demo", "--recipes", "5-bit"]) == 1
+
+
+def test_demo_command_budget_subset(capsys):
+    assert main(["demo", "--recipes", "3x fewer FLOPs"]) == 0
+    printed = capsys.readouterr().out
+    assert "non-uniform DP" in printed and "uniform" in printed and "[ok] non-uniform (DP)" in printed

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from obc_native.demo import RECIPES, expectations, format_results, run_demo
+from obc_native.demo import BUDGETS, RECIPES, expectations, format_results, run_demo
 from obc_native.demo.model import WEIGHTS_PATH, DigitsCNN, accuracy, load_data, load_pretrained, train_model
 
 pytestmark = pytest.mark.torch
@@ -23,14 +23,14 @@ def test_shipped_weights_and_data():
 
 def test_compressed_accuracy_meets_expectations():
     torch.manual_seed(0)
-    results = run_demo()  # every recipe, both methods (a few seconds)
-    assert len(results) == 1 + 2 * len(RECIPES)
+    results = run_demo()  # every recipe, both methods, and the FLOP budgets (a few seconds)
+    assert len(results) == 1 + 2 * len(RECIPES) + 2 * len(BUDGETS)
     dense = results[0]
     rows = {(r.recipe, r.method): r for r in results[1:]}
     table = format_results(results)
     assert all(name in table for name in RECIPES)
     checks = expectations(results)
-    assert len(checks) == 4 and all(checks.values()), checks
+    assert len(checks) == 4 + 2 * len(BUDGETS) and all(checks.values()), checks
     assert "FAILED" not in table
     # within 1 point of dense accuracy at 50% sparsity and 4 bits
     assert rows["unstructured 50%", "obc"].accuracy >= dense.accuracy - 1.0
@@ -43,6 +43,13 @@ def test_compressed_accuracy_meets_expectations():
     # files shrink with the compression
     assert rows["unstructured 75%", "obc"].file_bytes < 0.4 * dense.file_bytes
     assert rows["3-bit", "obc"].file_bytes < 0.2 * dense.file_bytes
+    # FLOP budgets: both allocations within the budget, the DP's at least as accurate
+    for name, factor in BUDGETS.items():
+        ours, uniform = rows[name, "nonuniform"], rows[name, "uniform"]
+        assert ours.budget == pytest.approx(dense.flops / factor)
+        assert ours.flops <= ours.budget and uniform.flops <= uniform.budget
+        assert ours.accuracy >= uniform.accuracy, name
+        assert name in table and "non-uniform DP" in table
 
 
 @pytest.mark.slow

@@ -19,6 +19,26 @@ namespace obc::OBC_KERNEL_NS {
 
 namespace {
 
+// The free input with the smallest OBS score w_i^2 / [H^-1]_ii among those `eligible(i)` allows
+// (ties: lowest index), or -1 if there is none.
+template <class Scalar, class Eligible>
+Index argmin_score(const RowState<Scalar>& state, Eligible eligible) {
+  const auto& w = state.w();
+  const auto& d = state.diag();
+  Index best = -1;
+  Scalar best_score = std::numeric_limits<Scalar>::infinity();
+  for (Index i = 0; i < state.size(); ++i) {
+    if (!state.is_free(i) || !eligible(i)) continue;
+    if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
+    const Scalar score = w[i] * w[i] / d[i];
+    if (score < best_score || best < 0) {
+      best_score = score;
+      best = i;
+    }
+  }
+  return best;
+}
+
 // One row's greedy trace. Unstructured when block == 1. Stops after `max_steps` steps (counting
 // the already-pruned entries, which come first); unfilled trace entries get -1 / NaN.
 // Final (or stopped-at) weights go to `out`.
@@ -44,19 +64,7 @@ void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const HessianVi
   if (block == 1) {
     while (step < max_steps && state.num_free() > 0) {
       state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i)) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const Scalar score = w[i] * w[i] / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-      }
+      const Index best = argmin_score(state, [](Index) { return true; });
       order[step] = static_cast<std::int32_t>(state.orig(best));
       losses[step] = state.fix(best, Scalar(0));
       ++step;
@@ -118,19 +126,8 @@ void nm_rows(const internal::NmJob<Scalar>& job, const RunOptions& run) {
     for (Index i = 0; i < state.size(); ++i) --zeros[static_cast<size_t>(state.orig(i) / m)];
     while (true) {
       state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i) || zeros[static_cast<size_t>(state.orig(i) / m)] >= n) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const Scalar score = w[i] * w[i] / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-      }
+      const Index best = argmin_score(
+          state, [&](Index i) { return zeros[static_cast<size_t>(state.orig(i) / m)] < n; });
       if (best < 0) break;
       ++zeros[static_cast<size_t>(state.orig(best) / m)];
       state.fix(best, Scalar(0));

@@ -4,8 +4,15 @@ Runs offline on the embedded model and data (see :mod:`obc_native.demo.model`): 
 (50% and 75% unstructured, 2:4, 4-bit, 3-bit, 2:4 + 4-bit; the first convolution, which has one
 input channel and 144 weights, stays dense) it compresses a fresh copy of the trained model with
 ExactOBS / OBQ and with magnitude pruning / round-to-nearest, re-estimates BatchNorm statistics on
-the same 256 calibration images, and reports test accuracy, the size of the saved file and the
-compression time.
+the same 256 calibration images, and reports test accuracy, the size of the saved file, the FLOPs
+per image of the four layers and the compression time.
+
+Then, for each FLOP budget (2x and 3x fewer FLOPs than the dense model), non-uniform against
+uniform sparsity: one level database of all four layers (unstructured sparsities 5%, 10%, .., 95%
+and dense, with stitched model losses) is built once; the DP picks one sparsity per layer within
+the budget (``compress(budget="flops=2x")``); the uniform row prunes every layer to the one
+sparsity that meets the same budget (``uniform_sparsity``). Both with ExactOBS and BatchNorm
+re-estimation.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-__all__ = ["DemoResult", "RECIPES", "run_demo", "format_results", "expectations", "DESCRIPTION"]
+__all__ = ["DemoResult", "RECIPES", "BUDGETS", "run_demo", "format_results", "expectations", "DESCRIPTION"]
 
 # name -> LayerConfig keyword arguments (quantization: asymmetric, one grid per output channel)
 RECIPES: dict[str, dict] = {
@@ -28,20 +35,28 @@ RECIPES: dict[str, dict] = {
     "2:4 + 4-bit": dict(prune="nm", n=2, m=4, bits=4, sym=False),
 }
 SKIP = ["features.0"]
+# name -> FLOP reduction factor of the non-uniform rows ("flops=<f>x")
+BUDGETS: dict[str, float] = {"2x fewer FLOPs": 2.0, "3x fewer FLOPs": 3.0}
+BUDGET_SPARSITIES = tuple(round(0.05 * i, 2) for i in range(1, 20))
 
 DESCRIPTION = (
     "Digits CNN (scikit-learn's 8x8 handwritten digits; 1297 train / 500 test images), 15.2k weights in\n"
     "3 Conv2d + 1 Linear. Each recipe compresses every layer but the first conv, calibrated on 256\n"
-    "training images, followed by BatchNorm re-estimation. 'file' is the saved safetensors size."
+    "training images, followed by BatchNorm re-estimation. 'file' is the saved safetensors size, 'FLOPs' those\n"
+    "of the 4 layers per image. FLOP budgets: a sparsity per layer (all 4) chosen by the DP over a level\n"
+    "database with stitched model losses (time includes building it), against one sparsity for every layer."
 )
 
 
 @dataclass
 class DemoResult:
-    """One row of the demo: ``method`` is "dense", "obc" or "baseline".
+    """One row of the demo: ``method`` is "dense", "obc", "baseline", "nonuniform" or "uniform".
 
     ``accuracy`` in percent and ``test_loss`` (mean cross-entropy, nats) on the 500 test images;
-    ``file_bytes``: size of the saved tensor file; ``seconds``: compression wall time.
+    ``file_bytes``: size of the saved tensor file; ``seconds``: compression wall time; ``flops``:
+    FLOPs per image of the four layers, counted on the compressed weights (2 per non-zero weight
+    application); ``budget``: the FLOP budget of the row (None for recipes); ``detail``: the
+    sparsity of each layer for budget rows.
     """
 
     recipe: str
@@ -50,6 +65,9 @@ class DemoResult:
     test_loss: float
     file_bytes: int
     seconds: float
+    flops: float = 0.0
+    budget: float | None = None
+    detail: str = ""
 
 
 def _file_size(model, report) -> int:
@@ -78,25 +96,68 @@ def run_demo(recipes: list[str] | None = None, *, calibration_size: int = 256, q
 
 
 def _run(recipes: list[str] | None, calibration_size: int, quiet: bool) -> list[DemoResult]:
-    from obc_native.torch import LayerConfig, Recipe, compress
+    from obc_native.torch import LayerConfig, Recipe, compress, flops_per_weight, measure_costs
 
     from .model import evaluate, load_data, load_pretrained
 
     data = load_data()
     dense = load_pretrained()
     calibration = data.calibration(calibration_size)
-    results = [DemoResult("dense", "dense", *evaluate(dense, data.test_x, data.test_y), _file_size(dense, None), 0.0)]
-    for name in recipes or list(RECIPES):
+    applications = flops_per_weight(dense, calibration)
+
+    def row(name, method, model, report, seconds, **extra):
+        flops = measure_costs(model, applications)["flops"]
+        scores = evaluate(model, data.test_x, data.test_y)
+        return DemoResult(name, method, *scores, _file_size(model, report), seconds, flops, **extra)
+
+    results = [row("dense", "dense", dense, None, 0.0)]
+    names = recipes or [*RECIPES, *BUDGETS]
+    for name in [n for n in names if n in RECIPES]:
         for method in ("obc", "baseline"):
             config = LayerConfig(**RECIPES[name], method="obc" if method == "obc" else "magnitude")
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             report = compress(model, calibration, Recipe(default=config, skip=SKIP), baseline=False, quiet=quiet)
-            seconds = time.perf_counter() - start
-            results.append(
-                DemoResult(name, method, *evaluate(model, data.test_x, data.test_y), _file_size(model, report), seconds)
-            )
+            results.append(row(name, method, model, report, time.perf_counter() - start))
+    budgets = [n for n in names if n in BUDGETS]
+    if budgets:
+        results += _budget_rows(budgets, dense, calibration, row, quiet)
     return results
+
+
+def _sparsities(model) -> str:
+    from obc_native.torch import find_layers
+    from obc_native.torch.layers import weight_matrix
+
+    return "/".join(f"{float((weight_matrix(info) == 0).float().mean()):.0%}" for info in find_layers(model).values())
+
+
+def _budget_rows(names: list[str], dense, calibration, row, quiet: bool) -> list[DemoResult]:
+    """Non-uniform (DP over a shared level database) and uniform rows at each FLOP budget."""
+    from obc_native.torch import LayerConfig, LevelSpec, Recipe, build_database, compress, uniform_sparsity
+
+    start = time.perf_counter()
+    database = build_database(dense, calibration, LevelSpec(sparsities=BUDGET_SPARSITIES, nm=()), stitch=True,
+                              quiet=quiet)
+    build_seconds = time.perf_counter() - start
+    rows = []
+    for name in names:
+        spec = f"flops={BUDGETS[name]!r}x"
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compress(model, calibration, budget=spec, database=database, baseline=False, quiet=quiet)
+        seconds = build_seconds + time.perf_counter() - start
+        budget = report.budget["budget"]
+        rows.append(row(name, "nonuniform", model, report, seconds, budget=budget, detail=_sparsities(model)))
+
+        sparsity = uniform_sparsity(database, spec)
+        model = copy.deepcopy(dense)
+        start = time.perf_counter()
+        report = compress(model, calibration, LayerConfig(prune="unstructured", sparsity=sparsity), baseline=False,
+                          quiet=quiet)
+        rows.append(row(name, "uniform", model, report, time.perf_counter() - start, budget=budget,
+                        detail=_sparsities(model)))
+    return rows
 
 
 def expectations(results: list[DemoResult]) -> dict[str, bool]:
@@ -114,19 +175,31 @@ def expectations(results: list[DemoResult]) -> dict[str, bool]:
             checks[f"ExactOBS/OBQ beats magnitude/RTN at {recipe}"] = (
                 rows[recipe, "obc"].accuracy > rows[recipe, "baseline"].accuracy
             )
+    for name in BUDGETS:
+        if (name, "nonuniform") in rows:
+            ours, uniform = rows[name, "nonuniform"], rows[name, "uniform"]
+            checks[f"both allocations within the budget at {name}"] = (
+                ours.flops <= ours.budget and uniform.flops <= uniform.budget
+            )
+            checks[f"non-uniform (DP) at least as accurate as uniform at {name}"] = ours.accuracy >= uniform.accuracy
     return checks
 
 
 def format_results(results: list[DemoResult]) -> str:
     """A text table (recipe, method, test accuracy and loss, file size and ratio to dense,
-    compression time) followed by the checked claims."""
+    FLOPs per image, compression time, per-layer sparsities of budget rows) followed by the
+    checked claims."""
     dense_bytes = results[0].file_bytes
-    names = {"dense": "dense", "obc": "ExactOBS/OBQ", "baseline": "magnitude/RTN"}
-    lines = [f"{'recipe':<18}{'method':<15}{'test acc':>9}{'test loss':>10}{'file':>10}{'ratio':>7}{'time':>8}"]
+    names = {"dense": "dense", "obc": "ExactOBS/OBQ", "baseline": "magnitude/RTN", "nonuniform": "non-uniform DP",
+             "uniform": "uniform"}
+    lines = [
+        f"{'recipe':<18}{'method':<15}{'test acc':>9}{'test loss':>10}{'file':>10}{'ratio':>7}{'FLOPs':>9}{'time':>8}"
+        "  layer sparsity"
+    ]
     for r in results:
         lines.append(
             f"{r.recipe:<18}{names[r.method]:<15}{r.accuracy:>8.1f}%{r.test_loss:>10.4f}{r.file_bytes / 1024:>8.1f}kB"
-            f"{r.file_bytes / dense_bytes:>7.2f}{r.seconds:>7.2f}s"
+            f"{r.file_bytes / dense_bytes:>7.2f}{r.flops / 1000:>8.1f}k{r.seconds:>7.2f}s  {r.detail}".rstrip()
         )
     checks = expectations(results)
     if checks:

@@ -9,6 +9,10 @@ Typical use::
     print(report.table())
     save_compressed(model, "out/", report)
 
+    # non-uniform: one level per layer chosen by a DP within a budget (see nonuniform.py)
+    db = build_database(model, calibration_batches)       # db.save("levels.json")
+    report = compress(model, calibration_batches, budget="flops=2x", database=db)
+
 See ``compress`` for calibration modes, ``recipe`` for pattern rules, ``serialize`` for the
 file format and ``layers`` for the weight-matrix layout of each layer type.
 """
@@ -26,6 +30,17 @@ from .compress import CompressionError, compress
 from .correction import recalibrate_batchnorm
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, describe_layer, find_layers
+from .nonuniform import (
+    LevelSpec,
+    build_database,
+    check_database,
+    flops_per_weight,
+    load_database,
+    measure_costs,
+    select_layers,
+    solve_database,
+    uniform_sparsity,
+)
 from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
@@ -57,5 +72,14 @@ __all__ = [
     "describe_layer",
     "find_layers",
     "as_batches",
+    "LevelSpec",
+    "build_database",
+    "load_database",
+    "check_database",
+    "solve_database",
+    "select_layers",
+    "flops_per_weight",
+    "measure_costs",
+    "uniform_sparsity",
 ]
 

@@ -22,6 +22,7 @@ the error propagates, unless ``restore_on_error=False``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -32,11 +33,25 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
+from .nonuniform import (
+    OBJECTIVES,
+    _as_level_spec,
+    _build,
+    _calibrate,
+    _database_layers,
+    apply_unit_level,
+    as_budget_spec,
+    level_config,
+    measure_costs,
+    select_layers,
+    solve_database,
+)
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
 from .solve import baseline_config, solve_unit
@@ -126,7 +141,10 @@ class _LayerCompressor:
         stats: LayerHessian,
         dense_output_mean: np.ndarray | None = None,
         seconds_before: float = 0.0,
+        level: tuple[LayerLevels, Level] | None = None,
     ) -> LayerReport:
+        """Compress one layer by ``plan.config``, or to a database level ``(layer, level)`` (then
+        ``plan.config`` is the level's equivalent configuration, for the report and baseline)."""
         start = time.perf_counter()
         info, config = plan.info, plan.config
         assert config is not None
@@ -142,7 +160,10 @@ class _LayerCompressor:
             where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
             unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
             try:
-                result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
+                if level is None:
+                    result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
+                else:
+                    result = apply_unit_level(info, unit, hessian, *level, num_threads=self.num_threads)
                 unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **threads)))
                 if config.is_baseline:
                     baseline_loss += unit_loss
@@ -219,11 +240,32 @@ def _never_called(stats: Mapping[str, int], what: str) -> None:
         )
 
 
+def _on_failure(err: BaseException, backup: _Backup, restore_on_error: bool) -> None:
+    """Undo a failed run (unless told not to) and note on the error what state the model is in."""
+    if not len(backup):
+        note = "compression failed before any weight was modified; the model is unchanged"
+    elif restore_on_error:
+        backup.restore()
+        note = "compression failed; the model was restored to its original weights"
+    else:
+        note = "compression failed; the model is PARTIALLY compressed (restore_on_error=False)"
+    logger.error(note)
+    if hasattr(err, "add_note"):
+        err.add_note(f"obc_native: {note}")
+
+
 def compress(
     model: nn.Module,
     calibration: Any,
-    recipe: Recipe | LayerConfig | Mapping[str, Any] | str,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
     *,
+    budget: str | BudgetSpec | None = None,
+    database: LevelDatabase | str | os.PathLike | None = None,
+    levels: Any = None,
+    objective: str = "auto",
+    stitch: bool = False,
+    loss_fn: Any = None,
+    damp: float = 0.01,
     sequential: bool = False,
     forward: Forward | None = None,
     correction: str | None = "auto",
@@ -232,14 +274,34 @@ def compress(
     quiet: bool = False,
     restore_on_error: bool = True,
 ) -> CompressionReport:
-    """Compress ``model`` in place following ``recipe``; returns a :class:`CompressionReport`.
+    """Compress ``model`` in place following ``recipe``, or non-uniformly within ``budget``;
+    returns a :class:`CompressionReport`.
 
     Args:
         model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
             candidates. Layers whose weight is tied to another parameter are skipped (reported).
         calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
         recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
-            a JSON / YAML recipe file.
+            a JSON / YAML recipe file. With a ``budget`` it only selects the layers (its skip
+            patterns, and layers no rule matches, are left out; see ``select_layers``).
+        budget: non-uniform compression: a total-cost budget such as "flops=2x" (2x fewer FLOPs
+            than the dense layers), "params=2x", "bits=4.5" (bits per weight on average) or an
+            absolute "flops=1e6", or a BudgetSpec (see ``obc_native.budget``). The level database
+            (every level of every layer with its loss and costs, see ``nonuniform.py``) is built
+            from the calibration pass, or taken from ``database``; the DP solver picks one level
+            per layer minimizing the total loss with total cost <= budget; each layer is then
+            compressed to its level. ``report.budget`` and each layer's ``level``,
+            ``level_costs`` and ``model_loss`` describe the choice; ``report.database`` holds the
+            database (save it with ``report.database.save(path)``).
+        database: a LevelDatabase or the path of a saved one, instead of building it; it must
+            match the model's layers (LevelDatabaseError otherwise). Budget mode only, as are:
+        levels: what levels to build (``LevelSpec`` or dict; default ``LevelSpec.preset`` of the
+            budget's cost type); objective: "auto", "layer", "normalized" or "model" (see
+            ``nonuniform.OBJECTIVES``); stitch, loss_fn: compute stitched model losses while
+            building (see ``build_database``); damp: relative damping of the database's solves.
+            Budget errors are raised before any weight is modified: InfeasibleBudgetError (a
+            ValueError stating the smallest achievable cost), ValueError for an unknown cost type
+            or a negative budget, LevelDatabaseError for a database of another model.
         sequential: calibrate each layer on the outputs of the already-compressed earlier layers
             (see the module docstring for the cost); default: one pass over the dense model.
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
@@ -250,6 +312,18 @@ def compress(
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
     """
+    if budget is not None:
+        if sequential:
+            raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
+        return _compress_budget(
+            model, calibration, recipe, budget=budget, database=database, levels=levels, objective=objective,
+            stitch=stitch, loss_fn=loss_fn, damp=damp, forward=forward, correction=correction, baseline=baseline,
+            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+        )
+    if database is not None or levels is not None or stitch or loss_fn is not None:
+        raise ValueError("database, levels, stitch and loss_fn apply to non-uniform compression: pass budget=")
+    if recipe is None:
+        raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
     start = time.perf_counter()
     recipe = as_recipe(recipe)
     plans = _plan(model, recipe)
@@ -303,16 +377,7 @@ def compress(
             recalibrate_batchnorm(model, batches, device=device, forward=forward)
             report.passes += 1
     except BaseException as err:
-        if not len(backup):
-            note = "compression failed before any weight was modified; the model is unchanged"
-        elif restore_on_error:
-            backup.restore()
-            note = "compression failed; the model was restored to its original weights"
-        else:
-            note = "compression failed; the model is PARTIALLY compressed (restore_on_error=False)"
-        logger.error(note)
-        if hasattr(err, "add_note"):
-            err.add_note(f"obc_native: {note}")
+        _on_failure(err, backup, restore_on_error)
         raise
     finally:
         progress.close()
@@ -323,5 +388,157 @@ def compress(
     report.seconds = time.perf_counter() - start
     logger.info(
         "compressed %d layer(s), skipped %d, in %.2f s", len(report.compressed), len(report.skipped), report.seconds
+    )
+    return report
+
+
+def _dense_level_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
+    """A layer the budget leaves dense: its weights are not touched."""
+    return LayerReport(
+        name=info.name,
+        kind=info.kind,
+        shape=info.weight_shape,
+        mode="dense",
+        method="obc",
+        sparsity=float((weight_matrix(info) == 0).float().mean()),
+        loss=0.0,
+        baseline_loss=0.0,
+        samples=stats.n,
+    )
+
+
+def _compress_budget(
+    model: nn.Module,
+    calibration: Any,
+    recipe: Any,
+    *,
+    budget: Any,
+    database: Any,
+    levels: Any,
+    objective: str,
+    stitch: bool,
+    loss_fn: Any,
+    damp: float,
+    forward: Forward | None,
+    correction: str | None,
+    baseline: bool,
+    num_threads: int | None,
+    quiet: bool,
+    restore_on_error: bool,
+) -> CompressionReport:
+    """compress() with a budget: database (built or given), DP solve, each layer to its level."""
+    start = time.perf_counter()
+    spec = as_budget_spec(budget)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    if objective == "model" and database is None and not stitch:
+        raise ValueError("objective: 'model' needs stitched model losses: pass stitch=True (or such a database)")
+    solution = None
+    if database is not None:
+        if levels is not None or stitch or loss_fn is not None:
+            raise ValueError("levels, stitch and loss_fn apply when building a database, not with database=")
+        if isinstance(database, (str, os.PathLike)):
+            database = LevelDatabase.load(database)
+        elif not isinstance(database, LevelDatabase):
+            raise TypeError(f"database: expected a LevelDatabase or a path, got {type(database).__name__}")
+        infos, left_out = _database_layers(model, database, recipe)
+        solution = solve_database(database, spec, objective=objective)  # infeasible budgets fail here
+    else:
+        if spec.cost not in BUILTIN_COSTS:
+            raise ValueError(
+                f"cost: unknown cost type {spec.cost!r}; a database built here has {list(BUILTIN_COSTS)} "
+                "(attach other costs with LevelDatabase.add_cost and pass database=)"
+            )
+        level_spec = _as_level_spec(levels, spec.cost)
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
+        infos, left_out = select_layers(model, recipe=recipe)
+    correction = _resolve_correction(model, correction)
+    batches = as_batches(calibration)
+    device = model_device(model)
+    report = CompressionReport(calibration="dense", correction=correction)
+    get_core()
+
+    training = {module: module.training for module in model.modules()}
+    backup = _Backup()
+    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
+    progress = None
+    try:
+        model.eval()
+        hessians, applications, order, report.batches = _calibrate(model, infos, batches, forward)
+        report.passes = 1
+        if database is None:
+            database = _build(
+                model, infos, hessians, applications, order, level_spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
+                batches=batches, batch_count=report.batches, forward=forward, num_threads=num_threads, quiet=quiet,
+            )
+            if stitch:
+                report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
+            solution = solve_database(database, spec, objective=objective)
+        progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet, leave=False)
+        for name in [n for n in order if n in infos]:
+            progress.set_postfix_str(name)
+            layer_start = time.perf_counter()
+            info, layer, level = infos[name], database[name], solution.choice[name]
+            stats = hessians.pop(name)
+            if level.kind == "dense":
+                row = _dense_level_report(info, stats)
+            else:
+                plan = LayerPlan(info, level_config(level, layer.settings.get("damp", 0.01)))
+                row = compressor.run(plan, stats, level=(layer, level))
+            row.seconds = time.perf_counter() - layer_start
+            row.level = level.label
+            row.level_costs = dict(level.costs)
+            row.model_loss = level.model_loss
+            report.layers.append(row)
+            progress.update(1)
+        if correction == "batchnorm":
+            for norm in batchnorm_layers(model).values():
+                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
+            recalibrate_batchnorm(model, batches, device=device, forward=forward)
+            report.passes += 1
+    except BaseException as err:
+        _on_failure(err, backup, restore_on_error)
+        raise
+    finally:
+        if progress is not None:
+            progress.close()
+        for module, flag in training.items():
+            module.train(flag)
+
+    report.layers += [
+        _skipped_report(LayerPlan(info, None, left_out[name]))
+        for name, info in find_layers(model).items()
+        if name in left_out
+    ]
+    quantized = {
+        name: (level.params["bits"], level.params["group_size"])
+        for name, level in solution.choice.items()
+        if level.kind in ("quant", "joint")
+    }
+    achieved = measure_costs(model, database, quantized=quantized)
+    if solution.cost_type in achieved and achieved[solution.cost_type] > solution.budget:
+        logger.warning(
+            "the compressed layers' %s (%.6g) exceed the budget %.6g: the database was built on other "
+            "calibration data", solution.cost_type, achieved[solution.cost_type], solution.budget,
+        )
+    report.budget = {
+        "spec": solution.spec,
+        "cost_type": solution.cost_type,
+        "budget": solution.budget,
+        "cost": solution.cost,
+        "dense_cost": solution.dense_cost,
+        "min_cost": solution.min_cost,
+        "objective": solution.loss_source if not solution.normalized else "normalized",
+        "loss": solution.loss,
+        "layer_loss": solution.layer_loss,
+        "achieved": achieved,
+    }
+    report.database = database
+    report.seconds = time.perf_counter() - start
+    logger.info(
+        "compressed %d layer(s) within %s (%s %.6g of budget %.6g), skipped %d, in %.2f s",
+        len(report.compressed), solution.spec, solution.cost_type, solution.cost, solution.budget,
+        len(report.skipped), report.seconds,
     )
     return report

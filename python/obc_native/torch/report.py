@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -30,6 +30,9 @@ class QuantGrid:
     zero: np.ndarray
 
 
+_LEVEL_FIELDS = ("level", "level_costs", "model_loss")
+
+
 @dataclass
 class LayerReport:
     """What happened to one layer.
@@ -49,6 +52,11 @@ class LayerReport:
         seconds: wall time of calibration pass (sequential mode) plus solve.
         bias_corrected: whether the bias was corrected against the dense model's outputs.
         skipped: reason the layer was left untouched, or "".
+        level: non-uniform compression (``compress(budget=...)``): label of the level chosen for
+            the layer (e.g. "sparse:0.7", "nm2:4", "q4a", "dense"); "" otherwise.
+        level_costs: the chosen level's costs in the level database (params, bits, flops, bops
+            and any user cost), or None.
+        model_loss: the chosen level's stitched model loss, when the database has one.
     """
 
     name: str
@@ -66,11 +74,17 @@ class LayerReport:
     bias_corrected: bool = False
     skipped: str = ""
     config: dict[str, Any] | None = None
+    level: str = ""
+    level_costs: dict[str, float] | None = None
+    model_loss: float | None = None
     grid: QuantGrid | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "grid"}
         data["shape"] = list(self.shape)
+        if not self.level:  # recipe compression: no level fields
+            for name in _LEVEL_FIELDS:
+                del data[name]
         return data
 
     @classmethod
@@ -92,6 +106,12 @@ class CompressionReport:
         correction: statistics correction applied: "batchnorm", "bias" or None.
         batches: calibration batches per pass; passes: forward passes over the calibration set.
         seconds: total wall time.
+        budget: non-uniform compression only: ``spec`` (e.g. "flops=2x"), ``cost_type``,
+            ``budget`` (absolute), ``cost`` (the chosen levels' total cost in the database),
+            ``dense_cost``, ``min_cost`` (smallest achievable), ``objective`` and ``loss`` (what
+            the solver minimized), ``layer_loss`` (summed layer losses) and ``achieved`` (the
+            built-in costs measured on the compressed weights); None otherwise.
+        database: the level database used (not serialized; save it with ``.save(path)``).
     """
 
     layers: list[LayerReport] = field(default_factory=list)
@@ -100,6 +120,8 @@ class CompressionReport:
     batches: int = 0
     passes: int = 0
     seconds: float = 0.0
+    budget: dict[str, Any] | None = None
+    database: Any = field(default=None, repr=False, compare=False)
 
     @property
     def compressed(self) -> list[LayerReport]:
@@ -120,8 +142,15 @@ class CompressionReport:
         return float(sum(layer.loss or 0.0 for layer in self.compressed))
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["layers"] = [layer.to_dict() for layer in self.layers]
+        data: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "layers":
+                data["layers"] = [layer.to_dict() for layer in self.layers]
+            elif f.name == "budget":
+                if self.budget is not None:  # non-uniform compression only
+                    data["budget"] = json.loads(json.dumps(self.budget))
+            elif f.name != "database":
+                data[f.name] = getattr(self, f.name)
         return data
 
     def to_json(self, indent: int | None = 2) -> str:
@@ -130,6 +159,7 @@ class CompressionReport:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CompressionReport:
         values = {k: v for k, v in data.items() if k in {f.name for f in fields(cls)}}
+        values.pop("database", None)
         values["layers"] = [LayerReport.from_dict(layer) for layer in data.get("layers", [])]
         return cls(**values)
 
@@ -159,6 +189,13 @@ class CompressionReport:
                     "bias corrected" if layer.bias_corrected else "",
                 )
             )
+        if any(layer.level for layer in self.layers):
+            # non-uniform compression: the chosen level and its cost of the budget's type
+            cost = (self.budget or {}).get("cost_type", "")
+            header = (*header[:4], "level", f"level {cost}".strip(), *header[4:])
+            for i, layer in enumerate(self.layers):
+                value = (layer.level_costs or {}).get(cost)
+                rows[i] = (*rows[i][:4], layer.level, "" if value is None else f"{value:.4g}", *rows[i][4:])
         widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths)).rstrip()]
         lines.append("  ".join("-" * w for w in widths))
@@ -167,10 +204,24 @@ class CompressionReport:
             f"{len(self.compressed)} layer(s) compressed, {len(self.skipped)} skipped; calibration={self.calibration}, "
             f"correction={self.correction}, passes={self.passes}, {self.seconds:.2f} s"
         )
+        if self.budget:
+            lines.append(_budget_line(self.budget))
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
+
+
+def _budget_line(budget: dict[str, Any]) -> str:
+    cost = budget.get("cost_type", "")
+    text = f"budget {budget.get('spec')}: {cost} {_num(budget.get('cost'))} of {_num(budget.get('budget'))}"
+    dense = budget.get("dense_cost")
+    if dense and budget.get("cost"):
+        text += f" ({dense / budget['cost']:.2f}x fewer than dense {_num(dense)})"
+    achieved = (budget.get("achieved") or {}).get(cost)
+    if achieved is not None:
+        text += f"; measured on the weights {_num(achieved)}"
+    return text + f"; objective {budget.get('objective')}"
 
 
 def _shape(shape: tuple[int, ...]) -> str:

@@ -249,6 +249,8 @@ def save_compressed(
             continue
         if layer_report is not None:
             entry.update(mode=layer_report.mode, method=layer_report.method, config=layer_report.config)
+            if layer_report.level:
+                entry["level"] = layer_report.level
         entries[name] = entry
         tensors.update(layer_tensors)
     encoded = {entry["weight_key"] for entry in entries.values() if entry["storage"] != "dense"}
