@@ -7,6 +7,7 @@
 
 #include "internal/prepared_view.hpp"
 #include "internal/prune_result.hpp"
+#include "internal/lazy_inverse.hpp"
 #include "internal/row_state.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -65,66 +66,43 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
     own_states[i].load(W64.row(own_rows[i]).data(), internal::view_of(prep), run.lazy_batch,
                        own_out.row(static_cast<Index>(i)).data());
 
-  // The shared problem in float64: it is solved once for all rows, so precision is cheap.
+  // The shared problem in float64 (solved once for all rows, so precision is cheap), with the
+  // same lazy batched inverse as the row kernels: a step reads columns of G0 - U U^T and the
+  // level-3 update runs every few steps, instead of streaming all of G through memory each step.
   std::vector<Index> active;  // original column of each local index
   for (Index c = 0; c < cols; ++c)
     if (!prep.dead[static_cast<size_t>(c)]) active.push_back(c);
-  Index n = static_cast<Index>(active.size());
   const Index num_shared = static_cast<Index>(shared_rows.size());
-  Eigen::MatrixXd G(n, n);
-  RowMatrixXd Wl(num_shared, n);
-  for (Index j = 0; j < n; ++j) {
-    for (Index i = 0; i < n; ++i) G(i, j) = prep.hinv(active[i], active[j]);
+  internal::LazyInverse<double> inv;
+  inv.load(prep.hinv.data(), cols, active, internal::lazy_capacity(
+                                              static_cast<Index>(active.size()), run.lazy_batch));
+  RowMatrixXd Wl(num_shared, static_cast<Index>(active.size()));
+  for (Index j = 0; j < Wl.cols(); ++j)
     for (Index r = 0; r < num_shared; ++r) Wl(r, j) = W64(shared_rows[r], active[j]);
-  }
-
-  // Drops the local set `drop` after G has been downdated: compacts G, Wl and `active`.
-  auto compact = [&](const std::vector<char>& drop) {
-    std::vector<Index> keep;
-    for (Index i = 0; i < n; ++i)
-      if (!drop[static_cast<size_t>(i)]) keep.push_back(i);
-    const Index m = static_cast<Index>(keep.size());
-    Eigen::MatrixXd Gk(m, m);
-    RowMatrixXd Wk(num_shared, m);
-    std::vector<Index> active_k(static_cast<size_t>(m));
-    for (Index j = 0; j < m; ++j) {
-      for (Index i = 0; i < m; ++i) Gk(i, j) = G(keep[i], keep[j]);
-      Wk.col(j) = Wl.col(keep[j]);
-      active_k[static_cast<size_t>(j)] = active[static_cast<size_t>(keep[j])];
+  // Drops the local columns with keep[i] == 0 from Wl and `active` (inv compacts itself).
+  auto compact = [&](const std::vector<char>& keep) {
+    Index m = 0;
+    for (Index i = 0; i < static_cast<Index>(keep.size()); ++i) {
+      if (!keep[static_cast<size_t>(i)]) continue;
+      Wl.col(m) = Wl.col(i);
+      active[static_cast<size_t>(m)] = active[static_cast<size_t>(i)];
+      ++m;
     }
-    G.swap(Gk);
-    Wl.swap(Wk);
-    active.swap(active_k);
-    n = m;
+    Wl.conservativeResize(Eigen::NoChange, m);
+    active.resize(static_cast<size_t>(m));
   };
-  // G <- G - G[:,B] G_BB^-1 G[B,:] for the local index set B.
-  auto downdate = [&](const std::vector<Index>& B) {
-    const Index len = static_cast<Index>(B.size());
-    Eigen::MatrixXd cols_b(n, len), gbb(len, len);
-    for (Index c = 0; c < len; ++c) cols_b.col(c) = G.col(B[c]);
-    for (Index c = 0; c < len; ++c) gbb.row(c) = cols_b.row(B[c]);
-    Eigen::LLT<Eigen::MatrixXd> llt(gbb);
-    if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
-    Eigen::MatrixXd v = cols_b;
-    llt.matrixL().transpose().solveInPlace<Eigen::OnTheRight>(v);
-    // Both triangles at once: for the few columns of a group a plain product is cheaper than a
-    // one-triangle update followed by a strided mirror copy.
-    G.noalias() -= v * v.transpose();
-  };
-
   {  // live columns that are zero in every row: eliminated first (weights need no update)
     std::vector<Index> zero_cols;
-    std::vector<char> drop(static_cast<size_t>(n), 0);
-    for (Index i = 0; i < n; ++i)
+    std::vector<char> keep(active.size(), 1);
+    for (Index i = 0; i < static_cast<Index>(active.size()); ++i)
       if (gone[active[i]]) {
         zero_cols.push_back(i);
-        drop[i] = 1;
+        keep[static_cast<size_t>(i)] = 0;
       }
-    if (!zero_cols.empty()) {
-      downdate(zero_cols);
-      compact(drop);
-    }
+    if (!inv.eliminate_now(zero_cols)) internal::RowState<double>::lost_definiteness();
+    compact(keep);
   }
+  Index n = inv.size();
 
   // Local span [begin, begin + len) of each group among a row state's free inputs (len 0: none).
   auto own_spans = [&](internal::RowState<double>& state, std::vector<Index>& begin,
@@ -142,13 +120,27 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
   constexpr Index row_chunk = 64;
   const Index num_own = static_cast<Index>(own_rows.size());
   std::vector<std::vector<Index>> own_begin(own_rows.size()), own_len(own_rows.size());
+  std::vector<char> keep(static_cast<size_t>(n), 1);  // 0: removed, dropped at the next flush
+  Eigen::MatrixXd block, cols_b;
   while (removed < target) {
+    if (inv.room() < group) {
+      inv.flush(keep);
+      compact(keep);
+      n = inv.size();
+      keep.assign(static_cast<size_t>(n), 1);
+      inv.reserve(group);
+    }
     // Candidate groups: the still-active columns of each group, contiguous in local order.
     std::vector<std::pair<Index, Index>> spans;  // (local begin, len)
     for (Index i = 0; i < n;) {
+      if (!keep[static_cast<size_t>(i)]) {
+        ++i;
+        continue;
+      }
       const Index g = active[i] / group;
       Index len = 1;
-      while (i + len < n && active[i + len] / group == g) ++len;
+      while (i + len < n && keep[static_cast<size_t>(i + len)] && active[i + len] / group == g)
+        ++len;
       spans.emplace_back(i, len);
       i += len;
     }
@@ -161,14 +153,17 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
             : run.num_threads;
     std::vector<double> scores(spans.size());
     const Eigen::RowVectorXd col_norms = Wl.colwise().squaredNorm();
+    const Eigen::VectorXd& diag = inv.diag();
     parallel_for(num_spans, score_threads, run.interrupt, [&](Index s, int) {
       const auto [begin, len] = spans[static_cast<size_t>(s)];
       if (len == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
-        if (!(G(begin, begin) > 0)) internal::RowState<double>::lost_definiteness();
-        scores[static_cast<size_t>(s)] = col_norms[begin] / G(begin, begin);
+        if (!(diag[begin] > 0)) internal::RowState<double>::lost_definiteness();
+        scores[static_cast<size_t>(s)] = col_norms[begin] / diag[begin];
         return;
       }
-      Eigen::LLT<Eigen::MatrixXd> llt(G.block(begin, begin, len, len));
+      Eigen::MatrixXd gbb;
+      inv.diagonal_block(begin, len, gbb);
+      Eigen::LLT<Eigen::MatrixXd> llt(gbb);
       if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
       Eigen::MatrixXd wt = Wl.middleCols(begin, len).transpose();  // len x shared rows
       llt.matrixL().solveInPlace(wt);
@@ -202,28 +197,27 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
       state.factor_block(b, l);
       state.prune_block(b, l);
     });
-    std::vector<Index> B(static_cast<size_t>(len));
-    for (Index c = 0; c < len; ++c) B[c] = begin + c;
     // W <- W - W_B G_BB^-1 G[B,:] for every shared row, then the shared inverse downdate.
-    const Eigen::MatrixXd gbb = G.block(begin, begin, len, len);
-    const Eigen::MatrixXd g_rows = G.middleRows(begin, len);  // len x n
-    Eigen::LLT<Eigen::MatrixXd> llt(gbb);
+    inv.columns(begin, len, cols_b);  // n x len: G[:, B]
+    block = cols_b.middleRows(begin, len);
+    Eigen::LLT<Eigen::MatrixXd> llt(block);
+    if (llt.info() != Eigen::Success) internal::RowState<double>::lost_definiteness();
     const Index chunks = (num_shared + row_chunk - 1) / row_chunk;
     parallel_for(chunks, score_threads, nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       const Eigen::MatrixXd coef = llt.solve(Wl.block(r0, begin, nr, len).transpose());
-      Wl.middleRows(r0, nr).noalias() -= coef.transpose() * g_rows;
+      Wl.middleRows(r0, nr).noalias() -= coef.transpose() * cols_b.transpose();
     });
-    downdate(B);
-    std::vector<char> drop(static_cast<size_t>(n), 0);
-    for (Index i : B) drop[i] = 1;
-    compact(drop);
+    inv.downdate_block(cols_b, llt.matrixLLT());
+    for (Index i = begin; i < begin + len; ++i) keep[static_cast<size_t>(i)] = 0;
     ++removed;
     if (run.interrupt && run.interrupt->should_stop()) throw Interrupted();
   }
 
   RowMatrix<Scalar> weight = RowMatrix<Scalar>::Zero(rows, cols);
   MaskMatrix pruned = MaskMatrix::Ones(rows, cols);
+  compact(keep);
+  n = static_cast<Index>(active.size());
   for (Index j = 0; j < n; ++j) {
     for (Index r = 0; r < num_shared; ++r) {
       weight(shared_rows[r], active[j]) = static_cast<Scalar>(Wl(r, j));

@@ -62,6 +62,8 @@ class LazyInverse {
   }
   Index room() const { return capacity_ - k_; }
   Index pending() const { return k_; }
+  /// The last `len` downdate columns appended to U (n x len): G changed by -V V^T.
+  auto recent_downdates(Index len) const { return cumap().middleCols(k_ - len, len); }
   const Vec& diag() const { return diag_; }
 
   /// Current column q of the inverse (length n) into `out`.

@@ -69,6 +69,12 @@ class RowState {
   Index orig(Index i) const { return orig_[static_cast<size_t>(i)]; }
   const Vec& w() const { return w_; }
   const Vec& diag() const { return inv_.diag(); }
+  /// The last `len` downdate columns (n x len): the inverse changed by -V V^T.
+  auto recent_downdates(Index len) const { return inv_.recent_downdates(len); }
+  /// Current diagonal block [begin, begin+len) of the inverse (len x len).
+  void diagonal_block(Index begin, Index len, Mat& out) const {
+    inv_.diagonal_block(begin, len, out);
+  }
 
   /// Makes room for `b` more downdates, flushing (and compacting local indices) if needed.
   /// Returns true when local indices changed.

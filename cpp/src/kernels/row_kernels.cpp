@@ -2,6 +2,7 @@
 // generically, and with AVX2+FMA into its own namespaces (OBC_KERNEL_NS, and Eigen renamed by
 // the build) so that the two copies never share a symbol; dispatch.cpp picks one at run time.
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -39,6 +40,105 @@ Index argmin_score(const RowState<Scalar>& state, Eligible eligible) {
   return best;
 }
 
+// Blocked greedy: the diagonal blocks of the current inverse are kept up to date (a rank-len
+// update per step, O(n * block^2)) instead of being rebuilt from G0 - U U^T for every candidate,
+// so scoring all blocks costs O(n * block^2) per step rather than O(n * block * k).
+template <class Scalar>
+void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& step,
+                  std::int32_t* order, double* losses) {
+  struct Span {
+    Index begin, len;
+    bool alive;
+  };
+  const Index stride = block * block;
+  std::vector<Span> spans;
+  std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride
+  std::vector<double> factor(static_cast<size_t>(stride)), rhs(static_cast<size_t>(block));
+  typename RowState<Scalar>::Mat scratch;
+  auto rebuild = [&] {  // free inputs of a block are contiguous local indices
+    spans.clear();
+    for (Index i = 0; i < state.size();) {
+      if (!state.is_free(i)) {
+        ++i;
+        continue;
+      }
+      Index len = 1;
+      while (i + len < state.size() && state.is_free(i + len) &&
+             state.orig(i + len) / block == state.orig(i) / block)
+        ++len;
+      spans.push_back({i, len, true});
+      i += len;
+    }
+    blocks.resize(spans.size() * static_cast<size_t>(stride));
+    for (size_t s = 0; s < spans.size(); ++s) {
+      state.diagonal_block(spans[s].begin, spans[s].len, scratch);
+      std::copy(scratch.data(), scratch.data() + scratch.size(), &blocks[s * stride]);
+    }
+  };
+  // w_B^T G_BB^-1 w_B by a small Cholesky in float64; false if G_BB is not positive definite.
+  auto score_of = [&](size_t s, double& score) {
+    const Index len = spans[s].len;
+    const Scalar* g = &blocks[s * stride];
+    for (Index j = 0; j < len; ++j)
+      for (Index i = j; i < len; ++i) factor[i + j * len] = g[i + j * len];
+    for (Index j = 0; j < len; ++j) {
+      double pivot = factor[j + j * len];
+      for (Index t = 0; t < j; ++t) pivot -= factor[j + t * len] * factor[j + t * len];
+      if (!(pivot > 0)) return false;
+      pivot = std::sqrt(pivot);
+      factor[j + j * len] = pivot;
+      for (Index i = j + 1; i < len; ++i) {
+        double v = factor[i + j * len];
+        for (Index t = 0; t < j; ++t) v -= factor[i + t * len] * factor[j + t * len];
+        factor[i + j * len] = v / pivot;
+      }
+    }
+    score = 0;
+    const auto& w = state.w();
+    for (Index i = 0; i < len; ++i) {
+      double v = static_cast<double>(w[spans[s].begin + i]);
+      for (Index t = 0; t < i; ++t) v -= factor[i + t * len] * rhs[t];
+      rhs[i] = v / factor[i + i * len];
+      score += rhs[i] * rhs[i];
+    }
+    return true;
+  };
+  rebuild();
+  while (step < max_steps && state.num_free() > 0) {
+    if (state.ensure_room(block)) rebuild();
+    size_t best = spans.size();
+    double best_score = std::numeric_limits<double>::infinity();
+    for (size_t s = 0; s < spans.size(); ++s) {
+      if (!spans[s].alive) continue;
+      double score = 0;
+      if (!score_of(s, score)) RowState<Scalar>::lost_definiteness();
+      if (score < best_score || best == spans.size()) {
+        best_score = score;
+        best = s;
+      }
+    }
+    const Index begin = spans[best].begin, len = spans[best].len;
+    order[step] = static_cast<std::int32_t>(state.orig(begin) / block);
+    if (!state.factor_block(begin, len)) RowState<Scalar>::lost_definiteness();
+    losses[step] = state.prune_block(begin, len);
+    ++step;
+    spans[best].alive = false;
+    const auto V = state.recent_downdates(len);  // G_BB -= V_B V_B^T for every other block
+    for (size_t s = 0; s < spans.size(); ++s) {
+      if (!spans[s].alive) continue;
+      Scalar* g = &blocks[s * stride];
+      const Index b0 = spans[s].begin, bl = spans[s].len;
+      for (Index j = 0; j < bl; ++j)
+        for (Index i = j; i < bl; ++i) {
+          Scalar dot = 0;
+          for (Index t = 0; t < len; ++t) dot += V(b0 + i, t) * V(b0 + j, t);
+          g[i + j * bl] -= dot;
+          g[j + i * bl] = g[i + j * bl];
+        }
+    }
+  }
+}
+
 // One row's greedy trace. Unstructured when block == 1. Stops after `max_steps` steps (counting
 // the already-pruned entries, which come first); unfilled trace entries get -1 / NaN.
 // Final (or stopped-at) weights go to `out`.
@@ -70,34 +170,7 @@ void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const HessianVi
       ++step;
     }
   } else {
-    while (step < max_steps && state.num_free() > 0) {
-      state.ensure_room(block);
-      // Free inputs of a block are contiguous local indices (blocks leave whole).
-      Index best_begin = -1, best_len = 0;
-      double best_score = std::numeric_limits<double>::infinity();
-      for (Index i = 0; i < state.size();) {
-        if (!state.is_free(i)) {
-          ++i;
-          continue;
-        }
-        const Index b = state.orig(i) / block;
-        Index len = 1;
-        while (i + len < state.size() && state.is_free(i + len) && state.orig(i + len) / block == b)
-          ++len;
-        if (!state.factor_block(i, len)) RowState<Scalar>::lost_definiteness();
-        const double score = state.block_score(i, len);
-        if (score < best_score || best_begin < 0) {
-          best_score = score;
-          best_begin = i;
-          best_len = len;
-        }
-        i += len;
-      }
-      order[step] = static_cast<std::int32_t>(state.orig(best_begin) / block);
-      state.factor_block(best_begin, best_len);
-      losses[step] = state.prune_block(best_begin, best_len);
-      ++step;
-    }
+    trace_blocks(state, block, max_steps, step, order, losses);
   }
   state.finish();
 }
