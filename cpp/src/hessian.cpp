@@ -4,6 +4,7 @@
 #include <Eigen/Cholesky>
 #include <cmath>
 
+#include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
@@ -57,25 +58,16 @@ PreparedHessian prepare_hessian(const Eigen::Ref<const Eigen::MatrixXd>& H,
       prep.h(i, i) += prep.damp_absolute;
     }
   }
-  Eigen::LLT<Eigen::MatrixXd> llt(prep.h);
-  bool ok = llt.info() == Eigen::Success;
-  if (ok) {
-    const auto& L = llt.matrixLLT();
-    // A pivot this small relative to its diagonal means H is numerically singular: the
-    // inverse would be dominated by rounding, so say so instead of returning garbage.
-    for (Index i = 0; i < cols && ok; ++i) {
-      const double pivot = L(i, i) * L(i, i);
-      if (!(pivot > 1e-13 * prep.h(i, i))) ok = false;
-    }
-  }
-  if (!ok) {
+  // The O(cols^3) factorization runs in the SIMD-dispatched kernels (see row_kernels.hpp).
+  // A pivot below 1e-13 of its diagonal means H is numerically singular: the inverse would be
+  // dominated by rounding, so say so instead of returning garbage.
+  prep.hinv.resize(cols, cols);
+  if (!internal::kernels().spd_inverse(prep.h.data(), prep.hinv.data(), cols, 1e-13)) {
     throw NotPositiveDefinite(detail::concat(
         "H is not positive definite after damping: damp = ", options.damp,
         " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,
         " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples."));
   }
-  prep.hinv = llt.solve(Eigen::MatrixXd::Identity(cols, cols));
-  prep.hinv = 0.5 * (prep.hinv + prep.hinv.transpose()).eval();
   return prep;
 }
 

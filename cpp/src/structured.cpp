@@ -152,7 +152,9 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
             ? 1
             : run.num_threads;
     std::vector<double> scores(spans.size());
-    const Eigen::RowVectorXd col_norms = Wl.colwise().squaredNorm();
+    // Column norms row by row: Wl is row-major, so a column-wise reduction would stride.
+    Eigen::RowVectorXd col_norms = Eigen::RowVectorXd::Zero(n);
+    for (Index r = 0; r < num_shared; ++r) col_norms += Wl.row(r).cwiseAbs2();
     const Eigen::VectorXd& diag = inv.diag();
     parallel_for(num_spans, score_threads, run.interrupt, [&](Index s, int) {
       const auto [begin, len] = spans[static_cast<size_t>(s)];

@@ -66,6 +66,9 @@ struct RowKernels {
 struct KernelTable {
   RowKernels<float> f32;
   RowKernels<double> f64;
+  /// Cholesky inverse of the SPD matrix h (n x n) into hinv (n x n, both triangles). Returns false
+  /// when a pivot falls below pivot_tol times its diagonal entry (numerically singular).
+  bool (*spd_inverse)(const double* h, double* hinv, KIndex n, double pivot_tol);
   const char* isa;  ///< "generic" or "avx2+fma"
 };
 

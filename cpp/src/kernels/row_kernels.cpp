@@ -255,6 +255,21 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
   });
 }
 
+bool spd_inverse(const double* h, double* hinv, Index n, double pivot_tol) {
+  using MatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
+  const Eigen::Map<const MatrixXd> hm(h, n, n);
+  Eigen::LLT<MatrixXd> llt(hm);
+  if (llt.info() != Eigen::Success) return false;
+  const auto& L = llt.matrixLLT();
+  for (Index i = 0; i < n; ++i)
+    if (!(L(i, i) * L(i, i) > pivot_tol * hm(i, i))) return false;
+  Eigen::Map<MatrixXd> out(hinv, n, n);
+  out.setIdentity();
+  llt.solveInPlace(out);
+  out = 0.5 * (out + out.transpose()).eval();
+  return true;
+}
+
 }  // namespace
 
 }  // namespace obc::OBC_KERNEL_NS
@@ -267,6 +282,7 @@ const KernelTable& OBC_KERNEL_TABLE() {
                         &OBC_KERNEL_NS::obq_rows<float>},
       RowKernels<double>{&OBC_KERNEL_NS::trace_rows<double>, &OBC_KERNEL_NS::nm_rows<double>,
                          &OBC_KERNEL_NS::obq_rows<double>},
+      &OBC_KERNEL_NS::spd_inverse,
       OBC_KERNEL_ISA};
   return table;
 }
