@@ -193,6 +193,7 @@ def trace_unstructured(W, H, *, sparsity=0.5, damp=0.01, batch=BATCH_ROWS, dtype
             if bool(rec.any()):
                 out[start:stop][rec] = w[rec]
         steps_run = max(steps_run, steps)
+        del hinv, diag  # free this batch's inverses before the next batch allocates its own
         for r in range(b):
             z = len(zeros[r])
             order[start + r, z:] = order_t[r, z:].numpy()
@@ -242,6 +243,7 @@ def prune_nm(W, H, n, m, *, damp=0.01, batch=BATCH_ROWS, dtype=torch.float32,
             q = torch.argmin(score, dim=1)
             _prune_step(w, hinv, q, active, free)
         out[start:stop] = w
+        del hinv, diag  # free this batch's inverses before the next batch allocates its own
     weight = out.numpy()
     return PruneOut(weight=weight, mask=weight != 0, info={"damp_absolute": prep.damp_absolute})
 
@@ -304,6 +306,7 @@ def prune_blocked(W, H, sparsity, block, *, damp=0.01, batch=BATCH_ROWS, dtype=t
             free[sel.unsqueeze(1), cols_b[active]] = False
             w.mul_(free)
         out[start:stop] = w
+        del hinv  # free this batch's inverses before the next batch allocates its own
     weight = out.numpy()
     return PruneOut(weight=weight, mask=weight != 0,
                     info={"damp_absolute": prep.damp_absolute, "count": count})
@@ -389,20 +392,28 @@ def quantize_rtn(W, bits: int, sym: bool = True) -> np.ndarray:
 
 
 def quantize_obq(W, H, bits, *, sym=True, damp=0.01, outlier_tol=1e-3, batch=BATCH_ROWS,
-                 dtype=torch.float32, max_steps=None) -> PruneOut:
+                 dtype=torch.float32, max_steps=None, grid=None) -> PruneOut:
     """OBQ with a per-row min-max grid (computed from the original W) and the outlier rule.
 
     Each step fixes the free weight with the smallest (w_q - q(w_q))^2 / Hinv_qq to its grid
     value and updates the free weights optimally: w -= Hinv[:, q] (w_q - q(w_q)) / Hinv_qq.
     Outlier rule: if a free weight's rounding error exceeds (1 + outlier_tol) * scale^2 / 4 (it
-    lies outside the grid's range by more than half a step) and the argmin weight is non-zero,
-    the free weight with the largest error is quantized first. Zeros stay zero.
+    lies outside the grid's range by more than half a step), the free weight with the largest
+    error is quantized first (lowest index on ties). This is obc_native's rule; the published
+    code also requires the argmin weight to be non-zero, which only matters for free weights
+    that are exactly 0 and never happens on the benchmark's layers. Zeros stay zero.
+    ``grid=(scale, zero)`` (1-D, one per row) replaces the min-max grid (used by the checks to
+    put weights outside the range on purpose).
     """
     prep = prepare_hessian(H, damp, dtype)
     W_all = _prepare_weights(W, prep, dtype)
     rows, cols = W_all.shape
     maxq = 2**bits - 1
-    scale_all, zero_all = minmax_grid(W_all, bits, sym)
+    if grid is None:
+        scale_all, zero_all = minmax_grid(W_all, bits, sym)
+    else:
+        scale_all, zero_all = (torch.as_tensor(np.asarray(g)).to(dtype) for g in grid)
+    scale_all = scale_all.to(dtype)
     out = torch.empty_like(W_all)
     for start, stop in _row_batches(rows, batch):
         w, hinv, free, _ = _batch_state(W_all, prep, start, stop)
@@ -424,7 +435,7 @@ def quantize_obq(W, H, bits, *, sym=True, damp=0.01, outlier_tol=1e-3, batch=BAT
             score = err / diag
             score.masked_fill_(~free, math.inf)
             q = torch.argmin(score, dim=1)
-            outlier = (err > thresh).any(dim=1) & (w[ar, q] != 0)
+            outlier = (err > thresh).any(dim=1)
             if bool(outlier.any()):
                 q = torch.where(outlier, torch.argmax(err, dim=1), q)
             d = hinv[ar, q, q]
@@ -437,6 +448,7 @@ def quantize_obq(W, H, bits, *, sym=True, damp=0.01, outlier_tol=1e-3, batch=BAT
             free[sel, q[active]] = False
             w = torch.where(free, w, fixed)  # fixed weights stay exactly on their grid value
         out[start:stop] = w
+        del hinv, diag  # free this batch's inverses before the next batch allocates its own
     weight = out.numpy()
     return PruneOut(weight=weight, mask=W_all.numpy() != 0,
                     info={"damp_absolute": prep.damp_absolute, "scale": scale_all.numpy(),

@@ -266,7 +266,8 @@ bool spd_inverse(const double* h, double* hinv, Index n, double pivot_tol) {
   Eigen::Map<MatrixXd> out(hinv, n, n);
   out.setIdentity();
   llt.solveInPlace(out);
-  out = 0.5 * (out + out.transpose()).eval();
+  for (Index j = 0; j < n; ++j)  // exact symmetry, without an n x n temporary
+    for (Index i = j + 1; i < n; ++i) out(i, j) = out(j, i) = 0.5 * (out(i, j) + out(j, i));
   return true;
 }
 
