@@ -452,7 +452,8 @@ def evaluate_targets(cases: list[dict]) -> dict:
            and "mem_ratio" in c]
     if mem:
         out["unstructured_256x2304_memory_under_tenth"] = mem[0]["mem_ratio"] > 10.0
-    out["all_losses_ok"] = all(out["loss_within_1e-3"].values()) if out["loss_within_1e-3"] else None
+    losses_ok = out["loss_within_1e-3"]
+    out["all_losses_ok"] = all(losses_ok.values()) if losses_ok else None
     out["all_speedups_ok"] = (all(out["speedup_at_least_3x"].values())
                               if out["speedup_at_least_3x"] else None)
     return out
@@ -510,7 +511,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", help=f"comma list of ROWSxCOLS (default {','.join(FULL_LAYERS)})")
     p.add_argument("--modes", default=",".join(ALL_MODES),
                    help=f"comma list from {','.join(ALL_MODES)}")
-    p.add_argument("--repeats", type=int, help="timed repeats, median reported (default 5; 2 quick)")
+    p.add_argument("--repeats", type=int,
+                   help="timed repeats, median reported (default 5; 2 quick)")
     p.add_argument("--budget", type=float, default=60.0,
                    help="stop repeating obc_native once its runs of a case took this many "
                         "seconds (it always runs once); default 60")

@@ -400,7 +400,8 @@ def quantize_rtn(W, bits: int, sym: bool = True) -> np.ndarray:
     """Round-to-nearest on the per-row min-max grid (reference, no error feedback)."""
     w = torch.as_tensor(np.asarray(W)).clone()
     scale, zero = minmax_grid(w, bits, sym)
-    return quantize_values(w, scale.unsqueeze(1), zero.unsqueeze(1).to(w.dtype), 2**bits - 1).numpy()
+    zero = zero.unsqueeze(1).to(w.dtype)
+    return quantize_values(w, scale.unsqueeze(1), zero, 2**bits - 1).numpy()
 
 
 def quantize_obq(W, H, bits, *, sym=True, damp=0.01, outlier_tol=1e-3, batch=BATCH_ROWS,
