@@ -6,6 +6,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <type_traits>
+
 #include "obc/build_info.hpp"
 #include "obc/errors.hpp"
 #include "obc/hessian.hpp"
@@ -22,7 +24,35 @@ using obc_bindings::PythonInterrupt;
 
 template <class S>
 using RowRef = Eigen::Ref<const obc::RowMatrix<S>>;
-using HRef = Eigen::Ref<const Eigen::MatrixXd>;
+
+// H as it lies in the numpy array (float32 or float64, C- or Fortran-ordered): no copy, since a
+// Hessian is the largest input of a call. The Python layer makes it contiguous first.
+obc::HessianRef hessian_ref(const py::array& H) {
+  const bool f32 = py::isinstance<py::array_t<float>>(H) && H.itemsize() == 4;
+  const bool f64 = py::isinstance<py::array_t<double>>(H) && H.itemsize() == 8;
+  if (!f32 && !f64)
+    throw py::type_error("H: expected a float32 or float64 array, got dtype " +
+                         std::string(py::str(H.dtype())));
+  if (H.ndim() != 2)
+    throw py::value_error("H: expected a 2-D array, got " + std::to_string(H.ndim()) + " dims");
+  const Index item = static_cast<Index>(H.itemsize());
+  const Index rows = H.shape(0), cols = H.shape(1);
+  Index row_stride = H.strides(0) / item, col_stride = H.strides(1) / item;
+  if (H.strides(0) % item != 0 || H.strides(1) % item != 0 || row_stride < 0 || col_stride < 0 ||
+      (rows > 1 && cols > 1 && row_stride != 1 && col_stride != 1))
+    throw py::value_error("H: expected a C- or Fortran-contiguous array");
+  if (f32) return obc::HessianRef(static_cast<const float*>(H.data()), rows, cols, row_stride,
+                                  col_stride);
+  return obc::HessianRef(static_cast<const double*>(H.data()), rows, cols, row_stride, col_stride);
+}
+
+// Hands an Eigen matrix to numpy without copying it: the array owns it through a capsule.
+template <class T>
+py::array_t<T> to_array_moved(obc::RowMatrix<T>&& m) {
+  auto* owned = new obc::RowMatrix<T>(std::move(m));
+  py::capsule owner(owned, [](void* p) { delete static_cast<obc::RowMatrix<T>*>(p); });
+  return py::array_t<T>({owned->rows(), owned->cols()}, owned->data(), owner);
+}
 
 template <class S>
 py::array_t<S> to_array(const obc::RowMatrix<S>& m) {
@@ -87,14 +117,15 @@ py::dict quant_dict(obc::QuantResult<S>&& r) {
 template <class S>
 void bind_scalar(py::module_& m) {
   m.def("prune_unstructured",
-        [](RowRef<S> W, HRef H, double sparsity, const std::string& spread, double damp,
+        [](RowRef<S> W, const py::array& H, double sparsity, const std::string& spread, double damp,
            int num_threads, int lazy_batch) {
+          const obc::HessianRef h = hessian_ref(H);
           const obc::Spread sp = parse_spread(spread);
           PythonInterrupt hook;
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::prune_unstructured<S>(W, H, sparsity, sp, obc::HessianOptions{damp},
+            r = obc::prune_unstructured<S>(W, h, sparsity, sp, obc::HessianOptions{damp},
                                            run_options(num_threads, lazy_batch, hook));
           }
           return prune_dict<S>(std::move(r));
@@ -102,14 +133,15 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("spread"), py::arg("damp"),
         py::arg("num_threads"), py::arg("lazy_batch") = 0);
   m.def("prune_blocked",
-        [](RowRef<S> W, HRef H, double sparsity, Index block, const std::string& spread,
+        [](RowRef<S> W, const py::array& H, double sparsity, Index block, const std::string& spread,
            double damp, int num_threads, int lazy_batch) {
+          const obc::HessianRef h = hessian_ref(H);
           const obc::Spread sp = parse_spread(spread);
           PythonInterrupt hook;
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::prune_blocked<S>(W, H, sparsity, block, sp, obc::HessianOptions{damp},
+            r = obc::prune_blocked<S>(W, h, sparsity, block, sp, obc::HessianOptions{damp},
                                       run_options(num_threads, lazy_batch, hook));
           }
           return prune_dict<S>(std::move(r));
@@ -117,12 +149,13 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("block"), py::arg("spread"),
         py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
   m.def("prune_nm",
-        [](RowRef<S> W, HRef H, Index n, Index mm, double damp, int num_threads, int lazy_batch) {
+        [](RowRef<S> W, const py::array& H, Index n, Index mm, double damp, int num_threads, int lazy_batch) {
+          const obc::HessianRef h = hessian_ref(H);
           PythonInterrupt hook;
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::prune_nm<S>(W, H, n, mm, obc::HessianOptions{damp},
+            r = obc::prune_nm<S>(W, h, n, mm, obc::HessianOptions{damp},
                                  run_options(num_threads, lazy_batch, hook));
           }
           return prune_dict<S>(std::move(r));
@@ -130,12 +163,13 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("n"), py::arg("m"), py::arg("damp"),
         py::arg("num_threads"), py::arg("lazy_batch") = 0);
   m.def("prune_structured",
-        [](RowRef<S> W, HRef H, double sparsity, Index group, double damp, int num_threads) {
+        [](RowRef<S> W, const py::array& H, double sparsity, Index group, double damp, int num_threads) {
+          const obc::HessianRef h = hessian_ref(H);
           PythonInterrupt hook;
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::prune_structured<S>(W, H, sparsity, group, obc::HessianOptions{damp},
+            r = obc::prune_structured<S>(W, h, sparsity, group, obc::HessianOptions{damp},
                                          run_options(num_threads, 0, hook));
           }
           return prune_dict<S>(std::move(r));
@@ -143,18 +177,23 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("group"), py::arg("damp"),
         py::arg("num_threads"));
   m.def("trace",
-        [](RowRef<S> W, HRef H, Index block, double damp, int num_threads, int lazy_batch) {
+        [](RowRef<S> W, const py::array& H, Index block, double damp, int num_threads, int lazy_batch) {
+          const obc::HessianRef h = hessian_ref(H);
           PythonInterrupt hook;
           obc::Trace t;
           obc::PreparedHessian prep;
           {
             py::gil_scoped_release release;
-            prep = obc::prepare_hessian(H, obc::HessianOptions{damp});
+            prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
+            // Only the row kernels read the inverse here, and float32 ones compute in float32.
+            if constexpr (std::is_same_v<S, float>) prep.keep_float32_only();
             t = obc::trace_rows<S>(W, prep, block, run_options(num_threads, lazy_batch, hook));
+            prep.hinv_f32 = Eigen::MatrixXf();
+            prep.hinv = Eigen::MatrixXd();
           }
           py::dict d;
-          d["order"] = to_array<std::int32_t>(t.order);
-          d["losses"] = to_array<double>(t.step_losses);
+          d["order"] = to_array_moved<std::int32_t>(std::move(t.order));
+          d["losses"] = to_array_moved<double>(std::move(t.step_losses));
           d["damp"] = prep.damp;
           d["damp_absolute"] = prep.damp_absolute;
           return d;
@@ -162,14 +201,16 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("block"), py::arg("damp"), py::arg("num_threads"),
         py::arg("lazy_batch") = 0);
   m.def("solve_masked",
-        [](RowRef<S> W, HRef H, Eigen::Ref<const obc::MaskMatrix> pruned, double damp,
+        [](RowRef<S> W, const py::array& H, Eigen::Ref<const obc::MaskMatrix> pruned, double damp,
            int num_threads) {
+          const obc::HessianRef h = hessian_ref(H);
           PythonInterrupt hook;
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            const obc::PreparedHessian prep = obc::prepare_hessian(H, obc::HessianOptions{damp});
-            r = obc::solve_masked<S>(W, H, prep, obc::MaskMatrix(pruned),
+            const obc::PreparedHessian prep =
+                obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
+            r = obc::solve_masked<S>(W, h, prep, obc::MaskMatrix(pruned),
                                      run_options(num_threads, 0, hook));
           }
           return prune_dict<S>(std::move(r));
@@ -186,14 +227,15 @@ void bind_scalar(py::module_& m) {
     return opt;
   };
   m.def("quantize",
-        [quant_options](RowRef<S> W, HRef H, int bits, bool sym, Index group_size,
+        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, double damp, int num_threads, int lazy_batch) {
+          const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
           PythonInterrupt hook;
           obc::QuantResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::quantize<S>(W, H, opt, obc::HessianOptions{damp},
+            r = obc::quantize<S>(W, h, opt, obc::HessianOptions{damp},
                                  run_options(num_threads, lazy_batch, hook));
           }
           return quant_dict<S>(std::move(r));
@@ -201,14 +243,15 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
   m.def("quantize_rtn",
-        [quant_options](RowRef<S> W, HRef H, int bits, bool sym, Index group_size,
+        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {
+          const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
           PythonInterrupt hook;
           obc::QuantResult<S> r;
           {
             py::gil_scoped_release release;
-            r = obc::quantize_rtn<S>(W, H, opt, obc::HessianOptions{},
+            r = obc::quantize_rtn<S>(W, h, opt, obc::HessianOptions{},
                                      run_options(num_threads, 0, hook));
           }
           return quant_dict<S>(std::move(r));
@@ -216,11 +259,12 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("num_threads"));
   m.def("layer_loss",
-        [](RowRef<S> W, RowRef<S> W_hat, HRef H, int num_threads) {
+        [](RowRef<S> W, RowRef<S> W_hat, const py::array& H, int num_threads) {
+          const obc::HessianRef h = hessian_ref(H);
           Eigen::VectorXd losses;
           {
             py::gil_scoped_release release;
-            losses = obc::row_losses<S>(W, W_hat, H, num_threads);
+            losses = obc::row_losses<S>(W, W_hat, h, num_threads);
           }
           return to_vector(losses);
         },

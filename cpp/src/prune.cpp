@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "internal/prepared_view.hpp"
@@ -131,10 +132,14 @@ MaskMatrix mask_from_trace(const Trace& trace, Index cols,
 
 template <class Scalar>
 PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const HessianRef& H,
                                  const PreparedHessian& prep, const MaskMatrix& pruned_in,
                                  const RunOptions& run) {
   check_weight<Scalar>(W, prep.cols());
+  OBC_CHECK(prep.hinv.size() > 0, "solve_masked: expected a float64 prepared inverse, got one ",
+            "reduced by keep_float32_only()");
+  OBC_CHECK(H.rows() == prep.cols() && H.cols() == prep.cols(), "H: expected ", prep.cols(), "x",
+            prep.cols(), ", got ", H.rows(), "x", H.cols());
   OBC_CHECK(pruned_in.rows() == W.rows() && pruned_in.cols() == W.cols(), "mask: expected ",
             W.rows(), "x", W.cols(), ", got ", pruned_in.rows(), "x", pruned_in.cols());
   const Index rows = W.rows(), cols = W.cols();
@@ -166,13 +171,21 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
           out[F[i]] -= delta;
         }
       } else {
-        // w_hat_F = w_F + H_FF^-1 H_FP w_P
+        // w_hat_F = w_F + H_FF^-1 H_FP w_P with the damped H (dead inputs are in P, and their
+        // rows of H are zero, so only live entries are read here)
         Eigen::MatrixXd hff(nf, nf);
-        for (Index j = 0; j < nf; ++j)
-          for (Index i = 0; i < nf; ++i) hff(i, j) = prep.h(F[i], F[j]);
         Eigen::VectorXd rhs = Eigen::VectorXd::Zero(nf);
-        for (Index i = 0; i < nf; ++i)
-          for (Index j = 0; j < np; ++j) rhs[i] += prep.h(F[i], P[j]) * wp[j];
+        H.visit([&](const auto& h) {
+          auto damped = [&](Index a, Index b) {
+            const double v = 0.5 * (static_cast<double>(h(a, b)) + static_cast<double>(h(b, a)));
+            return a == b ? v + prep.damp_absolute : v;
+          };
+          for (Index j = 0; j < nf; ++j)
+            for (Index i = 0; i < nf; ++i) hff(i, j) = damped(F[i], F[j]);
+          for (Index i = 0; i < nf; ++i)
+            for (Index j = 0; j < np; ++j)
+              if (!prep.dead[static_cast<size_t>(P[j])]) rhs[i] += damped(F[i], P[j]) * wp[j];
+        });
         Eigen::LLT<Eigen::MatrixXd> llt(hff);
         if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
         const Eigen::VectorXd delta = llt.solve(rhs);
@@ -187,17 +200,18 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 template <class Scalar>
 static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                        const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                        const HessianRef& H,
                                         double sparsity, Index block, Spread spread,
                                         const HessianOptions& hopt, const RunOptions& run) {
   check_sparsity(sparsity);
-  const PreparedHessian prep = prepare_hessian(H, hopt);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   check_weight<Scalar>(W, prep.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
   const Index num_blocks = W.cols() / block;
   if (spread == Spread::Uniform) {
     // Every row stops at the same count: the greedy's own weights are optimal for its mask.
+    if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
     IndexVector counts = IndexVector::Constant(W.rows(), count_for_sparsity(sparsity, num_blocks));
     RowMatrix<Scalar> weight;
     Trace partial;
@@ -216,7 +230,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
 
 template <class Scalar>
 PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                       const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                       const HessianRef& H, double sparsity,
                                        Spread spread, const HessianOptions& hopt,
                                        const RunOptions& run) {
   return prune_traced<Scalar>(W, H, sparsity, 1, spread, hopt, run);
@@ -224,7 +238,7 @@ PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>
 
 template <class Scalar>
 PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                  const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                  const HessianRef& H, double sparsity,
                                   Index block, Spread spread, const HessianOptions& hopt,
                                   const RunOptions& run) {
   return prune_traced<Scalar>(W, H, sparsity, block, spread, hopt, run);
@@ -232,13 +246,14 @@ PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 template <class Scalar>
 PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const Eigen::Ref<const Eigen::MatrixXd>& H, Index n, Index m,
+                             const HessianRef& H, Index n, Index m,
                              const HessianOptions& hopt, const RunOptions& run) {
   OBC_CHECK(m >= 2 && n >= 1 && n < m, "n, m: expected 0 < n < m, got n = ", n, ", m = ", m);
   OBC_CHECK(W.cols() % m == 0, "m: expected a divisor of cols (", W.cols(), ") so that every ",
             "input belongs to a group of m, got m = ", m);
-  const PreparedHessian prep = prepare_hessian(H, hopt);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   check_weight<Scalar>(W, prep.cols());
+  if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
   const Index rows = W.rows(), cols = W.cols();
   RowMatrix<Scalar> weight(rows, cols);
   const internal::NmJob<Scalar> job{W.data(), rows, internal::view_of(prep), n, m, weight.data()};
@@ -251,19 +266,19 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,    \
                                Index, const RunOptions&);                                        \
   template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                 \
-                                          const Eigen::Ref<const Eigen::MatrixXd>&,              \
+                                          const HessianRef&,              \
                                           const PreparedHessian&, const MaskMatrix&,             \
                                           const RunOptions&);                                    \
   template PruneResult<S> prune_unstructured<S>(const Eigen::Ref<const RowMatrix<S>>&,           \
-                                                const Eigen::Ref<const Eigen::MatrixXd>&, double, \
+                                                const HessianRef&, double, \
                                                 Spread, const HessianOptions&,                   \
                                                 const RunOptions&);                              \
   template PruneResult<S> prune_blocked<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
-                                           const Eigen::Ref<const Eigen::MatrixXd>&, double,      \
+                                           const HessianRef&, double,      \
                                            Index, Spread, const HessianOptions&,                 \
                                            const RunOptions&);                                   \
   template PruneResult<S> prune_nm<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
-                                      const Eigen::Ref<const Eigen::MatrixXd>&, Index, Index,    \
+                                      const HessianRef&, Index, Index,    \
                                       const HessianOptions&, const RunOptions&);
 
 OBC_INSTANTIATE(float)

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "internal/grid_point.hpp"
@@ -121,7 +122,7 @@ static void check_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hco
 
 template <class Scalar>
 QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const HessianRef& H,
                                  const QuantOptions& opt, const HessianOptions& hopt,
                                  const RunOptions& run) {
   check_quant_options(opt, W.cols());
@@ -143,11 +144,12 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 template <class Scalar>
 QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const Eigen::Ref<const Eigen::MatrixXd>& H, const QuantOptions& opt,
+                             const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
-  const PreparedHessian prep = prepare_hessian(H, hopt);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   check_inputs<Scalar>(W, prep.cols());
+  if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt);
   const QuantGrid<Scalar>& grid = result.grid;
@@ -174,11 +176,11 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
                                      const QuantOptions&);                                      \
   template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
-                                          const Eigen::Ref<const Eigen::MatrixXd>&,             \
+                                          const HessianRef&,             \
                                           const QuantOptions&, const HessianOptions&,           \
                                           const RunOptions&);                                   \
   template QuantResult<S> quantize<S>(const Eigen::Ref<const RowMatrix<S>>&,                    \
-                                      const Eigen::Ref<const Eigen::MatrixXd>&,                 \
+                                      const HessianRef&,                 \
                                       const QuantOptions&, const HessianOptions&,               \
                                       const RunOptions&);
 

@@ -17,7 +17,7 @@ namespace obc {
 
 template <class Scalar>
 PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                     const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                     const HessianRef& H, double sparsity,
                                      Index group, const HessianOptions& hopt,
                                      const RunOptions& run) {
   OBC_CHECK(std::isfinite(sparsity) && sparsity >= 0 && sparsity <= 1,
@@ -26,7 +26,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
             W.rows(), "x", W.cols());
   OBC_CHECK(group >= 1 && W.cols() % group == 0, "group: expected a positive divisor of cols (",
             W.cols(), "), got ", group);
-  const PreparedHessian prep = prepare_hessian(H, hopt);
+  const PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   OBC_CHECK(prep.cols() == W.cols(), "H: expected ", W.cols(), "x", W.cols(), ", got ",
             prep.cols(), "x", prep.cols());
   OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
@@ -236,11 +236,11 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
 }
 
 template PruneResult<float> prune_structured<float>(const Eigen::Ref<const RowMatrix<float>>&,
-                                                    const Eigen::Ref<const Eigen::MatrixXd>&,
+                                                    const HessianRef&,
                                                     double, Index, const HessianOptions&,
                                                     const RunOptions&);
 template PruneResult<double> prune_structured<double>(const Eigen::Ref<const RowMatrix<double>>&,
-                                                      const Eigen::Ref<const Eigen::MatrixXd>&,
+                                                      const HessianRef&,
                                                       double, Index, const HessianOptions&,
                                                       const RunOptions&);
 

@@ -51,7 +51,13 @@ def as_weight(value, name: str = "W") -> np.ndarray:
 
 
 def as_hessian(value, cols: int, name: str = "H") -> np.ndarray:
-    """H as a C-contiguous float64 (cols, cols) array; symmetry is checked by the core."""
+    """H as a (cols, cols) float32 or float64 array, C- or Fortran-contiguous.
+
+    H is the largest input of a solve, so it is passed on without a copy whenever possible: its
+    dtype is kept (float16 is widened to float32) and only a non-contiguous view is copied. The
+    core reads either type and always prepares the inverse in float64; it also checks that the
+    values are finite and that H is symmetric.
+    """
     arr = _as_array(value, name)
     _check_float_kind(arr, name)
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
@@ -61,10 +67,11 @@ def as_hessian(value, cols: int, name: str = "H") -> np.ndarray:
             f"{name}: expected shape ({cols}, {cols}) to match the {cols} columns of W, "
             f"got {arr.shape}"
         )
-    arr = np.ascontiguousarray(arr, dtype=np.float64)
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name}: expected finite values, got NaN or Inf")
-    return arr
+    dtype = np.float64 if arr.dtype.itemsize == 8 else np.float32
+    native = arr.dtype == np.dtype(dtype)  # also false for a non-native byte order
+    if native and (arr.flags.c_contiguous or arr.flags.f_contiguous):
+        return arr
+    return np.ascontiguousarray(arr, dtype=dtype)
 
 
 def as_int(value, name: str, *, low: int | None = None, high: int | None = None) -> int:

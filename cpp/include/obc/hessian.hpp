@@ -4,6 +4,7 @@
 #include <Eigen/Core>
 #include <vector>
 
+#include "obc/hessian_ref.hpp"
 #include "obc/types.hpp"
 
 namespace obc {
@@ -18,33 +19,43 @@ struct HessianOptions {
   double symmetry_tol = 1e-6;
 };
 
-/// A validated, damped Hessian and its inverse. Dead inputs (diag H == 0: the input is always
-/// zero in the calibration data) are decoupled: their row/column of `h` is the unit vector, so
-/// `hinv` has a 1 there too and the solvers treat them as already pruned.
+/// A validated, damped Hessian's inverse. Dead inputs (diag H == 0: the input is always zero in
+/// the calibration data) are decoupled: the damped Hessian gets a unit row/column there, so
+/// `hinv` has a 1 there too and the solvers treat them as already pruned. The damped Hessian
+/// itself is not kept: it is (H + H^T) / 2 plus damp_absolute on the live diagonal.
 struct PreparedHessian {
-  Eigen::MatrixXd h;          ///< cols x cols damped Hessian, dead inputs decoupled
-  Eigen::MatrixXd hinv;       ///< cols x cols inverse of `h`, full symmetric, from Cholesky
+  Eigen::MatrixXd hinv;       ///< cols x cols inverse of the damped H, full symmetric
+  /// Optional float32 copy of hinv for float32 layers, whose row kernels compute in float32
+  /// anyway; set by keep_float32_only(), which frees `hinv` (half the memory).
+  Eigen::MatrixXf hinv_f32;
   std::vector<char> dead;     ///< cols flags: 1 where diag(H) == 0
   Index num_dead = 0;         ///< number of dead inputs
   double damp = 0.0;          ///< relative damping used (equals the option)
   double damp_absolute = 0.0; ///< lambda actually added to the diagonal
-  Index cols() const { return h.rows(); }
+  Index cols() const { return static_cast<Index>(dead.size()); }
+  /// Replaces hinv by its float32 copy (for float32 row kernels only).
+  void keep_float32_only() {
+    hinv_f32 = hinv.cast<float>();
+    hinv = Eigen::MatrixXd();
+  }
 };
 
 /// Validates H (square, finite, symmetric, non-negative diagonal, zero rows at dead inputs).
 /// Throws InvalidArgument naming the problem.
-void validate_hessian(const Eigen::Ref<const Eigen::MatrixXd>& H, double symmetry_tol = 1e-6);
+void validate_hessian(const HessianRef& H, double symmetry_tol = 1e-6);
 
 /// Validates H and builds its damped inverse. Throws NotPositiveDefinite (naming the damping
 /// tried) when the damped Hessian has no Cholesky factor; never retries with more damping.
-PreparedHessian prepare_hessian(const Eigen::Ref<const Eigen::MatrixXd>& H,
-                                const HessianOptions& options = {});
+/// The inverse is computed in float64 (about cols^3 flops, on num_threads threads, 0 = default;
+/// bit-identical for any count) in one cols x cols buffer, whatever H's type and layout.
+PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options = {},
+                                int num_threads = 0);
 
 /// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,
-                           const Eigen::Ref<const Eigen::MatrixXd>& H, int num_threads = 0);
+                           const HessianRef& H, int num_threads = 0);
 
 }  // namespace obc

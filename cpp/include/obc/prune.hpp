@@ -68,14 +68,14 @@ MaskMatrix mask_from_trace(const Trace& trace, Index cols,
 /// is smaller), computed in float64 with the damped Hessian. Also fills row_losses (undamped H).
 template <class Scalar>
 PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const HessianRef& H,
                                  const PreparedHessian& hessian, const MaskMatrix& pruned,
                                  const RunOptions& run = {});
 
 /// Unstructured ExactOBS pruning to layer sparsity `sparsity` in [0, 1].
 template <class Scalar>
 PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                       const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                       const HessianRef& H, double sparsity,
                                        Spread spread = Spread::Global,
                                        const HessianOptions& hopt = {}, const RunOptions& run = {});
 
@@ -83,7 +83,7 @@ PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>
 /// together with the exact multi-weight OBS update. `sparsity` is the fraction of blocks.
 template <class Scalar>
 PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                  const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                  const HessianRef& H, double sparsity,
                                   Index block, Spread spread = Spread::Global,
                                   const HessianOptions& hopt = {}, const RunOptions& run = {});
 
@@ -91,7 +91,7 @@ PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 /// zeros (exactly n unless the group already had more zeros). 0 < n < m, cols % m == 0.
 template <class Scalar>
 PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const Eigen::Ref<const Eigen::MatrixXd>& H, Index n, Index m,
+                             const HessianRef& H, Index n, Index m,
                              const HessianOptions& hopt = {}, const RunOptions& run = {});
 
 /// Structured ExactOBS pruning: whole groups of `group` consecutive input columns are removed
@@ -103,7 +103,7 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 /// 8 GiB, else InvalidArgument).
 template <class Scalar>
 PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                     const Eigen::Ref<const Eigen::MatrixXd>& H, double sparsity,
+                                     const HessianRef& H, double sparsity,
                                      Index group = 1, const HessianOptions& hopt = {},
                                      const RunOptions& run = {});
 

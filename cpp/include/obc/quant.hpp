@@ -67,7 +67,7 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
 /// Rounds W to its grid (round-to-nearest, no error feedback): the RTN baseline.
 template <class Scalar>
 QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                 const HessianRef& H,
                                  const QuantOptions& opt, const HessianOptions& hopt = {},
                                  const RunOptions& run = {});
 
@@ -77,7 +77,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 /// pruning + quantization is quantize() of a pruned layer.
 template <class Scalar>
 QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const Eigen::Ref<const Eigen::MatrixXd>& H, const QuantOptions& opt,
+                             const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt = {}, const RunOptions& run = {});
 
 }  // namespace obc

@@ -31,8 +31,10 @@ class LazyInverse {
   using MatMap = Eigen::Map<Mat>;
   using ConstMatMap = Eigen::Map<const Mat>;
 
-  /// Loads G0 = hinv(active, active) (lower triangle) and empties U. hinv: ld x ld, symmetric.
-  void load(const double* hinv, Index ld, const std::vector<Index>& active, Index capacity) {
+  /// Loads G0 = hinv(active, active) (lower triangle) and empties U. hinv: ld x ld, symmetric,
+  /// float64 or float32.
+  template <class T>
+  void load(const T* hinv, Index ld, const std::vector<Index>& active, Index capacity) {
     n_ = static_cast<Index>(active.size());
     capacity_ = std::max<Index>(1, capacity);
     if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));

@@ -11,7 +11,7 @@ namespace obc::internal {
 /// Row losses are measured with the undamped H (see hessian.hpp row_losses).
 template <class Scalar>
 inline PruneResult<Scalar> finish_result(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                  const Eigen::Ref<const Eigen::MatrixXd>& H,
+                                  const HessianRef& H,
                                   const PreparedHessian& prep, RowMatrix<Scalar>&& weight,
                                   MaskMatrix&& pruned, const RunOptions& run) {
   PruneResult<Scalar> result;

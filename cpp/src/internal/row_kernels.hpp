@@ -11,11 +11,21 @@ namespace obc::internal {
 
 using KIndex = std::ptrdiff_t;  // == obc::Index
 
-/// A prepared Hessian as plain buffers: hinv is cols x cols (symmetric, any order).
+/// A prepared Hessian as plain buffers: hinv is cols x cols (symmetric, any order), in float64
+/// or, for float32 kernels only, float32 (at least one of the two is set).
 struct HessianView {
   const double* hinv = nullptr;
+  const float* hinv_f32 = nullptr;
   const char* dead = nullptr;  ///< cols flags
   KIndex cols = 0;
+};
+
+/// A cols x cols Hessian as plain memory: element (i, j) at data[i * row_stride + j * col_stride]
+/// (float32 when is_f32, else float64); one of the strides is 1.
+struct HessianInput {
+  const void* data = nullptr;
+  bool is_f32 = false;
+  KIndex cols = 0, row_stride = 0, col_stride = 0;
 };
 
 /// Greedy traces of rows: unstructured (block 1) or blocked. W, out: rows x cols row-major;
@@ -61,14 +71,18 @@ struct RowKernels {
   void (*trace)(const TraceJob<S>&, const RunOptions&);
   void (*nm)(const NmJob<S>&, const RunOptions&);
   void (*obq)(const ObqJob<S>&, const RunOptions&);
+  /// out[r] = 1/2 (W - W_hat)_r H (W - W_hat)_r^T in float64; W, W_hat rows x cols row-major.
+  void (*row_losses)(const S* W, const S* W_hat, KIndex rows, KIndex cols, const HessianInput& H,
+                     double* out, int num_threads);
 };
 
 struct KernelTable {
   RowKernels<float> f32;
   RowKernels<double> f64;
-  /// Cholesky inverse of the SPD matrix h (n x n) into hinv (n x n, both triangles). Returns false
-  /// when a pivot falls below pivot_tol times its diagonal entry (numerically singular).
-  bool (*spd_inverse)(const double* h, double* hinv, KIndex n, double pivot_tol);
+  /// In-place inverse of the SPD matrix in a (n x n column-major, lower triangle read; on success
+  /// both triangles written), see kernels/spd_inverse.hpp. Returns false when a Cholesky pivot
+  /// falls below pivot_tol times its diagonal entry (numerically singular).
+  bool (*spd_inverse_inplace)(double* a, KIndex n, double pivot_tol, int num_threads);
   const char* isa;  ///< "generic" or "avx2+fma"
 };
 

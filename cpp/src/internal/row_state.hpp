@@ -50,7 +50,12 @@ class RowState {
       orig_.push_back(c);
     }
     const Index n = static_cast<Index>(orig_.size());
-    inv_.load(h.hinv, cols, orig_, lazy_capacity(n, lazy_batch));
+    const Index capacity = lazy_capacity(n, lazy_batch);
+    // A float32 inverse is only ever prepared for float32 rows (PreparedHessian::keep_float32_only).
+    if (h.hinv != nullptr)
+      inv_.load(h.hinv, cols, orig_, capacity);
+    else
+      inv_.load(h.hinv_f32, cols, orig_, capacity);
     w_.resize(n);
     for (Index i = 0; i < n; ++i) w_[i] = w_row[orig_[static_cast<size_t>(i)]];
     free_.assign(static_cast<size_t>(n), 1);

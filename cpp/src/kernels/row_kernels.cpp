@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "internal/grid_point.hpp"
 #include "internal/row_kernels.hpp"
 #include "internal/row_state.hpp"
+#include "kernels/spd_inverse.hpp"
 #include "obc/parallel.hpp"
 
 #ifndef OBC_KERNEL_TABLE
@@ -17,6 +19,8 @@
 #endif
 
 namespace obc::OBC_KERNEL_NS {
+
+using internal::HessianInput;
 
 namespace {
 
@@ -255,20 +259,55 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
   });
 }
 
-bool spd_inverse(const double* h, double* hinv, Index n, double pivot_tol) {
-  using MatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
-  const Eigen::Map<const MatrixXd> hm(h, n, n);
-  Eigen::LLT<MatrixXd> llt(hm);
-  if (llt.info() != Eigen::Success) return false;
-  const auto& L = llt.matrixLLT();
-  for (Index i = 0; i < n; ++i)
-    if (!(L(i, i) * L(i, i) > pivot_tol * hm(i, i))) return false;
-  Eigen::Map<MatrixXd> out(hinv, n, n);
-  out.setIdentity();
-  llt.solveInPlace(out);
-  for (Index j = 0; j < n; ++j)  // exact symmetry, without an n x n temporary
-    for (Index i = j + 1; i < n; ++i) out(i, j) = out(j, i) = 0.5 * (out(i, j) + out(j, i));
-  return true;
+// 1/2 d H d^T per row of d = W - W_hat, in float64, 32 rows at a time (fixed chunks: results do
+// not depend on the thread count). A float32 H is widened one column block at a time, never
+// as a whole.
+template <class S, class HMap>
+void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const HMap& h,
+                     double* out, int num_threads) {
+  using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using ConstRows = Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  constexpr Index chunk = 32, col_block = 256;
+  const ConstRows w(W, rows, cols), w_hat(W_hat, rows, cols);
+  parallel_for((rows + chunk - 1) / chunk, num_threads, nullptr, [&](Index c, int) {
+    const Index begin = c * chunk, len = std::min(chunk, rows - begin);
+    const RowMatrixD delta = w.middleRows(begin, len).template cast<double>() -
+                             w_hat.middleRows(begin, len).template cast<double>();
+    RowMatrixD delta_h(len, cols);
+    if constexpr (std::is_same_v<typename HMap::Scalar, double>) {
+      delta_h.noalias() = delta * h;
+    } else {
+      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic> h_block;
+      for (Index j = 0; j < cols; j += col_block) {
+        const Index nb = std::min(col_block, cols - j);
+        h_block = h.middleCols(j, nb).template cast<double>();
+        delta_h.middleCols(j, nb).noalias() = delta * h_block;
+      }
+    }
+    for (Index i = 0; i < len; ++i) out[begin + i] = 0.5 * delta_h.row(i).dot(delta.row(i));
+  });
+}
+
+template <class S>
+void row_losses(const S* W, const S* W_hat, Index rows, Index cols, const HessianInput& H,
+                double* out, int num_threads) {
+  auto run = [&](const auto* data) {
+    using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
+    using Stride = Eigen::OuterStride<>;
+    if (H.col_stride == 1) {
+      Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Stride>
+          h(data, cols, cols, Stride(H.row_stride));
+      row_losses_with(W, W_hat, rows, cols, h, out, num_threads);
+    } else {
+      Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>, 0, Stride> h(
+          data, cols, cols, Stride(H.col_stride));
+      row_losses_with(W, W_hat, rows, cols, h, out, num_threads);
+    }
+  };
+  if (H.is_f32)
+    run(static_cast<const float*>(H.data));
+  else
+    run(static_cast<const double*>(H.data));
 }
 
 }  // namespace
@@ -280,10 +319,10 @@ namespace obc::internal {
 const KernelTable& OBC_KERNEL_TABLE() {
   static const KernelTable table{
       RowKernels<float>{&OBC_KERNEL_NS::trace_rows<float>, &OBC_KERNEL_NS::nm_rows<float>,
-                        &OBC_KERNEL_NS::obq_rows<float>},
+                        &OBC_KERNEL_NS::obq_rows<float>, &OBC_KERNEL_NS::row_losses<float>},
       RowKernels<double>{&OBC_KERNEL_NS::trace_rows<double>, &OBC_KERNEL_NS::nm_rows<double>,
-                         &OBC_KERNEL_NS::obq_rows<double>},
-      &OBC_KERNEL_NS::spd_inverse,
+                         &OBC_KERNEL_NS::obq_rows<double>, &OBC_KERNEL_NS::row_losses<double>},
+      &OBC_KERNEL_NS::spd_inverse_inplace,
       OBC_KERNEL_ISA};
   return table;
 }

@@ -1,0 +1,142 @@
+// In-place inverse of a symmetric positive definite matrix: Cholesky, triangular inverse, product.
+//
+// The inverse Hessian is the one O(cols^3) cost every solver pays once per layer (and most of
+// structured pruning's time). Solving L L^T X = I costs 2.33 n^3 flops and needs a second n x n
+// buffer; the LAPACK route (potrf, trtri, lauum) costs n^3 in the buffer that held H. Each stage is
+// blocked so that the bulk is level-3 (GEMM-shaped Eigen products), and those products are split
+// into fixed column (or row) chunks run in parallel: a chunk's arithmetic never depends on the
+// thread count, so the inverse is bit-identical for any number of threads.
+//
+// Only the lower triangle is read; on success the full symmetric inverse is written.
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+
+#include "obc/parallel.hpp"
+#include "obc/types.hpp"
+
+#ifndef OBC_KERNEL_NS
+#define OBC_KERNEL_NS internal
+#endif
+
+namespace obc::OBC_KERNEL_NS {
+
+namespace spd_detail {
+
+using MatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
+using Map = Eigen::Map<MatrixXd>;
+constexpr Index kBlock = 128;  // panel width: small enough for cache, wide enough for GEMM speed
+
+inline Index chunks(Index len) { return (len + kBlock - 1) / kBlock; }
+
+/// Lower Cholesky in place (right-looking, blocked). False when a pivot is not positive.
+inline bool cholesky(Map a, int num_threads) {
+  const Index n = a.rows();
+  for (Index k = 0; k < n; k += kBlock) {
+    const Index b = std::min(kBlock, n - k), rest = n - k - b;
+    Eigen::Ref<MatrixXd> diag_block = a.block(k, k, b, b);
+    Eigen::LLT<Eigen::Ref<MatrixXd>> llt(diag_block);  // factors the block in place
+    if (llt.info() != Eigen::Success) return false;
+    if (rest == 0) break;
+    const auto l11 = a.block(k, k, b, b).triangularView<Eigen::Lower>();
+    // Panel: A21 <- A21 L11^-T, row chunks are independent.
+    parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+      const Index r0 = k + b + c * kBlock, len = std::min(kBlock, n - r0);
+      auto panel = a.block(r0, k, len, b);
+      l11.transpose().solveInPlace<Eigen::OnTheRight>(panel);
+    });
+    // Trailing update, lower part: A22 -= A21 A21^T, one column chunk (from its diagonal down)
+    // per item.
+    parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+      const Index j0 = k + b + c * kBlock, len = std::min(kBlock, n - j0);
+      a.block(j0, j0, n - j0, len).noalias() -=
+          a.block(j0, k, n - j0, b) * a.block(j0, k, len, b).transpose();
+    });
+  }
+  return true;
+}
+
+/// L <- L^-1 in place (L lower triangular), block columns from the last to the first:
+/// X[j+1:, j] = -X[j+1:, j+1:] L[j+1:, j] X_jj with X_jj = L_jj^-1.
+inline void triangular_inverse(Map a, int num_threads) {
+  const Index n = a.rows();
+  const Index nblocks = chunks(n);
+  MatrixXd panel;
+  for (Index bj = nblocks - 1; bj >= 0; --bj) {
+    const Index j = bj * kBlock, b = std::min(kBlock, n - j), rest = n - j - b;
+    auto diag = a.block(j, j, b, b);
+    MatrixXd diag_inv = MatrixXd::Identity(b, b);
+    diag.triangularView<Eigen::Lower>().solveInPlace(diag_inv);
+    if (rest > 0) {
+      panel.resize(rest, b);
+      const Index t0 = j + b;
+      // panel = X[t0:, t0:] * L[t0:, j:j+b], by row chunks (X is lower triangular).
+      parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+        const Index r0 = c * kBlock, len = std::min(kBlock, rest - r0);
+        auto out = panel.middleRows(r0, len);
+        out.noalias() = a.block(t0 + r0, t0 + r0, len, len).triangularView<Eigen::Lower>() *
+                        a.block(t0 + r0, j, len, b);
+        if (r0 > 0) out.noalias() += a.block(t0 + r0, t0, len, r0) * a.block(t0, j, r0, b);
+      });
+      a.block(t0, j, rest, b).noalias() =
+          -(panel * diag_inv.triangularView<Eigen::Lower>());
+    }
+    diag.triangularView<Eigen::Lower>() = diag_inv;
+  }
+}
+
+/// X <- X^T X in place, lower triangle (X lower triangular). Column block j of the result,
+/// R[j:, j] = X[j:, j:]^T X[j:, j], only reads columns >= j, so ascending blocks can overwrite.
+inline void lower_gram(Map a, int num_threads) {
+  const Index n = a.rows();
+  MatrixXd panel, xcol;
+  for (Index j = 0; j < n; j += kBlock) {
+    const Index b = std::min(kBlock, n - j), len_all = n - j;
+    // X[j:, j:j+b] with the zeros above its diagonal made explicit (the upper triangle of `a`
+    // holds unrelated values).
+    xcol = a.block(j, j, len_all, b);
+    xcol.topRows(b).triangularView<Eigen::StrictlyUpper>().setZero();
+    panel.resize(len_all, b);
+    parallel_for(chunks(len_all), num_threads, nullptr, [&](Index c, int) {
+      const Index r0 = c * kBlock, len = std::min(kBlock, len_all - r0);
+      // rows t in [j + r0, j + r0 + len): sum over l >= t of X[l, t] X[l, j:j+b]
+      auto out = panel.middleRows(r0, len);
+      out.noalias() = a.block(j + r0, j + r0, len, len)
+                          .triangularView<Eigen::Lower>()
+                          .transpose() *
+                      xcol.middleRows(r0, len);
+      const Index below = len_all - r0 - len;
+      if (below > 0)
+        out.noalias() +=
+            a.block(j + r0 + len, j + r0, below, len).transpose() * xcol.bottomRows(below);
+    });
+    a.block(j, j, len_all, b).triangularView<Eigen::Lower>() = panel;
+  }
+}
+
+}  // namespace spd_detail
+
+/// Inverse of the SPD matrix in `a` (n x n, column-major; only the lower triangle is read), in
+/// place: on success `a` holds the full symmetric inverse. Returns false when a Cholesky pivot
+/// L_ii^2 is not above pivot_tol * a_ii (not positive definite, or numerically singular); `a` is
+/// then clobbered. About n^3 flops.
+inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads) {
+  spd_detail::Map a(data, n, n);
+  const Eigen::VectorXd diag = a.diagonal();
+  if (!spd_detail::cholesky(a, num_threads)) return false;
+  for (Index i = 0; i < n; ++i)
+    if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
+  spd_detail::triangular_inverse(a, num_threads);
+  spd_detail::lower_gram(a, num_threads);
+  // Mirror the lower triangle into the upper one, by column chunks.
+  parallel_for(spd_detail::chunks(n), num_threads, nullptr, [&](Index c, int) {
+    const Index j0 = c * spd_detail::kBlock, len = std::min(spd_detail::kBlock, n - j0);
+    for (Index j = j0; j < j0 + len; ++j)
+      for (Index i = j + 1; i < n; ++i) a(j, i) = a(i, j);
+  });
+  return true;
+}
+
+}  // namespace obc::OBC_KERNEL_NS
