@@ -188,7 +188,7 @@ void bind_scalar(py::module_& m) {
             // Only the row kernels read the inverse here, and float32 ones compute in float32.
             if constexpr (std::is_same_v<S, float>) prep.keep_float32_only();
             t = obc::trace_rows<S>(W, prep, block, run_options(num_threads, lazy_batch, hook));
-            prep.hinv_f32 = Eigen::MatrixXf();
+            prep.hinv_lower_f32 = std::vector<float>();
             prep.hinv = Eigen::MatrixXd();
           }
           py::dict d;
@@ -208,9 +208,7 @@ void bind_scalar(py::module_& m) {
           obc::PruneResult<S> r;
           {
             py::gil_scoped_release release;
-            const obc::PreparedHessian prep =
-                obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
-            r = obc::solve_masked<S>(W, h, prep, obc::MaskMatrix(pruned),
+            r = obc::solve_masked<S>(W, h, obc::MaskMatrix(pruned), obc::HessianOptions{damp},
                                      run_options(num_threads, 0, hook));
           }
           return prune_dict<S>(std::move(r));

@@ -66,6 +66,7 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   const Index live = cols - prep.num_dead;
   prep.damp = options.damp;
   prep.damp_absolute = live > 0 ? options.damp * live_diag_sum / static_cast<double>(live) : 0.0;
+  if (!options.invert) return prep;
   // The damped, exactly symmetric Hessian goes into the buffer that becomes its inverse (lower
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
   prep.hinv.resize(cols, cols);

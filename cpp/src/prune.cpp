@@ -136,8 +136,6 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const PreparedHessian& prep, const MaskMatrix& pruned_in,
                                  const RunOptions& run) {
   check_weight<Scalar>(W, prep.cols());
-  OBC_CHECK(prep.hinv.size() > 0, "solve_masked: expected a float64 prepared inverse, got one ",
-            "reduced by keep_float32_only()");
   OBC_CHECK(H.rows() == prep.cols() && H.cols() == prep.cols(), "H: expected ", prep.cols(), "x",
             prep.cols(), ", got ", H.rows(), "x", H.cols());
   OBC_CHECK(pruned_in.rows() == W.rows() && pruned_in.cols() == W.cols(), "mask: expected ",
@@ -147,6 +145,10 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   for (Index r = 0; r < rows; ++r)
     for (Index c = 0; c < cols; ++c)
       if (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) pruned(r, c) = 1;
+  for (Index r = 0; r < rows && prep.hinv.size() == 0; ++r)
+    OBC_CHECK(2 * pruned.row(r).template cast<Index>().sum() >= cols,
+              "solve_masked: row ", r, " keeps more weights than it prunes, which needs the ",
+              "float64 inverse, but the prepared Hessian has none");
   RowMatrix<Scalar> weight(rows, cols);
   parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int) {
     std::vector<Index> P, F;
@@ -157,12 +159,12 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
       const Index np = static_cast<Index>(P.size()), nf = static_cast<Index>(F.size());
       Eigen::VectorXd wp(np);
       for (Index i = 0; i < np; ++i) wp[i] = w[P[static_cast<size_t>(i)]];
-      if (np <= nf) {
+      if (np < nf) {
         // w_hat = w - Hinv[:,P] (Hinv_PP)^-1 w_P
         Eigen::MatrixXd gpp(np, np);
         for (Index j = 0; j < np; ++j)
           for (Index i = 0; i < np; ++i) gpp(i, j) = prep.hinv(P[i], P[j]);
-        Eigen::LLT<Eigen::MatrixXd> llt(gpp);
+        Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(gpp);  // in place: no second np x np copy
         if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
         const Eigen::VectorXd coef = llt.solve(wp);
         for (Index i = 0; i < nf; ++i) {
@@ -186,7 +188,7 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             for (Index j = 0; j < np; ++j)
               if (!prep.dead[static_cast<size_t>(P[j])]) rhs[i] += damped(F[i], P[j]) * wp[j];
         });
-        Eigen::LLT<Eigen::MatrixXd> llt(hff);
+        Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(hff);  // in place
         if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
         const Eigen::VectorXd delta = llt.solve(rhs);
         for (Index i = 0; i < nf; ++i) out[F[i]] += delta[i];
@@ -196,6 +198,26 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     weight.row(r) = out.transpose().template cast<Scalar>();
   });
   return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+}
+
+template <class Scalar>
+PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const HessianRef& H, const MaskMatrix& pruned,
+                                 const HessianOptions& hopt, const RunOptions& run) {
+  OBC_CHECK(pruned.rows() == W.rows() && pruned.cols() == W.cols(), "mask: expected ", W.rows(),
+            "x", W.cols(), ", got ", pruned.rows(), "x", pruned.cols());
+  // Rows pruning at least half solve with H_FF (no inverse needed); count the others, with the
+  // zeros that solve_masked adds (existing zeros; dead inputs only add more, never fewer).
+  bool needs_inverse = false;
+  for (Index r = 0; r < W.rows() && !needs_inverse; ++r) {
+    Index np = 0;
+    for (Index c = 0; c < W.cols(); ++c) np += (pruned(r, c) || W(r, c) == Scalar(0)) ? 1 : 0;
+    needs_inverse = 2 * np < W.cols();
+  }
+  HessianOptions options = hopt;
+  options.invert = needs_inverse;
+  const PreparedHessian prep = prepare_hessian(H, options, run.num_threads);
+  return solve_masked<Scalar>(W, H, prep, pruned, run);
 }
 
 template <class Scalar>
@@ -269,6 +291,9 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                           const HessianRef&,              \
                                           const PreparedHessian&, const MaskMatrix&,             \
                                           const RunOptions&);                                    \
+  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                 \
+                                          const HessianRef&, const MaskMatrix&,                  \
+                                          const HessianOptions&, const RunOptions&);             \
   template PruneResult<S> prune_unstructured<S>(const Eigen::Ref<const RowMatrix<S>>&,           \
                                                 const HessianRef&, double, \
                                                 Spread, const HessianOptions&,                   \

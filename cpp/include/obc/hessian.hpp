@@ -17,6 +17,9 @@ struct HessianOptions {
   double damp = 0.01;
   /// H must equal H^T within symmetry_tol * max|H| (absolute difference), else InvalidArgument.
   double symmetry_tol = 1e-6;
+  /// false: only validate H, find dead inputs and the damping; `hinv` stays empty (for callers
+  /// that solve with H itself, e.g. solve_masked when every row prunes at least half).
+  bool invert = true;
 };
 
 /// A validated, damped Hessian's inverse. Dead inputs (diag H == 0: the input is always zero in
@@ -25,9 +28,11 @@ struct HessianOptions {
 /// itself is not kept: it is (H + H^T) / 2 plus damp_absolute on the live diagonal.
 struct PreparedHessian {
   Eigen::MatrixXd hinv;       ///< cols x cols inverse of the damped H, full symmetric
-  /// Optional float32 copy of hinv for float32 layers, whose row kernels compute in float32
-  /// anyway; set by keep_float32_only(), which frees `hinv` (half the memory).
-  Eigen::MatrixXf hinv_f32;
+  /// Optional float32 copy of hinv's lower triangle, packed column by column (entry (i, j),
+  /// i >= j, at j * cols - j * (j - 1) / 2 + i - j), for float32 layers, whose row kernels
+  /// compute in float32 anyway; set by keep_float32_only(), which frees `hinv`: a quarter of
+  /// the memory.
+  std::vector<float> hinv_lower_f32;
   std::vector<char> dead;     ///< cols flags: 1 where diag(H) == 0
   Index num_dead = 0;         ///< number of dead inputs
   double damp = 0.0;          ///< relative damping used (equals the option)
@@ -35,7 +40,11 @@ struct PreparedHessian {
   Index cols() const { return static_cast<Index>(dead.size()); }
   /// Replaces hinv by its float32 copy (for float32 row kernels only).
   void keep_float32_only() {
-    hinv_f32 = hinv.cast<float>();
+    const Index n = hinv.rows();
+    hinv_lower_f32.resize(static_cast<size_t>(n * (n + 1) / 2));
+    float* out = hinv_lower_f32.data();
+    for (Index j = 0; j < n; ++j)
+      for (Index i = j; i < n; ++i) *out++ = static_cast<float>(hinv(i, j));
     hinv = Eigen::MatrixXd();
   }
 };

@@ -72,6 +72,14 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const PreparedHessian& hessian, const MaskMatrix& pruned,
                                  const RunOptions& run = {});
 
+/// The same, preparing H itself. The O(cols^3) inverse is only computed when some row keeps
+/// more weights than it prunes; otherwise each row solves with H directly, which needs no
+/// cols x cols buffer at all.
+template <class Scalar>
+PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const HessianRef& H, const MaskMatrix& pruned,
+                                 const HessianOptions& hopt = {}, const RunOptions& run = {});
+
 /// Unstructured ExactOBS pruning to layer sparsity `sparsity` in [0, 1].
 template <class Scalar>
 PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>& W,

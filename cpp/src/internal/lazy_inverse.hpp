@@ -32,24 +32,18 @@ class LazyInverse {
   using ConstMatMap = Eigen::Map<const Mat>;
 
   /// Loads G0 = hinv(active, active) (lower triangle) and empties U. hinv: ld x ld, symmetric,
-  /// float64 or float32.
+  /// float64 or float32; `active` is increasing.
   template <class T>
   void load(const T* hinv, Index ld, const std::vector<Index>& active, Index capacity) {
-    n_ = static_cast<Index>(active.size());
-    capacity_ = std::max<Index>(1, capacity);
-    if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));
-    if (static_cast<Index>(u_.size()) < n_ * capacity_)
-      u_.resize(static_cast<size_t>(n_ * capacity_));
-    MatMap g = gmap();
-    for (Index j = 0; j < n_; ++j) {
-      const Index cj = active[static_cast<size_t>(j)];
-      for (Index i = j; i < n_; ++i)
-        g(i, j) = static_cast<S>(hinv[cj * ld + active[static_cast<size_t>(i)]]);
-    }
-    k_ = 0;
-    diag_.resize(n_);
-    for (Index i = 0; i < n_; ++i) diag_[i] = g(i, i);
-    urow_.resize(capacity_);
+    load_with(active, capacity, [&](Index row, Index col) { return hinv[col * ld + row]; });
+  }
+  /// The same from a lower triangle packed column by column (entry (i, j), i >= j, at
+  /// j * ld - j * (j - 1) / 2 + i - j).
+  template <class T>
+  void load_packed(const T* lower, Index ld, const std::vector<Index>& active, Index capacity) {
+    load_with(active, capacity, [&](Index row, Index col) {
+      return lower[col * ld - col * (col - 1) / 2 + row - col];
+    });
   }
 
   Index size() const { return n_; }
@@ -189,6 +183,25 @@ class LazyInverse {
   }
 
  private:
+  template <class Entry>
+  void load_with(const std::vector<Index>& active, Index capacity, Entry entry) {
+    n_ = static_cast<Index>(active.size());
+    capacity_ = std::max<Index>(1, capacity);
+    if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));
+    if (static_cast<Index>(u_.size()) < n_ * capacity_)
+      u_.resize(static_cast<size_t>(n_ * capacity_));
+    MatMap g = gmap();
+    for (Index j = 0; j < n_; ++j) {
+      const Index cj = active[static_cast<size_t>(j)];
+      for (Index i = j; i < n_; ++i)  // active[i] >= cj: the lower triangle of hinv
+        g(i, j) = static_cast<S>(entry(active[static_cast<size_t>(i)], cj));
+    }
+    k_ = 0;
+    diag_.resize(n_);
+    for (Index i = 0; i < n_; ++i) diag_[i] = g(i, i);
+    urow_.resize(capacity_);
+  }
+
   MatMap gmap() { return MatMap(g_.data(), n_, n_); }
   ConstMatMap cgmap() const { return ConstMatMap(g_.data(), n_, n_); }
   MatMap umap() { return MatMap(u_.data(), n_, capacity_); }

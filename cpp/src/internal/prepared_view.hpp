@@ -9,7 +9,7 @@ namespace obc::internal {
 
 inline HessianView view_of(const PreparedHessian& prep) {
   return HessianView{prep.hinv.size() > 0 ? prep.hinv.data() : nullptr,
-                     prep.hinv_f32.size() > 0 ? prep.hinv_f32.data() : nullptr, prep.dead.data(),
+                     prep.hinv_lower_f32.empty() ? nullptr : prep.hinv_lower_f32.data(), prep.dead.data(),
                      prep.cols()};
 }
 

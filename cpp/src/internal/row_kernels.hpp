@@ -11,11 +11,12 @@ namespace obc::internal {
 
 using KIndex = std::ptrdiff_t;  // == obc::Index
 
-/// A prepared Hessian as plain buffers: hinv is cols x cols (symmetric, any order), in float64
-/// or, for float32 kernels only, float32 (at least one of the two is set).
+/// A prepared Hessian as plain buffers: hinv is cols x cols (symmetric, any order) in float64,
+/// or, for float32 kernels only, its lower triangle packed column by column in float32 (see
+/// PreparedHessian::hinv_lower_f32); at least one of the two is set.
 struct HessianView {
   const double* hinv = nullptr;
-  const float* hinv_f32 = nullptr;
+  const float* hinv_lower_f32 = nullptr;
   const char* dead = nullptr;  ///< cols flags
   KIndex cols = 0;
 };

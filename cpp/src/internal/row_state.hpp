@@ -55,7 +55,7 @@ class RowState {
     if (h.hinv != nullptr)
       inv_.load(h.hinv, cols, orig_, capacity);
     else
-      inv_.load(h.hinv_f32, cols, orig_, capacity);
+      inv_.load_packed(h.hinv_lower_f32, cols, orig_, capacity);
     w_.resize(n);
     for (Index i = 0; i < n; ++i) w_[i] = w_row[orig_[static_cast<size_t>(i)]];
     free_.assign(static_cast<size_t>(n), 1);
