@@ -67,11 +67,25 @@ struct ObqJob {
   S* out;
 };
 
+/// Structured pruning of a layer: whole groups of `group` consecutive input columns removed from
+/// all rows until `target` groups are gone (counting those that are zero or dead from the start).
+/// Needs h.hinv (float64). out: rows x cols weights; pruned: rows x cols, 1 = pruned.
+template <class S>
+struct StructuredJob {
+  const S* W;
+  KIndex rows;
+  HessianView h;
+  KIndex group, target;
+  S* out;
+  std::uint8_t* pruned;
+};
+
 template <class S>
 struct RowKernels {
   void (*trace)(const TraceJob<S>&, const RunOptions&);
   void (*nm)(const NmJob<S>&, const RunOptions&);
   void (*obq)(const ObqJob<S>&, const RunOptions&);
+  void (*structured)(const StructuredJob<S>&, const RunOptions&);
   /// out[r] = 1/2 (W - W_hat)_r H (W - W_hat)_r^T in float64; W, W_hat rows x cols row-major.
   void (*row_losses)(const S* W, const S* W_hat, KIndex rows, KIndex cols, const HessianInput& H,
                      double* out, int num_threads);

@@ -11,6 +11,7 @@
 #include "internal/row_kernels.hpp"
 #include "internal/row_state.hpp"
 #include "kernels/spd_inverse.hpp"
+#include "kernels/structured_kernel.hpp"
 #include "obc/parallel.hpp"
 
 #ifndef OBC_KERNEL_TABLE
@@ -319,9 +320,11 @@ namespace obc::internal {
 const KernelTable& OBC_KERNEL_TABLE() {
   static const KernelTable table{
       RowKernels<float>{&OBC_KERNEL_NS::trace_rows<float>, &OBC_KERNEL_NS::nm_rows<float>,
-                        &OBC_KERNEL_NS::obq_rows<float>, &OBC_KERNEL_NS::row_losses<float>},
+                        &OBC_KERNEL_NS::obq_rows<float>, &OBC_KERNEL_NS::structured_rows<float>,
+                        &OBC_KERNEL_NS::row_losses<float>},
       RowKernels<double>{&OBC_KERNEL_NS::trace_rows<double>, &OBC_KERNEL_NS::nm_rows<double>,
-                         &OBC_KERNEL_NS::obq_rows<double>, &OBC_KERNEL_NS::row_losses<double>},
+                         &OBC_KERNEL_NS::obq_rows<double>, &OBC_KERNEL_NS::structured_rows<double>,
+                         &OBC_KERNEL_NS::row_losses<double>},
       &OBC_KERNEL_NS::spd_inverse_inplace,
       OBC_KERNEL_ISA};
   return table;

@@ -1,0 +1,289 @@
+// Structured ExactOBS greedy: whole groups of input columns removed from all rows at once.
+// Included by kernels/row_kernels.cpp, so it is compiled once per SIMD level like the row kernels.
+//
+// All rows share one inverse (float64: it is solved once for the layer, so precision is cheap),
+// held as a LazyInverse: a step reads columns of G0 - U U^T and the level-3 update runs every few
+// steps. A step's other cost is the update of every row, W <- W - W_B G_BB^-1 G[B, :], a pass over
+// the rows x n weights, which are kept in the layer's own precision (float32 layers: half the
+// memory traffic, like the float32 row kernels); the column norms the next step scores with are
+// accumulated in float64 in the same pass (per fixed row chunk, summed in chunk order: the same
+// bits for any thread count), so the weights are streamed through memory once per step.
+//
+// Rows with zeros of their own (outside the columns pruned from the start) have a different
+// constrained problem: they get a private inverse (a RowState) so that every greedy score is exact.
+#pragma once
+
+#include <Eigen/Cholesky>
+#include <Eigen/Core>
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "internal/lazy_inverse.hpp"
+#include "internal/row_kernels.hpp"
+#include "internal/row_state.hpp"
+#include "obc/errors.hpp"
+#include "obc/parallel.hpp"
+
+namespace obc::OBC_KERNEL_NS {
+
+template <class S>
+void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& run) {
+  using MatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
+  using RowMatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using VectorXd = Eigen::Matrix<double, Eigen::Dynamic, 1>;
+  using RowMatrixS = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  using MatrixS = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+  const Index rows = job.rows, cols = job.h.cols, group = job.group;
+  const Index num_groups = cols / group;
+  const Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>> W(
+      job.W, rows, cols);
+  const char* dead = job.h.dead;
+  OBC_CHECK(job.h.hinv != nullptr, "structured pruning needs the float64 inverse");
+
+  // Columns pruned from the start: dead inputs and columns that are zero in every row.
+  std::vector<char> gone(static_cast<size_t>(cols), 1);
+  for (Index r = 0; r < rows; ++r)
+    for (Index c = 0; c < cols; ++c)
+      if (W(r, c) != S(0)) gone[c] = dead[c];
+  Index removed = 0;
+  for (Index g = 0; g < num_groups; ++g) {
+    bool all = true;
+    for (Index c = g * group; c < (g + 1) * group; ++c) all = all && gone[c];
+    removed += all ? 1 : 0;
+  }
+
+  std::vector<Index> own_rows, shared_rows;
+  for (Index r = 0; r < rows; ++r) {
+    bool own = false;
+    for (Index c = 0; c < cols && !own; ++c) own = !gone[c] && W(r, c) == S(0);
+    (own ? own_rows : shared_rows).push_back(r);
+  }
+  Index live = 0;
+  for (Index c = 0; c < cols; ++c) live += dead[c] ? 0 : 1;
+  const double own_bytes = static_cast<double>(own_rows.size()) * live * live * 8.0;
+  OBC_CHECK(own_bytes <= 8.0 * (1 << 30), "W: ", own_rows.size(),
+            " rows have zeros of their own; exact structured pruning then needs a private ",
+            "inverse per such row (", own_bytes / (1 << 30), " GiB > 8 GiB). Prune whole ",
+            "columns first or pass a dense W");
+  const Index num_own = static_cast<Index>(own_rows.size());
+  RowMatrixXd own_in(num_own, cols), own_out(num_own, cols);
+  std::vector<RowState<double>> own_states(own_rows.size());
+  for (Index i = 0; i < num_own; ++i) {
+    own_in.row(i) = W.row(own_rows[static_cast<size_t>(i)]).template cast<double>();
+    own_states[static_cast<size_t>(i)].load(own_in.row(i).data(), job.h, run.lazy_batch,
+                                            own_out.row(i).data());
+  }
+
+  std::vector<Index> active;  // original column of each local index
+  for (Index c = 0; c < cols; ++c)
+    if (!dead[c]) active.push_back(c);
+  const Index num_shared = static_cast<Index>(shared_rows.size());
+  LazyInverse<double> inv;
+  inv.load(job.h.hinv, cols, active,
+           lazy_capacity(static_cast<Index>(active.size()), run.lazy_batch));
+  RowMatrixS Wl(num_shared, static_cast<Index>(active.size()));
+  for (Index r = 0; r < num_shared; ++r)
+    for (Index j = 0; j < Wl.cols(); ++j) Wl(r, j) = W(shared_rows[r], active[j]);
+  // Drops the local columns with keep[i] == 0 from Wl and `active` (inv compacts itself).
+  auto compact = [&](const std::vector<char>& keep) {
+    std::vector<Index> kept;
+    for (Index i = 0; i < static_cast<Index>(keep.size()); ++i)
+      if (keep[static_cast<size_t>(i)]) kept.push_back(i);
+    const Index m = static_cast<Index>(kept.size());
+    RowMatrixS compacted(num_shared, m);
+    for (Index r = 0; r < num_shared; ++r)
+      for (Index j = 0; j < m; ++j) compacted(r, j) = Wl(r, kept[static_cast<size_t>(j)]);
+    Wl.swap(compacted);
+    for (Index j = 0; j < m; ++j) active[static_cast<size_t>(j)] = active[kept[j]];
+    active.resize(static_cast<size_t>(m));
+  };
+  {  // live columns that are zero in every row: eliminated first (weights need no update)
+    std::vector<Index> zero_cols;
+    std::vector<char> keep(active.size(), 1);
+    for (Index i = 0; i < static_cast<Index>(active.size()); ++i)
+      if (gone[active[i]]) {
+        zero_cols.push_back(i);
+        keep[static_cast<size_t>(i)] = 0;
+      }
+    if (!inv.eliminate_now(zero_cols)) RowState<double>::lost_definiteness();
+    compact(keep);
+  }
+  Index n = inv.size();
+
+  // Local span [begin, begin + len) of each group among a row state's free inputs (len 0: none).
+  auto own_spans = [&](RowState<double>& state, std::vector<Index>& begin,
+                       std::vector<Index>& len) {
+    begin.assign(static_cast<size_t>(num_groups), 0);
+    len.assign(static_cast<size_t>(num_groups), 0);
+    for (Index i = state.size() - 1; i >= 0; --i) {
+      if (!state.is_free(i)) continue;
+      const size_t g = static_cast<size_t>(state.orig(i) / group);
+      begin[g] = i;
+      ++len[g];
+    }
+  };
+
+  // Row chunks of the shared weights: the unit of parallel work and of the column-norm sums.
+  constexpr Index row_chunk = 32;
+  const Index num_chunks = (num_shared + row_chunk - 1) / row_chunk;
+  // Column c: the squared column norms of row chunk c (rows are contiguous, so they are summed
+  // row by row).
+  MatrixXd chunk_norms = MatrixXd::Zero(n, std::max<Index>(num_chunks, 1));
+  auto update_norms = [&](Index ch) {
+    const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
+    auto norms = chunk_norms.col(ch).head(n);
+    norms.setZero();
+    for (Index r = r0; r < r0 + nr; ++r)
+      norms += Wl.row(r).transpose().template cast<double>().cwiseAbs2();
+  };
+  // Small layers: a parallel region per step costs more than the work itself.
+  auto step_threads = [&] {
+    return static_cast<double>(num_shared + 1) * static_cast<double>(n) < 2e4 ? 1
+                                                                              : run.num_threads;
+  };
+  parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
+
+  std::vector<std::vector<Index>> own_begin(own_rows.size()), own_len(own_rows.size());
+  std::vector<char> keep(static_cast<size_t>(n), 1);  // 0: removed, dropped at the next flush
+  std::vector<std::pair<Index, Index>> spans;         // (local begin, len) of candidate groups
+  std::vector<double> scores;
+  MatrixXd block, cols_b, own_scores;
+  MatrixS cols_s;
+  VectorXd col_norms;
+  while (removed < job.target) {
+    if (inv.room() < group) {
+      inv.flush(keep);
+      std::vector<Index> kept;
+      for (Index i = 0; i < n; ++i)
+        if (keep[static_cast<size_t>(i)]) kept.push_back(i);
+      for (Index j = 0; j < static_cast<Index>(kept.size()); ++j)
+        chunk_norms.row(j) = chunk_norms.row(kept[static_cast<size_t>(j)]);
+      compact(keep);
+      n = inv.size();
+      keep.assign(static_cast<size_t>(n), 1);
+      inv.reserve(group);
+    }
+    // Candidate groups: the still-active columns of each group, contiguous in local order.
+    spans.clear();
+    for (Index i = 0; i < n;) {
+      if (!keep[static_cast<size_t>(i)]) {
+        ++i;
+        continue;
+      }
+      const Index g = active[i] / group;
+      Index len = 1;
+      while (i + len < n && keep[static_cast<size_t>(i + len)] && active[i + len] / group == g)
+        ++len;
+      spans.emplace_back(i, len);
+      i += len;
+    }
+    if (spans.empty()) break;
+    const Index num_spans = static_cast<Index>(spans.size());
+    col_norms = chunk_norms.topRows(n).rowwise().sum();  // fixed order: chunk 0, 1, ...
+    const VectorXd& diag = inv.diag();
+    scores.assign(spans.size(), 0.0);
+    auto score_span = [&](Index s) {
+      const auto [begin, len] = spans[static_cast<size_t>(s)];
+      if (len == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
+        if (!(diag[begin] > 0)) RowState<double>::lost_definiteness();
+        scores[static_cast<size_t>(s)] = col_norms[begin] / diag[begin];
+        return;
+      }
+      MatrixXd gbb;
+      inv.diagonal_block(begin, len, gbb);
+      Eigen::LLT<MatrixXd> llt(gbb);
+      if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+      MatrixXd wt = Wl.middleCols(begin, len).transpose().template cast<double>();  // len x rows
+      llt.matrixL().solveInPlace(wt);
+      scores[static_cast<size_t>(s)] = wt.squaredNorm();
+    };
+    if (group == 1) {
+      for (Index s = 0; s < num_spans; ++s) score_span(s);
+    } else {
+      parallel_for(num_spans, step_threads(), run.interrupt, [&](Index s, int) { score_span(s); });
+    }
+    // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
+    if (num_own > 0) {
+      own_scores.setZero(num_own, num_spans);
+      parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
+        RowState<double>& state = own_states[static_cast<size_t>(i)];
+        state.ensure_room(group);
+        own_spans(state, own_begin[i], own_len[i]);
+        for (Index s = 0; s < num_spans; ++s) {
+          const size_t g = static_cast<size_t>(active[spans[s].first] / group);
+          if (own_len[i][g] == 0) continue;
+          if (!state.factor_block(own_begin[i][g], own_len[i][g]))
+            RowState<double>::lost_definiteness();
+          own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
+        }
+      });
+      for (Index i = 0; i < num_own; ++i)
+        for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
+    }
+    size_t best = 0;
+    for (size_t s = 1; s < spans.size(); ++s)
+      if (scores[s] < scores[best]) best = s;
+    const auto [begin, len] = spans[best];
+    const size_t best_group = static_cast<size_t>(active[begin] / group);
+    if (num_own > 0) {
+      parallel_for(num_own, run.num_threads, nullptr, [&](Index i, int) {
+        const Index b = own_begin[i][best_group], l = own_len[i][best_group];
+        if (l == 0) return;
+        RowState<double>& state = own_states[static_cast<size_t>(i)];
+        state.factor_block(b, l);
+        state.prune_block(b, l);
+      });
+    }
+    // W <- W - W_B G_BB^-1 G[B,:] for every shared row (norms for the next step in the same
+    // pass), then the shared inverse downdate.
+    inv.columns(begin, len, cols_b);  // n x len: G[:, B]
+    block = cols_b.middleRows(begin, len);
+    Eigen::LLT<MatrixXd> llt(block);
+    if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+    for (Index i = begin; i < begin + len; ++i) keep[static_cast<size_t>(i)] = 0;
+    cols_s = cols_b.template cast<S>();
+    parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
+      const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
+      auto rows_ch = Wl.middleRows(r0, nr);
+      if (len == 1) {
+        const Eigen::Matrix<S, Eigen::Dynamic, 1> coef =
+            (rows_ch.col(begin).template cast<double>() / block(0, 0)).template cast<S>();
+        rows_ch.noalias() -= coef * cols_s.col(0).transpose();
+      } else {
+        const MatrixXd coef =
+            llt.solve(rows_ch.middleCols(begin, len).transpose().template cast<double>());
+        rows_ch.noalias() -= coef.transpose().template cast<S>() * cols_s.transpose();
+      }
+      update_norms(ch);
+    });
+    inv.downdate_block(cols_b, llt.matrixLLT());
+    ++removed;
+    if (run.interrupt && run.interrupt->should_stop()) throw Interrupted();
+  }
+
+  // Outputs: kept columns of shared rows from Wl, own rows from their states; all else zero.
+  std::vector<Index> kept_cols;
+  for (Index i = 0; i < n; ++i)
+    if (keep[static_cast<size_t>(i)]) kept_cols.push_back(i);
+  std::fill(job.out, job.out + rows * cols, S(0));
+  std::fill(job.pruned, job.pruned + rows * cols, std::uint8_t(1));
+  for (Index r = 0; r < num_shared; ++r) {
+    S* out = job.out + shared_rows[r] * cols;
+    std::uint8_t* pruned = job.pruned + shared_rows[r] * cols;
+    for (Index j : kept_cols) {
+      out[active[j]] = Wl(r, j);
+      pruned[active[j]] = 0;
+    }
+  }
+  for (Index i = 0; i < num_own; ++i) {
+    own_states[static_cast<size_t>(i)].finish();
+    const Index r = own_rows[static_cast<size_t>(i)];
+    S* out = job.out + r * cols;
+    std::uint8_t* pruned = job.pruned + r * cols;
+    for (Index c = 0; c < cols; ++c) out[c] = static_cast<S>(own_out(i, c));
+    for (Index j : kept_cols) pruned[active[j]] = W(r, active[j]) == S(0) ? 1 : 0;
+  }
+}
+
+}  // namespace obc::OBC_KERNEL_NS
