@@ -260,33 +260,40 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
   });
 }
 
-// 1/2 d H d^T per row of d = W - W_hat, in float64, 32 rows at a time (fixed chunks: results do
-// not depend on the thread count). A float32 H is widened one column block at a time, never
-// as a whole.
+// 1/2 d H d^T per row of d = W - W_hat, in float64. Rows go 256 at a time; within them the
+// work is split over fixed blocks of H's columns (each computes its share of every row's sum;
+// the shares are added in block order, so the result does not depend on the thread count). A
+// float32 H is widened one column block at a time, once per 256 rows, never as a whole.
 template <class S, class HMap>
 void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const HMap& h,
                      double* out, int num_threads) {
   using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using ConstRows = Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-  constexpr Index chunk = 32, col_block = 256;
+  using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
+  using ConstRows =
+      Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  constexpr Index row_chunk = 256, col_block = 128;
   const ConstRows w(W, rows, cols), w_hat(W_hat, rows, cols);
-  parallel_for((rows + chunk - 1) / chunk, num_threads, nullptr, [&](Index c, int) {
-    const Index begin = c * chunk, len = std::min(chunk, rows - begin);
-    const RowMatrixD delta = w.middleRows(begin, len).template cast<double>() -
-                             w_hat.middleRows(begin, len).template cast<double>();
-    RowMatrixD delta_h(len, cols);
-    if constexpr (std::is_same_v<typename HMap::Scalar, double>) {
-      delta_h.noalias() = delta * h;
-    } else {
-      Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic> h_block;
-      for (Index j = 0; j < cols; j += col_block) {
-        const Index nb = std::min(col_block, cols - j);
-        h_block = h.middleCols(j, nb).template cast<double>();
-        delta_h.middleCols(j, nb).noalias() = delta * h_block;
+  const Index blocks = (cols + col_block - 1) / col_block;
+  RowMatrixD delta;
+  MatrixD shares;  // len x blocks
+  for (Index begin = 0; begin < rows; begin += row_chunk) {
+    const Index len = std::min(row_chunk, rows - begin);
+    delta = w.middleRows(begin, len).template cast<double>() -
+            w_hat.middleRows(begin, len).template cast<double>();
+    shares.resize(len, blocks);
+    parallel_for(blocks, num_threads, nullptr, [&](Index b, int) {
+      const Index j = b * col_block, nb = std::min(col_block, cols - j);
+      MatrixD delta_h(len, nb);
+      if constexpr (std::is_same_v<typename HMap::Scalar, double>) {
+        delta_h.noalias() = delta * h.middleCols(j, nb);
+      } else {
+        const MatrixD h_block = h.middleCols(j, nb).template cast<double>();
+        delta_h.noalias() = delta * h_block;
       }
-    }
-    for (Index i = 0; i < len; ++i) out[begin + i] = 0.5 * delta_h.row(i).dot(delta.row(i));
-  });
+      shares.col(b) = delta_h.cwiseProduct(delta.middleCols(j, nb)).rowwise().sum();
+    });
+    for (Index i = 0; i < len; ++i) out[begin + i] = 0.5 * shares.row(i).sum();
+  }
 }
 
 template <class S>

@@ -27,13 +27,15 @@ namespace spd_detail {
 
 using MatrixXd = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
 using Map = Eigen::Map<MatrixXd>;
-constexpr Index kBlock = 128;  // panel width: small enough for cache, wide enough for GEMM speed
+// Panel width: small enough for cache and for enough parallel chunks, wide enough for GEMM speed.
+// It depends on n only, never on the thread count.
+inline Index block_size(Index n) { return n <= 1024 ? 64 : 128; }
 
-inline Index chunks(Index len) { return (len + kBlock - 1) / kBlock; }
+inline Index chunks(Index len, Index nb) { return (len + nb - 1) / nb; }
 
 /// Lower Cholesky in place (right-looking, blocked). False when a pivot is not positive.
 inline bool cholesky(Map a, int num_threads) {
-  const Index n = a.rows();
+  const Index n = a.rows(), kBlock = block_size(n);
   for (Index k = 0; k < n; k += kBlock) {
     const Index b = std::min(kBlock, n - k), rest = n - k - b;
     Eigen::Ref<MatrixXd> diag_block = a.block(k, k, b, b);
@@ -42,14 +44,14 @@ inline bool cholesky(Map a, int num_threads) {
     if (rest == 0) break;
     const auto l11 = a.block(k, k, b, b).triangularView<Eigen::Lower>();
     // Panel: A21 <- A21 L11^-T, row chunks are independent.
-    parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+    parallel_for(chunks(rest, kBlock), num_threads, nullptr, [&](Index c, int) {
       const Index r0 = k + b + c * kBlock, len = std::min(kBlock, n - r0);
       auto panel = a.block(r0, k, len, b);
       l11.transpose().solveInPlace<Eigen::OnTheRight>(panel);
     });
     // Trailing update, lower part: A22 -= A21 A21^T, one column chunk (from its diagonal down)
     // per item.
-    parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+    parallel_for(chunks(rest, kBlock), num_threads, nullptr, [&](Index c, int) {
       const Index j0 = k + b + c * kBlock, len = std::min(kBlock, n - j0);
       a.block(j0, j0, n - j0, len).noalias() -=
           a.block(j0, k, n - j0, b) * a.block(j0, k, len, b).transpose();
@@ -61,8 +63,8 @@ inline bool cholesky(Map a, int num_threads) {
 /// L <- L^-1 in place (L lower triangular), block columns from the last to the first:
 /// X[j+1:, j] = -X[j+1:, j+1:] L[j+1:, j] X_jj with X_jj = L_jj^-1.
 inline void triangular_inverse(Map a, int num_threads) {
-  const Index n = a.rows();
-  const Index nblocks = chunks(n);
+  const Index n = a.rows(), kBlock = block_size(n);
+  const Index nblocks = chunks(n, kBlock);
   MatrixXd panel;
   for (Index bj = nblocks - 1; bj >= 0; --bj) {
     const Index j = bj * kBlock, b = std::min(kBlock, n - j), rest = n - j - b;
@@ -73,7 +75,7 @@ inline void triangular_inverse(Map a, int num_threads) {
       panel.resize(rest, b);
       const Index t0 = j + b;
       // panel = X[t0:, t0:] * L[t0:, j:j+b], by row chunks (X is lower triangular).
-      parallel_for(chunks(rest), num_threads, nullptr, [&](Index c, int) {
+      parallel_for(chunks(rest, kBlock), num_threads, nullptr, [&](Index c, int) {
         const Index r0 = c * kBlock, len = std::min(kBlock, rest - r0);
         auto out = panel.middleRows(r0, len);
         out.noalias() = a.block(t0 + r0, t0 + r0, len, len).triangularView<Eigen::Lower>() *
@@ -90,7 +92,7 @@ inline void triangular_inverse(Map a, int num_threads) {
 /// X <- X^T X in place, lower triangle (X lower triangular). Column block j of the result,
 /// R[j:, j] = X[j:, j:]^T X[j:, j], only reads columns >= j, so ascending blocks can overwrite.
 inline void lower_gram(Map a, int num_threads) {
-  const Index n = a.rows();
+  const Index n = a.rows(), kBlock = block_size(n);
   MatrixXd panel, xcol;
   for (Index j = 0; j < n; j += kBlock) {
     const Index b = std::min(kBlock, n - j), len_all = n - j;
@@ -99,7 +101,7 @@ inline void lower_gram(Map a, int num_threads) {
     xcol = a.block(j, j, len_all, b);
     xcol.topRows(b).triangularView<Eigen::StrictlyUpper>().setZero();
     panel.resize(len_all, b);
-    parallel_for(chunks(len_all), num_threads, nullptr, [&](Index c, int) {
+    parallel_for(chunks(len_all, kBlock), num_threads, nullptr, [&](Index c, int) {
       const Index r0 = c * kBlock, len = std::min(kBlock, len_all - r0);
       // rows t in [j + r0, j + r0 + len): sum over l >= t of X[l, t] X[l, j:j+b]
       auto out = panel.middleRows(r0, len);
@@ -123,6 +125,7 @@ inline void lower_gram(Map a, int num_threads) {
 /// L_ii^2 is not above pivot_tol * a_ii (not positive definite, or numerically singular); `a` is
 /// then clobbered. About n^3 flops.
 inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads) {
+  if (n < 384) num_threads = 1;  // a parallel region per panel costs more than it saves there
   spd_detail::Map a(data, n, n);
   const Eigen::VectorXd diag = a.diagonal();
   if (!spd_detail::cholesky(a, num_threads)) return false;
@@ -131,8 +134,9 @@ inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num
   spd_detail::triangular_inverse(a, num_threads);
   spd_detail::lower_gram(a, num_threads);
   // Mirror the lower triangle into the upper one, by column chunks.
-  parallel_for(spd_detail::chunks(n), num_threads, nullptr, [&](Index c, int) {
-    const Index j0 = c * spd_detail::kBlock, len = std::min(spd_detail::kBlock, n - j0);
+  const Index nb = spd_detail::block_size(n);
+  parallel_for(spd_detail::chunks(n, nb), num_threads, nullptr, [&](Index c, int) {
+    const Index j0 = c * nb, len = std::min(nb, n - j0);
     for (Index j = j0; j < j0 + len; ++j)
       for (Index i = j + 1; i < n; ++i) a(j, i) = a(i, j);
   });
