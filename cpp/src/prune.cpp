@@ -40,6 +40,8 @@ template <class Scalar>
 void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
               Index block, const IndexVector* max_steps, const RunOptions& run, Trace* trace,
               RowMatrix<Scalar>* weights) {
+  OBC_CHECK(std::is_same_v<Scalar, float> || prep.hinv.size() > 0, "W: float64 rows need the ",
+            "float64 inverse, but the prepared Hessian was reduced by keep_float32_only()");
   const Index rows = W.rows(), cols = W.cols();
   const Index num_blocks = cols / block;
   IndexMatrix order_scratch;
@@ -284,26 +286,26 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }
 
-#define OBC_INSTANTIATE(S)                                                                       \
-  template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,    \
-                               Index, const RunOptions&);                                        \
-  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                 \
-                                          const HessianRef&,              \
-                                          const PreparedHessian&, const MaskMatrix&,             \
-                                          const RunOptions&);                                    \
-  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                 \
-                                          const HessianRef&, const MaskMatrix&,                  \
-                                          const HessianOptions&, const RunOptions&);             \
-  template PruneResult<S> prune_unstructured<S>(const Eigen::Ref<const RowMatrix<S>>&,           \
-                                                const HessianRef&, double, \
-                                                Spread, const HessianOptions&,                   \
-                                                const RunOptions&);                              \
-  template PruneResult<S> prune_blocked<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
-                                           const HessianRef&, double,      \
-                                           Index, Spread, const HessianOptions&,                 \
-                                           const RunOptions&);                                   \
-  template PruneResult<S> prune_nm<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
-                                      const HessianRef&, Index, Index,    \
+#define OBC_INSTANTIATE(S)                                                                         \
+  template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,      \
+                               Index, const RunOptions&);                                          \
+  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
+                                          const HessianRef&,                                       \
+                                          const PreparedHessian&, const MaskMatrix&,               \
+                                          const RunOptions&);                                      \
+  template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
+                                          const HessianRef&, const MaskMatrix&,                    \
+                                          const HessianOptions&, const RunOptions&);               \
+  template PruneResult<S> prune_unstructured<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
+                                                const HessianRef&, double,                         \
+                                                Spread, const HessianOptions&,                     \
+                                                const RunOptions&);                                \
+  template PruneResult<S> prune_blocked<S>(const Eigen::Ref<const RowMatrix<S>>&,                  \
+                                           const HessianRef&, double,                              \
+                                           Index, Spread, const HessianOptions&,                   \
+                                           const RunOptions&);                                     \
+  template PruneResult<S> prune_nm<S>(const Eigen::Ref<const RowMatrix<S>>&,                       \
+                                      const HessianRef&, Index, Index,                             \
                                       const HessianOptions&, const RunOptions&);
 
 OBC_INSTANTIATE(float)

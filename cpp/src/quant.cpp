@@ -172,16 +172,16 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   return result;
 }
 
-#define OBC_INSTANTIATE(S)                                                                     \
-  template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                     \
-                                     const QuantOptions&);                                      \
-  template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
-                                          const HessianRef&,             \
-                                          const QuantOptions&, const HessianOptions&,           \
-                                          const RunOptions&);                                   \
-  template QuantResult<S> quantize<S>(const Eigen::Ref<const RowMatrix<S>>&,                    \
-                                      const HessianRef&,                 \
-                                      const QuantOptions&, const HessianOptions&,               \
+#define OBC_INSTANTIATE(S)                                                                         \
+  template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                        \
+                                     const QuantOptions&);                                         \
+  template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
+                                          const HessianRef&,                                       \
+                                          const QuantOptions&, const HessianOptions&,              \
+                                          const RunOptions&);                                      \
+  template QuantResult<S> quantize<S>(const Eigen::Ref<const RowMatrix<S>>&,                       \
+                                      const HessianRef&,                                           \
+                                      const QuantOptions&, const HessianOptions&,                  \
                                       const RunOptions&);
 
 OBC_INSTANTIATE(float)
