@@ -40,7 +40,7 @@ template <class Scalar>
 void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
               Index block, const IndexVector* max_steps, const RunOptions& run, Trace* trace,
               RowMatrix<Scalar>* weights) {
-  OBC_CHECK(std::is_same_v<Scalar, float> || prep.hinv.size() > 0, "W: float64 rows need the ",
+  OBC_CHECK((std::is_same_v<Scalar, float> || prep.hinv.size() > 0), "W: float64 rows need the ",
             "float64 inverse, but the prepared Hessian was reduced by keep_float32_only()");
   const Index rows = W.rows(), cols = W.cols();
   const Index num_blocks = cols / block;
