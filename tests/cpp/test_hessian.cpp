@@ -63,7 +63,7 @@ OBC_TEST(invalid_hessians_are_rejected) {
 // across the block size (128) boundaries, on random and ill-conditioned matrices, and the same
 // bits for any thread count.
 OBC_TEST(inverse_matches_solve_and_ignores_thread_count) {
-  for (Index n : {1, 2, 5, 127, 128, 129, 300, 515}) {
+  for (Index n : {1, 2, 5, 127, 128, 129, 300, 515, 1030}) {  // 1030: 128-wide panels
     for (int ill = 0; ill < 2; ++ill) {
       auto p = obc_test::make_problem(1, n, 2 * n + 3, 40 + static_cast<unsigned>(n),
                                       ill ? 3.0 : 0.0);

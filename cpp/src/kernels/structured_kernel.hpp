@@ -82,19 +82,26 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   LazyInverse<double> inv;
   inv.load(job.h.hinv, cols, active,
            lazy_capacity(static_cast<Index>(active.size()), run.lazy_batch));
-  RowMatrixS Wl(num_shared, static_cast<Index>(active.size()));
+  // The shared rows' weights over the active columns, num_shared x wl_cols row-major in one
+  // buffer that is compacted in place (no allocation per flush).
+  std::vector<S> wl_store(static_cast<size_t>(num_shared) * active.size());
+  Index wl_cols = static_cast<Index>(active.size());
+  auto wl = [&] { return Eigen::Map<RowMatrixS>(wl_store.data(), num_shared, wl_cols); };
   for (Index r = 0; r < num_shared; ++r)
-    for (Index j = 0; j < Wl.cols(); ++j) Wl(r, j) = W(shared_rows[r], active[j]);
-  // Drops the local columns with keep[i] == 0 from Wl and `active` (inv compacts itself).
+    for (Index j = 0; j < wl_cols; ++j) wl()(r, j) = W(shared_rows[r], active[j]);
+  // Drops the local columns with keep[i] == 0 from the weights and `active` (inv compacts
+  // itself). Element (r, kept[j]) moves to (r, j) at the new width m: every destination lies at
+  // or before its source and both increase together, so a forward sweep is safe in place.
   auto compact = [&](const std::vector<char>& keep) {
     std::vector<Index> kept;
     for (Index i = 0; i < static_cast<Index>(keep.size()); ++i)
       if (keep[static_cast<size_t>(i)]) kept.push_back(i);
     const Index m = static_cast<Index>(kept.size());
-    RowMatrixS compacted(num_shared, m);
+    S* data = wl_store.data();
     for (Index r = 0; r < num_shared; ++r)
-      for (Index j = 0; j < m; ++j) compacted(r, j) = Wl(r, kept[static_cast<size_t>(j)]);
-    Wl.swap(compacted);
+      for (Index j = 0; j < m; ++j)
+        data[r * m + j] = data[r * wl_cols + kept[static_cast<size_t>(j)]];
+    wl_cols = m;
     for (Index j = 0; j < m; ++j) active[static_cast<size_t>(j)] = active[kept[j]];
     active.resize(static_cast<size_t>(m));
   };
@@ -135,7 +142,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     auto norms = chunk_norms.col(ch).head(n);
     norms.setZero();
     for (Index r = r0; r < r0 + nr; ++r)
-      norms += Wl.row(r).transpose().template cast<double>().cwiseAbs2();
+      norms += wl().row(r).transpose().template cast<double>().cwiseAbs2();
   };
   // Small layers: a parallel region per step costs more than the work itself.
   auto step_threads = [&] {
@@ -194,7 +201,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       inv.diagonal_block(begin, len, gbb);
       Eigen::LLT<MatrixXd> llt(gbb);
       if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-      MatrixXd wt = Wl.middleCols(begin, len).transpose().template cast<double>();  // len x rows
+      MatrixXd wt = wl().middleCols(begin, len).transpose().template cast<double>();  // len x rows
       llt.matrixL().solveInPlace(wt);
       scores[static_cast<size_t>(s)] = wt.squaredNorm();
     };
@@ -245,7 +252,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     cols_s = cols_b.template cast<S>();
     parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
-      auto rows_ch = Wl.middleRows(r0, nr);
+      auto rows_ch = wl().middleRows(r0, nr);
       if (len == 1) {
         const Eigen::Matrix<S, Eigen::Dynamic, 1> coef =
             (rows_ch.col(begin).template cast<double>() / block(0, 0)).template cast<S>();
@@ -262,7 +269,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     if (run.interrupt && run.interrupt->should_stop()) throw Interrupted();
   }
 
-  // Outputs: kept columns of shared rows from Wl, own rows from their states; all else zero.
+  // Outputs: kept columns of shared rows from the weights, own rows from their states; all else zero.
   std::vector<Index> kept_cols;
   for (Index i = 0; i < n; ++i)
     if (keep[static_cast<size_t>(i)]) kept_cols.push_back(i);
@@ -272,7 +279,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     S* out = job.out + shared_rows[r] * cols;
     std::uint8_t* pruned = job.pruned + shared_rows[r] * cols;
     for (Index j : kept_cols) {
-      out[active[j]] = Wl(r, j);
+      out[active[j]] = wl()(r, j);
       pruned[active[j]] = 0;
     }
   }
