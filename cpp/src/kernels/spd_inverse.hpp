@@ -133,12 +133,14 @@ inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num
     if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
   spd_detail::triangular_inverse(a, num_threads);
   spd_detail::lower_gram(a, num_threads);
-  // Mirror the lower triangle into the upper one, by column chunks.
+  // Mirror the lower triangle into the upper one: chunk c writes the upper part of rows
+  // [j0, j0 + len), tile by tile so that both the reads and the writes stay in cache.
   const Index nb = spd_detail::block_size(n);
   parallel_for(spd_detail::chunks(n, nb), num_threads, nullptr, [&](Index c, int) {
     const Index j0 = c * nb, len = std::min(nb, n - j0);
-    for (Index j = j0; j < j0 + len; ++j)
-      for (Index i = j + 1; i < n; ++i) a(j, i) = a(i, j);
+    for (Index i0 = j0; i0 < n; i0 += nb)
+      for (Index i = i0; i < std::min(n, i0 + nb); ++i)
+        for (Index j = j0; j < std::min(i, j0 + len); ++j) a(j, i) = a(i, j);
   });
   return true;
 }

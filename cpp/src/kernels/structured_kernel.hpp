@@ -254,15 +254,21 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       auto rows_ch = wl().middleRows(r0, nr);
       if (len == 1) {
-        const Eigen::Matrix<S, Eigen::Dynamic, 1> coef =
-            (rows_ch.col(begin).template cast<double>() / block(0, 0)).template cast<S>();
-        rows_ch.noalias() -= coef * cols_s.col(0).transpose();
+        // Row by row, the squares are summed while the updated row is still in L1.
+        auto norms = chunk_norms.col(ch).head(n);
+        norms.setZero();
+        const auto b = cols_s.col(0).transpose();
+        for (Index r = 0; r < nr; ++r) {
+          auto row = rows_ch.row(r);
+          row -= static_cast<S>(static_cast<double>(row[begin]) / block(0, 0)) * b;
+          norms += row.transpose().template cast<double>().cwiseAbs2();
+        }
       } else {
         const MatrixXd coef =
             llt.solve(rows_ch.middleCols(begin, len).transpose().template cast<double>());
         rows_ch.noalias() -= coef.transpose().template cast<S>() * cols_s.transpose();
+        update_norms(ch);
       }
-      update_norms(ch);
     });
     inv.downdate_block(cols_b, llt.matrixLLT());
     ++removed;
