@@ -87,8 +87,11 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   std::vector<S> wl_store(static_cast<size_t>(num_shared) * active.size());
   Index wl_cols = static_cast<Index>(active.size());
   auto wl = [&] { return Eigen::Map<RowMatrixS>(wl_store.data(), num_shared, wl_cols); };
-  for (Index r = 0; r < num_shared; ++r)
-    for (Index j = 0; j < wl_cols; ++j) wl()(r, j) = W(shared_rows[r], active[j]);
+  for (Index r = 0; r < num_shared; ++r) {
+    const S* src = job.W + shared_rows[r] * cols;
+    S* dst = wl_store.data() + r * wl_cols;
+    for (Index j = 0; j < wl_cols; ++j) dst[j] = src[active[j]];
+  }
   // Drops the local columns with keep[i] == 0 from the weights and `active` (inv compacts
   // itself). Element (r, kept[j]) moves to (r, j) at the new width m: every destination lies at
   // or before its source and both increase together, so a forward sweep is safe in place.
@@ -113,8 +116,10 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
         zero_cols.push_back(i);
         keep[static_cast<size_t>(i)] = 0;
       }
-    if (!inv.eliminate_now(zero_cols)) RowState<double>::lost_definiteness();
-    compact(keep);
+    if (!zero_cols.empty()) {
+      if (!inv.eliminate_now(zero_cols)) RowState<double>::lost_definiteness();
+      compact(keep);
+    }
   }
   Index n = inv.size();
 
