@@ -32,15 +32,18 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
   if (W.outerStride() != cols) W_copy = W;
   RowMatrix<Scalar> weight(rows, cols);
   MaskMatrix pruned(rows, cols);
+  Eigen::VectorXd step_losses(rows);
   const internal::StructuredJob<Scalar> job{W_copy.size() > 0 ? W_copy.data() : W.data(),
                                             rows,
                                             internal::view_of(prep),
                                             group,
                                             target,
                                             weight.data(),
-                                            pruned.data()};
+                                            pruned.data(),
+                                            step_losses.data()};
   internal::row_kernels<Scalar>().structured(job, run);
-  return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+  return internal::finish_result_from_steps<Scalar>(W, prep, std::move(weight), std::move(pruned),
+                                                    std::move(step_losses));
 }
 
 template PruneResult<float> prune_structured<float>(const Eigen::Ref<const RowMatrix<float>>&,

@@ -197,6 +197,22 @@ def test_reported_loss_equals_loss_from_x(layer, layer_zeros, mode, which):
     np.testing.assert_allclose(obc_native.layer_loss(W, res.weight, H), direct, rtol=1e-6, atol=1e-12 * direct.max())
 
 
+@pytest.mark.parametrize("kind,damp", [("random", 0.01), ("random", 1.0), ("illcond", 1e-5), ("illcond", 0.1)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("zeros,dead", [(0.0, 0), (0.05, 3)])
+def test_structured_step_losses_match_direct(kind, damp, dtype, zeros, dead):
+    # Structured pruning reports the sum of its greedy step losses minus the damping's share
+    # (no second O(rows cols^2) pass); it must equal the loss of the returned weights, also when
+    # the damping term is large (damp=1) or H is ill-conditioned, and for rows with own zeros.
+    W, H, X = make_problem(24, 48, seed=31, kind=kind, zeros=zeros, dead=dead, dtype=dtype)
+    for group in (1, 4):
+        res = obc_native.prune_structured(W, H, 0.5, group=group, damp=damp)
+        direct = loss_from_x(W, res.weight, X)
+        rtol = 1e-9 if dtype == np.float64 else 1e-5
+        np.testing.assert_allclose(res.row_losses, direct, rtol=rtol, atol=rtol * direct.max())
+        assert res.damp == damp
+
+
 def test_trace_losses_sum_and_weights(layer_zeros):
     W, H, _ = layer_zeros
     tr = obc_native.trace_unstructured(W, H)

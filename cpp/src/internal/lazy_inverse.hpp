@@ -11,9 +11,11 @@
 
 #include <Eigen/Core>
 #include <Eigen/Cholesky>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
+#include "obc/parallel.hpp"
 #include "obc/types.hpp"
 
 // Compiled once per SIMD level: each copy lives in its own namespace (see row_kernels.hpp).
@@ -156,7 +158,10 @@ class LazyInverse {
 
   /// Applies the pending downdates to G0 and drops every local index i with keep[i] == 0.
   /// `keep` has size() entries; afterwards size() is the number kept, in the same order.
-  void flush(const std::vector<char>& keep) {
+  /// num_threads > 1 splits the rank-k update into fixed column blocks run in parallel (the
+  /// blocks depend on n only, so the bits do not depend on the thread count); worth it for the
+  /// shared inverse of structured pruning, not inside the per-row kernels.
+  void flush(const std::vector<char>& keep, int num_threads = 1) {
     std::vector<Index> kept;
     kept.reserve(static_cast<size_t>(n_));
     for (Index i = 0; i < n_; ++i)
@@ -174,7 +179,20 @@ class LazyInverse {
       for (Index i = 0; i < m; ++i) u[t * m + i] = u[t * n_ + kept[static_cast<size_t>(i)]];
     n_ = m;
     if (k_ > 0 && n_ > 0) {
-      gmap().template selfadjointView<Eigen::Lower>().rankUpdate(cumap().leftCols(k_), S(-1));
+      constexpr Index block = 96;
+      if (num_threads > 1 && n_ >= 2 * block) {
+        // Column block [j0, j0 + w): its rows j0.. (a GEMM; the few entries above the diagonal
+        // it also writes are never read).
+        const Index num_blocks = (n_ + block - 1) / block;
+        parallel_for(num_blocks, num_threads, nullptr, [&](Index b, int) {
+          const Index j0 = b * block, w = std::min(block, n_ - j0);
+          auto u_all = cumap().leftCols(k_);
+          gmap().block(j0, j0, n_ - j0, w).noalias() -=
+              u_all.middleRows(j0, n_ - j0) * u_all.middleRows(j0, w).transpose();
+        });
+      } else {
+        gmap().template selfadjointView<Eigen::Lower>().rankUpdate(cumap().leftCols(k_), S(-1));
+      }
     }
     k_ = 0;
     diag_.resize(n_);

@@ -78,6 +78,7 @@ struct StructuredJob {
   KIndex group, target;
   S* out;
   std::uint8_t* pruned;
+  double* step_losses;  ///< rows: the sum of each row's greedy step losses (damped H)
 };
 
 template <class S>

@@ -9,6 +9,9 @@
 // accumulated in float64 in the same pass (per fixed row chunk, summed in chunk order: the same
 // bits for any thread count), so the weights are streamed through memory once per step.
 //
+// Each row's loss is the sum of its step losses (exact OBS bookkeeping, float64), corrected for
+// the damping afterwards (internal/prune_result.hpp), instead of an O(rows cols^2) pass.
+//
 // Rows with zeros of their own (outside the columns pruned from the start) have a different
 // constrained problem: they get a private inverse (a RowState) so that every greedy score is exact.
 #pragma once
@@ -26,6 +29,24 @@
 #include "obc/parallel.hpp"
 
 namespace obc::OBC_KERNEL_NS {
+
+// rows_k[j] -= a_k * b[j] for four rows, and norm[j] += the four new squares (float64, fixed
+// order). Restrict-qualified so that the compiler vectorizes without alias checks.
+template <class S>
+inline void update_four_rows(S* __restrict row0, S* __restrict row1, S* __restrict row2,
+                             S* __restrict row3, S a0, S a1, S a2, S a3, const S* __restrict b,
+                             double* __restrict norm, Index n) {
+  for (Index j = 0; j < n; ++j) {
+    const S v0 = row0[j] - a0 * b[j], v1 = row1[j] - a1 * b[j];
+    const S v2 = row2[j] - a2 * b[j], v3 = row3[j] - a3 * b[j];
+    row0[j] = v0;
+    row1[j] = v1;
+    row2[j] = v2;
+    row3[j] = v3;
+    const double d0 = v0, d1 = v1, d2 = v2, d3 = v3;
+    norm[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+  }
+}
 
 template <class S>
 void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& run) {
@@ -146,8 +167,12 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
     auto norms = chunk_norms.col(ch).head(n);
     norms.setZero();
-    for (Index r = r0; r < r0 + nr; ++r)
-      norms += wl().row(r).transpose().template cast<double>().cwiseAbs2();
+    double* norm = norms.data();
+    for (Index r = r0; r < r0 + nr; ++r) {
+      const S* row = wl().row(r).data();
+      for (Index j = 0; j < n; ++j)
+        norm[j] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+    }
   };
   // Small layers: a parallel region per step costs more than the work itself.
   auto step_threads = [&] {
@@ -156,6 +181,10 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   };
   parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
 
+  // Each row's step losses 1/2 w_B^T G_BB^-1 w_B, summed in step order: their total is the row's
+  // loss under the damped H (exact OBS), so no O(rows cols^2) pass is needed afterwards.
+  std::vector<double> shared_loss(static_cast<size_t>(num_shared), 0.0);
+  std::vector<double> own_loss(own_rows.size(), 0.0);
   std::vector<std::vector<Index>> own_begin(own_rows.size()), own_len(own_rows.size());
   std::vector<char> keep(static_cast<size_t>(n), 1);  // 0: removed, dropped at the next flush
   std::vector<std::pair<Index, Index>> spans;         // (local begin, len) of candidate groups
@@ -165,7 +194,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   VectorXd col_norms;
   while (removed < job.target) {
     if (inv.room() < group) {
-      inv.flush(keep);
+      inv.flush(keep, step_threads());
       std::vector<Index> kept;
       for (Index i = 0; i < n; ++i)
         if (keep[static_cast<size_t>(i)]) kept.push_back(i);
@@ -178,7 +207,9 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     }
     // Candidate groups: the still-active columns of each group, contiguous in local order.
     spans.clear();
-    for (Index i = 0; i < n;) {
+    for (Index i = 0; i < n && group == 1; ++i)
+      if (keep[static_cast<size_t>(i)]) spans.emplace_back(i, 1);
+    for (Index i = 0; i < n && group > 1;) {
       if (!keep[static_cast<size_t>(i)]) {
         ++i;
         continue;
@@ -192,7 +223,8 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     }
     if (spans.empty()) break;
     const Index num_spans = static_cast<Index>(spans.size());
-    col_norms = chunk_norms.topRows(n).rowwise().sum();  // fixed order: chunk 0, 1, ...
+    col_norms = chunk_norms.col(0).head(n);  // summed in a fixed order: chunk 0, 1, ...
+    for (Index ch = 1; ch < num_chunks; ++ch) col_norms += chunk_norms.col(ch).head(n);
     const VectorXd& diag = inv.diag();
     scores.assign(spans.size(), 0.0);
     auto score_span = [&](Index s) {
@@ -244,7 +276,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
         if (l == 0) return;
         RowState<double>& state = own_states[static_cast<size_t>(i)];
         state.factor_block(b, l);
-        state.prune_block(b, l);
+        own_loss[static_cast<size_t>(i)] += state.prune_block(b, l);
       });
     }
     // W <- W - W_B G_BB^-1 G[B,:] for every shared row (norms for the next step in the same
@@ -258,19 +290,42 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       auto rows_ch = wl().middleRows(r0, nr);
+      double* step_loss = shared_loss.data() + r0;
       if (len == 1) {
-        // Row by row, the squares are summed while the updated row is still in L1.
         auto norms = chunk_norms.col(ch).head(n);
         norms.setZero();
-        const auto b = cols_s.col(0).transpose();
-        for (Index r = 0; r < nr; ++r) {
-          auto row = rows_ch.row(r);
-          row -= static_cast<S>(static_cast<double>(row[begin]) / block(0, 0)) * b;
-          norms += row.transpose().template cast<double>().cwiseAbs2();
+        // Plain loops the compiler vectorizes (Eigen's float -> double cast does not): update,
+        // widening and squares in one pass, four rows at a time so that the float64 norms are
+        // read and written once per four rows. Chunks hold a multiple of four rows, so the
+        // summation order is fixed by the row index alone.
+        const S* b = cols_s.data();
+        double* norm = norms.data();
+        const double pivot = block(0, 0);
+        auto coef_of = [&](Index r) {
+          const double w_q = static_cast<double>(rows_ch(r, begin));
+          step_loss[r] += 0.5 * w_q * w_q / pivot;
+          return static_cast<S>(w_q / pivot);
+        };
+        Index r = 0;
+        for (; r + 4 <= nr; r += 4) {
+          const S a0 = coef_of(r), a1 = coef_of(r + 1), a2 = coef_of(r + 2), a3 = coef_of(r + 3);
+          update_four_rows(rows_ch.row(r).data(), rows_ch.row(r + 1).data(),
+                           rows_ch.row(r + 2).data(), rows_ch.row(r + 3).data(), a0, a1, a2, a3,
+                           b, norm, n);
+        }
+        for (; r < nr; ++r) {
+          S* row = rows_ch.row(r).data();
+          const S a = coef_of(r);
+          for (Index j = 0; j < n; ++j) {
+            const S v = row[j] - a * b[j];
+            row[j] = v;
+            norm[j] += static_cast<double>(v) * static_cast<double>(v);
+          }
         }
       } else {
-        const MatrixXd coef =
-            llt.solve(rows_ch.middleCols(begin, len).transpose().template cast<double>());
+        const MatrixXd w_b = rows_ch.middleCols(begin, len).transpose().template cast<double>();
+        const MatrixXd coef = llt.solve(w_b);  // len x nr: G_BB^-1 w_B per row
+        for (Index r = 0; r < nr; ++r) step_loss[r] += 0.5 * w_b.col(r).dot(coef.col(r));
         rows_ch.noalias() -= coef.transpose().template cast<S>() * cols_s.transpose();
         update_norms(ch);
       }
@@ -294,7 +349,10 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       pruned[active[j]] = 0;
     }
   }
+  for (Index r = 0; r < num_shared; ++r)
+    job.step_losses[shared_rows[r]] = shared_loss[static_cast<size_t>(r)];
   for (Index i = 0; i < num_own; ++i) {
+    job.step_losses[own_rows[static_cast<size_t>(i)]] = own_loss[static_cast<size_t>(i)];
     own_states[static_cast<size_t>(i)].finish();
     const Index r = own_rows[static_cast<size_t>(i)];
     S* out = job.out + r * cols;
