@@ -13,6 +13,7 @@
 #include <Eigen/Cholesky>
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "obc/parallel.hpp"
@@ -169,14 +170,37 @@ class LazyInverse {
     const Index m = static_cast<Index>(kept.size());
     // In-place compaction: element (i, j) moves to (kept-rank i, kept-rank j) with the new leading
     // dimension m <= n; every destination address is <= its source and both increase together,
-    // so a forward sweep never overwrites data it still has to read.
-    S* g = g_.data();
-    for (Index j = 0; j < m; ++j)
-      for (Index i = j; i < m; ++i)
-        g[j * m + i] = g[kept[static_cast<size_t>(j)] * n_ + kept[static_cast<size_t>(i)]];
-    S* u = u_.data();
-    for (Index t = 0; t < k_; ++t)
-      for (Index i = 0; i < m; ++i) u[t * m + i] = u[t * n_ + kept[static_cast<size_t>(i)]];
+    // so a forward sweep never overwrites data it still has to read. Kept indices come in long
+    // runs (a flush removes a few dozen of n), so whole runs move with memmove (a pass over G at
+    // memory speed instead of an element-by-element gather).
+    if (m < n_) {
+      runs_.clear();
+      for (Index i = 0; i < m;) {
+        Index len = 1;
+        while (i + len < m &&
+               kept[static_cast<size_t>(i + len)] == kept[static_cast<size_t>(i)] + len)
+          ++len;
+        runs_.push_back({i, kept[static_cast<size_t>(i)], len});
+        i += len;
+      }
+      S* g = g_.data();
+      size_t first_run = 0;  // the run holding rank j
+      for (Index j = 0; j < m; ++j) {
+        while (runs_[first_run].rank + runs_[first_run].len <= j) ++first_run;
+        const S* src_col = g + kept[static_cast<size_t>(j)] * n_;
+        S* dst_col = g + j * m;
+        for (size_t r = first_run; r < runs_.size(); ++r) {
+          const Index i0 = std::max(runs_[r].rank, j), len = runs_[r].rank + runs_[r].len - i0;
+          std::memmove(dst_col + i0, src_col + runs_[r].old + (i0 - runs_[r].rank),
+                       static_cast<size_t>(len) * sizeof(S));
+        }
+      }
+      S* u = u_.data();
+      for (Index t = 0; t < k_; ++t)
+        for (const Run& run : runs_)
+          std::memmove(u + t * m + run.rank, u + t * n_ + run.old,
+                       static_cast<size_t>(run.len) * sizeof(S));
+    }
     n_ = m;
     if (k_ > 0 && n_ > 0) {
       constexpr Index block = 96;
@@ -229,6 +253,10 @@ class LazyInverse {
   std::vector<S, Eigen::aligned_allocator<S>> u_;  // U, n x capacity column-major
   Vec diag_;                                       // exact diagonal of G0 - U U^T
   Vec urow_;                                       // scratch: U(q, 0:k)
+  struct Run {  // kept ranks [rank, rank + len) were old indices [old, old + len)
+    Index rank, old, len;
+  };
+  std::vector<Run> runs_;  // scratch of flush(): runs of consecutive kept indices
   Index n_ = 0, capacity_ = 1, k_ = 0;
 };
 
