@@ -272,6 +272,18 @@ def test_float32_agrees_with_float64(big_layer, mode):
     assert r32.loss == pytest.approx(r64.loss, rel=1e-3), (mode, r32.loss, r64.loss)
 
 
+@pytest.mark.parametrize("group", [1, 4])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_structured_bit_identical_across_thread_counts_large(group, dtype):
+    # Large enough for the parallel per-step work and the panel flush of the shared inverse
+    # (n >= 192), which the 128-input case below does not reach.
+    W, H, _ = make_problem(96, 400, seed=56, dtype=dtype)
+    a, b = (obc_native.prune_structured(W, H, 0.6, group=group, num_threads=t) for t in (1, 2))
+    assert np.array_equal(a.weight, b.weight)
+    assert np.array_equal(a.mask, b.mask)
+    assert np.array_equal(a.row_losses, b.row_losses)
+
+
 @pytest.mark.parametrize("mode", ALL_MODES + ["trace", "trace_blocked"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_bit_identical_across_thread_counts(mode, dtype):

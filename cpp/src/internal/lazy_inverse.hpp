@@ -159,10 +159,11 @@ class LazyInverse {
 
   /// Applies the pending downdates to G0 and drops every local index i with keep[i] == 0.
   /// `keep` has size() entries; afterwards size() is the number kept, in the same order.
-  /// num_threads > 1 splits the rank-k update into fixed column blocks run in parallel (the
-  /// blocks depend on n only, so the bits do not depend on the thread count); worth it for the
-  /// shared inverse of structured pruning, not inside the per-row kernels.
-  void flush(const std::vector<char>& keep, int num_threads = 1) {
+  /// panel_threads >= 1 runs the rank-k update as fixed column panels (GEMMs) on that many threads;
+  /// which path runs depends on n only, never on the thread count, so the bits do not either.
+  /// Worth it for the shared inverse of structured pruning; the per-row kernels (already one row
+  /// per thread) keep the default 0: one symmetric rank-k update.
+  void flush(const std::vector<char>& keep, int panel_threads = 0) {
     std::vector<Index> kept;
     kept.reserve(static_cast<size_t>(n_));
     for (Index i = 0; i < n_; ++i)
@@ -204,11 +205,11 @@ class LazyInverse {
     n_ = m;
     if (k_ > 0 && n_ > 0) {
       constexpr Index block = 96;
-      if (num_threads > 1 && n_ >= 2 * block) {
+      if (panel_threads >= 1 && n_ >= 2 * block) {
         // Column block [j0, j0 + w): its rows j0.. (a GEMM; the few entries above the diagonal
         // it also writes are never read).
         const Index num_blocks = (n_ + block - 1) / block;
-        parallel_for(num_blocks, num_threads, nullptr, [&](Index b, int) {
+        parallel_for(num_blocks, panel_threads, nullptr, [&](Index b, int) {
           const Index j0 = b * block, w = std::min(block, n_ - j0);
           auto u_all = cumap().leftCols(k_);
           gmap().block(j0, j0, n_ - j0, w).noalias() -=
