@@ -164,8 +164,8 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
       if (np < nf) {
         // w_hat = w - Hinv[:,P] (Hinv_PP)^-1 w_P
         Eigen::MatrixXd gpp(np, np);
-        for (Index j = 0; j < np; ++j)
-          for (Index i = 0; i < np; ++i) gpp(i, j) = prep.hinv(P[i], P[j]);
+        for (Index j = 0; j < np; ++j)  // the lower triangle only: LLT reads nothing else
+          for (Index i = j; i < np; ++i) gpp(i, j) = prep.hinv(P[i], P[j]);
         Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(gpp);  // in place: no second np x np copy
         if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
         const Eigen::VectorXd coef = llt.solve(wp);
@@ -184,8 +184,10 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             const double v = 0.5 * (static_cast<double>(h(a, b)) + static_cast<double>(h(b, a)));
             return a == b ? v + prep.damp_absolute : v;
           };
+          // The lower triangle only: LLT reads nothing else (half the gather, whose transposed
+          // reads are strided).
           for (Index j = 0; j < nf; ++j)
-            for (Index i = 0; i < nf; ++i) hff(i, j) = damped(F[i], F[j]);
+            for (Index i = j; i < nf; ++i) hff(i, j) = damped(F[i], F[j]);
           for (Index i = 0; i < nf; ++i)
             for (Index j = 0; j < np; ++j)
               if (!prep.dead[static_cast<size_t>(P[j])]) rhs[i] += damped(F[i], P[j]) * wp[j];

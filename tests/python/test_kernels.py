@@ -66,3 +66,30 @@ def test_float32_kernels_follow_float64():
         agree = (got["order"] == exact["order"]).mean()
         assert agree > 0.95, f"B={batch}: only {agree:.2%} of steps agree"
         np.testing.assert_allclose(got["losses"].sum(), exact["losses"].sum(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid", ["minmax", "mse"])
+def test_float32_obq_follows_float64(grid):
+    """The float32 OBQ kernel (vectorized choice, outlier rule: the MSE grid clamps the largest
+    weights, so the rule fires) makes the float64 kernel's choices on a well-conditioned problem,
+    with 150 inputs (a multiple of neither 8 nor B) and several flushes."""
+    W, H, _ = make_problem(8, 150, seed=11)
+    exact = _core.f64.quantize(W, H, 4, True, 0, grid, 0.01, 2, 1)
+    for batch in (1, 16, 64):
+        for threads in (1, 2):
+            got = _core.f32.quantize(W.astype(np.float32), H, 4, True, 0, grid, 0.01, threads,
+                                     batch)
+            agree = (got["codes"] == exact["codes"]).mean()
+            assert agree > 0.95, f"B={batch} t={threads}: only {agree:.2%} of codes agree"
+            np.testing.assert_allclose(got["row_losses"].sum(), exact["row_losses"].sum(),
+                                       rtol=1e-3)
+
+
+def test_float32_nm_follows_float64():
+    W, H, _ = make_problem(8, 148, seed=12)
+    exact = _core.f64.prune_nm(W, H, 2, 4, 0.01, 2, 1)
+    for batch in (1, 16, 64):
+        got = _core.f32.prune_nm(W.astype(np.float32), H, 2, 4, 0.01, 2, batch)
+        agree = ((got["weight"] == 0) == (exact["weight"] == 0)).mean()
+        assert agree > 0.97, f"B={batch}: only {agree:.2%} of the mask agrees"
+        np.testing.assert_allclose(got["row_losses"].sum(), exact["row_losses"].sum(), rtol=1e-4)

@@ -14,7 +14,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "obc/parallel.hpp"
 #include "obc/types.hpp"
@@ -25,6 +30,23 @@
 #endif
 
 namespace obc::OBC_KERNEL_NS {
+
+/// Copies len elements from src to dst, where dst <= src (the ranges may overlap): a forward
+/// sweep that loads each vector before storing the one below it never overwrites data it still
+/// has to read. Inline and vectorized: compaction moves short runs (about n / B elements), for
+/// which a call to memmove per run cost more than the copy itself.
+template <class S>
+inline void copy_forward(S* dst, const S* src, Index len) {
+  Index t = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<S, float>) {
+    for (; t + 8 <= len; t += 8) _mm256_storeu_ps(dst + t, _mm256_loadu_ps(src + t));
+  } else if constexpr (std::is_same_v<S, double>) {
+    for (; t + 4 <= len; t += 4) _mm256_storeu_pd(dst + t, _mm256_loadu_pd(src + t));
+  }
+#endif
+  for (; t < len; ++t) dst[t] = src[t];
+}
 
 template <class S>
 class LazyInverse {
@@ -171,9 +193,9 @@ class LazyInverse {
     const Index m = static_cast<Index>(kept.size());
     // In-place compaction: element (i, j) moves to (kept-rank i, kept-rank j) with the new leading
     // dimension m <= n; every destination address is <= its source and both increase together,
-    // so a forward sweep never overwrites data it still has to read. Kept indices come in long
-    // runs (a flush removes a few dozen of n), so whole runs move with memmove (a pass over G at
-    // memory speed instead of an element-by-element gather).
+    // so a forward sweep never overwrites data it still has to read. Kept indices come in runs
+    // (a flush removes a few dozen of n), so whole runs move with a vectorized forward copy (a
+    // pass over G at memory speed instead of an element-by-element gather).
     if (m < n_) {
       runs_.clear();
       for (Index i = 0; i < m;) {
@@ -192,15 +214,13 @@ class LazyInverse {
         S* dst_col = g + j * m;
         for (size_t r = first_run; r < runs_.size(); ++r) {
           const Index i0 = std::max(runs_[r].rank, j), len = runs_[r].rank + runs_[r].len - i0;
-          std::memmove(dst_col + i0, src_col + runs_[r].old + (i0 - runs_[r].rank),
-                       static_cast<size_t>(len) * sizeof(S));
+          copy_forward(dst_col + i0, src_col + runs_[r].old + (i0 - runs_[r].rank), len);
         }
       }
       S* u = u_.data();
       for (Index t = 0; t < k_; ++t)
         for (const Run& run : runs_)
-          std::memmove(u + t * m + run.rank, u + t * n_ + run.old,
-                       static_cast<size_t>(run.len) * sizeof(S));
+          copy_forward(u + t * m + run.rank, u + t * n_ + run.old, run.len);
     }
     n_ = m;
     if (k_ > 0 && n_ > 0) {

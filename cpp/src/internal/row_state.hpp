@@ -74,6 +74,8 @@ class RowState {
   Index size() const { return inv_.size(); }
   Index num_free() const { return num_free_; }
   bool is_free(Index i) const { return free_[static_cast<size_t>(i)] != 0; }
+  /// size() flags, 1 where the input is still free.
+  const char* free_mask() const { return free_.data(); }
   Index orig(Index i) const { return orig_[static_cast<size_t>(i)]; }
   const Vec& w() const { return w_; }
   const Vec& diag() const { return inv_.diag(); }

@@ -10,6 +10,7 @@
 #include "internal/grid_point.hpp"
 #include "internal/row_kernels.hpp"
 #include "internal/row_state.hpp"
+#include "kernels/argmin_score.hpp"
 #include "kernels/spd_inverse.hpp"
 #include "kernels/structured_kernel.hpp"
 #include "obc/parallel.hpp"
@@ -25,23 +26,12 @@ using internal::HessianInput;
 
 namespace {
 
-// The free input with the smallest OBS score w_i^2 / [H^-1]_ii among those `eligible(i)` allows
-// (ties: lowest index), or -1 if there is none.
-template <class Scalar, class Eligible>
-Index argmin_score(const RowState<Scalar>& state, Eligible eligible) {
-  const auto& w = state.w();
-  const auto& d = state.diag();
-  Index best = -1;
-  Scalar best_score = std::numeric_limits<Scalar>::infinity();
-  for (Index i = 0; i < state.size(); ++i) {
-    if (!state.is_free(i) || !eligible(i)) continue;
-    if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-    const Scalar score = w[i] * w[i] / d[i];
-    if (score < best_score || best < 0) {
-      best_score = score;
-      best = i;
-    }
-  }
+// The greedy choice over the picked inputs of a row; a lost definiteness throws.
+template <class Scalar>
+Index argmin_score(const RowState<Scalar>& state, const char* pick) {
+  bool bad = false;
+  const Index best = argmin_obs_score(state.w().data(), state.diag().data(), pick, state.size(), bad);
+  if (bad) RowState<Scalar>::lost_definiteness();
   return best;
 }
 
@@ -169,7 +159,7 @@ void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const HessianVi
   if (block == 1) {
     while (step < max_steps && state.num_free() > 0) {
       state.ensure_room(1);
-      const Index best = argmin_score(state, [](Index) { return true; });
+      const Index best = argmin_score(state, state.free_mask());
       order[step] = static_cast<std::int32_t>(state.orig(best));
       losses[step] = state.fix(best, Scalar(0));
       ++step;
@@ -202,13 +192,29 @@ void nm_rows(const internal::NmJob<Scalar>& job, const RunOptions& run) {
     // Zeros per group so far; entries already zero (or dead) count toward the group's n.
     std::vector<Index> zeros(static_cast<size_t>(groups), m);
     for (Index i = 0; i < state.size(); ++i) --zeros[static_cast<size_t>(state.orig(i) / m)];
+    // pick[i]: input i is free and its group still has fewer than n zeros. Kept up to date per
+    // step (a group that fills closes its other members), rebuilt when local indices change.
+    std::vector<char> pick;
+    auto rebuild_pick = [&] {
+      pick.resize(static_cast<size_t>(state.size()));
+      for (Index i = 0; i < state.size(); ++i)
+        pick[static_cast<size_t>(i)] =
+            state.is_free(i) && zeros[static_cast<size_t>(state.orig(i) / m)] < n;
+    };
+    rebuild_pick();
     while (true) {
-      state.ensure_room(1);
-      const Index best = argmin_score(
-          state, [&](Index i) { return zeros[static_cast<size_t>(state.orig(i) / m)] < n; });
+      if (state.ensure_room(1)) rebuild_pick();
+      const Index best = argmin_score(state, pick.data());
       if (best < 0) break;
-      ++zeros[static_cast<size_t>(state.orig(best) / m)];
+      const Index g = state.orig(best) / m;
       state.fix(best, Scalar(0));
+      pick[static_cast<size_t>(best)] = 0;
+      if (++zeros[static_cast<size_t>(g)] == n) {  // inputs of one group are contiguous locally
+        for (Index i = best - 1; i >= 0 && state.orig(i) / m == g; --i)
+          pick[static_cast<size_t>(i)] = 0;
+        for (Index i = best + 1; i < state.size() && state.orig(i) / m == g; ++i)
+          pick[static_cast<size_t>(i)] = 0;
+      }
     }
     state.finish();
   });
@@ -218,42 +224,42 @@ template <class Scalar>
 void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
   const Index cols = job.h.cols, groups = cols / job.group_size;
   const int maxq = (1 << job.bits) - 1;
-  std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
+  const size_t num_threads = static_cast<size_t>(resolve_num_threads(run.num_threads));
+  std::vector<RowState<Scalar>> states(num_threads);
+  std::vector<std::vector<Scalar>> grids(num_threads);  // per thread: see rebuild_grid
   parallel_for(job.rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
     RowState<Scalar>& state = states[static_cast<size_t>(tid)];
     auto grid_of = [&](Index c) {
       const Index g = r * groups + c / job.group_size;
       return GridPoint<Scalar>{job.scale[g], static_cast<int>(job.zero[g]), maxq};
     };
-    state.load(job.W + r * cols, job.h, run.lazy_batch, job.out + r * cols);
-    while (state.num_free() > 0) {
-      state.ensure_room(1);
-      const auto& w = state.w();
-      const auto& d = state.diag();
-      Index best = -1, worst_outlier = -1;
-      Scalar best_score = std::numeric_limits<Scalar>::infinity();
-      double worst_err = -1;
-      for (Index i = 0; i < state.size(); ++i) {
-        if (!state.is_free(i)) continue;
-        if (!(d[i] > Scalar(0))) RowState<Scalar>::lost_definiteness();
-        const GridPoint<Scalar> g = grid_of(state.orig(i));
-        const Scalar err = w[i] - g.quantize(w[i]);
-        const Scalar err2 = err * err;
-        const Scalar score = err2 / d[i];
-        if (score < best_score || best < 0) {
-          best_score = score;
-          best = i;
-        }
-        const double scale = static_cast<double>(g.scale);
-        if (static_cast<double>(err2) > job.outlier_factor * scale * scale &&
-            static_cast<double>(err2) > worst_err) {
-          worst_err = static_cast<double>(err2);
-          worst_outlier = i;
-        }
+    // The grid of every local input (scale, zero point, outlier threshold), rebuilt when local
+    // indices change, so that the per-step choice reads contiguous arrays.
+    std::vector<Scalar>& grid = grids[static_cast<size_t>(tid)];
+    auto rebuild_grid = [&] {
+      const Index n = state.size();
+      grid.resize(static_cast<size_t>(5 * n));
+      for (Index i = 0; i < n; ++i) {
+        const Index g = r * groups + state.orig(i) / job.group_size;
+        const double scale = static_cast<double>(job.scale[g]);
+        grid[i] = job.scale[g];
+        grid[n + i] = static_cast<Scalar>(job.zero[g]);
+        grid[2 * n + i] = outlier_threshold<Scalar>(job.outlier_factor * scale * scale);
       }
-      // Outlier rule: a weight pushed outside the range by more than half a step only gets
-      // worse as others are fixed and push errors onto it, so it is fixed first.
-      const Index q = worst_outlier >= 0 ? worst_outlier : best;
+    };
+    state.load(job.W + r * cols, job.h, run.lazy_batch, job.out + r * cols);
+    rebuild_grid();
+    while (state.num_free() > 0) {
+      if (state.ensure_room(1)) rebuild_grid();
+      const Index n = state.size();
+      bool bad = false;
+      const Index q = obq_choice(state.w().data(), state.diag().data(), state.free_mask(),
+                                 grid.data(), grid.data() + n, grid.data() + 2 * n,
+                                 static_cast<Scalar>(maxq), n, grid.data() + 3 * n, bad);
+      if (bad) RowState<Scalar>::lost_definiteness();
+      const auto& w = state.w();
+      // Outlier rule (in obq_choice): a weight pushed outside the range by more than half a step
+      // only gets worse as others are fixed and push errors onto it, so it is fixed first.
       state.fix(q, grid_of(state.orig(q)).quantize(w[q]));
     }
     state.finish();
