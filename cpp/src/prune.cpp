@@ -151,6 +151,15 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     OBC_CHECK(2 * pruned.row(r).template cast<Index>().sum() >= cols,
               "solve_masked: row ", r, " keeps more weights than it prunes, which needs the ",
               "float64 inverse, but the prepared Hessian has none");
+  // An exactly symmetric H (the usual case: accumulated or symmetrized) has (h_ab + h_ba) / 2 ==
+  // h_ab bit for bit, so rows may read one triangle only, along H's contiguous direction; the
+  // transposed reads of the general case are strided (a cache miss per element).
+  const bool exactly_symmetric = H.visit([&](const auto& h) {
+    for (Index j = 0; j < cols; ++j)
+      for (Index i = j + 1; i < cols; ++i)
+        if (h(i, j) != h(j, i)) return false;
+    return true;
+  });
   RowMatrix<Scalar> weight(rows, cols);
   parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int) {
     std::vector<Index> P, F;
@@ -184,13 +193,30 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             const double v = 0.5 * (static_cast<double>(h(a, b)) + static_cast<double>(h(b, a)));
             return a == b ? v + prep.damp_absolute : v;
           };
-          // The lower triangle only: LLT reads nothing else (half the gather, whose transposed
-          // reads are strided).
-          for (Index j = 0; j < nf; ++j)
-            for (Index i = j; i < nf; ++i) hff(i, j) = damped(F[i], F[j]);
-          for (Index i = 0; i < nf; ++i)
-            for (Index j = 0; j < np; ++j)
-              if (!prep.dead[static_cast<size_t>(P[j])]) rhs[i] += damped(F[i], P[j]) * wp[j];
+          // The lower triangle only: LLT reads nothing else.
+          constexpr bool row_major = std::decay_t<decltype(h)>::IsRowMajor;
+          for (Index j = 0; j < nf; ++j) {
+            const Index fj = F[j];
+            hff(j, j) = damped(fj, fj);
+            if (exactly_symmetric && row_major) {
+              for (Index i = j + 1; i < nf; ++i) hff(i, j) = static_cast<double>(h(fj, F[i]));
+            } else if (exactly_symmetric) {
+              for (Index i = j + 1; i < nf; ++i) hff(i, j) = static_cast<double>(h(F[i], fj));
+            } else {
+              for (Index i = j + 1; i < nf; ++i) hff(i, j) = damped(F[i], fj);
+            }
+          }
+          for (Index i = 0; i < nf; ++i) {
+            const Index fi = F[i];
+            for (Index j = 0; j < np; ++j) {
+              const Index pj = P[j];
+              if (prep.dead[static_cast<size_t>(pj)]) continue;
+              const double h_fp = !exactly_symmetric ? damped(fi, pj)
+                                  : row_major        ? static_cast<double>(h(fi, pj))
+                                                     : static_cast<double>(h(pj, fi));
+              rhs[i] += h_fp * wp[j];
+            }
+          }
         });
         Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(hff);  // in place
         if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();

@@ -82,6 +82,32 @@ def test_solve_masked_both_closed_forms_match_reference(kind, damp, fraction):
     np.testing.assert_allclose(got.row_losses, ref.layer_losses(W, got.weight, H), rtol=1e-9)
 
 
+
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("fraction", [0.5, 0.75])
+def test_solve_masked_slightly_asymmetric_hessian_uses_its_symmetric_part(order, fraction):
+    """An exactly symmetric H takes a one-triangle fast path; an H that is symmetric only within
+    the validation tolerance must give the result of its symmetric part (H + H^T) / 2, bit for
+    bit (the core averages the two triangles in float64 just like numpy does here)."""
+    W, H, _ = make_problem(5, 36, seed=8, zeros=0.05, dead=1)
+    rng = np.random.default_rng(4)
+    live = np.diag(H) > 0
+    noise = np.triu(rng.standard_normal(H.shape), 1) * 1e-9 * np.abs(H).max()
+    noise *= np.outer(live, live)  # dead inputs keep their exactly zero rows and columns
+    H_asym = np.asarray(H + noise, order=order)
+    H_sym = np.asarray(0.5 * (H_asym + H_asym.T), order=order)
+    assert not np.array_equal(H_asym, H_asym.T) and np.array_equal(H_sym, H_sym.T)
+    pruned = np.zeros(W.shape, dtype=bool)
+    for r in range(W.shape[0]):
+        pruned[r, rng.permutation(36)[: int(fraction * 36)]] = True
+    a = obc.solve_masked(W, H_asym, ~pruned)
+    b = obc.solve_masked(W, H_sym, ~pruned)
+    np.testing.assert_array_equal(a.weight, b.weight)
+    Hd, dead, _ = ref.damped_hessian(H_sym, 0.01)
+    for r in range(W.shape[0]):
+        want = ref.constrained_optimum(W[r], Hd, pruned[r] | (W[r] == 0) | dead, 0.0)[0]
+        np.testing.assert_allclose(b.weight[r], want, rtol=0, atol=1e-6 * np.abs(want).max())
+
 def test_bad_hessian_dtype_and_layout_are_rejected():
     W, H, _ = make_problem(2, 8, seed=1)
     with pytest.raises(TypeError, match="H"):
