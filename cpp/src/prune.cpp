@@ -151,82 +151,12 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     OBC_CHECK(2 * pruned.row(r).template cast<Index>().sum() >= cols,
               "solve_masked: row ", r, " keeps more weights than it prunes, which needs the ",
               "float64 inverse, but the prepared Hessian has none");
-  // An exactly symmetric H (the usual case: accumulated or symmetrized) has (h_ab + h_ba) / 2 ==
-  // h_ab bit for bit, so rows may read one triangle only, along H's contiguous direction; the
-  // transposed reads of the general case are strided (a cache miss per element).
-  const bool exactly_symmetric = H.visit([&](const auto& h) {
-    for (Index j = 0; j < cols; ++j)
-      for (Index i = j + 1; i < cols; ++i)
-        if (h(i, j) != h(j, i)) return false;
-    return true;
-  });
   RowMatrix<Scalar> weight(rows, cols);
-  parallel_for(rows, run.num_threads, run.interrupt, [&](Index r, int) {
-    std::vector<Index> P, F;
-    for (Index c = 0; c < cols; ++c) (pruned(r, c) ? P : F).push_back(c);
-    const Eigen::VectorXd w = W.row(r).template cast<double>().transpose();
-    Eigen::VectorXd out = w;
-    if (!P.empty() && !F.empty()) {
-      const Index np = static_cast<Index>(P.size()), nf = static_cast<Index>(F.size());
-      Eigen::VectorXd wp(np);
-      for (Index i = 0; i < np; ++i) wp[i] = w[P[static_cast<size_t>(i)]];
-      if (np < nf) {
-        // w_hat = w - Hinv[:,P] (Hinv_PP)^-1 w_P
-        Eigen::MatrixXd gpp(np, np);
-        for (Index j = 0; j < np; ++j)  // the lower triangle only: LLT reads nothing else
-          for (Index i = j; i < np; ++i) gpp(i, j) = prep.hinv(P[i], P[j]);
-        Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(gpp);  // in place: no second np x np copy
-        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-        const Eigen::VectorXd coef = llt.solve(wp);
-        for (Index i = 0; i < nf; ++i) {
-          double delta = 0;
-          for (Index j = 0; j < np; ++j) delta += prep.hinv(F[i], P[j]) * coef[j];
-          out[F[i]] -= delta;
-        }
-      } else {
-        // w_hat_F = w_F + H_FF^-1 H_FP w_P with the damped H (dead inputs are in P, and their
-        // rows of H are zero, so only live entries are read here)
-        Eigen::MatrixXd hff(nf, nf);
-        Eigen::VectorXd rhs = Eigen::VectorXd::Zero(nf);
-        H.visit([&](const auto& h) {
-          auto damped = [&](Index a, Index b) {
-            const double v = 0.5 * (static_cast<double>(h(a, b)) + static_cast<double>(h(b, a)));
-            return a == b ? v + prep.damp_absolute : v;
-          };
-          // The lower triangle only: LLT reads nothing else.
-          constexpr bool row_major = std::decay_t<decltype(h)>::IsRowMajor;
-          for (Index j = 0; j < nf; ++j) {
-            const Index fj = F[j];
-            hff(j, j) = damped(fj, fj);
-            if (exactly_symmetric && row_major) {
-              for (Index i = j + 1; i < nf; ++i) hff(i, j) = static_cast<double>(h(fj, F[i]));
-            } else if (exactly_symmetric) {
-              for (Index i = j + 1; i < nf; ++i) hff(i, j) = static_cast<double>(h(F[i], fj));
-            } else {
-              for (Index i = j + 1; i < nf; ++i) hff(i, j) = damped(F[i], fj);
-            }
-          }
-          for (Index i = 0; i < nf; ++i) {
-            const Index fi = F[i];
-            for (Index j = 0; j < np; ++j) {
-              const Index pj = P[j];
-              if (prep.dead[static_cast<size_t>(pj)]) continue;
-              const double h_fp = !exactly_symmetric ? damped(fi, pj)
-                                  : row_major        ? static_cast<double>(h(fi, pj))
-                                                     : static_cast<double>(h(pj, fi));
-              rhs[i] += h_fp * wp[j];
-            }
-          }
-        });
-        Eigen::LLT<Eigen::Ref<Eigen::MatrixXd>> llt(hff);  // in place
-        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-        const Eigen::VectorXd delta = llt.solve(rhs);
-        for (Index i = 0; i < nf; ++i) out[F[i]] += delta[i];
-      }
-    }
-    for (Index c : P) out[c] = 0.0;
-    weight.row(r) = out.transpose().template cast<Scalar>();
-  });
+  const internal::MaskedSolveJob<Scalar> job{W.data(), rows, cols, pruned.data(),
+                                             prep.hinv.size() > 0 ? prep.hinv.data() : nullptr,
+                                             prep.dead.data(), internal::input_of(H),
+                                             prep.damp_absolute, weight.data()};
+  internal::row_kernels<Scalar>().solve_masked(job, run);
   return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
 }
 

@@ -81,12 +81,29 @@ struct StructuredJob {
   double* step_losses;  ///< rows: the sum of each row's greedy step losses (damped H)
 };
 
+/// Optimal weights for fixed masks (obc::solve_masked), one float64 solve per row. W, out: rows x
+/// cols row-major; pruned: rows x cols, 1 = pruned (already including zeros and dead inputs);
+/// hinv: the cols x cols float64 inverse (both triangles), or null when every row prunes at
+/// least half (those solve with H_FF); H: the undamped Hessian, damped here by damp_absolute.
+template <class S>
+struct MaskedSolveJob {
+  const S* W;
+  KIndex rows, cols;
+  const std::uint8_t* pruned;
+  const double* hinv;
+  const char* dead;  ///< cols flags
+  HessianInput H;
+  double damp_absolute;
+  S* out;
+};
+
 template <class S>
 struct RowKernels {
   void (*trace)(const TraceJob<S>&, const RunOptions&);
   void (*nm)(const NmJob<S>&, const RunOptions&);
   void (*obq)(const ObqJob<S>&, const RunOptions&);
   void (*structured)(const StructuredJob<S>&, const RunOptions&);
+  void (*solve_masked)(const MaskedSolveJob<S>&, const RunOptions&);
   /// out[r] = 1/2 (W - W_hat)_r H (W - W_hat)_r^T in float64; W, W_hat rows x cols row-major.
   void (*row_losses)(const S* W, const S* W_hat, KIndex rows, KIndex cols, const HessianInput& H,
                      double* out, int num_threads);

@@ -11,6 +11,7 @@
 #include "internal/row_kernels.hpp"
 #include "internal/row_state.hpp"
 #include "kernels/argmin_score.hpp"
+#include "kernels/masked_solve.hpp"
 #include "kernels/spd_inverse.hpp"
 #include "kernels/structured_kernel.hpp"
 #include "obc/parallel.hpp"
@@ -21,8 +22,6 @@
 #endif
 
 namespace obc::OBC_KERNEL_NS {
-
-using internal::HessianInput;
 
 namespace {
 
@@ -314,23 +313,8 @@ void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const H
 template <class S>
 void row_losses(const S* W, const S* W_hat, Index rows, Index cols, const HessianInput& H,
                 double* out, int num_threads) {
-  auto run = [&](const auto* data) {
-    using T = std::remove_const_t<std::remove_pointer_t<decltype(data)>>;
-    using Stride = Eigen::OuterStride<>;
-    if (H.col_stride == 1) {
-      Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>, 0, Stride>
-          h(data, cols, cols, Stride(H.row_stride));
-      row_losses_with(W, W_hat, rows, cols, h, out, num_threads);
-    } else {
-      Eigen::Map<const Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>, 0, Stride> h(
-          data, cols, cols, Stride(H.col_stride));
-      row_losses_with(W, W_hat, rows, cols, h, out, num_threads);
-    }
-  };
-  if (H.is_f32)
-    run(static_cast<const float*>(H.data));
-  else
-    run(static_cast<const double*>(H.data));
+  visit_hessian(H,
+                [&](const auto& h) { row_losses_with(W, W_hat, rows, cols, h, out, num_threads); });
 }
 
 }  // namespace
@@ -343,9 +327,11 @@ const KernelTable& OBC_KERNEL_TABLE() {
   static const KernelTable table{
       RowKernels<float>{&OBC_KERNEL_NS::trace_rows<float>, &OBC_KERNEL_NS::nm_rows<float>,
                         &OBC_KERNEL_NS::obq_rows<float>, &OBC_KERNEL_NS::structured_rows<float>,
+                        &OBC_KERNEL_NS::masked_solve_rows<float>,
                         &OBC_KERNEL_NS::row_losses<float>},
       RowKernels<double>{&OBC_KERNEL_NS::trace_rows<double>, &OBC_KERNEL_NS::nm_rows<double>,
                          &OBC_KERNEL_NS::obq_rows<double>, &OBC_KERNEL_NS::structured_rows<double>,
+                         &OBC_KERNEL_NS::masked_solve_rows<double>,
                          &OBC_KERNEL_NS::row_losses<double>},
       &OBC_KERNEL_NS::spd_inverse_inplace,
       OBC_KERNEL_ISA};
