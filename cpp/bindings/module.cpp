@@ -177,17 +177,20 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("sparsity"), py::arg("group"), py::arg("damp"),
         py::arg("num_threads"));
   m.def("trace",
-        [](RowRef<S> W, const py::array& H, Index block, double damp, int num_threads, int lazy_batch) {
+        [](RowRef<S> W, const py::array& H, Index block, double damp, int num_threads, int lazy_batch,
+           std::vector<Index> record_steps) {
           const obc::HessianRef h = hessian_ref(H);
           PythonInterrupt hook;
           obc::Trace t;
           obc::PreparedHessian prep;
+          std::vector<obc::RowMatrix<S>> recorded;
           {
             py::gil_scoped_release release;
             prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
             // Only the row kernels read the inverse here, and float32 ones compute in float32.
             if constexpr (std::is_same_v<S, float>) prep.keep_float32_only();
-            t = obc::trace_rows<S>(W, prep, block, run_options(num_threads, lazy_batch, hook));
+            t = obc::trace_rows<S>(W, prep, block, record_steps, recorded,
+                                   run_options(num_threads, lazy_batch, hook));
             prep.hinv_lower_f32 = std::vector<float>();
             prep.hinv = Eigen::MatrixXd();
           }
@@ -196,10 +199,14 @@ void bind_scalar(py::module_& m) {
           d["losses"] = to_array_moved<double>(std::move(t.step_losses));
           d["damp"] = prep.damp;
           d["damp_absolute"] = prep.damp_absolute;
+          py::list layers;
+          for (obc::RowMatrix<S>& layer : recorded)
+            layers.append(to_array_moved<S>(std::move(layer)));
+          d["recorded"] = layers;
           return d;
         },
         py::arg("W"), py::arg("H"), py::arg("block"), py::arg("damp"), py::arg("num_threads"),
-        py::arg("lazy_batch") = 0);
+        py::arg("lazy_batch") = 0, py::arg("record_steps") = std::vector<Index>{});
   m.def("solve_masked",
         [](RowRef<S> W, const py::array& H, Eigen::Ref<const obc::MaskMatrix> pruned, double damp,
            int num_threads) {

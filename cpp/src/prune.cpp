@@ -36,10 +36,13 @@ void check_sparsity(double sparsity) {
             "sparsity: expected a value in [0, 1], got ", sparsity);
 }
 
+// The row kernels over a layer. record_steps / recorded (optional, same length): weights kept
+// when every row has taken record_steps[k] steps (see TraceJob).
 template <class Scalar>
 void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
               Index block, const IndexVector* max_steps, const RunOptions& run, Trace* trace,
-              RowMatrix<Scalar>* weights) {
+              RowMatrix<Scalar>* weights, const std::vector<Index>* record_steps = nullptr,
+              std::vector<RowMatrix<Scalar>>* recorded = nullptr) {
   OBC_CHECK((std::is_same_v<Scalar, float> || prep.hinv.size() > 0), "W: float64 rows need the ",
             "float64 inverse, but the prepared Hessian was reduced by keep_float32_only()");
   const Index rows = W.rows(), cols = W.cols();
@@ -55,9 +58,20 @@ void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessia
   out.resize(rows, cols);
   std::vector<Index> limits;
   if (max_steps) limits.assign(max_steps->data(), max_steps->data() + rows);
-  const internal::TraceJob<Scalar> job{W.data(), rows, internal::view_of(prep), block,
-                                       max_steps ? limits.data() : nullptr, order.data(),
-                                       losses.data(), out.data()};
+  internal::TraceJob<Scalar> job{W.data(), rows, internal::view_of(prep), block,
+                                 max_steps ? limits.data() : nullptr, order.data(),
+                                 losses.data(), out.data()};
+  std::vector<Scalar*> record_out;
+  if (record_steps && !record_steps->empty()) {
+    recorded->resize(record_steps->size());
+    for (RowMatrix<Scalar>& layer : *recorded) {
+      layer.resize(rows, cols);
+      record_out.push_back(layer.data());
+    }
+    job.record_steps = record_steps->data();
+    job.num_records = static_cast<Index>(record_steps->size());
+    job.record_out = record_out.data();
+  }
   internal::row_kernels<Scalar>().trace(job, run);
   if (trace) trace->block = block;
 }
@@ -89,6 +103,21 @@ Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHes
             W.cols(), "), got ", block);
   Trace trace;
   run_rows<Scalar>(W, hessian, block, nullptr, run, &trace, nullptr);
+  return trace;
+}
+
+template <class Scalar>
+Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
+                 Index block, const std::vector<Index>& record_steps,
+                 std::vector<RowMatrix<Scalar>>& recorded, const RunOptions& run) {
+  check_weight<Scalar>(W, hessian.cols());
+  OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
+            W.cols(), "), got ", block);
+  for (Index steps : record_steps)
+    OBC_CHECK(steps >= 0 && steps <= W.cols() / block, "record_steps: expected counts in [0, ",
+              W.cols() / block, "], got ", steps);
+  Trace trace;
+  run_rows<Scalar>(W, hessian, block, nullptr, run, &trace, nullptr, &record_steps, &recorded);
   return trace;
 }
 
@@ -247,6 +276,9 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 #define OBC_INSTANTIATE(S)                                                                         \
   template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,      \
                                Index, const RunOptions&);                                          \
+  template Trace trace_rows<S>(const Eigen::Ref<const RowMatrix<S>>&, const PreparedHessian&,      \
+                               Index, const std::vector<Index>&, std::vector<RowMatrix<S>>&,       \
+                               const RunOptions&);                                                 \
   template PruneResult<S> solve_masked<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
                                           const HessianRef&,                                       \
                                           const PreparedHessian&, const MaskMatrix&,               \

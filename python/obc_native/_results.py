@@ -91,6 +91,7 @@ class Trace:
     _W: np.ndarray = field(repr=False)
     _H: np.ndarray = field(repr=False)
     _num_threads: int = field(repr=False, default=0)
+    _recorded: dict = field(repr=False, default_factory=dict)  # steps per row -> weights
 
     def steps_per_row(self, sparsity: float, spread: str = "global") -> np.ndarray:
         """(rows,) number of leading steps of each row's order taken for `sparsity`.
@@ -125,10 +126,22 @@ class Trace:
         return np.repeat(pruned_blocks, self.block, axis=1)
 
     def weights(self, sparsity: float, spread: str = "global") -> PruneResult:
-        """Pruned weights at `sparsity`, re-solved in closed form for the trace's mask."""
+        """Pruned weights at `sparsity`, re-solved in closed form for the trace's mask, or, for a
+        uniform spread the trace recorded (see trace_unstructured's `record`), the greedy's own
+        weights there (no solve)."""
         from . import _api
 
         counts = self.steps_per_row(sparsity, spread)
+        recorded = self._recorded.get(int(counts[0])) if spread == "uniform" else None
+        if recorded is not None:
+            # solve_masked's mask: the trace's, plus the zeros and dead inputs it always prunes.
+            live = np.diagonal(self._H) != 0
+            mask = ~self.pruned_mask(counts) & (self._W != 0) & live[None, :]
+            return PruneResult(
+                weight=recorded.copy(), mask=mask,
+                row_losses=_api.layer_loss(self._W, recorded, self._H,
+                                           num_threads=self._num_threads or None),
+                damp=self.damp, damp_absolute=self.damp_absolute)
         return _api.solve_masked(
             self._W, self._H, ~self.pruned_mask(counts), damp=self.damp,
             num_threads=self._num_threads or None,

@@ -97,6 +97,7 @@ DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DATABASE_FORMAT = "obc_native.level_database"
 DATABASE_VERSION = 1
 _GRID_BITS = 40  # float32 scale + uint8 zero point per row and group (serialize format v1)
+_RECORD_BYTES = 256 << 20  # most memory a trace may spend recording levels' weights at once
 
 CompressionResult = Union[PruneResult, QuantResult]
 
@@ -390,8 +391,10 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
 
     Levels, in this order: "dense" (always, loss 0); one per sparsity, unstructured
     (``block=None``) or blocks of ``block`` consecutive weights, all from ONE ExactOBS trace
-    (``trace_unstructured`` / ``trace_blocked``) re-solved in closed form at each sparsity
-    (``Trace.weights``), which gives exactly the weights and losses of separate
+    (``trace_unstructured`` / ``trace_blocked``): with the uniform spread its greedy's own
+    weights recorded at each sparsity (``record=``; re-solved instead when holding all levels
+    would take over 256 MiB and they are not kept), with the global spread re-solved in closed
+    form (``Trace.weights``), which gives the weights and losses of separate
     ``prune_unstructured`` / ``prune_blocked`` solves with the same ``spread``; one per
     ``(n, m)`` in ``nm`` (``prune_nm``); one per bit width in ``bits`` (``quantize``); one per
     ``(n, m, bits)`` in ``joint`` (``prune_nm`` then ``quantize`` of the pruned weights, loss
@@ -470,8 +473,14 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
                 skipped.append((level_label(kind, {**base, "sparsity": s}),
                                 f"block {block} does not divide cols {cols}"))
         else:
-            trace = (_api.trace_unstructured(W, H, damp=damp, num_threads=threads) if block is None
-                     else _api.trace_blocked(W, H, block, damp=damp, num_threads=threads))
+            # A uniform spread's levels come straight from the greedy (no per-row re-solve) when
+            # holding them all at once is cheap, or they are kept anyway.
+            record = (sparsities if spread == "uniform" and
+                      (keep_weights or len(sparsities) * W.nbytes <= _RECORD_BYTES) else ())
+            trace = (_api.trace_unstructured(W, H, damp=damp, num_threads=threads, record=record)
+                     if block is None else
+                     _api.trace_blocked(W, H, block, damp=damp, num_threads=threads,
+                                        record=record))
             for s in sparsities:
                 result = trace.weights(s, spread)
                 add(kind, {**base, "sparsity": s, "spread": spread}, result.weight, result.loss)

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <vector>
 
 #include "obc/hessian.hpp"
 #include "obc/interrupt.hpp"
@@ -54,6 +55,16 @@ Index count_for_sparsity(double sparsity, Index steps);
 template <class Scalar>
 Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
                  Index block = 1, const RunOptions& run = {});
+
+/// The same, also keeping the greedy's own weights as every row passes record_steps[k] steps
+/// (each in [0, cols / block], counted like steps_per_row(trace, s, Spread::Uniform), i.e.
+/// including entries pruned on entry): recorded[k] is rows x cols, zero where pruned. The
+/// greedy's updates are exact, so these are the optimal weights for those masks (what
+/// solve_masked returns, computed in the kernels' precision) without any re-solve.
+template <class Scalar>
+Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
+                 Index block, const std::vector<Index>& record_steps,
+                 std::vector<RowMatrix<Scalar>>& recorded, const RunOptions& run = {});
 
 /// Steps per row for a layer sparsity, spread globally or uniformly (see Spread).
 Eigen::Matrix<Index, Eigen::Dynamic, 1> steps_per_row(const Trace& trace, double sparsity,

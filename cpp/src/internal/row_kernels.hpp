@@ -31,6 +31,8 @@ struct HessianInput {
 
 /// Greedy traces of rows: unstructured (block 1) or blocked. W, out: rows x cols row-major;
 /// order, losses: rows x (cols / block). max_steps: per-row step limit or null (all steps).
+/// record_out[k] (rows x cols row-major, k < num_records) receives each row's weights when it
+/// has taken record_steps[k] steps (0..cols / block; with max_steps, at most max_steps[r]).
 template <class S>
 struct TraceJob {
   const S* W;
@@ -41,6 +43,9 @@ struct TraceJob {
   std::int32_t* order;
   double* losses;
   S* out;
+  const KIndex* record_steps = nullptr;
+  KIndex num_records = 0;
+  S* const* record_out = nullptr;
 };
 
 /// N:M pruning of rows: at least n zeros in every group of m consecutive inputs.

@@ -37,9 +37,9 @@ Index argmin_score(const RowState<Scalar>& state, const char* pick) {
 // Blocked greedy: the diagonal blocks of the current inverse are kept up to date (a rank-len
 // update per step, O(n * block^2)) instead of being rebuilt from G0 - U U^T for every candidate,
 // so scoring all blocks costs O(n * block^2) per step rather than O(n * block * k).
-template <class Scalar>
+template <class Scalar, class OnStep>
 void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& step,
-                  std::int32_t* order, double* losses) {
+                  std::int32_t* order, double* losses, OnStep on_step) {
   struct Span {
     Index begin, len;
     bool alive;
@@ -116,6 +116,7 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
     if (!state.factor_block(begin, len)) RowState<Scalar>::lost_definiteness();
     losses[step] = state.prune_block(begin, len);
     ++step;
+    on_step(step);
     spans[best].alive = false;
     const auto V = state.recent_downdates(len);  // G_BB -= V_B V_B^T for every other block
     for (size_t s = 0; s < spans.size(); ++s) {
@@ -135,11 +136,13 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
 
 // One row's greedy trace. Unstructured when block == 1. Stops after `max_steps` steps (counting
 // the already-pruned entries, which come first); unfilled trace entries get -1 / NaN.
-// Final (or stopped-at) weights go to `out`.
-template <class Scalar>
+// Final (or stopped-at) weights go to `out`. on_step(step) runs once the row has taken
+// `step` steps: for step = the already-pruned count (with every count below it) and after each
+// greedy step.
+template <class Scalar, class OnStep>
 void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const HessianView& h,
                    Index block, Index max_steps, int lazy_batch, std::int32_t* order,
-                   double* losses, Scalar* out) {
+                   double* losses, Scalar* out, OnStep on_step) {
   const Index num_blocks = h.cols / block;
   state.load(w_row, h, lazy_batch, out);
   std::fill(order, order + num_blocks, -1);
@@ -155,16 +158,17 @@ void trace_one_row(RowState<Scalar>& state, const Scalar* w_row, const HessianVi
       ++step;
     }
   }
+  for (Index s = 0; s <= step; ++s) on_step(s);  // the pruned-on-entry steps change no weight
   if (block == 1) {
     while (step < max_steps && state.num_free() > 0) {
       state.ensure_room(1);
       const Index best = argmin_score(state, state.free_mask());
       order[step] = static_cast<std::int32_t>(state.orig(best));
       losses[step] = state.fix(best, Scalar(0));
-      ++step;
+      on_step(++step);
     }
   } else {
-    trace_blocks(state, block, max_steps, step, order, losses);
+    trace_blocks(state, block, max_steps, step, order, losses, on_step);
   }
   state.finish();
 }
@@ -175,9 +179,20 @@ void trace_rows(const internal::TraceJob<Scalar>& job, const RunOptions& run) {
   std::vector<RowState<Scalar>> states(static_cast<size_t>(resolve_num_threads(run.num_threads)));
   parallel_for(job.rows, run.num_threads, run.interrupt, [&](Index r, int tid) {
     const Index limit = job.max_steps ? job.max_steps[r] : steps;
-    trace_one_row<Scalar>(states[static_cast<size_t>(tid)], job.W + r * cols, job.h, job.block,
-                          limit, run.lazy_batch, job.order + r * steps, job.losses + r * steps,
-                          job.out + r * cols);
+    RowState<Scalar>& state = states[static_cast<size_t>(tid)];
+    // Recorded weights: the greedy's own, as the row passes each requested step count.
+    auto record = [&](Index step) {
+      for (Index k = 0; k < job.num_records; ++k) {
+        if (job.record_steps[k] != step) continue;
+        Scalar* dst = job.record_out[k] + r * cols;
+        std::fill(dst, dst + cols, Scalar(0));
+        for (Index i = 0; i < state.size(); ++i)
+          if (state.is_free(i)) dst[state.orig(i)] = state.w()[i];
+      }
+    };
+    trace_one_row<Scalar>(state, job.W + r * cols, job.h, job.block, limit, run.lazy_batch,
+                          job.order + r * steps, job.losses + r * steps, job.out + r * cols,
+                          record);
   });
 }
 
