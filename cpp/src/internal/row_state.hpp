@@ -3,6 +3,7 @@
 
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
+#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -16,14 +17,14 @@ using internal::HessianView;
 
 /// Lazy batch size for n active inputs: large enough that flushes are level-3, small enough that
 /// the O(n k) column reconstruction stays cheap next to the O(n^2) amortized flush. Tuned on full
-/// float32 traces (2-core AVX2 machine, 2026-11-23): 32 beat 16 from 128 inputs up, and 96 beat
-/// 32/64/128 by 5-10% at 576, 1152 and 2304 inputs.
+/// float32 traces (2-core AVX2 machines): 96 beat 32/64/128 by 5-10% at 576, 1152 and 2304 inputs
+/// (2026-11-23); once the greedy's choice was vectorized and compaction copies inlined, 96 was
+/// also as fast as or faster than the former 16 / 32 / 64 below 768 inputs (2026-12-01, one
+/// thread, a noisy VM: 64 inputs 0.031 vs 0.038 s for 2048 rows, 256 inputs 0.103-0.117 vs
+/// 0.113-0.130 s for 512 rows, 576 inputs within noise). With n <= 96 a row never flushes.
 inline Index lazy_capacity(Index n, int requested) {
   if (requested > 0) return requested;
-  if (n <= 64) return 16;
-  if (n <= 384) return 32;
-  if (n <= 768) return 64;
-  return 96;
+  return std::min<Index>(96, std::max<Index>(n, 1));
 }
 
 template <class S>
