@@ -65,7 +65,7 @@ void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessia
   if (record_steps && !record_steps->empty()) {
     recorded->resize(record_steps->size());
     for (RowMatrix<Scalar>& layer : *recorded) {
-      layer.resize(rows, cols);
+      layer.setZero(rows, cols);  // every row writes every layer; zeros only guard the contract
       record_out.push_back(layer.data());
     }
     job.record_steps = record_steps->data();
