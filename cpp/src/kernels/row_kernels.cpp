@@ -39,19 +39,21 @@ Index argmin_score(const RowState<Scalar>& state, const char* pick) {
 // it costs a fraction of the run-time-length loops (which were a third of a blocked trace).
 template <int L, class Scalar>
 bool fixed_block_score(const Scalar* g, const Scalar* w, double& score) {
-  double f[L][L];  // f[j][i]: column j, row i >= j of the factor
+  // One division per pivot, multiplications elsewhere: the chain of square roots and divisions
+  // is what bounds this loop (rounding differs from dividing by at most an ulp per entry).
+  double f[L][L];  // f[j][i]: column j, row i > j of the factor
+  double inv_pivot[L];
   for (int j = 0; j < L; ++j)
     for (int i = j; i < L; ++i) f[j][i] = g[i + j * L];
   for (int j = 0; j < L; ++j) {
     double pivot = f[j][j];
     for (int t = 0; t < j; ++t) pivot -= f[t][j] * f[t][j];
     if (!(pivot > 0)) return false;
-    pivot = std::sqrt(pivot);
-    f[j][j] = pivot;
+    inv_pivot[j] = 1.0 / std::sqrt(pivot);
     for (int i = j + 1; i < L; ++i) {
       double v = f[j][i];
       for (int t = 0; t < j; ++t) v -= f[t][i] * f[t][j];
-      f[j][i] = v / pivot;
+      f[j][i] = v * inv_pivot[j];
     }
   }
   double rhs[L];
@@ -59,7 +61,7 @@ bool fixed_block_score(const Scalar* g, const Scalar* w, double& score) {
   for (int i = 0; i < L; ++i) {
     double v = static_cast<double>(w[i]);
     for (int t = 0; t < i; ++t) v -= f[t][i] * rhs[t];
-    rhs[i] = v / f[i][i];
+    rhs[i] = v * inv_pivot[i];
     score += rhs[i] * rhs[i];
   }
   return true;
