@@ -98,12 +98,8 @@ Index count_for_sparsity(double sparsity, Index steps) {
 template <class Scalar>
 Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
                  Index block, const RunOptions& run) {
-  check_weight<Scalar>(W, hessian.cols());
-  OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
-            W.cols(), "), got ", block);
-  Trace trace;
-  run_rows<Scalar>(W, hessian, block, nullptr, run, &trace, nullptr);
-  return trace;
+  std::vector<RowMatrix<Scalar>> none;
+  return trace_rows<Scalar>(W, hessian, block, {}, none, run);
 }
 
 template <class Scalar>

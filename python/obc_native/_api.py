@@ -165,7 +165,7 @@ _RECORD_DOC = """
     record: sparsities whose weights the greedy keeps as every row passes ceil(s * steps)
         steps (one (rows, cols) array each, in W's dtype). Trace.weights(s, spread="uniform")
         then returns them instead of re-solving each row (a float64 Cholesky per row: at 50%
-        about half the time of the trace itself). The greedy's updates are exact, so they are
+        a third to two thirds of the trace's own time). The greedy's updates are exact, so they are
         the same optimum for the same mask, computed in the kernels' precision."""
 
 
