@@ -13,14 +13,10 @@
 #include <Eigen/Cholesky>
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <type_traits>
+#include <cstdint>
 #include <vector>
 
-#if defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
+#include "kernels/compress_forward.hpp"
 #include "obc/parallel.hpp"
 #include "obc/types.hpp"
 
@@ -30,23 +26,6 @@
 #endif
 
 namespace obc::OBC_KERNEL_NS {
-
-/// Copies len elements from src to dst, where dst <= src (the ranges may overlap): a forward
-/// sweep that loads each vector before storing the one below it never overwrites data it still
-/// has to read. Inline and vectorized: compaction moves short runs (about n / B elements), for
-/// which a call to memmove per run cost more than the copy itself.
-template <class S>
-inline void copy_forward(S* dst, const S* src, Index len) {
-  Index t = 0;
-#if defined(__AVX2__)
-  if constexpr (std::is_same_v<S, float>) {
-    for (; t + 8 <= len; t += 8) _mm256_storeu_ps(dst + t, _mm256_loadu_ps(src + t));
-  } else if constexpr (std::is_same_v<S, double>) {
-    for (; t + 4 <= len; t += 4) _mm256_storeu_pd(dst + t, _mm256_loadu_pd(src + t));
-  }
-#endif
-  for (; t < len; ++t) dst[t] = src[t];
-}
 
 template <class S>
 class LazyInverse {
@@ -193,34 +172,20 @@ class LazyInverse {
     const Index m = static_cast<Index>(kept.size());
     // In-place compaction: element (i, j) moves to (kept-rank i, kept-rank j) with the new leading
     // dimension m <= n; every destination address is <= its source and both increase together,
-    // so a forward sweep never overwrites data it still has to read. Kept indices come in runs
-    // (a flush removes a few dozen of n), so whole runs move with a vectorized forward copy (a
-    // pass over G at memory speed instead of an element-by-element gather).
+    // so a forward sweep never overwrites data it still has to read. Each kept column's lower part
+    // (rows from its own index down) and each column of U is left-packed by its keep bits
+    // (kernels/compress_forward.hpp): a pass over G at memory speed, however scattered the
+    // removed inputs are.
     if (m < n_) {
-      runs_.clear();
-      for (Index i = 0; i < m;) {
-        Index len = 1;
-        while (i + len < m &&
-               kept[static_cast<size_t>(i + len)] == kept[static_cast<size_t>(i)] + len)
-          ++len;
-        runs_.push_back({i, kept[static_cast<size_t>(i)], len});
-        i += len;
-      }
+      keep8_.resize(static_cast<size_t>(n_));
+      keep_bits8(keep.data(), n_, keep8_.data());
       S* g = g_.data();
-      size_t first_run = 0;  // the run holding rank j
       for (Index j = 0; j < m; ++j) {
-        while (runs_[first_run].rank + runs_[first_run].len <= j) ++first_run;
-        const S* src_col = g + kept[static_cast<size_t>(j)] * n_;
-        S* dst_col = g + j * m;
-        for (size_t r = first_run; r < runs_.size(); ++r) {
-          const Index i0 = std::max(runs_[r].rank, j), len = runs_[r].rank + runs_[r].len - i0;
-          copy_forward(dst_col + i0, src_col + runs_[r].old + (i0 - runs_[r].rank), len);
-        }
+        const Index old = kept[static_cast<size_t>(j)];
+        compress_forward(g + j * m + j, g + old * n_ + old, n_ - old, keep8_.data() + old);
       }
       S* u = u_.data();
-      for (Index t = 0; t < k_; ++t)
-        for (const Run& run : runs_)
-          copy_forward(u + t * m + run.rank, u + t * n_ + run.old, run.len);
+      for (Index t = 0; t < k_; ++t) compress_forward(u + t * m, u + t * n_, n_, keep8_.data());
     }
     n_ = m;
     if (k_ > 0 && n_ > 0) {
@@ -274,10 +239,7 @@ class LazyInverse {
   std::vector<S, Eigen::aligned_allocator<S>> u_;  // U, n x capacity column-major
   Vec diag_;                                       // exact diagonal of G0 - U U^T
   Vec urow_;                                       // scratch: U(q, 0:k)
-  struct Run {  // kept ranks [rank, rank + len) were old indices [old, old + len)
-    Index rank, old, len;
-  };
-  std::vector<Run> runs_;  // scratch of flush(): runs of consecutive kept indices
+  std::vector<std::uint8_t> keep8_;  // scratch of flush(): keep bits, see keep_bits8
   Index n_ = 0, capacity_ = 1, k_ = 0;
 };
 
