@@ -3,9 +3,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
+#include "internal/huge_pages.hpp"
 #include "internal/prepared_view.hpp"
 #include "obc/errors.hpp"
+#include "obc/parallel.hpp"
 
 namespace obc {
 
@@ -13,25 +17,62 @@ namespace {
 
 constexpr Index kTile = 64;  // square tiles make the transposed reads of H cache-friendly
 
+Index tiles_of(Index n) { return (n + kTile - 1) / kTile; }
+
+// Threads for one pass over an n x n Hessian: a parallel region costs more than a small pass.
+int pass_threads(Index n, int num_threads) { return n < 512 ? 1 : num_threads; }
+
+// What one pass over H's entries finds: whether all are finite, max |H_ij| and max |H_ij - H_ji|.
+// Maxima do not depend on the order they are taken in, so a parallel pass gives the same values.
+struct EntryScan {
+  bool finite = true;
+  double max_abs = 0, max_asym = 0;
+  void merge(const EntryScan& other) {
+    finite = finite && other.finite;
+    max_abs = std::max(max_abs, other.max_abs);
+    max_asym = std::max(max_asym, other.max_asym);
+  }
+};
+
+// Scans the tiles of column tile `tile` at and below the diagonal, reading each (i, j), i >= j,
+// with its mirror (j, i): every entry of H is read once, both directions in cache.
+template <class M>
+EntryScan scan_tile_column(const M& h, Index tile) {
+  const Index n = h.rows(), jb = tile * kTile;
+  EntryScan scan;
+  bool finite = true;
+  for (Index ib = jb; ib < n; ib += kTile)
+    for (Index j = jb; j < std::min(n, jb + kTile); ++j)
+      for (Index i = std::max(ib, j); i < std::min(n, ib + kTile); ++i) {
+        const double lower = static_cast<double>(h(i, j)), upper = static_cast<double>(h(j, i));
+        const double abs_lower = std::abs(lower), abs_upper = std::abs(upper);
+        // NaN fails every comparison and Inf exceeds the largest double.
+        finite = finite && abs_lower <= std::numeric_limits<double>::max() &&
+                 abs_upper <= std::numeric_limits<double>::max();
+        scan.max_abs = std::max(scan.max_abs, std::max(abs_lower, abs_upper));
+        scan.max_asym = std::max(scan.max_asym, std::abs(lower - upper));
+      }
+  scan.finite = finite;
+  return scan;
+}
+
 }  // namespace
 
-void validate_hessian(const HessianRef& H, double symmetry_tol) {
+void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads) {
   OBC_CHECK(H.rows() == H.cols(), "H: expected a square cols x cols matrix, got ", H.rows(), "x",
             H.cols());
   OBC_CHECK(H.rows() > 0, "H: expected a non-empty matrix, got 0x0");
   H.visit([&](const auto& h) {
     const Index n = h.rows();
-    OBC_CHECK(h.allFinite(), "H: expected finite values, got NaN or Inf");
-    const double scale = static_cast<double>(h.cwiseAbs().maxCoeff());
-    double asym = 0;
-    for (Index jb = 0; jb < n; jb += kTile)
-      for (Index ib = jb; ib < n; ib += kTile)
-        for (Index j = jb; j < std::min(n, jb + kTile); ++j)
-          for (Index i = std::max(ib, j + 1); i < std::min(n, ib + kTile); ++i)
-            asym = std::max(asym, std::abs(static_cast<double>(h(i, j)) -
-                                           static_cast<double>(h(j, i))));
-    OBC_CHECK(asym <= symmetry_tol * scale, "H: expected a symmetric matrix, got max|H - H^T| = ",
-              asym, " (max|H| = ", scale, ")");
+    std::vector<EntryScan> scans(static_cast<size_t>(tiles_of(n)));
+    parallel_for(tiles_of(n), pass_threads(n, num_threads), nullptr,
+                 [&](Index t, int) { scans[static_cast<size_t>(t)] = scan_tile_column(h, t); });
+    EntryScan all;
+    for (const EntryScan& scan : scans) all.merge(scan);
+    OBC_CHECK(all.finite, "H: expected finite values, got NaN or Inf");
+    OBC_CHECK(all.max_asym <= symmetry_tol * all.max_abs,
+              "H: expected a symmetric matrix, got max|H - H^T| = ", all.max_asym,
+              " (max|H| = ", all.max_abs, ")");
     for (Index i = 0; i < n; ++i) {
       OBC_CHECK(h(i, i) >= 0, "H: expected a non-negative diagonal (H = 2/n X X^T), got H[", i,
                 ",", i, "] = ", h(i, i));
@@ -44,11 +85,12 @@ void validate_hessian(const HessianRef& H, double symmetry_tol) {
   });
 }
 
+
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options,
                                 int num_threads) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
             "damp: expected a finite value >= 0, got ", options.damp);
-  validate_hessian(H, options.symmetry_tol);
+  validate_hessian(H, options.symmetry_tol, num_threads);
   const Index cols = H.rows();
   PreparedHessian prep;
   prep.dead.assign(static_cast<size_t>(cols), 0);
@@ -70,9 +112,13 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   // The damped, exactly symmetric Hessian goes into the buffer that becomes its inverse (lower
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
   prep.hinv.resize(cols, cols);
+  internal::advise_huge_pages(prep.hinv.data(), sizeof(double) * static_cast<size_t>(cols * cols));
   const char* dead = prep.dead.data();
+  // One column tile per item (its writes also fault in the fresh buffer's pages on the thread
+  // that uses them).
   H.visit([&](const auto& h) {
-    for (Index jb = 0; jb < cols; jb += kTile)
+    parallel_for(tiles_of(cols), pass_threads(cols, num_threads), nullptr, [&](Index tile, int) {
+      const Index jb = tile * kTile;
       for (Index ib = jb; ib < cols; ib += kTile)
         for (Index j = jb; j < std::min(cols, jb + kTile); ++j)
           for (Index i = std::max(ib, j); i < std::min(cols, ib + kTile); ++i) {
@@ -85,6 +131,7 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
             }
             prep.hinv(i, j) = value;
           }
+    });
   });
   // The O(cols^3) inverse runs in the SIMD-dispatched kernels (see row_kernels.hpp). A pivot
   // below 1e-13 of its diagonal means H is numerically singular: the inverse would be dominated

@@ -88,6 +88,26 @@ def test_nonfinite(wh, fn, value):
         ALL_WH[fn](W, Hb)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("where", [(599, 1), (1, 599), (300, 577), (590, 585)])
+def test_large_hessian_checks_every_entry(dtype, order, where):
+    # From 512 inputs the Hessian is scanned in parallel column tiles: a bad entry anywhere
+    # (in the first, a middle and the last tile column, either triangle) is still found.
+    rng = np.random.default_rng(3)
+    cols = 600
+    X = rng.standard_normal((cols, 2 * cols))
+    H = np.asarray(2.0 / X.shape[1] * X @ X.T, dtype=dtype, order=order)
+    W = rng.standard_normal((2, cols)).astype(dtype)
+    for value, message in ((np.nan, "finite"), (np.inf, "finite"), (None, "symmetric")):
+        bad = H.copy(order=order)
+        bad[where] = value if value is not None else bad[where] + 0.1 * np.abs(H).max()
+        for threads in (1, 2):
+            with pytest.raises(ValueError, match=message):
+                obc_native.prune_nm(W, bad, 2, 4, num_threads=threads)
+    obc_native.prune_nm(W, H, 2, 4, num_threads=2)  # the valid one passes
+
+
 @pytest.mark.parametrize("fn", ALL_WH)
 @pytest.mark.parametrize(
     "dtype,exc",

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "internal/huge_pages.hpp"
 #include "kernels/compress_forward.hpp"
 #include "obc/parallel.hpp"
 #include "obc/types.hpp"
@@ -56,8 +57,7 @@ class LazyInverse {
   void reserve(Index b) {
     if (capacity_ >= b) return;
     capacity_ = b;
-    if (static_cast<Index>(u_.size()) < n_ * capacity_)
-      u_.resize(static_cast<size_t>(n_ * capacity_));
+    u_.ensure(static_cast<size_t>(n_ * capacity_));
     urow_.resize(capacity_);
   }
   Index room() const { return capacity_ - k_; }
@@ -215,9 +215,8 @@ class LazyInverse {
   void load_with(const std::vector<Index>& active, Index capacity, Entry entry) {
     n_ = static_cast<Index>(active.size());
     capacity_ = std::max<Index>(1, capacity);
-    if (static_cast<Index>(g_.size()) < n_ * n_) g_.resize(static_cast<size_t>(n_ * n_));
-    if (static_cast<Index>(u_.size()) < n_ * capacity_)
-      u_.resize(static_cast<size_t>(n_ * capacity_));
+    g_.ensure(static_cast<size_t>(n_ * n_));
+    u_.ensure(static_cast<size_t>(n_ * capacity_));
     MatMap g = gmap();
     for (Index j = 0; j < n_; ++j) {
       const Index cj = active[static_cast<size_t>(j)];
@@ -235,8 +234,8 @@ class LazyInverse {
   MatMap umap() { return MatMap(u_.data(), n_, capacity_); }
   ConstMatMap cumap() const { return ConstMatMap(u_.data(), n_, capacity_); }
 
-  std::vector<S, Eigen::aligned_allocator<S>> g_;  // G0, n x n column-major, lower triangle
-  std::vector<S, Eigen::aligned_allocator<S>> u_;  // U, n x capacity column-major
+  PageBuffer<S> g_;  // G0, n x n column-major, lower triangle
+  PageBuffer<S> u_;  // U, n x capacity column-major
   Vec diag_;                                       // exact diagonal of G0 - U U^T
   Vec urow_;                                       // scratch: U(q, 0:k)
   std::vector<std::uint8_t> keep8_;  // scratch of flush(): keep bits, see keep_bits8
