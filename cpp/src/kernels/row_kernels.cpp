@@ -34,7 +34,7 @@ Index argmin_score(const RowState<Scalar>& state, const char* pick) {
   return best;
 }
 
-// w^T G^-1 w for an L x L block G (column-major, both triangles) by a float64 Cholesky; false if
+// w^T G^-1 w for an L x L block G (column-major, lower triangle read) by a float64 Cholesky; false if
 // G is not positive definite. The blocked greedy's scoring with a compile-time L: unrolled,
 // it costs a fraction of the run-time-length loops (which were a third of a blocked trace).
 template <int L, class Scalar>
@@ -67,8 +67,9 @@ bool fixed_block_score(const Scalar* g, const Scalar* w, double& score) {
   return true;
 }
 
-// G <- G - V_B V_B^T for an L x L block G (both triangles) and the L x L rows B = [b0, b0 + L)
-// of the last rank-L downdate V (n x L, column-major with leading dimension ld).
+// G <- G - V_B V_B^T for the lower triangle of an L x L block G (the scoring reads no other
+// entry) and the L x L rows B = [b0, b0 + L) of the last rank-L downdate V (n x L, column-major
+// with leading dimension ld).
 template <int L, class Scalar>
 void fixed_block_downdate(Scalar* g, const Scalar* v, Index ld, Index b0) {
   Scalar vb[L][L];  // vb[i][t] = V(b0 + i, t)
@@ -79,7 +80,6 @@ void fixed_block_downdate(Scalar* g, const Scalar* v, Index ld, Index b0) {
       Scalar dot = 0;
       for (int t = 0; t < L; ++t) dot += vb[i][t] * vb[j][t];
       g[i + j * L] -= dot;
-      g[j + i * L] = g[i + j * L];
     }
 }
 
@@ -95,7 +95,7 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
   };
   const Index stride = block * block;
   std::vector<Span> spans;
-  std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride
+  std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride, lower triangle
   std::vector<double> factor(static_cast<size_t>(stride)), rhs(static_cast<size_t>(block));
   typename RowState<Scalar>::Mat scratch;
   auto rebuild = [&] {  // free inputs of a block are contiguous local indices
@@ -192,7 +192,6 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
           Scalar dot = 0;
           for (Index t = 0; t < len; ++t) dot += V(b0 + i, t) * V(b0 + j, t);
           g[i + j * bl] -= dot;
-          g[j + i * bl] = g[i + j * bl];
         }
     }
   }
