@@ -1,9 +1,11 @@
 // Active-set compaction: compress_forward (kernels/compress_forward.hpp) against a plain filter,
-// out of place and in place, and LazyInverse::flush's compaction of the lower triangle and of U
-// against G0[kept, kept] and U[kept, :] gathered directly. Built twice by ctest, portable and with
+// out of place and in place; LazyInverse::flush's compaction of the lower triangle and of U
+// against G0[kept, kept] and U[kept, :] gathered directly; and LazyInverse::load's gather of the
+// active inputs. Built twice by ctest, portable and with
 // AVX2+FMA, so that the vector path is checked at every length and alignment.
 #include <cstdint>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "check.hpp"
@@ -133,6 +135,47 @@ void check_flush_compaction() {
   }
 }
 
+// load() / load_packed() gather hinv(active, active) run by run: every entry must be the
+// source's, whatever gaps (dead inputs, zero weights) the active set has.
+template <class S>
+void check_load_gathers_active() {
+  std::mt19937 gen(5);
+  std::normal_distribution<double> normal;
+  for (Index cols : {1, 5, 33, 70}) {
+    Eigen::MatrixXd a(cols, cols + 3);
+    for (Index i = 0; i < a.size(); ++i) a.data()[i] = normal(gen);
+    const Eigen::MatrixXd product = a * a.transpose();
+    const Eigen::MatrixXd hinv = 0.5 * (product + product.transpose());  // exactly symmetric
+    std::vector<float> packed;
+    for (Index j = 0; j < cols; ++j)
+      for (Index i = j; i < cols; ++i) packed.push_back(static_cast<float>(hinv(i, j)));
+    for (int pattern = 0; pattern < 5; ++pattern) {
+      const std::vector<char> keep = random_keep(gen, cols, pattern);
+      std::vector<Index> active;
+      for (Index i = 0; i < cols; ++i)
+        if (keep[i]) active.push_back(i);
+      const Index n = static_cast<Index>(active.size());
+      for (int source = 0; source < 2; ++source) {
+        if (source == 1 && !std::is_same_v<S, float>) continue;  // packed float32: float rows
+        k::LazyInverse<S> inv;
+        if (source == 0) inv.load(hinv.data(), cols, active, 4);
+        if (source == 1) inv.load_packed(packed.data(), cols, active, 4);
+        CHECK(inv.size() == n);
+        Eigen::Matrix<S, Eigen::Dynamic, 1> col(n);
+        for (Index j = 0; j < n; ++j) {
+          inv.column(j, col);
+          for (Index i = 0; i < n; ++i) {
+            const double value = hinv(active[i], active[j]);
+            CHECK(col[i] == (source == 0 ? static_cast<S>(value)
+                                         : static_cast<S>(static_cast<float>(value))));
+          }
+          CHECK(inv.diag()[j] == col[j]);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 
 OBC_TEST(compress_forward_matches_filter_float) {
@@ -146,6 +189,13 @@ OBC_TEST(flush_compacts_lower_triangle_and_downdates_float) {
 }
 OBC_TEST(flush_compacts_lower_triangle_and_downdates_double) {
   if (cpu_runs_this_build()) check_flush_compaction<double>();
+}
+
+OBC_TEST(load_gathers_active_inputs_float) {
+  if (cpu_runs_this_build()) check_load_gathers_active<float>();
+}
+OBC_TEST(load_gathers_active_inputs_double) {
+  if (cpu_runs_this_build()) check_load_gathers_active<double>();
 }
 
 OBC_TEST_MAIN

@@ -40,15 +40,13 @@ class LazyInverse {
   /// float64 or float32; `active` is increasing.
   template <class T>
   void load(const T* hinv, Index ld, const std::vector<Index>& active, Index capacity) {
-    load_with(active, capacity, [&](Index row, Index col) { return hinv[col * ld + row]; });
+    load_with(active, capacity, [&](Index col) { return hinv + col * ld; });
   }
   /// The same from a lower triangle packed column by column (entry (i, j), i >= j, at
   /// j * ld - j * (j - 1) / 2 + i - j).
   template <class T>
   void load_packed(const T* lower, Index ld, const std::vector<Index>& active, Index capacity) {
-    load_with(active, capacity, [&](Index row, Index col) {
-      return lower[col * ld - col * (col - 1) / 2 + row - col];
-    });
+    load_with(active, capacity, [&](Index col) { return lower + col * ld - col * (col - 1) / 2 - col; });
   }
 
   Index size() const { return n_; }
@@ -211,21 +209,41 @@ class LazyInverse {
   }
 
  private:
-  template <class Entry>
-  void load_with(const std::vector<Index>& active, Index capacity, Entry entry) {
+  // column(c)[r] is entry (r, c) of the symmetric source for r >= c (its lower triangle). Active
+  // inputs come in runs of consecutive ones (all of them but for dead inputs and zero weights),
+  // so each column is copied run by run with contiguous, vectorizable conversions.
+  template <class Column>
+  void load_with(const std::vector<Index>& active, Index capacity, Column column) {
     n_ = static_cast<Index>(active.size());
     capacity_ = std::max<Index>(1, capacity);
     g_.ensure(static_cast<size_t>(n_ * n_));
     u_.ensure(static_cast<size_t>(n_ * capacity_));
-    MatMap g = gmap();
+    struct Run {  // ranks [rank, rank + len) are the inputs [orig, orig + len)
+      Index rank, orig, len;
+    };
+    std::vector<Run> runs;
+    for (Index i = 0; i < n_;) {
+      Index len = 1;
+      while (i + len < n_ && active[static_cast<size_t>(i + len)] == active[static_cast<size_t>(i)] + len)
+        ++len;
+      runs.push_back({i, active[static_cast<size_t>(i)], len});
+      i += len;
+    }
+    S* g = g_.data();
+    size_t first = 0;  // the run holding rank j
     for (Index j = 0; j < n_; ++j) {
-      const Index cj = active[static_cast<size_t>(j)];
-      for (Index i = j; i < n_; ++i)  // active[i] >= cj: the lower triangle of hinv
-        g(i, j) = static_cast<S>(entry(active[static_cast<size_t>(i)], cj));
+      while (runs[first].rank + runs[first].len <= j) ++first;
+      const auto* src = column(active[static_cast<size_t>(j)]);
+      S* dst = g + j * n_;
+      for (size_t r = first; r < runs.size(); ++r) {
+        const Index i0 = std::max(runs[r].rank, j), end = runs[r].rank + runs[r].len;
+        const auto* from = src + runs[r].orig - runs[r].rank;
+        for (Index i = i0; i < end; ++i) dst[i] = static_cast<S>(from[i]);
+      }
     }
     k_ = 0;
     diag_.resize(n_);
-    for (Index i = 0; i < n_; ++i) diag_[i] = g(i, i);
+    for (Index i = 0; i < n_; ++i) diag_[i] = g[i * n_ + i];
     urow_.resize(capacity_);
   }
 
