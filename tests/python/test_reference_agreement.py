@@ -169,7 +169,7 @@ def test_prune_nm_large(case, n, m):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("block", [2, 4])
+@pytest.mark.parametrize("block", [2, 4, 8])  # the unrolled spans; 3 in test_kernels.py
 @pytest.mark.parametrize("zero_cols", [0, 4])
 def test_blocked(case, block, zero_cols):
     rows, cols = SMALL
