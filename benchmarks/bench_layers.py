@@ -290,9 +290,16 @@ def _cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+# Pause before each timed call: the other library's idle OpenMP / BLAS threads spin for a while
+# after its last parallel region and take a core (a 15 ms structured case measured 36 ms right
+# after the baseline).
+SETTLE_S = 0.5
+
+
 def timed(fn, cpu_times: list):
     """Wall seconds of fn() (returned) and its process CPU seconds (appended to cpu_times)."""
     gc.collect()
+    time.sleep(SETTLE_S)
     c0 = _cpu_s()
     t0 = time.perf_counter()
     out = fn()

@@ -44,6 +44,7 @@ LAYERS = ["256x256", "512x576", "256x1152", "128x2304", "384x1536"]
 QUICK_LAYERS = ["128x256", "64x576"]
 SPEEDUP_LAYERS = ["512x576", "128x2304"]
 MODES = ["trace", "nm", "blocked", "structured", "obq"]
+SETTLE_S = 0.5  # pause after each GEMM measurement, see main()
 
 
 def _sum_squares(start: int, count: int, step: int = 1) -> float:
@@ -138,6 +139,10 @@ def main(argv=None) -> int:
             # The GEMM rate right before each case, so that the fraction compares two rates of
             # the same moment (on a shared VM both drift by 20% and more within minutes).
             g1, g2 = gemm_rate(1, 3), gemm_rate(2, 3)
+            # OpenBLAS's idle threads spin for a while after a GEMM and take a core: a short case
+            # timed right away ran slower on 2 threads than on 1 (structured 512x576: 22 vs 18 ms;
+            # 13 ms after a pause).
+            time.sleep(SETTLE_S)
             t1 = median_time(lambda: run_mode(mode, W, H, 1), repeats)
             t2 = median_time(lambda: run_mode(mode, W, H, 2), repeats)
             rate = f / t2 / 1e9

@@ -85,7 +85,6 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
   });
 }
 
-
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options,
                                 int num_threads) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
