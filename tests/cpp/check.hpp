@@ -37,6 +37,17 @@ inline int run_all() {
   return failures() == 0 ? 0 : 1;
 }
 
+/// False when this test was built with AVX2+FMA (the vector copy of a kernel header) and the CPU
+/// lacks them: such a test then checks nothing instead of crashing.
+inline bool cpu_runs_this_build() {
+#if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return true;
+#endif
+}
+
 }  // namespace obc_test
 
 #define OBC_TEST(name)                                                   \

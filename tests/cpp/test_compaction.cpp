@@ -16,15 +16,6 @@ namespace {
 using obc::Index;
 namespace k = obc::internal;
 
-bool cpu_runs_this_build() {
-#if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return true;
-#endif
-}
-
 std::vector<char> random_keep(std::mt19937& gen, Index n, int pattern) {
   std::vector<char> keep(static_cast<size_t>(n));
   std::bernoulli_distribution coin(pattern == 0 ? 0.5 : 0.9);
@@ -179,23 +170,23 @@ void check_load_gathers_active() {
 }  // namespace
 
 OBC_TEST(compress_forward_matches_filter_float) {
-  if (cpu_runs_this_build()) check_compress_forward<float>();
+  if (obc_test::cpu_runs_this_build()) check_compress_forward<float>();
 }
 OBC_TEST(compress_forward_matches_filter_double) {
-  if (cpu_runs_this_build()) check_compress_forward<double>();
+  if (obc_test::cpu_runs_this_build()) check_compress_forward<double>();
 }
 OBC_TEST(flush_compacts_lower_triangle_and_downdates_float) {
-  if (cpu_runs_this_build()) check_flush_compaction<float>();
+  if (obc_test::cpu_runs_this_build()) check_flush_compaction<float>();
 }
 OBC_TEST(flush_compacts_lower_triangle_and_downdates_double) {
-  if (cpu_runs_this_build()) check_flush_compaction<double>();
+  if (obc_test::cpu_runs_this_build()) check_flush_compaction<double>();
 }
 
 OBC_TEST(load_gathers_active_inputs_float) {
-  if (cpu_runs_this_build()) check_load_gathers_active<float>();
+  if (obc_test::cpu_runs_this_build()) check_load_gathers_active<float>();
 }
 OBC_TEST(load_gathers_active_inputs_double) {
-  if (cpu_runs_this_build()) check_load_gathers_active<double>();
+  if (obc_test::cpu_runs_this_build()) check_load_gathers_active<double>();
 }
 
 OBC_TEST_MAIN

@@ -14,15 +14,6 @@ namespace {
 using obc::Index;
 namespace k = obc::internal;
 
-bool cpu_runs_this_build() {
-#if defined(__AVX2__) && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return true;
-#endif
-}
-
 template <class S>
 Index scalar_argmin(const std::vector<S>& w, const std::vector<S>& d, const std::vector<char>& pick) {
   Index best = -1;
@@ -116,11 +107,11 @@ void check_choices(std::uint32_t seed) {
 }  // namespace
 
 OBC_TEST(choices_match_scalar_loops_float) {
-  if (cpu_runs_this_build()) check_choices<float>(1);
+  if (obc_test::cpu_runs_this_build()) check_choices<float>(1);
 }
 
 OBC_TEST(choices_match_scalar_loops_double) {
-  if (cpu_runs_this_build()) check_choices<double>(2);
+  if (obc_test::cpu_runs_this_build()) check_choices<double>(2);
 }
 
 OBC_TEST(outlier_threshold_is_exact) {
