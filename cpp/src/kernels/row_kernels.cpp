@@ -95,7 +95,8 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
   };
   const Index stride = block * block;
   std::vector<Span> spans;
-  std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride
+  std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride; only the lower
+                               // triangle is read (the unrolled downdate also updates the upper)
   std::vector<double> factor(static_cast<size_t>(stride)), rhs(static_cast<size_t>(block));
   typename RowState<Scalar>::Mat scratch;
   auto rebuild = [&] {  // free inputs of a block are contiguous local indices
