@@ -82,8 +82,12 @@ inline void triangular_inverse(Map a, int num_threads) {
                         a.block(t0 + r0, j, len, b);
         if (r0 > 0) out.noalias() += a.block(t0 + r0, t0, len, r0) * a.block(t0, j, r0, b);
       });
-      a.block(t0, j, rest, b).noalias() =
-          -(panel * diag_inv.triangularView<Eigen::Lower>());
+      // X[t0:, j] = -panel X_jj, by the same row chunks (after all of them read L[t0:, j]).
+      parallel_for(chunks(rest, kBlock), num_threads, nullptr, [&](Index c, int) {
+        const Index r0 = c * kBlock, len = std::min(kBlock, rest - r0);
+        a.block(t0 + r0, j, len, b).noalias() =
+            -(panel.middleRows(r0, len) * diag_inv.triangularView<Eigen::Lower>());
+      });
     }
     diag.triangularView<Eigen::Lower>() = diag_inv;
   }
@@ -114,7 +118,14 @@ inline void lower_gram(Map a, int num_threads) {
         out.noalias() +=
             a.block(j + r0 + len, j + r0, below, len).transpose() * xcol.bottomRows(below);
     });
-    a.block(j, j, len_all, b).triangularView<Eigen::Lower>() = panel;
+    // Written back once every chunk has read its columns (the first ones read this block).
+    parallel_for(chunks(len_all, kBlock), num_threads, nullptr, [&](Index c, int) {
+      const Index r0 = c * kBlock, len = std::min(kBlock, len_all - r0);
+      if (r0 == 0)
+        a.block(j, j, len, b).triangularView<Eigen::Lower>() = panel.topRows(len);
+      else
+        a.block(j + r0, j, len, b) = panel.middleRows(r0, len);
+    });
   }
 }
 

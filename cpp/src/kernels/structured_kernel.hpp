@@ -179,7 +179,10 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     return static_cast<double>(num_shared + 1) * static_cast<double>(n) < 2e4 ? 1
                                                                               : run.num_threads;
   };
-  parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
+  // Fixed chunk ranges per thread (parallel_for_static), here and in the update of every step:
+  // each core keeps updating the same rows, which stay in its cache (512x576 on two threads:
+  // ~5% faster than a dynamic hand-out).
+  parallel_for_static(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
 
   // Each row's step losses 1/2 w_B^T G_BB^-1 w_B, summed in step order: their total is the row's
   // loss under the damped H (exact OBS), so no O(rows cols^2) pass is needed afterwards.
@@ -205,70 +208,94 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       keep.assign(static_cast<size_t>(n), 1);
       inv.reserve(group);
     }
-    // Candidate groups: the still-active columns of each group, contiguous in local order.
-    spans.clear();
-    for (Index i = 0; i < n && group == 1; ++i)
-      if (keep[static_cast<size_t>(i)]) spans.emplace_back(i, 1);
-    for (Index i = 0; i < n && group > 1;) {
-      if (!keep[static_cast<size_t>(i)]) {
-        ++i;
-        continue;
-      }
-      const Index g = active[i] / group;
-      Index len = 1;
-      while (i + len < n && keep[static_cast<size_t>(i + len)] && active[i + len] / group == g)
-        ++len;
-      spans.emplace_back(i, len);
-      i += len;
-    }
-    if (spans.empty()) break;
-    const Index num_spans = static_cast<Index>(spans.size());
-    col_norms = chunk_norms.col(0).head(n);  // summed in a fixed order: chunk 0, 1, ...
-    for (Index ch = 1; ch < num_chunks; ++ch) col_norms += chunk_norms.col(ch).head(n);
-    const VectorXd& diag = inv.diag();
-    scores.assign(spans.size(), 0.0);
-    auto score_span = [&](Index s) {
-      const auto [begin, len] = spans[static_cast<size_t>(s)];
-      if (len == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
-        if (!(diag[begin] > 0)) RowState<double>::lost_definiteness();
-        scores[static_cast<size_t>(s)] = col_norms[begin] / diag[begin];
-        return;
-      }
-      MatrixXd gbb;
-      inv.diagonal_block(begin, len, gbb);
-      Eigen::LLT<MatrixXd> llt(gbb);
-      if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-      MatrixXd wt = wl().middleCols(begin, len).transpose().template cast<double>();  // len x rows
-      llt.matrixL().solveInPlace(wt);
-      scores[static_cast<size_t>(s)] = wt.squaredNorm();
-    };
-    if (group == 1) {
-      for (Index s = 0; s < num_spans; ++s) score_span(s);
-    } else {
-      parallel_for(num_spans, step_threads(), run.interrupt, [&](Index s, int) { score_span(s); });
-    }
-    // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
-    if (num_own > 0) {
-      own_scores.setZero(num_own, num_spans);
-      parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
-        RowState<double>& state = own_states[static_cast<size_t>(i)];
-        state.ensure_room(group);
-        own_spans(state, own_begin[i], own_len[i]);
-        for (Index s = 0; s < num_spans; ++s) {
-          const size_t g = static_cast<size_t>(active[spans[s].first] / group);
-          if (own_len[i][g] == 0) continue;
-          if (!state.factor_block(own_begin[i][g], own_len[i][g]))
-            RowState<double>::lost_definiteness();
-          own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
+    Index begin = -1, len = 0;  // the group chosen this step: its local span
+    if (group == 1 && num_own == 0) {
+      // Single columns scored and compared in one pass: the same sums, in the same order, and the
+      // same choice as the general path below (first strict minimum), without its span list.
+      const VectorXd& diag = inv.diag();
+      const double* norms = chunk_norms.data();
+      const Index ld = chunk_norms.rows();
+      double best_score = 0;
+      for (Index i = 0; i < n; ++i) {
+        if (!keep[static_cast<size_t>(i)]) continue;
+        double norm = norms[i];
+        for (Index ch = 1; ch < num_chunks; ++ch) norm += norms[ch * ld + i];
+        if (!(diag[i] > 0)) RowState<double>::lost_definiteness();
+        const double score = norm / diag[i];
+        if (begin < 0 || score < best_score) {
+          begin = i;
+          best_score = score;
         }
-      });
-      for (Index i = 0; i < num_own; ++i)
-        for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
+      }
+      if (begin < 0) break;
+      len = 1;
+    } else {
+      // Candidate groups: the still-active columns of each group, contiguous in local order.
+      spans.clear();
+      for (Index i = 0; i < n && group == 1; ++i)
+        if (keep[static_cast<size_t>(i)]) spans.emplace_back(i, 1);
+      for (Index i = 0; i < n && group > 1;) {
+        if (!keep[static_cast<size_t>(i)]) {
+          ++i;
+          continue;
+        }
+        const Index g = active[i] / group;
+        Index run = 1;
+        while (i + run < n && keep[static_cast<size_t>(i + run)] && active[i + run] / group == g)
+          ++run;
+        spans.emplace_back(i, run);
+        i += run;
+      }
+      if (spans.empty()) break;
+      const Index num_spans = static_cast<Index>(spans.size());
+      col_norms = chunk_norms.col(0).head(n);  // summed in a fixed order: chunk 0, 1, ...
+      for (Index ch = 1; ch < num_chunks; ++ch) col_norms += chunk_norms.col(ch).head(n);
+      const VectorXd& diag = inv.diag();
+      scores.assign(spans.size(), 0.0);
+      auto score_span = [&](Index s) {
+        const auto [first, width] = spans[static_cast<size_t>(s)];
+        if (width == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
+          if (!(diag[first] > 0)) RowState<double>::lost_definiteness();
+          scores[static_cast<size_t>(s)] = col_norms[first] / diag[first];
+          return;
+        }
+        MatrixXd gbb;
+        inv.diagonal_block(first, width, gbb);
+        Eigen::LLT<MatrixXd> llt(gbb);
+        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+        MatrixXd wt = wl().middleCols(first, width).transpose().template cast<double>();  // width x rows
+        llt.matrixL().solveInPlace(wt);
+        scores[static_cast<size_t>(s)] = wt.squaredNorm();
+      };
+      if (group == 1) {
+        for (Index s = 0; s < num_spans; ++s) score_span(s);
+      } else {
+        parallel_for(num_spans, step_threads(), run.interrupt, [&](Index s, int) { score_span(s); });
+      }
+      // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
+      if (num_own > 0) {
+        own_scores.setZero(num_own, num_spans);
+        parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
+          RowState<double>& state = own_states[static_cast<size_t>(i)];
+          state.ensure_room(group);
+          own_spans(state, own_begin[i], own_len[i]);
+          for (Index s = 0; s < num_spans; ++s) {
+            const size_t g = static_cast<size_t>(active[spans[s].first] / group);
+            if (own_len[i][g] == 0) continue;
+            if (!state.factor_block(own_begin[i][g], own_len[i][g]))
+              RowState<double>::lost_definiteness();
+            own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
+          }
+        });
+        for (Index i = 0; i < num_own; ++i)
+          for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
+      }
+      size_t best = 0;
+      for (size_t s = 1; s < spans.size(); ++s)
+        if (scores[s] < scores[best]) best = s;
+      begin = spans[best].first;
+      len = spans[best].second;
     }
-    size_t best = 0;
-    for (size_t s = 1; s < spans.size(); ++s)
-      if (scores[s] < scores[best]) best = s;
-    const auto [begin, len] = spans[best];
     const size_t best_group = static_cast<size_t>(active[begin] / group);
     if (num_own > 0) {
       parallel_for(num_own, run.num_threads, nullptr, [&](Index i, int) {
@@ -287,7 +314,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
     for (Index i = begin; i < begin + len; ++i) keep[static_cast<size_t>(i)] = 0;
     cols_s = cols_b.template cast<S>();
-    parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
+    parallel_for_static(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       auto rows_ch = wl().middleRows(r0, nr);
       double* step_loss = shared_loss.data() + r0;
