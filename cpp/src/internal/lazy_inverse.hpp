@@ -76,6 +76,44 @@ class LazyInverse {
     }
   }
 
+  /// Current diagonal entry q, G0_qq - sum_t U_qt^2, summed in t order like column_range().
+  S entry(Index q) const {
+    const S* u = u_.data();
+    S value = g_.data()[q * n_ + q];
+    for (Index t = 0; t < k_; ++t) value -= u[t * n_ + q] * u[t * n_ + q];
+    return value;
+  }
+
+  /// Entries [c0, c1) of the current column q into out[c0, c1) (out has length n). Each entry is
+  /// G0_iq - sum_t U_it U_qt in t order, whatever the range: ranges split over threads give the
+  /// same bits as one call over [0, n).
+  void column_range(Index q, Index c0, Index c1, S* out) const {
+    const S* g = g_.data();
+    for (Index i = c0; i < std::min(c1, q); ++i) out[i] = g[i * n_ + q];  // row q, lower triangle
+    for (Index i = std::max(c0, q); i < c1; ++i) out[i] = g[q * n_ + i];
+    const S* u = u_.data();
+    for (Index t = 0; t < k_; ++t) {
+      const S* __restrict u_t = u + t * n_;
+      const S u_qt = u_t[q];
+      S* __restrict o = out;
+      for (Index i = c0; i < c1; ++i) o[i] -= u_t[i] * u_qt;
+    }
+  }
+
+  /// Entries [c0, c1) of the rank-1 downdate by the current column `col` (length n) of an input
+  /// whose pivot is 1 / scale^2: U[c0:c1, k] = col * scale and the diagonal there. Ranges may run
+  /// on different threads; commit_downdate() afterwards counts the new column. Needs room() >= 1.
+  void downdate_range(const S* col, S scale, Index c0, Index c1) {
+    S* __restrict u = u_.data() + k_ * n_;
+    S* __restrict d = diag_.data();
+    for (Index i = c0; i < c1; ++i) {
+      const S v = col[i] * scale;
+      u[i] = v;
+      d[i] -= v * v;
+    }
+  }
+  void commit_downdate() { ++k_; }
+
   /// Current columns [begin, begin + len) into out (n x len).
   void columns(Index begin, Index len, Mat& out) {
     out.resize(n_, len);

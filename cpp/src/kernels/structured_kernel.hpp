@@ -19,7 +19,9 @@
 #include <Eigen/Cholesky>
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "internal/lazy_inverse.hpp"
@@ -179,10 +181,11 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     return static_cast<double>(num_shared + 1) * static_cast<double>(n) < 2e4 ? 1
                                                                               : run.num_threads;
   };
-  // Fixed chunk ranges per thread (parallel_for_static), here and in the update of every step:
-  // each core keeps updating the same rows, which stay in its cache (512x576 on two threads:
-  // ~5% faster than a dynamic hand-out).
-  parallel_for_static(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
+  // Single columns and no rows with zeros of their own, the common case, run as
+  // single_column_steps() below; the general loop handles groups and such rows.
+  const bool single_columns = group == 1 && num_own == 0;
+  if (!single_columns)
+    parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
 
   // Each row's step losses 1/2 w_B^T G_BB^-1 w_B, summed in step order: their total is the row's
   // loss under the damped H (exact OBS), so no O(rows cols^2) pass is needed afterwards.
@@ -195,7 +198,135 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   MatrixXd block, cols_b, own_scores;
   MatrixS cols_s;
   VectorXd col_norms;
-  while (removed < job.target) {
+  // One step is one parallel pass over column ranges [c0, c1) with thread t on range t:
+  //  - that part of the pivot's current inverse column (LazyInverse::column_range), and the
+  //    downdate of U and of the diagonal there;
+  //  - those columns of every shared row, W[:, c0:c1] -= coef * G[q, c0:c1], and their squared
+  //    norms summed over all rows in row order (no per-chunk partial sums to add up);
+  //  - the scores norm_j / G_jj of the still-active columns there, and their minimum.
+  // Serial per step: the pivot, the rows' coefficients W[r, q] / G_qq (read before any thread
+  // writes) and the combination of the ranges' minima (first strict minimum, as one pass would
+  // find it). Every entry's arithmetic is the same however [0, n) is split, so the bits do not
+  // depend on the thread count; range bounds are multiples of 16 so that vector and scalar code
+  // of the compiled loops see the same entries for any split.
+  auto single_column_steps = [&] {
+    VectorXd norms(n), col(n);
+    std::vector<S> col_s(static_cast<size_t>(n)), coef(static_cast<size_t>(num_shared));
+    std::vector<Index> range_best;
+    std::vector<double> range_score;
+    auto bound = [&](Index p, Index parts) {
+      return p >= parts ? n : std::min(n, (p * n / parts) / 16 * 16);
+    };
+    auto range_norms = [&](Index c0, Index c1) {
+      double* norm = norms.data();
+      for (Index j = c0; j < c1; ++j) norm[j] = 0;
+      for (Index r = 0; r < num_shared; ++r) {
+        const S* row = wl().row(r).data();
+        for (Index j = c0; j < c1; ++j)
+          norm[j] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
+      }
+    };
+    auto range_update = [&](Index c0, Index c1) {
+      double* norm = norms.data() + c0;
+      for (Index j = 0; j < c1 - c0; ++j) norm[j] = 0;
+      const S* b = col_s.data() + c0;
+      const Index len = c1 - c0;
+      Index r = 0;
+      for (; r + 4 <= num_shared; r += 4)
+        update_four_rows(wl().row(r).data() + c0, wl().row(r + 1).data() + c0,
+                         wl().row(r + 2).data() + c0, wl().row(r + 3).data() + c0,
+                         coef[static_cast<size_t>(r)], coef[static_cast<size_t>(r + 1)],
+                         coef[static_cast<size_t>(r + 2)], coef[static_cast<size_t>(r + 3)], b,
+                         norm, len);
+      for (; r < num_shared; ++r) {
+        S* row = wl().row(r).data() + c0;
+        const S a = coef[static_cast<size_t>(r)];
+        for (Index j = 0; j < len; ++j) {
+          const S v = row[j] - a * b[j];
+          row[j] = v;
+          norm[j] += static_cast<double>(v) * static_cast<double>(v);
+        }
+      }
+    };
+    auto range_argmin = [&](Index part, Index c0, Index c1) {
+      const double* diag = inv.diag().data();
+      Index best = -1;
+      double best_score = 0;
+      for (Index j = c0; j < c1; ++j) {
+        if (!keep[static_cast<size_t>(j)]) continue;
+        if (!(diag[j] > 0)) RowState<double>::lost_definiteness();
+        const double score = norms[j] / diag[j];
+        if (best < 0 || score < best_score) {
+          best = j;
+          best_score = score;
+        }
+      }
+      range_best[static_cast<size_t>(part)] = best;
+      range_score[static_cast<size_t>(part)] = best_score;
+    };
+    auto combine = [&] {
+      Index best = -1;
+      double best_score = 0;
+      for (size_t p = 0; p < range_best.size(); ++p)
+        if (range_best[p] >= 0 && (best < 0 || range_score[p] < best_score)) {
+          best = range_best[p];
+          best_score = range_score[p];
+        }
+      return best;
+    };
+    auto run_ranges = [&](const std::function<void(Index part, Index c0, Index c1)>& fn) {
+      const Index parts = resolve_num_threads(step_threads());
+      range_best.assign(static_cast<size_t>(parts), -1);
+      range_score.assign(static_cast<size_t>(parts), 0.0);
+      parallel_for_static(parts, static_cast<int>(parts), nullptr, [&](Index p, int) {
+        fn(p, bound(p, parts), bound(p + 1, parts));
+      });
+    };
+
+    run_ranges([&](Index part, Index c0, Index c1) {
+      range_norms(c0, c1);
+      range_argmin(part, c0, c1);
+    });
+    Index q = combine();
+    while (removed < job.target && q >= 0) {
+      if (inv.room() < 1) {
+        inv.flush(keep, step_threads());
+        Index q_kept = 0, m = 0;
+        for (Index i = 0; i < n; ++i) {
+          if (!keep[static_cast<size_t>(i)]) continue;
+          if (i < q) ++q_kept;
+          norms[m++] = norms[i];
+        }
+        compact(keep);
+        n = inv.size();
+        keep.assign(static_cast<size_t>(n), 1);
+        q = q_kept;
+      }
+      const double pivot = inv.entry(q);
+      if (!(pivot > 0) || !std::isfinite(pivot)) RowState<double>::lost_definiteness();
+      const double scale = 1.0 / std::sqrt(pivot);
+      for (Index r = 0; r < num_shared; ++r) {
+        const double w_q = static_cast<double>(wl()(r, q));
+        shared_loss[static_cast<size_t>(r)] += 0.5 * w_q * w_q / pivot;
+        coef[static_cast<size_t>(r)] = static_cast<S>(w_q / pivot);
+      }
+      keep[static_cast<size_t>(q)] = 0;
+      run_ranges([&](Index part, Index c0, Index c1) {
+        inv.column_range(q, c0, c1, col.data());
+        inv.downdate_range(col.data(), scale, c0, c1);
+        for (Index j = c0; j < c1; ++j) col_s[static_cast<size_t>(j)] = static_cast<S>(col[j]);
+        range_update(c0, c1);
+        range_argmin(part, c0, c1);
+      });
+      inv.commit_downdate();
+      q = combine();
+      ++removed;
+      if (run.interrupt && run.interrupt->should_stop()) throw Interrupted();
+    }
+  };
+
+  if (single_columns) single_column_steps();
+  while (!single_columns && removed < job.target) {
     if (inv.room() < group) {
       inv.flush(keep, step_threads());
       std::vector<Index> kept;
@@ -208,94 +339,70 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       keep.assign(static_cast<size_t>(n), 1);
       inv.reserve(group);
     }
-    Index begin = -1, len = 0;  // the group chosen this step: its local span
-    if (group == 1 && num_own == 0) {
-      // Single columns scored and compared in one pass: the same sums, in the same order, and the
-      // same choice as the general path below (first strict minimum), without its span list.
-      const VectorXd& diag = inv.diag();
-      const double* norms = chunk_norms.data();
-      const Index ld = chunk_norms.rows();
-      double best_score = 0;
-      for (Index i = 0; i < n; ++i) {
-        if (!keep[static_cast<size_t>(i)]) continue;
-        double norm = norms[i];
-        for (Index ch = 1; ch < num_chunks; ++ch) norm += norms[ch * ld + i];
-        if (!(diag[i] > 0)) RowState<double>::lost_definiteness();
-        const double score = norm / diag[i];
-        if (begin < 0 || score < best_score) {
-          begin = i;
-          best_score = score;
-        }
+    // Candidate groups: the still-active columns of each group, contiguous in local order.
+    spans.clear();
+    for (Index i = 0; i < n && group == 1; ++i)
+      if (keep[static_cast<size_t>(i)]) spans.emplace_back(i, 1);
+    for (Index i = 0; i < n && group > 1;) {
+      if (!keep[static_cast<size_t>(i)]) {
+        ++i;
+        continue;
       }
-      if (begin < 0) break;
-      len = 1;
-    } else {
-      // Candidate groups: the still-active columns of each group, contiguous in local order.
-      spans.clear();
-      for (Index i = 0; i < n && group == 1; ++i)
-        if (keep[static_cast<size_t>(i)]) spans.emplace_back(i, 1);
-      for (Index i = 0; i < n && group > 1;) {
-        if (!keep[static_cast<size_t>(i)]) {
-          ++i;
-          continue;
-        }
-        const Index g = active[i] / group;
-        Index run = 1;
-        while (i + run < n && keep[static_cast<size_t>(i + run)] && active[i + run] / group == g)
-          ++run;
-        spans.emplace_back(i, run);
-        i += run;
-      }
-      if (spans.empty()) break;
-      const Index num_spans = static_cast<Index>(spans.size());
-      col_norms = chunk_norms.col(0).head(n);  // summed in a fixed order: chunk 0, 1, ...
-      for (Index ch = 1; ch < num_chunks; ++ch) col_norms += chunk_norms.col(ch).head(n);
-      const VectorXd& diag = inv.diag();
-      scores.assign(spans.size(), 0.0);
-      auto score_span = [&](Index s) {
-        const auto [first, width] = spans[static_cast<size_t>(s)];
-        if (width == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
-          if (!(diag[first] > 0)) RowState<double>::lost_definiteness();
-          scores[static_cast<size_t>(s)] = col_norms[first] / diag[first];
-          return;
-        }
-        MatrixXd gbb;
-        inv.diagonal_block(first, width, gbb);
-        Eigen::LLT<MatrixXd> llt(gbb);
-        if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-        MatrixXd wt = wl().middleCols(first, width).transpose().template cast<double>();  // width x rows
-        llt.matrixL().solveInPlace(wt);
-        scores[static_cast<size_t>(s)] = wt.squaredNorm();
-      };
-      if (group == 1) {
-        for (Index s = 0; s < num_spans; ++s) score_span(s);
-      } else {
-        parallel_for(num_spans, step_threads(), run.interrupt, [&](Index s, int) { score_span(s); });
-      }
-      // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
-      if (num_own > 0) {
-        own_scores.setZero(num_own, num_spans);
-        parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
-          RowState<double>& state = own_states[static_cast<size_t>(i)];
-          state.ensure_room(group);
-          own_spans(state, own_begin[i], own_len[i]);
-          for (Index s = 0; s < num_spans; ++s) {
-            const size_t g = static_cast<size_t>(active[spans[s].first] / group);
-            if (own_len[i][g] == 0) continue;
-            if (!state.factor_block(own_begin[i][g], own_len[i][g]))
-              RowState<double>::lost_definiteness();
-            own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
-          }
-        });
-        for (Index i = 0; i < num_own; ++i)
-          for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
-      }
-      size_t best = 0;
-      for (size_t s = 1; s < spans.size(); ++s)
-        if (scores[s] < scores[best]) best = s;
-      begin = spans[best].first;
-      len = spans[best].second;
+      const Index g = active[i] / group;
+      Index len = 1;
+      while (i + len < n && keep[static_cast<size_t>(i + len)] && active[i + len] / group == g)
+        ++len;
+      spans.emplace_back(i, len);
+      i += len;
     }
+    if (spans.empty()) break;
+    const Index num_spans = static_cast<Index>(spans.size());
+    col_norms = chunk_norms.col(0).head(n);  // summed in a fixed order: chunk 0, 1, ...
+    for (Index ch = 1; ch < num_chunks; ++ch) col_norms += chunk_norms.col(ch).head(n);
+    const VectorXd& diag = inv.diag();
+    scores.assign(spans.size(), 0.0);
+    auto score_span = [&](Index s) {
+      const auto [begin, len] = spans[static_cast<size_t>(s)];
+      if (len == 1) {  // w^T (G_jj)^-1 w summed over rows, without a factorization
+        if (!(diag[begin] > 0)) RowState<double>::lost_definiteness();
+        scores[static_cast<size_t>(s)] = col_norms[begin] / diag[begin];
+        return;
+      }
+      MatrixXd gbb;
+      inv.diagonal_block(begin, len, gbb);
+      Eigen::LLT<MatrixXd> llt(gbb);
+      if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
+      MatrixXd wt = wl().middleCols(begin, len).transpose().template cast<double>();  // len x rows
+      llt.matrixL().solveInPlace(wt);
+      scores[static_cast<size_t>(s)] = wt.squaredNorm();
+    };
+    if (group == 1) {
+      for (Index s = 0; s < num_spans; ++s) score_span(s);
+    } else {
+      parallel_for(num_spans, step_threads(), run.interrupt, [&](Index s, int) { score_span(s); });
+    }
+    // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
+    if (num_own > 0) {
+      own_scores.setZero(num_own, num_spans);
+      parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
+        RowState<double>& state = own_states[static_cast<size_t>(i)];
+        state.ensure_room(group);
+        own_spans(state, own_begin[i], own_len[i]);
+        for (Index s = 0; s < num_spans; ++s) {
+          const size_t g = static_cast<size_t>(active[spans[s].first] / group);
+          if (own_len[i][g] == 0) continue;
+          if (!state.factor_block(own_begin[i][g], own_len[i][g]))
+            RowState<double>::lost_definiteness();
+          own_scores(i, s) = state.block_score(own_begin[i][g], own_len[i][g]);
+        }
+      });
+      for (Index i = 0; i < num_own; ++i)
+        for (Index s = 0; s < num_spans; ++s) scores[static_cast<size_t>(s)] += own_scores(i, s);
+    }
+    size_t best = 0;
+    for (size_t s = 1; s < spans.size(); ++s)
+      if (scores[s] < scores[best]) best = s;
+    const auto [begin, len] = spans[best];
     const size_t best_group = static_cast<size_t>(active[begin] / group);
     if (num_own > 0) {
       parallel_for(num_own, run.num_threads, nullptr, [&](Index i, int) {
@@ -314,7 +421,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
     for (Index i = begin; i < begin + len; ++i) keep[static_cast<size_t>(i)] = 0;
     cols_s = cols_b.template cast<S>();
-    parallel_for_static(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
+    parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) {
       const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
       auto rows_ch = wl().middleRows(r0, nr);
       double* step_loss = shared_loss.data() + r0;
