@@ -6,8 +6,11 @@
 // steps. A step's other cost is the update of every row, W <- W - W_B G_BB^-1 G[B, :], a pass over
 // the rows x n weights, which are kept in the layer's own precision (float32 layers: half the
 // memory traffic, like the float32 row kernels); the column norms the next step scores with are
-// accumulated in float64 in the same pass (per fixed row chunk, summed in chunk order: the same
-// bits for any thread count), so the weights are streamed through memory once per step.
+// accumulated in float64 in the same pass, so the weights are streamed through memory once per
+// step. Single columns (the common case) split each step by column ranges, one per thread, so
+// that almost nothing of a step is serial (single_column_steps); groups and rows with zeros of
+// their own split the weight update by row chunks (norms per fixed chunk, summed in chunk order).
+// Both give the same bits for any thread count.
 //
 // Each row's loss is the sum of its step losses (exact OBS bookkeeping, float64), corrected for
 // the damping afterwards (internal/prune_result.hpp), instead of an O(rows cols^2) pass.
