@@ -281,7 +281,7 @@ def test_structured_bit_identical_across_thread_counts_large(group, dtype):
     # into one range per thread, so odd splits (3 threads) and more ranges than cores (4) too.
     W, H, _ = make_problem(96, 400, seed=56, dtype=dtype)
     a = obc_native.prune_structured(W, H, 0.6, group=group, num_threads=1)
-    for threads in (2, 3, 4):
+    for threads in (None, 2, 3, 4):  # None: OpenMP's default count
         b = obc_native.prune_structured(W, H, 0.6, group=group, num_threads=threads)
         assert np.array_equal(a.weight, b.weight), threads
         assert np.array_equal(a.mask, b.mask), threads

@@ -22,7 +22,7 @@ void parallel_for(Index count, int num_threads, InterruptHook* hook,
 
 /// The same with a fixed hand-out: when T threads start, thread t runs the items
 /// [t * count / T, (t + 1) * count / T) in order. For loops repeated step after step over the
-/// same data (the weight chunks of structured pruning): each thread keeps working on the same
+/// same data (the column ranges of structured pruning): each thread keeps working on the same
 /// part, which then stays in its core's cache (a dynamic hand-out moves it about).
 /// Results must still not depend on the thread that runs an item.
 void parallel_for_static(Index count, int num_threads, InterruptHook* hook,

@@ -179,10 +179,13 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
         norm[j] += static_cast<double>(row[j]) * static_cast<double>(row[j]);
     }
   };
-  // Small layers: a parallel region per step costs more than the work itself.
+  // Small layers: a parallel region per step costs more than the work itself. Resolved (0 =
+  // the default count): the flush takes its panel path for any count >= 1, so 0 must not
+  // select the other one.
   auto step_threads = [&] {
-    return static_cast<double>(num_shared + 1) * static_cast<double>(n) < 2e4 ? 1
-                                                                              : run.num_threads;
+    return static_cast<double>(num_shared + 1) * static_cast<double>(n) < 2e4
+               ? 1
+               : resolve_num_threads(run.num_threads);
   };
   // Single columns and no rows with zeros of their own, the common case, run as
   // single_column_steps() below; the general loop handles groups and such rows.
@@ -278,7 +281,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
       return best;
     };
     auto run_ranges = [&](const std::function<void(Index part, Index c0, Index c1)>& fn) {
-      const Index parts = resolve_num_threads(step_threads());
+      const Index parts = step_threads();
       range_best.assign(static_cast<size_t>(parts), -1);
       range_score.assign(static_cast<size_t>(parts), 0.0);
       parallel_for_static(parts, static_cast<int>(parts), nullptr, [&](Index p, int) {
