@@ -167,7 +167,8 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   const Index num_chunks = (num_shared + row_chunk - 1) / row_chunk;
   // Column c: the squared column norms of row chunk c (rows are contiguous, so they are summed
   // row by row).
-  MatrixXd chunk_norms = MatrixXd::Zero(n, std::max<Index>(num_chunks, 1));
+  // (Only the general loop below uses them; single_column_steps() keeps one norm per column.)
+  MatrixXd chunk_norms;
   auto update_norms = [&](Index ch) {
     const Index r0 = ch * row_chunk, nr = std::min(row_chunk, num_shared - r0);
     auto norms = chunk_norms.col(ch).head(n);
@@ -190,8 +191,10 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   // Single columns and no rows with zeros of their own, the common case, run as
   // single_column_steps() below; the general loop handles groups and such rows.
   const bool single_columns = group == 1 && num_own == 0;
-  if (!single_columns)
+  if (!single_columns) {
+    chunk_norms.setZero(n, std::max<Index>(num_chunks, 1));
     parallel_for(num_chunks, step_threads(), nullptr, [&](Index ch, int) { update_norms(ch); });
+  }
 
   // Each row's step losses 1/2 w_B^T G_BB^-1 w_B, summed in step order: their total is the row's
   // loss under the damped H (exact OBS), so no O(rows cols^2) pass is needed afterwards.
