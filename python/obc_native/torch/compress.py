@@ -38,7 +38,7 @@ from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .hessian import CalibrationError, LayerHessian, LayerHooks
-from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
     OBJECTIVES,
     _as_level_spec,
@@ -106,7 +106,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
         if plan.config is None:
             continue
         names = owners.get(id(plan.info.module.weight), [])
-        others = [n for n in names if n != f"{name}.weight"]
+        others = [n for n in names if n != param_key(name, "weight")]
         if others:
             reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
             logger.warning("layer %r: %s", name, reason)
