@@ -1,7 +1,9 @@
 """The ``obc-native`` command line: ``compress``, ``report`` and ``demo``.
 
 ``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
-budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``)::
+budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``; load it with
+``load_compressed``: with ``--hf`` the folder also holds ``config.json`` but is not a Hugging Face
+checkpoint, ``from_pretrained`` on it fails)::
 
     obc-native compress --model weights.safetensors --arch mypkg.models:Net \\
         --calibration calib.pt --recipe recipe.yaml --out compressed/
