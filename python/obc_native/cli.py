@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -109,6 +110,85 @@ def _import_arch(spec: str):
     return target
 
 
+def _arch_kwargs(text: str) -> dict[str, Any]:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CliError(f"--arch-kwargs: not valid JSON ({err})") from err
+    if not isinstance(kwargs, dict):
+        raise CliError(f"--arch-kwargs: expected a JSON object, got {text!r}")
+    return kwargs
+
+
+def _probe_writable(directory: str, flag: str, path: str) -> None:
+    """CliError unless a file can be created in ``directory`` (tried, not guessed from permissions)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise CliError(f"{flag} {path}: cannot write in {directory} ({err.strerror or err})") from err
+
+
+def _prepare_out(path: str) -> list[str]:
+    """Create the ``--out`` directory and check it is writable, before any work.
+
+    Returns the directories created (deepest last), to remove again if the command fails.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--out {path}: exists and is not a directory")
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    if not os.path.isdir(head):
+        raise CliError(f"--out {path}: {head} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--out {path}: cannot create the directory ({err})") from err
+    created = missing[::-1]
+    try:
+        _probe_writable(path, "--out", path)
+    except CliError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Remove the directories this command created, deepest first, where still empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Inputs exist and outputs can be written, checked before the (long) compression."""
+    if args.recipe is not None and not os.path.isfile(args.recipe):
+        what = "is a directory, not a recipe file" if os.path.isdir(args.recipe) else "no such file"
+        raise CliError(f"--recipe {args.recipe}: {what}")
+    for flag, path in (("--model", args.model), ("--calibration", args.calibration)):
+        if path is not None and not os.path.isfile(path):
+            raise CliError(f"{flag} {path}: {'is a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+    if args.hf is not None:
+        if not os.path.isdir(args.hf):
+            raise CliError(f"--hf {args.hf}: no such directory (a local Hugging Face model directory is expected)")
+        if not os.path.isfile(os.path.join(args.hf, "config.json")):
+            raise CliError(f"--hf {args.hf}: no config.json; not a Hugging Face model directory")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.database is not None and not os.path.isfile(args.database):
+        if os.path.isdir(args.database):
+            raise CliError(f"--database {args.database}: is a directory; give the path of a JSON file")
+        parent = os.path.dirname(os.path.abspath(args.database))
+        if not os.path.isdir(parent):
+            raise CliError(f"--database {args.database}: directory {parent} does not exist")
+        _probe_writable(parent, "--database", args.database)
+
+
 def _load_tensor_file(path: str) -> Any:
     """Tensors from .safetensors / .npy / torch files, never unpickling arbitrary objects."""
     import numpy as np
@@ -136,13 +216,17 @@ def _load_model(args: argparse.Namespace):
             import transformers
         except ImportError as err:
             raise CliError("--hf needs the transformers package") from err
-        config = transformers.AutoConfig.from_pretrained(args.hf)
-        names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
-        model = (cls or transformers.AutoModel).from_pretrained(args.hf)
+        try:  # local files only: a mistyped directory must not turn into a Hub download
+            config = transformers.AutoConfig.from_pretrained(args.hf, local_files_only=True)
+            names = getattr(config, "architectures", None) or []
+            cls = getattr(transformers, names[0], None) if names else None
+            model = (cls or transformers.AutoModel).from_pretrained(args.hf, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CliError(f"--hf {args.hf}: cannot load the Hugging Face model ({reason})") from err
         return model.eval(), {"source": "huggingface", "class": type(model).__name__}
 
-    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": json.loads(args.arch_kwargs)}
+    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": _arch_kwargs(args.arch_kwargs)}
     if args.trust_pickle and not args.arch:
         if args.model.endswith(".safetensors"):
             raise CliError("a .safetensors file holds a state dict: pass --arch")
@@ -157,7 +241,10 @@ def _load_model(args: argparse.Namespace):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CliError(f"{args.model}: expected a state dict of tensors")
-    model = _import_arch(args.arch)(**metadata["arch_kwargs"])
+    try:
+        model = _import_arch(args.arch)(**metadata["arch_kwargs"])
+    except TypeError as err:
+        raise CliError(f"--arch {args.arch} with --arch-kwargs {args.arch_kwargs}: {err}") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
@@ -222,14 +309,26 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from obc_native.torch import compress, load_recipe, save_compressed
+    from obc_native.torch import load_recipe
 
     if not args.recipe and not args.budget:
         raise CliError("give --recipe (uniform compression) or --budget (non-uniform compression)")
+    _check_paths(args)
     options = _budget_options(args)
     if options and args.sequential:
         raise CliError("--sequential is not supported with --budget")
     recipe = load_recipe(args.recipe) if args.recipe else None
+    created = _prepare_out(args.out)
+    try:
+        return _compress_and_save(args, recipe, options)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str, Any]) -> int:
+    from obc_native.torch import compress, save_compressed
+
     model, metadata = _load_model(args)
     batches = _calibration_batches(args.calibration, args.batch_size)
     report = compress(
@@ -266,8 +365,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if manifest.get("report"):
         print(CompressionReport.from_dict(manifest["report"]).table())
     path = os.path.join(args.directory, manifest["tensors"])
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
-    print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size} bytes")
+    size = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "MISSING"
+    print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size}")
     levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
     for name, entry in manifest["layers"].items():
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
@@ -296,8 +395,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
     handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
     try:
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader stopped early (`obc-native report --json | head`): stop quietly, as command-line tools do
+        _silence_stdout()
+        return 1
     except CliError as err:
+        print(f"obc-native: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a file that cannot be read or written; the message names it
         print(f"obc-native: error: {err}", file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as err:  # RecipeError, CalibrationError, CompressionError, ...
@@ -305,6 +413,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"obc-native: error: {err}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,3 +174,165 @@ def test_demo_command_budget_subset(capsys):
     assert main(["demo", "--recipes", "3x fewer FLOPs"]) == 0
     printed = capsys.readouterr().out
     assert "non-uniform DP" in printed and "uniform" in printed and "[ok] non-uniform (DP)" in printed
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the CLI starts loading the model: errors must come before any work."""
+
+    def fail(args):
+        raise AssertionError("the model was loaded although the command line is wrong")
+
+    monkeypatch.setattr("obc_native.cli._load_model", fail)
+
+
+def unwritable_directory(tmp_path):
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        (directory / "probe").write_text("")
+    except OSError:
+        return directory
+    (directory / "probe").unlink()  # root ignores permissions: /proc refuses new files
+    if os.path.isdir("/proc/self"):
+        return "/proc/self"
+    pytest.skip("no unwritable directory on this machine")
+
+
+def compress_args(tmp_path, calibration, recipe, out):
+    args = ["compress", "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:DigitsCNN", "--quiet"]
+    return args + ["--calibration", str(calibration), "--recipe", str(recipe), "--out", str(out)]
+
+
+def one_error_line(capsys, *expected):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("obc-native: error: "), captured.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_recipe_paths(digits_files, tmp_path, capsys, no_work):
+    calibration, _ = digits_files
+    assert main(compress_args(tmp_path, calibration, tmp_path / "missing.yaml", tmp_path / "o")) == 1
+    one_error_line(capsys, "--recipe", "missing.yaml: no such file")
+    assert main(compress_args(tmp_path, calibration, tmp_path, tmp_path / "o")) == 1
+    one_error_line(capsys, "--recipe", "is a directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_recipe_values_are_one_line_naming_the_file(digits_files, tmp_path, capsys, no_work):
+    calibration, _ = digits_files
+    for text, expected in [("default: {prune: unstructured, sparsity: 0.5, damp: .inf}", "damp must be"),
+                           ("default: {prune: unstructured, sparsity: 2024-01-01}", "sparsity must be")]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        assert main(compress_args(tmp_path, calibration, recipe, tmp_path / "o")) == 1
+        one_error_line(capsys, str(recipe), expected)
+    recipe.write_bytes("default: {bits: 4}  # d\xe9faut\n".encode("latin-1"))
+    assert main(compress_args(tmp_path, calibration, recipe, tmp_path / "o")) == 1
+    one_error_line(capsys, str(recipe), "UTF-8")
+
+
+def test_bad_out_is_reported_before_compressing(digits_files, tmp_path, capsys, no_work):
+    calibration, recipe = digits_files
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    assert main(compress_args(tmp_path, calibration, recipe, a_file)) == 1
+    one_error_line(capsys, "--out", "exists and is not a directory")
+    assert main(compress_args(tmp_path, calibration, recipe, a_file / "sub")) == 1
+    one_error_line(capsys, "--out", "is not a directory")
+    read_only = unwritable_directory(tmp_path)
+    for out in (os.path.join(read_only, "new"), read_only):
+        assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
+        one_error_line(capsys, "--out")
+
+
+def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path, capsys):
+    calibration, _ = digits_files
+    recipe = tmp_path / "nm.yaml"
+    recipe.write_text("default: {prune: nm, n: 2, m: 4}\n")  # features.0 has one input channel
+    out = tmp_path / "new" / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
+    assert "features.0" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_database_path_is_reported_before_building(digits_files, tmp_path, capsys, no_work):
+    calibration, recipe = digits_files
+    budget = ["--budget", "flops=2x", "--database"]
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
+                 str(tmp_path / "missing" / "levels.json")]) == 1
+    one_error_line(capsys, "--database", "does not exist")
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget, str(tmp_path)]) == 1
+    one_error_line(capsys, "--database", "is a directory")
+    read_only = unwritable_directory(tmp_path)
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
+                 os.path.join(read_only, "levels.json")]) == 1
+    one_error_line(capsys, "--database", "cannot write")
+
+
+def test_bad_hf_directory(tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    calibration = tmp_path / "ids.pt"
+    torch.save(torch.zeros(4, 8, dtype=torch.long), calibration)
+    base = ["compress", "--calibration", str(calibration), "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert main([*base, "--hf", str(tmp_path / "no_such_model")]) == 1
+    one_error_line(capsys, "--hf", "no such directory")
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--hf", str(tmp_path / "empty")]) == 1
+    one_error_line(capsys, "--hf", "no config.json")
+    bert = tiny_bert_dir(tmp_path)
+    (bert / "model.safetensors").unlink()  # a config without weights
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main([*base, "--hf", str(bert)]) == 1
+    one_error_line(capsys, "--hf", "cannot load the Hugging Face model")
+
+
+def test_bad_arch_kwargs(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    assert main([*args, "--arch-kwargs", "{nope"]) == 1
+    one_error_line(capsys, "--arch-kwargs", "not valid JSON")
+    assert main([*args, "--arch-kwargs", '{"width": 3}']) == 1
+    one_error_line(capsys, "--arch", "width")
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone away (``obc-native report --json | head -1``)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_report_into_a_closed_pipe(digits_files, tmp_path, capsys, monkeypatch):
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["report", str(out), "--json"]) == 1
+    assert main(["report", str(out)]) == 1
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_report_into_a_closed_pipe_process(digits_files, tmp_path):
+    """The real thing: no traceback and no 'Exception ignored' message when the reader exits."""
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    code = "import sys; from obc_native.cli import main; sys.exit(main())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", code, "report", str(out), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.close()  # before the child has imported anything: every write fails
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == "" and process.returncode == 1
