@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import _arrays
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
@@ -312,6 +313,8 @@ def compress(
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
     """
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")

@@ -709,6 +709,8 @@ def build_database(
     """
     spec = _as_level_spec(levels)
     damp = _arrays.as_damp(damp)
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)
