@@ -393,6 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``obc-native`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    # "the model is unchanged / restored" concerns the in-memory model; nothing is saved on failure
+    logging.getLogger("obc_native.torch.failure").setLevel(logging.CRITICAL)
     handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
     try:
         status = handlers[args.command](args)

@@ -256,8 +256,11 @@ def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path
     recipe.write_text("default: {prune: nm, n: 2, m: 4}\n")  # features.0 has one input channel
     out = tmp_path / "new" / "out"
     assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
-    assert "features.0" in capsys.readouterr().err
+    err = capsys.readouterr().err  # the recipe's problems, one per line, and nothing else
+    assert err.startswith("obc-native: error: recipe file") and "features.0" in err and "unchanged" not in err
     assert not (tmp_path / "new").exists()
+    assert main([*compress_args(tmp_path, calibration, recipe, out), "--threads", "-1"]) == 1
+    one_error_line(capsys, "num_threads")
 
 
 def test_bad_database_path_is_reported_before_building(digits_files, tmp_path, capsys, no_work):

@@ -60,6 +60,9 @@ from .solve import baseline_config, solve_unit
 __all__ = ["compress", "CompressionError"]
 
 logger = logging.getLogger("obc_native.torch")
+# What state a failed run left the model in, on its own channel: the command line, which writes
+# nothing then, turns it off so that its error is one line.
+failure_logger = logging.getLogger("obc_native.torch.failure")
 
 CORRECTIONS = ("auto", "batchnorm", "bias", None)
 
@@ -250,7 +253,7 @@ def _on_failure(err: BaseException, backup: _Backup, restore_on_error: bool) -> 
         note = "compression failed; the model was restored to its original weights"
     else:
         note = "compression failed; the model is PARTIALLY compressed (restore_on_error=False)"
-    logger.error(note)
+    failure_logger.error(note)
     if hasattr(err, "add_note"):
         err.add_note(f"obc_native: {note}")
 
