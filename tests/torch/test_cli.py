@@ -250,7 +250,7 @@ def test_bad_out_is_reported_before_compressing(digits_files, tmp_path, capsys, 
         one_error_line(capsys, "--out")
 
 
-def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path, capsys):
+def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path, capsys, caplog):
     calibration, _ = digits_files
     recipe = tmp_path / "nm.yaml"
     recipe.write_text("default: {prune: nm, n: 2, m: 4}\n")  # features.0 has one input channel
@@ -259,8 +259,15 @@ def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path
     err = capsys.readouterr().err  # the recipe's problems, one per line, and nothing else
     assert err.startswith("obc-native: error: recipe file") and "features.0" in err and "unchanged" not in err
     assert not (tmp_path / "new").exists()
+    recipe.write_text("default: {prune: nm, n: 2, m: 4}\nskip: [features.0]\n")
     assert main([*compress_args(tmp_path, calibration, recipe, out), "--threads", "-1"]) == 1
     one_error_line(capsys, "num_threads")
+    wrong_shape = tmp_path / "rgb.pt"
+    torch.save(torch.zeros(4, 3, 8, 8), wrong_shape)  # the model takes one channel
+    assert main([*compress_args(tmp_path, calibration, recipe, out), "--calibration", str(wrong_shape)]) == 1
+    one_error_line(capsys, "calibration batch 0")
+    assert "unchanged" not in caplog.text  # logged records do not reach capsys in tests
+    assert not (tmp_path / "new").exists()
 
 
 def test_bad_database_path_is_reported_before_building(digits_files, tmp_path, capsys, no_work):
