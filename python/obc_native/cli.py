@@ -197,9 +197,13 @@ def _load_tensor_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise CliError(f"{path}: not a readable safetensors file ({err})") from err
     if path.endswith(".npy"):
         return torch.from_numpy(np.load(path, allow_pickle=False))
     try:
@@ -356,15 +360,25 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from obc_native.torch import read_manifest
-    from obc_native.torch.report import CompressionReport
 
     manifest = read_manifest(args.directory)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
+    try:
+        _print_report(args.directory, manifest)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise CliError(f"{args.directory}: malformed manifest ({type(err).__name__}: {err})") from err
+    return 0
+
+
+def _print_report(directory: str, manifest: dict[str, Any]) -> None:
+    """Print the compression report's table and each stored layer's storage of a manifest."""
+    from obc_native.torch.report import CompressionReport
+
     if manifest.get("report"):
         print(CompressionReport.from_dict(manifest["report"]).table())
-    path = os.path.join(args.directory, manifest["tensors"])
+    path = os.path.join(directory, manifest["tensors"])
     size = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "MISSING"
     print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size}")
     levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
@@ -373,7 +387,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
         print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
-    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -400,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         status = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
         return status
+    except KeyboardInterrupt:
+        print("obc-native: error: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     except BrokenPipeError:
         # the reader stopped early (`obc-native report --json | head`): stop quietly, as command-line tools do
         _silence_stdout()

@@ -346,3 +346,37 @@ def test_report_into_a_closed_pipe_process(digits_files, tmp_path):
     process.stdout.close()  # before the child has imported anything: every write fails
     _, err = process.communicate(timeout=120)
     assert err.decode() == "" and process.returncode == 1
+
+
+def test_corrupt_safetensors_inputs(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    assert main([*args, "--model", str(corrupt)]) == 1
+    one_error_line(capsys, str(corrupt), "not a readable safetensors file")
+    assert main([*args, "--calibration", str(corrupt)]) == 1
+    one_error_line(capsys, str(corrupt), "not a readable safetensors file")
+
+
+def test_report_of_a_malformed_manifest(digits_files, tmp_path, capsys):
+    from obc_native.torch.serialize import MANIFEST_NAME
+
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["layers"]["features.3"]["storage"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 1
+    one_error_line(capsys, "malformed manifest", "storage")
+
+
+def test_interrupt_is_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("obc_native.cli._cmd_report", interrupted)
+    assert main(["report", "anywhere"]) == 130
+    one_error_line(capsys, "interrupted")
