@@ -249,3 +249,13 @@ def test_non_utf8_file_names_the_file(tmp_path):
     path.write_bytes("default: {bits: 4}  # d\xe9faut\n".encode("latin-1"))
     with pytest.raises(RecipeError, match=f"{path}.*not UTF-8"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize("text", ["overrides: {pattern: head, bits: 8}", "overrides: head", "skip: stem",
+                                  "default: {bits: 4}\nstrict: 1", "default: {bits: 4}\nskip: [1]"])
+def test_recipe_structure_errors_name_the_file(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(RecipeError, match=f"recipe file {str(path)!r}: recipe '(overrides|skip|strict)'|"
+                                          f"recipe file {str(path)!r}: skip patterns"):
+        load_recipe(path)

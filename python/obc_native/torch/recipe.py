@@ -347,7 +347,10 @@ class Recipe:
                     raise RecipeError(f"recipe 'default': {err}") from None
             default = LayerConfig(**default)
         overrides = []
-        for item in data.get("overrides") or []:
+        items = data.get("overrides") or []
+        if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+            raise RecipeError(f"recipe 'overrides' must be a list of mappings with a 'pattern', got {items!r}")
+        for item in items:
             if not isinstance(item, Mapping) or "pattern" not in item:
                 raise RecipeError(f"each override must be a mapping with a 'pattern', got {item!r}")
             changes = dict(item)
