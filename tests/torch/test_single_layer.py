@@ -35,6 +35,7 @@ def test_single_layer_model(layer, shape, sequential, tmp_path):
     report = compress(model, batches, {"default": {"prune": "nm", "n": 2, "m": 4, "bits": 4}},
                       sequential=sequential, quiet=True)
     assert [layer.name for layer in report.compressed] == [""]
+    assert report.table().splitlines()[2].startswith("(model) ")
     assert float((model.weight == 0).float().mean()) >= 0.5  # 2:4, plus codes that round to zero
     save_compressed(model, tmp_path, report)
     assert read_manifest(tmp_path)["layers"][""]["weight_key"] == "weight"
