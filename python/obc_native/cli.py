@@ -386,7 +386,7 @@ def _print_report(directory: str, manifest: dict[str, Any]) -> None:
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
-        print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
+        print(f"  {name or '(model)'}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

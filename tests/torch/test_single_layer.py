@@ -68,3 +68,6 @@ def test_single_layer_cli(tmp_path, capsys):
     fresh = nn.Linear(16, 8)
     load_compressed(fresh, out)
     assert int((fresh.weight == 0).sum()) == 32
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 0
+    assert "  (model): sparse" in capsys.readouterr().out
