@@ -234,7 +234,10 @@ def _load_model(args: argparse.Namespace):
     if args.trust_pickle and not args.arch:
         if args.model.endswith(".safetensors"):
             raise CliError("a .safetensors file holds a state dict: pass --arch")
-        model = torch.load(args.model, map_location="cpu", weights_only=False)
+        try:
+            model = torch.load(args.model, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling raises whatever the file's content leads to
+            raise CliError(f"{args.model}: cannot be loaded as a saved module ({type(err).__name__}: {err})") from err
         if not isinstance(model, torch.nn.Module):
             raise CliError(f"{args.model}: holds a {type(model).__name__}, not an nn.Module; pass --arch")
         return model.eval(), {"source": "pickled_module", "class": type(model).__qualname__}
@@ -252,7 +255,8 @@ def _load_model(args: argparse.Namespace):
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CliError(f"{args.model} does not fit {args.arch}: {err}") from err
+        details = " ".join(str(err).split())  # torch's message spans lines and tabs
+        raise CliError(f"{args.model} does not fit {args.arch}: {details}") from err
     return model.eval(), metadata
 
 

@@ -380,3 +380,18 @@ def test_interrupt_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("obc_native.cli._cmd_report", interrupted)
     assert main(["report", "anywhere"]) == 130
     one_error_line(capsys, "interrupted")
+
+
+def test_model_file_errors_are_one_line(digits_files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    calibration, recipe = digits_files
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle at all")
+    assert main([*args[:2], str(garbage), "--trust-pickle", *args[5:]]) == 1
+    one_error_line(capsys, str(garbage), "cannot be loaded as a saved module")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"features.0.weight": torch.zeros(1)}, wrong)
+    assert main([*args[:2], str(wrong), *args[3:]]) == 1
+    one_error_line(capsys, "does not fit", "Missing key")
