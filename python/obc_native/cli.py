@@ -410,8 +410,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``obc-native`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
-    # "the model is unchanged / restored" concerns the in-memory model; nothing is saved on failure
-    logging.getLogger("obc_native.torch.failure").setLevel(logging.CRITICAL)
+    # "the model is unchanged / restored" concerns the in-memory model; nothing is saved on failure.
+    # Restored on return: main() also runs inside other programs (and tests).
+    failure_logger = logging.getLogger("obc_native.torch.failure")
+    failure_level = failure_logger.level
+    failure_logger.setLevel(logging.CRITICAL)
+    try:
+        return _run(args)
+    finally:
+        failure_logger.setLevel(failure_level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors become one line on stderr and exit status 1."""
     handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
     try:
         status = handlers[args.command](args)

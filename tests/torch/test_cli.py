@@ -395,3 +395,12 @@ def test_model_file_errors_are_one_line(digits_files, tmp_path, capsys):
     save_file({"features.0.weight": torch.zeros(1)}, wrong)
     assert main([*args[:2], str(wrong), *args[3:]]) == 1
     one_error_line(capsys, "does not fit", "Missing key")
+
+
+def test_main_leaves_logging_as_it_found_it(capsys):
+    import logging
+
+    failure_logger = logging.getLogger("obc_native.torch.failure")
+    before = failure_logger.level
+    assert main(["report", "nowhere"]) == 1
+    assert failure_logger.level == before
