@@ -230,7 +230,8 @@ def _load_model(args: argparse.Namespace):
             raise CliError(f"--hf {args.hf}: cannot load the Hugging Face model ({reason})") from err
         return model.eval(), {"source": "huggingface", "class": type(model).__name__}
 
-    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": _arch_kwargs(args.arch_kwargs)}
+    kwargs = _arch_kwargs(args.arch_kwargs)
+    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": kwargs}
     if args.trust_pickle and not args.arch:
         if args.model.endswith(".safetensors"):
             raise CliError("a .safetensors file holds a state dict: pass --arch")
@@ -390,7 +391,8 @@ def _print_report(directory: str, manifest: dict[str, Any]) -> None:
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
-        print(f"  {name or '(model)'}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
+        stored = f"{entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}"
+        print(f"  {name or '(model)'}: {stored}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -62,7 +62,8 @@ def test_single_layer_cli(tmp_path, capsys):
     (tmp_path / "r.json").write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.25}}))
     out = tmp_path / "out"
     args = ["compress", "--model", str(tmp_path / "w.safetensors"), "--arch", "torch.nn:Linear"]
-    args += ["--arch-kwargs", '{"in_features": 16, "out_features": 8}', "--calibration", str(tmp_path / "x.safetensors")]
+    args += ["--arch-kwargs", '{"in_features": 16, "out_features": 8}']
+    args += ["--calibration", str(tmp_path / "x.safetensors")]
     args += ["--recipe", str(tmp_path / "r.json"), "--out", str(out), "--quiet"]
     assert main(args) == 0, capsys.readouterr().err
     fresh = nn.Linear(16, 8)
