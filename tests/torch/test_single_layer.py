@@ -64,7 +64,8 @@ def test_single_layer_cli(tmp_path, capsys):
     args = ["compress", "--model", str(tmp_path / "w.safetensors"), "--arch", "torch.nn:Linear"]
     args += ["--arch-kwargs", '{"in_features": 16, "out_features": 8}']
     args += ["--calibration", str(tmp_path / "x.safetensors")]
-    args += ["--recipe", str(tmp_path / "r.json"), "--out", str(out), "--quiet"]
+    args += ["--recipe", str(tmp_path / "r.json"), "--quiet", "--out"]
+    args, budget = [*args, str(out)], [*args, str(tmp_path / "budget")]
     assert main(args) == 0, capsys.readouterr().err
     fresh = nn.Linear(16, 8)
     load_compressed(fresh, out)
@@ -72,3 +73,8 @@ def test_single_layer_cli(tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 0
     assert "  (model): sparse" in capsys.readouterr().out
+    budget += ["--budget", "params=2x", "--database", str(tmp_path / "db.json")]
+    assert main(budget) == 0, capsys.readouterr().err  # builds and saves the database
+    assert main(budget) == 0, capsys.readouterr().err  # reuses it
+    load_compressed(fresh, tmp_path / "budget")
+    assert int((fresh.weight == 0).sum()) >= 64
