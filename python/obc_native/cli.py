@@ -44,6 +44,11 @@ __all__ = ["main", "build_parser"]
 logger = logging.getLogger("obc_native.cli")
 
 
+# Weight files transformers' from_pretrained looks for in a directory.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
+
+
 class CliError(Exception):
     """A user error reported as one line on stderr with exit status 1."""
 
@@ -136,6 +141,13 @@ def _prepare_out(path: str) -> list[str]:
     """
     if os.path.exists(path) and not os.path.isdir(path):
         raise CliError(f"--out {path}: exists and is not a directory")
+    # Weights that transformers would load from the folder instead of failing (see serialize.TENSORS_NAME)
+    stale = [name for name in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
+    if stale:
+        raise CliError(
+            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint or an older obc_native output) "
+            "that from_pretrained would load instead of the compressed model; choose another directory"
+        )
     missing = []
     head = os.path.abspath(path)
     while not os.path.exists(head):

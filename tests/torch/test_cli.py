@@ -244,6 +244,12 @@ def test_bad_out_is_reported_before_compressing(digits_files, tmp_path, capsys, 
     one_error_line(capsys, "--out", "exists and is not a directory")
     assert main(compress_args(tmp_path, calibration, recipe, a_file / "sub")) == 1
     one_error_line(capsys, "--out", "is not a directory")
+    for name in ("model.safetensors", "pytorch_model.bin"):  # an HF checkpoint or an old obc_native output
+        holder = tmp_path / f"holds_{name}"
+        holder.mkdir()
+        (holder / name).write_bytes(b"")
+        assert main(compress_args(tmp_path, calibration, recipe, holder)) == 1
+        one_error_line(capsys, "--out", name, "from_pretrained would load")
     read_only = unwritable_directory(tmp_path)
     for out in (os.path.join(read_only, "new"), read_only):
         assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
