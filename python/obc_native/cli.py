@@ -1,7 +1,9 @@
 """The ``obc-native`` command line: ``compress``, ``report`` and ``demo``.
 
 ``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
-budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``)::
+budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``; load it with
+``load_compressed``: with ``--hf`` the folder also holds ``config.json`` but is not a Hugging Face
+checkpoint, ``from_pretrained`` on it fails)::
 
     obc-native compress --model weights.safetensors --arch mypkg.models:Net \\
         --calibration calib.pt --recipe recipe.yaml --out compressed/
@@ -33,12 +35,18 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("obc_native.cli")
+
+
+# Weight files transformers' from_pretrained looks for in a directory.
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                   "pytorch_model.bin.index.json")
 
 
 class CliError(Exception):
@@ -107,6 +115,92 @@ def _import_arch(spec: str):
     return target
 
 
+def _arch_kwargs(text: str) -> dict[str, Any]:
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CliError(f"--arch-kwargs: not valid JSON ({err})") from err
+    if not isinstance(kwargs, dict):
+        raise CliError(f"--arch-kwargs: expected a JSON object, got {text!r}")
+    return kwargs
+
+
+def _probe_writable(directory: str, flag: str, path: str) -> None:
+    """CliError unless a file can be created in ``directory`` (tried, not guessed from permissions)."""
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as err:
+        raise CliError(f"{flag} {path}: cannot write in {directory} ({err.strerror or err})") from err
+
+
+def _prepare_out(path: str) -> list[str]:
+    """Create the ``--out`` directory and check it is writable, before any work.
+
+    Returns the directories created (deepest last), to remove again if the command fails.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CliError(f"--out {path}: exists and is not a directory")
+    # Weights that transformers would load from the folder instead of failing (see serialize.TENSORS_NAME)
+    stale = [name for name in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
+    if stale:
+        raise CliError(
+            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint or an older obc_native output) "
+            "that from_pretrained would load instead of the compressed model; choose another directory"
+        )
+    missing = []
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        missing.append(head)
+        head = os.path.dirname(head)
+    if not os.path.isdir(head):
+        raise CliError(f"--out {path}: {head} is not a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise CliError(f"--out {path}: cannot create the directory ({err})") from err
+    created = missing[::-1]
+    try:
+        _probe_writable(path, "--out", path)
+    except CliError:
+        _remove_empty(created)
+        raise
+    return created
+
+
+def _remove_empty(directories: list[str]) -> None:
+    """Remove the directories this command created, deepest first, where still empty."""
+    for directory in reversed(directories):
+        try:
+            os.rmdir(directory)
+        except OSError:
+            return
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    """Inputs exist and outputs can be written, checked before the (long) compression."""
+    if args.recipe is not None and not os.path.isfile(args.recipe):
+        what = "is a directory, not a recipe file" if os.path.isdir(args.recipe) else "no such file"
+        raise CliError(f"--recipe {args.recipe}: {what}")
+    for flag, path in (("--model", args.model), ("--calibration", args.calibration)):
+        if path is not None and not os.path.isfile(path):
+            raise CliError(f"{flag} {path}: {'is a directory, not a file' if os.path.isdir(path) else 'no such file'}")
+    if args.hf is not None:
+        if not os.path.isdir(args.hf):
+            raise CliError(f"--hf {args.hf}: no such directory (a local Hugging Face model directory is expected)")
+        if not os.path.isfile(os.path.join(args.hf, "config.json")):
+            raise CliError(f"--hf {args.hf}: no config.json; not a Hugging Face model directory")
+    if args.batch_size < 1:
+        raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.database is not None and not os.path.isfile(args.database):
+        if os.path.isdir(args.database):
+            raise CliError(f"--database {args.database}: is a directory; give the path of a JSON file")
+        parent = os.path.dirname(os.path.abspath(args.database))
+        if not os.path.isdir(parent):
+            raise CliError(f"--database {args.database}: directory {parent} does not exist")
+        _probe_writable(parent, "--database", args.database)
+
+
 def _load_tensor_file(path: str) -> Any:
     """Tensors from .safetensors / .npy / torch files, never unpickling arbitrary objects."""
     import numpy as np
@@ -115,9 +209,13 @@ def _load_tensor_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file")
     if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except SafetensorError as err:
+            raise CliError(f"{path}: not a readable safetensors file ({err})") from err
     if path.endswith(".npy"):
         return torch.from_numpy(np.load(path, allow_pickle=False))
     try:
@@ -134,17 +232,25 @@ def _load_model(args: argparse.Namespace):
             import transformers
         except ImportError as err:
             raise CliError("--hf needs the transformers package") from err
-        config = transformers.AutoConfig.from_pretrained(args.hf)
-        names = getattr(config, "architectures", None) or []
-        cls = getattr(transformers, names[0], None) if names else None
-        model = (cls or transformers.AutoModel).from_pretrained(args.hf)
+        try:  # local files only: a mistyped directory must not turn into a Hub download
+            config = transformers.AutoConfig.from_pretrained(args.hf, local_files_only=True)
+            names = getattr(config, "architectures", None) or []
+            cls = getattr(transformers, names[0], None) if names else None
+            model = (cls or transformers.AutoModel).from_pretrained(args.hf, local_files_only=True)
+        except (OSError, ValueError, KeyError) as err:
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CliError(f"--hf {args.hf}: cannot load the Hugging Face model ({reason})") from err
         return model.eval(), {"source": "huggingface", "class": type(model).__name__}
 
-    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": json.loads(args.arch_kwargs)}
+    kwargs = _arch_kwargs(args.arch_kwargs)
+    metadata: dict[str, Any] = {"source": "state_dict", "arch": args.arch, "arch_kwargs": kwargs}
     if args.trust_pickle and not args.arch:
         if args.model.endswith(".safetensors"):
             raise CliError("a .safetensors file holds a state dict: pass --arch")
-        model = torch.load(args.model, map_location="cpu", weights_only=False)
+        try:
+            model = torch.load(args.model, map_location="cpu", weights_only=False)
+        except Exception as err:  # unpickling raises whatever the file's content leads to
+            raise CliError(f"{args.model}: cannot be loaded as a saved module ({type(err).__name__}: {err})") from err
         if not isinstance(model, torch.nn.Module):
             raise CliError(f"{args.model}: holds a {type(model).__name__}, not an nn.Module; pass --arch")
         return model.eval(), {"source": "pickled_module", "class": type(model).__qualname__}
@@ -155,11 +261,15 @@ def _load_model(args: argparse.Namespace):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CliError(f"{args.model}: expected a state dict of tensors")
-    model = _import_arch(args.arch)(**metadata["arch_kwargs"])
+    try:
+        model = _import_arch(args.arch)(**metadata["arch_kwargs"])
+    except TypeError as err:
+        raise CliError(f"--arch {args.arch} with --arch-kwargs {args.arch_kwargs}: {err}") from err
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        raise CliError(f"{args.model} does not fit {args.arch}: {err}") from err
+        details = " ".join(str(err).split())  # torch's message spans lines and tabs
+        raise CliError(f"{args.model} does not fit {args.arch}: {details}") from err
     return model.eval(), metadata
 
 
@@ -220,14 +330,26 @@ def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _cmd_compress(args: argparse.Namespace) -> int:
-    from obc_native.torch import compress, load_recipe, save_compressed
+    from obc_native.torch import load_recipe
 
     if not args.recipe and not args.budget:
         raise CliError("give --recipe (uniform compression) or --budget (non-uniform compression)")
+    _check_paths(args)
     options = _budget_options(args)
     if options and args.sequential:
         raise CliError("--sequential is not supported with --budget")
     recipe = load_recipe(args.recipe) if args.recipe else None
+    created = _prepare_out(args.out)
+    try:
+        return _compress_and_save(args, recipe, options)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str, Any]) -> int:
+    from obc_native.torch import compress, save_compressed
+
     model, metadata = _load_model(args)
     batches = _calibration_batches(args.calibration, args.batch_size)
     report = compress(
@@ -255,24 +377,34 @@ def _cmd_compress(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from obc_native.torch import read_manifest
-    from obc_native.torch.report import CompressionReport
 
     manifest = read_manifest(args.directory)
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
+    try:
+        _print_report(args.directory, manifest)
+    except (KeyError, TypeError, AttributeError, ValueError) as err:
+        raise CliError(f"{args.directory}: malformed manifest ({type(err).__name__}: {err})") from err
+    return 0
+
+
+def _print_report(directory: str, manifest: dict[str, Any]) -> None:
+    """Print the compression report's table and each stored layer's storage of a manifest."""
+    from obc_native.torch.report import CompressionReport
+
     if manifest.get("report"):
         print(CompressionReport.from_dict(manifest["report"]).table())
-    path = os.path.join(args.directory, manifest["tensors"])
-    size = os.path.getsize(path) if os.path.isfile(path) else 0
-    print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size} bytes")
+    path = os.path.join(directory, manifest["tensors"])
+    size = f"{os.path.getsize(path)} bytes" if os.path.isfile(path) else "MISSING"
+    print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size}")
     levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
     for name, entry in manifest["layers"].items():
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
-        print(f"  {name}: {entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}")
-    return 0
+        stored = f"{entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}"
+        print(f"  {name or '(model)'}: {stored}")
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -292,10 +424,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``obc-native`` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO, format="%(message)s")
+    # "the model is unchanged / restored" concerns the in-memory model; nothing is saved on failure.
+    # Restored on return: main() also runs inside other programs (and tests).
+    failure_logger = logging.getLogger("obc_native.torch.failure")
+    failure_level = failure_logger.level
+    failure_logger.setLevel(logging.CRITICAL)
+    try:
+        return _run(args)
+    finally:
+        failure_logger.setLevel(failure_level)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed command; user errors become one line on stderr and exit status 1."""
     handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
     try:
-        return handlers[args.command](args)
+        status = handlers[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit
+        return status
+    except KeyboardInterrupt:
+        print("obc-native: error: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
+    except BrokenPipeError:
+        # the reader stopped early (`obc-native report --json | head`): stop quietly, as command-line tools do
+        _silence_stdout()
+        return 1
     except CliError as err:
+        print(f"obc-native: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a file that cannot be read or written; the message names it
         print(f"obc-native: error: {err}", file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as err:  # RecipeError, CalibrationError, CompressionError, ...
@@ -303,6 +460,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"obc-native: error: {err}", file=sys.stderr)
         return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured in tests)
+        pass
 
 
 if __name__ == "__main__":

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,6 +102,67 @@ def test_compress_hf_directory(tmp_path, capsys):
     assert float((fresh.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
+def tiny_bert_dir(tmp_path):
+    """A randomly initialised one-block BERT saved as a Hugging Face directory (no download)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=16,
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).eval().save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+def test_hf_output_is_not_loaded_as_a_plain_checkpoint(tmp_path, capsys):
+    """from_pretrained on the output folder must not silently give random compressed layers."""
+    from safetensors.torch import save_file
+    import transformers
+    from transformers import AutoModel
+
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    out = tmp_path / "out"
+    args = ["compress", "--hf", str(tiny_bert_dir(tmp_path)), "--calibration", str(tmp_path / "ids.safetensors")]
+    args += ["--batch-size", "4", "--recipe", str(recipe), "--out", str(out), "--quiet"]
+    assert main(args) == 0, capsys.readouterr().err
+
+    # the documented way: architecture from config.json, weights from load_compressed
+    model_class = getattr(transformers, read_manifest(out)["metadata"]["class"])
+    expected = model_class(transformers.AutoConfig.from_pretrained(out))
+    load_compressed(expected, out)
+    assert float((expected.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == pytest.approx(0.5)
+    try:
+        loaded = AutoModel.from_pretrained(out)
+    except (OSError, ValueError):
+        return  # fails loudly: fine
+    state = loaded.state_dict()
+    for key, value in expected.state_dict().items():
+        assert torch.equal(state[key], value), key
+
+
+def test_folder_with_the_old_tensor_file_name_loads(tmp_path):
+    """Folders saved when the tensor file was called model.safetensors still load."""
+    from obc_native.torch import compress, save_compressed
+    from obc_native.torch.serialize import MANIFEST_NAME, TENSORS_NAME
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    batches = [torch.randn(16, 8, generator=torch.Generator().manual_seed(1))]
+    report = compress(model, batches, {"default": {"prune": "nm", "n": 2, "m": 4}}, quiet=True)
+    save_compressed(model, tmp_path, report)
+    (tmp_path / TENSORS_NAME).rename(tmp_path / "model.safetensors")
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    manifest["tensors"] = "model.safetensors"
+    (tmp_path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    load_compressed(fresh, tmp_path)
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
 def test_demo_command_subset(capsys):
     assert main(["demo", "--recipes", "4-bit"]) == 0
     printed = capsys.readouterr().out
@@ -109,3 +174,239 @@ def test_demo_command_budget_subset(capsys):
     assert main(["demo", "--recipes", "3x fewer FLOPs"]) == 0
     printed = capsys.readouterr().out
     assert "non-uniform DP" in printed and "uniform" in printed and "[ok] non-uniform (DP)" in printed
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the CLI starts loading the model: errors must come before any work."""
+
+    def fail(args):
+        raise AssertionError("the model was loaded although the command line is wrong")
+
+    monkeypatch.setattr("obc_native.cli._load_model", fail)
+
+
+def unwritable_directory(tmp_path):
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        (directory / "probe").write_text("")
+    except OSError:
+        return directory
+    (directory / "probe").unlink()  # root ignores permissions: /proc refuses new files
+    if os.path.isdir("/proc/self"):
+        return "/proc/self"
+    pytest.skip("no unwritable directory on this machine")
+
+
+def compress_args(tmp_path, calibration, recipe, out):
+    args = ["compress", "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:DigitsCNN", "--quiet"]
+    return args + ["--calibration", str(calibration), "--recipe", str(recipe), "--out", str(out)]
+
+
+def one_error_line(capsys, *expected):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("obc-native: error: "), captured.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_bad_recipe_paths(digits_files, tmp_path, capsys, no_work):
+    calibration, _ = digits_files
+    assert main(compress_args(tmp_path, calibration, tmp_path / "missing.yaml", tmp_path / "o")) == 1
+    one_error_line(capsys, "--recipe", "missing.yaml: no such file")
+    assert main(compress_args(tmp_path, calibration, tmp_path, tmp_path / "o")) == 1
+    one_error_line(capsys, "--recipe", "is a directory")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_recipe_values_are_one_line_naming_the_file(digits_files, tmp_path, capsys, no_work):
+    calibration, _ = digits_files
+    for text, expected in [("default: {prune: unstructured, sparsity: 0.5, damp: .inf}", "damp must be"),
+                           ("default: {prune: unstructured, sparsity: 2024-01-01}", "sparsity must be")]:
+        recipe = tmp_path / "r.yaml"
+        recipe.write_text(text)
+        assert main(compress_args(tmp_path, calibration, recipe, tmp_path / "o")) == 1
+        one_error_line(capsys, str(recipe), expected)
+    recipe.write_bytes("default: {bits: 4}  # d\xe9faut\n".encode("latin-1"))
+    assert main(compress_args(tmp_path, calibration, recipe, tmp_path / "o")) == 1
+    one_error_line(capsys, str(recipe), "UTF-8")
+
+
+def test_bad_out_is_reported_before_compressing(digits_files, tmp_path, capsys, no_work):
+    calibration, recipe = digits_files
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a directory")
+    assert main(compress_args(tmp_path, calibration, recipe, a_file)) == 1
+    one_error_line(capsys, "--out", "exists and is not a directory")
+    assert main(compress_args(tmp_path, calibration, recipe, a_file / "sub")) == 1
+    one_error_line(capsys, "--out", "is not a directory")
+    for name in ("model.safetensors", "pytorch_model.bin"):  # an HF checkpoint or an old obc_native output
+        holder = tmp_path / f"holds_{name}"
+        holder.mkdir()
+        (holder / name).write_bytes(b"")
+        assert main(compress_args(tmp_path, calibration, recipe, holder)) == 1
+        one_error_line(capsys, "--out", name, "from_pretrained would load")
+    read_only = unwritable_directory(tmp_path)
+    for out in (os.path.join(read_only, "new"), read_only):
+        assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
+        one_error_line(capsys, "--out")
+
+
+def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path, capsys, caplog):
+    calibration, _ = digits_files
+    recipe = tmp_path / "nm.yaml"
+    recipe.write_text("default: {prune: nm, n: 2, m: 4}\n")  # features.0 has one input channel
+    out = tmp_path / "new" / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 1
+    err = capsys.readouterr().err  # the recipe's problems, one per line, and nothing else
+    assert err.startswith("obc-native: error: recipe file") and "features.0" in err and "unchanged" not in err
+    assert not (tmp_path / "new").exists()
+    recipe.write_text("default: {prune: nm, n: 2, m: 4}\nskip: [features.0]\n")
+    assert main([*compress_args(tmp_path, calibration, recipe, out), "--threads", "-1"]) == 1
+    one_error_line(capsys, "num_threads")
+    wrong_shape = tmp_path / "rgb.pt"
+    torch.save(torch.zeros(4, 3, 8, 8), wrong_shape)  # the model takes one channel
+    assert main([*compress_args(tmp_path, calibration, recipe, out), "--calibration", str(wrong_shape)]) == 1
+    one_error_line(capsys, "calibration batch 0")
+    assert "unchanged" not in caplog.text  # logged records do not reach capsys in tests
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_database_path_is_reported_before_building(digits_files, tmp_path, capsys, no_work):
+    calibration, recipe = digits_files
+    budget = ["--budget", "flops=2x", "--database"]
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
+                 str(tmp_path / "missing" / "levels.json")]) == 1
+    one_error_line(capsys, "--database", "does not exist")
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget, str(tmp_path)]) == 1
+    one_error_line(capsys, "--database", "is a directory")
+    read_only = unwritable_directory(tmp_path)
+    assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
+                 os.path.join(read_only, "levels.json")]) == 1
+    one_error_line(capsys, "--database", "cannot write")
+
+
+def test_bad_hf_directory(tmp_path, capsys):
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    calibration = tmp_path / "ids.pt"
+    torch.save(torch.zeros(4, 8, dtype=torch.long), calibration)
+    base = ["compress", "--calibration", str(calibration), "--recipe", str(recipe), "--out", str(tmp_path / "o")]
+    assert main([*base, "--hf", str(tmp_path / "no_such_model")]) == 1
+    one_error_line(capsys, "--hf", "no such directory")
+    (tmp_path / "empty").mkdir()
+    assert main([*base, "--hf", str(tmp_path / "empty")]) == 1
+    one_error_line(capsys, "--hf", "no config.json")
+    bert = tiny_bert_dir(tmp_path)
+    (bert / "model.safetensors").unlink()  # a config without weights
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main([*base, "--hf", str(bert)]) == 1
+    one_error_line(capsys, "--hf", "cannot load the Hugging Face model")
+
+
+def test_bad_arch_kwargs(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    assert main([*args, "--arch-kwargs", "{nope"]) == 1
+    one_error_line(capsys, "--arch-kwargs", "not valid JSON")
+    assert main([*args, "--arch-kwargs", '{"width": 3}']) == 1
+    one_error_line(capsys, "--arch", "width")
+
+
+class ClosedPipe(io.StringIO):
+    """A stdout whose reader has gone away (``obc-native report --json | head -1``)."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_report_into_a_closed_pipe(digits_files, tmp_path, capsys, monkeypatch):
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["report", str(out), "--json"]) == 1
+    assert main(["report", str(out)]) == 1
+    monkeypatch.undo()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_report_into_a_closed_pipe_process(digits_files, tmp_path):
+    """The real thing: no traceback and no 'Exception ignored' message when the reader exits."""
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    code = "import sys; from obc_native.cli import main; sys.exit(main())"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen([sys.executable, "-c", code, "report", str(out), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    process.stdout.close()  # before the child has imported anything: every write fails
+    _, err = process.communicate(timeout=120)
+    assert err.decode() == "" and process.returncode == 1
+
+
+def test_corrupt_safetensors_inputs(digits_files, tmp_path, capsys):
+    calibration, recipe = digits_files
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    assert main([*args, "--model", str(corrupt)]) == 1
+    one_error_line(capsys, str(corrupt), "not a readable safetensors file")
+    assert main([*args, "--calibration", str(corrupt)]) == 1
+    one_error_line(capsys, str(corrupt), "not a readable safetensors file")
+
+
+def test_report_of_a_malformed_manifest(digits_files, tmp_path, capsys):
+    from obc_native.torch.serialize import MANIFEST_NAME
+
+    calibration, recipe = digits_files
+    out = tmp_path / "out"
+    assert main(compress_args(tmp_path, calibration, recipe, out)) == 0
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    del manifest["layers"]["features.3"]["storage"]
+    (out / MANIFEST_NAME).write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert main(["report", str(out)]) == 1
+    one_error_line(capsys, "malformed manifest", "storage")
+
+
+def test_interrupt_is_one_line(monkeypatch, capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("obc_native.cli._cmd_report", interrupted)
+    assert main(["report", "anywhere"]) == 130
+    one_error_line(capsys, "interrupted")
+
+
+def test_model_file_errors_are_one_line(digits_files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    calibration, recipe = digits_files
+    args = compress_args(tmp_path, calibration, recipe, tmp_path / "o")
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a pickle at all")
+    assert main([*args[:2], str(garbage), "--trust-pickle", *args[5:]]) == 1
+    one_error_line(capsys, str(garbage), "cannot be loaded as a saved module")
+    wrong = tmp_path / "wrong.safetensors"
+    save_file({"features.0.weight": torch.zeros(1)}, wrong)
+    assert main([*args[:2], str(wrong), *args[3:]]) == 1
+    one_error_line(capsys, "does not fit", "Missing key")
+
+
+def test_main_leaves_logging_as_it_found_it(capsys):
+    import logging
+
+    failure_logger = logging.getLogger("obc_native.torch.failure")
+    before = failure_logger.level
+    assert main(["report", "nowhere"]) == 1
+    assert failure_logger.level == before

@@ -382,3 +382,14 @@ def test_only_matched_layers_change(mlp, mlp_batches):
     after = mlp.state_dict()
     changed = sorted(key for key in state if not torch.equal(state[key], after[key]))
     assert changed == ["layers.1.bias", "layers.1.weight"]  # weight compressed, bias corrected
+
+
+@pytest.mark.parametrize("threads", [-1, 1.5, True, "2"])
+def test_bad_thread_count_is_rejected_before_any_work(mlp, mlp_batches, threads, monkeypatch):
+    """num_threads is checked up front, not reported as the first layer's solver error."""
+    monkeypatch.setattr(compress_module, "run_calibration", lambda *a, **k: pytest.fail("calibration ran"))
+    with pytest.raises((ValueError, TypeError), match="num_threads") as info:
+        compress(mlp, mlp_batches, LayerConfig(bits=4), num_threads=threads, quiet=True)
+    assert "layer" not in str(info.value)
+    with pytest.raises((ValueError, TypeError), match="num_threads"):
+        compress(mlp, mlp_batches, budget="params=2x", num_threads=threads, quiet=True)

@@ -185,3 +185,77 @@ def test_as_recipe_types():
     assert as_recipe(LayerConfig(bits=4)) == Recipe(default=LayerConfig(bits=4))
     with pytest.raises(TypeError):
         as_recipe(torch.zeros(1))
+
+
+NUMERIC_FIELDS = {"sparsity": 0.5, "n": 2, "m": 4, "block": 4, "bits": 4, "group_size": 8, "damp": 0.01}
+
+
+@pytest.mark.parametrize("field", sorted(NUMERIC_FIELDS))
+@pytest.mark.parametrize(
+    "text, shown",
+    [(".inf", "inf"), ("-.inf", "-inf"), (".nan", "nan"), ("true", "True"), ("2024-01-01", "datetime.date"),
+     ("'0.5'", "'0.5'"), ("[1, 2]", "[1, 2]"), ("{a: 1}", "{'a': 1}")],
+)
+@pytest.mark.parametrize("where", ["default", "override"])
+def test_numeric_fields_reject_non_numbers(tmp_path, field, text, shown, where):
+    """NaN, infinities, bools, dates, strings, lists and mappings: a RecipeError naming field and file."""
+    path = tmp_path / "r.yaml"
+    fields = {"prune": "unstructured", "sparsity": 0.5, "bits": 4, field: "VALUE"}
+    body = "{" + ", ".join(f"{k}: {v}" for k, v in fields.items()) + "}"
+    if where == "default":
+        path.write_text(f"default: {body}\n".replace("VALUE", text))
+    else:
+        path.write_text(f"overrides:\n  - {{pattern: head, {body[1:]}\n".replace("VALUE", text))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    message = str(info.value)
+    assert str(path) in message and f"{field} must be" in message and shown in message
+
+
+@pytest.mark.parametrize("field, value", [("damp", float("inf")), ("sparsity", float("nan")), ("bits", True),
+                                          ("n", 2.0), ("group_size", "8"), ("damp", -1.0)])
+def test_numeric_fields_checked_in_python_recipes(layers, field, value):
+    with pytest.raises(RecipeError, match=f"override 'head': {field} must be"):
+        Override("head", **{field: value})
+    config = LayerConfig(**{"prune": "unstructured", "sparsity": 0.5, field: value})
+    with pytest.raises(RecipeError, match=f"{field} must be"):
+        Recipe(default=config).resolve(layers)
+
+
+def test_numeric_fields_accept_numbers(layers):
+    import numpy as np
+
+    config = LayerConfig(prune="blocked", sparsity=np.float64(0.25), block=np.int64(4), bits=4, damp=0)
+    Recipe(default=config, skip=["stem"]).resolve(layers)
+    Override("head", sparsity=1, damp=0.0, group_size=None, bits=None)
+
+
+def test_an_invalid_configuration_is_reported_once(tmp_path, layers):
+    path = tmp_path / "r.yaml"
+    path.write_text("default: {prune: unstructured}\noverrides:\n  - {pattern: 'blocks.*', sparsity: 0.5}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path).resolve(layers)
+    message = str(info.value)
+    assert message.count("needs sparsity") == 1, message
+    assert f"recipe file {str(path)!r}" in message and "layers 'stem', 'head'" in message
+    path.write_text("default: {prune: unstructured}\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path).resolve(layers)
+    assert str(info.value).count("needs sparsity") == 1 and f"all {len(layers)} layers" in str(info.value)
+
+
+def test_non_utf8_file_names_the_file(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("default: {bits: 4}  # d\xe9faut\n".encode("latin-1"))
+    with pytest.raises(RecipeError, match=f"{path}.*not UTF-8"):
+        load_recipe(path)
+
+
+@pytest.mark.parametrize("text", ["overrides: {pattern: head, bits: 8}", "overrides: head", "skip: stem",
+                                  "default: {bits: 4}\nstrict: 1", "default: {bits: 4}\nskip: [1]"])
+def test_recipe_structure_errors_name_the_file(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(RecipeError, match=f"recipe file {str(path)!r}: recipe '(overrides|skip|strict)'|"
+                                          f"recipe file {str(path)!r}: skip patterns"):
+        load_recipe(path)

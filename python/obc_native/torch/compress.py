@@ -33,12 +33,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .. import _arrays
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .hessian import CalibrationError, LayerHessian, LayerHooks
-from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
     OBJECTIVES,
     _as_level_spec,
@@ -59,6 +60,9 @@ from .solve import baseline_config, solve_unit
 __all__ = ["compress", "CompressionError"]
 
 logger = logging.getLogger("obc_native.torch")
+# What state a failed run left the model in, on its own channel: the command line, which writes
+# nothing then, turns it off so that its error is one line.
+failure_logger = logging.getLogger("obc_native.torch.failure")
 
 CORRECTIONS = ("auto", "batchnorm", "bias", None)
 
@@ -106,7 +110,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
         if plan.config is None:
             continue
         names = owners.get(id(plan.info.module.weight), [])
-        others = [n for n in names if n != f"{name}.weight"]
+        others = [n for n in names if n != param_key(name, "weight")]
         if others:
             reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
             logger.warning("layer %r: %s", name, reason)
@@ -249,7 +253,7 @@ def _on_failure(err: BaseException, backup: _Backup, restore_on_error: bool) -> 
         note = "compression failed; the model was restored to its original weights"
     else:
         note = "compression failed; the model is PARTIALLY compressed (restore_on_error=False)"
-    logger.error(note)
+    failure_logger.error(note)
     if hasattr(err, "add_note"):
         err.add_note(f"obc_native: {note}")
 
@@ -312,6 +316,8 @@ def compress(
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
     """
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")

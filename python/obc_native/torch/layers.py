@@ -38,9 +38,19 @@ __all__ = [
     "input_samples",
     "output_channel_sum",
     "channels_last_perm",
+    "param_key",
 ]
 
 KINDS = ("linear", "hf_conv1d", "conv1d", "conv2d")
+
+
+def param_key(module_name: str, param: str) -> str:
+    """The ``named_parameters`` / ``state_dict`` key of ``param`` of the module ``module_name``.
+
+    ``param_key("fc", "weight") == "fc.weight"``; a model that is itself one layer has the
+    module name ``""`` and the key is just ``"weight"`` (not ``".weight"``).
+    """
+    return f"{module_name}.{param}" if module_name else param
 
 
 def layer_kind(module: nn.Module) -> str | None:

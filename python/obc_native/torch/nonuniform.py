@@ -71,7 +71,7 @@ from ..budget import (
 )
 from .calibration import Forward, as_batches, model_device, run_batch, run_calibration
 from .hessian import CalibrationError, LayerHessian, LayerHooks
-from .layers import LayerInfo, channels_last_perm, find_layers, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, channels_last_perm, find_layers, param_key, set_weight_matrix, weight_matrix
 from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
 from .solve import UnitResult
 
@@ -242,7 +242,7 @@ def _tied(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[str, str]:
         owners.setdefault(id(param), []).append(name)
     tied = {}
     for name, info in infos.items():
-        others = [n for n in owners.get(id(info.module.weight), []) if n != f"{name}.weight"]
+        others = [n for n in owners.get(id(info.module.weight), []) if n != param_key(name, "weight")]
         if others:
             tied[name] = f"weight is shared with {', '.join(others)} (tied); not compressed"
     return tied
@@ -709,6 +709,8 @@ def build_database(
     """
     spec = _as_level_spec(levels)
     damp = _arrays.as_damp(damp)
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,7 +43,16 @@ from typing import Any
 
 from .layers import LayerInfo
 
-__all__ = ["LayerConfig", "Override", "Recipe", "RecipeError", "load_recipe", "as_recipe", "LayerPlan"]
+__all__ = [
+    "LayerConfig",
+    "Override",
+    "Recipe",
+    "RecipeError",
+    "load_recipe",
+    "as_recipe",
+    "LayerPlan",
+    "check_field",
+]
 
 PRUNE_MODES = ("unstructured", "nm", "blocked", "structured")
 METHODS = ("obc", "magnitude", "rtn")
@@ -119,29 +130,12 @@ class LayerConfig:
 
     def check(self) -> None:
         """RecipeError for invalid or inconsistent field values (independent of any layer)."""
-        if self.prune is not None and self.prune not in PRUNE_MODES:
-            raise RecipeError(f"prune must be None or one of {PRUNE_MODES}, got {self.prune!r}")
-        if self.prune in ("unstructured", "blocked", "structured"):
-            if self.sparsity is None or isinstance(self.sparsity, bool) or not 0.0 <= float(self.sparsity) <= 1.0:
-                raise RecipeError(f"prune={self.prune!r} needs sparsity in [0, 1], got {self.sparsity!r}")
-        if self.prune == "nm" and not (_is_int(self.n) and _is_int(self.m) and 0 < self.n < self.m):
+        for name in self.field_names():
+            check_field(name, getattr(self, name))
+        if self.prune in ("unstructured", "blocked", "structured") and self.sparsity is None:
+            raise RecipeError(f"prune={self.prune!r} needs sparsity in [0, 1], got None")
+        if self.prune == "nm" and not self.n < self.m:
             raise RecipeError(f"N:M pruning needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
-        if self.prune == "blocked" and not (_is_int(self.block) and self.block >= 1):
-            raise RecipeError(f"blocked pruning needs an integer block >= 1, got {self.block!r}")
-        if self.spread not in SPREADS:
-            raise RecipeError(f"spread must be one of {SPREADS}, got {self.spread!r}")
-        if self.bits is not None and not (_is_int(self.bits) and 2 <= self.bits <= 8):
-            raise RecipeError(f"bits must be None or an integer in 2..8, got {self.bits!r}")
-        if self.group_size is not None and not (_is_int(self.group_size) and self.group_size >= 1):
-            raise RecipeError(f"group_size must be None or an integer >= 1, got {self.group_size!r}")
-        if not isinstance(self.sym, bool):
-            raise RecipeError(f"sym must be true or false, got {self.sym!r}")
-        if self.grid not in GRIDS:
-            raise RecipeError(f"grid must be one of {GRIDS}, got {self.grid!r}")
-        if self.method not in METHODS:
-            raise RecipeError(f"method must be one of {METHODS}, got {self.method!r}")
-        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not self.damp >= 0:
-            raise RecipeError(f"damp must be a number >= 0, got {self.damp!r}")
         if self.prune is None and self.bits is None:
             raise RecipeError("the configuration does nothing (prune and bits are both None); use skip instead")
 
@@ -161,7 +155,53 @@ class LayerConfig:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A finite real number that is not a bool (YAML's ``.inf``, ``.nan``, dates and strings are not)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _choice(choices: tuple[str, ...], *, optional: bool = False) -> tuple[Any, str]:
+    accepted = (None, *choices) if optional else choices
+    return (lambda v: v in accepted and (v is None or isinstance(v, str))), (
+        f"{'None or ' if optional else ''}one of {choices}"
+    )
+
+
+# Field -> (test of one value, what the test accepts). Cross-field rules (prune needs sparsity,
+# n < m, nothing to do) are in LayerConfig.check.
+_FIELD_RULES: dict[str, tuple[Any, str]] = {
+    "prune": _choice(PRUNE_MODES, optional=True),
+    "sparsity": (lambda v: v is None or (_is_real(v) and 0.0 <= v <= 1.0), "None or a number in [0, 1]"),
+    "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "m": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
+    "block": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "spread": _choice(SPREADS),
+    "bits": (lambda v: v is None or (_is_int(v) and 2 <= v <= 8), "None or an integer in 2..8"),
+    "sym": (lambda v: isinstance(v, bool), "true or false"),
+    "group_size": (lambda v: v is None or (_is_int(v) and v >= 1), "None or an integer >= 1"),
+    "grid": _choice(GRIDS),
+    "method": _choice(METHODS),
+    "damp": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+}
+
+
+def check_field(name: str, value: Any) -> None:
+    """RecipeError naming ``name`` unless ``value`` is a valid value of that LayerConfig field.
+
+    Numbers must be real numbers (not bools, strings, dates, NaN or infinities) in range.
+    """
+    if name not in _FIELD_RULES:
+        raise RecipeError(f"unknown field {name!r}; valid: {list(LayerConfig.field_names())}")
+    test, expected = _FIELD_RULES[name]
+    try:
+        valid = bool(test(value))
+    except (TypeError, ValueError):  # e.g. an array compared with a choice
+        valid = False
+    if not valid:
+        raise RecipeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
 
 
 class Override:
@@ -180,6 +220,11 @@ class Override:
             raise RecipeError(
                 f"override {pattern!r}: unknown field(s) {unknown}; valid: {list(LayerConfig.field_names())}"
             )
+        for name, value in changes.items():
+            try:
+                check_field(name, value)
+            except RecipeError as err:
+                raise RecipeError(f"override {pattern!r}: {err}") from None
         self.pattern = pattern
         self.changes = dict(changes)
 
@@ -214,6 +259,7 @@ class Recipe:
     overrides: list[Override] = field(default_factory=list)
     skip: list[str] = field(default_factory=list)
     strict: bool = True
+    source: str | None = field(default=None, compare=False)  # the file it was read from, for messages
 
     def __post_init__(self) -> None:
         if self.default is not None and not isinstance(self.default, LayerConfig):
@@ -253,6 +299,7 @@ class Recipe:
                 if not any(fnmatchcase(name, pattern) for name in layers):
                     problems.append(f"{what} pattern {pattern!r} matches no supported layer")
         plans = {}
+        invalid: dict[str, list[str]] = {}  # configuration error -> the layers it applies to
         for name, info in layers.items():
             try:
                 config, reason = self.config_for(name)
@@ -260,11 +307,14 @@ class Recipe:
                     config.check()
                     problems += [f"layer {name!r} ({_shape_text(info)}): {p}" for p in config.layer_problems(info)]
             except RecipeError as err:
-                problems.append(f"layer {name!r}: {err}")
+                invalid.setdefault(str(err), []).append(name)
                 continue
             plans[name] = LayerPlan(info, config, reason)
+        # the same invalid configuration (e.g. the default's) is reported once, not once per layer
+        problems += [f"{_layers_text(names, len(layers))}: {err}" for err, names in invalid.items()]
         if problems:
-            raise RecipeError("recipe cannot be applied:\n  " + "\n  ".join(problems))
+            where = "recipe" if self.source is None else f"recipe file {self.source!r}"
+            raise RecipeError(f"{where} cannot be applied:\n  " + "\n  ".join(problems))
         return plans
 
     def to_dict(self) -> dict[str, Any]:
@@ -290,9 +340,17 @@ class Recipe:
             bad = sorted(set(default) - set(LayerConfig.field_names()))
             if bad:
                 raise RecipeError(f"recipe 'default': unknown field(s) {bad}; valid: {list(LayerConfig.field_names())}")
+            for name, value in default.items():
+                try:
+                    check_field(name, value)
+                except RecipeError as err:
+                    raise RecipeError(f"recipe 'default': {err}") from None
             default = LayerConfig(**default)
         overrides = []
-        for item in data.get("overrides") or []:
+        items = data.get("overrides") or []
+        if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence):
+            raise RecipeError(f"recipe 'overrides' must be a list of mappings with a 'pattern', got {items!r}")
+        for item in items:
             if not isinstance(item, Mapping) or "pattern" not in item:
                 raise RecipeError(f"each override must be a mapping with a 'pattern', got {item!r}")
             changes = dict(item)
@@ -306,6 +364,16 @@ class Recipe:
         return cls(default=default, overrides=overrides, skip=list(skip), strict=strict)
 
 
+def _layers_text(names: list[str], total: int) -> str:
+    """"layer 'a'", "layers 'a', 'b'", "all 12 layers", "layers 'a', 'b', 'c' and 4 more"."""
+    if len(names) == 1:
+        return f"layer {names[0]!r}"
+    if len(names) == total:
+        return f"all {total} layers"
+    shown = ", ".join(repr(n) for n in names[:3])
+    return f"layers {shown}" + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
 def _shape_text(info: LayerInfo) -> str:
     text = f"{info.kind} {tuple(info.weight_shape)}"
     return text + (f" groups={info.groups}" if info.groups > 1 else "")
@@ -314,8 +382,11 @@ def _shape_text(info: LayerInfo) -> str:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe from a ``.json``, ``.yaml`` or ``.yml`` file."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"recipe file {path!r} is not UTF-8 text ({err})") from err
     try:
         if path.endswith((".yaml", ".yml")):
             import yaml
@@ -326,9 +397,11 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except Exception as err:  # any parser error becomes a RecipeError naming the file
         raise RecipeError(f"could not parse recipe file {path!r}: {err}") from err
     try:
-        return Recipe.from_dict(data)
+        recipe = Recipe.from_dict(data)
     except (RecipeError, TypeError) as err:
         raise RecipeError(f"recipe file {path!r}: {err}") from err
+    recipe.source = path
+    return recipe
 
 
 def as_recipe(recipe: Recipe | LayerConfig | Mapping[str, Any] | str | os.PathLike) -> Recipe:

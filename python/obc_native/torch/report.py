@@ -171,11 +171,12 @@ class CompressionReport:
         rows = []
         for layer in self.layers:
             if layer.skipped:
-                rows.append((layer.name, layer.kind, _shape(layer.shape), "skipped", *[""] * 7, layer.skipped))
+                rows.append((_display_name(layer.name), layer.kind, _shape(layer.shape), "skipped", *[""] * 7,
+                             layer.skipped))
                 continue
             rows.append(
                 (
-                    layer.name,
+                    _display_name(layer.name),
                     layer.kind,
                     _shape(layer.shape),
                     layer.mode,
@@ -223,6 +224,11 @@ def _budget_line(budget: dict[str, Any]) -> str:
         text += f"; measured on the weights {_num(achieved)}"
     return text + f"; objective {budget.get('objective')}"
 
+
+
+def _display_name(name: str) -> str:
+    """A layer's name in tables: a model that is itself one layer has the name "" (shown "(model)")."""
+    return name or "(model)"
 
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape)

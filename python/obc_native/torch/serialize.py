@@ -2,7 +2,7 @@
 
 A saved model is a directory with two files:
 
-- ``model.safetensors``: every entry of the model's ``state_dict`` except the weights of
+- ``compressed.safetensors``: every entry of the model's ``state_dict`` except the weights of
   compressed layers, stored as is; for each compressed layer with weight key ``K``, some of
   ``K:mask`` (uint8, bit-packed: bit ``i`` (most significant first) says whether entry ``i`` of
   the row-major ``out x cols`` weight matrix is non-zero), ``K:values`` (the non-zero values,
@@ -55,7 +55,11 @@ logger = logging.getLogger("obc_native.torch")
 FORMAT = "obc_native.compressed"
 VERSION = 1
 MANIFEST_NAME = "manifest.json"
-TENSORS_NAME = "model.safetensors"
+# Not "model.safetensors": next to a Hugging Face config.json (``obc-native compress --hf``) that
+# name made transformers "load" the folder, silently initialising the compressed layers (stored
+# under other keys) at random. Folders written with that old name still load: the manifest's
+# "tensors" field names the file.
+TENSORS_NAME = "compressed.safetensors"
 _CHUNK = 1 << 22  # codes packed at a time (a multiple of 8, so chunks stay byte aligned)
 
 
