@@ -21,6 +21,10 @@ namespace {
 // operation, and its order, is the same whichever thread runs it.
 constexpr Index kRowChunk = 64;      // rows per item of the column sweep and of the lazy GEMM
 constexpr Index kColumnPanel = 512;  // later columns per item of the lazy GEMM
+// A parallel region costs more than this many flops (about a millisecond of work, and far more
+// when the cores are oversubscribed): smaller phases run on the calling thread. The items are
+// the same either way, so this changes no result.
+constexpr double kParallelFlops = 4e6;
 
 using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
 
@@ -109,14 +113,18 @@ class Sweep {
   void run() {
     for (Index b0 = 0; b0 < cols_; b0 += lazy_) {
       const Index b1 = std::min(cols_, b0 + lazy_);
+      const double width = static_cast<double>(b1 - b0);
+      sweep_threads_ = threads_for(static_cast<double>(rows_) * width * width);
       if (opt_.pattern != SparsePattern::NM) choose_block_mask(b0, b1);
-      parallel_for(chunks_, run_.num_threads, run_.interrupt,
+      parallel_for(chunks_, sweep_threads_, run_.interrupt,
                    [&](Index chunk, int) { sweep_chunk(chunk, b0, b1); });
       lazy_update(b0, b1);
     }
   }
 
  private:
+  int threads_for(double flops) const { return flops < kParallelFlops ? 1 : run_.num_threads; }
+
   Index units_in(Index b0, Index b1) const { return (b1 - b0) / unit_; }
 
   // A unit is live when some weight in it is not pruned yet (only meaningful before its block).
@@ -160,7 +168,7 @@ class Sweep {
   void choose_block_mask(Index b0, Index b1) {
     const Index units = units_in(b0, b1);
     if (opt_.spread == Spread::Uniform) {
-      parallel_for(chunks_, run_.num_threads, run_.interrupt, [&](Index chunk, int) {
+      parallel_for(chunks_, sweep_threads_, run_.interrupt, [&](Index chunk, int) {
         std::vector<std::pair<double, Index>> candidates;
         for (Index r = chunk * kRowChunk; r < std::min(rows_, (chunk + 1) * kRowChunk); ++r) {
           candidates.clear();
@@ -180,7 +188,7 @@ class Sweep {
     }
     // Global: every row's scores of this block, then one choice over the whole block.
     RowMatrixXd scores(rows_, units);
-    parallel_for(chunks_, run_.num_threads, run_.interrupt, [&](Index chunk, int) {
+    parallel_for(chunks_, sweep_threads_, run_.interrupt, [&](Index chunk, int) {
       for (Index r = chunk * kRowChunk; r < std::min(rows_, (chunk + 1) * kRowChunk); ++r)
         for (Index u = 0; u < units; ++u)
           scores(r, u) = live(r, b0 + u * unit_) ? unit_score(r, b0 + u * unit_) : -1.0;
@@ -262,7 +270,8 @@ class Sweep {
     const Index later = cols_ - b1;
     if (later == 0) return;
     const Index panels = (later + kColumnPanel - 1) / kColumnPanel, width = b1 - b0;
-    parallel_for(chunks_ * panels, run_.num_threads, run_.interrupt, [&](Index item, int) {
+    const double flops = 2.0 * static_cast<double>(rows_) * static_cast<double>(later * width);
+    parallel_for(chunks_ * panels, threads_for(flops), run_.interrupt, [&](Index item, int) {
       const Index r0 = (item / panels) * kRowChunk, p0 = b1 + (item % panels) * kColumnPanel;
       const Index nr = std::min(kRowChunk, rows_ - r0), np = std::min(kColumnPanel, cols_ - p0);
       weight_.block(r0, p0, nr, np).noalias() -=
@@ -278,6 +287,7 @@ class Sweep {
   MaskMatrix& pruned_;
   const RunOptions& run_;
   Index rows_, cols_, lazy_ = 1, chunks_ = 1;
+  int sweep_threads_ = 1;  // threads of the current block's mask choice and column sweep
   std::vector<double> score_scale_;  // 1 / U_jj^2: score = w^2 / U_jj^2
   RowMatrix<Scalar> errors_;         // rows x lazy_: the current block's scaled errors
   IndexVector row_live_, row_live_before_, row_new_;
