@@ -32,6 +32,7 @@
 namespace obc {
 
 /// Which weights SparseGPT removes.
+/// (The order is part of the kernels' plain interface, internal/sparsegpt_kernels.hpp.)
 enum class SparsePattern {
   Unstructured,  ///< single weights, a fraction `sparsity` of them
   Blocked,       ///< blocks of `block` consecutive weights of a row, a fraction `sparsity` of them
