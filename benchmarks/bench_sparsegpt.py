@@ -217,7 +217,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    layers = args.layers.split(",") if args.layers else (QUICK_LAYERS if args.quick else FULL_LAYERS)
+    default_layers = QUICK_LAYERS if args.quick else FULL_LAYERS
+    layers = args.layers.split(",") if args.layers else default_layers
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     torch.set_num_threads(args.threads)

@@ -1,4 +1,4 @@
-// SparseGPT: options, Hessian preparation and results; the sweep itself is in kernels/sparsegpt_sweep.cpp.
+// SparseGPT: options, Hessian preparation, results; the sweep is in kernels/sparsegpt_sweep.cpp.
 #include "obc/sparsegpt.hpp"
 
 #include <algorithm>
@@ -53,6 +53,11 @@ Index check_options(const SparseGptOptions& opt, Index cols) {
   throw InvalidArgument("pattern: unknown SparsePattern value");
 }
 
+// Columns per lazy block: a multiple of the unit, at least one unit.
+Index lazy_columns(Index lazy_block, Index unit) {
+  return std::max(unit, lazy_block - lazy_block % unit);
+}
+
 // Runs the sweep; returns the weights and the mask, and the damping used through `prep`.
 template <class Scalar>
 std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMatrix<Scalar>>& W,
@@ -75,8 +80,7 @@ std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMat
   internal::SparseGptJob<Scalar> job{weight.data(), pruned.data(), prep.hinv.data(),
                                      W.rows(), W.cols(), static_cast<int>(options.pattern),
                                      options.spread == Spread::Uniform, options.sparsity, unit,
-                                     options.n, options.m,
-                                     std::max(unit, options.lazy_block - options.lazy_block % unit)};
+                                     options.n, options.m, lazy_columns(options.lazy_block, unit)};
   if (grid != nullptr) {
     job.scale = grid->scale.data();
     job.zero = grid->zero.data();

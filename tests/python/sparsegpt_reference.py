@@ -9,7 +9,6 @@ agree; the lazy-block arithmetic of the kernel is not replayed here.
 
 from __future__ import annotations
 
-import math
 
 import numpy as np
 
@@ -57,7 +56,8 @@ def sparsegpt(W, H, *, pattern="unstructured", sparsity=0.5, spread="global", bl
             row_before = np.zeros(rows, dtype=np.int64)
         else:
             layer_live = int(row_live.sum())
-            layer_new = max(0, count_for_sparsity(sparsity, rows * units) - (rows * units - layer_live))
+            target = count_for_sparsity(sparsity, rows * units)
+            layer_new = max(0, target - (rows * units - layer_live))
             layer_before = 0
     for j in range(cols):
         if pattern != "nm" and j % lazy == 0:
@@ -65,7 +65,8 @@ def sparsegpt(W, H, *, pattern="unstructured", sparsity=0.5, spread="global", bl
             nu = (b1 - j) // unit
             part = pruned[:, j:b1].reshape(rows, nu, unit)
             block_live = ~part.all(axis=2)
-            scores = (np.where(pruned[:, j:b1], 0.0, W[:, j:b1] ** 2) / d2[j:b1]).reshape(rows, nu, unit).sum(axis=2)
+            per_weight = np.where(pruned[:, j:b1], 0.0, W[:, j:b1] ** 2) / d2[j:b1]
+            scores = per_weight.reshape(rows, nu, unit).sum(axis=2)
             if spread == "uniform":
                 for r in range(rows):
                     before = int(row_before[r])
@@ -79,7 +80,9 @@ def sparsegpt(W, H, *, pattern="unstructured", sparsity=0.5, spread="global", bl
             else:
                 before = layer_before
                 after = before + int(block_live.sum())
-                quota = (layer_new * after // layer_live - layer_new * before // layer_live) if layer_live else 0
+                quota = 0
+                if layer_live:
+                    quota = layer_new * after // layer_live - layer_new * before // layer_live
                 layer_before = after
                 ids = np.nonzero(block_live.ravel())[0]
                 for i in _smallest(scores.ravel()[ids], ids, quota):
@@ -122,4 +125,4 @@ def white_inputs(cols, n_samples, *, seed):
     return np.random.default_rng(seed).standard_normal((cols, n_samples))
 
 
-__all__ = ["upper_factor", "sparsegpt", "realistic_inputs", "white_inputs", "math"]
+__all__ = ["upper_factor", "sparsegpt", "realistic_inputs", "white_inputs"]

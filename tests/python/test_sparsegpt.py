@@ -145,7 +145,8 @@ def test_blocked_pattern(spread):
         assert whole.sum() == max(count_for_sparsity(0.5, rows * units), already_blocks.sum())
     else:
         np.testing.assert_array_equal(
-            whole.sum(axis=1), np.maximum(count_for_sparsity(0.5, units), already_blocks.sum(axis=1)))
+            whole.sum(axis=1),
+            np.maximum(count_for_sparsity(0.5, units), already_blocks.sum(axis=1)))
     assert np.all(res.weight[pruned] == 0)
 
 
@@ -308,4 +309,5 @@ def test_exact_not_worse_than_sparsegpt_small():
 
 @pytest.mark.slow
 def test_exact_not_worse_than_sparsegpt_realistic():
-    _check_exact_not_worse(128, 1024)
+    # ExactOBS at this size takes about a minute per pattern on a 2-core machine.
+    _check_exact_not_worse(256, 2048)
