@@ -177,7 +177,7 @@ def test_float32_hessian_accepted():
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("sym, group_size", [(True, None), (False, 8)])
-@pytest.mark.parametrize("pattern", ["unstructured", "nm"])
+@pytest.mark.parametrize("pattern", ["unstructured", "nm", "blocked"])
 def test_prune_quantize_matches_replay(pattern, sym, group_size, dtype):
     W, H, _ = make_problem(30, 48, seed=17, zeros=0.05, dead=2, dtype=dtype)
     args = PATTERNS[pattern]
