@@ -309,5 +309,5 @@ def test_exact_not_worse_than_sparsegpt_small():
 
 @pytest.mark.slow
 def test_exact_not_worse_than_sparsegpt_realistic():
-    # ExactOBS at this size takes about a minute per pattern on a 2-core machine.
+    # ExactOBS at this size takes 20-30 s per pattern on 2 cores (about 2 min in all when loaded).
     _check_exact_not_worse(256, 2048)

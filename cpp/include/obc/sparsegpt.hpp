@@ -64,7 +64,10 @@ struct SparseGptOptions {
 /// SparseGPT pruning of W (rows x cols) with H (cols x cols). The sweep runs in Scalar (float32
 /// layers in float32, as the paper); U is computed in float64 and rounded to Scalar.
 /// Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when the damped H
-/// (or its inverse) has no Cholesky factor.
+/// (or its inverse) has no Cholesky factor. Memory besides the result: the float64 cols x cols
+/// inverse (factored in place), U (cols x cols in Scalar) and a rows x lazy_block error block.
+/// Flops: about cols^3 (inverse) + cols^3 / 3 (factor) + 2 rows cols^2 (sweep), against about
+/// rows cols^3 for ExactOBS.
 template <class Scalar>
 PruneResult<Scalar> prune_sparsegpt(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                     const HessianRef& H, const SparseGptOptions& options,
