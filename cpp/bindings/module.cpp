@@ -312,4 +312,5 @@ PYBIND11_MODULE(_core, m) {
   bind_scalar<double>(f64);
   obc_bindings::register_hessian_io(m);
   obc_bindings::register_dp(m);
+  obc_bindings::register_sparsegpt(m);
 }

@@ -28,4 +28,8 @@ void register_hessian_io(pybind11::module_& m);
 /// Budgeted dynamic-programming level selection (dp.cpp).
 void register_dp(pybind11::module_& m);
 
+/// SparseGPT pruning and joint pruning + quantization (sparsegpt.cpp); needs the f32 and f64
+/// submodules to exist.
+void register_sparsegpt(pybind11::module_& m);
+
 }  // namespace obc_bindings

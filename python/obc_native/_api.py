@@ -8,6 +8,33 @@ from . import _arrays, _core
 from ._results import PruneResult, QuantResult, Trace
 
 _SPREADS = ("global", "uniform")
+_METHODS = ("exact", "sparsegpt")
+_DEFAULT_LAZY_BLOCK = 128  # the SparseGPT paper's B
+
+
+def _method(method, lazy_block, mode: str, available: tuple[str, ...] = _METHODS):
+    """Validated (method, lazy_block): lazy_block is SparseGPT's only, None = 128."""
+    method = _arrays.as_choice(method, "method", _METHODS)
+    if method not in available:
+        raise ValueError(f"method: {method!r} is not available for {mode}; expected one of "
+                         f"{available}")
+    if method != "sparsegpt":
+        if lazy_block is not None:
+            raise ValueError(f"lazy_block: only used by method='sparsegpt', got lazy_block="
+                             f"{lazy_block!r} with method={method!r}")
+        return method, 0
+    lazy = _DEFAULT_LAZY_BLOCK if lazy_block is None else _arrays.as_int(
+        lazy_block, "lazy_block", low=1)
+    return method, lazy
+
+
+_METHOD_DOC = """
+        method: "exact" (default): ExactOBS, the greedy with a private inverse per row, about
+            rows * cols^3 flops; "sparsegpt": SparseGPT (Frantar & Alistarh 2023), one sweep over
+            the columns with the Cholesky factor of H^-1 shared by all rows and masks chosen per
+            lazy block, about cols^3 / 3 + rows * cols^2 flops, for wide layers; its loss is
+            higher. See docs/python_api.md for its counting rule and when it is worth it.
+        lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt"."""
 
 
 def _kernels(W: np.ndarray):
@@ -34,7 +61,8 @@ def _layer(W, H):
     return W, _arrays.as_hessian(H, W.shape[1], "H")
 
 
-def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", num_threads=None):
+def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", method="exact",
+                       lazy_block=None, num_threads=None):
     """Unstructured ExactOBS pruning of a layer.
 
     Args:
@@ -44,23 +72,28 @@ def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", num_thread
             ("global") or ceil(sparsity * cols) per row ("uniform"). Existing zeros count.
         damp: relative damping; lambda = damp * mean(diag H) is added to diag(H).
         spread: "global" (the paper: smallest greedy step losses across the layer) or "uniform".
-        num_threads: threads over rows (None = OpenMP default). Results do not depend on it.
+        num_threads: threads over rows (None = OpenMP default). Results do not depend on it.{method}
     Returns:
         PruneResult.
     """
     W, H = _layer(W, H)
     sparsity = _arrays.as_fraction(sparsity, "sparsity")
     spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    method, lazy = _method(method, lazy_block, "unstructured pruning")
+    if method == "sparsegpt":
+        return _prune_result(_kernels(W).prune_sparsegpt(
+            W, H, "unstructured", sparsity, spread, 1, 0, 0, lazy, _arrays.as_damp(damp),
+            _arrays.as_threads(num_threads)))
     return _prune_result(_kernels(W).prune_unstructured(
         W, H, sparsity, spread, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
 
 
-def prune_nm(W, H, n, m, *, damp=0.01, num_threads=None):
+def prune_nm(W, H, n, m, *, damp=0.01, method="exact", lazy_block=None, num_threads=None):
     """N:M ExactOBS pruning: at least n zeros in every group of m consecutive inputs of a row.
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian.
-        n, m: 0 < n < m, cols % m == 0 (e.g. 2, 4 for 2:4).
+        n, m: 0 < n < m, cols % m == 0 (e.g. 2, 4 for 2:4).{method}
     Returns:
         PruneResult (exactly n zeros per group unless a group already had more).
     """
@@ -71,17 +104,25 @@ def prune_nm(W, H, n, m, *, damp=0.01, num_threads=None):
         raise ValueError(f"n: expected 0 < n < m = {m}, got n = {n}")
     if W.shape[1] % m:
         raise ValueError(f"m: expected a divisor of cols ({W.shape[1]}), got m = {m}")
+    method, lazy = _method(method, lazy_block, "N:M pruning")
+    if method == "sparsegpt":
+        return _prune_result(_kernels(W).prune_sparsegpt(
+            W, H, "nm", 0.0, "global", 1, n, m, lazy, _arrays.as_damp(damp),
+            _arrays.as_threads(num_threads)))
     return _prune_result(_kernels(W).prune_nm(
         W, H, n, m, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
 
 
-def prune_blocked(W, H, sparsity, block, *, damp=0.01, spread="global", num_threads=None):
+def prune_blocked(W, H, sparsity, block, *, damp=0.01, spread="global", method="exact",
+                  lazy_block=None, num_threads=None):
     """Blocked ExactOBS pruning: blocks of `block` consecutive weights of a row removed together.
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian.
         sparsity: fraction of blocks to prune, in [0, 1] (spread as in prune_unstructured).
-        block: block length, a divisor of cols.
+        block: block length, a divisor of cols.{method}
+            With "sparsegpt" a block is scored by the sum of its weights' w^2 / U_jj^2, and
+            lazy_block is rounded down to a multiple of block (at least one block).
     Returns:
         PruneResult.
     """
@@ -89,20 +130,27 @@ def prune_blocked(W, H, sparsity, block, *, damp=0.01, spread="global", num_thre
     sparsity = _arrays.as_fraction(sparsity, "sparsity")
     block = _arrays.as_divisor(block, "block", W.shape[1])
     spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    method, lazy = _method(method, lazy_block, "blocked pruning")
+    if method == "sparsegpt":
+        return _prune_result(_kernels(W).prune_sparsegpt(
+            W, H, "blocked", sparsity, spread, block, 0, 0, lazy, _arrays.as_damp(damp),
+            _arrays.as_threads(num_threads)))
     return _prune_result(_kernels(W).prune_blocked(
         W, H, sparsity, block, spread, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
 
 
-def prune_structured(W, H, sparsity, *, group=1, damp=0.01, num_threads=None):
+def prune_structured(W, H, sparsity, *, group=1, damp=0.01, method="exact", num_threads=None):
     """Structured ExactOBS pruning: whole groups of `group` input columns removed from all rows.
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian.
         sparsity: fraction of column groups removed: ceil(sparsity * cols / group).
         group: consecutive columns per group (e.g. kh*kw for one conv input channel).
+        method: "exact" only (SparseGPT has no structured mode); anything else raises ValueError.
     Returns:
         PruneResult.
     """
+    _method(method, None, "structured pruning", ("exact",))
     W, H = _layer(W, H)
     sparsity = _arrays.as_fraction(sparsity, "sparsity")
     group = _arrays.as_divisor(group, "group", W.shape[1])
@@ -145,9 +193,57 @@ def quantize_rtn(W, H, bits, *, sym=True, group_size=None, grid="mse", num_threa
         W, H, bits, sym, group, grid, _arrays.as_threads(num_threads)), bits, sym)
 
 
-def _trace(W, H, block, damp, num_threads, record) -> Trace:
+def prune_quantize_sparsegpt(W, H, bits, *, sparsity=None, n=None, m=None, block=1,
+                             spread="global", sym=True, group_size=None, grid="mse", damp=0.01,
+                             lazy_block=None, num_threads=None) -> QuantResult:
+    """Joint SparseGPT pruning + quantization in one sweep over the columns.
+
+    Pruned weights become exactly 0 and kept weights their value on the grid, each column's
+    error fed forward to the later columns (the SparseGPT paper's joint mode). The grids are
+    quantize()'s (computed from W as given, before the sweep); 0 is on every grid.
+
+    Args:
+        W: (rows, cols) weights; zeros stay exactly zero. H: (cols, cols) Hessian.
+        bits, sym, group_size, grid: the grid, as in quantize().
+        sparsity: fraction of weights (block == 1) or of blocks of `block` weights to prune,
+            counted as in prune_unstructured(method="sparsegpt"); or else
+        n, m: N:M pruning as in prune_nm(method="sparsegpt"). Give sparsity or (n, m).
+        spread: "global" or "uniform" (sparsity only).
+        damp, lazy_block, num_threads: as prune_unstructured(method="sparsegpt").
+    Returns:
+        QuantResult: .mask is False at the pruned weights (which have the zero point's code);
+        a kept weight may still round to 0.
+    """
+    W, H = _layer(W, H)
+    bits, sym, group, grid = _quant_args(W, bits, sym, group_size, grid)
+    _, lazy = _method("sparsegpt", lazy_block, "joint pruning + quantization")
+    spread = _arrays.as_choice(spread, "spread", _SPREADS)
+    if (n is None) != (m is None):
+        raise ValueError(f"n, m: expected both or neither, got n = {n!r}, m = {m!r}")
+    if (sparsity is None) == (n is None):
+        raise ValueError("sparsity, n, m: expected either sparsity or n and m, got "
+                         f"sparsity = {sparsity!r}, n = {n!r}, m = {m!r}")
+    if n is not None:
+        m = _arrays.as_int(m, "m", low=2)
+        n = _arrays.as_int(n, "n")
+        if not 0 < n < m:
+            raise ValueError(f"n: expected 0 < n < m = {m}, got n = {n}")
+        if W.shape[1] % m:
+            raise ValueError(f"m: expected a divisor of cols ({W.shape[1]}), got m = {m}")
+        pattern, sparsity, block = "nm", 0.0, 1
+    else:
+        sparsity = _arrays.as_fraction(sparsity, "sparsity")
+        block = _arrays.as_divisor(block, "block", W.shape[1])
+        pattern, n, m = ("unstructured" if block == 1 else "blocked"), 0, 0
+    return _quant_result(_kernels(W).quantize_sparsegpt(
+        W, H, pattern, sparsity, spread, block, n, m, lazy, bits, sym, group, grid,
+        _arrays.as_damp(damp), _arrays.as_threads(num_threads)), bits, sym)
+
+
+def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
     from ._results import _count
 
+    _method(method, None, "traces (SparseGPT has no elimination order)", ("exact",))
     W, H = _layer(W, H)
     block = _arrays.as_divisor(block, "block", W.shape[1])
     threads = _arrays.as_threads(num_threads)
@@ -169,7 +265,7 @@ _RECORD_DOC = """
         the same optimum for the same mask, computed in the kernels' precision."""
 
 
-def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=()) -> Trace:
+def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=(), method="exact") -> Trace:
     """Complete unstructured ExactOBS trace of every row (order and step losses).
 
     Memory: O(rows * cols) for the trace; weights at any sparsity are rebuilt with
@@ -177,19 +273,24 @@ def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=()) -> Trace
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian; damp, num_threads: as prune_unstructured.
+        method: "exact" only (a trace is ExactOBS's greedy order); anything else raises ValueError.
     """
-    return _trace(W, H, 1, damp, num_threads, record)
+    return _trace(W, H, 1, damp, num_threads, record, method)
 
 
-def trace_blocked(W, H, block, *, damp=0.01, num_threads=None, record=()) -> Trace:
+def trace_blocked(W, H, block, *, damp=0.01, num_threads=None, record=(),
+                  method="exact") -> Trace:
     """Complete blocked ExactOBS trace of every row; order holds block indices.
 
     Args:
         W, H, damp, num_threads: as trace_unstructured; block: weights per block (divides cols).
+        method: "exact" only (a trace is ExactOBS's greedy order); anything else raises ValueError.
     """
-    return _trace(W, H, block, damp, num_threads, record)
+    return _trace(W, H, block, damp, num_threads, record, method)
 
 
+for _pruner in (prune_unstructured, prune_nm, prune_blocked):
+    _pruner.__doc__ = _pruner.__doc__.replace("{method}", _METHOD_DOC)
 trace_unstructured.__doc__ += _RECORD_DOC
 trace_blocked.__doc__ += _RECORD_DOC.replace("steps (one", "block steps (one")
 
