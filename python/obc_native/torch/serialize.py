@@ -349,8 +349,11 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
             codes = full
         matrix32 = _dequantize(info, codes.reshape(rows, cols), entry, scale, zero)
         if mask is not None:
-            matrix32.reshape(-1)[~mask] = 0.0
-        matrix = torch.from_numpy(matrix32).reshape(-1).to(dtype)
+            # Not an in-place write through reshape(-1): _dequantize's result may be Fortran
+            # ordered (numpy picks the layout of the fancy-indexed scale), and then reshape
+            # returns a copy and the pruned entries would silently keep their dequantized value.
+            matrix32 = np.where(mask.reshape(rows, cols), matrix32, np.float32(0.0))
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix32, dtype=np.float32)).reshape(-1).to(dtype)
     else:
         raise SerializationError(f"layer {name!r}: unknown storage {storage!r}")
     matrix = matrix.reshape(rows, cols)
