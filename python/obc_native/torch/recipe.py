@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -314,9 +315,19 @@ def _shape_text(info: LayerInfo) -> str:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe from a ``.json``, ``.yaml`` or ``.yml`` file."""
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+    # Only a regular file is opened (a FIFO or device would block or never end); the check is
+    # repeated on the descriptor, opened non-blocking.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise RecipeError(f"recipe file {path!r} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecipeError(f"recipe file {path!r} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        raw = handle.read()
     try:
+        text = raw.decode("utf-8")
         if path.endswith((".yaml", ".yml")):
             import yaml
 
@@ -327,7 +338,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"could not parse recipe file {path!r}: {err}") from err
     try:
         return Recipe.from_dict(data)
-    except (RecipeError, TypeError) as err:
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as err:
         raise RecipeError(f"recipe file {path!r}: {err}") from err
 
 
