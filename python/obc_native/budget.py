@@ -719,6 +719,10 @@ class LevelDatabase:
         """Write the database as JSON (atomically: a temporary file, then a rename)."""
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path = os.fspath(path)
+        # os.replace would put the file in place of a FIFO or device: refuse anything there but
+        # a regular file or a symbolic link (the link itself is replaced, never written through).
+        if os.path.lexists(path) and not (stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path)):
+            raise OSError(f"{path}: exists and is not a regular file; refusing to replace it")
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".levels-", suffix=".tmp", dir=directory)
         try:

@@ -187,3 +187,19 @@ def test_fuzz_level_database_files(tmp_path):
 def test_fuzz_level_database_files_sweep(tmp_path):
     for seed in range(2, 10):
         _fuzz(tmp_path, cases=400, seed=seed)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_save_refuses_to_replace_special_files(tmp_path):
+    fifo = tmp_path / "levels.json"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        _database().save(fifo)
+    assert os.path.exists(fifo) and sorted(os.listdir(tmp_path)) == ["levels.json"]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    link = tmp_path / "link.json"
+    os.symlink(victim, link)
+    _database().save(link)
+    assert victim.read_text() == "keep me"
+    assert len(_load(link)) == 2

@@ -353,3 +353,29 @@ def test_fuzz_sweep_slow(saved):
         _fuzz_file(saved, TENSORS_NAME, cases=150, seed=10 + seed, resign=True)
         _fuzz_file(saved, MANIFEST_NAME, cases=150, seed=20 + seed, resign=False)
         _fuzz_manifest_values(saved, cases=500, seed=30 + seed)
+
+
+def test_save_never_writes_through_links_or_replaces_special_files(mlp, mlp_batches, tmp_path):
+    report = compress(mlp, mlp_batches, RECIPE, baseline=False, quiet=True)
+    directory = tmp_path / "model"
+    directory.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    os.symlink(victim, directory / TENSORS_NAME)
+    os.symlink(victim, directory / MANIFEST_NAME)
+    save_compressed(mlp, directory, report)
+    assert victim.read_text() == "keep me"  # the links were replaced, their target untouched
+    assert not os.path.islink(directory / TENSORS_NAME) and not os.path.islink(directory / MANIFEST_NAME)
+    _load(directory)
+    os.unlink(directory / MANIFEST_NAME)
+    os.mkfifo(directory / MANIFEST_NAME)
+    with pytest.raises(SerializationError, match="not a regular file"), deadline(20):
+        save_compressed(mlp, directory, report)
+    assert stat_is_fifo(directory / MANIFEST_NAME)
+    assert sorted(os.listdir(directory)) == [MANIFEST_NAME, TENSORS_NAME]  # no temporary left
+
+
+def stat_is_fifo(path) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(os.lstat(path).st_mode)

@@ -27,6 +27,10 @@ are opened), and the manifest's ``tensors`` field must be exactly ``"model.safet
 manifest is checked against its schema (types, ranges, known storage kinds) before any of it is
 used; every problem raises :class:`SerializationError`.
 
+Saving writes each file to a new temporary file in the directory and renames it into place: a
+symbolic link there is replaced (never written through), and a directory, FIFO or device in the
+place of either file is refused and left alone.
+
 Checksums: ``sha256`` is the SHA-256 of the tensor file; ``manifest_sha256`` is the SHA-256 of the
 canonical JSON of the manifest without that field (``json.dumps(rest, sort_keys=True,
 separators=(",", ":"))`` as UTF-8). Manifests written before ``manifest_sha256`` existed (same
@@ -42,6 +46,7 @@ import logging
 import math
 import os
 import stat
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -338,7 +343,7 @@ def save_compressed(
         tensors[key] = value.detach().cpu().contiguous().clone()
 
     tensor_path = os.path.join(directory, TENSORS_NAME)
-    save_file(tensors, tensor_path, metadata={"format": FORMAT})
+    _write_atomically(tensor_path, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -352,9 +357,35 @@ def save_compressed(
     # Digest of the manifest as a reader will parse it (tuples become lists, and so on).
     manifest["manifest_sha256"] = _manifest_digest(json.loads(json.dumps(manifest)))
     text = json.dumps(manifest, indent=1)
-    with open(os.path.join(directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-        handle.write(text)
+
+    def write_manifest(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _write_atomically(os.path.join(directory, MANIFEST_NAME), write_manifest)
     return manifest
+
+
+def _write_atomically(path: str, write) -> None:
+    """``write(temp)`` a new temporary file next to ``path``, then rename it onto ``path``.
+
+    A symbolic link at ``path`` is replaced by the file (its target is never written through);
+    a directory, FIFO or device there is refused and left as it is. Only the temporary file is
+    ever removed (on failure).
+    """
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise SerializationError(f"{path}: exists and is not a regular file; refusing to replace it")
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
