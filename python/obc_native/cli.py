@@ -261,12 +261,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(manifest, indent=2))
         return 0
-    if manifest.get("report"):
-        print(CompressionReport.from_dict(manifest["report"]).table())
+    try:  # read_manifest checks what loading uses; the report is only displayed, so check here
+        if manifest.get("report"):
+            print(CompressionReport.from_dict(manifest["report"]).table())
+        levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        raise CliError(f"{args.directory}: the manifest's report is malformed ({type(err).__name__}: {err})") from err
     path = os.path.join(args.directory, manifest["tensors"])
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     print(f"\n{len(manifest['layers'])} stored layer(s); {manifest['tensors']}: {size} bytes")
-    levels = {layer.get("name"): layer.get("level") for layer in (manifest.get("report") or {}).get("layers", [])}
     for name, entry in manifest["layers"].items():
         bits = f", {entry['bits']}-bit codes" if "bits" in entry else ""
         level = entry.get("level") or levels.get(name)

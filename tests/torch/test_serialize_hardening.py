@@ -379,3 +379,14 @@ def stat_is_fifo(path) -> bool:
     import stat
 
     return stat.S_ISFIFO(os.lstat(path).st_mode)
+
+
+@pytest.mark.parametrize("report", [{"layers": [5]}, {"layers": "x"}, {"layers": [{"name": "a"}]}])
+def test_cli_report_of_a_malformed_report_is_an_error_not_a_traceback(saved, report, capsys):
+    from obc_native.cli import main
+
+    manifest = _manifest(saved)
+    manifest["report"] = report
+    write_manifest(saved, manifest)
+    assert main(["report", str(saved)]) == 1
+    assert "report is malformed" in capsys.readouterr().err
