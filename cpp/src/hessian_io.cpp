@@ -286,9 +286,7 @@ void check_replaceable(const std::string& path) {
     throw IoError(path + ": refusing to replace " + kind + " with a Hessian file");
   }
   File existing;
-  errno = 0;
-  existing.handle = std::fopen(path.c_str(), "rb");
-  if (existing.handle == nullptr) return;  // unreadable: the rename decides
+  open_for_reading(existing, path);  // regular files only, never blocks; unreadable: refused
   char magic[sizeof kMagic] = {};
   const std::size_t got = std::fread(magic, 1, sizeof magic, existing.handle);
   if (got != 0 && (got != sizeof magic || std::memcmp(magic, kMagic, sizeof magic) != 0)) {
