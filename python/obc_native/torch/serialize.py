@@ -40,6 +40,7 @@ warning is logged. Both checksums detect accidental corruption; they are not sig
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -201,7 +202,11 @@ def _own_file(directory: str, file_name: str) -> str:
     if stat.S_ISLNK(info.st_mode):
         real = os.path.realpath(path)
         root = os.path.realpath(directory)
-        if os.path.commonpath([real, root]) != root:
+        try:
+            inside = os.path.commonpath([real, root]) == root
+        except ValueError:  # e.g. another drive on Windows
+            inside = False
+        if not inside:
             raise SerializationError(f"{path}: symbolic link to {real!r}, outside the model directory; refused")
         try:
             info = os.stat(real)
@@ -213,31 +218,21 @@ def _own_file(directory: str, file_name: str) -> str:
     return path
 
 
-class _open_regular:
-    """``open(path, "rb")`` that never blocks on a FIFO swapped in after the check and refuses
-    anything but a regular file (checked on the open descriptor)."""
-
-    def __init__(self, path: str):
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-        try:
-            fd = os.open(path, flags)
-        except OSError as err:
-            raise SerializationError(f"{path}: cannot be opened ({err})") from err
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise SerializationError(f"{path}: not a regular file; refused")
-            if hasattr(os, "set_blocking"):
-                os.set_blocking(fd, True)
-            self.handle = os.fdopen(fd, "rb")
-        except BaseException:
-            os.close(fd)
-            raise
-
-    def __enter__(self):
-        return self.handle
-
-    def __exit__(self, *exc):
-        self.handle.close()
+@contextlib.contextmanager
+def _open_regular(path: str):
+    """``open(path, "rb")`` for a regular file only: opened non-blocking (a FIFO swapped in after
+    :func:`_own_file` checked the path cannot block) and checked again on the descriptor."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise SerializationError(f"{path}: cannot be opened ({err})") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SerializationError(f"{path}: not a regular file; refused")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        yield handle
 
 
 def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
