@@ -16,10 +16,10 @@ namespace {
 // thread count (rule 7: no float reductions across threads).
 constexpr Index kTileCols = 64;
 
-// Largest magnitude allowed in the sum S. With every |S_ij| <= DBL_MAX / 4, H = 2/n S (n >= 1) is
-// finite and the Gram products that build S cannot overflow on the way (each partial sum of
-// x_i x_j is bounded by the larger of the two diagonal entries, Cauchy-Schwarz).
-constexpr double kMaxSumEntry = std::numeric_limits<double>::max() / 4;
+// The sum S is kept within HessianAccumulator::kMaxSumEntry: then H = 2/n S (n >= 1) is finite,
+// and bounding the diagonal is enough, since each partial sum of x_i x_j is at most the larger
+// of the two diagonal entries (Cauchy-Schwarz).
+constexpr double kMaxSumEntry = HessianAccumulator::kMaxSumEntry;
 
 void check_options(const AccumulatorOptions& options) {
   OBC_CHECK(options.num_threads >= 0, "num_threads: expected >= 0 (0 = default), got ",
