@@ -717,6 +717,12 @@ class LevelDatabase:
 
     def save(self, path) -> None:
         """Write the database as JSON (atomically: a temporary file, then a rename)."""
+        # Never write a file that load() would reject: layer losses are sums of squares.
+        for layer in self:
+            for j, lv in enumerate(layer.levels):
+                if not (isinstance(lv.loss, numbers.Real) and math.isfinite(lv.loss) and lv.loss >= 0):
+                    raise ValueError(f"layer {layer.name!r} level {j} ({lv.label}): loss must be a finite "
+                                     f"value >= 0 to be saved, got {lv.loss!r}")
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path = os.fspath(path)
         # os.replace would put the file in place of a FIFO or device: refuse anything there but

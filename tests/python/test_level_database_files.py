@@ -203,3 +203,12 @@ def test_save_refuses_to_replace_special_files(tmp_path):
     _database().save(link)
     assert victim.read_text() == "keep me"
     assert len(_load(link)) == 2
+
+
+def test_save_refuses_what_load_would_reject(tmp_path):
+    db = _database()
+    db["a"].levels[1].loss = -0.5
+    path = tmp_path / "levels.json"
+    with pytest.raises(ValueError, match="loss must be a finite value >= 0"):
+        db.save(path)
+    assert not path.exists() and os.listdir(tmp_path) == []
