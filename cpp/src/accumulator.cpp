@@ -16,6 +16,11 @@ namespace {
 // thread count (rule 7: no float reductions across threads).
 constexpr Index kTileCols = 64;
 
+// The sum S is kept within HessianAccumulator::kMaxSumEntry: then H = 2/n S (n >= 1) is finite,
+// and bounding the diagonal is enough, since each partial sum of x_i x_j is at most the larger
+// of the two diagonal entries (Cauchy-Schwarz).
+constexpr double kMaxSumEntry = HessianAccumulator::kMaxSumEntry;
+
 void check_options(const AccumulatorOptions& options) {
   OBC_CHECK(options.num_threads >= 0, "num_threads: expected >= 0 (0 = default), got ",
             options.num_threads);
@@ -60,6 +65,15 @@ void HessianAccumulator::add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X) 
   OBC_CHECK(X.allFinite(), "X: expected finite values, got NaN or Inf");
   OBC_CHECK(static_cast<std::uint64_t>(rows) <= std::numeric_limits<std::uint64_t>::max() - count_,
             "X: sample count would overflow");
+  // The diagonal of S after this batch (sums of squares, in float64: an entry whose square
+  // overflows gives Inf here) bounds every entry; reject the batch before touching the state.
+  for (Index j = 0; j < cols; ++j) {
+    const double squares = X.col(j).template cast<double>().squaredNorm();
+    const double diagonal = sum_(j, j) + squares;
+    OBC_CHECK(diagonal <= kMaxSumEntry, "X: values too large: the sum of squares of column ", j,
+              " would reach ", diagonal, " (the float64 sum is limited to ", kMaxSumEntry,
+              " so that H = 2/n sum x x^T stays finite); scale the activations down");
+  }
 
   const Index tiles = (cols + kTileCols - 1) / kTileCols;
   RowMatrixXd chunk;
@@ -108,13 +122,21 @@ void HessianAccumulator::merge(const HessianAccumulator& other) {
             other.cols());
   OBC_CHECK(other.count_ <= std::numeric_limits<std::uint64_t>::max() - count_,
             "other: sample count would overflow");
+  for (Index j = 0; j < cols(); ++j) {
+    const double diagonal = sum_(j, j) + other.sum_(j, j);
+    OBC_CHECK(diagonal <= kMaxSumEntry, "other: merged sum too large: diagonal entry ", j,
+              " would reach ", diagonal, " (limit ", kMaxSumEntry, ")");
+  }
   sum_ += other.sum_;  // elementwise, so the result stays exactly symmetric
   count_ += other.count_;
 }
 
 Eigen::MatrixXd HessianAccumulator::hessian() const {
   OBC_CHECK(count_ > 0, "HessianAccumulator: no samples were added; H = 2/n sum x x^T needs n > 0");
-  return (2.0 / static_cast<double>(count_)) * sum_;
+  Eigen::MatrixXd h = (2.0 / static_cast<double>(count_)) * sum_;
+  // Unreachable while S respects kMaxSumEntry; kept so that no Inf ever leaves this function.
+  OBC_CHECK(h.allFinite(), "HessianAccumulator: H = 2/n sum x x^T overflows float64");
+  return h;
 }
 
 HessianAccumulator HessianAccumulator::from_state(const Eigen::Ref<const Eigen::MatrixXd>& sum,
@@ -124,6 +146,8 @@ HessianAccumulator HessianAccumulator::from_state(const Eigen::Ref<const Eigen::
             "sum: expected a non-empty square cols x cols matrix, got ", sum.rows(), "x",
             sum.cols());
   OBC_CHECK(sum.allFinite(), "sum: expected finite values, got NaN or Inf");
+  OBC_CHECK(sum.cwiseAbs().maxCoeff() <= kMaxSumEntry, "sum: expected entries of magnitude <= ",
+            kMaxSumEntry, " (so that H = 2/n sum stays finite), got ", sum.cwiseAbs().maxCoeff());
   OBC_CHECK(sum == sum.transpose(), "sum: expected an exactly symmetric matrix");
   for (Index i = 0; i < sum.rows(); ++i) {
     OBC_CHECK(sum(i, i) >= 0, "sum: expected a non-negative diagonal (a sum of x x^T), got sum[", i,

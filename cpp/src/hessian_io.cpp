@@ -16,6 +16,12 @@
 
 #include "obc/errors.hpp"
 
+#ifndef _WIN32
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+
 namespace obc {
 
 namespace {
@@ -210,17 +216,82 @@ struct File {
   }
 };
 
-std::uint64_t file_size(const std::string& path) {
+// What is at `path` (a symbolic link is followed): "regular", "missing" or a description of
+// anything else ("a directory", "a FIFO", ...). Never opens the path.
+std::string path_kind(const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code error;
+  const fs::file_status status = fs::status(path, error);
+  switch (status.type()) {
+    case fs::file_type::regular: return "regular";
+    case fs::file_type::not_found: return "missing";
+    case fs::file_type::directory: return "a directory";
+    case fs::file_type::fifo: return "a FIFO";
+    case fs::file_type::socket: return "a socket";
+    case fs::file_type::block:
+    case fs::file_type::character: return "a device";
+    default: break;
+  }
+  if (error) throw IoError(path + ": cannot inspect the path: " + error.message());
+  return "not a regular file";
+}
+
+// Opens `path` for reading only if it is a regular file: checked before opening (so a FIFO or
+// a device is never opened and cannot block us) and, on POSIX, again on the open descriptor
+// (opened non-blocking, so a FIFO swapped in after the first check cannot block either).
+// Returns the file's size in bytes, measured on the open file.
+std::uint64_t open_for_reading(File& file, const std::string& path) {
+  const std::string kind = path_kind(path);
+  if (kind == "missing") throw IoError(path + ": cannot open for reading: no such file");
+  if (kind != "regular") {
+    throw IoError(path + ": cannot read a Hessian file from " + kind +
+                  " (only regular files are read)");
+  }
+#ifndef _WIN32
+  errno = 0;
+  const int fd = ::open(path.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (fd < 0) throw IoError(path + ": cannot open for reading: " + system_reason());
+  struct stat info {};
+  if (::fstat(fd, &info) != 0 || !S_ISREG(info.st_mode)) {
+    ::close(fd);
+    throw IoError(path + ": cannot read a Hessian file from something that is not a regular file");
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags >= 0) ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+  errno = 0;
+  file.handle = ::fdopen(fd, "rb");
+  if (file.handle == nullptr) {
+    const std::string reason = system_reason();
+    ::close(fd);
+    throw IoError(path + ": cannot open for reading: " + reason);
+  }
+  return static_cast<std::uint64_t>(info.st_size);
+#else
+  errno = 0;
+  file.handle = std::fopen(path.c_str(), "rb");
+  if (file.handle == nullptr) throw IoError(path + ": cannot open for reading: " + system_reason());
   std::error_code error;
   const std::uintmax_t size = std::filesystem::file_size(path, error);
   if (error) throw IoError(path + ": cannot read the file size: " + error.message());
   return static_cast<std::uint64_t>(size);
+#endif
 }
 
-void open_for_reading(File& file, const std::string& path) {
-  errno = 0;
-  file.handle = std::fopen(path.c_str(), "rb");
-  if (file.handle == nullptr) throw IoError(path + ": cannot open for reading: " + system_reason());
+// Refuses to replace anything at `path` that is not a Hessian file (or an empty regular file):
+// a directory, FIFO or device, or a regular file holding other data.
+void check_replaceable(const std::string& path) {
+  const std::string kind = path_kind(path);
+  if (kind == "missing") return;
+  if (kind != "regular") {
+    throw IoError(path + ": refusing to replace " + kind + " with a Hessian file");
+  }
+  File existing;
+  open_for_reading(existing, path);  // regular files only, never blocks; unreadable: refused
+  char magic[sizeof kMagic] = {};
+  const std::size_t got = std::fread(magic, 1, sizeof magic, existing.handle);
+  if (got != 0 && (got != sizeof magic || std::memcmp(magic, kMagic, sizeof magic) != 0)) {
+    throw IoError(path + ": refusing to replace a file that is not an obc_native Hessian file");
+  }
 }
 
 Source file_source(std::FILE* f, const std::string& path) {
@@ -274,6 +345,7 @@ HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& opti
 
 void save_hessian(const std::string& path, const HessianAccumulator& accumulator) {
   OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
+  check_replaceable(path);
   // A unique temporary next to the target, renamed into place once complete.
   const auto salt = static_cast<unsigned long long>(
       std::chrono::steady_clock::now().time_since_epoch().count() ^
@@ -282,7 +354,7 @@ void save_hessian(const std::string& path, const HessianAccumulator& accumulator
   {
     File file;
     errno = 0;
-    file.handle = std::fopen(temp.c_str(), "wb");
+    file.handle = std::fopen(temp.c_str(), "wbx");  // exclusive: never through an existing name
     if (file.handle == nullptr) {
       throw IoError(path + ": cannot open for writing (" + temp + "): " + system_reason());
     }
@@ -305,32 +377,27 @@ void save_hessian(const std::string& path, const HessianAccumulator& accumulator
       throw;
     }
   }
-  errno = 0;
-  if (std::rename(temp.c_str(), path.c_str()) != 0) {
-    // Windows does not rename onto an existing file: remove the old one and retry.
-    std::remove(path.c_str());
-    errno = 0;
-    if (std::rename(temp.c_str(), path.c_str()) != 0) {
-      const std::string reason = system_reason();
-      std::remove(temp.c_str());
-      throw IoError(path + ": cannot move the written file into place: " + reason);
-    }
+  // std::filesystem::rename replaces an existing regular file (atomically on POSIX) and fails on
+  // a directory; nothing but the temporary written above is ever removed here.
+  std::error_code error;
+  std::filesystem::rename(temp, path, error);
+  if (error) {
+    std::remove(temp.c_str());
+    throw IoError(path + ": cannot move the written file into place: " + error.message());
   }
 }
 
 HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options) {
   OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
   File file;
-  open_for_reading(file, path);
-  const std::uint64_t size = file_size(path);
+  const std::uint64_t size = open_for_reading(file, path);
   return read_impl(file_source(file.handle, path), size, path, options);
 }
 
 HessianFileInfo read_hessian_info(const std::string& path) {
   OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
   File file;
-  open_for_reading(file, path);
-  const std::uint64_t size = file_size(path);
+  const std::uint64_t size = open_for_reading(file, path);
   unsigned char header[kHessianHeaderBytes];
   const std::size_t got = file_source(file.handle, path)(header, sizeof header);
   const HessianFileInfo info = parse_header(header, got, path);

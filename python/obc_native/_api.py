@@ -325,7 +325,7 @@ def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
     if spread == "global":
         k = _count(sparsity, W.size)
         idx = np.argsort(np.abs(W).ravel(), kind="stable")[:k]
-        out.ravel()[idx] = 0
+        np.put(out, idx, 0)  # flat C-order indices, written in place whatever the layout
     else:
         k = _count(sparsity, W.shape[1])
         idx = np.argsort(np.abs(W), axis=1, kind="stable")[:, :k]

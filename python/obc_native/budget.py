@@ -60,6 +60,7 @@ import math
 import numbers
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -222,8 +223,12 @@ class LayerLevels:
         self.levels = list(self.levels)
         if not self.levels:
             raise ValueError(f"levels: layer {self.name!r} has no levels")
-        labels = [lv.label for lv in self.levels]
-        dup = sorted({x for x in labels if labels.count(x) > 1})
+        seen: set = set()
+        dup_set: set = set()
+        for lv in self.levels:  # one pass with a set: linear in the number of levels
+            label = lv.label
+            (dup_set if label in seen else seen).add(label)
+        dup = sorted(dup_set)
         if dup:
             raise ValueError(f"levels: layer {self.name!r} has duplicate levels {dup}")
 
@@ -460,7 +465,9 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
     def add(kind, params, weight, loss, quant_bits=None, quant_group=None):
         costs = level_costs(W.shape, int(np.count_nonzero(weight)), bits=quant_bits,
                             group_size=quant_group, **cost_args)
-        levels.append(Level(kind=kind, params=params, loss=float(loss), costs=costs,
+        # The loss is a quadratic form in a PSD H: >= 0 exactly, but float64 rounding can give
+        # -tiny; store 0 so that a saved database passes the loader's loss >= 0 check.
+        levels.append(Level(kind=kind, params=params, loss=max(0.0, float(loss)), costs=costs,
                             weight=weight if keep_weights else None))
 
     add("dense", {}, W.copy() if keep_weights else W, 0.0)
@@ -710,8 +717,18 @@ class LevelDatabase:
 
     def save(self, path) -> None:
         """Write the database as JSON (atomically: a temporary file, then a rename)."""
+        # Never write a file that load() would reject: layer losses are sums of squares.
+        for layer in self:
+            for j, lv in enumerate(layer.levels):
+                if not (isinstance(lv.loss, numbers.Real) and math.isfinite(lv.loss) and lv.loss >= 0):
+                    raise ValueError(f"layer {layer.name!r} level {j} ({lv.label}): loss must be a finite "
+                                     f"value >= 0 to be saved, got {lv.loss!r}")
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path = os.fspath(path)
+        # os.replace would put the file in place of a FIFO or device: refuse anything there but
+        # a regular file or a symbolic link (the link itself is replaced, never written through).
+        if os.path.lexists(path) and not (stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path)):
+            raise OSError(f"{path}: exists and is not a regular file; refusing to replace it")
         directory = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(prefix=".levels-", suffix=".tmp", dir=directory)
         try:
@@ -731,16 +748,34 @@ class LevelDatabase:
         mismatch, malformed contents, or a mismatch with ``shapes``; OSError if unreadable.
         """
         path = os.fspath(path)
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise LevelDatabaseError(f"{path}: not a level database (invalid JSON: {exc})") from None
+        data = _read_json(path)
         db = _from_dict(data, path)
         if shapes is not None:
             db.check_compatible(shapes)
         return db
+
+
+def _read_json(path: str):
+    """Parse the JSON file at ``path``; only a regular file is opened (a FIFO or device is refused
+    without blocking). LevelDatabaseError for bad UTF-8, bad JSON or nesting too deep to parse;
+    OSError when the file cannot be read."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise LevelDatabaseError(f"{path}: not a level database (not a regular file)")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LevelDatabaseError(f"{path}: not a level database (not a regular file)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        raw = handle.read()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise LevelDatabaseError(f"{path}: not a level database (not UTF-8 text: {exc})") from None
+    except json.JSONDecodeError as exc:
+        raise LevelDatabaseError(f"{path}: not a level database (invalid JSON: {exc})") from None
+    except RecursionError:
+        raise LevelDatabaseError(f"{path}: not a level database (JSON nested too deeply)") from None
 
 
 def _checksum(body: Mapping) -> str:
@@ -764,7 +799,7 @@ def _from_dict(data, source: str) -> LevelDatabase:
         fail("no checksum")
     try:
         expected = _checksum(data)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RecursionError) as exc:
         fail(f"malformed contents ({exc})")
     if data["checksum"] != expected:
         fail("checksum mismatch: the file was modified or corrupted")
@@ -785,7 +820,7 @@ def _from_dict(data, source: str) -> LevelDatabase:
                 if not isinstance(lv["params"], dict) or not isinstance(lv["costs"], dict):
                     raise ValueError(f"level {j}: params and costs must be objects")
                 level = Level(kind=lv["kind"], params=dict(lv["params"]),
-                              loss=_finite(lv["loss"], f"level {j} loss"),
+                              loss=_finite(lv["loss"], f"level {j} loss", nonneg=True),
                               costs={str(k): _finite(v, f"level {j} cost {k!r}", nonneg=True)
                                      for k, v in lv["costs"].items()},
                               model_loss=None if lv.get("model_loss") is None
@@ -799,7 +834,8 @@ def _from_dict(data, source: str) -> LevelDatabase:
                 settings=dict(entry.get("settings", {})),
                 skipped=[tuple(s) for s in entry.get("skipped", [])])
             db.add(layer)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError,
+                RecursionError) as exc:
             what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
             fail(f"{where}: malformed layer ({what})")
     return db

@@ -384,7 +384,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return 0
     try:
         _print_report(args.directory, manifest)
-    except (KeyError, TypeError, AttributeError, ValueError) as err:
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
         raise CliError(f"{args.directory}: malformed manifest ({type(err).__name__}: {err})") from err
     return 0
 

@@ -91,7 +91,9 @@ class HessianAccumulator:
 
         For a linear layer the rows are input vectors; for a convolution, unfolded patches
         (batch * positions rows of in_channels * kh * kw). Raises TypeError for non-float input,
-        ValueError for a wrong shape or NaN/Inf (the accumulator is then unchanged).
+        ValueError for a wrong shape, NaN/Inf, or values so large that the float64 sum would
+        overflow (every entry of S is kept <= DBL_MAX / 4, so hessian() is always finite); the
+        accumulator is then unchanged.
         """
         self._impl.add(_as_activations(X, self.cols))
 
@@ -124,13 +126,18 @@ class HessianAccumulator:
         return HessianAccumulator._from_state(self.sum(), self.count, self.num_threads)
 
     def save(self, path) -> None:
-        """Writes a Hessian file (replacing `path` atomically). OSError when it cannot."""
+        """Writes a Hessian file, replacing `path` atomically (temporary file + rename).
+
+        Replaces only a missing path, an empty file or an existing Hessian file; OSError for a
+        directory, FIFO, device or any other file (left untouched), or when writing fails.
+        """
         self._impl.save(_as_path(path))
 
     @classmethod
     def load(cls, path, *, num_threads: int | None = None) -> HessianAccumulator:
-        """Reads a Hessian file. OSError when unreadable; ValueError when it is not a valid
-        Hessian file (magic, version, size, checksum or contents), naming the problem."""
+        """Reads a Hessian file. OSError when unreadable or not a regular file (FIFOs and
+        devices are refused without being opened); ValueError when it is not a valid Hessian
+        file (magic, version, size, checksum or contents), naming the problem."""
         threads = _arrays.as_threads(num_threads)
         return cls._wrap(_core.HessianAccumulator.load(_as_path(path), threads))
 

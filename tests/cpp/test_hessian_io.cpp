@@ -3,6 +3,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <limits>
 #include <random>
 #include <sstream>
@@ -12,6 +13,10 @@
 #include "check.hpp"
 #include "obc/errors.hpp"
 #include "obc/hessian_io.hpp"
+
+#ifndef _WIN32
+#include <sys/stat.h>
+#endif
 
 using namespace obc;
 namespace fs = std::filesystem;
@@ -234,6 +239,65 @@ OBC_TEST(file_errors_name_the_path) {
   CHECK_THROWS(read_hessian_info(bad), FormatError);
   // FormatError is an InvalidArgument (ValueError in Python).
   CHECK_THROWS(load_hessian(bad), InvalidArgument);
+}
+
+OBC_TEST(save_never_deletes_what_it_did_not_create) {
+  TempDir dir;
+  const HessianAccumulator acc = make_accumulator(3, 5, 7);
+  // An existing (empty) directory at the target: refused, and still there afterwards.
+  const fs::path folder = dir.path / "folder.obchess";
+  fs::create_directory(folder);
+  CHECK_THROWS(save_hessian(folder.string(), acc), IoError);
+  CHECK(fs::is_directory(folder));
+  // A regular file holding something else: refused, contents intact.
+  const fs::path other = dir.path / "notes.txt";
+  {
+    std::ofstream out(other, std::ios::binary);
+    out << "keep me";
+  }
+  CHECK_THROWS(save_hessian(other.string(), acc), IoError);
+  std::ifstream in(other, std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  CHECK(text == "keep me");
+  // An empty file and an older Hessian file are replaced.
+  const fs::path empty = dir.path / "empty.obchess";
+  std::ofstream(empty).close();
+  save_hessian(empty.string(), acc);
+  CHECK(load_hessian(empty.string()).count() == 5);
+  save_hessian(empty.string(), make_accumulator(3, 9, 8));
+  CHECK(load_hessian(empty.string()).count() == 9);
+  // No temporary is left behind after a refusal or a success.
+  int entries = 0;
+  for (const auto& entry : fs::directory_iterator(dir.path)) entries += entry.path().empty() ? 0 : 1;
+  CHECK(entries == 3);
+}
+
+#ifndef _WIN32
+OBC_TEST(loading_a_fifo_fails_instead_of_blocking) {
+  TempDir dir;
+  const fs::path fifo = dir.path / "pipe.obchess";
+  CHECK(::mkfifo(fifo.c_str(), 0600) == 0);
+  CHECK_THROWS(load_hessian(fifo.string()), IoError);
+  CHECK_THROWS(read_hessian_info(fifo.string()), IoError);
+  CHECK_THROWS(save_hessian(fifo.string(), make_accumulator(2, 2, 1)), IoError);
+  CHECK_THROWS(load_hessian(dir.path.string()), IoError);
+}
+#endif
+
+OBC_TEST(sums_that_would_overflow_are_rejected) {
+  HessianAccumulator acc(2);
+  const double big[2] = {1e200, 1.0};
+  CHECK_THROWS(acc.add(big, 1, 2), InvalidArgument);
+  CHECK(acc.count() == 0 && acc.sum().cwiseAbs().maxCoeff() == 0);
+  const double large[2] = {6e153, 1.0};  // square 3.6e307 fits under DBL_MAX / 4; twice it does not
+  acc.add(large, 1, 2);
+  CHECK(acc.hessian().allFinite());
+  CHECK_THROWS(acc.add(large, 1, 2), InvalidArgument);
+  HessianAccumulator other = acc;
+  CHECK_THROWS(acc.merge(other), InvalidArgument);
+  CHECK(acc.count() == 1);
+  Eigen::MatrixXd huge = Eigen::MatrixXd::Identity(2, 2) * std::numeric_limits<double>::max();
+  CHECK_THROWS(HessianAccumulator::from_state(huge, 1), InvalidArgument);
 }
 
 OBC_TEST_MAIN

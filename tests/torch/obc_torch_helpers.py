@@ -93,3 +93,18 @@ def tiny_gpt2(seed: int = 0, layers: int = 1):
     )
     torch.manual_seed(seed)
     return transformers.GPT2LMHeadModel(config).eval()
+
+
+def write_manifest(directory, manifest: dict) -> None:
+    """Write ``manifest`` as the model directory's manifest.json, with a matching manifest_sha256
+    (computed here as documented: SHA-256 of the canonical JSON of the other fields), so a test
+    can edit a field and reach the checks behind the manifest checksum."""
+    import hashlib
+    import json
+    import os
+
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    full = dict(rest, manifest_sha256=hashlib.sha256(canonical.encode("utf-8")).hexdigest())
+    with open(os.path.join(os.fspath(directory), "manifest.json"), "w", encoding="utf-8") as handle:
+        json.dump(full, handle)

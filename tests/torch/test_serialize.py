@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from obc_torch_helpers import MLP, TinyCNN, tiny_gpt2
+from obc_torch_helpers import MLP, TinyCNN, tiny_gpt2, write_manifest
 from torch import nn
 
 from obc_native.torch import (
@@ -167,7 +167,7 @@ def test_truncated_tensor_file_with_matching_checksum(saved):
     import hashlib
 
     manifest["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
-    (saved / MANIFEST_NAME).write_text(json.dumps(manifest))
+    write_manifest(saved, manifest)
     with pytest.raises(SerializationError, match="cannot read tensors"):
         load_compressed(TinyCNN(), saved)
 
@@ -188,6 +188,9 @@ def test_bad_manifests(saved, tmp_path):
     data = json.loads(original)
     data["layers"]["fc"]["nonzeros"] += 1
     manifest_path.write_text(json.dumps(data))
+    with pytest.raises(SerializationError, match="manifest checksum mismatch"):
+        load_compressed(TinyCNN(), saved)
+    write_manifest(saved, data)
     with pytest.raises(SerializationError, match="layer 'fc': mask"):
         load_compressed(TinyCNN(), saved)
 

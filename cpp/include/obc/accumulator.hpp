@@ -4,6 +4,7 @@
 
 #include <Eigen/Core>
 #include <cstdint>
+#include <limits>
 
 #include "obc/types.hpp"
 
@@ -32,12 +33,16 @@ class HessianAccumulator {
  public:
   /// Rows per Gram product. Part of the summation order (see above); fixed.
   static constexpr Index chunk_rows = 2048;
+  /// Largest magnitude of an entry of S: with |S_ij| <= DBL_MAX / 4, H = 2/n S (n >= 1) and the
+  /// Gram products that build S cannot overflow.
+  static constexpr double kMaxSumEntry = std::numeric_limits<double>::max() / 4;
 
   /// An empty accumulator for inputs of width `cols` (> 0). Throws InvalidArgument otherwise.
   explicit HessianAccumulator(Index cols, const AccumulatorOptions& options = {});
 
   /// Adds the n rows of X (n x cols, n >= 0). Throws InvalidArgument, leaving the accumulator
-  /// unchanged, when X has another width or holds NaN/Inf.
+  /// unchanged, when X has another width, holds NaN/Inf, or would push an entry of the sum past
+  /// kMaxSumEntry (so hessian() is always finite).
   void add(const Eigen::Ref<const RowMatrix<float>>& X);
   void add(const Eigen::Ref<const RowMatrix<double>>& X);
   /// The same for a raw row-major buffer of rows x cols values (data may be null when rows == 0).
@@ -45,6 +50,7 @@ class HessianAccumulator {
   void add(const double* data, Index rows, Index cols);
 
   /// Adds the sum and count of `other` (same cols, else InvalidArgument). merge(*this) doubles.
+  /// Throws InvalidArgument, unchanged, when the merged sum would pass kMaxSumEntry.
   void merge(const HessianAccumulator& other);
 
   /// Forgets all samples.
@@ -62,8 +68,8 @@ class HessianAccumulator {
   void set_options(const AccumulatorOptions& options);
 
   /// Rebuilds an accumulator from a saved state (e.g. a Hessian file). Throws InvalidArgument
-  /// unless `sum` is square, non-empty, finite, exactly symmetric with a non-negative diagonal,
-  /// and all zero when count == 0.
+  /// unless `sum` is square, non-empty, finite, at most kMaxSumEntry in magnitude, exactly
+  /// symmetric with a non-negative diagonal, and all zero when count == 0.
   static HessianAccumulator from_state(const Eigen::Ref<const Eigen::MatrixXd>& sum,
                                        std::uint64_t count, const AccumulatorOptions& options = {});
 

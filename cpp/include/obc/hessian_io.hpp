@@ -53,10 +53,13 @@ void write_hessian(std::ostream& out, const HessianAccumulator& accumulator);
 HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options = {});
 
 /// Writes `path` (replacing it) through a temporary file in the same directory renamed into
-/// place, so readers never see a partial file. Throws IoError naming the path and the reason.
+/// place, so readers never see a partial file. Replaces only a missing path, an empty regular
+/// file or a Hessian file; a directory, FIFO, device or other file is refused (IoError) and
+/// left untouched. Throws IoError naming the path and the reason.
 void save_hessian(const std::string& path, const HessianAccumulator& accumulator);
 
-/// Reads `path`. Throws IoError when it cannot be opened or read, FormatError as read_hessian.
+/// Reads `path`, a regular file (anything else, e.g. a FIFO, is refused before it is opened).
+/// Throws IoError when it cannot be opened or read, FormatError as read_hessian.
 HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options = {});
 
 /// Reads and checks only the header of `path` (magic, version, reserved field, file size);

@@ -113,7 +113,8 @@ obc_status obc_accumulator_set_num_threads(obc_accumulator* accumulator, int num
 
 /* Adds rows x cols activations x (row-major; rows inputs of width cols, e.g. unfolded conv
  * patches). cols must equal the accumulator's width; rows may be 0 (x may then be NULL).
- * NaN/Inf are rejected and leave the accumulator unchanged. */
+ * NaN/Inf, and values so large that the float64 sum would pass DBL_MAX / 4 (so that the
+ * Hessian 2/n S stays finite), are rejected and leave the accumulator unchanged. */
 obc_status obc_accumulator_add_f32(obc_accumulator* accumulator, const float* x, size_t rows,
                                    size_t cols);
 obc_status obc_accumulator_add_f64(obc_accumulator* accumulator, const double* x, size_t rows,
@@ -135,7 +136,9 @@ obc_status obc_accumulator_sum(const obc_accumulator* accumulator, double* sum_o
                                size_t sum_size);
 
 /* Hessian files (docs/hessian_format.md): save writes through a temporary file renamed into
- * place; load creates a new accumulator (*out NULL on failure; OBC_ERR_IO / OBC_ERR_FORMAT). */
+ * place and replaces only a missing path, an empty file or a Hessian file (OBC_ERR_IO otherwise);
+ * load reads regular files only and creates a new accumulator (*out NULL on failure;
+ * OBC_ERR_IO / OBC_ERR_FORMAT). */
 obc_status obc_accumulator_save(const obc_accumulator* accumulator, const char* path);
 obc_status obc_accumulator_load(const char* path, obc_accumulator** out);
 

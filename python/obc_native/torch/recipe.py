@@ -36,6 +36,7 @@ import json
 import math
 import numbers
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -382,9 +383,19 @@ def _shape_text(info: LayerInfo) -> str:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe from a ``.json``, ``.yaml`` or ``.yml`` file."""
     path = os.fspath(path)
+    # Only a regular file is opened (a FIFO or device would block or never end); the check is
+    # repeated on the descriptor, opened non-blocking.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise RecipeError(f"recipe file {path!r} is not a regular file")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise RecipeError(f"recipe file {path!r} is not a regular file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        raw = handle.read()
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe file {path!r} is not UTF-8 text ({err})") from err
     try:
@@ -398,7 +409,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
         raise RecipeError(f"could not parse recipe file {path!r}: {err}") from err
     try:
         recipe = Recipe.from_dict(data)
-    except (RecipeError, TypeError) as err:
+    except (RecipeError, TypeError, ValueError, KeyError, AttributeError, IndexError, RecursionError) as err:
         raise RecipeError(f"recipe file {path!r}: {err}") from err
     recipe.source = path
     return recipe

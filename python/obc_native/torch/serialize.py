@@ -20,16 +20,35 @@ in float32, where for convolutions the group ``g`` of native column ``c*K + k`` 
 dense, sparse (mask + values), quantized (codes) or sparse quantized (mask + codes) is smallest;
 weights that are not exactly on the layer's grid (changed after compression) fall back to values.
 
-Loading never unpickles: safetensors and JSON only.
+Loading never unpickles: safetensors and JSON only. It reads nothing but the directory's own
+two files: ``manifest.json`` and the tensor file must be regular files (a symbolic link is
+followed only when it resolves inside the directory; FIFOs and devices are refused before they
+are opened), and the manifest's ``tensors`` field must be exactly ``"compressed.safetensors"``
+(or ``"model.safetensors"``, the name older versions wrote). The
+manifest is checked against its schema (types, ranges, known storage kinds) before any of it is
+used; every problem raises :class:`SerializationError`.
+
+Saving writes each file to a new temporary file in the directory and renames it into place: a
+symbolic link there is replaced (never written through), and a directory, FIFO or device in the
+place of either file is refused and left alone.
+
+Checksums: ``sha256`` is the SHA-256 of the tensor file; ``manifest_sha256`` is the SHA-256 of the
+canonical JSON of the manifest without that field (``json.dumps(rest, sort_keys=True,
+separators=(",", ":"))`` as UTF-8). Manifests written before ``manifest_sha256`` existed (same
+format version 1) have no such field; they are still read, after the schema check, and a
+warning is logged. Both checksums detect accidental corruption; they are not signatures.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
+import tempfile
 from typing import Any
 
 import numpy as np
@@ -60,6 +79,7 @@ MANIFEST_NAME = "manifest.json"
 # under other keys) at random. Folders written with that old name still load: the manifest's
 # "tensors" field names the file.
 TENSORS_NAME = "compressed.safetensors"
+_TENSOR_NAMES = (TENSORS_NAME, "model.safetensors")  # what a manifest's "tensors" may name
 _CHUNK = 1 << 22  # codes packed at a time (a multiple of 8, so chunks stay byte aligned)
 
 
@@ -157,10 +177,68 @@ def _nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
 
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with _open_regular(path) as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _manifest_digest(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``manifest`` without its ``manifest_sha256`` field."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _own_file(directory: str, file_name: str) -> str:
+    """Path of ``file_name`` in ``directory``, checked to be a regular file that lies inside it.
+
+    A symbolic link is accepted only when it resolves inside ``directory``; anything that is
+    not a regular file (directory, FIFO, device, socket) is refused without being opened.
+    """
+    path = os.path.join(directory, file_name)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        raise SerializationError(
+            f"{path}: no such file; not a model saved by obc_native.torch.save_compressed"
+        ) from None
+    except OSError as err:
+        raise SerializationError(f"{path}: cannot be read ({err})") from err
+    if stat.S_ISLNK(info.st_mode):
+        real = os.path.realpath(path)
+        root = os.path.realpath(directory)
+        try:
+            inside = os.path.commonpath([real, root]) == root
+        except ValueError:  # e.g. another drive on Windows
+            inside = False
+        if not inside:
+            raise SerializationError(f"{path}: symbolic link to {real!r}, outside the model directory; refused")
+        try:
+            info = os.stat(real)
+        except OSError as err:
+            raise SerializationError(f"{path}: dangling or unreadable symbolic link ({err})") from err
+        path = real
+    if not stat.S_ISREG(info.st_mode):
+        raise SerializationError(f"{path}: not a regular file; refused")
+    return path
+
+
+@contextlib.contextmanager
+def _open_regular(path: str):
+    """``open(path, "rb")`` for a regular file only: opened non-blocking (a FIFO swapped in after
+    :func:`_own_file` checked the path cannot block) and checked again on the descriptor."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise SerializationError(f"{path}: cannot be opened ({err})") from err
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SerializationError(f"{path}: not a regular file; refused")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        yield handle
 
 
 def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -266,7 +344,7 @@ def save_compressed(
         tensors[key] = value.detach().cpu().contiguous().clone()
 
     tensor_path = os.path.join(directory, TENSORS_NAME)
-    save_file(tensors, tensor_path, metadata={"format": FORMAT})
+    _write_atomically(tensor_path, lambda temp: save_file(tensors, temp, metadata={"format": FORMAT}))
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -277,30 +355,145 @@ def save_compressed(
         "report": None if report is None else report.to_dict(),
         "metadata": dict(metadata or {}),
     }
+    # Digest of the manifest as a reader will parse it (tuples become lists, and so on).
+    manifest["manifest_sha256"] = _manifest_digest(json.loads(json.dumps(manifest)))
     text = json.dumps(manifest, indent=1)
-    with open(os.path.join(directory, MANIFEST_NAME), "w", encoding="utf-8") as handle:
-        handle.write(text)
+
+    def write_manifest(temp: str) -> None:
+        with open(temp, "w", encoding="utf-8") as handle:
+            handle.write(text)
+
+    _write_atomically(os.path.join(directory, MANIFEST_NAME), write_manifest)
     return manifest
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed ``manifest.json`` of a saved model (format and version checked)."""
-    path = os.path.join(os.fspath(directory), MANIFEST_NAME)
-    if not os.path.isfile(path):
-        raise SerializationError(f"{path}: no such file; not a model saved by obc_native.torch.save_compressed")
+def _write_atomically(path: str, write) -> None:
+    """``write(temp)`` a new temporary file next to ``path``, then rename it onto ``path``.
+
+    A symbolic link at ``path`` is replaced by the file (its target is never written through);
+    a directory, FIFO or device there is refused and left as it is. Only the temporary file is
+    ever removed (on failure).
+    """
+    if os.path.lexists(path):
+        mode = os.lstat(path).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
+            raise SerializationError(f"{path}: exists and is not a regular file; refusing to replace it")
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    os.close(fd)
     try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SerializationError(f"{path}: unreadable or corrupted manifest ({err})") from err
+        write(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``manifest.json`` of a saved model: format, version, checksum and schema checked.
+
+    Raises :class:`SerializationError` for a missing, unreadable, corrupted or malformed manifest.
+    """
+    directory = os.fspath(directory)
+    path = _own_file(directory, MANIFEST_NAME)
+    try:
+        with _open_regular(path) as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise SerializationError(f"{path}: unreadable or corrupted manifest ({type(err).__name__}: {err})") from err
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SerializationError(f"{path}: not an obc_native manifest (format {FORMAT!r} expected)")
     if manifest.get("version") != VERSION:
         raise SerializationError(f"{path}: manifest version {manifest.get('version')!r}; this version reads {VERSION}")
+    if "manifest_sha256" in manifest:
+        try:
+            digest = _manifest_digest(manifest)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise SerializationError(f"{path}: corrupted manifest ({err})") from err
+        if manifest["manifest_sha256"] != digest:
+            raise SerializationError(f"{path}: manifest checksum mismatch; the manifest is corrupted or was edited")
+    else:
+        logger.warning("%s: manifest has no manifest_sha256 (saved by an older obc_native); not verified", path)
+    _check_manifest(manifest, path)
+    return manifest
+
+
+_STORAGES = ("dense", "sparse", "quantized", "sparse_quantized")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_manifest(manifest: dict[str, Any], path: str) -> None:
+    """Raise SerializationError unless every field the loader uses has the expected type and range."""
+
+    def fail(message: str) -> None:
+        raise SerializationError(f"{path}: malformed manifest: {message}")
+
     for field_name in ("tensors", "sha256", "state_dict_keys", "layers"):
         if field_name not in manifest:
-            raise SerializationError(f"{path}: manifest lacks {field_name!r}")
-    return manifest
+            fail(f"lacks {field_name!r}")
+    if manifest["tensors"] not in _TENSOR_NAMES:
+        fail(f"'tensors' must be one of {_TENSOR_NAMES} (a file next to the manifest), got {manifest['tensors']!r}")
+    digest = manifest["sha256"]
+    if not (isinstance(digest, str) and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        fail(f"'sha256' must be 64 lowercase hex digits, got {digest!r}")
+    keys = manifest["state_dict_keys"]
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        fail("'state_dict_keys' must be a list of strings")
+    if len(set(keys)) != len(keys):
+        fail("'state_dict_keys' has duplicates")
+    for field_name in ("report", "metadata"):
+        if manifest.get(field_name) is not None and not isinstance(manifest[field_name], dict):
+            fail(f"{field_name!r} must be an object or null, got {type(manifest[field_name]).__name__}")
+    layers = manifest["layers"]
+    if not isinstance(layers, dict):
+        fail(f"'layers' must be an object (layer name -> entry), got {type(layers).__name__}")
+    for name, entry in layers.items():
+        _check_layer_entry(name, entry, fail)
+
+
+def _check_layer_entry(name: str, entry: Any, fail) -> None:
+    where = f"layer {name!r}"
+    if not isinstance(entry, dict):
+        fail(f"{where}: entry must be an object, got {type(entry).__name__}")
+
+    def need(field_name: str, check, expected: str) -> Any:
+        if field_name not in entry:
+            fail(f"{where}: lacks {field_name!r}")
+        value = entry[field_name]
+        if not check(value):
+            fail(f"{where}: {field_name!r} must be {expected}, got {value!r}")
+        return value
+
+    def int_list(value: Any, length: int | None = None) -> bool:
+        return (
+            isinstance(value, list)
+            and (length is None or len(value) == length)
+            and all(_is_int(v) and v >= 1 for v in value)
+        )
+
+    need("kind", lambda v: isinstance(v, str), "a string")
+    need("weight_key", lambda v: isinstance(v, str) and v != "", "a non-empty string")
+    need("weight_shape", lambda v: int_list(v) and 2 <= len(v) <= 5, "a list of 2 to 5 positive integers")
+    rows, cols = need("matrix_shape", lambda v: int_list(v, 2), "a list of two positive integers")
+    need("groups", lambda v: _is_int(v) and v >= 1, "a positive integer")
+    need("kernel", lambda v: isinstance(v, list) and all(_is_int(k) and k >= 1 for k in v), "a list of positive integers")
+    dtype = need("dtype", lambda v: isinstance(v, str), "a string")
+    if not isinstance(getattr(torch, dtype, None), torch.dtype):
+        fail(f"{where}: unknown dtype {dtype!r}")
+    need("nonzeros", lambda v: _is_int(v) and 0 <= v <= rows * cols, f"an integer in 0..{rows * cols}")
+    storage = need("storage", lambda v: v in _STORAGES, f"one of {_STORAGES}")
+    if storage in ("quantized", "sparse_quantized"):
+        need("bits", lambda v: _is_int(v) and 1 <= v <= 8, "an integer in 1..8")
+        need("sym", lambda v: isinstance(v, bool), "true or false")
+        need(
+            "group_size",
+            lambda v: _is_int(v) and 1 <= v <= cols and cols % v == 0,
+            f"a positive integer dividing the columns ({cols})",
+        )
+        need("column_order", lambda v: v in ("native", "channels_last"), "'native' or 'channels_last'")
 
 
 def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -310,6 +503,11 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
     dtype = getattr(torch, entry["dtype"], None)
     if not isinstance(dtype, torch.dtype):
         raise SerializationError(f"layer {name!r}: unknown dtype {entry['dtype']!r}")
+    if entry["matrix_shape"] != [info.out_features, info.cols]:
+        raise SerializationError(
+            f"layer {name!r}: manifest matrix_shape {entry['matrix_shape']} does not match the layer's "
+            f"{[info.out_features, info.cols]}"
+        )
 
     def get(suffix: str) -> torch.Tensor:
         full = f"{key}:{suffix}" if suffix else key
@@ -317,13 +515,20 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
             raise SerializationError(f"layer {name!r}: tensor {full!r} is missing from the file")
         return tensors[full]
 
+    def get_array(suffix: str, expected: np.dtype) -> np.ndarray:
+        tensor = get(suffix)
+        expected_torch = {np.dtype(np.uint8): torch.uint8, np.dtype(np.float32): torch.float32}[np.dtype(expected)]
+        if tensor.dtype != expected_torch:
+            raise SerializationError(f"layer {name!r}: tensor '{key}:{suffix}' is {tensor.dtype}, expected {expected_torch}")
+        return tensor.contiguous().numpy()
+
     if storage == "dense":
         return get("")
     rows, cols = info.out_features, info.cols
     total = rows * cols
     mask = None
     if storage.startswith("sparse"):
-        packed = get("mask").numpy()
+        packed = get_array("mask", np.uint8)
         if packed.dtype != np.uint8 or packed.size != math.ceil(total / 8):
             raise SerializationError(f"layer {name!r}: mask has {packed.size} bytes, expected {math.ceil(total / 8)}")
         mask = np.unpackbits(packed, count=total).astype(bool)
@@ -341,20 +546,25 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
         matrix[torch.from_numpy(mask)] = values
     elif storage in ("quantized", "sparse_quantized"):
         bits = entry["bits"]
-        scale, zero = get("scale").numpy(), get("zero").numpy()
+        scale, zero = get_array("scale", np.float32), get_array("zero", np.uint8)
         groups = cols // entry["group_size"] if entry["group_size"] else 0
         if scale.shape != (rows, groups) or zero.shape != (rows, groups) or zero.dtype != np.uint8:
             raise SerializationError(f"layer {name!r}: scale/zero of shape {scale.shape}, expected {(rows, groups)}")
         count = total if mask is None else int(mask.sum())
-        codes = unpack_bits(get("codes").numpy(), bits, count)
+        codes = unpack_bits(get_array("codes", np.uint8), bits, count)
+        if bits < 8 and codes.size and int(codes.max()) >> bits:
+            raise SerializationError(f"layer {name!r}: codes do not fit in {bits} bits")
         if mask is not None:
             full = np.zeros(total, dtype=np.uint8)
             full[mask] = codes
             codes = full
         matrix32 = _dequantize(info, codes.reshape(rows, cols), entry, scale, zero)
         if mask is not None:
-            matrix32.reshape(-1)[~mask] = 0.0
-        matrix = torch.from_numpy(matrix32).reshape(-1).to(dtype)
+            # Not an in-place write through reshape(-1): _dequantize's result may be Fortran
+            # ordered (numpy picks the layout of the fancy-indexed scale), and then reshape
+            # returns a copy and the pruned entries would silently keep their dequantized value.
+            matrix32 = np.where(mask.reshape(rows, cols), matrix32, np.float32(0.0))
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix32, dtype=np.float32)).reshape(-1).to(dtype)
     else:
         raise SerializationError(f"layer {name!r}: unknown storage {storage!r}")
     matrix = matrix.reshape(rows, cols)
@@ -375,20 +585,25 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
 
     directory = os.fspath(directory)
     manifest = read_manifest(directory)
-    tensor_path = os.path.join(directory, manifest["tensors"])
-    if not os.path.isfile(tensor_path):
-        raise SerializationError(f"{tensor_path}: tensor file is missing")
+    tensor_path = _own_file(directory, manifest["tensors"])  # read_manifest checked it is one of our names
+    before = os.stat(tensor_path)
     if _sha256(tensor_path) != manifest["sha256"]:
         raise SerializationError(f"{tensor_path}: checksum mismatch; the file is corrupted or not the one saved")
     try:
         tensors = load_file(tensor_path)
-    except (SafetensorError, OSError, ValueError) as err:
-        raise SerializationError(f"{tensor_path}: cannot read tensors ({err})") from err
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError, OverflowError, MemoryError) as err:
+        raise SerializationError(f"{tensor_path}: cannot read tensors ({type(err).__name__}: {err})") from err
+    after = os.stat(tensor_path)
+    if (before.st_ino, before.st_dev, before.st_size, before.st_mtime_ns) != (
+        after.st_ino, after.st_dev, after.st_size, after.st_mtime_ns,
+    ):
+        raise SerializationError(f"{tensor_path}: the file changed while it was read")
 
     current = model.state_dict()
     saved_keys = list(manifest["state_dict_keys"])
     missing = [k for k in saved_keys if k not in current]
-    unexpected = [k for k in current if k not in set(saved_keys)]
+    saved_set = set(saved_keys)
+    unexpected = [k for k in current if k not in saved_set]
     if missing or unexpected:
         raise SerializationError(
             "architecture mismatch: the saved model has state-dict keys the model lacks "
@@ -401,9 +616,14 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             module = model.get_submodule(name)
         except AttributeError:
             raise SerializationError(f"architecture mismatch: the model has no layer {name!r}") from None
-        if layer_kind(module) != entry.get("kind"):
+        if layer_kind(module) != entry["kind"]:
             raise SerializationError(
                 f"architecture mismatch: layer {name!r} is {type(module).__name__}, saved as {entry.get('kind')!r}"
+            )
+        expected_key = f"{name}.weight" if name else "weight"
+        if entry["weight_key"] != expected_key or expected_key not in saved_keys:
+            raise SerializationError(
+                f"layer {name!r}: weight_key {entry['weight_key']!r} is not the layer's state-dict key {expected_key!r}"
             )
         info = describe_layer(name, module)
         if list(info.weight_shape) != entry["weight_shape"] or info.groups != entry["groups"]:
@@ -413,7 +633,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             )
         try:
             new_state[entry["weight_key"]] = _decode_layer(name, info, entry, tensors)
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as err:
             if isinstance(err, SerializationError):
                 raise
             raise SerializationError(f"layer {name!r}: corrupted entry ({err})") from err

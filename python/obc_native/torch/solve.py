@@ -63,7 +63,7 @@ def magnitude_blocked(weight: np.ndarray, sparsity: float, block: int, spread: s
         np.put_along_axis(keep, order, False, axis=1)
     else:
         count = math.ceil(sparsity * scores.size)
-        keep.reshape(-1)[np.argsort(scores.reshape(-1), kind="stable")[:count]] = False
+        np.put(keep, np.argsort(scores.reshape(-1), kind="stable")[:count], False)  # in place, any layout
     return np.where(np.repeat(keep, block, axis=1), weight, 0).astype(weight.dtype)
 
 
