@@ -45,7 +45,7 @@ def _load(path):
 def test_non_utf8_recipe(tmp_path):
     path = tmp_path / "recipe.json"
     path.write_bytes(b'{"skip": ["\xff"]}')
-    with pytest.raises(RecipeError, match="could not parse"):
+    with pytest.raises(RecipeError, match="not UTF-8"):
         _load(path)
 
 

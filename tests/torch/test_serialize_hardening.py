@@ -100,7 +100,7 @@ def test_tensors_field_cannot_leave_the_directory(saved, tmp_path, where):
     manifest["tensors"] = value
     write_manifest(saved, manifest)
     (saved / TENSORS_NAME).unlink()
-    with pytest.raises(SerializationError, match="'tensors' must be 'model.safetensors'"):
+    with pytest.raises(SerializationError, match="'tensors' must be one of"):
         _load(saved)
 
 
@@ -372,7 +372,7 @@ def test_save_never_writes_through_links_or_replaces_special_files(mlp, mlp_batc
     with pytest.raises(SerializationError, match="not a regular file"), deadline(20):
         save_compressed(mlp, directory, report)
     assert stat_is_fifo(directory / MANIFEST_NAME)
-    assert sorted(os.listdir(directory)) == [MANIFEST_NAME, TENSORS_NAME]  # no temporary left
+    assert sorted(os.listdir(directory)) == sorted([MANIFEST_NAME, TENSORS_NAME])  # no temporary left
 
 
 def stat_is_fifo(path) -> bool:
@@ -389,4 +389,4 @@ def test_cli_report_of_a_malformed_report_is_an_error_not_a_traceback(saved, rep
     manifest["report"] = report
     write_manifest(saved, manifest)
     assert main(["report", str(saved)]) == 1
-    assert "report is malformed" in capsys.readouterr().err
+    assert "malformed" in capsys.readouterr().err
