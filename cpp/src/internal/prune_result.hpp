@@ -2,12 +2,31 @@
 #pragma once
 
 #include <algorithm>
+#include <limits>
+#include <type_traits>
 #include <utility>
 
 #include "obc/hessian.hpp"
 #include "obc/prune.hpp"
 
 namespace obc::internal {
+
+/// check_scale for a layer solved in W's own precision (float32 rows: float32 kernels, which
+/// also hold the inverse in float32: its diagonal, which bounds every entry, must fit there).
+template <class Scalar>
+inline void check_layer_scale(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                              const PreparedHessian& prep) {
+  check_scale<Scalar>(W, prep.live_trace, static_cast<double>(std::numeric_limits<Scalar>::max()),
+                      std::is_same_v<Scalar, float> ? "float32" : "float64");
+  if (!std::is_same_v<Scalar, float> || prep.hinv.size() == 0) return;
+  const double largest = prep.hinv.diagonal().maxCoeff(), smallest = prep.hinv.diagonal().minCoeff();
+  if (largest <= std::numeric_limits<float>::max() / 256 &&
+      smallest >= 256 * static_cast<double>(std::numeric_limits<float>::min()))
+    return;
+  throw Overflow(detail::concat(
+      "H: its inverse (diagonal from ", smallest, " to ", largest, ") is out of float32 range ",
+      "for float32 weights; rescale H (e.g. by its mean diagonal) or pass float64 W"));
+}
 
 /// Row losses are measured with the undamped H (see hessian.hpp row_losses).
 template <class Scalar>
@@ -16,6 +35,7 @@ inline PruneResult<Scalar> finish_result(const Eigen::Ref<const RowMatrix<Scalar
                                   const PreparedHessian& prep, RowMatrix<Scalar>&& weight,
                                   MaskMatrix&& pruned, const RunOptions& run) {
   PruneResult<Scalar> result;
+  check_finite_result(weight, "weights");
   result.weight = std::move(weight);
   result.pruned = std::move(pruned);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
@@ -34,6 +54,9 @@ inline PruneResult<Scalar> finish_result_from_steps(const Eigen::Ref<const RowMa
                                                     RowMatrix<Scalar>&& weight,
                                                     MaskMatrix&& pruned,
                                                     Eigen::VectorXd&& step_losses) {
+  // Before the clamp below, which would turn a NaN loss into 0.
+  check_finite_result(weight, "weights");
+  check_finite_result(step_losses, "row losses");
   PruneResult<Scalar> result;
   result.weight = std::move(weight);
   result.pruned = std::move(pruned);

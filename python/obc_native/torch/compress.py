@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .._arrays import as_threads
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
@@ -308,10 +309,11 @@ def compress(
         correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
             correction), "batchnorm", "bias", or None.
         baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
-        num_threads: threads for the solvers (None: the core's default).
+        num_threads: threads for the solvers (None: the core's default; at most 1024).
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
     """
+    as_threads(num_threads)  # a bad count fails now, not after the calibration pass
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
