@@ -43,8 +43,9 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
                                             pruned.data(),
                                             step_losses.data()};
   internal::row_kernels<Scalar>().structured(job, run);
-  return internal::finish_result_from_steps<Scalar>(W, prep, std::move(weight), std::move(pruned),
-                                                    std::move(step_losses));
+  return internal::finish_result_from_steps<Scalar>(W, H, prep, std::move(weight),
+                                                    std::move(pruned), std::move(step_losses),
+                                                    run.num_threads);
 }
 
 template PruneResult<float> prune_structured<float>(const Eigen::Ref<const RowMatrix<float>>&,

@@ -36,7 +36,8 @@ extern "C" {
 
 typedef enum obc_status {
   OBC_OK = 0,
-  OBC_ERR_INVALID_ARGUMENT = 1,      /* null pointer, wrong size, value out of range, NaN/Inf */
+  OBC_ERR_INVALID_ARGUMENT = 1,      /* null pointer, wrong size, value out of range, NaN/Inf,
+                                        values too large for the precision (rescale) */
   OBC_ERR_NOT_POSITIVE_DEFINITE = 2, /* H not positive definite after damping: raise damp */
   OBC_ERR_INTERRUPTED = 3,           /* the interrupt callback asked to stop; no result */
   OBC_ERR_IO = 4,                    /* a file could not be opened, read or written */
