@@ -22,7 +22,8 @@ constexpr Index kTileCols = 64;
 constexpr double kMaxSumEntry = HessianAccumulator::kMaxSumEntry;
 
 void check_options(const AccumulatorOptions& options) {
-  OBC_CHECK(options.num_threads >= 0, "num_threads: expected >= 0 (0 = default), got ",
+  OBC_CHECK(options.num_threads >= 0 && options.num_threads <= kMaxThreads,
+            "num_threads: expected an integer in [0, ", kMaxThreads, "] (0 = default), got ",
             options.num_threads);
 }
 

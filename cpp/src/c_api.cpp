@@ -10,6 +10,7 @@
 #include "obc/accumulator.hpp"
 #include "obc/errors.hpp"
 #include "obc/hessian_io.hpp"
+#include "obc/parallel.hpp"
 #include "obc/obc.h"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
@@ -17,6 +18,8 @@
 struct obc_accumulator {
   obc::HessianAccumulator state;
 };
+
+static_assert(OBC_MAX_THREADS == obc::kMaxThreads, "the C API and the core cap num_threads alike");
 
 namespace {
 
@@ -115,8 +118,9 @@ void resolve(const obc_options* options, Settings& settings) {
             " (initialize the struct with obc_options_init)");
   OBC_CHECK(std::isfinite(options->damp) && options->damp >= 0,
             "options.damp: expected a finite value >= 0, got ", options->damp);
-  OBC_CHECK(options->num_threads >= 0, "options.num_threads: expected >= 0 (0 = default), got ",
-            options->num_threads);
+  OBC_CHECK(options->num_threads >= 0 && options->num_threads <= OBC_MAX_THREADS,
+            "options.num_threads: expected an integer in [0, ", OBC_MAX_THREADS,
+            "] (0 = default), got ", options->num_threads);
   switch (options->spread) {
     case OBC_SPREAD_GLOBAL:
       settings.spread = obc::Spread::Global;

@@ -89,6 +89,7 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
                                 int num_threads) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
             "damp: expected a finite value >= 0, got ", options.damp);
+  resolve_num_threads(num_threads);  // every solver starts here: a bad count fails at once
   validate_hessian(H, options.symmetry_tol, num_threads);
   const Index cols = H.rows();
   PreparedHessian prep;
@@ -107,6 +108,7 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   const Index live = cols - prep.num_dead;
   prep.damp = options.damp;
   prep.damp_absolute = live > 0 ? options.damp * live_diag_sum / static_cast<double>(live) : 0.0;
+  prep.live_trace = live_diag_sum + static_cast<double>(live) * prep.damp_absolute;
   if (!options.invert) return prep;
   // The damped, exactly symmetric Hessian goes into the buffer that becomes its inverse (lower
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
@@ -144,6 +146,34 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   return prep;
 }
 
+double live_trace(const HessianRef& H, double damp_absolute) {
+  double trace = 0;
+  H.visit([&](const auto& h) {
+    for (Index i = 0; i < h.rows(); ++i)
+      if (h(i, i) > 0) trace += static_cast<double>(h(i, i)) + damp_absolute;
+  });
+  return trace;
+}
+
+template <class Scalar>
+void check_scale(const Eigen::Ref<const RowMatrix<Scalar>>& W, double h_trace, double limit,
+                 const char* precision) {
+  double max_norm2 = 0;  // float64 even for float32 W; Inf when it overflows float64 too
+  for (Index r = 0; r < W.rows(); ++r)
+    max_norm2 = std::max(max_norm2, W.row(r).template cast<double>().squaredNorm());
+  const double bound = limit / 256;
+  if (max_norm2 <= bound && max_norm2 * h_trace <= bound) return;
+  throw Overflow(detail::concat(
+      "W: values too large for ", precision, " arithmetic: max over rows of ||w||^2 = ",
+      max_norm2, " and trace(H) = ", h_trace, " (their product bounds every OBS score and loss) ",
+      "must stay below ", bound, "; rescale W or H (losses are quadratic in W, linear in H)"));
+}
+
+template void check_scale<float>(const Eigen::Ref<const RowMatrix<float>>&, double, double,
+                                 const char*);
+template void check_scale<double>(const Eigen::Ref<const RowMatrix<double>>&, double, double,
+                                  const char*);
+
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat, const HessianRef& H,
@@ -154,6 +184,7 @@ Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             ", got ", H.rows(), "x", H.cols());
   OBC_CHECK(H.visit([](const auto& h) { return h.allFinite(); }),
             "H: expected finite values, got NaN or Inf");
+  resolve_num_threads(num_threads);  // throws for a count outside [0, kMaxThreads]
   if (W.outerStride() != W.cols() || W_hat.outerStride() != W_hat.cols()) {
     const RowMatrix<Scalar> w = W, w_hat = W_hat;  // the kernel reads contiguous rows
     return row_losses<Scalar>(w, w_hat, H, num_threads);
@@ -161,6 +192,7 @@ Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   Eigen::VectorXd losses(W.rows());
   internal::row_kernels<Scalar>().row_losses(W.data(), W_hat.data(), W.rows(), W.cols(),
                                              internal::input_of(H), losses.data(), num_threads);
+  check_finite_result(losses, "row losses");  // e.g. |W - W_hat| ~ 1e300: d H d^T overflows
   return losses;
 }
 

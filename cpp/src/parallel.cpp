@@ -17,7 +17,8 @@
 namespace obc {
 
 int resolve_num_threads(int requested) {
-  OBC_CHECK(requested >= 0, "num_threads: expected >= 0 (0 = default), got ", requested);
+  OBC_CHECK(requested >= 0 && requested <= kMaxThreads, "num_threads: expected an integer in [0, ",
+            kMaxThreads, "] (0 = default), got ", requested);
 #ifdef OBC_HAVE_OPENMP
   return requested == 0 ? omp_get_max_threads() : requested;
 #else

@@ -74,6 +74,12 @@ void run_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessia
   }
   internal::row_kernels<Scalar>().trace(job, run);
   if (trace) trace->block = block;
+  for (Index i = 0; i < order.size(); ++i)
+    if (order.data()[i] >= 0 && !std::isfinite(losses.data()[i]))
+      throw Overflow("step losses: the greedy produced NaN or Inf (values too large for the "
+                     "precision, or H too ill-conditioned for it); rescale W or H, increase damp, "
+                     "or pass float64 inputs");
+  check_finite_result(out, "weights");
 }
 
 template <class Scalar>
@@ -112,8 +118,11 @@ Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHes
   for (Index steps : record_steps)
     OBC_CHECK(steps >= 0 && steps <= W.cols() / block, "record_steps: expected counts in [0, ",
               W.cols() / block, "], got ", steps);
+  internal::check_layer_scale<Scalar>(W, hessian);
+  resolve_num_threads(run.num_threads);  // throws for a count outside [0, kMaxThreads]
   Trace trace;
   run_rows<Scalar>(W, hessian, block, nullptr, run, &trace, nullptr, &record_steps, &recorded);
+  for (const RowMatrix<Scalar>& layer : recorded) check_finite_result(layer, "recorded weights");
   return trace;
 }
 
@@ -167,6 +176,8 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             prep.cols(), ", got ", H.rows(), "x", H.cols());
   OBC_CHECK(pruned_in.rows() == W.rows() && pruned_in.cols() == W.cols(), "mask: expected ",
             W.rows(), "x", W.cols(), ", got ", pruned_in.rows(), "x", pruned_in.cols());
+  internal::check_layer_scale<Scalar>(W, prep);
+  resolve_num_threads(run.num_threads);  // throws for a count outside [0, kMaxThreads]
   const Index rows = W.rows(), cols = W.cols();
   MaskMatrix pruned = pruned_in;
   for (Index r = 0; r < rows; ++r)
@@ -215,6 +226,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
   check_weight<Scalar>(W, prep.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
+  internal::check_layer_scale<Scalar>(W, prep);
   const Index num_blocks = W.cols() / block;
   if (spread == Spread::Uniform) {
     // Every row stops at the same count: the greedy's own weights are optimal for its mask.
@@ -260,6 +272,7 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
             "input belongs to a group of m, got m = ", m);
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   check_weight<Scalar>(W, prep.cols());
+  internal::check_layer_scale<Scalar>(W, prep);
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
   const Index rows = W.rows(), cols = W.cols();
   RowMatrix<Scalar> weight(rows, cols);

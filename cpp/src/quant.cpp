@@ -9,6 +9,7 @@
 
 #include "internal/grid_point.hpp"
 #include "internal/prepared_view.hpp"
+#include "internal/prune_result.hpp"
 #include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -137,6 +138,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
       result.weight(r, c) = grid_at(result.grid, r, c).quantize(W(r, c));
       result.pruned(r, c) = W(r, c) == Scalar(0) ? 1 : 0;
     }
+  check_finite_result(result.weight, "weights");
   fill_codes(result);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
   return result;
@@ -149,6 +151,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   check_quant_options(opt, W.cols());
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
   check_inputs<Scalar>(W, prep.cols());
+  internal::check_layer_scale<Scalar>(W, prep);
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt);
@@ -161,6 +164,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                      grid.bits,          0.25 * (1.0 + opt.outlier_tol),
                                      result.weight.data()};
   internal::row_kernels<Scalar>().obq(job, run);
+  check_finite_result(result.weight, "weights");
   result.pruned.resize(rows, cols);
   for (Index r = 0; r < rows; ++r)
     for (Index c = 0; c < cols; ++c)

@@ -25,6 +25,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
   OBC_CHECK(prep.cols() == W.cols(), "H: expected ", W.cols(), "x", W.cols(), ", got ",
             prep.cols(), "x", prep.cols());
   OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  internal::check_layer_scale<Scalar>(W, prep);
   const Index rows = W.rows(), cols = W.cols(), num_groups = cols / group;
   const Index target = count_for_sparsity(sparsity, num_groups);
 
@@ -42,8 +43,9 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
                                             pruned.data(),
                                             step_losses.data()};
   internal::row_kernels<Scalar>().structured(job, run);
-  return internal::finish_result_from_steps<Scalar>(W, prep, std::move(weight), std::move(pruned),
-                                                    std::move(step_losses));
+  return internal::finish_result_from_steps<Scalar>(W, H, prep, std::move(weight),
+                                                    std::move(pruned), std::move(step_losses),
+                                                    run.num_threads);
 }
 
 template PruneResult<float> prune_structured<float>(const Eigen::Ref<const RowMatrix<float>>&,

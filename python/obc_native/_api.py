@@ -72,7 +72,8 @@ def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", method="ex
             ("global") or ceil(sparsity * cols) per row ("uniform"). Existing zeros count.
         damp: relative damping; lambda = damp * mean(diag H) is added to diag(H).
         spread: "global" (the paper: smallest greedy step losses across the layer) or "uniform".
-        num_threads: threads over rows (None = OpenMP default). Results do not depend on it.{method}
+        num_threads: threads over rows (None or 0 = OpenMP default, at most 1024). Results do not
+            depend on it.{method}
     Returns:
         PruneResult.
     """

@@ -106,11 +106,17 @@ def as_damp(value) -> float:
     return value
 
 
+# The most threads a call may ask for; the core (obc::kMaxThreads) and the C API
+# (OBC_MAX_THREADS) use the same bound. Far above any core count: a larger request is a mistake
+# (OpenMP would try to start that many threads and abort the process).
+MAX_THREADS = 1024
+
+
 def as_threads(value) -> int:
-    """num_threads: None (OpenMP default) or a positive integer; 0 means the default too."""
+    """num_threads: None (OpenMP default) or an integer in [0, MAX_THREADS] (1024); 0 = default."""
     if value is None:
         return 0
-    return as_int(value, "num_threads", low=0)
+    return as_int(value, "num_threads", low=0, high=MAX_THREADS)
 
 
 def as_choice(value, name: str, choices: tuple[str, ...]) -> str:

@@ -39,6 +39,8 @@ import tempfile
 from collections.abc import Sequence
 from typing import Any
 
+from ._arrays import MAX_THREADS
+
 __all__ = ["main", "build_parser"]
 
 logger = logging.getLogger("obc_native.cli")
@@ -51,6 +53,17 @@ HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch
 
 class CliError(Exception):
     """A user error reported as one line on stderr with exit status 1."""
+
+
+def _thread_count(text: str) -> int:
+    """--threads: an integer in 0..MAX_THREADS, 0 = all (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_THREADS}, got {text!r}") from None
+    if not 0 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{MAX_THREADS}, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument(
         "--correction", default="auto", choices=["auto", "batchnorm", "bias", "none"], help="statistics correction"
     )
-    compress.add_argument("--threads", type=int, default=None, help="solver threads (default: all)")
+    compress.add_argument(
+        "--threads", type=_thread_count, default=None, help=f"solver threads, 0..{MAX_THREADS} (default or 0: all)"
+    )
     compress.add_argument("--quiet", action="store_true", help="no progress bar and no table")
 
     report = commands.add_parser("report", help="print the manifest of a saved compressed model")

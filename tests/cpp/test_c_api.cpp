@@ -1,7 +1,9 @@
 // Tests for obc/obc.h: agreement with the C++ API, and error codes (never crashes) for bad calls.
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -174,6 +176,7 @@ OBC_TEST(accumulator_bad_calls_return_codes) {
   uint64_t count = 0;
   CHECK(obc_accumulator_count(acc, &count) == OBC_OK && count == 4);
   CHECK(obc_accumulator_set_num_threads(acc, -1) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_accumulator_set_num_threads(acc, OBC_MAX_THREADS + 1) == OBC_ERR_INVALID_ARGUMENT);
   CHECK(obc_accumulator_save(acc, nullptr) == OBC_ERR_INVALID_ARGUMENT);
   CHECK(obc_accumulator_save(nullptr, "x") == OBC_ERR_INVALID_ARGUMENT);
   CHECK(obc_accumulator_load(nullptr, &other) == OBC_ERR_INVALID_ARGUMENT && other == nullptr);
@@ -349,6 +352,19 @@ OBC_TEST(bad_layer_calls_return_codes_and_leave_outputs) {
   bad.num_threads = -2;
   CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &bad, w.data(), nullptr, nullptr, &loss) ==
         OBC_ERR_INVALID_ARGUMENT);
+  // More threads than OBC_MAX_THREADS: an error, not a million threads (libgomp aborts).
+  bad.num_threads = OBC_MAX_THREADS + 1;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("num_threads"));
+  bad.num_threads = 1000000;
+  CHECK(obc_prune_structured_f64(W, 3, 8, H, 8, 0.25, 1, &bad, w.data(), nullptr, nullptr, &loss) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  bad.num_threads = OBC_MAX_THREADS;  // the bound itself is allowed
+  RowMatrixXd solved(3, 8);
+  double solved_loss = 0;
+  CHECK(obc_prune_unstructured_f64(W, 3, 8, H, 8, 0.5, &bad, solved.data(), nullptr, nullptr,
+                                   &solved_loss) == OBC_OK);
   // NaN weights, asymmetric H, singular H without damping.
   RowMatrixXd nan_w = l.weight;
   nan_w(1, 1) = std::nan("");
@@ -411,6 +427,69 @@ OBC_TEST(last_error_is_per_thread) {
   CHECK(theirs.empty());
   CHECK(std::string(obc_last_error()) == mine);
   CHECK(!mine.empty());
+}
+
+// Finite weights too large for the precision: an error code, never a crash or NaN output. The
+// float32 case used to read input -1 of a row (every score NaN) and crash.
+template <class S, class Prune>
+void check_overflow_rejected(S top, Prune&& call_all) {
+  const std::vector<S> weight = {top, -top, top, top, -top, top, -top, -top};  // 1 x 8
+  Eigen::MatrixXd identity = Eigen::MatrixXd::Identity(8, 8);
+  call_all(weight.data(), identity.data());
+}
+
+OBC_TEST(too_large_weights_are_an_error) {
+  obc_options options;
+  obc_options_init(&options);
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  quant.bits = 3;
+  quant.sym = 0;
+  quant.group_size = 4;
+  std::vector<float> wf(8);
+  std::vector<double> wd(8);
+  double loss = 0;
+  check_overflow_rejected<float>(std::numeric_limits<float>::max(), [&](const float* W,
+                                                                       const double* H) {
+    CHECK(obc_prune_unstructured_f32(W, 1, 8, H, 8, 0.5, &options, wf.data(), nullptr, nullptr,
+                                     &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(error_mentions("too large for float32"));
+    CHECK(obc_prune_nm_f32(W, 1, 8, H, 8, 2, 4, &options, wf.data(), nullptr, nullptr, &loss) ==
+          OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_prune_blocked_f32(W, 1, 8, H, 8, 0.5, 2, &options, wf.data(), nullptr, nullptr,
+                                &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_prune_structured_f32(W, 1, 8, H, 8, 0.5, 2, &options, wf.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_quantize_f32(W, 1, 8, H, 8, &quant, &options, wf.data(), nullptr, nullptr, nullptr,
+                           0, nullptr, &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(error_mentions("too large for float32"));
+  });
+  check_overflow_rejected<double>(std::numeric_limits<double>::max() / 4, [&](const double* W,
+                                                                              const double* H) {
+    CHECK(obc_prune_unstructured_f64(W, 1, 8, H, 8, 0.5, &options, wd.data(), nullptr, nullptr,
+                                     &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(error_mentions("too large for float64"));
+    CHECK(obc_prune_nm_f64(W, 1, 8, H, 8, 2, 4, &options, wd.data(), nullptr, nullptr, &loss) ==
+          OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_prune_blocked_f64(W, 1, 8, H, 8, 0.5, 2, &options, wd.data(), nullptr, nullptr,
+                                &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_prune_structured_f64(W, 1, 8, H, 8, 0.5, 2, &options, wd.data(), nullptr, nullptr,
+                                   &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(obc_quantize_f64(W, 1, 8, H, 8, &quant, &options, wd.data(), nullptr, nullptr, nullptr,
+                           0, nullptr, &loss) == OBC_ERR_INVALID_ARGUMENT);
+    CHECK(error_mentions("too large for float64"));
+  });
+  // A 2^40 (float32) / 2^400 (float64) scale is fine: solved, finite.
+  check_overflow_rejected<float>(std::ldexp(1.0f, 40), [&](const float* W, const double* H) {
+    CHECK(obc_prune_unstructured_f32(W, 1, 8, H, 8, 0.5, &options, wf.data(), nullptr, nullptr,
+                                     &loss) == OBC_OK);
+    CHECK(std::isfinite(loss) && loss > 0);
+  });
+  check_overflow_rejected<double>(std::ldexp(1.0, 400), [&](const double* W, const double* H) {
+    CHECK(obc_quantize_f64(W, 1, 8, H, 8, &quant, &options, wd.data(), nullptr, nullptr, nullptr,
+                           0, nullptr, &loss) == OBC_OK);
+    CHECK(std::isfinite(loss));
+  });
 }
 
 OBC_TEST_MAIN

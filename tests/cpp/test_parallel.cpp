@@ -98,4 +98,14 @@ OBC_TEST(interrupt_stops_the_loop) {
     }
 }
 
+
+OBC_TEST(thread_count_is_capped) {
+  // A huge request throws instead of asking OpenMP for that many threads (libgomp aborts).
+  CHECK(resolve_num_threads(kMaxThreads) >= 1);
+  CHECK_THROWS(resolve_num_threads(kMaxThreads + 1), obc::InvalidArgument);
+  CHECK_THROWS(resolve_num_threads(1000000), obc::InvalidArgument);
+  CHECK_THROWS(resolve_num_threads(-1), obc::InvalidArgument);
+  CHECK_THROWS(parallel_for(4, 1000000, nullptr, [](Index, int) {}), obc::InvalidArgument);
+}
+
 OBC_TEST_MAIN

@@ -171,4 +171,22 @@ OBC_TEST(bad_arguments_throw) {
                InvalidArgument);
 }
 
+// Scores that overflow inside the greedy (here: an inverse Hessian so small that w^2 / [H^-1]_qq
+// is Inf although w^2 itself is fine) throw Overflow. Before, the Inf step turned the row into
+// NaN and the next step's "no candidate" index -1 was used as an input (heap overflow).
+template <class S>
+void check_greedy_overflow_throws(double hinv_scale, S weight) {
+  PreparedHessian prep;
+  prep.hinv = Eigen::MatrixXd::Identity(4, 4) * hinv_scale;
+  prep.dead.assign(4, 0);
+  RowMatrix<S> W = RowMatrix<S>::Constant(2, 4, weight);
+  CHECK_THROWS(trace_rows<S>(W, prep, 1), Overflow);
+  CHECK_THROWS(trace_rows<S>(W, prep, 2), Overflow);
+}
+
+OBC_TEST(greedy_overflow_throws) {
+  check_greedy_overflow_throws<float>(1e-30, 1e17f);
+  check_greedy_overflow_throws<double>(1e-300, 1e10);
+}
+
 OBC_TEST_MAIN

@@ -22,6 +22,16 @@ class NotPositiveDefinite : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+/// The layer's values are too large (or H too small) for the arithmetic's precision: an OBS score,
+/// a weight update or a loss would overflow to Inf or NaN. Raised before the solve when the
+/// scale alone rules it out, else as soon as a non-finite value appears, so no result ever holds
+/// NaN or Inf. Derives from InvalidArgument (Python: ValueError; C API:
+/// OBC_ERR_INVALID_ARGUMENT). Rescale W or H (losses are quadratic in W and linear in H).
+class Overflow : public InvalidArgument {
+ public:
+  using InvalidArgument::InvalidArgument;
+};
+
 /// A long computation was stopped by an InterruptHook. Reaches Python as KeyboardInterrupt.
 class Interrupted : public std::runtime_error {
  public:

@@ -2,7 +2,11 @@
 #pragma once
 
 #include <Eigen/Core>
+#include <cmath>
+#include <limits>
 #include <vector>
+
+#include "obc/errors.hpp"
 
 #include "obc/hessian_ref.hpp"
 #include "obc/types.hpp"
@@ -37,15 +41,24 @@ struct PreparedHessian {
   Index num_dead = 0;         ///< number of dead inputs
   double damp = 0.0;          ///< relative damping used (equals the option)
   double damp_absolute = 0.0; ///< lambda actually added to the diagonal
+  double live_trace = 0.0;    ///< trace of the damped H over the live inputs (see check_scale)
   Index cols() const { return static_cast<Index>(dead.size()); }
   /// Replaces hinv by its float32 copy (for float32 row kernels only).
   void keep_float32_only() {
     const Index n = hinv.rows();
     hinv_lower_f32.resize(static_cast<size_t>(n * (n + 1) / 2));
     float* out = hinv_lower_f32.data();
+    bool finite = true;
     for (Index j = 0; j < n; ++j)
-      for (Index i = j; i < n; ++i) *out++ = static_cast<float>(hinv(i, j));
+      for (Index i = j; i < n; ++i) {
+        *out = static_cast<float>(hinv(i, j));
+        finite = finite && std::abs(*out) <= std::numeric_limits<float>::max();
+        ++out;
+      }
     hinv = Eigen::MatrixXd();
+    if (!finite)
+      throw Overflow("H: its inverse is out of float32 range (H is too small in scale for float32 "
+                     "weights); rescale H or pass float64 W");
   }
 };
 
@@ -60,6 +73,29 @@ void validate_hessian(const HessianRef& H, double symmetry_tol = 1e-6, int num_t
 /// bit-identical for any count) in one cols x cols buffer, whatever H's type and layout.
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options = {},
                                 int num_threads = 0);
+
+/// Sum of diag(H) over the live inputs (diag > 0), plus damp_absolute for each; float64.
+double live_trace(const HessianRef& H, double damp_absolute = 0.0);
+
+/// Throws Overflow when the layer's scale alone rules out arithmetic whose largest finite value
+/// is `limit` (e.g. FLT_MAX for float32 row kernels): every OBS score and every loss of a row w
+/// is at most w H w^T <= ||w||^2 trace(H), and the greedy also squares single weights, so both
+/// ||w||^2 * h_trace and ||w||^2 must stay below limit / 256 (room for the updates' products).
+/// `precision` names the arithmetic in the message ("float32"). ||w||^2 is summed in float64.
+template <class Scalar>
+void check_scale(const Eigen::Ref<const RowMatrix<Scalar>>& W, double h_trace, double limit,
+                 const char* precision);
+
+/// Throws Overflow naming `what` unless every value of `values` (a result's weights or losses) is
+/// finite: the last line of defence when the scale check passed but an ill-conditioned H let the
+/// greedy's updates overflow.
+template <class Derived>
+void check_finite_result(const Eigen::DenseBase<Derived>& values, const char* what) {
+  if (!values.allFinite())
+    throw Overflow(detail::concat(
+        what, ": the solve produced NaN or Inf (values too large for the precision, or H too "
+        "ill-conditioned for it); rescale W or H, increase damp, or pass float64 inputs"));
+}
 
 /// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.

@@ -27,11 +27,17 @@
 extern "C" {
 #endif
 
+/* The most worker threads a call may ask for (num_threads fields and arguments). Far above any
+ * core count; a larger request returns OBC_ERR_INVALID_ARGUMENT instead of letting OpenMP abort
+ * the process while trying to start the threads. */
+#define OBC_MAX_THREADS 1024
+
 /* ---- status and errors ------------------------------------------------------------------- */
 
 typedef enum obc_status {
   OBC_OK = 0,
-  OBC_ERR_INVALID_ARGUMENT = 1,      /* null pointer, wrong size, value out of range, NaN/Inf */
+  OBC_ERR_INVALID_ARGUMENT = 1,      /* null pointer, wrong size, value out of range, NaN/Inf,
+                                        values too large for the precision (rescale) */
   OBC_ERR_NOT_POSITIVE_DEFINITE = 2, /* H not positive definite after damping: raise damp */
   OBC_ERR_INTERRUPTED = 3,           /* the interrupt callback asked to stop; no result */
   OBC_ERR_IO = 4,                    /* a file could not be opened, read or written */
@@ -70,7 +76,8 @@ typedef struct obc_options {
                                  diag H. Default 0.01 */
   int spread;                 /* an obc_spread: how a layer sparsity is spread over rows.
                                  Default OBC_SPREAD_GLOBAL */
-  int num_threads;            /* worker threads, >= 0; 0 = OpenMP default. Default 0 */
+  int num_threads;            /* worker threads, 0..OBC_MAX_THREADS; 0 = OpenMP default.
+                                 Default 0. More is rejected (OBC_ERR_INVALID_ARGUMENT) */
   obc_interrupt_fn interrupt; /* may be NULL (never interrupted). Default NULL */
   void* interrupt_user_data;  /* passed to interrupt */
 } obc_options;
@@ -108,7 +115,8 @@ obc_status obc_accumulator_create(size_t cols, obc_accumulator** out);
 /* Frees an accumulator; NULL is allowed. */
 void obc_accumulator_free(obc_accumulator* accumulator);
 
-/* Threads for the Gram products (>= 0; 0 = OpenMP default). Results do not depend on it. */
+/* Threads for the Gram products (0..OBC_MAX_THREADS; 0 = OpenMP default). Results do not depend
+ * on it. */
 obc_status obc_accumulator_set_num_threads(obc_accumulator* accumulator, int num_threads);
 
 /* Adds rows x cols activations x (row-major; rows inputs of width cols, e.g. unfolded conv

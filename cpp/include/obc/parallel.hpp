@@ -8,7 +8,14 @@
 
 namespace obc {
 
-/// Number of threads a call with `requested` (0 = default) will use.
+/// The most threads a call may ask for. Far above any core count this library is built for; a
+/// larger request is a mistake (libgomp aborts the process when it cannot start the threads),
+/// so it throws InvalidArgument instead. The C API's OBC_MAX_THREADS and Python's
+/// obc_native._arrays.MAX_THREADS have the same value.
+inline constexpr int kMaxThreads = 1024;
+
+/// Number of threads a call with `requested` (0 = default, else 1..kMaxThreads) will use.
+/// Throws InvalidArgument outside [0, kMaxThreads].
 int resolve_num_threads(int requested);
 
 /// Runs fn(item, thread_id) for item in [0, count). Items are handed out dynamically, so

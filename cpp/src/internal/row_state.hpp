@@ -152,6 +152,14 @@ class RowState {
         "ill-conditioned for this precision); increase damp or pass float64 inputs");
   }
 
+  /// A greedy's scores or weights overflowed (every picked score NaN, or the best one Inf).
+  [[noreturn]] static void overflowed() {
+    throw Overflow(
+        "W: the greedy's scores overflowed to NaN or Inf (values too large for the precision, "
+        "or H too ill-conditioned for it); rescale W or H, increase damp, or pass float64 "
+        "inputs");
+  }
+
  private:
   void mark_fixed(Index q, S value) {
     free_[static_cast<size_t>(q)] = 0;

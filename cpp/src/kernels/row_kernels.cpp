@@ -25,12 +25,20 @@ namespace obc::OBC_KERNEL_NS {
 
 namespace {
 
-// The greedy choice over the picked inputs of a row; a lost definiteness throws.
+// The greedy choice over the picked inputs of a row, or -1 when nothing is picked; a lost
+// definiteness throws, and so does an overflow: -1 although inputs are picked means every picked
+// score was NaN, and an Inf best score would make the step's update NaN.
 template <class Scalar>
 Index argmin_score(const RowState<Scalar>& state, const char* pick) {
   bool bad = false;
   const Index best = argmin_obs_score(state.w().data(), state.diag().data(), pick, state.size(), bad);
   if (bad) RowState<Scalar>::lost_definiteness();
+  if (best < 0) {
+    if (std::any_of(pick, pick + state.size(), [](char p) { return p != 0; }))
+      RowState<Scalar>::overflowed();
+  } else if (!std::isfinite(state.w()[best] * state.w()[best] / state.diag()[best])) {
+    RowState<Scalar>::overflowed();
+  }
   return best;
 }
 
@@ -168,6 +176,7 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
         best = s;
       }
     }
+    if (!std::isfinite(best_score)) RowState<Scalar>::overflowed();  // NaN/Inf scores only
     const Index begin = spans[best].begin, len = spans[best].len;
     order[step] = static_cast<std::int32_t>(state.orig(begin) / block);
     if (!state.factor_block(begin, len)) RowState<Scalar>::lost_definiteness();
@@ -335,6 +344,7 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
                                  grid.data(), grid.data() + n, grid.data() + 2 * n,
                                  static_cast<Scalar>(maxq), n, grid.data() + 3 * n, bad);
       if (bad) RowState<Scalar>::lost_definiteness();
+      if (q < 0) RowState<Scalar>::overflowed();  // free inputs, but every score was NaN
       const auto& w = state.w();
       // Outlier rule (in obq_choice): a weight pushed outside the range by more than half a step
       // only gets worse as others are fixed and push errors onto it, so it is fixed first.

@@ -109,8 +109,12 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
   inv.load(job.h.hinv, cols, active,
            lazy_capacity(static_cast<Index>(active.size()), run.lazy_batch));
   // The shared rows' weights over the active columns, num_shared x wl_cols row-major in one
-  // buffer that is compacted in place (no allocation per flush).
-  std::vector<S> wl_store(static_cast<size_t>(num_shared) * active.size());
+  // buffer that is compacted in place (no allocation per flush). 64-byte aligned: Eigen's
+  // vectorized loops over a Map (the group update and scores below) choose where their packets
+  // start from the run-time address, so a std::vector's malloc alignment (16 or 32 mod 64,
+  // varying from call to call) changed the rounding, and the bits differed between calls.
+  PageBuffer<S> wl_store;
+  wl_store.ensure(std::max<size_t>(1, static_cast<size_t>(num_shared) * active.size()));
   Index wl_cols = static_cast<Index>(active.size());
   auto wl = [&] { return Eigen::Map<RowMatrixS>(wl_store.data(), num_shared, wl_cols); };
   for (Index r = 0; r < num_shared; ++r) {

@@ -312,7 +312,7 @@ def compress(
         correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
             correction), "batchnorm", "bias", or None.
         baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
-        num_threads: threads for the solvers (None: the core's default).
+        num_threads: threads for the solvers (None: the core's default; at most 1024).
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
     """
