@@ -186,7 +186,7 @@ void bind_scalar(py::module_& m) {
           std::vector<obc::RowMatrix<S>> recorded;
           {
             py::gil_scoped_release release;
-            prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
+            prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads, &hook);
             // Only the row kernels read the inverse here, and float32 ones compute in float32.
             if constexpr (std::is_same_v<S, float>) prep.keep_float32_only();
             t = obc::trace_rows<S>(W, prep, block, record_steps, recorded,
@@ -286,7 +286,7 @@ PYBIND11_MODULE(_core, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const obc::Interrupted&) {
-      PyErr_SetNone(PyExc_KeyboardInterrupt);
+      obc_bindings::raise_interrupted();
     } catch (const obc::NotPositiveDefinite& e) {
       py::set_error(hessian_error, e.what());
     } catch (const obc::InvalidArgument& e) {

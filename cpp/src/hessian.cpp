@@ -86,7 +86,7 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
 }
 
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options,
-                                int num_threads) {
+                                int num_threads, InterruptHook* interrupt) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
             "damp: expected a finite value >= 0, got ", options.damp);
   validate_hessian(H, options.symmetry_tol, num_threads);
@@ -135,7 +135,8 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   // The O(cols^3) inverse runs in the SIMD-dispatched kernels (see row_kernels.hpp). A pivot
   // below 1e-13 of its diagonal means H is numerically singular: the inverse would be dominated
   // by rounding, so say so instead of returning garbage.
-  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, 1e-13, num_threads)) {
+  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, 1e-13, num_threads,
+                                                    interrupt)) {
     throw NotPositiveDefinite(detail::concat(
         "H is not positive definite after damping: damp = ", options.damp,
         " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,

@@ -201,7 +201,7 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   }
   HessianOptions options = hopt;
   options.invert = needs_inverse;
-  const PreparedHessian prep = prepare_hessian(H, options, run.num_threads);
+  const PreparedHessian prep = prepare_hessian(H, options, run.num_threads, run.interrupt);
   return solve_masked<Scalar>(W, H, prep, pruned, run);
 }
 
@@ -211,7 +211,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
                                         double sparsity, Index block, Spread spread,
                                         const HessianOptions& hopt, const RunOptions& run) {
   check_sparsity(sparsity);
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_weight<Scalar>(W, prep.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
@@ -258,7 +258,7 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   OBC_CHECK(m >= 2 && n >= 1 && n < m, "n, m: expected 0 < n < m, got n = ", n, ", m = ", m);
   OBC_CHECK(W.cols() % m == 0, "m: expected a divisor of cols (", W.cols(), ") so that every ",
             "input belongs to a group of m, got m = ", m);
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_weight<Scalar>(W, prep.cols());
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
   const Index rows = W.rows(), cols = W.cols();

@@ -147,7 +147,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_inputs<Scalar>(W, prep.cols());
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;

@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "obc/hessian_ref.hpp"
+#include "obc/interrupt.hpp"
 #include "obc/types.hpp"
 
 namespace obc {
@@ -58,8 +59,10 @@ void validate_hessian(const HessianRef& H, double symmetry_tol = 1e-6, int num_t
 /// tried) when the damped Hessian has no Cholesky factor; never retries with more damping.
 /// The inverse is computed in float64 (about cols^3 flops, on num_threads threads, 0 = default;
 /// bit-identical for any count) in one cols x cols buffer, whatever H's type and layout.
+/// `interrupt` (not owned, may be null) is polled from the calling thread during the inverse;
+/// when it asks to stop, Interrupted is thrown.
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options = {},
-                                int num_threads = 0);
+                                int num_threads = 0, InterruptHook* interrupt = nullptr);
 
 /// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.

@@ -119,8 +119,10 @@ struct KernelTable {
   RowKernels<double> f64;
   /// In-place inverse of the SPD matrix in a (n x n column-major, lower triangle read; on success
   /// both triangles written), see kernels/spd_inverse.hpp. Returns false when a Cholesky pivot
-  /// falls below pivot_tol times its diagonal entry (numerically singular).
-  bool (*spd_inverse_inplace)(double* a, KIndex n, double pivot_tol, int num_threads);
+  /// falls below pivot_tol times its diagonal entry (numerically singular). `interrupt` (may be
+  /// null) is polled between panels; a stop throws Interrupted.
+  bool (*spd_inverse_inplace)(double* a, KIndex n, double pivot_tol, int num_threads,
+                              InterruptHook* interrupt);
   const char* isa;  ///< "generic" or "avx2+fma"
 };
 
