@@ -21,7 +21,9 @@ class PruneResult:
             float32 layer runs in float32 unless its elimination lost positive definiteness
             (an ill-conditioned H, e.g. with damp=0): then the whole layer is redone in float64
             with the same damping, `weight` is that result rounded to float32 and "float64" is
-            reported. (The Hessian inverse itself is always float64.)
+            reported. (The Hessian inverse itself is always float64, and structured pruning
+            eliminates on that shared float64 inverse in both precisions, so it reports the
+            layer's dtype and has nothing to fall back to.)
     """
 
     weight: np.ndarray

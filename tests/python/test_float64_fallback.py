@@ -1,5 +1,8 @@
 """damp=0 on an ill-conditioned H: a float32 elimination that loses positive definiteness is
-redone in float64 (same damping, never re-damped) and reported as precision="float64"."""
+redone in float64 (same damping, never re-damped) and reported as precision="float64".
+
+Structured pruning is not here: its eliminations run on a shared float64 inverse in every
+precision, so there is nothing to fall back to (it raises HessianError when float64 fails)."""
 
 from __future__ import annotations
 
@@ -9,18 +12,23 @@ import pytest
 import obc_native
 
 
-@pytest.fixture(scope="module")
-def ill_conditioned():
-    """(W float64, H): H has condition number 1e8 (eigenvalues 1 .. 1e-8, random basis): its
-    float64 inverse is fine, but float32 greedy eliminations of it lose definiteness."""
+def _problem(decades: float):
+    """(W float32, the same W in float64, H): H has condition number 10**decades (eigenvalues
+    1 .. 10**-decades in a random basis): its float64 inverse is fine, but float32 greedy
+    eliminations of it lose definiteness."""
     rng = np.random.default_rng(0)
     cols = 256
     Q, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
-    H = (Q * np.logspace(0, -8, cols)) @ Q.T
+    H = (Q * np.logspace(0, -decades, cols)) @ Q.T
     H = 0.5 * (H + H.T)
     W = rng.standard_normal((16, cols))
     W32 = W.astype(np.float32)
     return W32, W32.astype(np.float64), H
+
+
+@pytest.fixture(scope="module")
+def ill_conditioned():
+    return _problem(8)
 
 
 def _check_prune_fallback(r32, r64):
@@ -49,6 +57,22 @@ def test_blocked_redone_in_float64(ill_conditioned):
     r32 = obc_native.prune_blocked(W32, H, 0.5, 4, damp=0)
     r64 = obc_native.prune_blocked(W64, H, 0.5, 4, damp=0)
     _check_prune_fallback(r32, r64)
+
+
+def test_nm_redone_in_float64():
+    W32, W64, H = _problem(10)  # 7:8 eliminates deep enough to lose definiteness in float32
+    r32 = obc_native.prune_nm(W32, H, 7, 8, damp=0)
+    r64 = obc_native.prune_nm(W64, H, 7, 8, damp=0)
+    _check_prune_fallback(r32, r64)
+
+
+def test_fallback_does_not_depend_on_the_thread_count(ill_conditioned):
+    W32, _, H = ill_conditioned
+    one = obc_native.prune_unstructured(W32, H, 0.5, damp=0, num_threads=1)
+    two = obc_native.prune_unstructured(W32, H, 0.5, damp=0, num_threads=2)
+    assert one.precision == two.precision == "float64"
+    np.testing.assert_array_equal(one.weight, two.weight)
+    np.testing.assert_array_equal(one.row_losses, two.row_losses)
 
 
 def test_trace_redone_in_float64(ill_conditioned):
