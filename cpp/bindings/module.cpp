@@ -294,10 +294,11 @@ void bind_scalar(py::module_& m) {
   m.def("layer_loss",
         [](RowRef<S> W, RowRef<S> W_hat, const py::array& H, int num_threads) {
           const obc::HessianRef h = hessian_ref(H);
+          PythonInterrupt hook;
           Eigen::VectorXd losses;
           {
             py::gil_scoped_release release;
-            losses = obc::row_losses<S>(W, W_hat, h, num_threads);
+            losses = obc::row_losses<S>(W, W_hat, h, num_threads, &hook);
           }
           return to_vector(losses);
         },

@@ -188,7 +188,7 @@ void reject_negative_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat, const HessianRef& H,
-                           int num_threads) {
+                           int num_threads, InterruptHook* interrupt) {
   OBC_CHECK(W.rows() == W_hat.rows() && W.cols() == W_hat.cols(), "W_hat: expected shape ",
             W.rows(), "x", W.cols(), ", got ", W_hat.rows(), "x", W_hat.cols());
   OBC_CHECK(H.rows() == W.cols() && H.cols() == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
@@ -196,20 +196,21 @@ Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   validate_hessian(H, HessianOptions{}.symmetry_tol, num_threads);
   if (W.outerStride() != W.cols() || W_hat.outerStride() != W_hat.cols()) {
     const RowMatrix<Scalar> w = W, w_hat = W_hat;  // the kernel reads contiguous rows
-    return row_losses<Scalar>(w, w_hat, H, num_threads);
+    return row_losses<Scalar>(w, w_hat, H, num_threads, interrupt);
   }
   Eigen::VectorXd losses(W.rows());
   internal::row_kernels<Scalar>().row_losses(W.data(), W_hat.data(), W.rows(), W.cols(),
-                                             internal::input_of(H), losses.data(), num_threads);
+                                             internal::input_of(H), losses.data(), num_threads,
+                                             interrupt);
   reject_negative_losses<Scalar>(W, W_hat, H, losses);
   return losses;
 }
 
 template Eigen::VectorXd row_losses<float>(const Eigen::Ref<const RowMatrix<float>>&,
                                            const Eigen::Ref<const RowMatrix<float>>&,
-                                           const HessianRef&, int);
+                                           const HessianRef&, int, InterruptHook*);
 template Eigen::VectorXd row_losses<double>(const Eigen::Ref<const RowMatrix<double>>&,
                                             const Eigen::Ref<const RowMatrix<double>>&,
-                                            const HessianRef&, int);
+                                            const HessianRef&, int, InterruptHook*);
 
 }  // namespace obc

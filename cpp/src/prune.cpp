@@ -104,7 +104,7 @@ PruneResult<Scalar> with_float64_fallback(const Eigen::Ref<const RowMatrix<Scala
     PruneResult<float> result;
     result.weight = r64.weight.template cast<float>();
     result.pruned = std::move(r64.pruned);
-    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads);
+    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
     result.damp = r64.damp;
     result.damp_absolute = r64.damp_absolute;
     result.float64_fallback = true;

@@ -138,7 +138,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
       result.pruned(r, c) = W(r, c) == Scalar(0) ? 1 : 0;
     }
   fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   return result;
 }
 
@@ -167,7 +167,7 @@ static QuantResult<Scalar> obq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>
     for (Index c = 0; c < cols; ++c)
       result.pruned(r, c) = (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
   fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;
@@ -201,7 +201,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     result.grid = std::move(grid);
     result.pruned = std::move(r64.pruned);
     fill_codes(result);
-    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads);
+    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
     result.damp = r64.damp;
     result.damp_absolute = r64.damp_absolute;
     result.float64_fallback = true;

@@ -101,6 +101,14 @@ def test_alarm_stops_a_long_prune_with_its_own_exception():
     assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop the prune"
 
 
+def test_alarm_stops_layer_loss():
+    cols = 4096
+    H = _diagonally_dominant_hessian(cols, seed=7).astype(np.float32)
+    W = np.random.default_rng(8).random((2048, cols), dtype=np.float32)  # seconds of products
+    waited = _stopped_by_alarm(lambda: obc_native.layer_loss(W, 0.5 * W, H, num_threads=1))
+    assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop layer_loss"
+
+
 def test_default_sigint_handler_raises_keyboard_interrupt_from_the_inverse():
     H = _diagonally_dominant_hessian(4096, seed=4)
     W = np.ones((1, 4096))

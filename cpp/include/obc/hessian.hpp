@@ -66,9 +66,13 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
 
 /// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.
+/// Validates H like prepare_hessian (InvalidArgument); an indefinite H, which would give a
+/// negative loss beyond rounding, throws InvalidArgument too (rounding-level negatives give 0).
+/// `interrupt` (may be null) is polled from the calling thread; a stop throws Interrupted.
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,
-                           const HessianRef& H, int num_threads = 0);
+                           const HessianRef& H, int num_threads = 0,
+                           InterruptHook* interrupt = nullptr);
 
 }  // namespace obc

@@ -110,8 +110,9 @@ struct RowKernels {
   void (*structured)(const StructuredJob<S>&, const RunOptions&);
   void (*solve_masked)(const MaskedSolveJob<S>&, const RunOptions&);
   /// out[r] = 1/2 (W - W_hat)_r H (W - W_hat)_r^T in float64; W, W_hat rows x cols row-major.
+  /// `interrupt` (may be null) is polled between column blocks; a stop throws Interrupted.
   void (*row_losses)(const S* W, const S* W_hat, KIndex rows, KIndex cols, const HessianInput& H,
-                     double* out, int num_threads);
+                     double* out, int num_threads, InterruptHook* interrupt);
 };
 
 struct KernelTable {
