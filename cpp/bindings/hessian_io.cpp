@@ -17,6 +17,7 @@
 
 namespace py = pybind11;
 using obc::Index;
+using obc_bindings::PythonInterrupt;
 
 namespace {
 
@@ -66,11 +67,12 @@ void add_array(PyAccumulator& acc, const py::array& X) {
   const auto rows = static_cast<Index>(X.shape(0));
   const auto cols = static_cast<Index>(X.shape(1));
   const void* data = X.data();  // X stays referenced by the caller for the whole call
+  PythonInterrupt hook;  // Ctrl-C rolls the batch back (see HessianAccumulator::add)
   without_gil_locked(acc, [&] {
     if (is_f32) {
-      acc.state.add(static_cast<const float*>(data), rows, cols);
+      acc.state.add(static_cast<const float*>(data), rows, cols, &hook);
     } else {
-      acc.state.add(static_cast<const double*>(data), rows, cols);
+      acc.state.add(static_cast<const double*>(data), rows, cols, &hook);
     }
   });
 }

@@ -88,6 +88,13 @@ obc::Spread parse_spread(const std::string& spread) {
   throw obc::InvalidArgument("spread: expected 'global' or 'uniform', got '" + spread + "'");
 }
 
+// Which precision the eliminations ran in: float64 layers always in float64, float32 ones in
+// float32 unless they were redone in float64 (the float32 elimination lost definiteness).
+template <class S>
+const char* precision_of(bool float64_fallback) {
+  return std::is_same_v<S, double> || float64_fallback ? "float64" : "float32";
+}
+
 template <class S>
 py::dict prune_dict(obc::PruneResult<S>&& r) {
   py::dict d;
@@ -96,6 +103,7 @@ py::dict prune_dict(obc::PruneResult<S>&& r) {
   d["row_losses"] = to_vector(r.row_losses);
   d["damp"] = r.damp;
   d["damp_absolute"] = r.damp_absolute;
+  d["precision"] = precision_of<S>(r.float64_fallback);
   return d;
 }
 
@@ -111,6 +119,7 @@ py::dict quant_dict(obc::QuantResult<S>&& r) {
   d["row_losses"] = to_vector(r.row_losses);
   d["damp"] = r.damp;
   d["damp_absolute"] = r.damp_absolute;
+  d["precision"] = precision_of<S>(r.float64_fallback);
   return d;
 }
 
@@ -184,13 +193,31 @@ void bind_scalar(py::module_& m) {
           obc::Trace t;
           obc::PreparedHessian prep;
           std::vector<obc::RowMatrix<S>> recorded;
+          bool float64_fallback = false;
           {
             py::gil_scoped_release release;
-            prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads);
+            const obc::RunOptions run = run_options(num_threads, lazy_batch, hook);
+            prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads, &hook);
             // Only the row kernels read the inverse here, and float32 ones compute in float32.
-            if constexpr (std::is_same_v<S, float>) prep.keep_float32_only();
-            t = obc::trace_rows<S>(W, prep, block, record_steps, recorded,
-                                   run_options(num_threads, lazy_batch, hook));
+            if constexpr (std::is_same_v<S, float>) {
+              prep.keep_float32_only();
+              try {
+                t = obc::trace_rows<S>(W, prep, block, record_steps, recorded, run);
+              } catch (const obc::PrecisionLost&) {
+                float64_fallback = true;  // redo the layer in float64, same damping
+              }
+              if (float64_fallback) {
+                prep = obc::prepare_hessian(h, obc::HessianOptions{damp}, num_threads, &hook);
+                const obc::RowMatrix<double> w64 = W.template cast<double>();
+                std::vector<obc::RowMatrix<double>> recorded64;
+                t = obc::trace_rows<double>(w64, prep, block, record_steps, recorded64, run);
+                recorded.clear();
+                for (const obc::RowMatrix<double>& layer : recorded64)
+                  recorded.push_back(layer.template cast<float>());
+              }
+            } else {
+              t = obc::trace_rows<S>(W, prep, block, record_steps, recorded, run);
+            }
             prep.hinv_lower_f32 = std::vector<float>();
             prep.hinv = Eigen::MatrixXd();
           }
@@ -199,6 +226,7 @@ void bind_scalar(py::module_& m) {
           d["losses"] = to_array_moved<double>(std::move(t.step_losses));
           d["damp"] = prep.damp;
           d["damp_absolute"] = prep.damp_absolute;
+          d["precision"] = precision_of<S>(float64_fallback);
           py::list layers;
           for (obc::RowMatrix<S>& layer : recorded)
             layers.append(to_array_moved<S>(std::move(layer)));
@@ -266,10 +294,11 @@ void bind_scalar(py::module_& m) {
   m.def("layer_loss",
         [](RowRef<S> W, RowRef<S> W_hat, const py::array& H, int num_threads) {
           const obc::HessianRef h = hessian_ref(H);
+          PythonInterrupt hook;
           Eigen::VectorXd losses;
           {
             py::gil_scoped_release release;
-            losses = obc::row_losses<S>(W, W_hat, h, num_threads);
+            losses = obc::row_losses<S>(W, W_hat, h, num_threads, &hook);
           }
           return to_vector(losses);
         },
@@ -286,7 +315,7 @@ PYBIND11_MODULE(_core, m) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const obc::Interrupted&) {
-      PyErr_SetNone(PyExc_KeyboardInterrupt);
+      obc_bindings::raise_interrupted();
     } catch (const obc::NotPositiveDefinite& e) {
       py::set_error(hessian_error, e.what());
     } catch (const obc::InvalidArgument& e) {

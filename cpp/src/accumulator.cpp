@@ -36,6 +36,20 @@ void mirror_lower(Eigen::MatrixXd& m) {
   }
 }
 
+// Undoes an interrupted batch exactly, without a second cols x cols buffer: the tiled products
+// write only the lower triangle and the diagonal tiles (kTileCols x kTileCols blocks at (j0, j0)),
+// so the strict upper triangle outside those tiles still mirrors the state before the batch.
+// `diagonal_tiles` holds the diagonal tiles as they were, stacked (cols x kTileCols).
+void restore_before_batch(Eigen::MatrixXd& m, const Eigen::MatrixXd& diagonal_tiles) {
+  const Index n = m.rows();
+  for (Index j = 0; j < n; ++j)
+    for (Index i = j + 1; i < n; ++i) m(i, j) = m(j, i);
+  for (Index j0 = 0; j0 < n; j0 += kTileCols) {
+    const Index width = std::min(kTileCols, n - j0);
+    m.block(j0, j0, width, width) = diagonal_tiles.block(j0, 0, width, width);
+  }
+}
+
 }  // namespace
 
 HessianAccumulator::HessianAccumulator(Index cols, const AccumulatorOptions& options)
@@ -56,7 +70,8 @@ void HessianAccumulator::reset() {
 }
 
 template <class Scalar>
-void HessianAccumulator::add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X) {
+void HessianAccumulator::add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X,
+                                  InterruptHook* interrupt) {
   const Index cols = this->cols();
   OBC_CHECK(X.cols() == cols, "X: expected ", cols,
             " columns (the accumulator's input width), got ", X.rows(), "x", X.cols());
@@ -77,45 +92,69 @@ void HessianAccumulator::add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X) 
   }
 
   const Index tiles = (cols + kTileCols - 1) / kTileCols;
-  RowMatrixXd chunk;
-  for (Index begin = 0; begin < rows; begin += chunk_rows) {
-    const Index len = std::min(chunk_rows, rows - begin);
-    // Widen (or copy) to a contiguous float64 chunk: float32 and float64 inputs of the same
-    // values then take the identical arithmetic path.
-    chunk = X.middleRows(begin, len).template cast<double>();
-    parallel_for(tiles, options_.num_threads, nullptr, [&](Index tile, int) {
-      const Index j0 = tile * kTileCols;
+  // What an interrupted batch needs to be undone (see restore_before_batch): cols x 64 values.
+  Eigen::MatrixXd diagonal_tiles;
+  if (interrupt != nullptr) {
+    diagonal_tiles.resize(cols, kTileCols);
+    for (Index j0 = 0; j0 < cols; j0 += kTileCols) {
       const Index width = std::min(kTileCols, cols - j0);
-      const Index below = cols - j0;
-      sum_.block(j0, j0, below, width).noalias() +=
-          chunk.rightCols(below).transpose() * chunk.middleCols(j0, width);
-    });
+      diagonal_tiles.block(j0, 0, width, width) = sum_.block(j0, j0, width, width);
+    }
+  }
+  RowMatrixXd chunk;
+  try {
+    for (Index begin = 0; begin < rows; begin += chunk_rows) {
+      if (interrupt != nullptr && interrupt->should_stop()) throw Interrupted();
+      const Index len = std::min(chunk_rows, rows - begin);
+      // Widen (or copy) to a contiguous float64 chunk: float32 and float64 inputs of the same
+      // values then take the identical arithmetic path.
+      chunk = X.middleRows(begin, len).template cast<double>();
+      // The hook is polled between tiles too: one chunk of a wide layer takes seconds.
+      parallel_for(tiles, options_.num_threads, interrupt, [&](Index tile, int) {
+        const Index j0 = tile * kTileCols;
+        const Index width = std::min(kTileCols, cols - j0);
+        const Index below = cols - j0;
+        sum_.block(j0, j0, below, width).noalias() +=
+            chunk.rightCols(below).transpose() * chunk.middleCols(j0, width);
+      });
+    }
+  } catch (const Interrupted&) {
+    restore_before_batch(sum_, diagonal_tiles);
+    throw;
   }
   mirror_lower(sum_);
   count_ += static_cast<std::uint64_t>(rows);
 }
 
-void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<float>>& X) { add_rows<float>(X); }
-void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<double>>& X) { add_rows<double>(X); }
-
-void HessianAccumulator::add(const float* data, Index rows, Index cols) {
-  OBC_CHECK(rows >= 0 && cols >= 0, "X: expected a non-negative shape, got ", rows, "x", cols);
-  OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
-  if (rows == 0) {
-    OBC_CHECK(cols == this->cols(), "X: expected ", this->cols(), " columns, got 0x", cols);
-    return;
-  }
-  add_rows<float>(Eigen::Map<const RowMatrix<float>>(data, rows, cols));
+void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<float>>& X,
+                             InterruptHook* interrupt) {
+  add_rows<float>(X, interrupt);
+}
+void HessianAccumulator::add(const Eigen::Ref<const RowMatrix<double>>& X,
+                             InterruptHook* interrupt) {
+  add_rows<double>(X, interrupt);
 }
 
-void HessianAccumulator::add(const double* data, Index rows, Index cols) {
+void HessianAccumulator::add(const float* data, Index rows, Index cols,
+                             InterruptHook* interrupt) {
   OBC_CHECK(rows >= 0 && cols >= 0, "X: expected a non-negative shape, got ", rows, "x", cols);
   OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
   if (rows == 0) {
     OBC_CHECK(cols == this->cols(), "X: expected ", this->cols(), " columns, got 0x", cols);
     return;
   }
-  add_rows<double>(Eigen::Map<const RowMatrix<double>>(data, rows, cols));
+  add_rows<float>(Eigen::Map<const RowMatrix<float>>(data, rows, cols), interrupt);
+}
+
+void HessianAccumulator::add(const double* data, Index rows, Index cols,
+                             InterruptHook* interrupt) {
+  OBC_CHECK(rows >= 0 && cols >= 0, "X: expected a non-negative shape, got ", rows, "x", cols);
+  OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
+  if (rows == 0) {
+    OBC_CHECK(cols == this->cols(), "X: expected ", this->cols(), " columns, got 0x", cols);
+    return;
+  }
+  add_rows<double>(Eigen::Map<const RowMatrix<double>>(data, rows, cols), interrupt);
 }
 
 void HessianAccumulator::merge(const HessianAccumulator& other) {

@@ -70,6 +70,13 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
     EntryScan all;
     for (const EntryScan& scan : scans) all.merge(scan);
     OBC_CHECK(all.finite, "H: expected finite values, got NaN or Inf");
+    // A Hessian whose largest entry is subnormal has lost its precision to underflow, and its
+    // inverse overflows: say so rather than fail later as "not positive definite" or with NaN.
+    OBC_CHECK(all.max_abs == 0 || all.max_abs >= std::numeric_limits<double>::min(),
+              "H: expected entries of normal float64 magnitude, got max|H| = ", all.max_abs,
+              " (below ", std::numeric_limits<double>::min(),
+              ": subnormal, so H has lost precision and its inverse would overflow); rescale H "
+              "(e.g. divide by max|H|; the solutions do not change)");
     OBC_CHECK(all.max_asym <= symmetry_tol * all.max_abs,
               "H: expected a symmetric matrix, got max|H - H^T| = ", all.max_asym,
               " (max|H| = ", all.max_abs, ")");
@@ -86,7 +93,7 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
 }
 
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options,
-                                int num_threads) {
+                                int num_threads, InterruptHook* interrupt) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
             "damp: expected a finite value >= 0, got ", options.damp);
   resolve_num_threads(num_threads);  // every solver starts here: a bad count fails at once
@@ -109,6 +116,11 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   prep.damp = options.damp;
   prep.damp_absolute = live > 0 ? options.damp * live_diag_sum / static_cast<double>(live) : 0.0;
   prep.live_trace = live_diag_sum + static_cast<double>(live) * prep.damp_absolute;
+  OBC_CHECK(std::isfinite(prep.damp_absolute),
+            "damp: expected a relative damping whose absolute value damp * mean(diag H) fits in "
+            "float64, got damp = ", options.damp, " times mean(diag H) = ",
+            live > 0 ? live_diag_sum / static_cast<double>(live) : 0.0,
+            ", which overflows; typical values are 0.001 .. 0.1");
   if (!options.invert) return prep;
   // The damped, exactly symmetric Hessian goes into the buffer that becomes its inverse (lower
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
@@ -137,7 +149,8 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   // The O(cols^3) inverse runs in the SIMD-dispatched kernels (see row_kernels.hpp). A pivot
   // below 1e-13 of its diagonal means H is numerically singular: the inverse would be dominated
   // by rounding, so say so instead of returning garbage.
-  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, 1e-13, num_threads)) {
+  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, 1e-13, num_threads,
+                                                    interrupt)) {
     throw NotPositiveDefinite(detail::concat(
         "H is not positive definite after damping: damp = ", options.damp,
         " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,
@@ -174,33 +187,62 @@ template void check_scale<float>(const Eigen::Ref<const RowMatrix<float>>&, doub
 template void check_scale<double>(const Eigen::Ref<const RowMatrix<double>>&, double, double,
                                   const char*);
 
+namespace {
+
+// A loss 1/2 dw H dw^T is >= 0 for a positive semidefinite H. A negative value within rounding
+// of the sum (|terms| <= 1/2 max|H| ||dw||_1^2; H itself may carry float32 rounding) is set to
+// 0; a larger one means H is indefinite, which no Hessian 2/n X X^T is: that is an error, never
+// a negative loss.
+template <class Scalar>
+void reject_negative_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat, const HessianRef& H,
+                            Eigen::VectorXd& losses) {
+  double max_abs = -1;
+  for (Index r = 0; r < losses.size(); ++r) {
+    if (losses[r] >= 0) continue;
+    if (max_abs < 0) max_abs = H.visit([](const auto& h) {
+      return static_cast<double>(h.cwiseAbs().maxCoeff());
+    });
+    const double dw_l1 = (W.row(r).template cast<double>() - W_hat.row(r).template cast<double>())
+                             .cwiseAbs()
+                             .sum();
+    const double rounding = 1e-6 * 0.5 * max_abs * dw_l1 * dw_l1;
+    OBC_CHECK(-losses[r] <= rounding, "H: expected a positive semidefinite Hessian (2/n X X^T), "
+              "got an indefinite one: row ", r, " has loss 1/2 dw H dw^T = ", losses[r], " < 0");
+    losses[r] = 0;
+  }
+}
+
+}  // namespace
+
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat, const HessianRef& H,
-                           int num_threads) {
+                           int num_threads, InterruptHook* interrupt) {
   OBC_CHECK(W.rows() == W_hat.rows() && W.cols() == W_hat.cols(), "W_hat: expected shape ",
             W.rows(), "x", W.cols(), ", got ", W_hat.rows(), "x", W_hat.cols());
   OBC_CHECK(H.rows() == W.cols() && H.cols() == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
             ", got ", H.rows(), "x", H.cols());
-  OBC_CHECK(H.visit([](const auto& h) { return h.allFinite(); }),
-            "H: expected finite values, got NaN or Inf");
+  validate_hessian(H, HessianOptions{}.symmetry_tol, num_threads);
   resolve_num_threads(num_threads);  // throws for a count outside [0, kMaxThreads]
   if (W.outerStride() != W.cols() || W_hat.outerStride() != W_hat.cols()) {
     const RowMatrix<Scalar> w = W, w_hat = W_hat;  // the kernel reads contiguous rows
-    return row_losses<Scalar>(w, w_hat, H, num_threads);
+    return row_losses<Scalar>(w, w_hat, H, num_threads, interrupt);
   }
   Eigen::VectorXd losses(W.rows());
   internal::row_kernels<Scalar>().row_losses(W.data(), W_hat.data(), W.rows(), W.cols(),
-                                             internal::input_of(H), losses.data(), num_threads);
+                                             internal::input_of(H), losses.data(), num_threads,
+                                             interrupt);
   check_finite_result(losses, "row losses");  // e.g. |W - W_hat| ~ 1e300: d H d^T overflows
+  reject_negative_losses<Scalar>(W, W_hat, H, losses);
   return losses;
 }
 
 template Eigen::VectorXd row_losses<float>(const Eigen::Ref<const RowMatrix<float>>&,
                                            const Eigen::Ref<const RowMatrix<float>>&,
-                                           const HessianRef&, int);
+                                           const HessianRef&, int, InterruptHook*);
 template Eigen::VectorXd row_losses<double>(const Eigen::Ref<const RowMatrix<double>>&,
                                             const Eigen::Ref<const RowMatrix<double>>&,
-                                            const HessianRef&, int);
+                                            const HessianRef&, int, InterruptHook*);
 
 }  // namespace obc

@@ -91,6 +91,33 @@ MaskMatrix zero_mask(const RowMatrix<Scalar>& weight, const PreparedHessian& pre
   return pruned;
 }
 
+// Runs solve(W) in W's precision; when a float32 elimination loses positive definiteness
+// (PrecisionLost), redoes the whole layer in float64 and rounds the weights back to float32.
+// The damping is never changed: only the precision. solve takes an Eigen::Ref of either type.
+template <class Scalar, class Solve>
+PruneResult<Scalar> with_float64_fallback(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                          const HessianRef& H, const RunOptions& run,
+                                          Solve&& solve) {
+  if constexpr (std::is_same_v<Scalar, double>) {
+    return solve(W);
+  } else {
+    try {
+      return solve(W);
+    } catch (const PrecisionLost&) {
+    }
+    const RowMatrix<double> w64 = W.template cast<double>();
+    PruneResult<double> r64 = solve(Eigen::Ref<const RowMatrix<double>>(w64));
+    PruneResult<float> result;
+    result.weight = r64.weight.template cast<float>();
+    result.pruned = std::move(r64.pruned);
+    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
+    result.damp = r64.damp;
+    result.damp_absolute = r64.damp_absolute;
+    result.float64_fallback = true;
+    return result;
+  }
+}
+
 }  // namespace
 
 Index count_for_sparsity(double sparsity, Index steps) {
@@ -212,7 +239,7 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   }
   HessianOptions options = hopt;
   options.invert = needs_inverse;
-  const PreparedHessian prep = prepare_hessian(H, options, run.num_threads);
+  const PreparedHessian prep = prepare_hessian(H, options, run.num_threads, run.interrupt);
   return solve_masked<Scalar>(W, H, prep, pruned, run);
 }
 
@@ -222,7 +249,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
                                         double sparsity, Index block, Spread spread,
                                         const HessianOptions& hopt, const RunOptions& run) {
   check_sparsity(sparsity);
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_weight<Scalar>(W, prep.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
@@ -252,7 +279,10 @@ PruneResult<Scalar> prune_unstructured(const Eigen::Ref<const RowMatrix<Scalar>>
                                        const HessianRef& H, double sparsity,
                                        Spread spread, const HessianOptions& hopt,
                                        const RunOptions& run) {
-  return prune_traced<Scalar>(W, H, sparsity, 1, spread, hopt, run);
+  return with_float64_fallback<Scalar>(W, H, run, [&](const auto& w) {
+    using S = typename std::decay_t<decltype(w)>::Scalar;
+    return prune_traced<S>(w, H, sparsity, 1, spread, hopt, run);
+  });
 }
 
 template <class Scalar>
@@ -260,17 +290,20 @@ PruneResult<Scalar> prune_blocked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, double sparsity,
                                   Index block, Spread spread, const HessianOptions& hopt,
                                   const RunOptions& run) {
-  return prune_traced<Scalar>(W, H, sparsity, block, spread, hopt, run);
+  return with_float64_fallback<Scalar>(W, H, run, [&](const auto& w) {
+    using S = typename std::decay_t<decltype(w)>::Scalar;
+    return prune_traced<S>(w, H, sparsity, block, spread, hopt, run);
+  });
 }
 
 template <class Scalar>
-PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const HessianRef& H, Index n, Index m,
-                             const HessianOptions& hopt, const RunOptions& run) {
+static PruneResult<Scalar> prune_nm_in(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                       const HessianRef& H, Index n, Index m,
+                                       const HessianOptions& hopt, const RunOptions& run) {
   OBC_CHECK(m >= 2 && n >= 1 && n < m, "n, m: expected 0 < n < m, got n = ", n, ", m = ", m);
   OBC_CHECK(W.cols() % m == 0, "m: expected a divisor of cols (", W.cols(), ") so that every ",
             "input belongs to a group of m, got m = ", m);
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_weight<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
@@ -280,6 +313,16 @@ PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::row_kernels<Scalar>().nm(job, run);
   MaskMatrix pruned = zero_mask(weight, prep);
   return internal::finish_result<Scalar>(W, H, prep, std::move(weight), std::move(pruned), run);
+}
+
+template <class Scalar>
+PruneResult<Scalar> prune_nm(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                             const HessianRef& H, Index n, Index m,
+                             const HessianOptions& hopt, const RunOptions& run) {
+  return with_float64_fallback<Scalar>(W, H, run, [&](const auto& w) {
+    using S = typename std::decay_t<decltype(w)>::Scalar;
+    return prune_nm_in<S>(w, H, n, m, hopt, run);
+  });
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \

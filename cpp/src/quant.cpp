@@ -140,28 +140,29 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     }
   check_finite_result(result.weight, "weights");
   fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   return result;
 }
 
+// OBQ of W on a given grid, with the kernels of precision Scalar.
 template <class Scalar>
-QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                             const HessianRef& H, const QuantOptions& opt,
-                             const HessianOptions& hopt, const RunOptions& run) {
-  check_quant_options(opt, W.cols());
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+static QuantResult<Scalar> obq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                       const HessianRef& H, QuantGrid<Scalar>&& grid,
+                                       const QuantOptions& opt, const HessianOptions& hopt,
+                                       const RunOptions& run) {
+  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   check_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;
-  result.grid = make_grid<Scalar>(W, opt);
-  const QuantGrid<Scalar>& grid = result.grid;
+  result.grid = std::move(grid);
+  const QuantGrid<Scalar>& g = result.grid;
   const Index rows = W.rows(), cols = W.cols();
   result.weight.resize(rows, cols);
   const internal::ObqJob<Scalar> job{W.data(),          rows,
-                                     internal::view_of(prep), grid.scale.data(),
-                                     grid.zero.data(),   grid.group_size,
-                                     grid.bits,          0.25 * (1.0 + opt.outlier_tol),
+                                     internal::view_of(prep), g.scale.data(),
+                                     g.zero.data(),      g.group_size,
+                                     g.bits,             0.25 * (1.0 + opt.outlier_tol),
                                      result.weight.data()};
   internal::row_kernels<Scalar>().obq(job, run);
   check_finite_result(result.weight, "weights");
@@ -170,10 +171,46 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     for (Index c = 0; c < cols; ++c)
       result.pruned(r, c) = (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
   fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;
+}
+
+template <class Scalar>
+QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                             const HessianRef& H, const QuantOptions& opt,
+                             const HessianOptions& hopt, const RunOptions& run) {
+  check_quant_options(opt, W.cols());
+  check_inputs<Scalar>(W, H.rows());
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt);
+  if constexpr (std::is_same_v<Scalar, double>) {
+    return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
+  } else {
+    try {
+      return obq_on_grid<float>(W, H, QuantGrid<float>(grid), opt, hopt, run);
+    } catch (const PrecisionLost&) {
+    }
+    // Redo the layer in float64 on the float32 grid (same damping): a float32 scale times an
+    // integer is exact in float64, so the rounded weights lie exactly on the float32 grid.
+    QuantGrid<double> grid64;
+    grid64.scale = grid.scale.template cast<double>();
+    grid64.zero = grid.zero;
+    grid64.bits = grid.bits;
+    grid64.group_size = grid.group_size;
+    const RowMatrix<double> w64 = W.template cast<double>();
+    QuantResult<double> r64 = obq_on_grid<double>(w64, H, std::move(grid64), opt, hopt, run);
+    QuantResult<float> result;
+    result.weight = r64.weight.template cast<float>();
+    result.grid = std::move(grid);
+    result.pruned = std::move(r64.pruned);
+    fill_codes(result);
+    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
+    result.damp = r64.damp;
+    result.damp_absolute = r64.damp_absolute;
+    result.float64_fallback = true;
+    return result;
+  }
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \

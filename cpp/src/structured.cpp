@@ -21,7 +21,7 @@ PruneResult<Scalar> prune_structured(const Eigen::Ref<const RowMatrix<Scalar>>& 
             W.rows(), "x", W.cols());
   OBC_CHECK(group >= 1 && W.cols() % group == 0, "group: expected a positive divisor of cols (",
             W.cols(), "), got ", group);
-  const PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
+  const PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
   OBC_CHECK(prep.cols() == W.cols(), "H: expected ", W.cols(), "x", W.cols(), ", got ",
             prep.cols(), "x", prep.cols());
   OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");

@@ -44,7 +44,7 @@ def _kernels(W: np.ndarray):
 def _prune_result(d: dict) -> PruneResult:
     return PruneResult(
         weight=d["weight"], mask=d["mask"], row_losses=d["row_losses"],
-        damp=d["damp"], damp_absolute=d["damp_absolute"],
+        damp=d["damp"], damp_absolute=d["damp_absolute"], precision=d["precision"],
     )
 
 
@@ -52,7 +52,7 @@ def _quant_result(d: dict, bits: int, sym: bool) -> QuantResult:
     return QuantResult(
         weight=d["weight"], codes=d["codes"], scale=d["scale"], zero=d["zero"], bits=bits,
         sym=sym, group_size=int(d["group_size"]), mask=d["mask"], row_losses=d["row_losses"],
-        damp=d["damp"], damp_absolute=d["damp_absolute"],
+        damp=d["damp"], damp_absolute=d["damp_absolute"], precision=d["precision"],
     )
 
 
@@ -254,7 +254,8 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
     record_steps = sorted({_count(_arrays.as_fraction(s, "record"), steps) for s in record})
     d = _kernels(W).trace(W, H, block, _arrays.as_damp(damp), threads, 0, record_steps)
     return Trace(order=d["order"], losses=d["losses"], block=block, damp=d["damp"],
-                 damp_absolute=d["damp_absolute"], _W=W, _H=H, _num_threads=threads,
+                 damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W, _H=H,
+                 _num_threads=threads,
                  _recorded=dict(zip(record_steps, d["recorded"])))
 
 

@@ -17,6 +17,13 @@ class PruneResult:
         row_losses: (rows,) float64, 1/2 dw H dw^T per row with the undamped H, which equals
             ||(W - W_hat) X||^2 / n for H = 2/n X X^T.
         damp: relative damping used; damp_absolute: lambda added to diag(H).
+        precision: "float32" or "float64", the precision the greedy eliminations ran in. A
+            float32 layer runs in float32 unless its elimination lost positive definiteness
+            (an ill-conditioned H, e.g. with damp=0): then the whole layer is redone in float64
+            with the same damping, `weight` is that result rounded to float32 and "float64" is
+            reported. (The Hessian inverse itself is always float64, and structured pruning
+            eliminates on that shared float64 inverse in both precisions, so it reports the
+            layer's dtype and has nothing to fall back to.)
     """
 
     weight: np.ndarray
@@ -24,6 +31,7 @@ class PruneResult:
     row_losses: np.ndarray
     damp: float
     damp_absolute: float
+    precision: str = "float64"
 
     @property
     def loss(self) -> float:
@@ -46,7 +54,8 @@ class QuantResult:
         scale: (rows, groups) grid step, dtype of W; zero: (rows, groups) uint8 zero points.
         bits, sym, group_size: the grid (group_size == cols when one grid per row).
         mask: (rows, cols) bool, False where the weight was zero on input (kept exactly zero).
-        row_losses, damp, damp_absolute: as in PruneResult.
+        row_losses, damp, damp_absolute, precision: as in PruneResult (after a float64 redo the
+            weights are still exactly on the float32 grid).
     """
 
     weight: np.ndarray
@@ -60,6 +69,7 @@ class QuantResult:
     row_losses: np.ndarray
     damp: float
     damp_absolute: float
+    precision: str = "float64"
 
     @property
     def loss(self) -> float:
@@ -81,6 +91,8 @@ class Trace:
         losses: (rows, steps) float64, loss increase of each step under the damped H.
         block: weights removed per step.
         damp, damp_absolute: damping used.
+        precision: as in PruneResult (a float32 trace redone in float64 has float64 orders and
+            losses; recorded weights are rounded to float32).
     """
 
     order: np.ndarray
@@ -88,6 +100,7 @@ class Trace:
     block: int
     damp: float
     damp_absolute: float
+    precision: str
     _W: np.ndarray = field(repr=False)
     _H: np.ndarray = field(repr=False)
     _num_threads: int = field(repr=False, default=0)
@@ -141,7 +154,7 @@ class Trace:
                 weight=recorded.copy(), mask=mask,
                 row_losses=_api.layer_loss(self._W, recorded, self._H,
                                            num_threads=self._num_threads or None),
-                damp=self.damp, damp_absolute=self.damp_absolute)
+                damp=self.damp, damp_absolute=self.damp_absolute, precision=self.precision)
         return _api.solve_masked(
             self._W, self._H, ~self.pruned_mask(counts), damp=self.damp,
             num_threads=self._num_threads or None,

@@ -549,7 +549,7 @@ def apply_level(W, H, level: Level, *, damp: float = 0.01, num_threads=None) -> 
     if level.kind == "dense":
         _arrays.as_hessian(H, W.shape[1], "H")
         return PruneResult(weight=W.copy(), mask=W != 0, row_losses=np.zeros(W.shape[0]),
-                           damp=float(damp), damp_absolute=0.0)
+                           damp=float(damp), damp_absolute=0.0, precision=W.dtype.name)
     if level.kind == "unstructured":
         return _api.prune_unstructured(W, H, p["sparsity"], damp=damp, spread=p["spread"],
                                        num_threads=num_threads)

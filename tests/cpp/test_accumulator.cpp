@@ -5,6 +5,7 @@
 #include "check.hpp"
 #include "obc/accumulator.hpp"
 #include "obc/errors.hpp"
+#include "obc/interrupt.hpp"
 
 using namespace obc;
 
@@ -23,6 +24,18 @@ RowMatrixXd make_rows(Index n, Index cols, unsigned seed) {
 }
 
 double max_abs(const Eigen::MatrixXd& m) { return m.cwiseAbs().maxCoeff(); }
+
+// Asks to stop at its `stop_at`-th poll (counting from 1): a deterministic Ctrl-C.
+class StopAtPoll : public InterruptHook {
+ public:
+  explicit StopAtPoll(int stop_at) : stop_at_(stop_at) {}
+  bool should_stop() override { return ++polls_ >= stop_at_; }
+  int polls() const { return polls_; }
+
+ private:
+  int stop_at_;
+  int polls_ = 0;
+};
 
 }  // namespace
 
@@ -177,6 +190,35 @@ OBC_TEST(from_state_restores_and_validates) {
   CHECK_THROWS(HessianAccumulator::from_state(Eigen::MatrixXd::Zero(2, 3), 1), InvalidArgument);
   const HessianAccumulator empty = HessianAccumulator::from_state(Eigen::MatrixXd::Zero(3, 3), 0);
   CHECK(empty.count() == 0);
+}
+
+OBC_TEST(interrupted_add_is_rolled_back_exactly) {
+  // 150 columns: three column tiles (one partial); 5000 rows: three chunks. Stopping at each
+  // poll in turn interrupts before, between and after chunks.
+  const RowMatrixXd first = make_rows(300, 150, 7), batch = make_rows(5000, 150, 8);
+  for (int stop_at = 1; stop_at <= 4; ++stop_at) {
+    HessianAccumulator acc(150, AccumulatorOptions{1});
+    acc.add(first);
+    const Eigen::MatrixXd before = acc.sum();
+    StopAtPoll hook(stop_at);
+    CHECK_THROWS(acc.add(batch, &hook), Interrupted);
+    CHECK(acc.count() == 300);
+    CHECK(acc.sum() == before);
+    // Still usable, and the same sum as an accumulator that never saw the interrupted batch.
+    acc.add(batch);
+    HessianAccumulator fresh(150, AccumulatorOptions{1});
+    fresh.add(first);
+    fresh.add(batch);
+    CHECK(acc.sum() == fresh.sum());
+  }
+  // A hook that never stops changes nothing.
+  struct Never : InterruptHook {
+    bool should_stop() override { return false; }
+  } never;
+  HessianAccumulator a(150), b(150);
+  a.add(batch, &never);
+  b.add(batch);
+  CHECK(a.sum() == b.sum());
 }
 
 OBC_TEST_MAIN

@@ -2,6 +2,7 @@
 #include "obc/hessian.hpp"
 
 #include <Eigen/Cholesky>
+#include <cmath>
 
 #include "check.hpp"
 #include "obc/errors.hpp"
@@ -120,6 +121,26 @@ OBC_TEST(row_losses_equal_output_error) {
   const RowMatrixXd out_err = (p.W - W_hat) * p.X;
   for (Index r = 0; r < 3; ++r)
     CHECK_NEAR(losses[r], out_err.row(r).squaredNorm() / 50.0, 1e-10);
+}
+
+OBC_TEST(inverse_polls_the_interrupt_hook) {
+  // 700 inputs: 11 Cholesky panels of 64; a hook that stops at its 3rd poll stops the inverse.
+  struct StopAtThird : InterruptHook {
+    int polls = 0;
+    bool should_stop() override { return ++polls >= 3; }
+  } hook;
+  const Index n = 700;
+  Eigen::MatrixXd H = Eigen::MatrixXd::Identity(n, n) * (2.0 * n);
+  for (Index i = 0; i < n; ++i)
+    for (Index j = 0; j < i; ++j) H(i, j) = H(j, i) = std::sin(static_cast<double>(i * n + j));
+  CHECK_THROWS(prepare_hessian(H, HessianOptions{0.0}, 1, &hook), Interrupted);
+  CHECK(hook.polls == 3);
+  struct Never : InterruptHook {
+    bool should_stop() override { return false; }
+  } never;
+  const PreparedHessian with_hook = prepare_hessian(H, HessianOptions{0.0}, 1, &never);
+  const PreparedHessian without = prepare_hessian(H, HessianOptions{0.0}, 1);
+  CHECK(with_hook.hinv == without.hinv);
 }
 
 OBC_TEST_MAIN

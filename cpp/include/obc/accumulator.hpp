@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 
+#include "obc/interrupt.hpp"
 #include "obc/types.hpp"
 
 namespace obc {
@@ -42,12 +43,15 @@ class HessianAccumulator {
 
   /// Adds the n rows of X (n x cols, n >= 0). Throws InvalidArgument, leaving the accumulator
   /// unchanged, when X has another width, holds NaN/Inf, or would push an entry of the sum past
-  /// kMaxSumEntry (so hessian() is always finite).
-  void add(const Eigen::Ref<const RowMatrix<float>>& X);
-  void add(const Eigen::Ref<const RowMatrix<double>>& X);
+  /// kMaxSumEntry (so hessian() is always finite). `interrupt` (not owned, may be null)
+  /// is polled from the calling thread during the Gram products; when it asks to stop, the
+  /// batch is rolled back exactly (the accumulator is left as before the call) and Interrupted
+  /// is thrown.
+  void add(const Eigen::Ref<const RowMatrix<float>>& X, InterruptHook* interrupt = nullptr);
+  void add(const Eigen::Ref<const RowMatrix<double>>& X, InterruptHook* interrupt = nullptr);
   /// The same for a raw row-major buffer of rows x cols values (data may be null when rows == 0).
-  void add(const float* data, Index rows, Index cols);
-  void add(const double* data, Index rows, Index cols);
+  void add(const float* data, Index rows, Index cols, InterruptHook* interrupt = nullptr);
+  void add(const double* data, Index rows, Index cols, InterruptHook* interrupt = nullptr);
 
   /// Adds the sum and count of `other` (same cols, else InvalidArgument). merge(*this) doubles.
   /// Throws InvalidArgument, unchanged, when the merged sum would pass kMaxSumEntry.
@@ -75,7 +79,7 @@ class HessianAccumulator {
 
  private:
   template <class Scalar>
-  void add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X);
+  void add_rows(const Eigen::Ref<const RowMatrix<Scalar>>& X, InterruptHook* interrupt);
 
   Eigen::MatrixXd sum_;
   std::uint64_t count_ = 0;

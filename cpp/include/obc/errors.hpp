@@ -32,6 +32,14 @@ class Overflow : public InvalidArgument {
   using InvalidArgument::InvalidArgument;
 };
 
+/// A float32 greedy elimination lost positive definiteness of its inverse Hessian (rounding, on
+/// an ill-conditioned H). The public solvers catch it and redo the layer in float64 (reported by
+/// the result's `float64_fallback`); it reaches callers only from the kernels themselves.
+class PrecisionLost : public NotPositiveDefinite {
+ public:
+  using NotPositiveDefinite::NotPositiveDefinite;
+};
+
 /// A long computation was stopped by an InterruptHook. Reaches Python as KeyboardInterrupt.
 class Interrupted : public std::runtime_error {
  public:

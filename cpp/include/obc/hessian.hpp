@@ -9,6 +9,7 @@
 #include "obc/errors.hpp"
 
 #include "obc/hessian_ref.hpp"
+#include "obc/interrupt.hpp"
 #include "obc/types.hpp"
 
 namespace obc {
@@ -71,8 +72,10 @@ void validate_hessian(const HessianRef& H, double symmetry_tol = 1e-6, int num_t
 /// tried) when the damped Hessian has no Cholesky factor; never retries with more damping.
 /// The inverse is computed in float64 (about cols^3 flops, on num_threads threads, 0 = default;
 /// bit-identical for any count) in one cols x cols buffer, whatever H's type and layout.
+/// `interrupt` (not owned, may be null) is polled from the calling thread during the inverse;
+/// when it asks to stop, Interrupted is thrown.
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options = {},
-                                int num_threads = 0);
+                                int num_threads = 0, InterruptHook* interrupt = nullptr);
 
 /// Sum of diag(H) over the live inputs (diag > 0), plus damp_absolute for each; float64.
 double live_trace(const HessianRef& H, double damp_absolute = 0.0);
@@ -99,9 +102,13 @@ void check_finite_result(const Eigen::DenseBase<Derived>& values, const char* wh
 
 /// Loss of replacing each row w of W by w_hat: 1/2 (w - w_hat) H (w - w_hat)^T, which equals
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.
+/// Validates H like prepare_hessian (InvalidArgument); an indefinite H, which would give a
+/// negative loss beyond rounding, throws InvalidArgument too (rounding-level negatives give 0).
+/// `interrupt` (may be null) is polled from the calling thread; a stop throws Interrupted.
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,
-                           const HessianRef& H, int num_threads = 0);
+                           const HessianRef& H, int num_threads = 0,
+                           InterruptHook* interrupt = nullptr);
 
 }  // namespace obc

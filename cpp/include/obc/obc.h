@@ -38,7 +38,10 @@ typedef enum obc_status {
   OBC_OK = 0,
   OBC_ERR_INVALID_ARGUMENT = 1,      /* null pointer, wrong size, value out of range, NaN/Inf,
                                         values too large for the precision (rescale) */
-  OBC_ERR_NOT_POSITIVE_DEFINITE = 2, /* H not positive definite after damping: raise damp */
+  OBC_ERR_NOT_POSITIVE_DEFINITE = 2, /* H not positive definite after damping: raise damp.
+                                        (A _f32 call whose float32 elimination loses definiteness
+                                        is redone in float64 first, same damping; this C API does
+                                        not report that redo.) */
   OBC_ERR_INTERRUPTED = 3,           /* the interrupt callback asked to stop; no result */
   OBC_ERR_IO = 4,                    /* a file could not be opened, read or written */
   OBC_ERR_FORMAT = 5,                /* a file is not a valid Hessian file (magic, version, size,

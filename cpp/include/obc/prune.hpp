@@ -43,6 +43,10 @@ struct PruneResult {
   Eigen::VectorXd row_losses;   ///< rows: 1/2 dw H dw^T with the undamped H
   double damp = 0.0;            ///< relative damping used
   double damp_absolute = 0.0;   ///< absolute damping added to the diagonal
+  /// float32 layers only: true when the float32 elimination lost positive definiteness (an
+  /// ill-conditioned H) and the layer was redone in float64; `weight` is then that float64
+  /// result rounded to float32 and `row_losses` are measured on the rounded weights.
+  bool float64_fallback = false;
 };
 
 /// Number of steps `sparsity` asks of `steps` items: ceil(sparsity * steps), robust to

@@ -57,6 +57,10 @@ struct QuantResult {
   Eigen::VectorXd row_losses;     ///< rows: 1/2 dw H dw^T with the undamped H
   double damp = 0.0;
   double damp_absolute = 0.0;
+  /// float32 layers only: true when the float32 elimination lost positive definiteness and the
+  /// layer was redone in float64 on the same (float32) grid; `weight` is that result rounded
+  /// to float32, still exactly on the grid.
+  bool float64_fallback = false;
 };
 
 /// Computes the grid of every row / group of W from W itself. Throws InvalidArgument for bits

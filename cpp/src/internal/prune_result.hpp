@@ -39,7 +39,7 @@ inline PruneResult<Scalar> finish_result(const Eigen::Ref<const RowMatrix<Scalar
   check_finite_result(weight, "weights");
   result.weight = std::move(weight);
   result.pruned = std::move(pruned);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;

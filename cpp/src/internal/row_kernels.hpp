@@ -110,8 +110,9 @@ struct RowKernels {
   void (*structured)(const StructuredJob<S>&, const RunOptions&);
   void (*solve_masked)(const MaskedSolveJob<S>&, const RunOptions&);
   /// out[r] = 1/2 (W - W_hat)_r H (W - W_hat)_r^T in float64; W, W_hat rows x cols row-major.
+  /// `interrupt` (may be null) is polled between column blocks; a stop throws Interrupted.
   void (*row_losses)(const S* W, const S* W_hat, KIndex rows, KIndex cols, const HessianInput& H,
-                     double* out, int num_threads);
+                     double* out, int num_threads, InterruptHook* interrupt);
 };
 
 struct KernelTable {
@@ -119,8 +120,10 @@ struct KernelTable {
   RowKernels<double> f64;
   /// In-place inverse of the SPD matrix in a (n x n column-major, lower triangle read; on success
   /// both triangles written), see kernels/spd_inverse.hpp. Returns false when a Cholesky pivot
-  /// falls below pivot_tol times its diagonal entry (numerically singular).
-  bool (*spd_inverse_inplace)(double* a, KIndex n, double pivot_tol, int num_threads);
+  /// falls below pivot_tol times its diagonal entry (numerically singular). `interrupt` (may be
+  /// null) is polled between panels; a stop throws Interrupted.
+  bool (*spd_inverse_inplace)(double* a, KIndex n, double pivot_tol, int num_threads,
+                              InterruptHook* interrupt);
   const char* isa;  ///< "generic" or "avx2+fma"
 };
 

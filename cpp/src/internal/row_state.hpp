@@ -5,6 +5,7 @@
 #include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "internal/lazy_inverse.hpp"
@@ -146,10 +147,17 @@ class RowState {
       if (free_[static_cast<size_t>(i)]) out_[orig_[static_cast<size_t>(i)]] = w_[i];
   }
 
+  /// float32: PrecisionLost (the solvers then redo the layer in float64); float64: the H is
+  /// too ill-conditioned even there.
   [[noreturn]] static void lost_definiteness() {
+    if constexpr (std::is_same_v<S, float>)
+      throw PrecisionLost(
+          "the inverse Hessian lost positive definiteness during the float32 elimination (H is "
+          "too ill-conditioned for float32)");
     throw NotPositiveDefinite(
-        "the inverse Hessian lost positive definiteness during elimination (H is too "
-        "ill-conditioned for this precision); increase damp or pass float64 inputs");
+        "the inverse Hessian lost positive definiteness during the float64 elimination (H is "
+        "too ill-conditioned even for float64; the float32 solvers already retry there); "
+        "increase damp (e.g. 0.01) or collect more calibration samples");
   }
 
   /// A greedy's scores or weights overflowed (every picked score NaN, or the best one Inf).

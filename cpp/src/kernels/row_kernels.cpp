@@ -362,7 +362,7 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
 // time, never as a whole.
 template <class S, class HMap>
 void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const HMap& h,
-                     double* out, int num_threads) {
+                     double* out, int num_threads, InterruptHook* interrupt) {
   using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
   using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
   using ConstRows =
@@ -377,7 +377,7 @@ void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const H
     delta = w.middleRows(begin, len).template cast<double>() -
             w_hat.middleRows(begin, len).template cast<double>();
     shares.resize(len, blocks);
-    parallel_for(blocks, num_threads, nullptr, [&](Index b, int) {
+    parallel_for(blocks, num_threads, interrupt, [&](Index b, int) {
       const Index j = b * col_block, nb = std::min(col_block, cols - j), below = cols - j - nb;
       // Symmetric part of H on the diagonal block and the block column below it.
       const MatrixD h_diag = 0.5 * (h.block(j, j, nb, nb).template cast<double>() +
@@ -401,9 +401,10 @@ void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const H
 
 template <class S>
 void row_losses(const S* W, const S* W_hat, Index rows, Index cols, const HessianInput& H,
-                double* out, int num_threads) {
-  visit_hessian(H,
-                [&](const auto& h) { row_losses_with(W, W_hat, rows, cols, h, out, num_threads); });
+                double* out, int num_threads, InterruptHook* interrupt) {
+  visit_hessian(H, [&](const auto& h) {
+    row_losses_with(W, W_hat, rows, cols, h, out, num_threads, interrupt);
+  });
 }
 
 }  // namespace

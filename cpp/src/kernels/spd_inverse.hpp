@@ -14,6 +14,8 @@
 #include <Eigen/Core>
 #include <algorithm>
 
+#include "obc/errors.hpp"
+#include "obc/interrupt.hpp"
 #include "obc/parallel.hpp"
 #include "obc/types.hpp"
 
@@ -33,10 +35,17 @@ inline Index block_size(Index n) { return n <= 1024 ? 64 : 128; }
 
 inline Index chunks(Index len, Index nb) { return (len + nb - 1) / nb; }
 
+// Polled by the calling thread between panels (outside every parallel region): one panel step
+// takes at most a few hundred ms even at cols = 16k, and a poll costs microseconds.
+inline void poll(InterruptHook* interrupt) {
+  if (interrupt != nullptr && interrupt->should_stop()) throw Interrupted();
+}
+
 /// Lower Cholesky in place (right-looking, blocked). False when a pivot is not positive.
-inline bool cholesky(Map a, int num_threads) {
+inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt) {
   const Index n = a.rows(), kBlock = block_size(n);
   for (Index k = 0; k < n; k += kBlock) {
+    poll(interrupt);
     const Index b = std::min(kBlock, n - k), rest = n - k - b;
     Eigen::Ref<MatrixXd> diag_block = a.block(k, k, b, b);
     Eigen::LLT<Eigen::Ref<MatrixXd>> llt(diag_block);  // factors the block in place
@@ -62,11 +71,12 @@ inline bool cholesky(Map a, int num_threads) {
 
 /// L <- L^-1 in place (L lower triangular), block columns from the last to the first:
 /// X[j+1:, j] = -X[j+1:, j+1:] L[j+1:, j] X_jj with X_jj = L_jj^-1.
-inline void triangular_inverse(Map a, int num_threads) {
+inline void triangular_inverse(Map a, int num_threads, InterruptHook* interrupt) {
   const Index n = a.rows(), kBlock = block_size(n);
   const Index nblocks = chunks(n, kBlock);
   MatrixXd panel;
   for (Index bj = nblocks - 1; bj >= 0; --bj) {
+    poll(interrupt);
     const Index j = bj * kBlock, b = std::min(kBlock, n - j), rest = n - j - b;
     auto diag = a.block(j, j, b, b);
     MatrixXd diag_inv = MatrixXd::Identity(b, b);
@@ -95,10 +105,11 @@ inline void triangular_inverse(Map a, int num_threads) {
 
 /// X <- X^T X in place, lower triangle (X lower triangular). Column block j of the result,
 /// R[j:, j] = X[j:, j:]^T X[j:, j], only reads columns >= j, so ascending blocks can overwrite.
-inline void lower_gram(Map a, int num_threads) {
+inline void lower_gram(Map a, int num_threads, InterruptHook* interrupt) {
   const Index n = a.rows(), kBlock = block_size(n);
   MatrixXd panel, xcol;
   for (Index j = 0; j < n; j += kBlock) {
+    poll(interrupt);
     const Index b = std::min(kBlock, n - j), len_all = n - j;
     // X[j:, j:j+b] with the zeros above its diagonal made explicit (the upper triangle of `a`
     // holds unrelated values).
@@ -134,16 +145,18 @@ inline void lower_gram(Map a, int num_threads) {
 /// Inverse of the SPD matrix in `a` (n x n, column-major; only the lower triangle is read), in
 /// place: on success `a` holds the full symmetric inverse. Returns false when a Cholesky pivot
 /// L_ii^2 is not above pivot_tol * a_ii (not positive definite, or numerically singular); `a` is
-/// then clobbered. About n^3 flops.
-inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads) {
+/// then clobbered. About n^3 flops. `interrupt` (may be null) is polled from the calling thread
+/// between panels; when it asks to stop, Interrupted is thrown and `a` is clobbered.
+inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads,
+                                InterruptHook* interrupt) {
   if (n < 384) num_threads = 1;  // a parallel region per panel costs more than it saves there
   spd_detail::Map a(data, n, n);
   const Eigen::VectorXd diag = a.diagonal();
-  if (!spd_detail::cholesky(a, num_threads)) return false;
+  if (!spd_detail::cholesky(a, num_threads, interrupt)) return false;
   for (Index i = 0; i < n; ++i)
     if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
-  spd_detail::triangular_inverse(a, num_threads);
-  spd_detail::lower_gram(a, num_threads);
+  spd_detail::triangular_inverse(a, num_threads, interrupt);
+  spd_detail::lower_gram(a, num_threads, interrupt);
   // Mirror the lower triangle into the upper one: chunk c writes the upper part of rows
   // [j0, j0 + len), tile by tile so that both the reads and the writes stay in cache.
   const Index nb = spd_detail::block_size(n);
