@@ -47,9 +47,10 @@ Index floor_share(Index total, Index part, Index whole) {
 // U with U^T U = H^-1, rounded to Scalar: the lower Cholesky factor L of H^-1 (in place, by the
 // blocked parallel factorization of spd_inverse.hpp), transposed. False when it does not exist.
 template <class Scalar>
-bool upper_factor_of_inverse(double* hinv, Index n, int num_threads, RowMatrix<Scalar>& upper) {
+bool upper_factor_of_inverse(double* hinv, Index n, int num_threads, InterruptHook* interrupt,
+                             RowMatrix<Scalar>& upper) {
   spd_detail::Map a(hinv, n, n);
-  if (!spd_detail::cholesky(a, n < 384 ? 1 : num_threads)) return false;
+  if (!spd_detail::cholesky(a, n < 384 ? 1 : num_threads, interrupt)) return false;
   for (Index i = 0; i < n; ++i)
     if (!(a(i, i) > 0)) return false;
   upper.setZero(n, n);
@@ -264,7 +265,7 @@ class Sweep {
 template <class Scalar>
 bool sweep(const SparseGptJob<Scalar>& job, const RunOptions& run) {
   RowMatrix<Scalar> upper;
-  if (!upper_factor_of_inverse<Scalar>(job.hinv, job.cols, run.num_threads, upper)) return false;
+  if (!upper_factor_of_inverse<Scalar>(job.hinv, job.cols, run.num_threads, run.interrupt, upper)) return false;
   Sweep<Scalar>(job, upper, run).run();
   return true;
 }
