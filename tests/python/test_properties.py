@@ -81,11 +81,16 @@ class Layer:
 
 
 def layout(a: np.ndarray) -> str:
-    return "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "strided"
+    kind = "C" if a.flags.c_contiguous else "F" if a.flags.f_contiguous else "strided"
+    return kind if a.flags.writeable else kind + " read-only"
 
 
 def place(a: np.ndarray, how: str) -> np.ndarray:
-    """The same values in C order, Fortran order, or as a non-contiguous view."""
+    """The same values in C order, Fortran order, read-only, or as a non-contiguous view."""
+    if how == "readonly":
+        a = np.array(a)
+        a.setflags(write=False)
+        return a
     if how == "F":
         return np.asfortranarray(a)
     if how == "strided":
@@ -137,8 +142,8 @@ def layers(draw, multiple: int | st.SearchStrategy = 1, max_rows=12, max_cols=40
     if zero_frac:
         W[rng.random(W.shape) < zero_frac] = 0.0
     H = H.astype(h_dtype)
-    layer = Layer(W=place(W.astype(dtype), draw(st.sampled_from(["C", "F", "strided"]))),
-                  H=place(H, draw(st.sampled_from(["C", "F", "strided"]))),
+    layouts = st.sampled_from(["C", "F", "strided", "readonly"])
+    layer = Layer(W=place(W.astype(dtype), draw(layouts)), H=place(H, draw(layouts)),
                   H64=H.astype(np.float64), kind=kind, damp=draw(st.sampled_from(damps)))
     return layer
 
@@ -326,8 +331,9 @@ def check_structured(layer: Layer, group: int, s: float, threads=THREADS) -> Non
     cols_removed = np.repeat(removed, group)
     assert np.array_equal(~res.mask, cols_removed[None, :] | layer.initial), \
         "structured: pruned columns differ between rows or groups are partial"
-    dead_groups = (np.diag(layer.H64) == 0).reshape(ng, group).all(axis=1)
-    assert removed.sum() == max(count(s, ng), dead_groups.sum())
+    # Pruned from the start: groups of dead inputs and of columns that are zero in every row.
+    gone_groups = layer.initial.all(axis=0).reshape(ng, group).all(axis=1)
+    assert removed.sum() == max(count(s, ng), gone_groups.sum())
     # Docs: its own greedy's losses (damped loss minus 1/2 lambda ||dw||^2), the same value up to
     # rounding; in float32 that subtraction's rounding is relative to 1/2 lambda ||dw||^2, which
     # dominates with large damping on outlier features (see test_structured_float32_loss_*).
@@ -480,6 +486,7 @@ def test_quantize_rtn(data, bits, sym, grid):
     q = np.rint(W / res.scale[:, g]) + res.zero[:, g].astype(W.dtype)
     codes = np.clip(q, 0, 2**bits - 1).astype(np.uint8)
     assert np.array_equal(res.codes, codes), "RTN codes != round-half-even(w / scale) + zero"
+    assert np.array_equal(res.mask, layer.W != 0), "RTN mask != weights non-zero on input"
     assert_loss(res, layer)
 
 
@@ -677,7 +684,12 @@ def test_scale_equivariance(data, mode):
     pa, pl = np.float64(2.0) ** a, np.float64(2.0) ** (2 * a + b)
     for k in fa:
         x, y = np.asarray(fa[k]), np.asarray(fb[k])
-        if k in ("weight", "scale"):
+        if k == "scale":
+            # A group whose weights are all zero has no range; its placeholder step is free.
+            gs = base.group_size
+            live = (layer.W != 0).reshape(x.shape[0], -1, gs).any(axis=2)
+            x, y = x[live] * x.dtype.type(pa), y[live]
+        elif k == "weight":
             x = x * x.dtype.type(pa)
         elif k in ("row_losses", "losses"):
             x = x * pl
@@ -745,11 +757,15 @@ ENTRY_POINTS = {
 }
 
 
-@PROFILE
-@given(layer=layers(multiple=2, max_cols=16), fn=st.sampled_from(sorted(ENTRY_POINTS)),
-       where=st.sampled_from(["W", "H", "H-sym"]), value=st.sampled_from([np.nan, np.inf, -np.inf]),
+BAD_INPUT_EXAMPLES = settings(PROFILE, max_examples=max(3, PROFILE.max_examples // 10))
+
+
+@pytest.mark.parametrize("fn", sorted(ENTRY_POINTS))
+@pytest.mark.parametrize("where", ["W", "H", "H-sym"])
+@BAD_INPUT_EXAMPLES
+@given(layer=layers(multiple=2, max_cols=16), value=st.sampled_from([np.nan, np.inf, -np.inf]),
        data=st.data())
-def test_non_finite_input_raises(layer, fn, where, value, data):
+def test_non_finite_input_raises(fn, where, layer, value, data):
     W = np.array(layer.W)
     H = np.array(layer.H)
     i = data.draw(st.integers(0, W.shape[0] - 1), label="i")
@@ -761,15 +777,30 @@ def test_non_finite_input_raises(layer, fn, where, value, data):
         H[j, k] = value
     else:
         H[j, k] = H[k, j] = value
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="W" if where == "W" else "H"):
         ENTRY_POINTS[fn](W, H)
 
 
-@PROFILE
-@given(layer=layers(multiple=2, max_cols=16), fn=st.sampled_from(sorted(ENTRY_POINTS)),
-       bad=st.sampled_from(["H rows", "H cols", "H 1-D", "W 1-D", "W 3-D", "H asym", "H int",
-                            "W int", "W complex", "H negative diag", "H indefinite"]))
-def test_bad_shapes_and_types_raise(layer, fn, bad):
+XFAIL_NEW_LAYER_LOSS_H = pytest.mark.xfail(
+    strict=False, reason="NEW defect (found by test_properties): layer_loss does not validate H "
+    "beyond finiteness (asymmetric H and a negative diagonal are accepted; negative losses)")
+BAD_CASES = ["H rows", "H cols", "H 1-D", "W 1-D", "W 3-D", "H asym", "H int", "W int",
+             "W complex", "H negative diag", "H indefinite"]
+
+
+def bad_case_params():
+    for fn in sorted(ENTRY_POINTS):
+        for bad in BAD_CASES:
+            marks = ()
+            if fn == "layer_loss" and bad in ("H asym", "H negative diag"):
+                marks = (XFAIL_NEW_LAYER_LOSS_H,)
+            yield pytest.param(fn, bad, marks=marks, id=f"{fn}-{bad.replace(' ', '_')}")
+
+
+@pytest.mark.parametrize("fn,bad", list(bad_case_params()))
+@BAD_INPUT_EXAMPLES
+@given(layer=layers(multiple=2, max_cols=16))
+def test_bad_shapes_and_types_raise(fn, bad, layer):
     W, H = np.array(layer.W), np.array(layer.H)
     cols = W.shape[1]
     expected = ValueError
@@ -784,7 +815,8 @@ def test_bad_shapes_and_types_raise(layer, fn, bad):
     elif bad == "W 3-D":
         W = W[None]
     elif bad == "H asym":
-        H = H + np.triu(np.ones_like(H), 1)
+        # (The core allows rounding-level asymmetry relative to max|H|.)
+        H = H + np.triu(np.ones_like(H), 1) * (0.01 * float(np.abs(H).max()) + 1.0)
     elif bad == "H int":
         H, expected = H.astype(np.int64), TypeError
     elif bad == "W int":
@@ -792,18 +824,20 @@ def test_bad_shapes_and_types_raise(layer, fn, bad):
     elif bad == "W complex":
         W, expected = W.astype(np.complex128), TypeError
     elif bad == "H negative diag":
-        H = H.copy()
-        H[0, 0] = -1.0 - 10 * abs(float(H.max()))
+        H[0, 0] = -1.0
     elif bad == "H indefinite":
-        H = -np.eye(cols, dtype=H.dtype)
-    if bad in ("H negative diag", "H indefinite"):
+        # Non-negative diagonal, symmetric, but not positive semi-definite: the solvers factor
+        # it and must raise HessianError (a ValueError) naming the damping; RTN and layer_loss
+        # never factor H (docs: H only measures the loss).
         if fn in ("quantize_rtn", "layer_loss"):
-            return  # these never factor H (RTN: H only measures the loss)
-        # Not positive definite after damping: HessianError (a ValueError). trace/solve paths
-        # that solve with H directly must refuse it too.
-        expected = ValueError
-    with pytest.raises(expected):
+            return
+        expected = obc_native.HessianError
+        H = np.eye(cols, dtype=H.dtype)
+        H[0, 1] = H[1, 0] = 2.0  # eigenvalues 3 and -1 (the damping adds 0.01)
+    with pytest.raises(expected) as info:
         ENTRY_POINTS[fn](W, H)
+    if expected is obc_native.HessianError:
+        assert "damp" in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------
