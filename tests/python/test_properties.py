@@ -17,8 +17,10 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import subprocess
 import sys
+import tempfile
 import textwrap
 from dataclasses import dataclass
 
@@ -630,6 +632,77 @@ def test_layer_loss(layer, data):
     exact, scale = quad_form(layer.W.astype(np.float64) - W_hat, layer.H64)
     assert np.all(np.abs(got - exact) <= loss_rtol(layer.W.dtype) * (scale + np.abs(exact)))
     assert np.all(obc_native.layer_loss(layer.W, layer.W, layer.H) == 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# HessianAccumulator
+# ----------------------------------------------------------------------------------------------
+
+
+@st.composite
+def activation_batches(draw):
+    """(cols, [X_1, X_2, ...]): a few batches (n_i, cols) of float32/float64 activations, some
+    with dead inputs, outlier features or a single row."""
+    cols = draw(st.integers(1, 40), label="cols")
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1), label="seed"))
+    dead = rng.random(cols) < draw(st.sampled_from([0.0, 0.3]))
+    scale = np.where(rng.random(cols) < 0.1, 1e3, 1.0)
+    batches = []
+    for n in draw(st.lists(st.integers(1, 70), min_size=1, max_size=4), label="batch rows"):
+        X = rng.standard_normal((n, cols)) * scale + 0.5
+        X[:, dead] = 0.0
+        batches.append(X.astype(dtype))
+    return cols, batches
+
+
+@PROFILE
+@given(case=activation_batches(), split=st.integers(1, 3))
+def test_hessian_accumulator(case, split):
+    """H = 2/n sum x x^T, exactly symmetric, bit-identical for any thread count and for the same
+    sequence of batches; merge adds sums and counts exactly; pickling and files are exact; a
+    batch with NaN raises ValueError and leaves the accumulator unchanged."""
+    cols, batches = case
+    accs = []
+    for threads in THREADS:
+        acc = obc_native.HessianAccumulator(cols, num_threads=threads)
+        for X in batches:
+            acc.add(X)
+        accs.append(acc)
+    H = accs[0].hessian()
+    for acc in accs[1:]:
+        assert np.array_equal(acc.sum(), accs[0].sum()), "sum depends on the thread count"
+    n = sum(X.shape[0] for X in batches)
+    assert accs[0].count == n
+    assert H.dtype == np.float64 and H.shape == (cols, cols) and np.array_equal(H, H.T)
+    X = np.concatenate([b.astype(np.float64) for b in batches])
+    np.testing.assert_allclose(H, 2.0 / n * (X.T @ X),
+                               atol=1e-13 * 2.0 / n * float(np.max(np.abs(X).T @ np.abs(X))))
+    assert np.all(np.diag(H)[~np.any(X != 0, axis=0)] == 0), "dead inputs must give zero rows"
+    # Merge: the first `split` batches in one accumulator, the rest in another.
+    a, b = obc_native.HessianAccumulator(cols), obc_native.HessianAccumulator(cols)
+    for X_ in batches[:split]:
+        a.add(X_)
+    for X_ in batches[split:]:
+        b.add(X_)
+    expected_sum = a.sum() + b.sum()
+    a.merge(b)
+    assert a.count == n and np.array_equal(a.sum(), expected_sum), "merge is not exact"
+    # Pickle and file round trips.
+    back = pickle.loads(pickle.dumps(accs[0]))
+    assert back.count == n and np.array_equal(back.sum(), accs[0].sum())
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "h.bin")
+        obc_native.save_hessian(accs[0], path)
+        loaded = obc_native.load_hessian(path)
+        assert loaded.count == n and np.array_equal(loaded.sum(), accs[0].sum())
+    # Bad batch: unchanged.
+    bad = np.array(batches[0])
+    bad[0, 0] = np.nan
+    before = accs[0].sum()
+    with pytest.raises(ValueError):
+        accs[0].add(bad)
+    assert accs[0].count == n and np.array_equal(accs[0].sum(), before)
 
 
 # ----------------------------------------------------------------------------------------------
