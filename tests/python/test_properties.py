@@ -582,8 +582,22 @@ def test_trace(data):
                 if block == 1 else
                 obc_native.prune_blocked(layer.W, layer.H, s, block, damp=layer.damp,
                                          spread=spread))
-        assert np.array_equal(w.mask, same.mask), f"trace.weights({spread}) mask != prune_*"
+        # Docs (level databases): one trace per layer, re-solved per sparsity (global) or its
+        # recorded weights (uniform), is identical to separate prune_* solves.
+        assert_identical(w, same, f"trace.weights({s}, {spread!r}) vs prune_*")
         assert_loss(w, layer)
+
+    # Uniform masks are nested prefixes of each row's order, and each result is the optimum for
+    # its mask under the damped H, so the damped objective cannot decrease with the sparsity.
+    Hd = layer.H64 + tr.damp_absolute * np.diag((np.diag(layer.H64) != 0).astype(np.float64))
+    prev = None
+    for level in (0.0, 0.25, 0.5, 0.75, 1.0):
+        w = tr.weights(level, "uniform")
+        obj, scale = quad_form(layer.W.astype(np.float64) - w.weight, Hd)
+        if prev is not None:
+            slack = (1e-9 if layer.W.dtype == np.float64 else 1e-4) * (scale + prev[1])
+            assert np.all(obj >= prev[0] - slack), f"damped loss decreased at sparsity {level}"
+        prev = (obj, scale)
 
     # Recorded weights: the greedy's own at k steps per row; the sum of the first k step losses
     # is 1/2 dw (H + lambda I) dw^T (docs: step loss = half the OBS score under the damped H).
