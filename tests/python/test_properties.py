@@ -52,7 +52,7 @@ XFAIL_DAMP0_F32 = pytest.mark.xfail(
     strict=False, reason="issue 14 item 'float64 fallback when float32 loses definiteness with "
     "damp=0', fixed on another branch")
 
-THREADS = (1, 2, 3)
+THREADS = (1, 2, 3, None)  # None: OpenMP's default count
 
 # ----------------------------------------------------------------------------------------------
 # Problems
@@ -189,9 +189,12 @@ def assert_identical(a, b, what: str) -> None:
 
 
 def assert_deterministic(call, layer: Layer, threaded=True, threads=THREADS) -> object:
-    """call(W, H, **kw) is bit-identical for 1/2/3 threads (or `threads`), repeated calls, a
-    float32 H and its float64 widening, and any layout of W and H. Returns the 1-thread result."""
+    """call(W, H, **kw) leaves W and H as they were and is bit-identical for 1/2/3/default
+    threads (or `threads`), repeated calls, a float32 H and its float64 widening, and any layout
+    of W and H. Returns the 1-thread result."""
+    W0, H0 = layer.W.copy(), layer.H.copy()
     base = call(layer.W, layer.H, num_threads=1) if threaded else call(layer.W, layer.H)
+    assert np.array_equal(layer.W, W0) and np.array_equal(layer.H, H0), "inputs were modified"
     kw = [{"num_threads": t} for t in threads if t != 1] if threaded else []
     for k in kw + ([{"num_threads": 1}] if threaded else [{}]):
         assert_identical(base, call(layer.W, layer.H, **k), f"repeat/threads {k}")
