@@ -7,8 +7,9 @@ rank-deficient, ill-conditioned and outlier-feature Hessians, float32/float64 an
 layouts.  Profiles: "obc-default" (bounded, derandomized: the default run and CI) and
 "obc-thorough" (many more random examples), chosen with OBC_HYPOTHESIS_PROFILE=obc-thorough.
 
-Known defects of issue 14 that are fixed on other branches, and new ones this suite found, are
-isolated in their own tests or parameters, marked xfail(strict=False); see XFAIL_* below.
+The defects of issue 14 that this suite found or pins (weights near FLT_MAX/DBL_MAX, float32
+layers with damp=0, thread counts, layer_loss's H checks, structured losses with large damping)
+have their own tests or parameters.
 """
 
 from __future__ import annotations
@@ -44,13 +45,6 @@ settings.register_profile(
 # Applied per test (not load_profile) so other test files are not affected.
 PROFILE = settings.get_profile(os.environ.get("OBC_HYPOTHESIS_PROFILE", "obc-default"))
 FEW = settings(PROFILE, max_examples=max(10, PROFILE.max_examples // 3))
-
-XFAIL_FLT_MAX = pytest.mark.xfail(
-    strict=False, reason="issue 14 item 'NaN/overflow with weights near FLT_MAX' (segfault or "
-    "non-finite output), fixed on another branch")
-XFAIL_DAMP0_F32 = pytest.mark.xfail(
-    strict=False, reason="issue 14 item 'float64 fallback when float32 loses definiteness with "
-    "damp=0', fixed on another branch")
 
 THREADS = (1, 2, 3, None)  # None: OpenMP's default count
 
@@ -388,13 +382,8 @@ def test_prune_structured_parallel_rows_with_own_zeros(case, s):
     check_structured(layer, group, s, threads=(1, 2, None))
 
 
-XFAIL_NEW_STRUCTURED_F32_LOSS = pytest.mark.xfail(
-    strict=False, reason="NEW defect (found by test_properties): float32 structured row_losses "
-    "lose ~3 digits to the subtraction of 1/2 lambda ||dw||^2 with damp=1 and outlier features; "
-    "docs promise 1e-5")
 
 
-@XFAIL_NEW_STRUCTURED_F32_LOSS
 @pytest.mark.parametrize("group", [1, 2])
 def test_structured_float32_loss_with_large_damping_and_outlier_feature(group):
     """Reproducer found by test_prune_structured: one feature 1e6 times larger than the others,
@@ -813,7 +802,6 @@ def test_damp0_float64_full_rank(layer, s):
     assert_loss(res, layer)
 
 
-@XFAIL_DAMP0_F32
 @FEW
 @given(layer=layers(damps=(0.0,)).filter(lambda lay: lay.kind in ("illcond", "lowrank")),
        mode=st.sampled_from(["unstructured", "quantize"]))
@@ -878,9 +866,6 @@ def test_non_finite_input_raises(fn, where, layer, value, data):
         ENTRY_POINTS[fn](W, H)
 
 
-XFAIL_NEW_LAYER_LOSS_H = pytest.mark.xfail(
-    strict=False, reason="NEW defect (found by test_properties): layer_loss does not validate H "
-    "beyond finiteness (asymmetric H and a negative diagonal are accepted; negative losses)")
 BAD_CASES = ["H rows", "H cols", "H 1-D", "W 1-D", "W 3-D", "H asym", "H int", "W int",
              "W complex", "H negative diag", "H indefinite"]
 
@@ -888,10 +873,7 @@ BAD_CASES = ["H rows", "H cols", "H 1-D", "W 1-D", "W 3-D", "H asym", "H int", "
 def bad_case_params():
     for fn in sorted(ENTRY_POINTS):
         for bad in BAD_CASES:
-            marks = ()
-            if fn == "layer_loss" and bad in ("H asym", "H negative diag"):
-                marks = (XFAIL_NEW_LAYER_LOSS_H,)
-            yield pytest.param(fn, bad, marks=marks, id=f"{fn}-{bad.replace(' ', '_')}")
+            yield pytest.param(fn, bad, id=f"{fn}-{bad.replace(' ', '_')}")
 
 
 @pytest.mark.parametrize("fn,bad", list(bad_case_params()))
@@ -1018,20 +1000,16 @@ _CHILD = textwrap.dedent("""
     print("RESULT " + json.dumps(out), flush=True)
 """)
 
-XFAIL_NEW_DBL_MAX = pytest.mark.xfail(
-    strict=False, reason="NEW defect (found by test_properties): float64 weights ~1e200: "
-    "row_losses NaN (layer_loss, all solvers) or 0 (prune_structured) where 1/2 dw H dw^T "
-    "overflows to +inf; the float64 analogue of the FLT_MAX item of issue 14")
 
 EXTREMES = [
-    pytest.param("float32", 3.0e38, "W", marks=XFAIL_FLT_MAX, id="f32-W-3e38"),
+    pytest.param("float32", 3.0e38, "W", id="f32-W-3e38"),
     pytest.param("float32", 1.0e30, "W", id="f32-W-1e30"),
     pytest.param("float32", 1.0e-30, "W", id="f32-W-1e-30"),
     pytest.param("float32", 1.0e-36, "W", id="f32-W-1e-36"),
     pytest.param("float32", 1.0e30, "H", id="f32-H-1e30"),
     pytest.param("float32", 1.0e-30, "H", id="f32-H-1e-30"),
     pytest.param("float64", 1.0e150, "W", id="f64-W-1e150"),
-    pytest.param("float64", 1.0e300, "W", marks=XFAIL_NEW_DBL_MAX, id="f64-W-1e300"),
+    pytest.param("float64", 1.0e300, "W", id="f64-W-1e300"),
     pytest.param("float64", 1.0e-300, "W", id="f64-W-1e-300"),
     pytest.param("float64", 1.0e250, "H", id="f64-H-1e250"),
 ]
@@ -1104,9 +1082,7 @@ _THREADS_CHILD = textwrap.dedent("""
     pytest.param(7, id="7"),
     pytest.param(64, id="64"),
     pytest.param(100_000, id="1e5"),
-    pytest.param(2**31 - 1, id="INT_MAX", marks=pytest.mark.xfail(
-        strict=False, reason="issue 14 item 'thread caps' (num_threads=2**31-1 raises "
-        "MemoryError: per-thread workspaces are sized by the request), fixed on another branch")),
+    pytest.param(2**31 - 1, id="INT_MAX"),
 ])
 def test_thread_counts_beyond_the_machine(threads):
     """Any positive num_threads gives the 1-thread result bit for bit (or a ValueError naming
