@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <string>
+#include <type_traits>
 
 #include "obc/errors.hpp"
 #include "obc/sparsegpt.hpp"
@@ -107,7 +108,8 @@ void bind_scalar(py::module_& mod) {
             d["row_losses"] = to_vector(r.row_losses);
             d["damp"] = r.damp;
             d["damp_absolute"] = r.damp_absolute;
-            return d;
+            d["precision"] = std::is_same_v<S, double> ? "float64" : "float32";  // no fallback:
+            return d;                                  // the factor of H^-1 is always float64
           },
           py::arg("W"), py::arg("H"), py::arg("pattern"), py::arg("sparsity"), py::arg("spread"),
           py::arg("block"), py::arg("n"), py::arg("m"), py::arg("lazy_block"), py::arg("damp"),
@@ -145,7 +147,8 @@ void bind_scalar(py::module_& mod) {
             d["row_losses"] = to_vector(r.row_losses);
             d["damp"] = r.damp;
             d["damp_absolute"] = r.damp_absolute;
-            return d;
+            d["precision"] = std::is_same_v<S, double> ? "float64" : "float32";  // no fallback:
+            return d;                                  // the factor of H^-1 is always float64
           },
           py::arg("W"), py::arg("H"), py::arg("pattern"), py::arg("sparsity"), py::arg("spread"),
           py::arg("block"), py::arg("n"), py::arg("m"), py::arg("lazy_block"), py::arg("bits"),

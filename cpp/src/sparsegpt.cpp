@@ -70,8 +70,9 @@ std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMat
   (void)resolve_num_threads(run.num_threads);  // validates the count before the O(cols^3) work
   HessianOptions prepare = hopt;
   prepare.invert = true;
-  prep = prepare_hessian(H, prepare, run.num_threads);
+  prep = prepare_hessian(H, prepare, run.num_threads, run.interrupt);
   check_layer<Scalar>(W, prep.cols());
+  internal::check_layer_scale<Scalar>(W, prep);  // the sweep runs in W's precision
   RowMatrix<Scalar> weight = W;
   MaskMatrix pruned(W.rows(), W.cols());
   for (Index r = 0; r < W.rows(); ++r)
@@ -144,7 +145,8 @@ QuantResult<Scalar> quantize_sparsegpt(const Eigen::Ref<const RowMatrix<Scalar>>
                                               (1 << grid.bits) - 1};
       result.codes(r, c) = static_cast<std::uint8_t>(point.code(result.weight(r, c)));
     }
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  check_finite_result(result.weight, "weights");
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;

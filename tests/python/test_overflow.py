@@ -31,6 +31,10 @@ MODES = {
     "trace_blocked": lambda W, H: obc.trace_blocked(W, H, 2),
     "solve_masked": lambda W, H: obc.solve_masked(W, H, np.arange(W.size).reshape(W.shape) % 3 == 0),
     "layer_loss": lambda W, H: obc.layer_loss(W, np.zeros_like(W), H),
+    "sparsegpt": lambda W, H: obc.prune_unstructured(W, H, 0.5, method="sparsegpt"),
+    "sparsegpt_nm": lambda W, H: obc.prune_nm(W, H, 2, 4, method="sparsegpt"),
+    "sparsegpt_blocked": lambda W, H: obc.prune_blocked(W, H, 0.5, 2, method="sparsegpt"),
+    "sparsegpt_quantize": lambda W, H: obc.prune_quantize_sparsegpt(W, H, 3, sparsity=0.5),
 }
 
 

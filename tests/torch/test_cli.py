@@ -267,8 +267,10 @@ def test_failed_compression_leaves_no_empty_out_directory(digits_files, tmp_path
     assert err.startswith("obc-native: error: recipe file") and "features.0" in err and "unchanged" not in err
     assert not (tmp_path / "new").exists()
     recipe.write_text("default: {prune: nm, n: 2, m: 4}\nskip: [features.0]\n")
-    assert main([*compress_args(tmp_path, calibration, recipe, out), "--threads", "-1"]) == 1
-    one_error_line(capsys, "num_threads")
+    with pytest.raises(SystemExit) as exit_info:  # argparse checks the range before any work
+        main([*compress_args(tmp_path, calibration, recipe, out), "--threads", "-1"])
+    assert exit_info.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
     wrong_shape = tmp_path / "rgb.pt"
     torch.save(torch.zeros(4, 3, 8, 8), wrong_shape)  # the model takes one channel
     assert main([*compress_args(tmp_path, calibration, recipe, out), "--calibration", str(wrong_shape)]) == 1
