@@ -41,3 +41,22 @@ def test_torch_md_examples_run(tmp_path, monkeypatch):
         code = compile("\n" * (line - 1) + source, str(DOC), "exec")
         with contextlib.redirect_stdout(io.StringIO()):
             exec(code, namespace)
+
+
+def test_cli_md_names_every_command_and_option():
+    """docs/cli.md documents every command and option the parser has (a new option needs docs)."""
+    import argparse
+
+    from obc_native.cli import build_parser
+
+    text = (DOC.parent / "cli.md").read_text(encoding="utf-8")
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(commands.choices) == ["compress", "demo", "report"]
+    missing = []
+    for name, parser in commands.choices.items():
+        if f"## `obc-native {name}`" not in text:
+            missing.append(f"section for {name}")
+        for action in parser._actions:
+            missing += [f"{name} {flag}" for flag in action.option_strings if flag.startswith("--")
+                        and flag != "--help" and f"`{flag}" not in text]
+    assert not missing, f"docs/cli.md does not document: {missing}"
