@@ -13,6 +13,7 @@
 #include "obc/hessian.hpp"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "obc/quant_select.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -109,9 +110,23 @@ py::dict quant_dict(obc::QuantResult<S>&& r) {
   d["group_size"] = r.grid.group_size;
   d["mask"] = mask_kept(r.pruned);
   d["row_losses"] = to_vector(r.row_losses);
+  d["row_losses_unrefined"] = to_vector(r.row_losses_unrefined);
+  py::array_t<std::uint8_t> methods(r.row_method.size());
+  std::copy(r.row_method.data(), r.row_method.data() + r.row_method.size(),
+            methods.mutable_data());
+  d["row_method"] = methods;
+  d["refine_passes"] = r.refine_passes;
   d["damp"] = r.damp;
   d["damp_absolute"] = r.damp_absolute;
   return d;
+}
+
+obc::QuantMethod parse_method(const std::string& name) {
+  for (auto m : {obc::QuantMethod::Obq, obc::QuantMethod::Gptq, obc::QuantMethod::GptqNatural,
+                 obc::QuantMethod::Rtn})
+    if (name == obc::quant_method_name(m)) return m;
+  throw obc::InvalidArgument("method: expected 'obq', 'gptq', 'gptq-natural' or 'rtn', got '" +
+                             name + "'");
 }
 
 template <class S>
@@ -247,6 +262,31 @@ void bind_scalar(py::module_& m) {
         },
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("quantize_select",
+        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
+                        const std::string& grid, double damp, int num_threads,
+                        const std::vector<std::string>& methods, int refine_passes,
+                        double refine_tol, Index gptq_block_size) {
+          const obc::HessianRef h = hessian_ref(H);
+          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          obc::QuantSelectOptions sopt;
+          sopt.methods.clear();
+          for (const std::string& name : methods) sopt.methods.push_back(parse_method(name));
+          sopt.refine.max_passes = refine_passes;
+          sopt.refine.rel_tol = refine_tol;
+          sopt.gptq_block_size = gptq_block_size;
+          PythonInterrupt hook;
+          obc::QuantResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::quantize_select<S>(W, h, opt, sopt, obc::HessianOptions{damp},
+                                        run_options(num_threads, 0, hook));
+          }
+          return quant_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
+        py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("methods"),
+        py::arg("refine_passes"), py::arg("refine_tol"), py::arg("gptq_block_size") = 128);
   m.def("quantize_rtn",
         [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "internal/grid_point.hpp"
+#include "internal/quant_common.hpp"
 #include "internal/prepared_view.hpp"
 #include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
@@ -63,6 +64,10 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt) 
   return best;
 }
 
+}  // namespace
+
+namespace internal {
+
 void check_quant_options(const QuantOptions& opt, Index cols) {
   OBC_CHECK(opt.bits >= 2 && opt.bits <= 8, "bits: expected an integer in 2..8, got ", opt.bits);
   OBC_CHECK(opt.group_size >= 0 && (opt.group_size == 0 || cols % opt.group_size == 0),
@@ -75,13 +80,6 @@ void check_quant_options(const QuantOptions& opt, Index cols) {
 }
 
 template <class Scalar>
-GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
-  const Index g = c / grid.group_size;
-  return GridPoint<Scalar>{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
-                           (1 << grid.bits) - 1};
-}
-
-template <class Scalar>
 void fill_codes(QuantResult<Scalar>& result) {
   const auto& W = result.weight;
   result.codes.resize(W.rows(), W.cols());
@@ -90,7 +88,57 @@ void fill_codes(QuantResult<Scalar>& result) {
       result.codes(r, c) = static_cast<std::uint8_t>(grid_at(result.grid, r, c).code(W(r, c)));
 }
 
-}  // namespace
+template <class Scalar>
+void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
+            W.rows(), "x", W.cols());
+  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
+            hcols, "x", hcols);
+}
+
+template <class Scalar>
+MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                       const std::vector<char>& dead) {
+  MaskMatrix pruned(W.rows(), W.cols());
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c)
+      pruned(r, c) = (W(r, c) == Scalar(0) || dead[static_cast<size_t>(c)]) ? 1 : 0;
+  return pruned;
+}
+
+template <class Scalar>
+void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& prep,
+              const QuantGrid<Scalar>& grid, const QuantOptions& opt, const RunOptions& run,
+              RowMatrix<Scalar>& out) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (prep.hinv_lower_f32.empty()) prep.keep_float32_only();  // kernels are float32
+  }
+  out.resize(W.rows(), W.cols());
+  const internal::ObqJob<Scalar> job{W.data(),          W.rows(),
+                                     internal::view_of(prep), grid.scale.data(),
+                                     grid.zero.data(),   grid.group_size,
+                                     grid.bits,          0.25 * (1.0 + opt.outlier_tol),
+                                     out.data()};
+  internal::row_kernels<Scalar>().obq(job, run);
+}
+
+}  // namespace internal
+
+using internal::check_quant_options;
+using internal::fill_codes;
+using internal::grid_at;
+
+const char* quant_method_name(QuantMethod method) {
+  switch (method) {
+    case QuantMethod::Obq: return "obq";
+    case QuantMethod::Gptq: return "gptq";
+    case QuantMethod::GptqNatural: return "gptq-natural";
+    case QuantMethod::Rtn: return "rtn";
+  }
+  return "unknown";
+}
+
 
 template <class Scalar>
 QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt) {
@@ -112,22 +160,13 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
 }
 
 template <class Scalar>
-static void check_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
-            hcols, "x", hcols);
-}
-
-template <class Scalar>
 QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const HessianRef& H,
                                  const QuantOptions& opt, const HessianOptions& hopt,
                                  const RunOptions& run) {
   check_quant_options(opt, W.cols());
   validate_hessian(H, hopt.symmetry_tol);
-  check_inputs<Scalar>(W, H.rows());
+  internal::check_quant_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt);
   result.weight.resize(W.rows(), W.cols());
@@ -139,6 +178,8 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     }
   fill_codes(result);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses_unrefined = result.row_losses;
+  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Rtn));
   return result;
 }
 
@@ -148,25 +189,16 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads);
-  check_inputs<Scalar>(W, prep.cols());
+  internal::check_quant_inputs<Scalar>(W, prep.cols());
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt);
-  const QuantGrid<Scalar>& grid = result.grid;
-  const Index rows = W.rows(), cols = W.cols();
-  result.weight.resize(rows, cols);
-  const internal::ObqJob<Scalar> job{W.data(),          rows,
-                                     internal::view_of(prep), grid.scale.data(),
-                                     grid.zero.data(),   grid.group_size,
-                                     grid.bits,          0.25 * (1.0 + opt.outlier_tol),
-                                     result.weight.data()};
-  internal::row_kernels<Scalar>().obq(job, run);
-  result.pruned.resize(rows, cols);
-  for (Index r = 0; r < rows; ++r)
-    for (Index c = 0; c < cols; ++c)
-      result.pruned(r, c) = (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
+  internal::obq_into<Scalar>(W, prep, result.grid, opt, run, result.weight);
+  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
   fill_codes(result);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads);
+  result.row_losses_unrefined = result.row_losses;
+  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Obq));
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;
@@ -183,6 +215,18 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                       const HessianRef&,                                           \
                                       const QuantOptions&, const HessianOptions&,                  \
                                       const RunOptions&);
+
+#define OBC_INSTANTIATE_INTERNAL(S)                                                                \
+  template void internal::fill_codes<S>(QuantResult<S>&);                                         \
+  template void internal::check_quant_inputs<S>(const Eigen::Ref<const RowMatrix<S>>&, Index);    \
+  template MaskMatrix internal::pruned_mask<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
+                                               const std::vector<char>&);                         \
+  template void internal::obq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, PreparedHessian&,    \
+                                      const QuantGrid<S>&, const QuantOptions&,                   \
+                                      const RunOptions&, RowMatrix<S>&);
+
+OBC_INSTANTIATE_INTERNAL(float)
+OBC_INSTANTIATE_INTERNAL(double)
 
 OBC_INSTANTIATE(float)
 OBC_INSTANTIATE(double)

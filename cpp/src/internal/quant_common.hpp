@@ -1,0 +1,68 @@
+// Pieces shared by the quantizers (quant.cpp, gptq.cpp, quant_refine.cpp, quant_select.cpp):
+// option and input checks, grid lookup, codes, and each quantizer on an already prepared
+// Hessian and grid, so that quantize_select prepares them once for all candidates.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+
+#include "internal/grid_point.hpp"
+#include "obc/gptq.hpp"
+#include "obc/hessian.hpp"
+#include "obc/quant.hpp"
+#include "obc/quant_refine.hpp"
+
+namespace obc::internal {
+
+void check_quant_options(const QuantOptions& opt, Index cols);
+void check_refine_options(const RefineOptions& opt);
+void check_gptq_options(const GptqOptions& opt);
+
+template <class Scalar>
+void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols);
+
+template <class Scalar>
+inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
+  const Index g = c / grid.group_size;
+  return GridPoint<Scalar>{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
+                           (1 << grid.bits) - 1};
+}
+
+/// codes from weight (every weight lies on its grid).
+template <class Scalar>
+void fill_codes(QuantResult<Scalar>& result);
+
+/// rows x cols: 1 where W is zero or the input is dead.
+template <class Scalar>
+MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W, const std::vector<char>& dead);
+
+/// OBQ weights into `out` (rows x cols). For float32, prep is switched to its float32 copy
+/// (PreparedHessian::keep_float32_only), so call this after anything that needs prep.hinv.
+template <class Scalar>
+void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& prep,
+              const QuantGrid<Scalar>& grid, const QuantOptions& opt, const RunOptions& run,
+              RowMatrix<Scalar>& out);
+
+/// GPTQ weights into `out` (rows x cols); needs prep.hinv (float64). hdiag: diag(H) (cols),
+/// the act-order key.
+template <class Scalar>
+void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
+               const Eigen::VectorXd& hdiag, const QuantGrid<Scalar>& grid,
+               const GptqOptions& gopt, const RunOptions& run, RowMatrix<Scalar>& out);
+
+/// The damped Hessian the solvers invert: (H + H^T) / 2 plus prep.damp_absolute on the live
+/// diagonal, 1 on the diagonal of dead inputs (cols x cols, float64).
+Eigen::MatrixXd damped_hessian(const HessianRef& H, const PreparedHessian& prep);
+
+/// diag(H) in float64 (cols).
+Eigen::VectorXd hessian_diagonal(const HessianRef& H);
+
+/// Coordinate descent on the codes of `weight` (rows x cols, on `grid`), objective with the
+/// damped Hessian `hd`; entries with pruned == 1 are not changed. Returns the largest number
+/// of passes any row ran.
+template <class Scalar>
+int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
+                const QuantGrid<Scalar>& grid, const MaskMatrix& pruned, const RefineOptions& ropt,
+                const RunOptions& run, RowMatrix<Scalar>& weight);
+
+}  // namespace obc::internal
