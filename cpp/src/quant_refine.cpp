@@ -31,13 +31,16 @@ void check_refine_options(const RefineOptions& opt) {
             opt.rel_tol);
 }
 
-Eigen::MatrixXd damped_hessian(const HessianRef& H, const PreparedHessian& prep) {
+Eigen::MatrixXd refine_hessian(const HessianRef& H, const PreparedHessian& prep, bool damped) {
   const Index cols = prep.cols();
   MatrixD hd = H.visit([](const auto& h) -> MatrixD {
     return 0.5 * (h.template cast<double>() + h.transpose().template cast<double>());
   });
   for (Index c = 0; c < cols; ++c)
-    hd(c, c) = prep.dead[static_cast<size_t>(c)] ? 1.0 : hd(c, c) + prep.damp_absolute;
+    if (prep.dead[static_cast<size_t>(c)])
+      hd(c, c) = 1.0;
+    else if (damped)
+      hd(c, c) += prep.damp_absolute;
   return hd;
 }
 
@@ -52,7 +55,7 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
   std::vector<int> passes_of_chunk(static_cast<size_t>(chunks), 0);
   parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
     const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
-    // residual e = q - w over the free (not pruned) inputs, 0 elsewhere, and g = e H_damped.
+    // residual e = q - w over the free (not pruned) inputs, 0 elsewhere, and g = e H.
     RowMatrixD e(len, cols);
     for (Index i = 0; i < len; ++i)
       for (Index c = 0; c < cols; ++c)
@@ -134,7 +137,7 @@ void refine_quantized(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Hessia
             "result.grid: expected a grid of W's shape");
   const MaskMatrix pruned = internal::pruned_mask<Scalar>(W, prep.dead);
   const Eigen::VectorXd before = row_losses<Scalar>(W, result.weight, H, run.num_threads);
-  result.refine_passes = internal::refine_into<Scalar>(W, internal::damped_hessian(H, prep), grid,
+  result.refine_passes = internal::refine_into<Scalar>(W, internal::refine_hessian(H, prep, ropt.damped), grid,
                                                       pruned, ropt, run, result.weight);
   internal::fill_codes(result);
   result.row_losses_unrefined = before;

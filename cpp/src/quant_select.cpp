@@ -55,7 +55,7 @@ QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W
   best.damp_absolute = prep.damp_absolute;
   const bool refine = sopt.refine.max_passes > 0;
   Eigen::MatrixXd hd;
-  if (refine) hd = internal::damped_hessian(H, prep);
+  if (refine) hd = internal::refine_hessian(H, prep, sopt.refine.damped);
 
   // GPTQ candidates need prep.hinv in float64; OBQ (float32) replaces it by a float32 copy, so
   // it runs last.

@@ -155,8 +155,8 @@ def _refine_args(refine, refine_passes, refine_tol) -> tuple[int, float]:
 
 
 def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, method="auto",
-             refine=True, refine_passes=20, refine_tol=1e-6, gptq_block_size=128,
-             num_threads=None):
+             refine=True, refine_passes=20, refine_tol=1e-6, refine_damped=False,
+             gptq_block_size=128, num_threads=None):
     """Quantization of a layer onto per-row (or per-group) grids, minimizing the layer loss
     1/2 (w - q) H (w - q)^T per row (joint with pruning when W has zeros).
 
@@ -178,11 +178,14 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
             "gptq" sets the pruned weights to 0 in turn and propagates their error (SparseGPT's
             joint mode); "obq" removes them before it starts.
         refine: after each candidate, exact coordinate descent over the codes (one code at a
-            time moved to its best value given the others, objective with the damped H) until a
-            pass gains less than refine_tol relative, or refine_passes passes. Never increases
-            the damped objective; pruned weights are not touched.
+            time moved to its best value given the others) until a pass gains less than
+            refine_tol relative, or refine_passes passes. The objective is the reported loss
+            1/2 dw H dw^T (undamped H), which therefore never increases; pruned weights and dead
+            inputs are not touched.
         refine_passes: at most this many passes (>= 0; 0 = no refinement).
         refine_tol: relative gain per pass below which a row stops (>= 0).
+        refine_damped: refine on H + lambda I (the damped objective the quantizers minimize, a
+            regularized target) instead of H; the reported loss may then rise slightly.
         gptq_block_size: columns per lazy block update of the GPTQ candidates (>= 1; speed only).
         num_threads: threads over rows (None = OpenMP default). Results do not depend on it.
     Returns:
@@ -196,10 +199,12 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
     bits, sym, group, grid = _quant_args(W, bits, sym, group_size, grid)
     methods = _methods(method)
     passes, tol = _refine_args(refine, refine_passes, refine_tol)
+    if not isinstance(refine_damped, (bool, np.bool_)):
+        raise TypeError(f"refine_damped: expected a bool, got {type(refine_damped).__name__}")
     block = _arrays.as_int(gptq_block_size, "gptq_block_size", low=1)
     return _quant_result(_kernels(W).quantize_select(
         W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads),
-        methods, passes, tol, block), bits, sym)
+        methods, passes, tol, bool(refine_damped), block), bits, sym)
 
 
 def quantize_rtn(W, H, bits, *, sym=True, group_size=None, grid="mse", num_threads=None):

@@ -89,20 +89,25 @@ def test_float32_gptq_is_on_grid_and_close_to_float64():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("bits,sym,group_size,grid", GRIDS[:3])
 @pytest.mark.parametrize("method", ["obq", "gptq", "rtn"])
-def test_refinement_is_monotone_and_ends_at_a_coordinate_optimum(case, bits, sym, group_size, grid, method):
+@pytest.mark.parametrize("damped", [False, True])
+def test_refinement_is_monotone_and_ends_at_a_coordinate_optimum(case, bits, sym, group_size, grid, method, damped):
     W, H, damp = problem(case, rows=8, cols=32)
     base = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp,
                                method=method, refine=False)
     res = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp,
-                              method=method, refine=True, refine_passes=100, refine_tol=0.0)
-    what = f"refine {method} {case} {bits}b sym={sym} gs={group_size} {grid}"
+                              method=method, refine=True, refine_passes=100, refine_tol=0.0,
+                              refine_damped=damped)
+    what = f"refine {method} {case} {bits}b sym={sym} gs={group_size} {grid} damped={damped}"
     assert np.array_equal(res.scale, base.scale) and np.array_equal(res.zero, base.zero)
     assert np.array_equal(res.row_losses_unrefined, base.row_losses), what
-    before = ref.refine_objective(W, base.weight, H, damp)
-    after = ref.refine_objective(W, res.weight, H, damp)
+    objective_damp = damp if damped else 0.0
+    before = ref.refine_objective(W, base.weight, H, objective_damp)
+    after = ref.refine_objective(W, res.weight, H, objective_damp)
     assert np.all(after <= before * (1 + 1e-12)), what
+    if not damped:  # the objective is the reported loss
+        assert np.all(res.row_losses <= res.row_losses_unrefined * (1 + 1e-12)), what
     assert res.refine_passes < 100, what  # converged: the last pass changed nothing
-    best = ref.best_single_code_changes(W, res.weight, H, bits, res.scale, res.zero, damp)
+    best = ref.best_single_code_changes(W, res.weight, H, bits, res.scale, res.zero, objective_damp)
     assert np.all(best >= -1e-10 * np.maximum(after, 1e-300)), f"{what}: {best.min()} {after}"
     assert np.all(res.weight[W == 0] == 0), what
     _, dead, _ = ref.damped_hessian(H, damp)
@@ -125,7 +130,7 @@ def test_refine_passes_bounds_the_passes():
     one = obc_native.quantize(W, H, 3, method="rtn", refine_passes=1)
     assert one.refine_passes == 1
     many = obc_native.quantize(W, H, 3, method="rtn", refine_passes=50, refine_tol=0.0)
-    assert ref.refine_objective(W, many.weight, H, damp).sum() <= ref.refine_objective(W, one.weight, H, damp).sum()
+    assert many.refine_passes > 1 and many.loss < one.loss
     off = obc_native.quantize(W, H, 3, method="rtn", refine_passes=0)
     assert off.refine_passes == 0 and np.array_equal(off.weight, obc_native.quantize_rtn(W, H, 3).weight)
 
@@ -211,6 +216,7 @@ def test_dead_inputs_are_zero_and_loss_is_exact():
         (dict(refine_tol=-1e-3), ValueError, "refine_tol"),
         (dict(refine_tol=float("nan")), ValueError, "refine_tol"),
         (dict(gptq_block_size=0), ValueError, "gptq_block_size"),
+        (dict(refine_damped=1), TypeError, "refine_damped"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):
@@ -222,12 +228,12 @@ def test_bad_arguments(kwargs, exc, match):
 def test_core_rejects_bad_method_names_and_lists():
     W, H, _ = problem("random", rows=4, cols=16)
     with pytest.raises(ValueError, match="method"):
-        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["nope"], 0, 0.0, 128)
+        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["nope"], 0, 0.0)
     with pytest.raises(ValueError, match="listed twice"):
-        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["gptq", "gptq"], 0, 0.0, 128)
+        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["gptq", "gptq"], 0, 0.0)
     with pytest.raises(ValueError, match="at least one"):
-        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, [], 0, 0.0, 128)
+        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, [], 0, 0.0)
     with pytest.raises(ValueError, match="refine_passes"):
-        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["obq"], -2, 0.0, 128)
+        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["obq"], -2, 0.0)
     with pytest.raises(ValueError, match="block_size"):
-        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["gptq"], 0, 0.0, 0)
+        _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["gptq"], 0, 0.0, gptq_block_size=0)

@@ -1,9 +1,11 @@
 // Refinement of a quantized layer: exact coordinate descent over the integer codes.
 //
 // Each row's codes c (on its fixed grid) are changed one at a time to the value that minimizes
-// the layer objective 1/2 (w - q(c)) H_damped (w - q(c))^T given all the others: the 1-D
+// the layer objective 1/2 (w - q(c)) H (w - q(c))^T given all the others: the 1-D
 // quadratic's minimizer, clamped to [0, maxq], checked exactly at the two codes around it. The
-// objective never increases. The gradient g = H_damped (q - w) is kept per row and updated in
+// objective never increases. H is the undamped Hessian by default, so the loss that is reported
+// (row_losses) never increases; RefineOptions::damped uses the damped one the quantizers
+// minimize instead. The gradient g = H (q - w) is kept per row and updated in
 // O(cols) per change, so a pass costs O(cols) per code plus O(cols) per changed code.
 #pragma once
 
@@ -19,16 +21,20 @@ namespace obc {
 struct RefineOptions {
   /// Passes over all codes at most; 0 = no refinement. >= 0.
   int max_passes = 20;
-  /// A row stops after a pass that lowered its damped objective by less than rel_tol times the
+  /// A row stops after a pass that lowered its objective by less than rel_tol times the
   /// objective at the pass's start. >= 0 (0: stop only when a pass changes nothing).
   double rel_tol = 1e-6;
+  /// false: the objective is the reported loss 1/2 dw H dw^T with the undamped H, which then
+  /// never increases. true: H plus the damping lambda on the live diagonal (the objective the
+  /// quantizers themselves minimize; a milder, regularized target).
+  bool damped = false;
 };
 
 /// Refines `result` (from quantize, quantize_gptq or quantize_rtn of the same W, with the same
 /// grid) in place: weight and codes change, row_losses is recomputed with the undamped H,
 /// row_losses_unrefined keeps the loss before, refine_passes is the largest pass count of any
-/// row. Weights that were zero on entry (result.pruned) and dead inputs are never changed. The
-/// objective uses H damped as `hopt` says (result.damp is not read). Throws InvalidArgument for
+/// row. Weights that were zero on entry (result.pruned) and dead inputs are never changed. With
+/// ropt.damped, the objective uses H damped as `hopt` says (result.damp is not read). Throws InvalidArgument for
 /// a result whose shapes do not match W, or bad options. Bit-identical for any thread count.
 template <class Scalar>
 void refine_quantized(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,

@@ -50,15 +50,15 @@ void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessi
                const Eigen::VectorXd& hdiag, const QuantGrid<Scalar>& grid,
                const GptqOptions& gopt, const RunOptions& run, RowMatrix<Scalar>& out);
 
-/// The damped Hessian the solvers invert: (H + H^T) / 2 plus prep.damp_absolute on the live
-/// diagonal, 1 on the diagonal of dead inputs (cols x cols, float64).
-Eigen::MatrixXd damped_hessian(const HessianRef& H, const PreparedHessian& prep);
+/// The refinement's Hessian: (H + H^T) / 2, plus prep.damp_absolute on the live diagonal when
+/// `damped` (the matrix the solvers invert), 1 on the diagonal of dead inputs (cols x cols).
+Eigen::MatrixXd refine_hessian(const HessianRef& H, const PreparedHessian& prep, bool damped);
 
 /// diag(H) in float64 (cols).
 Eigen::VectorXd hessian_diagonal(const HessianRef& H);
 
 /// Coordinate descent on the codes of `weight` (rows x cols, on `grid`), objective with the
-/// damped Hessian `hd`; entries with pruned == 1 are not changed. Returns the largest number
+/// Hessian `hd` (from refine_hessian); entries with pruned == 1 are not changed. Returns the largest number
 /// of passes any row ran.
 template <class Scalar>
 int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
