@@ -13,7 +13,7 @@ import pytest
 import obc_native
 import reference as ref
 from obc_native import _core
-from problems import ILL_DAMP, assert_close, make_problem
+from problems import ILL_DAMP, assert_close, make_problem, make_realistic_layer
 
 # name: (kind, damp, fraction of existing zeros, dead inputs)
 CASES = {
@@ -237,3 +237,18 @@ def test_core_rejects_bad_method_names_and_lists():
         _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["obq"], -2, 0.0)
     with pytest.raises(ValueError, match="block_size"):
         _core.f64.quantize_select(W, H, 4, True, 0, "mse", 0.01, 1, ["gptq"], 0, 0.0, gptq_block_size=0)
+
+
+@pytest.mark.slow
+def test_realistic_layer_auto_beats_gptq():
+    # 384 x 1536, correlated inputs with a decaying spectrum and 6 outlier features at 10-50x.
+    # Measured (float32, 4 bits, per-row symmetric MSE grid): obq/gptq 10.3, auto/gptq 0.957,
+    # gptq/rtn 0.039. About 91% of GPTQ's loss here sits in the 6 outlier columns, which GPTQ
+    # quantizes first by nearest rounding and which no method on the same grid can do much
+    # better on; so 0.9 x GPTQ is out of reach for this layer (see docs/python_api.md).
+    W, H = make_realistic_layer(384, 1536)
+    gptq = obc_native.quantize(W, H, 4, method="gptq", refine=False)
+    auto = obc_native.quantize(W, H, 4)
+    assert np.all(auto.row_losses <= gptq.row_losses)
+    assert auto.loss <= 0.97 * gptq.loss, auto.loss / gptq.loss
+    assert_close(auto.row_losses, ref.layer_losses(W, auto.weight, H), 1e-6)
