@@ -266,7 +266,8 @@ void bind_scalar(py::module_& m) {
         [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, double damp, int num_threads,
                         const std::vector<std::string>& methods, int refine_passes,
-                        double refine_tol, bool refine_damped, Index gptq_block_size) {
+                        double refine_tol, bool refine_damped, Index gptq_block_size,
+                        Index refine_block_size) {
           const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
           obc::QuantSelectOptions sopt;
@@ -275,6 +276,7 @@ void bind_scalar(py::module_& m) {
           sopt.refine.max_passes = refine_passes;
           sopt.refine.rel_tol = refine_tol;
           sopt.refine.damped = refine_damped;
+          sopt.refine.block_size = refine_block_size;
           sopt.gptq_block_size = gptq_block_size;
           PythonInterrupt hook;
           obc::QuantResult<S> r;
@@ -288,7 +290,7 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("methods"),
         py::arg("refine_passes"), py::arg("refine_tol"), py::arg("refine_damped") = false,
-        py::arg("gptq_block_size") = 128);
+        py::arg("gptq_block_size") = 128, py::arg("refine_block_size") = 0);
   m.def("quantize_rtn",
         [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {

@@ -93,7 +93,8 @@ QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W
     if (refine) {
       best.refine_passes = std::max(
           best.refine_passes,
-          internal::refine_into<Scalar>(W, hd, best.grid, best.pruned, sopt.refine, run, out));
+          internal::refine_into<Scalar>(W, hd, prep.damp_absolute, best.grid, best.pruned,
+                                        sopt.refine, run, out));
       losses[i] = row_losses<Scalar>(W, out, H, run.num_threads);
     } else {
       losses[i] = unrefined[i];

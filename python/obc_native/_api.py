@@ -156,7 +156,7 @@ def _refine_args(refine, refine_passes, refine_tol) -> tuple[int, float]:
 
 def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, method="auto",
              refine=True, refine_passes=20, refine_tol=1e-6, refine_damped=False,
-             gptq_block_size=128, num_threads=None):
+             refine_block_size=128, gptq_block_size=128, num_threads=None):
     """Quantization of a layer onto per-row (or per-group) grids, minimizing the layer loss
     1/2 (w - q) H (w - q)^T per row (joint with pruning when W has zeros).
 
@@ -177,13 +177,16 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
             these names as the candidates (ties go to the one listed first). With zeros in W,
             "gptq" sets the pruned weights to 0 in turn and propagates their error (SparseGPT's
             joint mode); "obq" removes them before it starts.
-        refine: after each candidate, exact coordinate descent over the codes (one code at a
-            time moved to its best value given the others) until a pass gains less than
-            refine_tol relative, or refine_passes passes. The objective is the reported loss
-            1/2 dw H dw^T (undamped H), which therefore never increases; pruned weights and dead
-            inputs are not touched.
+        refine: after each candidate, passes of exact descent over the codes until a pass gains
+            less than refine_tol relative, or refine_passes passes. A pass re-quantizes every
+            block of refine_block_size inputs of a row as a whole (GPTQ inside the block, from
+            the block's optimum given the other codes; kept only where the loss drops), then
+            moves one code at a time to its best value given the others. The objective is the
+            reported loss 1/2 dw H dw^T (undamped H), which therefore never increases; pruned
+            weights and dead inputs are not touched.
         refine_passes: at most this many passes (>= 0; 0 = no refinement).
         refine_tol: relative gain per pass below which a row stops (>= 0).
+        refine_block_size: inputs per block move (0 = single-code moves only; >= 0).
         refine_damped: refine on H + lambda I (the damped objective the quantizers minimize, a
             regularized target) instead of H; the reported loss may then rise slightly.
         gptq_block_size: columns per lazy block update of the GPTQ candidates (>= 1; speed only).
@@ -202,9 +205,10 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
     if not isinstance(refine_damped, (bool, np.bool_)):
         raise TypeError(f"refine_damped: expected a bool, got {type(refine_damped).__name__}")
     block = _arrays.as_int(gptq_block_size, "gptq_block_size", low=1)
+    refine_block = _arrays.as_int(refine_block_size, "refine_block_size", low=0)
     return _quant_result(_kernels(W).quantize_select(
         W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads),
-        methods, passes, tol, bool(refine_damped), block), bits, sym)
+        methods, passes, tol, bool(refine_damped), block, refine_block), bits, sym)
 
 
 def quantize_rtn(W, H, bits, *, sym=True, group_size=None, grid="mse", num_threads=None):

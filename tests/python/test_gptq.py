@@ -89,15 +89,15 @@ def test_float32_gptq_is_on_grid_and_close_to_float64():
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("bits,sym,group_size,grid", GRIDS[:3])
 @pytest.mark.parametrize("method", ["obq", "gptq", "rtn"])
-@pytest.mark.parametrize("damped", [False, True])
-def test_refinement_is_monotone_and_ends_at_a_coordinate_optimum(case, bits, sym, group_size, grid, method, damped):
+@pytest.mark.parametrize("damped,block", [(False, 0), (False, 8), (True, 8), (False, 32)])
+def test_refinement_is_monotone_and_ends_at_a_coordinate_optimum(case, bits, sym, group_size, grid, method, damped, block):
     W, H, damp = problem(case, rows=8, cols=32)
     base = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp,
                                method=method, refine=False)
     res = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp,
                               method=method, refine=True, refine_passes=100, refine_tol=0.0,
-                              refine_damped=damped)
-    what = f"refine {method} {case} {bits}b sym={sym} gs={group_size} {grid} damped={damped}"
+                              refine_damped=damped, refine_block_size=block)
+    what = f"refine {method} {case} {bits}b sym={sym} gs={group_size} {grid} damped={damped} block={block}"
     assert np.array_equal(res.scale, base.scale) and np.array_equal(res.zero, base.zero)
     assert np.array_equal(res.row_losses_unrefined, base.row_losses), what
     objective_damp = damp if damped else 0.0
@@ -123,6 +123,17 @@ def test_refinement_lowers_the_loss_of_rtn():
     assert np.array_equal(res.row_losses_unrefined, rtn.row_losses)
     assert res.loss < 0.8 * rtn.loss
     assert res.refine_passes >= 2
+
+
+def test_block_moves_find_what_single_code_moves_cannot():
+    W, H = make_realistic_layer(64, 256, seed=3, dtype=np.float64)
+    gptq = obc_native.quantize(W, H, 4, method="gptq", refine=False)
+    single = obc_native.quantize(W, H, 4, method="gptq", refine_block_size=0, refine_tol=0.0,
+                                 refine_passes=200)
+    blocks = obc_native.quantize(W, H, 4, method="gptq", refine_block_size=64, refine_tol=0.0,
+                                 refine_passes=200)
+    assert np.all(blocks.row_losses <= gptq.row_losses)
+    assert blocks.loss < 0.98 * single.loss < 0.98 * gptq.loss, (blocks.loss, single.loss, gptq.loss)
 
 
 def test_refine_passes_bounds_the_passes():
@@ -217,6 +228,7 @@ def test_dead_inputs_are_zero_and_loss_is_exact():
         (dict(refine_tol=float("nan")), ValueError, "refine_tol"),
         (dict(gptq_block_size=0), ValueError, "gptq_block_size"),
         (dict(refine_damped=1), TypeError, "refine_damped"),
+        (dict(refine_block_size=-1), ValueError, "refine_block_size"),
     ],
 )
 def test_bad_arguments(kwargs, exc, match):

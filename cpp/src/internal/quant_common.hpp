@@ -58,11 +58,12 @@ Eigen::MatrixXd refine_hessian(const HessianRef& H, const PreparedHessian& prep,
 Eigen::VectorXd hessian_diagonal(const HessianRef& H);
 
 /// Coordinate descent on the codes of `weight` (rows x cols, on `grid`), objective with the
-/// Hessian `hd` (from refine_hessian); entries with pruned == 1 are not changed. Returns the largest number
-/// of passes any row ran.
+/// Hessian `hd` (from refine_hessian); entries with pruned == 1 are not changed.
+/// damp_absolute: the layer's lambda (PreparedHessian::damp_absolute), which the block moves'
+/// proposals use in part. Returns the largest number of passes any row ran.
 template <class Scalar>
 int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
-                const QuantGrid<Scalar>& grid, const MaskMatrix& pruned, const RefineOptions& ropt,
+                double damp_absolute, const QuantGrid<Scalar>& grid, const MaskMatrix& pruned, const RefineOptions& ropt,
                 const RunOptions& run, RowMatrix<Scalar>& weight);
 
 }  // namespace obc::internal
