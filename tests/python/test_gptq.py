@@ -254,13 +254,12 @@ def test_core_rejects_bad_method_names_and_lists():
 @pytest.mark.slow
 def test_realistic_layer_auto_beats_gptq():
     # 384 x 1536, correlated inputs with a decaying spectrum and 6 outlier features at 10-50x.
-    # Measured (float32, 4 bits, per-row symmetric MSE grid): obq/gptq 10.3, auto/gptq 0.957,
-    # gptq/rtn 0.039. About 91% of GPTQ's loss here sits in the 6 outlier columns, which GPTQ
-    # quantizes first by nearest rounding and which no method on the same grid can do much
-    # better on; so 0.9 x GPTQ is out of reach for this layer (see docs/python_api.md).
+    # Measured (float32, 4 bits, per-row symmetric MSE grid, damp 0.01): gptq/rtn 0.039,
+    # obq/gptq 10.3 (OBQ leaves the outlier inputs for the end), GPTQ + single-code moves 0.957,
+    # auto (OBQ and GPTQ, each refined with block and single-code moves) 0.878.
     W, H = make_realistic_layer(384, 1536)
     gptq = obc_native.quantize(W, H, 4, method="gptq", refine=False)
     auto = obc_native.quantize(W, H, 4)
     assert np.all(auto.row_losses <= gptq.row_losses)
-    assert auto.loss <= 0.97 * gptq.loss, auto.loss / gptq.loss
+    assert auto.loss <= 0.9 * gptq.loss, auto.loss / gptq.loss
     assert_close(auto.row_losses, ref.layer_losses(W, auto.weight, H), 1e-6)
