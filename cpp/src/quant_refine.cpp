@@ -137,7 +137,8 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         d[k] = static_cast<double>(q) - static_cast<double>(weight(r, c));
         changed = changed || d[k] != 0.0;
         const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
-        if (k + 1 < nb) x.tail(nb - k - 1).noalias() -= err * blk.upper.row(k).tail(nb - k - 1).transpose();
+        if (k + 1 < nb)
+          x.tail(nb - k - 1).noalias() -= err * blk.upper.row(k).tail(nb - k - 1).transpose();
       }
       if (!changed) return;
       const double change = d.dot(g.row(i).segment(b0, nb)) +
@@ -148,7 +149,7 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         weight(r, b0 + k) = proposed[static_cast<size_t>(k)];
         e(i, b0 + k) += d[k];
       }
-      g.row(i).noalias() += d.transpose() * hd.middleRows(b0, nb);
+      g.row(i).noalias() += (hd.middleCols(b0, nb) * d).transpose();  // hd symmetric
       objective[i] += change;
     };
 
