@@ -161,7 +161,8 @@ def _base_structured(W, H, max_steps=None):
 
 
 def _ours_obq(W, H, threads):
-    res = obc.quantize(W, H, BITS, sym=True, grid="minmax", damp=DAMP, num_threads=threads)
+    res = obc.quantize(W, H, BITS, sym=True, grid="minmax", damp=DAMP, method="obq", refine=False,
+                       num_threads=threads)
     return res.weight, {"reported_row_losses": res.row_losses}
 
 

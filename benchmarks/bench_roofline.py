@@ -88,7 +88,7 @@ def run_mode(mode: str, W, H, threads: int):
     if mode == "structured":
         return obc.prune_structured(W, H, 0.5, num_threads=threads)
     if mode == "obq":
-        return obc.quantize(W, H, 4, grid="minmax", num_threads=threads)
+        return obc.quantize(W, H, 4, grid="minmax", method="obq", refine=False, num_threads=threads)
     raise ValueError(mode)
 
 

@@ -13,6 +13,8 @@
 #include "obc/hessian.hpp"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "obc/quant_select.hpp"
+#include "convert.hpp"
 #include "register.hpp"
 
 namespace py = pybind11;
@@ -22,29 +24,15 @@ namespace {
 
 using obc_bindings::PythonInterrupt;
 
-template <class S>
-using RowRef = Eigen::Ref<const obc::RowMatrix<S>>;
-
-// H as it lies in the numpy array (float32 or float64, C- or Fortran-ordered): no copy, since a
-// Hessian is the largest input of a call. The Python layer makes it contiguous first.
-obc::HessianRef hessian_ref(const py::array& H) {
-  const bool f32 = py::isinstance<py::array_t<float>>(H) && H.itemsize() == 4;
-  const bool f64 = py::isinstance<py::array_t<double>>(H) && H.itemsize() == 8;
-  if (!f32 && !f64)
-    throw py::type_error("H: expected a float32 or float64 array, got dtype " +
-                         std::string(py::str(H.dtype())));
-  if (H.ndim() != 2)
-    throw py::value_error("H: expected a 2-D array, got " + std::to_string(H.ndim()) + " dims");
-  const Index item = static_cast<Index>(H.itemsize());
-  const Index rows = H.shape(0), cols = H.shape(1);
-  Index row_stride = H.strides(0) / item, col_stride = H.strides(1) / item;
-  if (H.strides(0) % item != 0 || H.strides(1) % item != 0 || row_stride < 0 || col_stride < 0 ||
-      (rows > 1 && cols > 1 && row_stride != 1 && col_stride != 1))
-    throw py::value_error("H: expected a C- or Fortran-contiguous array");
-  if (f32) return obc::HessianRef(static_cast<const float*>(H.data()), rows, cols, row_stride,
-                                  col_stride);
-  return obc::HessianRef(static_cast<const double*>(H.data()), rows, cols, row_stride, col_stride);
-}
+using obc_bindings::hessian_ref;
+using obc_bindings::mask_kept;
+using obc_bindings::parse_spread;
+using obc_bindings::precision_of;
+using obc_bindings::prune_dict;
+using obc_bindings::quant_dict;
+using obc_bindings::RowRef;
+using obc_bindings::to_array;
+using obc_bindings::to_vector;
 
 // Hands an Eigen matrix to numpy without copying it: the array owns it through a capsule.
 template <class T>
@@ -52,26 +40,6 @@ py::array_t<T> to_array_moved(obc::RowMatrix<T>&& m) {
   auto* owned = new obc::RowMatrix<T>(std::move(m));
   py::capsule owner(owned, [](void* p) { delete static_cast<obc::RowMatrix<T>*>(p); });
   return py::array_t<T>({owned->rows(), owned->cols()}, owned->data(), owner);
-}
-
-template <class S>
-py::array_t<S> to_array(const obc::RowMatrix<S>& m) {
-  py::array_t<S> out({m.rows(), m.cols()});
-  std::copy(m.data(), m.data() + m.size(), out.mutable_data());
-  return out;
-}
-
-py::array_t<bool> mask_kept(const obc::MaskMatrix& pruned) {
-  py::array_t<bool> out({pruned.rows(), pruned.cols()});
-  bool* dst = out.mutable_data();
-  for (Index i = 0; i < pruned.size(); ++i) dst[i] = pruned.data()[i] == 0;
-  return out;
-}
-
-py::array_t<double> to_vector(const Eigen::VectorXd& v) {
-  py::array_t<double> out(v.size());
-  std::copy(v.data(), v.data() + v.size(), out.mutable_data());
-  return out;
 }
 
 obc::RunOptions run_options(int num_threads, int lazy_batch, PythonInterrupt& hook) {
@@ -82,45 +50,12 @@ obc::RunOptions run_options(int num_threads, int lazy_batch, PythonInterrupt& ho
   return run;
 }
 
-obc::Spread parse_spread(const std::string& spread) {
-  if (spread == "global") return obc::Spread::Global;
-  if (spread == "uniform") return obc::Spread::Uniform;
-  throw obc::InvalidArgument("spread: expected 'global' or 'uniform', got '" + spread + "'");
-}
-
-// Which precision the eliminations ran in: float64 layers always in float64, float32 ones in
-// float32 unless they were redone in float64 (the float32 elimination lost definiteness).
-template <class S>
-const char* precision_of(bool float64_fallback) {
-  return std::is_same_v<S, double> || float64_fallback ? "float64" : "float32";
-}
-
-template <class S>
-py::dict prune_dict(obc::PruneResult<S>&& r) {
-  py::dict d;
-  d["weight"] = to_array<S>(r.weight);
-  d["mask"] = mask_kept(r.pruned);
-  d["row_losses"] = to_vector(r.row_losses);
-  d["damp"] = r.damp;
-  d["damp_absolute"] = r.damp_absolute;
-  d["precision"] = precision_of<S>(r.float64_fallback);
-  return d;
-}
-
-template <class S>
-py::dict quant_dict(obc::QuantResult<S>&& r) {
-  py::dict d;
-  d["weight"] = to_array<S>(r.weight);
-  d["codes"] = to_array<std::uint8_t>(r.codes);
-  d["scale"] = to_array<S>(r.grid.scale);
-  d["zero"] = to_array<std::uint8_t>(r.grid.zero);
-  d["group_size"] = r.grid.group_size;
-  d["mask"] = mask_kept(r.pruned);
-  d["row_losses"] = to_vector(r.row_losses);
-  d["damp"] = r.damp;
-  d["damp_absolute"] = r.damp_absolute;
-  d["precision"] = precision_of<S>(r.float64_fallback);
-  return d;
+obc::QuantMethod parse_method(const std::string& name) {
+  for (auto m : {obc::QuantMethod::Obq, obc::QuantMethod::Gptq, obc::QuantMethod::GptqNatural,
+                 obc::QuantMethod::Rtn})
+    if (name == obc::quant_method_name(m)) return m;
+  throw obc::InvalidArgument("method: expected 'obq', 'gptq', 'gptq-natural' or 'rtn', got '" +
+                             name + "'");
 }
 
 template <class S>
@@ -275,6 +210,35 @@ void bind_scalar(py::module_& m) {
         },
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
+  m.def("quantize_select",
+        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
+                        const std::string& grid, double damp, int num_threads,
+                        const std::vector<std::string>& methods, int refine_passes,
+                        double refine_tol, bool refine_damped, Index gptq_block_size,
+                        Index refine_block_size) {
+          const obc::HessianRef h = hessian_ref(H);
+          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          obc::QuantSelectOptions sopt;
+          sopt.methods.clear();
+          for (const std::string& name : methods) sopt.methods.push_back(parse_method(name));
+          sopt.refine.max_passes = refine_passes;
+          sopt.refine.rel_tol = refine_tol;
+          sopt.refine.damped = refine_damped;
+          sopt.refine.block_size = refine_block_size;
+          sopt.gptq_block_size = gptq_block_size;
+          PythonInterrupt hook;
+          obc::QuantResult<S> r;
+          {
+            py::gil_scoped_release release;
+            r = obc::quantize_select<S>(W, h, opt, sopt, obc::HessianOptions{damp},
+                                        run_options(num_threads, 0, hook));
+          }
+          return quant_dict<S>(std::move(r));
+        },
+        py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
+        py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("methods"),
+        py::arg("refine_passes"), py::arg("refine_tol"), py::arg("refine_damped") = false,
+        py::arg("gptq_block_size") = 128, py::arg("refine_block_size") = 0);
   m.def("quantize_rtn",
         [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {

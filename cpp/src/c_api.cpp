@@ -1,5 +1,6 @@
 // The C API (obc/obc.h): argument checks, a catch-all guard per call, thread-local error text.
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <exception>
 #include <limits>
@@ -14,6 +15,7 @@
 #include "obc/obc.h"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "obc/quant_select.hpp"
 
 struct obc_accumulator {
   obc::HessianAccumulator state;
@@ -265,13 +267,37 @@ obc_status prune_structured(const S* weight, std::size_t rows, std::size_t cols,
   });
 }
 
-obc::QuantOptions resolve_quant(const obc_quant_options* quant) {
+// obc_quant_options before `method` was added: its size then.
+constexpr std::size_t kQuantOptionsV1Size = offsetof(obc_quant_options, method);
+
+obc::QuantOptions resolve_quant(const obc_quant_options* quant, obc::QuantSelectOptions* select) {
   obc_quant_options defaults;
   obc_quant_options_init(&defaults);
   if (quant == nullptr) quant = &defaults;
-  OBC_CHECK(quant->struct_size == sizeof(obc_quant_options), "quant: struct_size is ",
+  const bool v1 = quant->struct_size == kQuantOptionsV1Size;
+  OBC_CHECK(quant->struct_size == sizeof(obc_quant_options) || v1, "quant: struct_size is ",
             quant->struct_size, ", expected ", sizeof(obc_quant_options),
             " (initialize the struct with obc_quant_options_init)");
+  select->methods = {obc::QuantMethod::Obq};
+  select->refine.max_passes = 0;
+  if (!v1) {
+    switch (quant->method) {
+      case OBC_QUANT_AUTO: select->methods = {obc::QuantMethod::Obq, obc::QuantMethod::Gptq}; break;
+      case OBC_QUANT_OBQ: select->methods = {obc::QuantMethod::Obq}; break;
+      case OBC_QUANT_GPTQ: select->methods = {obc::QuantMethod::Gptq}; break;
+      case OBC_QUANT_GPTQ_NATURAL: select->methods = {obc::QuantMethod::GptqNatural}; break;
+      case OBC_QUANT_RTN: select->methods = {obc::QuantMethod::Rtn}; break;
+      default:
+        throw InvalidArgument(obc::detail::concat(
+            "quant.method: expected an obc_quant_method (0..4), got ", quant->method));
+    }
+    OBC_CHECK(quant->refine_passes >= 0, "quant.refine_passes: expected >= 0, got ",
+              quant->refine_passes);
+    OBC_CHECK(std::isfinite(quant->refine_tol) && quant->refine_tol >= 0,
+              "quant.refine_tol: expected a finite value >= 0, got ", quant->refine_tol);
+    select->refine.max_passes = quant->refine_passes;
+    select->refine.rel_tol = quant->refine_tol;
+  }
   OBC_CHECK(quant->bits >= 2 && quant->bits <= 8, "quant.bits: expected 2..8, got ", quant->bits);
   obc::QuantOptions opt;
   opt.bits = quant->bits;
@@ -299,7 +325,8 @@ obc_status quantize(const S* weight, std::size_t rows, std::size_t cols, const d
                     double* row_losses_out, double* loss_out) {
   return guard([&] {
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
-    const obc::QuantOptions opt = resolve_quant(quant);
+    obc::QuantSelectOptions select;
+    const obc::QuantOptions opt = resolve_quant(quant, &select);
     Settings s;
     resolve(options, s);
     const Index c = shape.cols;
@@ -311,8 +338,8 @@ obc_status quantize(const S* weight, std::size_t rows, std::size_t cols, const d
       OBC_CHECK(grid_size == expected, "grid_size: expected rows * groups = ", shape.rows, " * ",
                 groups, " = ", expected, " elements in scales_out / zeros_out, got ", grid_size);
     }
-    const auto r = obc::quantize<S>(weight_view(weight, shape), hessian_view(hessian, shape), opt,
-                                    s.hessian, s.run);
+    const auto r = obc::quantize_select<S>(weight_view(weight, shape), hessian_view(hessian, shape),
+                                           opt, select, s.hessian, s.run);
     copy_matrix(r.weight, weight_out);
     if (codes_out != nullptr) copy_matrix(r.codes, codes_out);
     if (scales_out != nullptr) copy_matrix(r.grid.scale, scales_out);
@@ -402,6 +429,10 @@ void obc_quant_options_init(obc_quant_options* options) {
   options->sym = defaults.sym ? 1 : 0;
   options->group_size = static_cast<std::size_t>(defaults.group_size);
   options->grid = defaults.grid == obc::GridSearch::Mse ? OBC_GRID_MSE : OBC_GRID_MINMAX;
+  const obc::RefineOptions refine;
+  options->method = OBC_QUANT_AUTO;
+  options->refine_passes = refine.max_passes;
+  options->refine_tol = refine.rel_tol;
 }
 
 obc_status obc_accumulator_create(size_t cols, obc_accumulator** out) {

@@ -10,6 +10,7 @@
 #include "internal/grid_point.hpp"
 #include "internal/prepared_view.hpp"
 #include "internal/prune_result.hpp"
+#include "internal/quant_common.hpp"
 #include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -64,6 +65,10 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt) 
   return best;
 }
 
+}  // namespace
+
+namespace internal {
+
 void check_quant_options(const QuantOptions& opt, Index cols) {
   OBC_CHECK(opt.bits >= 2 && opt.bits <= 8, "bits: expected an integer in 2..8, got ", opt.bits);
   OBC_CHECK(opt.group_size >= 0 && (opt.group_size == 0 || cols % opt.group_size == 0),
@@ -76,13 +81,6 @@ void check_quant_options(const QuantOptions& opt, Index cols) {
 }
 
 template <class Scalar>
-GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
-  const Index g = c / grid.group_size;
-  return GridPoint<Scalar>{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
-                           (1 << grid.bits) - 1};
-}
-
-template <class Scalar>
 void fill_codes(QuantResult<Scalar>& result) {
   const auto& W = result.weight;
   result.codes.resize(W.rows(), W.cols());
@@ -91,7 +89,57 @@ void fill_codes(QuantResult<Scalar>& result) {
       result.codes(r, c) = static_cast<std::uint8_t>(grid_at(result.grid, r, c).code(W(r, c)));
 }
 
-}  // namespace
+template <class Scalar>
+void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
+            W.rows(), "x", W.cols());
+  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
+            hcols, "x", hcols);
+}
+
+template <class Scalar>
+MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                       const std::vector<char>& dead) {
+  MaskMatrix pruned(W.rows(), W.cols());
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c)
+      pruned(r, c) = (W(r, c) == Scalar(0) || dead[static_cast<size_t>(c)]) ? 1 : 0;
+  return pruned;
+}
+
+template <class Scalar>
+void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& prep,
+              const QuantGrid<Scalar>& grid, const QuantOptions& opt, const RunOptions& run,
+              RowMatrix<Scalar>& out) {
+  if constexpr (std::is_same_v<Scalar, float>) {
+    if (prep.hinv_lower_f32.empty()) prep.keep_float32_only();  // kernels are float32
+  }
+  out.resize(W.rows(), W.cols());
+  const internal::ObqJob<Scalar> job{W.data(),          W.rows(),
+                                     internal::view_of(prep), grid.scale.data(),
+                                     grid.zero.data(),   grid.group_size,
+                                     grid.bits,          0.25 * (1.0 + opt.outlier_tol),
+                                     out.data()};
+  internal::row_kernels<Scalar>().obq(job, run);
+}
+
+}  // namespace internal
+
+using internal::check_quant_options;
+using internal::fill_codes;
+using internal::grid_at;
+
+const char* quant_method_name(QuantMethod method) {
+  switch (method) {
+    case QuantMethod::Obq: return "obq";
+    case QuantMethod::Gptq: return "gptq";
+    case QuantMethod::GptqNatural: return "gptq-natural";
+    case QuantMethod::Rtn: return "rtn";
+  }
+  return "unknown";
+}
+
 
 template <class Scalar>
 QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt) {
@@ -113,22 +161,13 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
 }
 
 template <class Scalar>
-static void check_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
-            hcols, "x", hcols);
-}
-
-template <class Scalar>
 QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const HessianRef& H,
                                  const QuantOptions& opt, const HessianOptions& hopt,
                                  const RunOptions& run) {
   check_quant_options(opt, W.cols());
   validate_hessian(H, hopt.symmetry_tol);
-  check_inputs<Scalar>(W, H.rows());
+  internal::check_quant_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt);
   result.weight.resize(W.rows(), W.cols());
@@ -141,6 +180,8 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   check_finite_result(result.weight, "weights");
   fill_codes(result);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
+  result.row_losses_unrefined = result.row_losses;
+  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Rtn));
   return result;
 }
 
@@ -151,27 +192,17 @@ static QuantResult<Scalar> obq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>
                                        const QuantOptions& opt, const HessianOptions& hopt,
                                        const RunOptions& run) {
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
-  check_inputs<Scalar>(W, prep.cols());
+  internal::check_quant_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
-  if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();  // kernels are float32
   QuantResult<Scalar> result;
   result.grid = std::move(grid);
-  const QuantGrid<Scalar>& g = result.grid;
-  const Index rows = W.rows(), cols = W.cols();
-  result.weight.resize(rows, cols);
-  const internal::ObqJob<Scalar> job{W.data(),          rows,
-                                     internal::view_of(prep), g.scale.data(),
-                                     g.zero.data(),      g.group_size,
-                                     g.bits,             0.25 * (1.0 + opt.outlier_tol),
-                                     result.weight.data()};
-  internal::row_kernels<Scalar>().obq(job, run);
+  internal::obq_into<Scalar>(W, prep, result.grid, opt, run, result.weight);
   check_finite_result(result.weight, "weights");
-  result.pruned.resize(rows, cols);
-  for (Index r = 0; r < rows; ++r)
-    for (Index c = 0; c < cols; ++c)
-      result.pruned(r, c) = (W(r, c) == Scalar(0) || prep.dead[static_cast<size_t>(c)]) ? 1 : 0;
+  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
   fill_codes(result);
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
+  result.row_losses_unrefined = result.row_losses;
+  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Obq));
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;
@@ -182,7 +213,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
-  check_inputs<Scalar>(W, H.rows());
+  internal::check_quant_inputs<Scalar>(W, H.rows());
   QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt);
   if constexpr (std::is_same_v<Scalar, double>) {
     return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
@@ -191,25 +222,11 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
       return obq_on_grid<float>(W, H, QuantGrid<float>(grid), opt, hopt, run);
     } catch (const PrecisionLost&) {
     }
-    // Redo the layer in float64 on the float32 grid (same damping): a float32 scale times an
-    // integer is exact in float64, so the rounded weights lie exactly on the float32 grid.
-    QuantGrid<double> grid64;
-    grid64.scale = grid.scale.template cast<double>();
-    grid64.zero = grid.zero;
-    grid64.bits = grid.bits;
-    grid64.group_size = grid.group_size;
-    const RowMatrix<double> w64 = W.template cast<double>();
-    QuantResult<double> r64 = obq_on_grid<double>(w64, H, std::move(grid64), opt, hopt, run);
-    QuantResult<float> result;
-    result.weight = r64.weight.template cast<float>();
-    result.grid = std::move(grid);
-    result.pruned = std::move(r64.pruned);
-    fill_codes(result);
-    result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
-    result.damp = r64.damp;
-    result.damp_absolute = r64.damp_absolute;
-    result.float64_fallback = true;
-    return result;
+    return internal::redo_in_float64(W, H, std::move(grid), run,
+                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
+                                       return obq_on_grid<double>(w64, H, std::move(grid64), opt,
+                                                                  hopt, run);
+                                     });
   }
 }
 
@@ -224,6 +241,18 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                       const HessianRef&,                                           \
                                       const QuantOptions&, const HessianOptions&,                  \
                                       const RunOptions&);
+
+#define OBC_INSTANTIATE_INTERNAL(S)                                                                \
+  template void internal::fill_codes<S>(QuantResult<S>&);                                         \
+  template void internal::check_quant_inputs<S>(const Eigen::Ref<const RowMatrix<S>>&, Index);    \
+  template MaskMatrix internal::pruned_mask<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
+                                               const std::vector<char>&);                         \
+  template void internal::obq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, PreparedHessian&,    \
+                                      const QuantGrid<S>&, const QuantOptions&,                   \
+                                      const RunOptions&, RowMatrix<S>&);
+
+OBC_INSTANTIATE_INTERNAL(float)
+OBC_INSTANTIATE_INTERNAL(double)
 
 OBC_INSTANTIATE(float)
 OBC_INSTANTIATE(double)

@@ -147,6 +147,9 @@ QuantResult<Scalar> quantize_sparsegpt(const Eigen::Ref<const RowMatrix<Scalar>>
     }
   check_finite_result(result.weight, "weights");
   result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
+  result.row_losses_unrefined = result.row_losses;
+  // The joint sweep quantizes the kept weights in natural column order: GPTQ's natural order.
+  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::GptqNatural));
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;

@@ -20,7 +20,7 @@ from ._api import (
     trace_unstructured,
 )
 from ._core import HessianError
-from ._results import PruneResult, QuantResult, Trace
+from ._results import QUANT_METHODS, PruneResult, QuantResult, Trace
 from .budget import (
     BudgetSolution,
     BudgetSpec,
@@ -44,6 +44,7 @@ __all__ = [
     "HessianAccumulator",
     "HessianError",
     "PruneResult",
+    "QUANT_METHODS",
     "QuantResult",
     "Trace",
     "__version__",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _arrays, _core
-from ._results import PruneResult, QuantResult, Trace
+from ._results import QUANT_METHODS, PruneResult, QuantResult, Trace
 
 _SPREADS = ("global", "uniform")
 _METHODS = ("exact", "sparsegpt")
@@ -36,6 +36,10 @@ _METHOD_DOC = """
             higher. See docs/python_api.md for its counting rule and when it is worth it.
         lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt"."""
 
+# quantize(method=...): a single quantizer, or "auto" = these candidates, best per row.
+_AUTO_METHODS = ("obq", "gptq")
+_METHOD_CHOICES = ("auto",) + QUANT_METHODS
+
 
 def _kernels(W: np.ndarray):
     return _core.f64 if W.dtype == np.float64 else _core.f32
@@ -53,6 +57,8 @@ def _quant_result(d: dict, bits: int, sym: bool) -> QuantResult:
         weight=d["weight"], codes=d["codes"], scale=d["scale"], zero=d["zero"], bits=bits,
         sym=sym, group_size=int(d["group_size"]), mask=d["mask"], row_losses=d["row_losses"],
         damp=d["damp"], damp_absolute=d["damp_absolute"], precision=d["precision"],
+        row_methods=d["row_method"], row_losses_unrefined=d["row_losses_unrefined"],
+        refine_passes=int(d["refine_passes"]),
     )
 
 
@@ -168,22 +174,92 @@ def _quant_args(W, bits, sym, group_size, grid):
     return bits, bool(sym), group, grid
 
 
-def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, num_threads=None):
-    """OBQ: exact greedy quantization of a layer (joint with pruning when W has zeros).
+def _methods(method) -> list:
+    """quantize()'s `method` as the list of candidate quantizers."""
+    if isinstance(method, str):
+        method = _arrays.as_choice(method, "method", _METHOD_CHOICES)
+        return list(_AUTO_METHODS) if method == "auto" else [method]
+    if isinstance(method, (bytes, bytearray)) or not np.iterable(method):
+        raise TypeError(f"method: expected a string or a sequence of strings, got "
+                        f"{type(method).__name__}")
+    names = list(method)
+    if not names:
+        raise ValueError(f"method: expected at least one of {QUANT_METHODS}, got an empty sequence")
+    for name in names:
+        _arrays.as_choice(name, "method", QUANT_METHODS)
+    if len(set(names)) != len(names):
+        raise ValueError(f"method: expected distinct quantizers, got {tuple(names)}")
+    return names
+
+
+def _refine_args(refine, refine_passes, refine_tol) -> tuple[int, float]:
+    if not isinstance(refine, (bool, np.bool_)):
+        raise TypeError(f"refine: expected a bool, got {type(refine).__name__}")
+    passes = _arrays.as_int(refine_passes, "refine_passes", low=0)
+    if isinstance(refine_tol, bool) or not isinstance(refine_tol, (int, float, np.floating,
+                                                                   np.integer)):
+        raise TypeError(f"refine_tol: expected a number >= 0, got {type(refine_tol).__name__}")
+    tol = float(refine_tol)
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"refine_tol: expected a finite value >= 0, got {tol}")
+    return (passes if refine else 0), tol
+
+
+def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, method="auto",
+             refine=True, refine_passes=20, refine_tol=1e-6, refine_damped=False,
+             refine_block_size=128, gptq_block_size=128, num_threads=None):
+    """Quantization of a layer onto per-row (or per-group) grids, minimizing the layer loss
+    1/2 (w - q) H (w - q)^T per row (joint with pruning when W has zeros).
+
+    The grids are fitted on W itself before anything else (for groups: on the original column
+    order, GPTQ's "static groups"), so every method below quantizes onto the same grids and rows
+    are independent; each row keeps the candidate with the lowest loss.
 
     Args:
         W: (rows, cols) weights; zeros stay exactly zero. H: (cols, cols) Hessian.
         bits: 2..8. sym: symmetric grid (zero point 2**(bits-1)) or asymmetric.
         group_size: None for one grid per row, else inputs per grid (divides cols).
         grid: "mse" (range shrink search minimizing sum |q(w) - w|^2.4) or "minmax".
+        damp: relative damping; lambda = damp * mean(diag H) is added to diag(H).
+        method: "auto" (default: the candidates "obq" and "gptq", best per row), or one of
+            "obq" (the paper's greedy OBQ: the weight whose rounding costs least goes first),
+            "gptq" (fixed order by descending diag(H), "act-order", lazy block updates),
+            "gptq-natural" (fixed order 0, 1, ...), "rtn" (round to nearest); or a sequence of
+            these names as the candidates (ties go to the one listed first). With zeros in W,
+            "gptq" sets the pruned weights to 0 in turn and propagates their error (SparseGPT's
+            joint mode); "obq" removes them before it starts.
+        refine: after each candidate, passes of exact descent over the codes until a pass gains
+            less than refine_tol relative, or refine_passes passes. A pass re-quantizes every
+            block of refine_block_size inputs of a row as a whole (GPTQ inside the block, from
+            the block's optimum given the other codes; kept only where the loss drops), then
+            moves one code at a time to its best value given the others. The objective is the
+            reported loss 1/2 dw H dw^T (undamped H), which therefore never increases; pruned
+            weights and dead inputs are not touched.
+        refine_passes: at most this many passes (>= 0; 0 = no refinement).
+        refine_tol: relative gain per pass below which a row stops (>= 0).
+        refine_block_size: inputs per block move (0 = single-code moves only; >= 0).
+        refine_damped: refine on H + lambda I (the damped objective the quantizers minimize, a
+            regularized target) instead of H; the reported loss may then rise slightly.
+        gptq_block_size: columns per lazy block update of the GPTQ candidates (>= 1; speed only).
+        num_threads: threads over rows (None = OpenMP default). Results do not depend on it.
     Returns:
-        QuantResult.
+        QuantResult: row_methods says which candidate each row kept, row_losses_unrefined its
+        loss before refinement. method="obq", refine=False is the earlier quantize(), bit for bit.
+    Raises:
+        ValueError: unknown or repeated method, negative refine_passes or refine_tol, and the
+            checks of W, H, bits, group_size, grid, damp. TypeError: wrong argument types.
     """
     W, H = _layer(W, H)
     bits, sym, group, grid = _quant_args(W, bits, sym, group_size, grid)
-    return _quant_result(_kernels(W).quantize(
-        W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads)),
-        bits, sym)
+    methods = _methods(method)
+    passes, tol = _refine_args(refine, refine_passes, refine_tol)
+    if not isinstance(refine_damped, (bool, np.bool_)):
+        raise TypeError(f"refine_damped: expected a bool, got {type(refine_damped).__name__}")
+    block = _arrays.as_int(gptq_block_size, "gptq_block_size", low=1)
+    refine_block = _arrays.as_int(refine_block_size, "refine_block_size", low=0)
+    return _quant_result(_kernels(W).quantize_select(
+        W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads),
+        methods, passes, tol, bool(refine_damped), block, refine_block), bits, sym)
 
 
 def quantize_rtn(W, H, bits, *, sym=True, group_size=None, grid="mse", num_threads=None):

@@ -6,6 +6,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+# Names of the quantizers, indexed by QuantResult.row_methods (the core's QuantMethod codes).
+QUANT_METHODS = ("obq", "gptq", "gptq-natural", "rtn")
+
 
 @dataclass(frozen=True)
 class PruneResult:
@@ -56,6 +59,11 @@ class QuantResult:
         mask: (rows, cols) bool, False where the weight was zero on input (kept exactly zero).
         row_losses, damp, damp_absolute, precision: as in PruneResult (after a float64 redo the
             weights are still exactly on the float32 grid).
+        row_methods: (rows,) uint8, the quantizer that produced each row, an index into
+            QUANT_METHODS ("obq", "gptq", "gptq-natural", "rtn"); see row_method_names().
+        row_losses_unrefined: (rows,) float64, each row's loss before refinement (equal to
+            row_losses when no refinement ran).
+        refine_passes: refinement passes run (the most of any row), 0 when none ran.
     """
 
     weight: np.ndarray
@@ -70,11 +78,27 @@ class QuantResult:
     damp: float
     damp_absolute: float
     precision: str = "float64"
+    row_methods: np.ndarray | None = None
+    row_losses_unrefined: np.ndarray | None = None
+    refine_passes: int = 0
 
     @property
     def loss(self) -> float:
         """Layer loss ||(W - W_hat) X||_F^2 / n (sum of row_losses)."""
         return float(self.row_losses.sum())
+
+    @property
+    def loss_unrefined(self) -> float:
+        """Layer loss before refinement (sum of row_losses_unrefined; loss when unknown)."""
+        if self.row_losses_unrefined is None:
+            return self.loss
+        return float(self.row_losses_unrefined.sum())
+
+    def row_method_names(self) -> np.ndarray:
+        """(rows,) str: the name of the quantizer of every row (see row_methods)."""
+        if self.row_methods is None:
+            raise ValueError("row_methods: this result does not record its methods")
+        return np.asarray(QUANT_METHODS, dtype=object)[self.row_methods].astype(str)
 
     def group_index(self) -> np.ndarray:
         """(cols,) index of the grid group of every input column."""

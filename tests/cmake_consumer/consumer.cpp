@@ -199,6 +199,8 @@ int main(int argc, char** argv) {
   obc_quant_options cq;
   obc_quant_options_init(&cq);
   cq.bits = kBits;
+  cq.method = OBC_QUANT_OBQ;  // the greedy of obc::quantize, without refinement
+  cq.refine_passes = 0;
   RowMatrixXd quant_weight(kRows, kCols), quant_scales(kRows, 1);
   RowMatrix<std::uint8_t> quant_codes(kRows, kCols), quant_zeros(kRows, 1);
   Eigen::VectorXd quant_losses(kRows);

@@ -1,5 +1,6 @@
 // Tests for obc/obc.h: agreement with the C++ API, and error codes (never crashes) for bad calls.
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -17,6 +18,7 @@
 #include "obc/obc.h"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "obc/quant_select.hpp"
 
 extern "C" int obc_test_c_api_from_c(void);
 
@@ -246,6 +248,8 @@ OBC_TEST(quantization_matches_cpp) {
   quant.sym = 0;
   quant.group_size = 4;
   quant.grid = OBC_GRID_MINMAX;
+  quant.method = OBC_QUANT_OBQ;
+  quant.refine_passes = 0;
   QuantOptions opt;
   opt.bits = 3;
   opt.sym = false;
@@ -261,12 +265,13 @@ OBC_TEST(quantization_matches_cpp) {
                          &loss) == OBC_OK);
   CHECK(w == r.weight && codes == r.codes && scales == r.grid.scale && zeros == r.grid.zero);
   CHECK(losses == r.row_losses && loss == r.row_losses.sum());
-  // Defaults (quant NULL) are 4-bit symmetric per-row MSE grids.
+  // Defaults (quant NULL) are 4-bit symmetric per-row MSE grids, OBQ and GPTQ refined, best
+  // per row.
   const RowMatrix<float> w32 = l.weight.cast<float>();
   RowMatrix<float> out(5, 12), scale32(5, 1);
   CHECK(obc_quantize_f32(w32.data(), 5, 12, l.hessian.data(), 12, nullptr, nullptr, out.data(),
                          nullptr, scale32.data(), nullptr, 5, nullptr, nullptr) == OBC_OK);
-  const auto r32 = quantize<float>(w32, l.hessian, QuantOptions{});
+  const auto r32 = quantize_select<float>(w32, l.hessian, QuantOptions{});
   CHECK(out == r32.weight && scale32 == r32.grid.scale);
   // Wrong grid buffer size, bad bits / group / enum values, uninitialized struct.
   CHECK(obc_quantize_f64(l.weight.data(), 5, 12, l.hessian.data(), 12, &quant, nullptr, w.data(),
@@ -295,6 +300,63 @@ OBC_TEST(quantization_matches_cpp) {
                          nullptr, nullptr, nullptr, 0, nullptr,
                          nullptr) == OBC_ERR_INVALID_ARGUMENT);
   CHECK(error_mentions("obc_quant_options_init"));
+}
+
+OBC_TEST(quantization_methods_and_refinement) {
+  const Layer l = make_layer(70, 16, 200, 5);  // 70 rows: two row chunks of the GPTQ solver
+  RowMatrixXd w(70, 16);
+  Eigen::VectorXd losses(70);
+  double loss = 0;
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  CHECK(quant.method == OBC_QUANT_AUTO && quant.refine_passes == 20 && quant.refine_tol == 1e-6);
+  quant.bits = 3;
+  QuantOptions opt;
+  opt.bits = 3;
+  // GPTQ alone, without refinement: quantize_gptq.
+  quant.method = OBC_QUANT_GPTQ;
+  quant.refine_passes = 0;
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &quant, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, losses.data(), &loss) == OBC_OK);
+  const auto gptq = quantize_gptq<double>(l.weight, l.hessian, opt);
+  CHECK(w == gptq.weight && losses == gptq.row_losses);
+  // Refined: quantize_select with that single candidate; the loss does not increase.
+  quant.refine_passes = 5;
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &quant, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, losses.data(), &loss) == OBC_OK);
+  QuantSelectOptions select;
+  select.methods = {QuantMethod::Gptq};
+  select.refine.max_passes = 5;
+  const auto refined = quantize_select<double>(l.weight, l.hessian, opt, select);
+  CHECK(w == refined.weight && losses == refined.row_losses);
+  CHECK((refined.row_losses.array() <= gptq.row_losses.array()).all());
+  CHECK(refined.row_losses.sum() < gptq.row_losses.sum());
+  // A struct from before `method` (its old size) keeps the old meaning: OBQ, no refinement.
+  obc_quant_options old = quant;
+  old.struct_size = static_cast<uint32_t>(offsetof(obc_quant_options, method));
+  old.method = 99;  // not read
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &old, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr, nullptr) == OBC_OK);
+  CHECK(w == quantize<double>(l.weight, l.hessian, opt).weight);
+  // Bad method and refinement fields.
+  obc_quant_options bad = quant;
+  bad.method = 5;
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("quant.method"));
+  bad = quant;
+  bad.refine_passes = -1;
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("quant.refine_passes"));
+  bad = quant;
+  bad.refine_tol = -1.0;
+  CHECK(obc_quantize_f64(l.weight.data(), 70, 16, l.hessian.data(), 16, &bad, nullptr, w.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr,
+                         nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("quant.refine_tol"));
 }
 
 OBC_TEST(bad_layer_calls_return_codes_and_leave_outputs) {

@@ -78,3 +78,24 @@ def assert_close(got, expected, rtol=1e-6, what="value"):
             f"(first at {idx}); worst at {tuple(int(i) for i in worst)}: got {got[worst]!r}, "
             f"expected {expected[worst]!r}"
         )
+
+
+def make_realistic_layer(rows, cols, *, seed=0, outliers=6, dtype=np.float32):
+    """A layer shaped like a transformer projection: (W, H).
+
+    Inputs X (cols x 2 cols) are correlated (a random rotation of independent components) with a
+    decaying spectrum (component i has variance 1 / (1 + i / 8)), non-zero means, and `outliers`
+    input features scaled by 10..50. W: Gaussian with std 1/sqrt(cols).
+    """
+    rng = np.random.default_rng(seed)
+    n = 2 * cols
+    Q, _ = np.linalg.qr(rng.standard_normal((cols, cols)))
+    s = 1.0 / np.sqrt(1.0 + np.arange(cols) / 8.0)
+    X = (Q * s) @ rng.standard_normal((cols, n))
+    X += 0.5 * rng.standard_normal((cols, 1))
+    if outliers:
+        idx = rng.choice(cols, size=outliers, replace=False)
+        X[idx] *= rng.uniform(10, 50, size=outliers)[:, None]
+    H = hessian_from_x(X)
+    W = rng.standard_normal((rows, cols)) / np.sqrt(cols)
+    return W.astype(dtype), H

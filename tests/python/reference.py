@@ -64,6 +64,9 @@ __all__ = [
     "quantize_row",
     "quantize",
     "quantize_rtn",
+    "quantize_fixed_order",
+    "refine_objective",
+    "best_single_code_changes",
 ]
 
 OUTLIER_TOL = 1e-3  # OBQ outlier rule: err > (1 + OUTLIER_TOL) * scale^2 / 4
@@ -554,3 +557,74 @@ def quantize_rtn(W, H, bits, sym=True, group_size=None, grid="mse"):
     codes = quantize_codes(W, scale_c, zero_c, bits)
     weight = scale_c * (codes - zero_c)
     return weight, codes.astype(np.int64), scale, zero, layer_losses(W, weight, H)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-order quantization (GPTQ) and coordinate-descent refinement
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_fixed_order(W, H, bits, sym=True, group_size=None, grid="mse", damp=0.01, *, act_order=True):
+    """GPTQ replayed step by step, without lazy blocks or Cholesky factors.
+
+    The grid comes from W (original column order). Columns are visited in a fixed order:
+    descending diag(H) (stable: ties by lower index) or 0, 1, ... Dead inputs are 0 and never
+    visited. At each step, for F = the live columns not yet visited (including the current
+    column j), G = inv(Hd_FF) is computed afresh and every row is updated with the exact OBS
+    step w_F -= G[:, j] (w_j - t_j) / G_jj, where t_j is the grid value of the current w_j, or 0
+    where W was zero on input (the pruned weight is set to 0 and its error propagated).
+    Returns (weight, codes (int64), row_losses with the undamped H).
+    """
+    W = np.asarray(W, dtype=np.float64)
+    rows, cols = W.shape
+    Hd, dead, _ = damped_hessian(H, damp)
+    scale, zero = make_grid(W, bits, sym, group_size, grid)
+    scale_c, zero_c = _per_column(scale, cols), _per_column(zero, cols)
+    pruned = W == 0
+    diag = np.diag(np.asarray(H, np.float64))
+    order = np.argsort(-diag, kind="stable") if act_order else np.arange(cols)
+    order = [int(j) for j in order if not dead[j]]
+    w = W.copy()
+    w[:, dead] = 0.0
+    out = np.zeros_like(W)
+    for k, j in enumerate(order):
+        free = np.array(order[k:])
+        G = np.linalg.inv(Hd[np.ix_(free, free)])
+        col = G[:, 0]  # j is free[0]
+        target = np.where(pruned[:, j], 0.0, quantize_value(w[:, j], scale_c[:, j], zero_c[:, j], bits))
+        err = w[:, j] - target
+        w[:, free] -= np.outer(err / col[0], col)
+        w[:, j] = target
+        out[:, j] = target
+    codes = np.where(dead[None, :] | pruned, zero_c, quantize_codes(out, scale_c, zero_c, bits))
+    return out, codes.astype(np.int64), layer_losses(W, out, H)
+
+
+def refine_objective(W, W_hat, H, damp):
+    """Per-row 1/2 e Hd e^T, e = W_hat - W on the live inputs (the refinement's objective)."""
+    Hd, dead, _ = damped_hessian(H, damp)
+    e = np.asarray(W_hat, np.float64) - np.asarray(W, np.float64)
+    e[:, dead] = 0.0
+    return 0.5 * np.einsum("ri,ij,rj->r", e, Hd, e)
+
+
+def best_single_code_changes(W, W_hat, H, bits, scale, zero, damp):
+    """For every row, the lowest change of refine_objective reachable by changing one code of a
+    weight that was non-zero in W (on a live input) to any other code, found by trying them all.
+    Returns (rows,) float64 (0 when no change helps)."""
+    W = np.asarray(W, np.float64)
+    W_hat = np.asarray(W_hat, np.float64)
+    rows, cols = W.shape
+    Hd, dead, _ = damped_hessian(H, damp)
+    scale_c, zero_c = _per_column(scale, cols), _per_column(zero, cols)
+    e = W_hat - W
+    e[:, dead] = 0.0
+    g = e @ Hd
+    free = (W != 0) & ~dead[None, :]
+    best = np.zeros(rows)
+    for code in range(2**bits):
+        delta = scale_c * (code - zero_c) - W_hat
+        change = delta * g + 0.5 * delta**2 * np.diag(Hd)[None, :]
+        change = np.where(free, change, 0.0)
+        best = np.minimum(best, change.min(axis=1))
+    return best

@@ -346,7 +346,8 @@ def test_obq_beats_rtn():
         sym = bool(i % 2)
         gs = None if i % 3 else 16 if W.shape[1] % 16 == 0 else None
         grid = "mse" if i % 4 < 2 else "minmax"
-        obq = obc_native.quantize(W, H, bits, sym=sym, group_size=gs, grid=grid)
+        obq = obc_native.quantize(W, H, bits, sym=sym, group_size=gs, grid=grid, method="obq",
+                                  refine=False)
         rtn = obc_native.quantize_rtn(W, H, bits, sym=sym, group_size=gs, grid=grid)
         assert np.array_equal(obq.scale, rtn.scale) and np.array_equal(obq.zero, rtn.zero)
         rtn_loss = float(loss_from_x(W, rtn.weight, X).sum())

@@ -290,7 +290,8 @@ def _check_quantize(case, rows, cols, bits, sym, group_size, grid, W=None):
     W0, H, damp = problem(case, rows, cols)
     W = W0 if W is None else W
     expected = ref.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp)
-    res = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp)
+    res = obc_native.quantize(W, H, bits, sym=sym, group_size=group_size, grid=grid, damp=damp,
+                              method="obq", refine=False)  # the greedy OBQ of the reference
     check_quant(res, expected, W, bits, sym, group_size, f"quantize({bits}b, sym={sym}, gs={group_size}, {grid})[{case}]")
     return res
 

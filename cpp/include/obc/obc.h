@@ -93,7 +93,19 @@ typedef enum obc_grid {
   OBC_GRID_MINMAX = 1 /* range [min(w, 0), max(w, 0)] */
 } obc_grid;
 
-/* Quantization grid. Initialize with obc_quant_options_init(), then change fields. */
+/* The quantizer of obc_quantize_*: every method uses the same grids (fitted on the weights as
+ * passed in), so the choice is made per row. */
+typedef enum obc_quant_method {
+  OBC_QUANT_AUTO = 0,         /* OBQ and GPTQ, each refined; every row keeps the lower loss */
+  OBC_QUANT_OBQ = 1,          /* greedy OBQ (the paper) */
+  OBC_QUANT_GPTQ = 2,         /* fixed order by descending diag(H) ("act-order"), lazy blocks */
+  OBC_QUANT_GPTQ_NATURAL = 3, /* fixed order 0, 1, ... */
+  OBC_QUANT_RTN = 4           /* round to nearest */
+} obc_quant_method;
+
+/* Quantization grid and method. Initialize with obc_quant_options_init(), then change fields.
+ * A struct from before `method` (struct_size without the last three fields) is accepted and
+ * means OBC_QUANT_OBQ without refinement, the behaviour it was written against. */
 typedef struct obc_quant_options {
   uint32_t struct_size; /* sizeof(obc_quant_options), set by obc_quant_options_init */
   int bits;             /* 2..8. Default 4 */
@@ -101,6 +113,12 @@ typedef struct obc_quant_options {
   size_t group_size;    /* inputs sharing one grid; 0 = one grid per row, else divides cols.
                            Default 0 */
   int grid;             /* an obc_grid. Default OBC_GRID_MSE */
+  int method;           /* an obc_quant_method. Default OBC_QUANT_AUTO */
+  int refine_passes;    /* >= 0: passes of exact descent over the codes after each quantizer
+                           (block moves over 128 inputs, then single-code moves; objective:
+                           the reported loss, which never increases); 0 = none. Default 20 */
+  double refine_tol;    /* >= 0: a row stops after a pass that gains less than this, relative.
+                           Default 1e-6 */
 } obc_quant_options;
 
 /* Fills the defaults. Does nothing when options is NULL. */
@@ -207,7 +225,7 @@ obc_status obc_prune_structured_f64(const double* weight, size_t rows, size_t co
                                     size_t group, const obc_options* options, double* weight_out,
                                     uint8_t* kept_out, double* row_losses_out, double* loss_out);
 
-/* ---- quantization (OBQ) -------------------------------------------------------------------- *
+/* ---- quantization (OBQ, GPTQ, refinement) ---------------------------------------------------- *
  * Weights that are zero on entry stay exactly zero (joint pruning + quantization). With
  * groups = cols / group_size (1 when group_size == 0), outputs are:
  *   weight_out      rows x cols dequantized weights, exactly scale * (code - zero); required
@@ -216,7 +234,8 @@ obc_status obc_prune_structured_f64(const double* weight, size_t rows, size_t co
  *   zeros_out       rows x groups zero points; may be NULL
  *   grid_size       elements in scales_out / zeros_out: must be rows * groups when either is set
  *   row_losses_out, loss_out as for pruning.
- * quant may be NULL (defaults: 4 bits, symmetric, per row, MSE grid).
+ * quant may be NULL (defaults: 4 bits, symmetric, per row, MSE grid, OBC_QUANT_AUTO with
+ * refinement).
  */
 obc_status obc_quantize_f32(const float* weight, size_t rows, size_t cols, const double* hessian,
                             size_t hessian_dim, const obc_quant_options* quant,

@@ -39,6 +39,18 @@ struct QuantOptions {
   double outlier_tol = 1e-3;
 };
 
+/// The quantizers behind QuantResult::row_method (values are stable: the C API and Python use
+/// them as codes).
+enum class QuantMethod : std::uint8_t {
+  Obq = 0,          ///< the greedy OBQ of quantize()
+  Gptq = 1,         ///< fixed order, act-order (descending diag H): quantize_gptq()
+  GptqNatural = 2,  ///< fixed order, natural column order
+  Rtn = 3,          ///< round to nearest: quantize_rtn()
+};
+
+/// Short lower-case name: "obq", "gptq", "gptq-natural", "rtn".
+const char* quant_method_name(QuantMethod method);
+
 /// Grid per row and group: rows x groups.
 template <class Scalar>
 struct QuantGrid {
@@ -55,6 +67,12 @@ struct QuantResult {
   QuantGrid<Scalar> grid;
   MaskMatrix pruned;              ///< rows x cols, 1 where the weight was zero before (kept zero)
   Eigen::VectorXd row_losses;     ///< rows: 1/2 dw H dw^T with the undamped H
+  /// rows: the quantizer that produced each row (see quantize_select for a per-row choice).
+  Eigen::Matrix<std::uint8_t, Eigen::Dynamic, 1> row_method;
+  /// rows: row_losses before refinement (quant_refine.hpp); equal to row_losses when none ran.
+  Eigen::VectorXd row_losses_unrefined;
+  /// Refinement passes run over the layer (the maximum over rows), 0 when none ran.
+  int refine_passes = 0;
   double damp = 0.0;
   double damp_absolute = 0.0;
   /// float32 layers only: true when the float32 elimination lost positive definiteness and the

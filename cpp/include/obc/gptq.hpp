@@ -1,0 +1,44 @@
+// Fixed-order quantization (GPTQ): columns quantized one after the other in a fixed order, each
+// step's error spread over the columns not yet quantized with the exact OBS update, applied
+// lazily a block of columns at a time through the upper Cholesky factor of H^-1.
+//
+// Paper letters: U is the upper Cholesky factor of the (permuted, damped) inverse Hessian,
+// H^-1 = U^T U; quantizing column j with error e_j = (w_j - q(w_j)) / U_jj updates every later
+// column k by -e_j U_jk, which is the OBS update with [H_FF]^-1, F = columns j.. in the order.
+// Cost: O(cols^3) for the factor plus O(rows cols^2) for the updates (level-3 per block).
+#pragma once
+
+#include <Eigen/Core>
+
+#include "obc/hessian.hpp"
+#include "obc/interrupt.hpp"
+#include "obc/quant.hpp"
+#include "obc/types.hpp"
+
+namespace obc {
+
+struct GptqOptions {
+  /// true: quantize inputs by descending diag(H) ("act-order": the most important inputs first,
+  /// while many columns are still free to absorb their error; ties by lower index); false: in
+  /// column order 0, 1, ... Dead inputs (diag H == 0) are zero either way.
+  bool act_order = true;
+  /// Columns per lazy block update (only speed depends on it, not the result beyond float
+  /// rounding). >= 1.
+  Index block_size = 128;
+};
+
+/// GPTQ on the grids of make_grid(W, opt) (the same grids as quantize(): fitted on the original
+/// weights in their original column order, so with groups this is GPTQ's "static groups").
+/// Weights that are zero on entry stay exactly zero: in the order, they are set to 0 like any
+/// other column and their error is propagated (SparseGPT's joint mode, with the layer's mask).
+/// Dead inputs are zero. Computed in float64 (one shared cols x cols factor); each weight is
+/// rounded onto its grid in W's precision. Bit-identical for any thread count (rows are solved
+/// in fixed chunks). Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when
+/// the damped inverse has no Cholesky factor. result.row_method is Gptq or GptqNatural.
+template <class Scalar>
+QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                  const HessianRef& H, const QuantOptions& opt,
+                                  const GptqOptions& gopt = {}, const HessianOptions& hopt = {},
+                                  const RunOptions& run = {});
+
+}  // namespace obc

@@ -1,0 +1,41 @@
+// Quantization with a per-row choice of method: every candidate quantizer runs on the same
+// grids (fitted on the original weights, so rows are independent once the grid is fixed), each
+// result is optionally refined (quant_refine.hpp), and every row keeps the candidate with the
+// lowest loss.
+#pragma once
+
+#include <Eigen/Core>
+#include <vector>
+
+#include "obc/gptq.hpp"
+#include "obc/hessian.hpp"
+#include "obc/interrupt.hpp"
+#include "obc/quant.hpp"
+#include "obc/quant_refine.hpp"
+#include "obc/types.hpp"
+
+namespace obc {
+
+struct QuantSelectOptions {
+  /// Candidates, each at most once, non-empty; ties between candidates go to the one listed
+  /// first. Obq, Gptq, GptqNatural, Rtn.
+  std::vector<QuantMethod> methods = {QuantMethod::Obq, QuantMethod::Gptq};
+  /// Refinement of every candidate before the choice (max_passes = 0: none).
+  RefineOptions refine{};
+  /// Lazy block size of the GPTQ candidates (act_order is set by the method).
+  Index gptq_block_size = 128;
+};
+
+/// Runs the candidates, refines each, and keeps per row the one with the lowest row loss
+/// (undamped H, as row_losses). The Hessian is prepared once for all candidates. With a single
+/// candidate and no refinement the result equals that quantizer's own (bit for bit).
+/// result.row_method says which candidate won each row; row_losses_unrefined is the winner's
+/// loss before refinement. Throws InvalidArgument for an empty or repeated candidate list and
+/// the quantizers' own errors.
+template <class Scalar>
+QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                    const HessianRef& H, const QuantOptions& opt,
+                                    const QuantSelectOptions& sopt = {},
+                                    const HessianOptions& hopt = {}, const RunOptions& run = {});
+
+}  // namespace obc

@@ -1,0 +1,100 @@
+// Pieces shared by the quantizers (quant.cpp, gptq.cpp, quant_refine.cpp, quant_select.cpp):
+// option and input checks, grid lookup, codes, and each quantizer on an already prepared
+// Hessian and grid, so that quantize_select prepares them once for all candidates.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <utility>
+
+#include "internal/grid_point.hpp"
+#include "obc/gptq.hpp"
+#include "obc/hessian.hpp"
+#include "obc/quant.hpp"
+#include "obc/quant_refine.hpp"
+
+namespace obc::internal {
+
+void check_quant_options(const QuantOptions& opt, Index cols);
+void check_refine_options(const RefineOptions& opt);
+void check_gptq_options(const GptqOptions& opt);
+
+template <class Scalar>
+void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols);
+
+template <class Scalar>
+inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
+  const Index g = c / grid.group_size;
+  return GridPoint<Scalar>{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
+                           (1 << grid.bits) - 1};
+}
+
+/// codes from weight (every weight lies on its grid).
+template <class Scalar>
+void fill_codes(QuantResult<Scalar>& result);
+
+/// rows x cols: 1 where W is zero or the input is dead.
+template <class Scalar>
+MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W, const std::vector<char>& dead);
+
+/// OBQ weights into `out` (rows x cols). For float32, prep is switched to its float32 copy
+/// (PreparedHessian::keep_float32_only), so call this after anything that needs prep.hinv.
+template <class Scalar>
+void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& prep,
+              const QuantGrid<Scalar>& grid, const QuantOptions& opt, const RunOptions& run,
+              RowMatrix<Scalar>& out);
+
+/// GPTQ weights into `out` (rows x cols); needs prep.hinv (float64). hdiag: diag(H) (cols),
+/// the act-order key.
+template <class Scalar>
+void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
+               const Eigen::VectorXd& hdiag, const QuantGrid<Scalar>& grid,
+               const GptqOptions& gopt, const RunOptions& run, RowMatrix<Scalar>& out);
+
+/// The refinement's Hessian: (H + H^T) / 2, plus prep.damp_absolute on the live diagonal when
+/// `damped` (the matrix the solvers invert), 1 on the diagonal of dead inputs (cols x cols).
+Eigen::MatrixXd refine_hessian(const HessianRef& H, const PreparedHessian& prep, bool damped);
+
+/// diag(H) in float64 (cols).
+Eigen::VectorXd hessian_diagonal(const HessianRef& H);
+
+/// Coordinate descent on the codes of `weight` (rows x cols, on `grid`), objective with the
+/// Hessian `hd` (from refine_hessian); entries with pruned == 1 are not changed.
+/// damp_absolute: the layer's lambda (PreparedHessian::damp_absolute), which the block moves'
+/// proposals use in part. Returns the largest number of passes any row ran.
+template <class Scalar>
+int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
+                double damp_absolute, const QuantGrid<Scalar>& grid, const MaskMatrix& pruned, const RefineOptions& ropt,
+                const RunOptions& run, RowMatrix<Scalar>& weight);
+
+/// A float32 layer redone in float64 because its float32 elimination lost positive definiteness
+/// (PrecisionLost): `solve(w64, grid64)` solves W widened to float64 on the float32 `grid` widened
+/// (same damping, never re-damped). A float32 scale times a code difference is exact in float64,
+/// so the weights rounded back to float32 lie exactly on the float32 grid. The losses are those of
+/// the rounded weights; the result reports float64_fallback.
+template <class Solve>
+QuantResult<float> redo_in_float64(const Eigen::Ref<const RowMatrix<float>>& W, const HessianRef& H,
+                                   QuantGrid<float>&& grid, const RunOptions& run, Solve&& solve) {
+  QuantGrid<double> grid64;
+  grid64.scale = grid.scale.template cast<double>();
+  grid64.zero = grid.zero;
+  grid64.bits = grid.bits;
+  grid64.group_size = grid.group_size;
+  const RowMatrix<double> w64 = W.template cast<double>();
+  QuantResult<double> r64 = solve(w64, std::move(grid64));
+  QuantResult<float> result;
+  result.weight = r64.weight.template cast<float>();
+  result.grid = std::move(grid);
+  result.pruned = std::move(r64.pruned);
+  fill_codes(result);
+  result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
+  result.row_losses_unrefined = r64.row_losses_unrefined;
+  result.row_method = std::move(r64.row_method);
+  result.refine_passes = r64.refine_passes;
+  result.damp = r64.damp;
+  result.damp_absolute = r64.damp_absolute;
+  result.float64_fallback = true;
+  return result;
+}
+
+}  // namespace obc::internal

@@ -1,0 +1,166 @@
+// Per-row choice between quantizers (OBQ, GPTQ, RTN) on shared grids, after refinement.
+#include "obc/quant_select.hpp"
+
+#include <algorithm>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "internal/grid_point.hpp"
+#include "internal/prune_result.hpp"
+#include "internal/quant_common.hpp"
+#include "obc/errors.hpp"
+
+namespace obc {
+
+namespace {
+
+void check_select_options(const QuantSelectOptions& sopt) {
+  OBC_CHECK(!sopt.methods.empty(), "methods: expected at least one quantizer, got none");
+  for (size_t i = 0; i < sopt.methods.size(); ++i) {
+    const auto m = static_cast<int>(sopt.methods[i]);
+    OBC_CHECK(m >= 0 && m <= static_cast<int>(QuantMethod::Rtn),
+              "methods: expected obq, gptq, gptq-natural or rtn, got code ", m);
+    for (size_t j = 0; j < i; ++j)
+      OBC_CHECK(sopt.methods[j] != sopt.methods[i], "methods: '",
+                quant_method_name(sopt.methods[i]), "' is listed twice");
+  }
+  internal::check_refine_options(sopt.refine);
+  internal::check_gptq_options(GptqOptions{true, sopt.gptq_block_size});
+}
+
+// The candidates on `grid` (fitted on the original W), with the kernels of precision Scalar.
+template <class Scalar>
+QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                   const HessianRef& H, QuantGrid<Scalar>&& grid,
+                                   const QuantOptions& opt, const QuantSelectOptions& sopt,
+                                   const HessianOptions& hopt, const RunOptions& run) {
+  const auto& methods = sopt.methods;
+  const bool any_gptq = std::any_of(methods.begin(), methods.end(), [](QuantMethod m) {
+    return m == QuantMethod::Gptq || m == QuantMethod::GptqNatural;
+  });
+  const bool any_obq = std::find(methods.begin(), methods.end(), QuantMethod::Obq) != methods.end();
+  HessianOptions prep_options = hopt;
+  prep_options.invert = any_gptq || any_obq;
+  PreparedHessian prep = prepare_hessian(H, prep_options, run.num_threads, run.interrupt);
+  internal::check_quant_inputs<Scalar>(W, prep.cols());
+  internal::check_layer_scale<Scalar>(W, prep);
+  const Index rows = W.rows(), cols = W.cols();
+
+  QuantResult<Scalar> best;
+  best.grid = std::move(grid);  // shared by every candidate
+  best.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
+  best.damp = prep.damp;
+  best.damp_absolute = prep.damp_absolute;
+  const bool refine = sopt.refine.max_passes > 0;
+  Eigen::MatrixXd hd;
+  if (refine) hd = internal::refine_hessian(H, prep, sopt.refine.damped);
+
+  // GPTQ candidates need prep.hinv in float64; OBQ (float32) replaces it by a float32 copy, so
+  // it runs last.
+  std::vector<size_t> run_order(methods.size());
+  for (size_t i = 0; i < methods.size(); ++i) run_order[i] = i;
+  std::stable_partition(run_order.begin(), run_order.end(),
+                        [&](size_t i) { return methods[i] != QuantMethod::Obq; });
+  Eigen::VectorXd hdiag;
+  if (any_gptq) hdiag = internal::hessian_diagonal(H);
+
+  std::vector<RowMatrix<Scalar>> weights(methods.size());
+  std::vector<Eigen::VectorXd> unrefined(methods.size()), losses(methods.size());
+  for (const size_t i : run_order) {
+    RowMatrix<Scalar>& out = weights[i];
+    switch (methods[i]) {
+      case QuantMethod::Obq:
+        internal::obq_into<Scalar>(W, prep, best.grid, opt, run, out);
+        break;
+      case QuantMethod::Gptq:
+      case QuantMethod::GptqNatural:
+        internal::gptq_into<Scalar>(W, prep, hdiag, best.grid,
+                                    GptqOptions{methods[i] == QuantMethod::Gptq,
+                                                sopt.gptq_block_size},
+                                    run, out);
+        break;
+      case QuantMethod::Rtn:
+        out.resize(rows, cols);
+        for (Index r = 0; r < rows; ++r)
+          for (Index c = 0; c < cols; ++c)
+            out(r, c) = best.pruned(r, c) ? Scalar(0)
+                                          : internal::grid_at(best.grid, r, c).quantize(W(r, c));
+        break;
+    }
+    check_finite_result(out, "weights");
+    unrefined[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+    if (refine) {
+      best.refine_passes = std::max(
+          best.refine_passes,
+          internal::refine_into<Scalar>(W, hd, prep.damp_absolute, best.grid, best.pruned,
+                                        sopt.refine, run, out));
+      check_finite_result(out, "weights");
+      losses[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+    } else {
+      losses[i] = unrefined[i];
+    }
+  }
+
+  // Per row, the lowest loss; ties to the candidate listed first.
+  std::vector<size_t> winner(static_cast<size_t>(rows), 0);
+  for (Index r = 0; r < rows; ++r)
+    for (size_t i = 1; i < methods.size(); ++i)
+      if (losses[i][r] < losses[winner[static_cast<size_t>(r)]][r])
+        winner[static_cast<size_t>(r)] = i;
+  if (methods.size() == 1) {
+    best.weight = std::move(weights[0]);
+  } else {
+    best.weight.resize(rows, cols);
+    for (Index r = 0; r < rows; ++r)
+      best.weight.row(r) = weights[winner[static_cast<size_t>(r)]].row(r);
+  }
+  best.row_losses.resize(rows);
+  best.row_losses_unrefined.resize(rows);
+  best.row_method.resize(rows);
+  for (Index r = 0; r < rows; ++r) {
+    const size_t i = winner[static_cast<size_t>(r)];
+    best.row_losses[r] = losses[i][r];
+    best.row_losses_unrefined[r] = unrefined[i][r];
+    best.row_method[r] = static_cast<std::uint8_t>(methods[i]);
+  }
+  internal::fill_codes(best);
+  return best;
+}
+
+}  // namespace
+
+template <class Scalar>
+QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                    const HessianRef& H, const QuantOptions& opt,
+                                    const QuantSelectOptions& sopt, const HessianOptions& hopt,
+                                    const RunOptions& run) {
+  internal::check_quant_options(opt, W.cols());
+  check_select_options(sopt);
+  internal::check_quant_inputs<Scalar>(W, H.rows());
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt);  // fitted on the original W
+  if constexpr (std::is_same_v<Scalar, double>) {
+    return select_on_grid<double>(W, H, std::move(grid), opt, sopt, hopt, run);
+  } else {
+    try {
+      return select_on_grid<float>(W, H, QuantGrid<float>(grid), opt, sopt, hopt, run);
+    } catch (const PrecisionLost&) {  // OBQ's float32 elimination: every candidate in float64
+    }
+    return internal::redo_in_float64(W, H, std::move(grid), run,
+                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
+                                       return select_on_grid<double>(w64, H, std::move(grid64),
+                                                                     opt, sopt, hopt, run);
+                                     });
+  }
+}
+
+#define OBC_INSTANTIATE(S)                                                                         \
+  template QuantResult<S> quantize_select<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
+                                             const HessianRef&, const QuantOptions&,               \
+                                             const QuantSelectOptions&, const HessianOptions&,     \
+                                             const RunOptions&);
+
+OBC_INSTANTIATE(float)
+OBC_INSTANTIATE(double)
+
+}  // namespace obc
