@@ -69,6 +69,7 @@ from typing import Any, Union
 import numpy as np
 
 from . import _api, _arrays, _core
+from ._files import read_regular_file
 from ._results import PruneResult, QuantResult
 
 __all__ = [
@@ -759,15 +760,10 @@ def _read_json(path: str):
     """Parse the JSON file at ``path``; only a regular file is opened (a FIFO or device is refused
     without blocking). LevelDatabaseError for bad UTF-8, bad JSON or nesting too deep to parse;
     OSError when the file cannot be read."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise LevelDatabaseError(f"{path}: not a level database (not a regular file)")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise LevelDatabaseError(f"{path}: not a level database (not a regular file)")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        raw = handle.read()
+    try:
+        raw = read_regular_file(path)
+    except ValueError as exc:
+        raise LevelDatabaseError(f"{path}: not a level database ({exc})") from None
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import signal
@@ -15,23 +14,9 @@ import pytest
 
 from obc_native import HessianAccumulator, load_hessian, save_hessian
 from obc_native.hessian import read_hessian_info
+from file_safety import deadline
 
 
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail (TimeoutError) instead of hanging; the C++ reader checks before it opens, so a
-    blocked open() would be a bug (the alarm only fires between bytecodes, hence the fork test)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _accumulator(cols=5, n=7, seed=0) -> HessianAccumulator:

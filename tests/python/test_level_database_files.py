@@ -3,32 +3,17 @@ RecursionError, ...), no hang on a FIFO, loss >= 0, and loading is linear in the
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import random
-import signal
 
 import pytest
 
 from obc_native import budget as B
+from file_safety import deadline
 
 
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail with TimeoutError instead of hanging (the handler raising interrupts a blocked open)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _layer(name: str, count: int, shape=(4, 8)) -> B.LayerLevels:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import os
 import random
-import signal
 
 import pytest
 
 from obc_native.torch import RecipeError, load_recipe
+from file_safety import deadline
 
 pytestmark = pytest.mark.torch
 
@@ -23,18 +22,6 @@ RECIPE = {
 }
 
 
-@contextlib.contextmanager
-def deadline(seconds: float):
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 def _load(path):

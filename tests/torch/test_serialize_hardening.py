@@ -3,14 +3,12 @@ with SerializationError (never another exception type, never a hang)."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import struct
 
 import numpy as np
@@ -20,24 +18,11 @@ from obc_torch_helpers import MLP, write_manifest
 
 from obc_native.torch import LayerConfig, Override, Recipe, SerializationError, compress, load_compressed, save_compressed
 from obc_native.torch.serialize import MANIFEST_NAME, TENSORS_NAME
+from file_safety import deadline
 
 pytestmark = pytest.mark.torch
 
 
-@contextlib.contextmanager
-def deadline(seconds: float):
-    """Fail (TimeoutError) instead of hanging: a blocked open() or read() is interrupted."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 RECIPE = Recipe(

@@ -36,12 +36,12 @@ import json
 import math
 import numbers
 import os
-import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .._files import read_regular_file
 from .layers import LayerInfo
 
 __all__ = [
@@ -383,17 +383,10 @@ def _shape_text(info: LayerInfo) -> str:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     """Read a recipe from a ``.json``, ``.yaml`` or ``.yml`` file."""
     path = os.fspath(path)
-    # Only a regular file is opened (a FIFO or device would block or never end); the check is
-    # repeated on the descriptor, opened non-blocking.
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise RecipeError(f"recipe file {path!r} is not a regular file")
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise RecipeError(f"recipe file {path!r} is not a regular file")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        raw = handle.read()
+    try:
+        raw = read_regular_file(path)
+    except ValueError as err:
+        raise RecipeError(f"recipe file {path!r} is {err}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
