@@ -848,7 +848,9 @@ def uniform_sparsity(
 ) -> float:
     """The smallest sparsity ``s`` such that unstructured pruning of ``layers`` (default every
     layer of the database) to ``s``, the other layers dense, meets ``budget`` by the database's
-    costs: the uniform allocation to compare a non-uniform one against.
+    costs: the uniform allocation to compare a non-uniform one against. ``s`` is a round fraction
+    ``k / size`` of one selected layer (size: its weights, or its columns for "uniform"), the
+    smallest such fraction that meets the budget.
 
     ``spread`` as in :class:`LayerConfig`: "global" prunes ``ceil(s * rows * cols)`` weights per
     layer, "uniform" ``ceil(s * cols)`` per row (counted by the solvers' rule,
