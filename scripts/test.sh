@@ -9,7 +9,8 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-# torch is pinned: an unpinned torch would resolve a multi-GB CUDA build.
+# torch is pinned, and installed BEFORE the extras: they ask only torch>=2.0, which the pin then
+# satisfies, so pip never resolves an unpinned torch (the newest, a multi-GB CUDA build).
 $VPY -m pip install --quiet --upgrade pip
 $VPY -m pip install --quiet "torch==2.13.0"
 $VPY -m pip install --quiet ".[test,torch]"

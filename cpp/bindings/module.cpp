@@ -286,6 +286,16 @@ PYBIND11_MODULE(_core, m) {
       PyErr_SetString(PyExc_ValueError, e.what());
     }
   });
+  // The one counting rule of every sparsity target; the Python helpers and baselines call it so
+  // that they prune exactly as many items as the solvers at the same nominal sparsity.
+  m.def("count_for_sparsity",
+        [](Index total, double sparsity) {
+          OBC_CHECK(total >= 0, "total: expected a count >= 0, got ", total);
+          return obc::count_for_sparsity(sparsity, total);
+        },
+        "Number of items `sparsity` asks of `total`: ceil(sparsity * total), robust to binary "
+        "rounding (0.3 * 10 gives 3). Raises ValueError unless 0 <= sparsity <= 1.",
+        py::arg("total"), py::arg("sparsity"));
   m.def("build_info", []() {
     const obc::BuildInfo info = obc::build_info();
     py::dict d;

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import _arrays, _core
+from . import _arrays, _closed_form, _core
+from ._closed_form import kernels as _kernels
+from ._closed_form import layer_loss
 from ._results import QUANT_METHODS, PruneResult, QuantResult, Trace
+from ._results import prune_result as _prune_result
 
 _SPREADS = ("global", "uniform")
 _METHODS = ("exact", "sparsegpt")
@@ -28,28 +31,9 @@ def _method(method, lazy_block, mode: str, available: tuple[str, ...] = _METHODS
     return method, lazy
 
 
-_METHOD_DOC = """
-        method: "exact" (default): ExactOBS, the greedy with a private inverse per row, about
-            rows * cols^3 flops; "sparsegpt": SparseGPT (Frantar & Alistarh 2023), one sweep over
-            the columns with the Cholesky factor of H^-1 shared by all rows and masks chosen per
-            lazy block, about cols^3 / 3 + rows * cols^2 flops, for wide layers; its loss is
-            higher. See docs/python_api.md for its counting rule and when it is worth it.
-        lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt"."""
-
 # quantize(method=...): a single quantizer, or "auto" = these candidates, best per row.
 _AUTO_METHODS = ("obq", "gptq")
 _METHOD_CHOICES = ("auto",) + QUANT_METHODS
-
-
-def _kernels(W: np.ndarray):
-    return _core.f64 if W.dtype == np.float64 else _core.f32
-
-
-def _prune_result(d: dict) -> PruneResult:
-    return PruneResult(
-        weight=d["weight"], mask=d["mask"], row_losses=d["row_losses"],
-        damp=d["damp"], damp_absolute=d["damp_absolute"], precision=d["precision"],
-    )
 
 
 def _quant_result(d: dict, bits: int, sym: bool) -> QuantResult:
@@ -79,7 +63,13 @@ def prune_unstructured(W, H, sparsity, *, damp=0.01, spread="global", method="ex
         damp: relative damping; lambda = damp * mean(diag H) is added to diag(H).
         spread: "global" (the paper: smallest greedy step losses across the layer) or "uniform".
         num_threads: threads over rows (None or 0 = OpenMP default, at most 1024). Results do not
-            depend on it.{method}
+            depend on it.
+        method: "exact" (default): ExactOBS, the greedy with a private inverse per row, about
+            rows * cols^3 flops; "sparsegpt": SparseGPT (Frantar & Alistarh 2023), one sweep over
+            the columns with the Cholesky factor of H^-1 shared by all rows and masks chosen per
+            lazy block, about cols^3 / 3 + rows * cols^2 flops, for wide layers; its loss is
+            higher. See docs/python_api.md for its counting rule and when it is worth it.
+        lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt".
     Returns:
         PruneResult.
     """
@@ -100,7 +90,13 @@ def prune_nm(W, H, n, m, *, damp=0.01, method="exact", lazy_block=None, num_thre
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian.
-        n, m: 0 < n < m, cols % m == 0 (e.g. 2, 4 for 2:4).{method}
+        n, m: 0 < n < m, cols % m == 0 (e.g. 2, 4 for 2:4).
+        method: "exact" (default): ExactOBS, the greedy with a private inverse per row, about
+            rows * cols^3 flops; "sparsegpt": SparseGPT (Frantar & Alistarh 2023), one sweep over
+            the columns with the Cholesky factor of H^-1 shared by all rows and masks chosen per
+            lazy block, about cols^3 / 3 + rows * cols^2 flops, for wide layers; its loss is
+            higher. See docs/python_api.md for its counting rule and when it is worth it.
+        lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt".
     Returns:
         PruneResult (exactly n zeros per group unless a group already had more).
     """
@@ -127,7 +123,13 @@ def prune_blocked(W, H, sparsity, block, *, damp=0.01, spread="global", method="
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian.
         sparsity: fraction of blocks to prune, in [0, 1] (spread as in prune_unstructured).
-        block: block length, a divisor of cols.{method}
+        block: block length, a divisor of cols.
+        method: "exact" (default): ExactOBS, the greedy with a private inverse per row, about
+            rows * cols^3 flops; "sparsegpt": SparseGPT (Frantar & Alistarh 2023), one sweep over
+            the columns with the Cholesky factor of H^-1 shared by all rows and masks chosen per
+            lazy block, about cols^3 / 3 + rows * cols^2 flops, for wide layers; its loss is
+            higher. See docs/python_api.md for its counting rule and when it is worth it.
+        lazy_block: SparseGPT's columns per lazy block (None = 128); only with "sparsegpt".
             With "sparsegpt" a block is scored by the sum of its weights' w^2 / U_jj^2, and
             lazy_block is rounded down to a multiple of block (at least one block).
     Returns:
@@ -318,8 +320,6 @@ def prune_quantize_sparsegpt(W, H, bits, *, sparsity=None, n=None, m=None, block
 
 
 def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
-    from ._results import _count
-
     _method(method, None, "traces (SparseGPT has no elimination order)", ("exact",))
     W, H = _layer(W, H)
     block = _arrays.as_divisor(block, "block", W.shape[1])
@@ -327,20 +327,13 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
     if isinstance(record, (str, bytes)) or not np.iterable(record):
         raise TypeError(f"record: expected a sequence of sparsities, got {type(record).__name__}")
     steps = W.shape[1] // block
-    record_steps = sorted({_count(_arrays.as_fraction(s, "record"), steps) for s in record})
+    record_steps = sorted({_arrays.count_for_sparsity(steps, _arrays.as_fraction(s, "record"))
+                           for s in record})
     d = _kernels(W).trace(W, H, block, _arrays.as_damp(damp), threads, 0, record_steps)
     return Trace(order=d["order"], losses=d["losses"], block=block, damp=d["damp"],
                  damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W, _H=H,
                  _num_threads=threads,
                  _recorded=dict(zip(record_steps, d["recorded"])))
-
-
-_RECORD_DOC = """
-    record: sparsities whose weights the greedy keeps as every row passes ceil(s * steps)
-        steps (one (rows, cols) array each, in W's dtype). Trace.weights(s, spread="uniform")
-        then returns them instead of re-solving each row (a float64 Cholesky per row: at 50%
-        a third to two thirds of the trace's own time). The greedy's updates are exact, so they are
-        the same optimum for the same mask, computed in the kernels' precision."""
 
 
 def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=(), method="exact") -> Trace:
@@ -352,6 +345,12 @@ def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=(), method="
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian; damp, num_threads: as prune_unstructured.
         method: "exact" only (a trace is ExactOBS's greedy order); anything else raises ValueError.
+        record: sparsities whose weights the greedy keeps as every row passes ceil(s * steps)
+            steps (one (rows, cols) array each, in W's dtype). Trace.weights(s,
+            spread="uniform") then returns them instead of re-solving each row (a float64
+            Cholesky per row: at 50% a third to two thirds of the trace's own time). The greedy's
+            updates are exact, so they are the same optimum for the same mask, computed in the
+            kernels' precision.
     """
     return _trace(W, H, 1, damp, num_threads, record, method)
 
@@ -363,14 +362,16 @@ def trace_blocked(W, H, block, *, damp=0.01, num_threads=None, record=(),
     Args:
         W, H, damp, num_threads: as trace_unstructured; block: weights per block (divides cols).
         method: "exact" only (a trace is ExactOBS's greedy order); anything else raises ValueError.
+        record: sparsities whose weights the greedy keeps as every row passes ceil(s * steps)
+            block steps (one (rows, cols) array each, in W's dtype). Trace.weights(s,
+            spread="uniform") then returns them instead of re-solving each row (a float64
+            Cholesky per row: at 50% a third to two thirds of the trace's own time). The greedy's
+            updates are exact, so they are the same optimum for the same mask, computed in the
+            kernels' precision.
     """
     return _trace(W, H, block, damp, num_threads, record, method)
 
 
-for _pruner in (prune_unstructured, prune_nm, prune_blocked):
-    _pruner.__doc__ = _pruner.__doc__.replace("{method}", _METHOD_DOC)
-trace_unstructured.__doc__ += _RECORD_DOC
-trace_blocked.__doc__ += _RECORD_DOC.replace("steps (one", "block steps (one")
 
 
 def solve_masked(W, H, mask, *, damp=0.01, num_threads=None) -> PruneResult:
@@ -379,13 +380,7 @@ def solve_masked(W, H, mask, *, damp=0.01, num_threads=None) -> PruneResult:
     Existing zeros and dead inputs are pruned too. Returns PruneResult.
     """
     W, H = _layer(W, H)
-    mask = np.asarray(mask)
-    if mask.shape != W.shape or mask.dtype != np.bool_:
-        raise ValueError(f"mask: expected a bool array of shape {W.shape}, got "
-                         f"{mask.dtype} {mask.shape}")
-    pruned = np.ascontiguousarray(~mask, dtype=np.uint8)
-    return _prune_result(_kernels(W).solve_masked(
-        W, H, pruned, _arrays.as_damp(damp), _arrays.as_threads(num_threads)))
+    return _prune_result(_closed_form.solve_masked(W, H, mask, damp, num_threads))
 
 
 def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
@@ -394,32 +389,19 @@ def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
     "global" prunes ceil(s * rows * cols) weights over the layer, "uniform" ceil(s * cols) per
     row; ties go to the lower flat index.
     """
-    from ._results import _count
-
     W = _arrays.as_weight(W, "W")
     sparsity = _arrays.as_fraction(sparsity, "sparsity")
     spread = _arrays.as_choice(spread, "spread", _SPREADS)
     out = W.copy()
     if spread == "global":
-        k = _count(sparsity, W.size)
+        k = _arrays.count_for_sparsity(W.size, sparsity)
         idx = np.argsort(np.abs(W).ravel(), kind="stable")[:k]
         np.put(out, idx, 0)  # flat C-order indices, written in place whatever the layout
     else:
-        k = _count(sparsity, W.shape[1])
+        k = _arrays.count_for_sparsity(W.shape[1], sparsity)
         idx = np.argsort(np.abs(W), axis=1, kind="stable")[:, :k]
         np.put_along_axis(out, idx, 0, axis=1)
     return out
-
-
-def layer_loss(W, W_hat, H, *, num_threads=None) -> np.ndarray:
-    """(rows,) float64: 1/2 (w - w_hat) H (w - w_hat)^T per row = ||(W - W_hat) X||^2 / n."""
-    W = _arrays.as_weight(W, "W")
-    W_hat = _arrays.as_weight(W_hat, "W_hat")
-    if W_hat.shape != W.shape:
-        raise ValueError(f"W_hat: expected shape {W.shape}, got {W_hat.shape}")
-    W_hat = W_hat.astype(W.dtype, copy=False)
-    H = _arrays.as_hessian(H, W.shape[1], "H")
-    return _kernels(W).layer_loss(W, W_hat, H, _arrays.as_threads(num_threads))
 
 
 def build_info() -> dict:

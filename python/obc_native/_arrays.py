@@ -12,6 +12,8 @@ import numbers
 
 import numpy as np
 
+from . import _core
+
 _FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -133,3 +135,15 @@ def as_divisor(value, name: str, cols: int) -> int:
             f"{name}: expected a positive divisor of cols ({cols}), got {value}"
         )
     return value
+
+
+def count_for_sparsity(total: int, sparsity: float) -> int:
+    """How many of ``total`` items (weights, blocks, groups, steps) ``sparsity`` prunes.
+
+    ceil(sparsity * total), robust to binary rounding (0.07 * 100 counts 7, not 8): the core's
+    own rule, so that every helper and baseline prunes exactly as many items as the solvers at
+    the same nominal sparsity. Raises TypeError/ValueError unless total is an integer >= 0 and
+    sparsity a number in [0, 1].
+    """
+    return int(_core.count_for_sparsity(as_int(total, "total", low=0),
+                                        as_fraction(sparsity, "sparsity")))

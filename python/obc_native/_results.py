@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import _arrays, _closed_form
+
 # Names of the quantizers, indexed by QuantResult.row_methods (the core's QuantMethod codes).
 QUANT_METHODS = ("obq", "gptq", "gptq-natural", "rtn")
 
@@ -136,14 +138,12 @@ class Trace:
         "global": the ceil(s * rows * steps) smallest step losses of the layer (ties by row,
         then step); "uniform": ceil(s * steps) per row.
         """
-        from . import _arrays
-
         sparsity = _arrays.as_fraction(sparsity, "sparsity")
         spread = _arrays.as_choice(spread, "spread", ("global", "uniform"))
         rows, steps = self.order.shape
         if spread == "uniform":
-            return np.full(rows, _count(sparsity, steps), dtype=np.int64)
-        total = _count(sparsity, rows * steps)
+            return np.full(rows, _arrays.count_for_sparsity(steps, sparsity), dtype=np.int64)
+        total = _arrays.count_for_sparsity(rows * steps, sparsity)
         counts = np.zeros(rows, dtype=np.int64)
         if total:
             flat = self.losses.ravel()
@@ -166,8 +166,6 @@ class Trace:
         """Pruned weights at `sparsity`, re-solved in closed form for the trace's mask, or, for a
         uniform spread the trace recorded (see trace_unstructured's `record`), the greedy's own
         weights there (no solve)."""
-        from . import _api
-
         counts = self.steps_per_row(sparsity, spread)
         recorded = self._recorded.get(int(counts[0])) if spread == "uniform" else None
         if recorded is not None:
@@ -176,16 +174,17 @@ class Trace:
             mask = ~self.pruned_mask(counts) & (self._W != 0) & live[None, :]
             return PruneResult(
                 weight=recorded.copy(), mask=mask,
-                row_losses=_api.layer_loss(self._W, recorded, self._H,
-                                           num_threads=self._num_threads or None),
+                row_losses=_closed_form.layer_loss(self._W, recorded, self._H,
+                                                   num_threads=self._num_threads or None),
                 damp=self.damp, damp_absolute=self.damp_absolute, precision=self.precision)
-        return _api.solve_masked(
-            self._W, self._H, ~self.pruned_mask(counts), damp=self.damp,
-            num_threads=self._num_threads or None,
-        )
+        return prune_result(_closed_form.solve_masked(
+            self._W, self._H, ~self.pruned_mask(counts), self.damp, self._num_threads or None))
 
 
-def _count(sparsity: float, steps: int) -> int:
-    """ceil(sparsity * steps) with the core's tolerance for binary rounding (0.3 * 10 = 3)."""
-    exact = sparsity * steps
-    return int(min(steps, max(0, np.ceil(exact - 1e-9 * max(1.0, exact)))))
+def prune_result(d: dict) -> PruneResult:
+    """PruneResult from the core's result dict (weight, mask, row_losses, damp, damp_absolute,
+    precision)."""
+    return PruneResult(
+        weight=d["weight"], mask=d["mask"], row_losses=d["row_losses"],
+        damp=d["damp"], damp_absolute=d["damp_absolute"], precision=d["precision"],
+    )

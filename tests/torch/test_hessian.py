@@ -176,3 +176,39 @@ def test_hooks_removed_on_error():
         with LayerHooks({"1": info}) as hooks:
             run_calibration(model, [torch.full((3, 4), float("nan"))], hooks)
     assert not model[1]._forward_pre_hooks and not model[1]._forward_hooks
+
+
+class _SwallowingModel(nn.Module):
+    """A forward that wraps every layer in ``try: ... except Exception:`` and runs on (as some
+    model code does to skip optional branches); counts the layers it actually ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.second = nn.Linear(4, 4)
+        self.ran = []
+
+    def forward(self, x):
+        for name in ("first", "second"):
+            try:
+                x = getattr(self, name)(x)
+                self.ran.append(name)
+            except Exception:  # noqa: BLE001 - the pattern under test
+                self.ran.append(f"{name} failed")
+        return x
+
+
+def test_stop_forward_is_not_swallowed_by_the_models_except_exception():
+    torch.manual_seed(5)
+    model = _SwallowingModel()
+    batches = [torch.randn(3, 4), torch.randn(2, 4)]
+    infos = {"first": describe_layer("first", model.first)}
+    with LayerHooks(infos, stop_after={"first": 1}) as hooks:
+        count = run_calibration(model, batches, hooks)
+    assert count == 2
+    # every pass stopped inside `first`'s hook: neither the model's except branch nor `second` ran
+    assert model.ran == []
+    samples = torch.cat(batches).double().numpy()
+    assert hooks.hessians["first"].n == 5
+    np.testing.assert_allclose(hooks.hessians["first"].hessians()[0], direct_hessian(samples),
+                               rtol=1e-12, atol=1e-12)

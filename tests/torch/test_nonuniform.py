@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import obc_native
+from obc_native._arrays import count_for_sparsity
 from obc_native.budget import BudgetSpec, InfeasibleBudgetError, LevelDatabase, LevelDatabaseError
 from obc_native.cli import main
 from obc_native.demo.model import WEIGHTS_PATH, DigitsCNN, evaluate, load_data, load_pretrained
@@ -110,7 +110,7 @@ def test_database_of_the_digits_cnn(digits, prune_db):
         losses = [layer.level(f"sparse:{s}").loss for s in (0.25, 0.5, 0.75, 0.9)]
         assert all(a < b for a, b in zip(losses, losses[1:]))
         # uniform spread: ceil(s * cols) zeros in every row
-        assert layer.level("sparse:0.75").costs["params"] == rows * (cols - math.ceil(0.75 * cols))
+        assert layer.level("sparse:0.75").costs["params"] == rows * (cols - count_for_sparsity(cols, 0.75))
     # the first conv has one input channel: no 2:4 groups along input channels
     assert "nm2:4" not in db["features.0"].labels
     assert db["features.0"].skipped == [("nm2:4", "m 4 does not divide the input channels per group (1)")]
@@ -358,7 +358,7 @@ def test_uniform_sparsity(prune_db):
     s = uniform_sparsity(prune_db, "flops=2x")
     assert s == 0.5  # every layer's weight count is even
     s = uniform_sparsity(prune_db, "params=3x", spread="uniform")
-    zeros = sum(rows * math.ceil(s * cols) for (rows, cols), _ in GEOMETRY.values())
+    zeros = sum(rows * count_for_sparsity(cols, s) for (rows, cols), _ in GEOMETRY.values())
     assert TOTAL_WEIGHTS - zeros <= TOTAL_WEIGHTS / 3
     assert uniform_sparsity(prune_db, "flops=1x") == 0.0
     assert uniform_sparsity(prune_db, "flops=0") == 1.0

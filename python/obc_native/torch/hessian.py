@@ -25,8 +25,14 @@ class CalibrationError(ValueError):
     """Calibration data that cannot be used: wrong shape or dtype, NaN/Inf, nothing seen."""
 
 
-class _StopForward(Exception):
-    """Raised by a hook once everything needed from a forward pass has been captured."""
+class _StopForward(BaseException):
+    """Raised by a hook once everything needed from a forward pass has been captured.
+
+    A control-flow signal that stops the forward pass, not an error: it derives from
+    BaseException (like KeyboardInterrupt and GeneratorExit) so that a model whose forward wraps
+    its layers in ``try: ... except Exception:`` cannot swallow it and run on with the rest of
+    the pass. Only :func:`~obc_native.torch.calibration.run_calibration` catches it.
+    """
 
 
 def _first_tensor(name: str, args: tuple, kwargs: dict) -> torch.Tensor:

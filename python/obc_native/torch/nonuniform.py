@@ -848,10 +848,13 @@ def uniform_sparsity(
 ) -> float:
     """The smallest sparsity ``s`` such that unstructured pruning of ``layers`` (default every
     layer of the database) to ``s``, the other layers dense, meets ``budget`` by the database's
-    costs: the uniform allocation to compare a non-uniform one against.
+    costs: the uniform allocation to compare a non-uniform one against. ``s`` is a round fraction
+    ``k / size`` of one selected layer (size: its weights, or its columns for "uniform"), the
+    smallest such fraction that meets the budget.
 
     ``spread`` as in :class:`LayerConfig`: "global" prunes ``ceil(s * rows * cols)`` weights per
-    layer, "uniform" ``ceil(s * cols)`` per row. Budgets on "params", "flops", "bops" or "bits".
+    layer, "uniform" ``ceil(s * cols)`` per row (counted by the solvers' rule,
+    :func:`obc_native._arrays.count_for_sparsity`). Budgets on "params", "flops", "bops" or "bits".
     Raises InfeasibleBudgetError when even ``s = 1`` does not meet the budget.
     """
     spec = as_budget_spec(budget)
@@ -867,7 +870,9 @@ def uniform_sparsity(
 
     def zeros(layer: LayerLevels, s: float) -> int:
         rows, cols = layer.shape
-        return rows * math.ceil(s * cols) if spread == "uniform" else math.ceil(s * rows * cols)
+        if spread == "uniform":
+            return rows * _arrays.count_for_sparsity(cols, s)
+        return _arrays.count_for_sparsity(rows * cols, s)
 
     def total(s: float) -> float:
         value = 0.0
@@ -894,11 +899,17 @@ def uniform_sparsity(
             high = mid
         else:
             low = mid
-    # a sparsity whose weight counts are exact products, robust to the solvers' rounding
-    candidates = []
+    # Return a round sparsity: the smallest k / size (size: a selected layer's weights, or columns
+    # for "uniform") that meets the budget; the float k / size counts exactly k. `high` meets it,
+    # so that is one of each layer's two fractions next to `high` (the counts are monotone).
+    candidates = set()
     for layer in database:
         if layer.name in names:
             rows, cols = layer.shape
             size = cols if spread == "uniform" else rows * cols
-            candidates.append(math.ceil(high * size) / size)
-    return min(1.0, max(candidates))
+            k = _arrays.count_for_sparsity(size, high)
+            candidates.update(c / size for c in (k, k + 1) if c <= size)
+    for candidate in sorted(candidates):
+        if total(candidate) <= absolute:
+            return min(1.0, candidate)
+    return high

@@ -9,12 +9,12 @@ channels. Results are always returned in the native order.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from types import ModuleType
 
 import numpy as np
 
+from .._arrays import count_for_sparsity
 from .layers import LayerInfo, channels_last_perm
 from .recipe import LayerConfig
 
@@ -52,27 +52,29 @@ def magnitude_blocked(weight: np.ndarray, sparsity: float, block: int, spread: s
     """Zero the blocks of ``block`` consecutive columns with the smallest L2 norm.
 
     ``ceil(sparsity * rows * cols / block)`` blocks over the layer (global) or
-    ``ceil(sparsity * cols / block)`` per row (uniform).
+    ``ceil(sparsity * cols / block)`` per row (uniform), counted by the solvers' rule
+    (:func:`obc_native._arrays.count_for_sparsity`), so ExactOBS prunes as many.
     """
     rows, cols = weight.shape
     scores = np.square(weight.astype(np.float64)).reshape(rows, cols // block, block).sum(axis=2)
     keep = np.ones(scores.shape, dtype=bool)
     if spread == "uniform":
-        count = math.ceil(sparsity * scores.shape[1])
+        count = count_for_sparsity(scores.shape[1], sparsity)
         order = np.argsort(scores, axis=1, kind="stable")[:, :count]
         np.put_along_axis(keep, order, False, axis=1)
     else:
-        count = math.ceil(sparsity * scores.size)
+        count = count_for_sparsity(scores.size, sparsity)
         np.put(keep, np.argsort(scores.reshape(-1), kind="stable")[:count], False)  # in place, any layout
     return np.where(np.repeat(keep, block, axis=1), weight, 0).astype(weight.dtype)
 
 
 def magnitude_structured(weight: np.ndarray, sparsity: float, group: int) -> np.ndarray:
-    """Zero the ``ceil(sparsity * cols / group)`` column groups with the smallest L2 norm."""
+    """Zero the ``ceil(sparsity * cols / group)`` column groups with the smallest L2 norm (counted
+    by the solvers' rule, :func:`obc_native._arrays.count_for_sparsity`)."""
     rows, cols = weight.shape
     scores = np.square(weight.astype(np.float64)).reshape(rows, cols // group, group).sum(axis=(0, 2))
     keep = np.ones(scores.shape, dtype=bool)
-    keep[np.argsort(scores, kind="stable")[: math.ceil(sparsity * scores.size)]] = False
+    keep[np.argsort(scores, kind="stable")[: count_for_sparsity(scores.size, sparsity)]] = False
     return np.where(np.repeat(keep, group)[None, :], weight, 0).astype(weight.dtype)
 
 
