@@ -70,6 +70,7 @@ import gptq_baseline as gb  # noqa: E402
 SMALL_LAYERS = ["256x256", "256x1024", "768x768"]
 LARGE_LAYERS = ["768x3072", "4096x4096", "4096x11008"]
 LAZY = gb.LAZY_BLOCK
+PAUSE_S = 0.5  # before each timed call: numpy's and torch's spinning threads settle first
 ROW_TOL = 1e-9  # relative slack of "default never worse than the best candidate" per row
 
 
@@ -127,6 +128,7 @@ def timed(fn, reps: int = 1):
     least disturbed by other work on a shared machine."""
     out, best = None, float("inf")
     for i in range(reps):
+        time.sleep(PAUSE_S)
         t0 = time.perf_counter()
         res = fn()
         best = min(best, time.perf_counter() - t0)
@@ -243,6 +245,7 @@ def main(argv=None) -> int:
     print(HEADER)
     cases = []
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     for li, layer in enumerate(layers):
         rows, cols = (int(x) for x in layer.split("x"))
         for ki, kind in enumerate(kinds):
@@ -256,7 +259,7 @@ def main(argv=None) -> int:
                                        skip_obq=cols > args.obq_max_cols, reps=args.reps)
                         print(fmt_row(layer, kind, bits, group, grid, rec), flush=True)
                         rec.update(layer=layer, kind=kind, bits=bits, group_size=group,
-                                   grid=grid, sym=True)
+                                   grid=grid, sym=True, loadavg_after=os.getloadavg()[0])
                         cases.append(rec)
     total = time.perf_counter() - t_start
     d_t = [c["default_over_torch_gptq"] for c in cases if "default_over_torch_gptq" in c]
@@ -273,6 +276,8 @@ def main(argv=None) -> int:
                                            if c["speedup_sweep_vs_torch"] is not None),
                                           default=None),
         "seconds_total": total,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
     }
     print(f"\nsummary: {json.dumps(summary)}")
     out = Path(args.out) if args.out else (
