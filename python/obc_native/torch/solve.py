@@ -19,7 +19,7 @@ from .._results import QUANT_METHODS
 from .layers import LayerInfo, channels_last_perm
 from .recipe import LayerConfig
 
-__all__ = ["UnitResult", "solve_unit", "magnitude_nm", "magnitude_blocked", "magnitude_structured"]
+__all__ = ["UnitResult", "solve_unit", "quantizer_rows", "magnitude_nm", "magnitude_blocked", "magnitude_structured"]
 
 
 @dataclass
