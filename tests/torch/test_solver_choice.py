@@ -138,6 +138,19 @@ def test_quant_methods_match_numpy(mlp, mlp_batches, quant_method, refine):
         assert all(set(layer.quant_rows) == {quant_method} for layer in report.compressed)
 
 
+@pytest.mark.parametrize("quant_method", ["gptq", "obq"])
+def test_quant_methods_on_convs_run_channels_last(cnn, cnn_batches, quant_method):
+    inputs = _dense_inputs(cnn, cnn_batches)
+    config = LayerConfig(bits=3, quant_method=quant_method)
+    report = compress(cnn, cnn_batches, config, correction=None, baseline=False, quiet=True)
+    assert [layer.name for layer in report.compressed] == ["conv1", "conv2", "fc"]
+    for layer in report.compressed:
+        W, H, perm = inputs[layer.name]
+        direct = obc_native.quantize(W, H, 3, method=quant_method)
+        np.testing.assert_array_equal(_compressed(cnn, layer.name), _native(direct.weight, perm))
+        assert layer.quant_rows == {quant_method: W.shape[0]}
+
+
 def test_auto_is_the_default_and_refinement_helps(mlp, mlp_batches):
     inputs = _dense_inputs(mlp, mlp_batches)
     report = compress(mlp, mlp_batches, LayerConfig(bits=3), correction=None, baseline=False, quiet=True)
@@ -318,11 +331,19 @@ def test_database_with_a_bad_quantizer_is_rejected(tmp_path, key, value):
 
 def test_compress_budget_applies_the_database_quantizer(mlp_batches):
     model = MLP()
-    levels = {"sparsities": (), "nm": (), "bits": (3, 8), "quant_method": "gptq-natural", "refine": False}
-    report = compress(model, mlp_batches, budget="bits=5", levels=levels, correction=None, quiet=True)
+    levels = {"sparsities": (), "nm": (), "bits": (3, 8), "joint": [(2, 4, 4)], "quant_method": "gptq-natural",
+              "refine": False}
+    report = compress(model, mlp_batches, budget="bits=4.6", levels=levels, correction=None, quiet=True)
     db = report.database
+    kinds = set()
     for layer in report.compressed:
         level = db[layer.name].level(layer.level)
+        kinds.add(level.kind)
         assert level.params["method"] == "gptq-natural" and level.params["refine"] is False
         assert layer.quant_rows == {"gptq-natural": layer.shape[0]}
         assert layer.config["quant_method"] == "gptq-natural"
+        # a joint level's losses are against the dense W, not the quantizer's (pruned) input
+        assert (layer.quant_loss is None) == (level.kind == "joint")
+        if level.kind == "quant":
+            assert layer.quant_loss == layer.quant_loss_unrefined == pytest.approx(layer.loss, rel=1e-9)
+    assert kinds == {"quant", "joint"}

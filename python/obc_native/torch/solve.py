@@ -140,6 +140,7 @@ def solve_unit(
     h_cl = hessian if perm is None else np.ascontiguousarray(hessian[np.ix_(perm, perm)])
     w_cl = current if perm is None else np.ascontiguousarray(current[:, perm])
 
+    # SparseGPT pruning with the default quantizer: prune and quantize in one sweep
     sparsegpt = {} if config.prune_method == "exact" else {"method": config.prune_method}
     joint_sweep = (not baseline and config.prune_method == "sparsegpt" and config.bits is not None
                    and config.quant_method == "auto" and config.prune in ("unstructured", "nm", "blocked"))
@@ -184,6 +185,7 @@ def solve_unit(
 
     if config.bits is not None:
         if quant is None:
+            pruned = w_cl == 0
             kwargs = dict(sym=config.sym, group_size=config.group_size, grid=config.grid, **threads)
             if baseline:
                 result = core.quantize_rtn(w_cl, h_cl, config.bits, **kwargs)
@@ -192,8 +194,7 @@ def solve_unit(
                     w_cl, h_cl, config.bits, damp=config.damp, method=config.quant_method, refine=config.refine,
                     **kwargs,
                 )
-            pruned = w_cl == 0
-        else:
+        else:  # the joint sweep pruned and quantized: its mask says which weights it pruned
             result, pruned = quant, ~np.asarray(quant.mask)
         w_cl = np.array(result.weight, dtype=np.float32)
         w_cl[pruned] = 0.0  # zeros are on every grid (integer zero point); keep pruned weights pruned
