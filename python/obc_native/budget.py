@@ -70,7 +70,7 @@ import numpy as np
 
 from . import _api, _arrays, _core
 from ._files import read_regular_file
-from ._results import PruneResult, QuantResult
+from ._results import QUANT_METHODS, PruneResult, QuantResult
 
 __all__ = [
     "BUILTIN_COSTS",
@@ -94,6 +94,9 @@ __all__ = [
 
 LEVEL_KINDS = ("dense", "unstructured", "blocked", "nm", "quant", "joint")
 BUILTIN_COSTS = ("params", "bits", "flops", "bops")
+# quantize(method=) choices of quant and joint levels, and what a level saved without one means
+QUANT_LEVEL_METHODS = ("auto", *QUANT_METHODS)
+LEGACY_QUANT_METHOD = "obq"
 #: Sparsity levels of :func:`build_layer_levels` when none are given.
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 DATABASE_FORMAT = "obc_native.level_database"
@@ -156,7 +159,11 @@ class Level:
             pruned weights).
         params: what reproduces the level with :func:`apply_level`: ``sparsity`` and ``spread``
             (unstructured, blocked), ``block`` (blocked), ``n`` and ``m`` (nm, joint), ``bits``,
-            ``sym``, ``group_size`` (None = per row) and ``grid`` (quant, joint).
+            ``sym``, ``group_size`` (None = per row), ``grid``, ``method`` (the quantizer, as
+            ``quantize(method=)``) and ``refine`` (quant, joint). A quant or joint level without
+            ``method`` (a database saved before quantize() had methods) was computed by OBQ
+            without refinement, so it means ``method="obq"``, ``refine=False``: applying it
+            reproduces its recorded loss.
         loss: exact layer loss ``||(W - W_hat) X||_F^2 / n`` against the original W (undamped H).
         costs: cost type -> value (see the module docstring).
         model_loss: optional model-level loss of this level, attached by a model layer.
@@ -382,6 +389,17 @@ def _pairs(values, name: str, size: int) -> list:
     return out
 
 
+def _check_quantizer(params: Mapping, j: int) -> None:
+    """ValueError unless a quant / joint level's optional ``method`` and ``refine`` are valid."""
+    method = params.get("method", LEGACY_QUANT_METHOD)
+    if not isinstance(method, str) or method not in QUANT_LEVEL_METHODS:
+        raise ValueError(f"level {j}: params 'method' must be one of {QUANT_LEVEL_METHODS}, "
+                         f"got {method!r}")
+    if not isinstance(params.get("refine", False), bool):
+        raise ValueError(f"level {j}: params 'refine' must be true or false, got "
+                         f"{params['refine']!r}")
+
+
 def _check_quant_level(cols: int, group_size) -> str | None:
     if group_size is not None and cols % group_size:
         return f"group_size {group_size} does not divide cols {cols}"
@@ -392,7 +410,8 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
                        nm=((2, 4),), bits=(), joint=(), sym: bool = True, group_size=None,
                        grid: str = "mse", damp: float = 0.01, spread: str = "uniform",
                        flops_per_weight: float = 1.0, act_bits=None, dense_bits: int = 32,
-                       keep_weights: bool = False, num_threads=None) -> LayerLevels:
+                       keep_weights: bool = False, num_threads=None, quant_method: str = "auto",
+                       refine: bool = True) -> LayerLevels:
     """Compute the levels of one layer: exact losses and costs.
 
     Levels, in this order: "dense" (always, loss 0); one per sparsity, unstructured
@@ -413,6 +432,9 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         block: None for unstructured levels, else the block length (a divisor of cols).
         nm: ``(n, m)`` pairs; bits: bit widths 2..8; joint: ``(n, m, bits)`` triples.
         sym, group_size, grid: the quantization grid of quant and joint levels.
+        quant_method, refine: the quantizer of quant and joint levels, as ``quantize(method=,
+            refine=)`` ("auto", "obq", "gptq", "gptq-natural" or "rtn"); recorded in each
+            level's params as ``method`` and ``refine``.
         damp: relative damping of every solve.
         spread: how a sparsity is spread over rows: "uniform" (default for databases: every row
             gets ceil(s * cols), so each level's cost is independent of the data) or "global"
@@ -436,6 +458,10 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         raise TypeError(f"name: expected a str, got {type(name).__name__}")
     spread = _arrays.as_choice(spread, "spread", ("global", "uniform"))
     grid = _arrays.as_choice(grid, "grid", ("mse", "minmax"))
+    quant_method = _arrays.as_choice(quant_method, "quant_method", QUANT_LEVEL_METHODS)
+    if not isinstance(refine, (bool, np.bool_)):
+        raise TypeError(f"refine: expected a bool, got {type(refine).__name__}")
+    refine = bool(refine)
     damp = _arrays.as_damp(damp)
     if not isinstance(sym, (bool, np.bool_)):
         raise TypeError(f"sym: expected a bool, got {type(sym).__name__}")
@@ -501,7 +527,8 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         result = _api.prune_nm(W, H, n, m, damp=damp, num_threads=threads)
         add("nm", params, result.weight, result.loss)
 
-    qparams = {"sym": sym, "group_size": group_size, "grid": grid}
+    qparams = {"sym": sym, "group_size": group_size, "grid": grid, "method": quant_method,
+               "refine": refine}
     for b in bits:
         params = {"bits": b, **qparams}
         reason = _check_quant_level(cols, group_size)
@@ -509,7 +536,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
             skipped.append((level_label("quant", params), reason))
             continue
         result = _api.quantize(W, H, b, sym=sym, group_size=group_size, grid=grid, damp=damp,
-                               num_threads=threads)
+                               method=quant_method, refine=refine, num_threads=threads)
         add("quant", params, result.weight, result.loss, b, group_size)
 
     for n, m, b in joint:
@@ -519,7 +546,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         if reason:
             skipped.append((level_label("joint", params), reason))
             continue
-        result = _joint(W, H, n, m, b, sym, group_size, grid, damp, threads)
+        result = _joint(W, H, n, m, b, sym, group_size, grid, damp, threads, quant_method, refine)
         add("joint", params, result.weight, result.loss, b, group_size)
 
     reference = float(_api.layer_loss(W, np.zeros_like(W), H, num_threads=threads).sum())
@@ -529,12 +556,21 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
                        settings=settings, skipped=skipped)
 
 
-def _joint(W, H, n, m, bits, sym, group_size, grid, damp, threads) -> QuantResult:
+def _joint(W, H, n, m, bits, sym, group_size, grid, damp, threads, method,
+           refine) -> QuantResult:
     pruned = _api.prune_nm(W, H, n, m, damp=damp, num_threads=threads)
     q = _api.quantize(pruned.weight, H, bits, sym=sym, group_size=group_size, grid=grid,
-                      damp=damp, num_threads=threads)
+                      damp=damp, method=method, refine=refine, num_threads=threads)
     # losses against the original W, not the pruned input of the quantizer
     return dataclasses.replace(q, row_losses=_api.layer_loss(W, q.weight, H, num_threads=threads))
+
+
+def level_quantizer(level: Level) -> tuple[str, bool]:
+    """The quantizer ``(method, refine)`` of a quant or joint level, as ``quantize(method=,
+    refine=)``. A level without them comes from a database saved before quantize() had methods,
+    whose losses OBQ computed without refinement: ("obq", False) reproduces them."""
+    p = level.params
+    return p.get("method", LEGACY_QUANT_METHOD), p.get("refine", False)
 
 
 def apply_level(W, H, level: Level, *, damp: float = 0.01, num_threads=None) -> CompressionResult:
@@ -559,13 +595,15 @@ def apply_level(W, H, level: Level, *, damp: float = 0.01, num_threads=None) -> 
                                   num_threads=num_threads)
     if level.kind == "nm":
         return _api.prune_nm(W, H, p["n"], p["m"], damp=damp, num_threads=num_threads)
+    method, refine = level_quantizer(level)
     if level.kind == "quant":
         return _api.quantize(W, H, p["bits"], sym=p["sym"], group_size=p["group_size"],
-                             grid=p["grid"], damp=damp, num_threads=num_threads)
+                             grid=p["grid"], damp=damp, method=method, refine=refine,
+                             num_threads=num_threads)
     if level.kind == "joint":
         H = _arrays.as_hessian(H, W.shape[1], "H")
         return _joint(W, H, p["n"], p["m"], p["bits"], p["sym"], p["group_size"], p["grid"],
-                      damp, num_threads)
+                      damp, num_threads, method, refine)
     raise ValueError(f"level: unknown kind {level.kind!r}")
 
 
@@ -822,6 +860,8 @@ def _from_dict(data, source: str) -> LevelDatabase:
                               model_loss=None if lv.get("model_loss") is None
                               else _finite(lv["model_loss"], f"level {j} model_loss"))
                 level.label  # noqa: B018 - params must name the level
+                if level.kind in ("quant", "joint"):
+                    _check_quantizer(level.params, j)
                 levels.append(level)
             layer = LayerLevels(
                 name=entry["name"], shape=tuple(entry["shape"]), levels=levels,

@@ -3,7 +3,6 @@ RecursionError, ...), no hang on a FIFO, loss >= 0, and loading is linear in the
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import random
@@ -11,7 +10,7 @@ import random
 import pytest
 
 from obc_native import budget as B
-from file_safety import deadline
+from file_safety import deadline, edited_json
 
 
 
@@ -106,14 +105,6 @@ def test_100k_levels_round_trip_in_seconds(tmp_path):
 WRONG_VALUES = [None, True, 0, -1, 2.5, -1e308, 1e308, 10**400, "", "x", "dense", [], [1, 2], {}, {"a": 1}]
 
 
-def _json_paths(value, path=()):
-    yield path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _json_paths(item, path + (key,))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:3]):
-            yield from _json_paths(item, path + (index,))
 
 
 def _expect_clean(path, label):
@@ -142,20 +133,7 @@ def _fuzz(tmp_path, cases: int, seed: int):
         flipped[at] ^= 1 << rng.randrange(8)
         bad.write_bytes(bytes(flipped))
         _expect_clean(bad, f"bit flipped at {at}")
-    paths = [p for p in _json_paths(data) if p and p[0] != "checksum"]
-    for _ in range(cases):
-        edited = copy.deepcopy(data)
-        path = rng.choice(paths)
-        target = edited
-        for part in path[:-1]:
-            target = target[part]
-        if rng.random() < 0.2 and isinstance(target, dict):
-            del target[path[-1]]
-            label = f"deleted {path}"
-        else:
-            value = rng.choice(WRONG_VALUES)
-            target[path[-1]] = value
-            label = f"{path} = {value!r}"
+    for edited, label in edited_json(data, rng, cases, WRONG_VALUES, skip_top=("checksum",)):
         try:
             edited["checksum"] = B._checksum(edited)  # reach the checks behind the checksum
         except (TypeError, ValueError):

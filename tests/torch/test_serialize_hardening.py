@@ -18,7 +18,7 @@ from obc_torch_helpers import MLP, write_manifest
 
 from obc_native.torch import LayerConfig, Override, Recipe, SerializationError, compress, load_compressed, save_compressed
 from obc_native.torch.serialize import MANIFEST_NAME, TENSORS_NAME
-from file_safety import deadline
+from file_safety import deadline, edited_json
 
 pytestmark = pytest.mark.torch
 
@@ -291,33 +291,13 @@ def test_fuzz_manifest_bytes(saved):
 WRONG_VALUES = [None, True, 0, -1, 5, 4.0, 1e308, 10**15, "", "x", "model.safetensors", [], [1], {}, {"a": 1}]
 
 
-def _json_paths(value, path=()):
-    yield path
-    if isinstance(value, dict):
-        for key, item in value.items():
-            yield from _json_paths(item, path + (key,))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:3]):
-            yield from _json_paths(item, path + (index,))
 
 
 def _fuzz_manifest_values(directory, cases: int, seed: int):
     manifest = _manifest(directory)
-    paths = [p for p in _json_paths(manifest) if p and p[0] not in ("report", "metadata", "manifest_sha256")]
     rng = random.Random(seed)
-    for _ in range(cases):
-        path = rng.choice(paths)
-        edited = copy.deepcopy(manifest)
-        target = edited
-        for part in path[:-1]:
-            target = target[part]
-        if rng.random() < 0.2 and isinstance(target, dict):
-            del target[path[-1]]
-            label = f"deleted {path}"
-        else:
-            value = rng.choice(WRONG_VALUES)
-            target[path[-1]] = value
-            label = f"{path} = {value!r}"
+    skip = ("report", "metadata", "manifest_sha256")
+    for edited, label in edited_json(manifest, rng, cases, WRONG_VALUES, skip_top=skip):
         write_manifest(directory, edited)
         try:
             _load(directory)

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import _arrays
+from .._results import QUANT_METHODS
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
@@ -55,7 +56,7 @@ from .nonuniform import (
 )
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
-from .solve import baseline_config, solve_unit
+from .solve import UnitResult, baseline_config, solve_unit
 
 __all__ = ["compress", "CompressionError"]
 
@@ -158,7 +159,7 @@ class _LayerCompressor:
         rows = info.rows
         loss = 0.0
         baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
-        damps, scales, zeros = [], [], []
+        damps, scales, zeros, units = [], [], [], []
         threads = {} if self.num_threads is None else {"num_threads": self.num_threads}
         for g, hessian in enumerate(hessians):
             where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
@@ -181,6 +182,7 @@ class _LayerCompressor:
             new[g * rows : (g + 1) * rows] = result.weight
             loss += unit_loss
             damps.append(result.damp)
+            units.append(result)
             scales.append(result.scale)
             zeros.append(result.zero)
 
@@ -223,7 +225,24 @@ class _LayerCompressor:
             bias_corrected=bias_corrected,
             config=_config_dict(config),
             grid=grid,
+            **_quantizer_fields(units),
         )
+
+
+def _quantizer_fields(units: list[UnitResult]) -> dict[str, Any]:
+    """LayerReport's quant_rows / quant_loss_unrefined / quant_loss summed over a layer's units
+    (empty when no unit recorded its quantizers)."""
+    if any(unit.quant_rows is None for unit in units):
+        return {}
+    rows: dict[str, int] = {}
+    for unit in units:
+        for name, count in unit.quant_rows.items():
+            rows[name] = rows.get(name, 0) + count
+    fields: dict[str, Any] = {"quant_rows": {name: rows[name] for name in QUANT_METHODS if name in rows}}
+    for key in ("quant_loss_unrefined", "quant_loss"):
+        values = [getattr(unit, key) for unit in units]
+        fields[key] = None if None in values else float(sum(values))
+    return fields
 
 
 def _config_dict(config: LayerConfig) -> dict[str, Any]:

@@ -61,11 +61,13 @@ from ..budget import (
     LayerLevels,
     Level,
     LevelDatabase,
+    QUANT_LEVEL_METHODS,
     LevelDatabaseError,
     apply_level,
     build_layer_levels,
     level_costs,
     level_label,
+    level_quantizer,
     parse_budget,
     solve_budget,
 )
@@ -73,7 +75,7 @@ from .calibration import Forward, as_batches, model_device, run_batch, run_calib
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, channels_last_perm, find_layers, param_key, set_weight_matrix, weight_matrix
 from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
-from .solve import UnitResult
+from .solve import UnitResult, quantizer_rows
 
 __all__ = [
     "LevelSpec",
@@ -125,6 +127,8 @@ class LevelSpec:
         block: None for unstructured levels, else blocks of this many consecutive inputs.
         nm: ``(n, m)`` N:M patterns; bits: quantization bit widths (2..8); joint: ``(n, m, bits)``.
         sym, group_size, grid: the quantization grid of quant and joint levels.
+        quant_method, refine: their quantizer, as ``quantize(method=, refine=)`` ("auto", "obq",
+            "gptq", "gptq-natural" or "rtn"); recorded in each level's params.
         spread: how a sparsity is spread over rows: "uniform" (every row the same, so a level's
             cost does not depend on the data) or "global".
         act_bits: activation bits for the "bops" cost (None: 32-bit floats, or "same").
@@ -143,6 +147,8 @@ class LevelSpec:
     grid: str = "mse"
     spread: str = "uniform"
     act_bits: Any = None
+    quant_method: str = "auto"
+    refine: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsities, (str, bytes)) or not isinstance(self.sparsities, Iterable):
@@ -169,6 +175,9 @@ class LevelSpec:
         if not isinstance(self.sym, bool):
             raise TypeError(f"sym: expected a bool, got {type(self.sym).__name__}")
         _arrays.as_choice(self.grid, "grid", ("mse", "minmax"))
+        _arrays.as_choice(self.quant_method, "quant_method", QUANT_LEVEL_METHODS)
+        if not isinstance(self.refine, bool):
+            raise TypeError(f"refine: expected a bool, got {type(self.refine).__name__}")
         _arrays.as_choice(self.spread, "spread", ("global", "uniform"))
         if self.act_bits is not None and self.act_bits != "same":
             set_(self, "act_bits", _arrays.as_int(self.act_bits, "act_bits", low=1, high=64))
@@ -502,6 +511,7 @@ def _layer_levels(
     options = dict(
         sparsities=sparsities, block=spec.block, nm=nm, bits=spec.bits, joint=joint, sym=spec.sym,
         group_size=spec.group_size, grid=spec.grid, damp=damp, spread=spec.spread,
+        quant_method=spec.quant_method, refine=spec.refine,
         flops_per_weight=applications, act_bits=spec.act_bits, keep_weights=keep_weights, num_threads=num_threads,
     )
     perm = channels_last_perm(info)
@@ -754,7 +764,9 @@ def level_config(level: Level, damp: float = 0.01) -> LayerConfig | None:
     p = level.params
     quant = {}
     if level.kind in ("quant", "joint"):
-        quant = dict(bits=p["bits"], sym=p["sym"], group_size=p["group_size"], grid=p["grid"])
+        method, refine = level_quantizer(level)
+        quant = dict(bits=p["bits"], sym=p["sym"], group_size=p["group_size"], grid=p["grid"],
+                     quant_method=method, refine=refine)
     if level.kind == "unstructured":
         return LayerConfig(prune="unstructured", sparsity=p["sparsity"], spread=p["spread"], damp=damp)
     if level.kind == "blocked":
@@ -784,15 +796,19 @@ def apply_unit_level(
     result = apply_level(weight, hessian, level, damp=layer.settings.get("damp", 0.01), num_threads=num_threads)
     new = np.array(result.weight, dtype=np.float32)
     scale = zero = None
+    quant_stats: dict = {}
     if isinstance(result, QuantResult):
         new[~np.asarray(result.mask)] = 0.0  # zeros of the (pruned) input stay exactly zero
         scale = np.asarray(result.scale, dtype=np.float32)
         zero = np.asarray(result.zero, dtype=np.uint8)
+        quant_stats = {"quant_rows": quantizer_rows(result)}
+        if level.kind == "quant":  # a joint level's row_losses are against the dense W, not the pruned input
+            quant_stats.update(quant_loss_unrefined=result.loss_unrefined, quant_loss=result.loss)
     if perm is not None:
         native = np.empty_like(new)
         native[:, perm] = new
         new = native
-    return UnitResult(weight=new, scale=scale, zero=zero, damp=result.damp)
+    return UnitResult(weight=new, scale=scale, zero=zero, damp=result.damp, **quant_stats)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,8 +18,12 @@ considered; other modules are never touched.
 
 A layer's work is pruning (``prune`` = "unstructured", "nm", "blocked", "structured"), then
 quantization (``bits``); both together is joint compression (prune, then quantize keeping the
-zeros). ``method`` is "obc" (ExactOBS / OBQ) or the baseline: "magnitude" and "rtn" are the
-same baseline (magnitude pruning for the pruning part, round-to-nearest for the quantization part).
+zeros). ``method`` is "obc" (the Hessian-aware solvers) or the baseline: "magnitude" and "rtn" are
+the same baseline (magnitude pruning for the pruning part, round-to-nearest for the quantization
+part, no Hessian). With ``method="obc"``, ``quant_method`` and ``refine`` choose the quantizer
+(``quantize(method=, refine=)``: "auto" = per row the best of OBQ and GPTQ, refined) and
+``prune_method`` the pruner ("exact" = ExactOBS or "sparsegpt"); pruning with "sparsegpt" and
+quantizing with ``quant_method="auto"`` is one joint SparseGPT sweep (``prune_quantize_sparsegpt``).
 
 Recipes load from dicts, JSON or YAML (:func:`load_recipe`)::
 
@@ -57,6 +61,8 @@ __all__ = [
 
 PRUNE_MODES = ("unstructured", "nm", "blocked", "structured")
 METHODS = ("obc", "magnitude", "rtn")
+QUANT_METHODS = ("auto", "obq", "gptq", "gptq-natural", "rtn")
+PRUNE_METHODS = ("exact", "sparsegpt")
 SPREADS = ("global", "uniform")
 GRIDS = ("mse", "minmax")
 
@@ -82,7 +88,17 @@ class LayerConfig:
         group_size: None for one grid per output row, else one grid per ``group_size``
             consecutive inputs (channels-last order for convolutions).
         grid: "mse" or "minmax" grid search.
-        method: "obc" (ExactOBS / OBQ) or a baseline, "magnitude" / "rtn" (synonyms).
+        method: "obc" (the Hessian-aware solvers below) or a baseline that ignores the Hessian,
+            "magnitude" / "rtn" (synonyms: magnitude pruning, round-to-nearest quantization).
+        quant_method: the quantizer of ``method="obc"``, as ``obc_native.quantize(method=)``:
+            "auto" (per row the best of "obq" and "gptq"), "obq", "gptq", "gptq-natural" or
+            "rtn" (round to nearest, as a candidate of the refinement).
+        refine: coordinate-descent refinement of the quantized codes (``quantize(refine=)``).
+        prune_method: the pruner of ``method="obc"``: "exact" (ExactOBS) or "sparsegpt"
+            (SparseGPT, for wide layers; not for structured pruning). With quantization and
+            ``quant_method="auto"``, "sparsegpt" prunes and quantizes in one joint sweep
+            (``prune_quantize_sparsegpt``, no refinement); with another ``quant_method`` it
+            prunes, then quantizes with that quantizer.
         damp: relative damping of the Hessian diagonal (lambda = damp * mean(diag H)).
 
     Convolutions: N:M groups, blocks and quantization groups run along input channels at one
@@ -103,6 +119,9 @@ class LayerConfig:
     grid: str = "mse"
     method: str = "obc"
     damp: float = 0.01
+    quant_method: str = "auto"
+    refine: bool = True
+    prune_method: str = "exact"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -139,6 +158,13 @@ class LayerConfig:
             raise RecipeError(f"N:M pruning needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
         if self.prune is None and self.bits is None:
             raise RecipeError("the configuration does nothing (prune and bits are both None); use skip instead")
+        if self.prune == "structured" and self.prune_method == "sparsegpt" and not self.is_baseline:
+            raise RecipeError("prune_method='sparsegpt' has no structured mode; use prune_method='exact' "
+                              "for prune='structured'")
+        if self.is_baseline and (self.quant_method, self.prune_method) != ("auto", "exact"):
+            raise RecipeError(f"quant_method and prune_method choose the solvers of method='obc'; "
+                              f"method={self.method!r} is the magnitude / round-to-nearest baseline "
+                              f"(got quant_method={self.quant_method!r}, prune_method={self.prune_method!r})")
 
     def layer_problems(self, info: LayerInfo) -> list[str]:
         """Why this configuration cannot be applied to ``info`` (empty list: it can)."""
@@ -186,6 +212,9 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
     "grid": _choice(GRIDS),
     "method": _choice(METHODS),
     "damp": (lambda v: _is_real(v) and v >= 0, "a finite number >= 0"),
+    "quant_method": _choice(QUANT_METHODS),
+    "refine": (lambda v: isinstance(v, bool), "true or false"),
+    "prune_method": _choice(PRUNE_METHODS),
 }
 
 

@@ -57,6 +57,12 @@ class LayerReport:
         level_costs: the chosen level's costs in the level database (params, bits, flops, bops
             and any user cost), or None.
         model_loss: the chosen level's stitched model loss, when the database has one.
+        quant_rows: Hessian-aware quantization: which quantizer produced how many output rows,
+            e.g. ``{"gptq": 760, "obq": 8}`` (``QuantResult.row_method_names``); None otherwise
+            (no quantization, the round-to-nearest baseline, reports from older versions).
+        quant_loss_unrefined, quant_loss: the quantization's own loss (``QuantResult.loss``,
+            against the quantizer's input: the pruned weights for joint compression) before and
+            after refinement; None when not recorded (also for joint database levels).
     """
 
     name: str
@@ -77,6 +83,9 @@ class LayerReport:
     level: str = ""
     level_costs: dict[str, float] | None = None
     model_loss: float | None = None
+    quant_rows: dict[str, int] | None = None
+    quant_loss_unrefined: float | None = None
+    quant_loss: float | None = None
     grid: QuantGrid | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -92,7 +101,7 @@ class LayerReport:
         names = {f.name for f in fields(cls)} - {"grid"}
         values = {k: v for k, v in data.items() if k in names}
         values["shape"] = tuple(values.get("shape", ()))
-        return cls(**values)
+        return cls(**values)  # fields missing from older reports keep their defaults
 
 
 @dataclass
@@ -190,6 +199,11 @@ class CompressionReport:
                     "bias corrected" if layer.bias_corrected else "",
                 )
             )
+        if any(layer.quant_rows for layer in self.layers):
+            # which quantizer won how many rows, and the refinement's gain
+            header = (*header[:-1], "quantizers", "refined", header[-1])
+            for i, layer in enumerate(self.layers):
+                rows[i] = (*rows[i][:-1], _quantizers(layer.quant_rows), _refined(layer), rows[i][-1])
         if any(layer.level for layer in self.layers):
             # non-uniform compression: the chosen level and its cost of the budget's type
             cost = (self.budget or {}).get("cost_type", "")
@@ -224,6 +238,22 @@ def _budget_line(budget: dict[str, Any]) -> str:
         text += f"; measured on the weights {_num(achieved)}"
     return text + f"; objective {budget.get('objective')}"
 
+
+
+def _quantizers(counts: dict[str, int] | None) -> str:
+    """"gptq 760, obq 8" (most rows first), or "" when unknown."""
+    if not counts:
+        return ""
+    return ", ".join(f"{name} {count}" for name, count in sorted(counts.items(), key=lambda item: -item[1]))
+
+
+def _refined(layer: LayerReport) -> str:
+    """The quantization loss before -> after refinement, e.g. "1.234 -> 1.1 (-10.9%)"."""
+    before, after = layer.quant_loss_unrefined, layer.quant_loss
+    if before is None or after is None:
+        return ""
+    gain = f" ({(after - before) / before:+.1%})" if before > 0 else ""
+    return f"{_num(before)} -> {_num(after)}{gain}"
 
 
 def _display_name(name: str) -> str:

@@ -15,10 +15,11 @@ from types import ModuleType
 import numpy as np
 
 from .._arrays import count_for_sparsity
+from .._results import QUANT_METHODS
 from .layers import LayerInfo, channels_last_perm
 from .recipe import LayerConfig
 
-__all__ = ["UnitResult", "solve_unit", "magnitude_nm", "magnitude_blocked", "magnitude_structured"]
+__all__ = ["UnitResult", "solve_unit", "quantizer_rows", "magnitude_nm", "magnitude_blocked", "magnitude_structured"]
 
 
 @dataclass
@@ -30,12 +31,29 @@ class UnitResult:
         scale, zero: quantization grid ``rows x groups`` (groups along channels-last columns for
             convolutions), or None without quantization.
         damp: largest relative damping the solvers used (None for magnitude pruning alone).
+        quant_rows: quantizer name -> rows it produced (e.g. ``{"gptq": 760, "obq": 8}``), or
+            None without a Hessian-aware quantization.
+        quant_loss_unrefined, quant_loss: the quantization's loss ``1/2 dw H dw^T`` summed over
+            rows, before and after refinement, against the quantizer's input (the pruned weights
+            for joint compression; the dense ones for a joint SparseGPT sweep), or None.
     """
 
     weight: np.ndarray
     scale: np.ndarray | None = None
     zero: np.ndarray | None = None
     damp: float | None = None
+    quant_rows: dict[str, int] | None = None
+    quant_loss_unrefined: float | None = None
+    quant_loss: float | None = None
+
+
+def quantizer_rows(result) -> dict[str, int] | None:
+    """``{quantizer name: rows}`` of a QuantResult in QUANT_METHODS order (None if unrecorded)."""
+    if result.row_methods is None:
+        return None
+    names, counts = np.unique(result.row_method_names(), return_counts=True)
+    found = dict(zip(names.tolist(), counts.tolist()))
+    return {name: int(found[name]) for name in QUANT_METHODS if name in found}
 
 
 def magnitude_nm(weight: np.ndarray, n: int, m: int) -> np.ndarray:
@@ -99,12 +117,16 @@ def solve_unit(
         info: the layer the unit belongs to (for the column layout).
         weight: ``rows x cols`` float32, native column order.
         hessian: ``cols x cols`` float64, native order.
-        config: what to do; ``config.method`` picks ExactOBS/OBQ or magnitude/RTN.
+        config: what to do; ``config.method`` picks the solvers or magnitude/RTN,
+            ``config.prune_method`` ExactOBS or SparseGPT, ``config.quant_method`` and
+            ``config.refine`` the quantizer. SparseGPT pruning with ``quant_method="auto"`` and
+            ``bits`` is one joint sweep (``prune_quantize_sparsegpt``).
     """
     threads = {} if num_threads is None else {"num_threads": num_threads}
     perm = channels_last_perm(info)
     baseline = config.is_baseline
     damp = None
+    quant_stats: dict = {}
     current = np.ascontiguousarray(weight, dtype=np.float32)
 
     if config.prune == "structured":
@@ -118,50 +140,81 @@ def solve_unit(
     h_cl = hessian if perm is None else np.ascontiguousarray(hessian[np.ix_(perm, perm)])
     w_cl = current if perm is None else np.ascontiguousarray(current[:, perm])
 
-    if config.prune in ("unstructured", "nm", "blocked"):
+    # SparseGPT pruning with the default quantizer: prune and quantize in one sweep
+    sparsegpt = {} if config.prune_method == "exact" else {"method": config.prune_method}
+    joint_sweep = (not baseline and config.prune_method == "sparsegpt" and config.bits is not None
+                   and config.quant_method == "auto" and config.prune in ("unstructured", "nm", "blocked"))
+    scale = zero = quant = None
+    if joint_sweep:
+        pattern = ({"n": config.n, "m": config.m} if config.prune == "nm" else
+                   {"sparsity": config.sparsity, "spread": config.spread,
+                    "block": config.block if config.prune == "blocked" else 1})
+        quant = core.prune_quantize_sparsegpt(
+            w_cl, h_cl, config.bits, **pattern, sym=config.sym, group_size=config.group_size, grid=config.grid,
+            damp=config.damp, **threads,
+        )
+    elif config.prune in ("unstructured", "nm", "blocked"):
         if config.prune == "unstructured":
             if baseline:
                 w_cl = np.asarray(core.prune_magnitude(w_cl, config.sparsity, spread=config.spread), dtype=np.float32)
             else:
                 result = core.prune_unstructured(
-                    w_cl, h_cl, config.sparsity, damp=config.damp, spread=config.spread, **threads
+                    w_cl, h_cl, config.sparsity, damp=config.damp, spread=config.spread, **sparsegpt, **threads
                 )
         elif config.prune == "nm":
             if baseline:
                 w_cl = magnitude_nm(w_cl, config.n, config.m)
             else:
-                result = core.prune_nm(w_cl, h_cl, config.n, config.m, damp=config.damp, **threads)
+                result = core.prune_nm(w_cl, h_cl, config.n, config.m, damp=config.damp, **sparsegpt, **threads)
         else:
             if baseline:
                 w_cl = magnitude_blocked(w_cl, config.sparsity, config.block, config.spread)
             else:
                 result = core.prune_blocked(
-                    w_cl, h_cl, config.sparsity, config.block, damp=config.damp, spread=config.spread, **threads
+                    w_cl,
+                    h_cl,
+                    config.sparsity,
+                    config.block,
+                    damp=config.damp,
+                    spread=config.spread,
+                    **sparsegpt,
+                    **threads,
                 )
         if not baseline:
             w_cl, damp = np.asarray(result.weight, dtype=np.float32), result.damp
 
-    scale = zero = None
     if config.bits is not None:
-        pruned = w_cl == 0
-        kwargs = dict(sym=config.sym, group_size=config.group_size, grid=config.grid, **threads)
-        if baseline:
-            result = core.quantize_rtn(w_cl, h_cl, config.bits, **kwargs)
-        else:
-            result = core.quantize(w_cl, h_cl, config.bits, damp=config.damp, **kwargs)
+        if quant is None:
+            pruned = w_cl == 0
+            kwargs = dict(sym=config.sym, group_size=config.group_size, grid=config.grid, **threads)
+            if baseline:
+                result = core.quantize_rtn(w_cl, h_cl, config.bits, **kwargs)
+            else:
+                result = core.quantize(
+                    w_cl, h_cl, config.bits, damp=config.damp, method=config.quant_method, refine=config.refine,
+                    **kwargs,
+                )
+        else:  # the joint sweep pruned and quantized: its mask says which weights it pruned
+            result, pruned = quant, ~np.asarray(quant.mask)
         w_cl = np.array(result.weight, dtype=np.float32)
         w_cl[pruned] = 0.0  # zeros are on every grid (integer zero point); keep pruned weights pruned
         scale = np.asarray(result.scale, dtype=np.float32)
         zero = np.asarray(result.zero, dtype=np.uint8)
         damp = _max_damp(damp, None if baseline else result.damp)
+        if not baseline:
+            quant_stats = dict(
+                quant_rows=quantizer_rows(result),
+                quant_loss_unrefined=result.loss_unrefined,
+                quant_loss=result.loss,
+            )
 
     if perm is not None:
         restored = np.empty_like(w_cl)
         restored[:, perm] = w_cl
         w_cl = restored
-    return UnitResult(weight=w_cl, scale=scale, zero=zero, damp=damp)
+    return UnitResult(weight=w_cl, scale=scale, zero=zero, damp=damp, **quant_stats)
 
 
 def baseline_config(config: LayerConfig) -> LayerConfig:
-    """The magnitude / round-to-nearest counterpart of ``config``."""
-    return replace(config, method="magnitude")
+    """The magnitude / round-to-nearest counterpart of ``config`` (the solver choices reset)."""
+    return replace(config, method="magnitude", quant_method="auto", refine=True, prune_method="exact")
