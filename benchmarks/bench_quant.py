@@ -31,7 +31,7 @@ sweep runs in float64, so the float64 GEMM rate is its ceiling.
 A program, never a test: prints a table and writes JSON into benchmarks/results/.
 Run:  .venv/bin/python benchmarks/bench_quant.py [--large] [--layers 256x256,...] [--threads 2]
       [--kinds realistic,white] [--bits 4,3] [--groups row,128] [--grids mse[,minmax]]
-The default (small layers, MSE grids) takes about 7 minutes on 2 loaded cores: OBQ (alone and
+The default (small layers, MSE grids) took 320 s on 2 loaded cores: OBQ (alone and
 inside default's auto) dominates; --grids minmax,mse doubles it.
 """
 
