@@ -4,8 +4,10 @@
 same model with the same recipes (asymmetric, one grid per output channel, first convolution
 dense, 256 calibration images) and prints, per layer, the layer loss ||(W - W_hat) X||^2 / n of
 quantize()'s default (method="auto" + refinement) and of round-to-nearest on the same grid
-(compress(..., baseline=True) computes both on the same calibration inputs). A program, not a
-test. Run: .venv/bin/python benchmarks/demo_quant_losses.py
+(compress(..., baseline=True) computes both on the same calibration inputs). Then, per recipe and
+quantizer (LayerConfig(quant_method=..., refine=...)), the model's test accuracy and loss after
+BatchNorm re-estimation and the summed layer loss. A program, not a test.
+Run: .venv/bin/python benchmarks/demo_quant_losses.py
 """
 
 from __future__ import annotations
@@ -14,8 +16,12 @@ import copy
 import sys
 
 from obc_native.demo import RECIPES, SKIP
-from obc_native.demo.model import load_data, load_pretrained
+from obc_native.demo.model import evaluate, load_data, load_pretrained
 from obc_native.torch import LayerConfig, Recipe, compress
+
+
+# (quant_method, refine): the default first, then each quantizer alone.
+QUANTIZERS = [("auto", True), ("obq", False), ("gptq", False), ("gptq", True), ("rtn", False)]
 
 
 def main() -> int:
@@ -34,6 +40,17 @@ def main() -> int:
             print(f"{name:8s} {layer.name:12s} {layer.loss:13.5g} {layer.baseline_loss:11.5g} "
                   f"{layer.loss / layer.baseline_loss:7.3f}")
         print(f"{name:8s} {'(sum)':12s} {total:13.5g} {total_rtn:11.5g} {total / total_rtn:7.3f}")
+    print(f"\n{'recipe':8s} {'quantizer':14s} {'test acc':>8s} {'test loss':>10s} {'layer loss':>11s}")
+    for name in ("4-bit", "3-bit"):
+        for method, refine in QUANTIZERS:
+            model = copy.deepcopy(dense)
+            config = LayerConfig(**RECIPES[name], quant_method=method, refine=refine)
+            report = compress(model, calibration, Recipe(default=config, skip=SKIP), baseline=False,
+                              quiet=True)
+            accuracy, test_loss = evaluate(model, data.test_x, data.test_y)
+            label = method + (" + refine" if refine else "")
+            print(f"{name:8s} {label:14s} {accuracy:7.1f}% {test_loss:10.4f} "
+                  f"{report.total_loss:11.4f}")
     return 0
 
 
