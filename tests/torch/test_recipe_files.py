@@ -86,3 +86,11 @@ def test_fuzz_recipe_files(tmp_path):
 def test_fuzz_recipe_files_sweep(tmp_path):
     for seed in range(2, 8):
         _fuzz(tmp_path, cases=300, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["recipe.YAML", "recipe.Yml", "recipe.yaml"])
+def test_yaml_extension_is_case_insensitive(tmp_path, name):
+    path = tmp_path / name
+    path.write_text("default: {prune: nm, n: 2, m: 4}\n")  # YAML, not JSON
+    recipe = _load(path)
+    assert recipe.default.prune == "nm" and (recipe.default.n, recipe.default.m) == (2, 4)

@@ -421,7 +421,7 @@ def load_recipe(path: str | os.PathLike) -> Recipe:
     except UnicodeDecodeError as err:
         raise RecipeError(f"recipe file {path!r} is not UTF-8 text ({err})") from err
     try:
-        if path.endswith((".yaml", ".yml")):
+        if path.lower().endswith((".yaml", ".yml")):
             import yaml
 
             data = yaml.safe_load(text)
