@@ -192,6 +192,15 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
                ? 1
                : resolve_num_threads(run.num_threads);
   };
+  // Rows with zeros of their own: a private inverse each, whose per-step work (scores and a
+  // rank-`group` downdate) is about n^2 * group; below ~1e6 flops per step in all, a parallel
+  // region costs more than it saves (on a busy machine, a scheduler slice per step).
+  auto own_threads = [&] {
+    return static_cast<double>(num_own) * static_cast<double>(n) * static_cast<double>(n) *
+                       static_cast<double>(group) < 1e6
+               ? 1
+               : resolve_num_threads(run.num_threads);
+  };
   // Single columns and no rows with zeros of their own, the common case, run as
   // single_column_steps() below; the general loop handles groups and such rows.
   const bool single_columns = group == 1 && num_own == 0;
@@ -397,7 +406,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     // Exact per-row scores of rows with their own zeros, summed in row order (deterministic).
     if (num_own > 0) {
       own_scores.setZero(num_own, num_spans);
-      parallel_for(num_own, run.num_threads, run.interrupt, [&](Index i, int) {
+      parallel_for(num_own, own_threads(), run.interrupt, [&](Index i, int) {
         RowState<double>& state = own_states[static_cast<size_t>(i)];
         state.ensure_room(group);
         own_spans(state, own_begin[i], own_len[i]);
@@ -418,7 +427,7 @@ void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& ru
     const auto [begin, len] = spans[best];
     const size_t best_group = static_cast<size_t>(active[begin] / group);
     if (num_own > 0) {
-      parallel_for(num_own, run.num_threads, nullptr, [&](Index i, int) {
+      parallel_for(num_own, own_threads(), nullptr, [&](Index i, int) {
         const Index b = own_begin[i][best_group], l = own_len[i][best_group];
         if (l == 0) return;
         RowState<double>& state = own_states[static_cast<size_t>(i)];
