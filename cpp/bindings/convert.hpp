@@ -15,6 +15,7 @@
 #include "obc/hessian.hpp"
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
+#include "register.hpp"
 
 namespace obc_bindings {
 
@@ -110,6 +111,29 @@ py::dict quant_dict(obc::QuantResult<S>&& r) {
   d["damp_absolute"] = r.damp_absolute;
   d["precision"] = precision_of<S>(r.float64_fallback);
   return d;
+}
+
+/// RunOptions of a binding call: the thread count, the row batch of the lazy updates (0 = the
+/// kernel's default) and the Ctrl-C hook (owned by the caller, alive for the whole call).
+inline obc::RunOptions run_options(int num_threads, int lazy_batch, PythonInterrupt& hook) {
+  obc::RunOptions run;
+  run.num_threads = num_threads;
+  run.lazy_batch = lazy_batch;
+  run.interrupt = &hook;
+  return run;
+}
+
+/// QuantOptions from the Python arguments (grid: "mse" or "minmax").
+inline obc::QuantOptions quant_options(int bits, bool sym, Index group_size,
+                                       const std::string& grid) {
+  obc::QuantOptions opt;
+  opt.bits = bits;
+  opt.sym = sym;
+  opt.group_size = group_size;
+  if (grid == "mse") opt.grid = obc::GridSearch::Mse;
+  else if (grid == "minmax") opt.grid = obc::GridSearch::MinMax;
+  else throw obc::InvalidArgument("grid: expected 'mse' or 'minmax', got '" + grid + "'");
+  return opt;
 }
 
 }  // namespace obc_bindings

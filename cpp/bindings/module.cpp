@@ -30,6 +30,8 @@ using obc_bindings::parse_spread;
 using obc_bindings::precision_of;
 using obc_bindings::prune_dict;
 using obc_bindings::quant_dict;
+using obc_bindings::quant_options;
+using obc_bindings::run_options;
 using obc_bindings::RowRef;
 using obc_bindings::to_array;
 using obc_bindings::to_vector;
@@ -40,14 +42,6 @@ py::array_t<T> to_array_moved(obc::RowMatrix<T>&& m) {
   auto* owned = new obc::RowMatrix<T>(std::move(m));
   py::capsule owner(owned, [](void* p) { delete static_cast<obc::RowMatrix<T>*>(p); });
   return py::array_t<T>({owned->rows(), owned->cols()}, owned->data(), owner);
-}
-
-obc::RunOptions run_options(int num_threads, int lazy_batch, PythonInterrupt& hook) {
-  obc::RunOptions run;
-  run.num_threads = num_threads;
-  run.lazy_batch = lazy_batch;
-  run.interrupt = &hook;
-  return run;
 }
 
 obc::QuantMethod parse_method(const std::string& name) {
@@ -184,18 +178,8 @@ void bind_scalar(py::module_& m) {
           return prune_dict<S>(std::move(r));
         },
         py::arg("W"), py::arg("H"), py::arg("pruned"), py::arg("damp"), py::arg("num_threads"));
-  auto quant_options = [](int bits, bool sym, Index group_size, const std::string& grid) {
-    obc::QuantOptions opt;
-    opt.bits = bits;
-    opt.sym = sym;
-    opt.group_size = group_size;
-    if (grid == "mse") opt.grid = obc::GridSearch::Mse;
-    else if (grid == "minmax") opt.grid = obc::GridSearch::MinMax;
-    else throw obc::InvalidArgument("grid: expected 'mse' or 'minmax', got '" + grid + "'");
-    return opt;
-  };
   m.def("quantize",
-        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
+        [](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, double damp, int num_threads, int lazy_batch) {
           const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
@@ -211,7 +195,7 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("lazy_batch") = 0);
   m.def("quantize_select",
-        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
+        [](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, double damp, int num_threads,
                         const std::vector<std::string>& methods, int refine_passes,
                         double refine_tol, bool refine_damped, Index gptq_block_size,
@@ -240,7 +224,7 @@ void bind_scalar(py::module_& m) {
         py::arg("refine_passes"), py::arg("refine_tol"), py::arg("refine_damped") = false,
         py::arg("gptq_block_size") = 128, py::arg("refine_block_size") = 0);
   m.def("quantize_rtn",
-        [quant_options](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
+        [](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {
           const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);

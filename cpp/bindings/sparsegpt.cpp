@@ -22,6 +22,8 @@ using obc_bindings::hessian_ref;
 using obc_bindings::parse_spread;
 using obc_bindings::prune_dict;
 using obc_bindings::quant_dict;
+using obc_bindings::quant_options;
+using obc_bindings::run_options;
 using obc_bindings::RowRef;
 
 obc::SparseGptOptions sparsegpt_options(const std::string& pattern, double sparsity,
@@ -53,9 +55,7 @@ void bind_scalar(py::module_& mod) {
             const obc::SparseGptOptions opt =
                 sparsegpt_options(pattern, sparsity, spread, block, n, m, lazy_block);
             obc_bindings::PythonInterrupt hook;
-            obc::RunOptions run;
-            run.num_threads = num_threads;
-            run.interrupt = &hook;
+            const obc::RunOptions run = run_options(num_threads, 0, hook);
             obc::PruneResult<S> r;
             {
               py::gil_scoped_release release;
@@ -73,17 +73,9 @@ void bind_scalar(py::module_& mod) {
             const obc::HessianRef h = hessian_ref(H);
             const obc::SparseGptOptions opt =
                 sparsegpt_options(pattern, sparsity, spread, block, n, m, lazy_block);
-            obc::QuantOptions quant;
-            quant.bits = bits;
-            quant.sym = sym;
-            quant.group_size = group_size;
-            if (grid == "mse") quant.grid = obc::GridSearch::Mse;
-            else if (grid == "minmax") quant.grid = obc::GridSearch::MinMax;
-            else throw obc::InvalidArgument("grid: expected 'mse' or 'minmax', got '" + grid + "'");
+            const obc::QuantOptions quant = quant_options(bits, sym, group_size, grid);
             obc_bindings::PythonInterrupt hook;
-            obc::RunOptions run;
-            run.num_threads = num_threads;
-            run.interrupt = &hook;
+            const obc::RunOptions run = run_options(num_threads, 0, hook);
             obc::QuantResult<S> r;
             {
               py::gil_scoped_release release;
