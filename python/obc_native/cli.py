@@ -288,13 +288,29 @@ def _load_model(args: argparse.Namespace):
     return model.eval(), metadata
 
 
-def _calibration_batches(path: str, batch_size: int) -> list[Any]:
+def _forward_keywords(model: Any) -> set[str]:
+    """Names that ``model.forward`` accepts as keyword arguments (empty when unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _calibration_batches(path: str, batch_size: int, model: Any = None) -> list[Any]:
+    """Batches of the calibration file: a tensor is split along dimension 0; a list is taken
+    batch by batch; a dict of tensors is passed as keyword arguments. A dict of ONE tensor is
+    passed by keyword when its key names an argument of ``model.forward`` (``input_ids`` for a
+    Hugging Face model), else positionally (``model(x)``), so that a ``.safetensors`` file, which
+    always holds a dict, can feed a model with one unnamed input."""
     import torch
 
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
     data = _load_tensor_file(path)
-    if isinstance(data, dict) and len(data) == 1:
+    if isinstance(data, dict) and len(data) == 1 and next(iter(data)) not in _forward_keywords(model):
         data = next(iter(data.values()))
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
@@ -366,7 +382,7 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
     from obc_native.torch import compress, save_compressed
 
     model, metadata = _load_model(args)
-    batches = _calibration_batches(args.calibration, args.batch_size)
+    batches = _calibration_batches(args.calibration, args.batch_size, model)
     report = compress(
         model,
         batches,
