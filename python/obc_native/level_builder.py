@@ -12,7 +12,7 @@ import numpy as np
 
 from . import _api, _arrays
 from .costs import level_costs
-from .layer_config import LayerConfig
+from .layer_config import PRUNE_METHODS, LayerConfig
 from .levels import QUANT_LEVEL_METHODS, LayerLevels, Level, _finite, solve_level
 
 __all__ = ["DEFAULT_SPARSITIES", "build_layer_levels"]
@@ -45,7 +45,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
                        grid: str = "mse", damp: float = 0.01, spread: str = "uniform",
                        flops_per_weight: float = 1.0, act_bits=None, dense_bits: int = 32,
                        keep_weights: bool = False, num_threads=None, quant_method: str = "auto",
-                       refine: bool = True) -> LayerLevels:
+                       refine: bool = True, prune_method: str = "exact") -> LayerLevels:
     """Compute the levels of one layer: exact losses and costs.
 
     Levels, in this order: "dense" (always, loss 0); one per sparsity, unstructured
@@ -57,7 +57,10 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
     ``prune_unstructured`` / ``prune_blocked`` solves with the same ``spread``; one per
     ``(n, m)`` in ``nm`` (``prune_nm``); one per bit width in ``bits`` (``quantize``); one per
     ``(n, m, bits)`` in ``joint`` (``prune_nm`` then ``quantize`` of the pruned weights, loss
-    measured against the original W).
+    measured against the original W). With ``prune_method="sparsegpt"`` every pruning level is a
+    separate SparseGPT solve instead (no trace: SparseGPT has no elimination order), and joint
+    levels with ``quant_method="auto"`` are one joint SparseGPT sweep
+    (``prune_quantize_sparsegpt``), as ``obc_native.solve`` does for that LayerConfig.
 
     Args:
         W: (rows, cols) weights; H: (cols, cols) Hessian, as for the solvers.
@@ -78,6 +81,9 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         act_bits: activation bits for "bops": None (32-bit floats), an int, or "same" (the
             level's weight bits).
         dense_bits: bits of an unquantized stored weight (32 = float32).
+        prune_method: the pruner of the sparsity, N:M and joint levels: "exact" (ExactOBS) or
+            "sparsegpt" (for wide layers: faster, higher loss); recorded in those levels' params
+            as ``prune_method`` (only when not "exact", so ExactOBS levels are stored as before).
         keep_weights: keep each level's compressed weights in ``Level.weight`` (memory!).
         num_threads: threads of the solvers.
     Levels that do not fit the shape (N:M with ``cols % m``, a block or group size that does not
@@ -96,6 +102,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
     if not isinstance(refine, (bool, np.bool_)):
         raise TypeError(f"refine: expected a bool, got {type(refine).__name__}")
     refine = bool(refine)
+    prune_method = _arrays.as_choice(prune_method, "prune_method", PRUNE_METHODS)
     damp = _arrays.as_damp(damp)
     if not isinstance(sym, (bool, np.bool_)):
         raise TypeError(f"sym: expected a bool, got {type(sym).__name__}")
@@ -144,11 +151,15 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
 
     if sparsities:
         prune = "unstructured" if block is None else "blocked"
-        configs = [LayerConfig(prune=prune, sparsity=s, block=block or 1, spread=spread, damp=damp)
+        configs = [LayerConfig(prune=prune, sparsity=s, block=block or 1, spread=spread, damp=damp,
+                               prune_method=prune_method)
                    for s in sparsities]
         if block is not None and cols % block:
             for config in configs:
                 skip(config, f"block {block} does not divide cols {cols}")
+        elif prune_method != "exact":
+            for config in configs:
+                solved(config)
         else:
             # A uniform spread's levels come straight from the greedy (no per-row re-solve) when
             # holding them all at once is cheap, or they are kept anyway.
@@ -163,7 +174,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
                 add(config, result.weight, result.loss)
 
     for n, m in nm:
-        config = LayerConfig(prune="nm", n=n, m=m, damp=damp)
+        config = LayerConfig(prune="nm", n=n, m=m, damp=damp, prune_method=prune_method)
         if cols % m:
             skip(config, f"m {m} does not divide cols {cols}")
             continue
@@ -180,7 +191,7 @@ def build_layer_levels(W, H, *, name: str = "layer", sparsities=DEFAULT_SPARSITI
         solved(config)
 
     for n, m, b in joint:
-        config = LayerConfig(prune="nm", n=n, m=m, bits=b, **quant)
+        config = LayerConfig(prune="nm", n=n, m=m, bits=b, prune_method=prune_method, **quant)
         reason = (f"m {m} does not divide cols {cols}" if cols % m
                   else _check_quant_level(cols, group_size))
         if reason:

@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping
 
 from ._files import read_regular_file
 from .costs import BUILTIN_COSTS
-from .levels import LEGACY_QUANT_METHOD, LEVEL_KINDS, QUANT_LEVEL_METHODS, LayerLevels, Level, _finite, _ordered_costs
+from .layer_config import PRUNE_METHODS
+from .levels import DEFAULT_PRUNE_METHOD, LEGACY_QUANT_METHOD, LEVEL_KINDS, QUANT_LEVEL_METHODS, LayerLevels, Level, _finite, _ordered_costs
 
 __all__ = ["DATABASE_FORMAT", "DATABASE_VERSION", "LevelDatabase", "LevelDatabaseError"]
 
@@ -33,6 +34,14 @@ DATABASE_VERSION = 1
 
 class LevelDatabaseError(ValueError):
     """A level database file that is corrupted, malformed, or does not match a model."""
+
+
+def _check_pruner(params: Mapping, j: int) -> None:
+    """ValueError unless a pruning level's optional ``prune_method`` is a pruner's name (a file
+    written before SparseGPT levels has none: ExactOBS)."""
+    method = params.get("prune_method", DEFAULT_PRUNE_METHOD)
+    if not isinstance(method, str) or method not in PRUNE_METHODS:
+        raise ValueError(f"level {j}: params 'prune_method' must be one of {PRUNE_METHODS}, got {method!r}")
 
 
 def _check_quantizer(params: Mapping, j: int) -> None:
@@ -297,6 +306,10 @@ def _from_dict(data, source: str) -> LevelDatabase:
                 level.label  # noqa: B018 - params must name the level
                 if level.kind in ("quant", "joint"):
                     _check_quantizer(level.params, j)
+                if level.kind in ("unstructured", "blocked", "nm", "joint"):
+                    _check_pruner(level.params, j)
+                elif "prune_method" in level.params:
+                    raise ValueError(f"level {j}: a {level.kind} level prunes nothing; it has no 'prune_method'")
                 levels.append(level)
             layer = LayerLevels(
                 name=entry["name"], shape=tuple(entry["shape"]), levels=levels,

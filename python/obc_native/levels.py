@@ -30,6 +30,7 @@ from .layer_config import LayerConfig
 from .layer_solve import solve
 
 __all__ = [
+    "DEFAULT_PRUNE_METHOD",
     "LEVEL_KINDS",
     "LayerLevels",
     "Level",
@@ -45,29 +46,37 @@ LEVEL_KINDS = ("dense", "unstructured", "blocked", "nm", "quant", "joint")
 QUANT_LEVEL_METHODS = ("auto", *QUANT_METHODS)
 
 LEGACY_QUANT_METHOD = "obq"
+#: The pruner of a pruning level that does not name one (``params["prune_method"]``): ExactOBS.
+DEFAULT_PRUNE_METHOD = "exact"
 
 CompressionResult = Union[PruneResult, QuantResult]
 
 
 def level_label(kind: str, params: Mapping[str, Any]) -> str:
     """Short unique name of a level within a layer, e.g. ``"sparse:0.5"``, ``"block4:0.5"``,
-    ``"nm2:4"``, ``"q4"``, ``"q4a:g128"`` (asymmetric, groups of 128), ``"nm2:4+q4"``, ``"dense"``."""
+    ``"nm2:4"``, ``"q4"``, ``"q4a:g128"`` (asymmetric, groups of 128), ``"nm2:4+q4"``, ``"dense"``;
+    pruning by SparseGPT is marked ``"@sparsegpt"`` (``"sparse:0.5@sparsegpt"``,
+    ``"nm2:4@sparsegpt+q4"``)."""
     def quant(p):
         text = f"q{p['bits']}" + ("" if p.get("sym", True) else "a")
         return text + (f":g{p['group_size']}" if p.get("group_size") else "")
 
+    def pruner(p):
+        method = p.get("prune_method", DEFAULT_PRUNE_METHOD)
+        return "" if method == DEFAULT_PRUNE_METHOD else f"@{method}"
+
     if kind == "dense":
         return "dense"
     if kind == "unstructured":
-        return f"sparse:{float(params['sparsity'])!r}"
+        return f"sparse:{float(params['sparsity'])!r}{pruner(params)}"
     if kind == "blocked":
-        return f"block{params['block']}:{float(params['sparsity'])!r}"
+        return f"block{params['block']}:{float(params['sparsity'])!r}{pruner(params)}"
     if kind == "nm":
-        return f"nm{params['n']}:{params['m']}"
+        return f"nm{params['n']}:{params['m']}{pruner(params)}"
     if kind == "quant":
         return quant(params)
     if kind == "joint":
-        return f"nm{params['n']}:{params['m']}+{quant(params)}"
+        return f"nm{params['n']}:{params['m']}{pruner(params)}+{quant(params)}"
     raise ValueError(f"kind: expected one of {LEVEL_KINDS}, got {kind!r}")
 
 
@@ -293,14 +302,16 @@ def level_quantizer(level: Level) -> tuple[str, bool]:
 def level_params(config: LayerConfig | None) -> tuple[str, dict]:
     """``(kind, params)``, the stored form of the level ``config`` describes (None: dense).
 
-    Levels are ExactOBS pruning (unstructured, blocked, N:M), quantization, or N:M then
-    quantization ("joint"); anything else (structured pruning, SparseGPT, the magnitude / RTN
-    baselines, unstructured or blocked pruning with quantization) has no level form: ValueError.
+    Levels are unstructured, blocked or N:M pruning (ExactOBS, or SparseGPT: ``params``
+    ``"prune_method": "sparsegpt"``; ExactOBS levels name no pruner, as before there was a
+    choice), quantization, or N:M then quantization ("joint"); anything else (structured pruning,
+    the magnitude / RTN baselines, unstructured or blocked pruning with quantization) has no level
+    form: ValueError.
     """
     if config is None:
         return "dense", {}
-    if config.is_baseline or config.prune_method != "exact" or config.prune == "structured":
-        raise ValueError(f"config: a level is ExactOBS pruning and/or a quantize() quantizer, got {config}")
+    if config.is_baseline or config.prune == "structured":
+        raise ValueError(f"config: a level is Hessian-aware pruning and/or a quantize() quantizer, got {config}")
     quant = {}
     if config.bits is not None:
         quant = {"bits": config.bits, "sym": config.sym, "group_size": config.group_size, "grid": config.grid,
@@ -309,14 +320,15 @@ def level_params(config: LayerConfig | None) -> tuple[str, dict]:
         if not quant:
             raise ValueError("config: expected pruning or bits, got neither (the dense level is None)")
         return "quant", quant
+    pruner = {} if config.prune_method == DEFAULT_PRUNE_METHOD else {"prune_method": config.prune_method}
     if config.prune == "nm":
-        return ("joint" if quant else "nm"), {"n": config.n, "m": config.m, **quant}
+        return ("joint" if quant else "nm"), {"n": config.n, "m": config.m, **quant, **pruner}
     if quant:
         raise ValueError(f"config: levels quantize dense or N:M weights only, got prune={config.prune!r} "
                          "with bits")
     if config.prune == "blocked":
-        return "blocked", {"block": config.block, "sparsity": config.sparsity, "spread": config.spread}
-    return "unstructured", {"sparsity": config.sparsity, "spread": config.spread}
+        return "blocked", {"block": config.block, "sparsity": config.sparsity, "spread": config.spread, **pruner}
+    return "unstructured", {"sparsity": config.sparsity, "spread": config.spread, **pruner}
 
 
 def level_config(level: Level, damp: float = 0.01) -> LayerConfig | None:
@@ -333,6 +345,8 @@ def level_config(level: Level, damp: float = 0.01) -> LayerConfig | None:
         method, refine = level_quantizer(level)
         fields.update(bits=p["bits"], sym=p["sym"], group_size=p["group_size"], grid=p["grid"],
                       quant_method=method, refine=refine)
+    if kind != "quant":
+        fields["prune_method"] = p.get("prune_method", DEFAULT_PRUNE_METHOD)
     if kind in ("nm", "joint"):
         fields.update(prune="nm", n=p["n"], m=p["m"])
     elif kind in ("unstructured", "blocked"):
@@ -351,10 +365,11 @@ def solve_level(W: np.ndarray, H: np.ndarray, config: LayerConfig, *,
     joint = config.prune is not None and config.bits is not None
     if joint:
         H = _arrays.as_hessian(H, W.shape[1], "H")
-    result = solve(config, W, H, num_threads=num_threads).solver_result
+    unit = solve(config, W, H, num_threads=num_threads)
+    result = unit.solver_result
     if joint:  # losses against the original W, not the pruned input of the quantizer
-        result = dataclasses.replace(result, row_losses=_api.layer_loss(W, result.weight, H,
-                                                                         num_threads=num_threads))
+        result = dataclasses.replace(result, weight=unit.weight,
+                                     row_losses=_api.layer_loss(W, unit.weight, H, num_threads=num_threads))
     return result
 
 

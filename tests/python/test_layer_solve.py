@@ -23,6 +23,8 @@ LEVEL_CONFIGS = [
     LayerConfig(prune="nm", n=2, m=4),
     LayerConfig(bits=3, sym=False, group_size=8, quant_method="gptq", refine=False),
     LayerConfig(prune="nm", n=1, m=4, bits=4, grid="minmax", quant_method="obq"),
+    LayerConfig(prune="blocked", sparsity=0.5, block=2, spread="uniform", prune_method="sparsegpt"),
+    LayerConfig(prune="nm", n=2, m=4, bits=4, prune_method="sparsegpt"),  # one joint SparseGPT sweep
 ]
 
 
@@ -47,6 +49,10 @@ def test_level_form_keeps_the_stored_keys_and_their_order():
     assert level_params(LEVEL_CONFIGS[3]) == ("nm", {"n": 2, "m": 4})
     kind, params = level_params(LEVEL_CONFIGS[5])
     assert kind == "joint" and list(params) == ["n", "m", "bits", "sym", "group_size", "grid", "method", "refine"]
+    # a SparseGPT level names its pruner last; an ExactOBS level names none (as before the choice)
+    assert level_params(LEVEL_CONFIGS[6]) == ("blocked", {"block": 2, "sparsity": 0.5, "spread": "uniform",
+                                                          "prune_method": "sparsegpt"})
+    assert list(level_params(LEVEL_CONFIGS[7])[1])[-1] == "prune_method"
 
 
 def test_a_level_without_a_quantizer_means_obq_without_refinement():
@@ -57,7 +63,6 @@ def test_a_level_without_a_quantizer_means_obq_without_refinement():
 
 @pytest.mark.parametrize("config", [
     LayerConfig(prune="structured", sparsity=0.5),
-    LayerConfig(prune="unstructured", sparsity=0.5, prune_method="sparsegpt"),
     LayerConfig(prune="unstructured", sparsity=0.5, method="magnitude"),
     LayerConfig(prune="unstructured", sparsity=0.5, bits=4),
     LayerConfig(),

@@ -81,3 +81,36 @@ def test_build_layer_levels_bad_input(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         build_layer_levels(W, H, **kwargs)
 
+
+
+def test_sparsegpt_levels_equal_separate_sparsegpt_solves():
+    W, H, _ = make_problem(6, 16, seed=13)
+    layer = build_layer_levels(W, H, sparsities=(0.25, 0.5), nm=[(2, 4)], bits=[4], joint=[(2, 4, 3)],
+                               prune_method="sparsegpt", keep_weights=True)
+    assert layer.labels == ["dense", "sparse:0.25@sparsegpt", "sparse:0.5@sparsegpt", "nm2:4@sparsegpt", "q4",
+                            "nm2:4@sparsegpt+q3"]
+    for s in (0.25, 0.5):
+        level = layer.level(f"sparse:{s!r}@sparsegpt")
+        ref = obc_native.prune_unstructured(W, H, s, spread="uniform", method="sparsegpt")
+        assert level.loss == ref.loss and level.params == {"sparsity": s, "spread": "uniform", "prune_method": "sparsegpt"}
+        np.testing.assert_array_equal(level.weight, ref.weight)
+    assert layer.level("nm2:4@sparsegpt").loss == obc_native.prune_nm(W, H, 2, 4, method="sparsegpt").loss
+    assert "prune_method" not in layer.level("q4").params  # quantization prunes nothing
+    # joint with the default quantizer: one joint SparseGPT sweep, loss against the dense W
+    sweep = obc_native.prune_quantize_sparsegpt(W, H, 3, n=2, m=4)
+    joint = layer.level("nm2:4@sparsegpt+q3")
+    np.testing.assert_array_equal(joint.weight, np.where(sweep.mask, sweep.weight, 0))
+    assert joint.loss == pytest.approx(obc_native.layer_loss(W, joint.weight, H).sum(), rel=1e-12)
+    for level in layer.levels:  # apply_level repeats each level's solve
+        if level.label not in ("dense", "q4"):
+            assert level.config().prune_method == "sparsegpt"
+        assert layer.apply(W, H, level).loss == level.loss
+
+
+def test_sparsegpt_blocked_levels_and_bad_pruner():
+    W, H, _ = make_problem(4, 16, seed=14)
+    layer = build_layer_levels(W, H, sparsities=(0.5,), block=4, nm=(), prune_method="sparsegpt", spread="global")
+    ref = obc_native.prune_blocked(W, H, 0.5, 4, spread="global", method="sparsegpt")
+    assert layer.labels == ["dense", "block4:0.5@sparsegpt"] and layer.levels[1].loss == ref.loss
+    with pytest.raises(ValueError, match="prune_method"):
+        build_layer_levels(W, H, prune_method="fast")

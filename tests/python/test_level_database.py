@@ -9,10 +9,12 @@ import json
 import numpy as np
 import pytest
 from level_fixtures import small_db  # noqa: F401 - a fixture
+from problems import make_problem
 
 from obc_native.budget import solve_budget
 from obc_native.level_database import LevelDatabase, LevelDatabaseError, _checksum
-from obc_native.levels import LayerLevels
+from obc_native.level_builder import build_layer_levels
+from obc_native.levels import LayerLevels, apply_level
 
 
 def test_save_load_round_trip(small_db, tmp_path):
@@ -110,3 +112,34 @@ def test_database_construction_errors(small_db):
     with pytest.raises(KeyError, match="no level 'q7'"):
         layer.level("q7")
 
+
+
+def test_pruner_of_levels_round_trips_and_exactobs_levels_name_none(tmp_path):
+    W, H, _ = make_problem(4, 16, seed=30)
+    exact = build_layer_levels(W, H, name="exact", sparsities=(0.5,), nm=[(2, 4)], joint=[(2, 4, 4)])
+    fast = build_layer_levels(W, H, name="fast", sparsities=(0.5,), nm=[(2, 4)], joint=[(2, 4, 4)],
+                              prune_method="sparsegpt")
+    assert all("prune_method" not in level.params for level in exact.levels)  # stored as before the choice
+    path = tmp_path / "levels.json"
+    LevelDatabase([exact, fast]).save(path)
+    loaded = LevelDatabase.load(path)
+    assert loaded["fast"].labels == fast.labels and loaded["exact"].labels == exact.labels
+    for name in ("exact", "fast"):
+        for level in loaded[name].levels[1:]:
+            assert level.config().prune_method == name.replace("fast", "sparsegpt")
+            assert apply_level(W, H, level).loss == level.loss
+
+
+@pytest.mark.parametrize("level_index, value, match", [
+    (1, "fast", "params 'prune_method' must be one of"),
+    (1, 3, "params 'prune_method' must be one of"),
+    (2, "sparsegpt", "prunes nothing"),
+])
+def test_database_with_a_bad_pruner_is_rejected(tmp_path, level_index, value, match):
+    W, H, _ = make_problem(3, 8, seed=31)
+    layer = build_layer_levels(W, H, name="l", sparsities=(0.5,), nm=(), bits=[4])
+    layer.levels[level_index].params["prune_method"] = value
+    path = tmp_path / "bad.json"
+    LevelDatabase([layer]).save(path)
+    with pytest.raises(LevelDatabaseError, match=rf"level {level_index}: .*{match}"):
+        LevelDatabase.load(path)

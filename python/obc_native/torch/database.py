@@ -31,7 +31,7 @@ from ..costs import level_costs
 from ..layer_solve import from_solver_columns, to_solver_columns
 from ..level_builder import DEFAULT_SPARSITIES, build_layer_levels
 from ..level_database import LevelDatabase, LevelDatabaseError
-from ..layer_config import LayerConfig
+from ..layer_config import PRUNE_METHODS, LayerConfig
 from ..levels import QUANT_LEVEL_METHODS, LayerLevels, Level
 from .calibration import Forward, as_batches, model_device
 from .hessian import LayerHessian
@@ -73,6 +73,9 @@ class LevelSpec:
         spread: how a sparsity is spread over rows: "uniform" (every row the same, so a level's
             cost does not depend on the data) or "global".
         act_bits: activation bits for the "bops" cost (None: 32-bit floats, or "same").
+        prune_method: the pruner of the sparsity, N:M and joint levels: "exact" (ExactOBS, the
+            default) or "sparsegpt" (SparseGPT, for wide layers; see ``build_layer_levels``);
+            recorded in those levels' params (databases saved before it load as "exact").
 
     :meth:`preset` gives the default levels of a budget's cost type; a dict with these keys is
     accepted wherever a LevelSpec is.
@@ -90,6 +93,7 @@ class LevelSpec:
     act_bits: Any = None
     quant_method: str = "auto"
     refine: bool = True
+    prune_method: str = "exact"
 
     def __post_init__(self) -> None:
         if isinstance(self.sparsities, (str, bytes)) or not isinstance(self.sparsities, Iterable):
@@ -120,6 +124,7 @@ class LevelSpec:
         if not isinstance(self.refine, bool):
             raise TypeError(f"refine: expected a bool, got {type(self.refine).__name__}")
         _arrays.as_choice(self.spread, "spread", ("global", "uniform"))
+        _arrays.as_choice(self.prune_method, "prune_method", PRUNE_METHODS)
         if self.act_bits is not None and self.act_bits != "same":
             set_(self, "act_bits", _arrays.as_int(self.act_bits, "act_bits", low=1, high=64))
         if not (sparsities or self.nm or self.bits or self.joint):
@@ -150,6 +155,8 @@ class LevelSpec:
             data[key] = list(data[key])
         for key in ("nm", "joint"):
             data[key] = [list(item) for item in data[key]]
+        if data["prune_method"] == "exact":  # the default: a database's meta stays as it was before the choice
+            del data["prune_method"]
         return data
 
 
@@ -239,7 +246,7 @@ def _layer_levels(
     joint = [(n, m, b) for n, m, b in spec.joint if span % m == 0]
 
     def label(**config) -> str:
-        return Level.of(LayerConfig(**config), 0.0, {}).label
+        return Level.of(LayerConfig(**config, prune_method=spec.prune_method), 0.0, {}).label
 
     for n, m, *bits in [*spec.nm, *spec.joint]:
         if span % m:
@@ -253,7 +260,7 @@ def _layer_levels(
     options = dict(
         sparsities=sparsities, block=spec.block, nm=nm, bits=spec.bits, joint=joint, sym=spec.sym,
         group_size=spec.group_size, grid=spec.grid, damp=damp, spread=spec.spread,
-        quant_method=spec.quant_method, refine=spec.refine,
+        quant_method=spec.quant_method, refine=spec.refine, prune_method=spec.prune_method,
         flops_per_weight=applications, act_bits=spec.act_bits, keep_weights=keep_weights, num_threads=num_threads,
     )
     perm = channels_last_perm(info)
