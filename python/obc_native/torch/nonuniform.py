@@ -23,9 +23,17 @@ always were):
 
 from __future__ import annotations
 
-from ..levels import level_config
-from .budgeting import OBJECTIVES, _resolve_objective, as_budget_spec, measure_costs, solve_database, uniform_sparsity
-from .database import (
+# Re-exported, private names included: compress.py and the tests import them from here.
+from ..levels import level_config  # noqa: F401
+from .budgeting import (  # noqa: F401
+    OBJECTIVES,
+    _resolve_objective,
+    as_budget_spec,
+    measure_costs,
+    solve_database,
+    uniform_sparsity,
+)
+from .database import (  # noqa: F401
     LevelSpec,
     _as_level_spec,
     _build,
@@ -35,10 +43,10 @@ from .database import (
     check_database,
     load_database,
 )
-from .layer_selection import select_layers
-from .level_calibration import _Applications, _calibrate, flops_per_weight
-from .solve import apply_unit_level
-from .stitching import _output_tensor, _Stitcher
+from .layer_selection import select_layers  # noqa: F401
+from .level_calibration import _Applications, _calibrate, flops_per_weight  # noqa: F401
+from .solve import apply_unit_level  # noqa: F401
+from .stitching import _output_tensor, _Stitcher  # noqa: F401
 
 __all__ = [
     "LevelSpec",
@@ -53,7 +61,3 @@ __all__ = [
     "solve_database",
     "uniform_sparsity",
 ]
-
-# private names that compress.py and the tests import from here
-_REEXPORTED = (level_config, _resolve_objective, _as_level_spec, _build, _database_layers, _layer_levels,
-               _Applications, _calibrate, apply_unit_level, _output_tensor, _Stitcher)
