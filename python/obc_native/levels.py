@@ -8,7 +8,7 @@ its costs (``obc_native.costs``). :class:`LayerLevels` holds the levels of one l
 
 Levels are stored (database files, ``Level.kind`` / ``Level.params``) in a compact form with one
 of :data:`LEVEL_KINDS`; :func:`level_params` and :func:`level_config` convert between that form and
-a LayerConfig, the only two places that read the kinds.
+a LayerConfig, and :func:`level_label` names it: the only places that read the kinds.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ __all__ = [
     "level_label",
     "level_params",
     "level_quantizer",
+    "solve_level",
 ]
 
 LEVEL_KINDS = ("dense", "unstructured", "blocked", "nm", "quant", "joint")
 #: quantize(method=) choices of quant and joint levels, and what a level saved without one means
 QUANT_LEVEL_METHODS = ("auto", *QUANT_METHODS)
-
 LEGACY_QUANT_METHOD = "obq"
 #: The pruner of a pruning level that does not name one (``params["prune_method"]``): ExactOBS.
 DEFAULT_PRUNE_METHOD = "exact"
@@ -93,7 +93,9 @@ class Level:
             ``quantize(method=)``) and ``refine`` (quant, joint). A quant or joint level without
             ``method`` (a database saved before quantize() had methods) was computed by OBQ
             without refinement, so it means ``method="obq"``, ``refine=False``: applying it
-            reproduces its recorded loss.
+            reproduces its recorded loss. ``prune_method`` (unstructured, blocked, nm, joint):
+            "sparsegpt" for SparseGPT levels; absent for ExactOBS.
+            :meth:`config` is the same as a LayerConfig.
         loss: exact layer loss ``||(W - W_hat) X||_F^2 / n`` against the original W (undamped H).
         costs: cost type -> value (see the module docstring).
         model_loss: optional model-level loss of this level, attached by a model layer.
