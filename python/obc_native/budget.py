@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _arrays, _core
-from .costs import BUILTIN_COSTS, GRID_BITS as _GRID_BITS  # noqa: F401 - re-exported
+from .costs import BUILTIN_COSTS, level_costs
 from .level_builder import DEFAULT_SPARSITIES, build_layer_levels
 from .level_database import (  # noqa: F401 - re-exported
     DATABASE_FORMAT,
@@ -56,7 +56,6 @@ from .levels import (  # noqa: F401 - re-exported
     level_label,
     level_quantizer,
 )
-from .costs import level_costs
 
 __all__ = [
     "BUILTIN_COSTS",

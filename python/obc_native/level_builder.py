@@ -21,7 +21,7 @@ __all__ = ["DEFAULT_SPARSITIES", "build_layer_levels"]
 DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
 
-_RECORD_BYTES = 256 << 20  # most memory a trace may spend recording levels' weights at once  # most memory a trace may spend recording levels' weights at once
+_RECORD_BYTES = 256 << 20  # most memory a trace may spend recording levels' weights at once
 
 
 def _pairs(values, name: str, size: int) -> list:

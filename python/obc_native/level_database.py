@@ -22,7 +22,16 @@ from collections.abc import Iterable, Mapping
 from ._files import read_regular_file
 from .costs import BUILTIN_COSTS
 from .layer_config import PRUNE_METHODS
-from .levels import DEFAULT_PRUNE_METHOD, LEGACY_QUANT_METHOD, LEVEL_KINDS, QUANT_LEVEL_METHODS, LayerLevels, Level, _finite, _ordered_costs
+from .levels import (
+    DEFAULT_PRUNE_METHOD,
+    LEGACY_QUANT_METHOD,
+    LEVEL_KINDS,
+    QUANT_LEVEL_METHODS,
+    LayerLevels,
+    Level,
+    _finite,
+    _ordered_costs,
+)
 
 __all__ = ["DATABASE_FORMAT", "DATABASE_VERSION", "LevelDatabase", "LevelDatabaseError"]
 

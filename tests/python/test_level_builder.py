@@ -92,7 +92,8 @@ def test_sparsegpt_levels_equal_separate_sparsegpt_solves():
     for s in (0.25, 0.5):
         level = layer.level(f"sparse:{s!r}@sparsegpt")
         ref = obc_native.prune_unstructured(W, H, s, spread="uniform", method="sparsegpt")
-        assert level.loss == ref.loss and level.params == {"sparsity": s, "spread": "uniform", "prune_method": "sparsegpt"}
+        assert level.loss == ref.loss
+        assert level.params == {"sparsity": s, "spread": "uniform", "prune_method": "sparsegpt"}
         np.testing.assert_array_equal(level.weight, ref.weight)
     assert layer.level("nm2:4@sparsegpt").loss == obc_native.prune_nm(W, H, 2, 4, method="sparsegpt").loss
     assert "prune_method" not in layer.level("q4").params  # quantization prunes nothing
