@@ -168,7 +168,7 @@ class _LayerCompressor:
                 if level is None:
                     result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
                 else:
-                    result = apply_unit_level(info, unit, hessian, *level, num_threads=self.num_threads)
+                    result = apply_unit_level(info, unit, hessian, *level, num_threads=self.num_threads, core=self.core)
                 unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **threads)))
                 if config.is_baseline:
                     baseline_loss += unit_loss

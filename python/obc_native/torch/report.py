@@ -62,7 +62,7 @@ class LayerReport:
             (no quantization, the round-to-nearest baseline, reports from older versions).
         quant_loss_unrefined, quant_loss: the quantization's own loss (``QuantResult.loss``,
             against the quantizer's input: the pruned weights for joint compression) before and
-            after refinement; None when not recorded (also for joint database levels).
+            after refinement; None when not recorded.
     """
 
     name: str
