@@ -481,7 +481,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         _check_output_path(args.out)  # before any work
     except ExportError as err:
-        raise CliError(f"--out {err}") from err
+        raise CliError(str(err).replace("path ", "--out ", 1)) from err
     if not os.path.isfile(args.example):
         raise CliError(f"--example {args.example}: no such file")
     manifest = read_manifest(args.directory)
