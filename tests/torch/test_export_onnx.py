@@ -233,7 +233,9 @@ def test_conv1d_and_depthwise(tmp_path):
     assert relative_error(run_onnx(result.path, x), torch_output(model, x)) < 1e-3
 
 
-@pytest.mark.parametrize("bits, form", [(8, "QDQ uint8"), (4, "QDQ uint4"), (3, "fake-quantize 3-bit (float ops)")])
+@pytest.mark.parametrize(
+    "bits, form", [(8, "QDQ uint8"), (4, "QDQ uint4"), (16, "QDQ uint16"), (3, "fake-quantize 3-bit (float ops)")]
+)
 def test_activation_quantization_qdq(bits, form, tmp_path):
     model, batches = wide_mlp(), mlp_data()
     report = compress(model, batches, LayerConfig(bits=4, group_size=16), correction=None, baseline=False, quiet=True)
@@ -242,7 +244,7 @@ def test_activation_quantization_qdq(bits, form, tmp_path):
     assert result.activations == {name: form for name in wrappers}
     assert all(form.startswith("MatMulNBits") for form in result.layers.values())
     graph_model = onnx.load(result.path)
-    if bits in (4, 8):
+    if bits in (4, 8, 16):
         quantize = [n for n in graph_model.graph.node if n.op_type == "QuantizeLinear"]
         assert len(quantize) == len(wrappers)
         arrays = {i.name: i for i in graph_model.graph.initializer}

@@ -170,11 +170,12 @@ def export_onnx(
     return OnnxExport(path, os.path.getsize(path), summary_layers, activations, OPSET)
 
 
-def grids_from_saved(model: nn.Module, directory: str | os.PathLike) -> dict[str, QuantGrid]:
+def grids_from_saved(directory: str | os.PathLike) -> dict[str, QuantGrid]:
     """The quantization grids stored by :func:`save_compressed` in ``directory``, by layer name.
 
-    ``model`` must already hold the saved weights (:func:`load_compressed`); only layers stored
-    with codes (``quantized`` / ``sparse_quantized``) have a grid. Checksums are verified.
+    Only layers stored with codes (``quantized`` / ``sparse_quantized``) have a grid; the manifest
+    and the tensor file's checksum are verified. Export a model that holds the saved weights
+    (:func:`load_compressed`): its weights must lie on these grids.
     """
     from safetensors.torch import load_file
 
@@ -242,7 +243,7 @@ def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, 
     if report is None:
         return {}
     if isinstance(report, (str, os.PathLike)):
-        grids = grids_from_saved(model, report)
+        grids = grids_from_saved(report)
     elif isinstance(report, CompressionReport):
         grids = {layer.name: layer.grid for layer in report.compressed if layer.grid is not None}
         lacking = [layer.name for layer in report.compressed if layer.bits is not None and layer.grid is None]
@@ -344,8 +345,7 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     names_in = list(input_names) if input_names is not None else positional + list(example_kwargs)
     training = {module: module.training for module in model.modules()}
     devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
-    moved = devices != {torch.device("cpu")} and bool(devices)
-    if moved:
+    if devices - {torch.device("cpu")}:
         raise ExportError(f"the model is on {sorted(map(str, devices))}; move it to the CPU (model.cpu()) to export")
     args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in example_args)
     if example_kwargs:
@@ -359,8 +359,14 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
             count = len(_flatten(outputs))
             names_out = list(output_names) if output_names is not None else [f"output_{i}" for i in range(count)]
             axes = None
-            if dynamic_batch:
-                axes = {name: {0: "batch"} for name in [*names_in, *names_out]}
+            if dynamic_batch:  # dimension 0 of every input and output that has one
+                values = [*example_args, *example_kwargs.values()][: len(names_in)] + _flatten(outputs)
+                names = [*names_in[: len(values) - count], *names_out]
+                axes = {
+                    name: {0: "batch"}
+                    for name, value in zip(names, values)
+                    if isinstance(value, torch.Tensor) and value.dim() >= 1
+                }
             torch.onnx.export(
                 model,
                 args,
@@ -429,9 +435,11 @@ def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
     pad = (-codes.shape[-1]) % per_byte
     if pad:
         codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
-    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
-    shifts = (np.arange(per_byte, dtype=np.uint16) * bits).reshape(*([1] * (grouped.ndim - 1)), per_byte)
-    return (grouped << shifts).sum(axis=-1).astype(np.uint8)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = grouped[..., 0].copy()
+    for position in range(1, per_byte):  # codes < 2^bits: no bit leaves the byte
+        packed |= grouped[..., position] << np.uint8(position * bits)
+    return packed
 
 
 def _uint_tensor(name: str, values: np.ndarray, bits: int):
@@ -563,6 +571,9 @@ class _GraphRewriter:
         inputs = [node.input[0], *(t.name for t in tensors)]
         output = node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        if bias in self.initializers and tuple(self.initializers[bias].dims) == (rows,):
+            inputs += ["", bias]  # MatMulNBits' own bias input (g_idx, deprecated, left out)
+            bias = None
         product = f"{base}:product" if bias else output
         new_nodes = [
             helper.make_node(
