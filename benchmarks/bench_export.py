@@ -160,14 +160,17 @@ def run_model(name: str, args, folder: str) -> dict:
             row["max_rel_diff"] = float(np.abs(got - expected).max() / np.abs(expected).max())
         dense_s = median_seconds(sessions["dense"], feeds(sessions["dense"], inputs), args.repeats)
         quant_s = median_seconds(sessions["quant"], feeds(sessions["quant"], inputs), args.repeats)
-        row["latency"][str(batch)] = {"dense_ms": dense_s * 1e3, "quant_ms": quant_s * 1e3, "speedup": dense_s / quant_s}
+        row["latency"][str(batch)] = {
+            "dense_ms": dense_s * 1e3, "quant_ms": quant_s * 1e3, "speedup": dense_s / quant_s
+        }
     return row
 
 
 def print_row(row: dict) -> None:
     lat = row["latency"]
     print(
-        f"{row['model']:>5} {row['params'] / 1e6:>7.2f}M {row['dense_bytes'] / 1e6:>9.2f} {row['quant_bytes'] / 1e6:>9.2f} "
+        f"{row['model']:>5} {row['params'] / 1e6:>7.2f}M "
+        f"{row['dense_bytes'] / 1e6:>9.2f} {row['quant_bytes'] / 1e6:>9.2f} "
         f"{row['size_ratio']:>6.3f} {row['max_rel_diff']:>9.1e} "
         + " ".join(
             f"{lat[str(b)]['dense_ms']:>9.2f} {lat[str(b)]['quant_ms']:>9.2f} {lat[str(b)]['speedup']:>5.2f}x"

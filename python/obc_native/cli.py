@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=["onnx"], help="output format")
     export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     export.add_argument(
-        "--example", required=True, help="input tensor file used to trace the model (a tensor, or a dict of keyword inputs)"
+        "--example", required=True, help="inputs to trace the model with: a tensor file (or a dict of keyword inputs)"
     )
     export.add_argument("--arch", help="architecture 'package.module:Class' (default: the one recorded when saving)")
     export.add_argument("--arch-kwargs", default=None, help="JSON keyword arguments for --arch (default: as recorded)")
