@@ -13,7 +13,8 @@ Each model is compressed with ``compress`` (``--method rtn`` by default: round-t
 on the MSE grid, fast on a shared machine; the file size and latency do not depend on which
 solver chose the codes; ``--method obc`` runs the Hessian-aware quantizer), then exported twice
 with ``export_onnx``: without a report (dense float32 weights, the baseline) and with it.
-Reported: both file sizes and their ratio, the largest relative output difference of the
+Reported: both file sizes and their ratio ("wts": the same ratio for the quantized layers'
+weights alone: float32 bytes vs codes, scales and zero points), the largest relative output difference of the
 quantized export against the compressed PyTorch model, and onnxruntime latencies (CPU provider,
 ``--threads`` intra-op threads, default graph optimizations) at batch 1 and 32: the median of
 ``--repeats`` runs after one warm-up run, with the speed ratio dense / quantized measured in the
@@ -134,6 +135,12 @@ def run_model(name: str, args, folder: str) -> dict:
     dense = export_onnx(model, example, dense_path)
     quant = export_onnx(model, example, quant_path, report=report)
     export_s = time.perf_counter() - start
+    import onnx
+
+    stored = {init.name: len(init.raw_data) or init.ByteSize() for init in onnx.load(quant_path).graph.initializer}
+    weights_dense = sum(model.get_submodule(name).weight.numel() * 4 for name in quant.layers)
+    weights_quant = sum(size for key, size in stored.items() if key.split(":")[0] in
+                        {f"{name}.weight" for name in quant.layers})
     forms: dict[str, int] = {}
     for form in quant.layers.values():
         kind = " ".join(form.split()[:2])
@@ -146,6 +153,8 @@ def run_model(name: str, args, folder: str) -> dict:
         "dense_bytes": dense.file_size,
         "quant_bytes": quant.file_size,
         "size_ratio": quant.file_size / dense.file_size,
+        # the quantized layers' weights alone: float32 bytes vs codes + scales + zero points
+        "quantized_weights_ratio": weights_quant / weights_dense if weights_dense else None,
         "compress_s": compress_s,
         "export_s": export_s,
         "latency": {},
@@ -171,7 +180,7 @@ def print_row(row: dict) -> None:
     print(
         f"{row['model']:>5} {row['params'] / 1e6:>7.2f}M "
         f"{row['dense_bytes'] / 1e6:>9.2f} {row['quant_bytes'] / 1e6:>9.2f} "
-        f"{row['size_ratio']:>6.3f} {row['max_rel_diff']:>9.1e} "
+        f"{row['size_ratio']:>6.3f} {row['quantized_weights_ratio'] or 0:>6.3f} {row['max_rel_diff']:>9.1e} "
         + " ".join(
             f"{lat[str(b)]['dense_ms']:>9.2f} {lat[str(b)]['quant_ms']:>9.2f} {lat[str(b)]['speedup']:>5.2f}x"
             for b in BATCHES
@@ -210,7 +219,7 @@ def main(argv=None):
         "models": [],
     }
     head = " ".join(f"{'b' + str(b) + ' dense':>9} {'b' + str(b) + ' q':>9} {'speed':>6}" for b in BATCHES)
-    print(f"{'model':>5} {'params':>8} {'dense MB':>9} {'quant MB':>9} {'ratio':>6} {'max rel':>9} {head}  (ms)")
+    print(f"{'model':>5} {'params':>8} {'dense MB':>9} {'quant MB':>9} {'ratio':>6} {'wts':>6} {'max rel':>9} {head}  (ms)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as folder:
