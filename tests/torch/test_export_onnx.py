@@ -256,6 +256,38 @@ def test_activation_quantization_qdq(bits, form, tmp_path):
     assert not any(n.domain == "obc_native" for n in graph_model.graph.node)
 
 
+class KeywordModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(32, 64)
+        self.fc2 = torch.nn.Linear(64, 16)
+
+    def forward(self, x, mask=None, **unused):
+        hidden = torch.relu(self.fc1(x))
+        return self.fc2(hidden if mask is None else hidden * mask)
+
+
+def test_keyword_inputs_and_activation_scopes(tmp_path):
+    torch.manual_seed(0)
+    model = KeywordModel().eval()
+    x, mask = torch.randn(8, 32), (torch.rand(8, 64) > 0.2).float()
+    batches = [{"x": x, "mask": mask}]
+    report = compress(model, batches, LayerConfig(bits=4, group_size=16), correction=None, baseline=False, quiet=True)
+    wrappers = quantize_activations(model, batches, bits=8)
+    result = export_onnx(model, (), tmp_path / "k.onnx", report=report, example_kwargs={"x": x, "mask": mask})
+    assert result.activations == {"fc1": "QDQ uint8", "fc2": "QDQ uint8"} and sorted(wrappers) == ["fc1", "fc2"]
+    assert sorted(result.layers) == ["fc1", "fc2"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(result.path, options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["x", "mask"]
+    x2, mask2 = torch.randn(3, 32), (torch.rand(3, 64) > 0.2).float()
+    got = session.run(None, {"x": x2.numpy(), "mask": mask2.numpy()})[0]
+    with torch.no_grad():
+        expected = model(x=x2, mask=mask2).numpy()
+    assert relative_error(got, expected) < 1e-3
+
+
 def test_pruned_only_and_dense_layers_stay_float(tmp_path):
     model, batches = wide_mlp(), mlp_data()
     recipe = Recipe(default=LayerConfig(prune="unstructured", sparsity=0.5), overrides=[Override("layers.2", bits=4)])

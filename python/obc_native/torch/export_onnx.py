@@ -348,8 +348,12 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     if devices - {torch.device("cpu")}:
         raise ExportError(f"the model is on {sorted(map(str, devices))}; move it to the CPU (model.cpu()) to export")
     args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in example_args)
+    traced = model
     if example_kwargs:
-        args = (*args, {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in example_kwargs.items()})
+        # The TorchScript exporter matches keyword inputs against forward's signature and fails on
+        # some (e.g. transformers models); a wrapper takes every input positionally instead.
+        traced = _KeywordCall(model, len(args), list(example_kwargs))
+        args = (*args, *(v.cpu() if isinstance(v, torch.Tensor) else v for v in example_kwargs.values()))
     buffer = io.BytesIO()
     model.eval()
     try:
@@ -368,7 +372,7 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
                     if isinstance(value, torch.Tensor) and value.dim() >= 1
                 }
             torch.onnx.export(
-                model,
+                traced,
                 args,
                 buffer,
                 dynamo=False,
@@ -388,8 +392,8 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     except Exception as err:  # the exporter raises many types for an unsupported operator
         message = " ".join(str(err).split())[:600]
         raise ExportError(
-            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); the operator named "
-            "there has no ONNX form: replace the module that uses it, or export a submodule"
+            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); where it names an "
+            "operator without an ONNX form, replace the module that uses it or export a submodule without it"
         ) from err
     finally:
         for module, flag in training.items():
@@ -401,7 +405,10 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     for node in graph_model.graph.node:
         if node.domain == _PLACEHOLDER_DOMAIN:
             attributes = {a.name: a for a in node.attribute}
-            placeholders[node.name] = (attributes["bits"].i, attributes["scale"].f, attributes["zero"].f)
+            layer = _scope_of(node.name)
+            if example_kwargs:  # traced inside _KeywordCall: drop its attribute name
+                layer = layer.partition(".")[2]
+            placeholders[node.name] = (attributes["bits"].i, attributes["scale"].f, attributes["zero"].f, layer)
             node.op_type, node.domain = "Identity", ""
             del node.attribute[:]
     for entry in [o for o in graph_model.opset_import if o.domain == _PLACEHOLDER_DOMAIN]:
@@ -411,6 +418,20 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     except Exception as err:  # noqa: BLE001 - onnx raises RuntimeError/ValueError/C++ errors
         raise ExportError(f"the exported graph cannot be converted to ONNX opset {OPSET} ({err})") from err
     return graph_model, placeholders
+
+
+class _KeywordCall(nn.Module):
+    """Calls ``model(*inputs[:positional], **dict(zip(keywords, inputs[positional:])))``."""
+
+    def __init__(self, model: nn.Module, positional: int, keywords: list[str]):
+        super().__init__()
+        self.model = model
+        self.positional = positional
+        self.keywords = keywords
+
+    def forward(self, *inputs):
+        keyword_inputs = dict(zip(self.keywords, inputs[self.positional :]))
+        return self.model(*inputs[: self.positional], **keyword_inputs)
 
 
 def _flatten(outputs: Any) -> list[Any]:
@@ -512,7 +533,7 @@ class _GraphRewriter:
                 "list it in dense=[...] to export it with float weights"
             )
         # equal values: prefer the parameter's own name (two layers may hold identical weights)
-        candidates.sort(key=lambda c: (c[0] != key, c[0]))
+        candidates.sort(key=lambda c: (c[0] != key and not c[0].endswith("." + key), c[0]))
         return candidates[0]
 
     # -- weights
@@ -664,9 +685,9 @@ class _GraphRewriter:
 
     # -- activations
 
-    def lower_activation_placeholders(self, placeholders: dict[str, tuple[int, float, float]]) -> dict[str, str]:
+    def lower_activation_placeholders(self, placeholders: dict[str, tuple[int, float, float, str]]) -> dict[str, str]:
         """Replace each activation placeholder (an Identity node named in ``placeholders``, with
-        its bits, scale and zero point) by Q/DQ, or by fake_quantize's float ops."""
+        its bits, scale, zero point and layer name) by Q/DQ, or by fake_quantize's float ops."""
         from onnx import TensorProto, helper, numpy_helper
 
         found: dict[str, str] = {}
@@ -674,8 +695,7 @@ class _GraphRewriter:
         if len(nodes) != len(placeholders):
             raise RuntimeError("activation quantization nodes were lost converting the graph's opset")
         for node in nodes:
-            bits, scale, zero = placeholders[node.name]
-            layer = _scope_of(node.name)
+            bits, scale, zero, layer = placeholders[node.name]
             base = f"{layer or 'model'}.input_quant.{len(found)}"
             scale_tensor = numpy_helper.from_array(np.asarray(scale, dtype=np.float32), f"{base}:scale")
             types = {4: TensorProto.UINT4, 8: TensorProto.UINT8, 16: TensorProto.UINT16}
