@@ -674,7 +674,7 @@ class _GraphRewriter:
                         "Transpose", [reshaped], [weight_name], name=f"{name_prefix}/weight_transpose", perm=order
                     )
                 )
-        first = min(list(self.graph.node).index(node) for node, _ in consumers)
+        first = min(self._node_index(node) for node, _ in consumers)
         for offset, new in enumerate(nodes):
             self.graph.node.insert(first + offset, new)
         for node, index in consumers:
@@ -736,16 +736,24 @@ class _GraphRewriter:
 
     # -- helpers
 
+    def _node_index(self, node) -> int:
+        """Position of ``node`` in the graph, by identity (``==`` on protobuf messages compares
+        their contents)."""
+        return next(i for i, candidate in enumerate(self.graph.node) if candidate is node)
+
     def _replace_node(self, node, new_nodes) -> None:
-        position = list(self.graph.node).index(node)
-        self.graph.node.remove(node)
+        position = self._node_index(node)
+        del self.graph.node[position]
         for offset, new in enumerate(new_nodes):
             self.graph.node.insert(position + offset, new)
 
     def _drop_initializer(self, name: str) -> None:
         if self._consumers(name):
             return
-        self.graph.initializer.remove(self.initializers.pop(name))
+        self.initializers.pop(name)
+        # by position: remove() would compare tensors by content, slow on large models
+        position = next(i for i, init in enumerate(self.graph.initializer) if init.name == name)
+        del self.graph.initializer[position]
         self._arrays.pop(name, None)
 
     def finish(self) -> None:
