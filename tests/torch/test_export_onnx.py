@@ -465,3 +465,39 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(tmp_path / "out"), "--format", "onnx", "--out", str(out),
                  "--example", str(tmp_path / "none.pt")]) == 1
     assert "--example" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_export_of_a_hugging_face_folder(tmp_path, capsys):
+    """A folder written by `compress --hf` is rebuilt from its config.json; keyword example inputs."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    from obc_native.cli import main
+
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 100, (16, 8), generator=generator)
+    example = {"input_ids": ids, "attention_mask": torch.ones(16, 8, dtype=torch.long)}
+    save_file(example, str(tmp_path / "ids.safetensors"))
+    (tmp_path / "r.json").write_text(json.dumps({"default": {"bits": 4, "group_size": 16}}))
+    assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--batch-size", "8", "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "out"),
+                 "--quiet"]) == 0
+    out = tmp_path / "bert.onnx"
+    assert main(["export", str(tmp_path / "out"), "--format", "onnx", "--out", str(out),
+                 "--example", str(tmp_path / "ids.safetensors")]) == 0
+    assert "encoder.layer.0.intermediate.dense: MatMulNBits 4-bit block 16" in capsys.readouterr().out
+    model = transformers.BertModel(config)
+    load_compressed(model, tmp_path / "out")
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sorted(i.name for i in session.get_inputs()) == ["attention_mask", "input_ids"]  # keyword inputs
+    test_ids = torch.randint(0, 100, (3, 8), generator=generator)
+    mask = torch.ones(3, 8, dtype=torch.long)
+    got = session.run(None, {"input_ids": test_ids.numpy(), "attention_mask": mask.numpy()})[0]
+    with torch.no_grad():
+        expected = model.eval()(input_ids=test_ids, attention_mask=mask).last_hidden_state.numpy()
+    assert relative_error(got, expected) < 1e-3
