@@ -28,6 +28,7 @@ from .actquant import ActQuantWrapper, quantize_activations, remove_activation_q
 from .calibration import as_batches, collect_hessians
 from .compress import CompressionError, compress
 from .correction import recalibrate_batchnorm
+from .export_onnx import ExportError, OnnxExport, export_onnx
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, describe_layer, find_layers
 from .nonuniform import (
@@ -61,6 +62,9 @@ __all__ = [
     "load_compressed",
     "read_manifest",
     "SerializationError",
+    "export_onnx",
+    "OnnxExport",
+    "ExportError",
     "ActQuantWrapper",
     "quantize_activations",
     "remove_activation_quantization",
