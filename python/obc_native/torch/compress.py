@@ -1,16 +1,27 @@
 """Whole-model compression: calibrate, solve every layer, correct statistics, report.
 
+:func:`compress` (a recipe) and :func:`compress_to_budget` (a level database and a budget) both
+turn into a plan ``{layer name: LayerStep}`` executed by one loop (:class:`_Run`): calibrate ->
+for each layer: solve -> write back -> bias correction; then BatchNorm re-estimation, undo on
+error, report (with where the time went: ``report.time_line()``).
+
+Layers that read the same input tensor in a forward pass (the query, key and value projections
+of an attention block; in general any layers called on one tensor object, unchanged in between,
+that they unfold into the same samples) share one Hessian: it is accumulated once. The results
+are those of separate accumulation, bit for bit.
+
 Two calibration modes:
 
 - dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
-  hooks on every layer to compress; all Hessians are held at once (sum over layers of
+  hooks on every layer to compress; all Hessians are held at once (sum over distinct inputs of
   ``groups * cols^2`` float64), then each layer is solved. One pass, fastest.
 - sequential (``sequential=True``): layers are compressed one at a time in execution order
   (discovered by a first pass); each layer's Hessian is collected from a fresh pass through the
   model whose earlier layers are already compressed, so it sees the inputs it will see after
-  compression. Only one Hessian is alive at a time. Cost: 1 + (number of layers) passes over the
-  calibration set, each stopped right after the layer's last call (layers late in the model cost
-  nearly a full forward).
+  compression. Layers sharing an input (each called once per forward) share that pass. Only one
+  Hessian is alive at a time. Cost: 1 + (number of distinct inputs) passes over the calibration
+  set, each stopped right after the last call of the layer it calibrates (layers late in the
+  model cost nearly a full forward).
 
 Everything that can be checked is checked before the first weight is written: the recipe
 against every layer's shape, the calibration batches (dense mode: all of them; sequential:
