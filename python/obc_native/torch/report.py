@@ -49,7 +49,9 @@ class LayerReport:
             (None when not computed).
         damp: relative damping used by the solver (None for magnitude pruning alone).
         samples: calibration samples n the Hessian was averaged over.
-        seconds: wall time of calibration pass (sequential mode) plus solve.
+        seconds: wall time of the solve (with bias correction), plus in sequential mode the
+            calibration pass of the layer's input when this layer made it (layers sharing an
+            input with an earlier one use its pass).
         bias_corrected: whether the bias was corrected against the dense model's outputs.
         skipped: reason the layer was left untouched, or "".
         level: non-uniform compression (``compress(budget=...)``): label of the level chosen for
