@@ -275,3 +275,15 @@ def test_reports_without_times_still_load():
     data = {"layers": [], "calibration": "dense", "passes": 1, "seconds": 2.0}
     report = CompressionReport.from_dict(data)
     assert report.pass_seconds == 0.0 and "other 2.00 s" in report.table()
+
+
+def test_inference_mode_inputs_are_not_shared():
+    """Inference tensors have no version counter: their reuse cannot be checked, so no sharing."""
+    net, data = model(), batches((2, 5, 8))
+    found = find_layers(net)
+    with LayerHooks(found, share_inputs=True) as hooks, torch.inference_mode():
+        run_calibration(net, data, hooks)
+    owner, mixed = hooks.share_hessians()
+    assert owner == {name: name for name in found} and mixed == []
+    separate = separate_hessians(net, data, ["k"])
+    assert torch.equal(hooks.hessians["k"].hessian, separate["k"].hessian)

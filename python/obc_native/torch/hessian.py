@@ -66,6 +66,15 @@ def sample_signature(info: LayerInfo) -> Hashable:
     )
 
 
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference-mode tensors, which have none:
+    their inputs are never shared)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
 class _Token(NamedTuple):
     """One input of one call: call ``call`` (counted over the whole run) of layer ``layer``."""
 
@@ -243,16 +252,18 @@ class LayerHooks:
         """The earlier call of this pass that read the same unchanged tensor ``x`` into the same
         samples, or None."""
         seen = self._seen.get((id(x), self._signatures[name]))
-        if seen is None or seen.tensor() is not x or seen.version != x._version:
+        if seen is None or seen.tensor() is not x or seen.version != _version(x):
             return None
         return seen.token
 
     def _remember(self, name: str, x: torch.Tensor, token: _Token) -> None:
+        version = _version(x)
         try:
             ref = weakref.ref(x)
         except TypeError:  # a tensor type without weak references: not shared
             return
-        self._seen[(id(x), self._signatures[name])] = _SeenInput(ref, x._version, token)
+        if version is not None:
+            self._seen[(id(x), self._signatures[name])] = _SeenInput(ref, version, token)
 
     def _make_pre_hook(self, name: str):
         def hook(module, args, kwargs):
