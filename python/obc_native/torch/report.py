@@ -249,7 +249,8 @@ class CompressionReport:
         parts += [("solves", self.solve_seconds), ("correction", self.correction_seconds)]
         other = self.seconds - sum(seconds for _, seconds in parts)
         parts.append(("other", max(other, 0.0)))
-        return "time: " + ", ".join(f"{what} {seconds:.2f} s" for what, seconds in parts) + f" (of {self.seconds:.2f} s)"
+        text = ", ".join(f"{what} {seconds:.2f} s" for what, seconds in parts)
+        return f"time: {text} (of {self.seconds:.2f} s)"
 
     def __str__(self) -> str:
         return self.table()
