@@ -1,16 +1,27 @@
 """Whole-model compression: calibrate, solve every layer, correct statistics, report.
 
+:func:`compress` (a recipe) and :func:`compress_to_budget` (a level database and a budget) both
+turn into a plan ``{layer name: LayerStep}`` executed by one loop (:class:`_Run`): calibrate ->
+for each layer: solve -> write back -> bias correction; then BatchNorm re-estimation, undo on
+error, report (with where the time went: ``report.time_line()``).
+
+Layers that read the same input tensor in a forward pass (the query, key and value projections
+of an attention block; in general any layers called on one tensor object, unchanged in between,
+that they unfold into the same samples) share one Hessian: it is accumulated once. The results
+are those of separate accumulation, bit for bit.
+
 Two calibration modes:
 
 - dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
-  hooks on every layer to compress; all Hessians are held at once (sum over layers of
+  hooks on every layer to compress; all Hessians are held at once (sum over distinct inputs of
   ``groups * cols^2`` float64), then each layer is solved. One pass, fastest.
 - sequential (``sequential=True``): layers are compressed one at a time in execution order
   (discovered by a first pass); each layer's Hessian is collected from a fresh pass through the
   model whose earlier layers are already compressed, so it sees the inputs it will see after
-  compression. Only one Hessian is alive at a time. Cost: 1 + (number of layers) passes over the
-  calibration set, each stopped right after the layer's last call (layers late in the model cost
-  nearly a full forward).
+  compression. Layers sharing an input (each called once per forward) share that pass. Only one
+  Hessian is alive at a time. Cost: 1 + (number of distinct inputs) passes over the calibration
+  set, each stopped right after the last call of the layer it calibrates (layers late in the
+  model cost nearly a full forward).
 
 Everything that can be checked is checked before the first weight is written: the recipe
 against every layer's shape, the calibration batches (dense mode: all of them; sequential:
@@ -24,8 +35,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -43,9 +56,9 @@ from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
     OBJECTIVES,
+    _Applications,
     _as_level_spec,
     _build,
-    _calibrate,
     _database_layers,
     apply_unit_level,
     as_budget_spec,
@@ -58,7 +71,7 @@ from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
 from .solve import UnitResult, baseline_config, solve_unit
 
-__all__ = ["compress", "CompressionError"]
+__all__ = ["compress", "compress_to_budget", "CompressionError", "LayerStep"]
 
 logger = logging.getLogger("obc_native.torch")
 # What state a failed run left the model in, on its own channel: the command line, which writes
@@ -130,103 +143,28 @@ def _resolve_correction(model: nn.Module, correction: str | None) -> str | None:
     return correction
 
 
-class _LayerCompressor:
-    """Solves layers one by one and writes them back into the model."""
+@dataclass
+class LayerStep:
+    """One entry of a plan: what to do to one layer.
 
-    def __init__(self, *, correction: str | None, baseline: bool, num_threads: int | None, backup: _Backup):
-        self.core = get_core()
-        self.correction = correction
-        self.baseline = baseline
-        self.num_threads = num_threads
-        self.backup = backup
+    ``config`` is the recipe configuration to solve the layer with (None: leave it dense). A
+    layer of a level database is solved to ``level`` of ``levels`` in the database's column
+    order; ``config`` is then the level's equivalent configuration (for the report and the
+    baseline). Once levels and configurations are one type, a plan is ``{name: LayerConfig}``.
+    """
 
-    def run(
-        self,
-        plan: LayerPlan,
-        stats: LayerHessian,
-        dense_output_mean: np.ndarray | None = None,
-        seconds_before: float = 0.0,
-        level: tuple[LayerLevels, Level] | None = None,
-    ) -> LayerReport:
-        """Compress one layer by ``plan.config``, or to a database level ``(layer, level)`` (then
-        ``plan.config`` is the level's equivalent configuration, for the report and baseline)."""
-        start = time.perf_counter()
-        info, config = plan.info, plan.config
-        assert config is not None
-        hessians = stats.hessians()
-        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-        new = np.empty_like(dense)
-        rows = info.rows
-        loss = 0.0
-        baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
-        damps, scales, zeros, units = [], [], [], []
-        threads = {} if self.num_threads is None else {"num_threads": self.num_threads}
-        for g, hessian in enumerate(hessians):
-            where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
-            unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
-            try:
-                if level is None:
-                    result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
-                else:
-                    result = apply_unit_level(info, unit, hessian, *level, num_threads=self.num_threads, core=self.core)
-                unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **threads)))
-                if config.is_baseline:
-                    baseline_loss += unit_loss
-                elif baseline_loss is not None:
-                    other = solve_unit(
-                        self.core, info, unit, hessian, baseline_config(config), num_threads=self.num_threads
-                    )
-                    baseline_loss += float(np.sum(self.core.layer_loss(unit, other.weight, hessian, **threads)))
-            except (ValueError, ArithmeticError) as err:
-                raise CompressionError(f"{where}: {err}") from err
-            new[g * rows : (g + 1) * rows] = result.weight
-            loss += unit_loss
-            damps.append(result.damp)
-            units.append(result)
-            scales.append(result.scale)
-            zeros.append(result.zero)
+    info: LayerInfo
+    config: LayerConfig | None
+    level: Level | None = None
+    levels: LayerLevels | None = None
 
-        new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
-        module = info.module
-        self.backup.save(module.weight, getattr(module, "bias", None))
-        set_weight_matrix(info, torch.from_numpy(new))
-        bias_corrected = False
-        if self.correction == "bias" and isinstance(getattr(module, "bias", None), torch.Tensor):
-            bias = module.bias.detach().to(torch.float64).cpu().numpy()
-            target = corrected_bias(bias, dense, new, stats.input_mean(), dense_output_mean)
-            with torch.no_grad():
-                module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
-            bias_corrected = True
 
-        grid = None
-        if config.bits is not None:
-            grid = QuantGrid(
-                bits=config.bits,
-                sym=config.sym,
-                group_size=config.group_size or info.cols,
-                column_order="channels_last" if info.is_conv else "native",
-                scale=np.concatenate(scales, axis=0),
-                zero=np.concatenate(zeros, axis=0),
-            )
-        present = [d for d in damps if d is not None]
-        return LayerReport(
-            name=info.name,
-            kind=info.kind,
-            shape=info.weight_shape,
-            mode=config.label,
-            method=config.method,
-            sparsity=float(np.mean(new == 0)),
-            bits=config.bits,
-            loss=loss,
-            baseline_loss=baseline_loss,
-            damp=max(present) if present else None,
-            samples=stats.n,
-            seconds=seconds_before + time.perf_counter() - start,
-            bias_corrected=bias_corrected,
-            config=_config_dict(config),
-            grid=grid,
-            **_quantizer_fields(units),
-        )
+def _solve(core: Any, step: LayerStep, unit: np.ndarray, hessian: np.ndarray, num_threads: int | None) -> UnitResult:
+    """The one place a unit (conv group) of a layer is solved: to a recipe configuration or to a
+    database level. ``unit`` is ``rows x cols`` float32, ``hessian`` ``cols x cols`` float64."""
+    if step.level is None:
+        return solve_unit(core, step.info, unit, hessian, step.config, num_threads=num_threads)
+    return apply_unit_level(step.info, unit, hessian, step.levels, step.level, num_threads=num_threads, core=core)
 
 
 def _quantizer_fields(units: list[UnitResult]) -> dict[str, Any]:
@@ -254,12 +192,11 @@ def _skipped_report(plan: LayerPlan) -> LayerReport:
     return LayerReport(name=info.name, kind=info.kind, shape=info.weight_shape, mode="skipped", skipped=plan.reason)
 
 
-def _never_called(stats: Mapping[str, int], what: str) -> None:
+def _never_called(stats: Mapping[str, int], what: str, hint: str = "skip them in the recipe") -> None:
     missing = [name for name, count in stats.items() if count == 0]
     if missing:
         raise CalibrationError(
-            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated "
-            "(skip them in the recipe)"
+            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated ({hint})"
         )
 
 
@@ -277,147 +214,235 @@ def _on_failure(err: BaseException, backup: _Backup, restore_on_error: bool) -> 
         err.add_note(f"obc_native: {note}")
 
 
-def compress(
-    model: nn.Module,
-    calibration: Any,
-    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
-    *,
-    budget: str | BudgetSpec | None = None,
-    database: LevelDatabase | str | os.PathLike | None = None,
-    levels: Any = None,
-    objective: str = "auto",
-    stitch: bool = False,
-    loss_fn: Any = None,
-    damp: float = 0.01,
-    sequential: bool = False,
-    forward: Forward | None = None,
-    correction: str | None = "auto",
-    baseline: bool = True,
-    num_threads: int | None = None,
-    quiet: bool = False,
-    restore_on_error: bool = True,
-) -> CompressionReport:
-    """Compress ``model`` in place following ``recipe``, or non-uniformly within ``budget``;
-    returns a :class:`CompressionReport`.
+class _Run:
+    """One compression run, recipe or budget: the shared loop and its bookkeeping.
 
-    Args:
-        model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
-            candidates. Layers whose weight is tied to another parameter are skipped (reported).
-        calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
-        recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
-            a JSON / YAML recipe file. With a ``budget`` it only selects the layers (its skip
-            patterns, and layers no rule matches, are left out; see ``select_layers``).
-        budget: non-uniform compression: a total-cost budget such as "flops=2x" (2x fewer FLOPs
-            than the dense layers), "params=2x", "bits=4.5" (bits per weight on average) or an
-            absolute "flops=1e6", or a BudgetSpec (see ``obc_native.budget``). The level database
-            (every level of every layer with its loss and costs, see ``nonuniform.py``) is built
-            from the calibration pass, or taken from ``database``; the DP solver picks one level
-            per layer minimizing the total loss with total cost <= budget; each layer is then
-            compressed to its level. ``report.budget`` and each layer's ``level``,
-            ``level_costs`` and ``model_loss`` describe the choice; ``report.database`` holds the
-            database (save it with ``report.database.save(path)``).
-        database: a LevelDatabase or the path of a saved one, instead of building it; it must
-            match the model's layers (LevelDatabaseError otherwise). Budget mode only, as are:
-        levels: what levels to build (``LevelSpec`` or dict; default ``LevelSpec.preset`` of the
-            budget's cost type); objective: "auto", "layer", "normalized" or "model" (see
-            ``nonuniform.OBJECTIVES``); stitch, loss_fn: compute stitched model losses while
-            building (see ``build_database``); damp: relative damping of the database's solves.
-            Budget errors are raised before any weight is modified: InfeasibleBudgetError (a
-            ValueError stating the smallest achievable cost), ValueError for an unknown cost type
-            or a negative budget, LevelDatabaseError for a database of another model.
-        sequential: calibrate each layer on the outputs of the already-compressed earlier layers
-            (see the module docstring for the cost); default: one pass over the dense model.
-        forward: optional ``forward(model, batch)`` replacing the default call of the model.
-        correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
-            correction), "batchnorm", "bias", or None.
-        baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
-        num_threads: threads for the solvers (None: the core's default; at most 1024).
-        quiet: no progress bar.
-        restore_on_error: undo every modification if compression fails part way.
+    The loop: calibrate (one pass per group of layers reading the same input) -> for each
+    layer: solve -> write back -> bias correction; then BatchNorm re-estimation. It keeps the
+    copies to undo a failed run, the report and where the time went.
     """
-    if num_threads is not None:
-        _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
-    if budget is not None:
-        if sequential:
-            raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
-        return _compress_budget(
-            model, calibration, recipe, budget=budget, database=database, levels=levels, objective=objective,
-            stitch=stitch, loss_fn=loss_fn, damp=damp, forward=forward, correction=correction, baseline=baseline,
-            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
-        )
-    if database is not None or levels is not None or stitch or loss_fn is not None:
-        raise ValueError("database, levels, stitch and loss_fn apply to non-uniform compression: pass budget=")
-    if recipe is None:
-        raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
-    start = time.perf_counter()
-    recipe = as_recipe(recipe)
-    plans = _plan(model, recipe)
-    correction = _resolve_correction(model, correction)
-    batches = as_batches(calibration)
-    targets = {name: plan for name, plan in plans.items() if plan.config is not None}
-    infos: dict[str, LayerInfo] = {name: plan.info for name, plan in targets.items()}
-    device = model_device(model)
-    report = CompressionReport(calibration="sequential" if sequential else "dense", correction=correction)
-    get_core()  # fail early if the solvers are missing
 
-    training = {module: module.training for module in model.modules()}
-    backup = _Backup()
-    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
-    progress = tqdm(total=len(targets), desc="obc", unit="layer", disable=quiet, leave=False)
-    try:
-        model.eval()
-        if not sequential:
-            with LayerHooks(infos, record_order=True) as hooks:
-                report.batches = run_calibration(model, batches, hooks, device=device, forward=forward)
-            report.passes = 1
-            _never_called({n: hooks.hessians[n].n for n in infos}, "calibration pass")
-            for name in hooks.order:
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Any,
+        *,
+        mode: str,
+        forward: Forward | None,
+        correction: str | None,
+        baseline: bool,
+        num_threads: int | None,
+        quiet: bool,
+        restore_on_error: bool,
+    ):
+        self.start = time.perf_counter()
+        self.model = model
+        self.correction = _resolve_correction(model, correction)
+        self.batches = as_batches(calibration)
+        self.device = model_device(model)
+        self.forward = forward
+        self.baseline = baseline
+        self.num_threads = num_threads
+        self.threads = {} if num_threads is None else {"num_threads": num_threads}
+        self.quiet = quiet
+        self.restore_on_error = restore_on_error
+        self.report = CompressionReport(calibration=mode, correction=self.correction)
+        self.backup = _Backup()
+        self.core = get_core()  # fail early if the solvers are missing
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Model in eval mode while running (training flags restored after); on any error, undo
+        every modification (unless told not to) before it propagates."""
+        training = {module: module.training for module in self.model.modules()}
+        try:
+            self.model.eval()
+            yield
+        except BaseException as err:
+            _on_failure(err, self.backup, self.restore_on_error)
+            raise
+        finally:
+            for module, flag in training.items():
+                module.train(flag)
+
+    # ---------------------------------------------------------------- calibration
+
+    def calibrate(self, infos: Mapping[str, LayerInfo], *, extra: Any = None, **options: Any) -> LayerHooks:
+        """One pass over the calibration set with :class:`LayerHooks` (``options``) on ``infos``
+        and the optional context manager ``extra`` (more hooks); counted in the report."""
+        start = time.perf_counter()
+        with LayerHooks(infos, **options) as hooks, (extra or nullcontext()):
+            self.report.batches = run_calibration(
+                self.model, self.batches, hooks, device=self.device, forward=self.forward
+            )
+        self.report.passes += 1
+        self.report.hessian_seconds += hooks.hessian_seconds
+        self.report.pass_seconds += time.perf_counter() - start - hooks.hessian_seconds
+        return hooks
+
+    def dense_hessians(
+        self, infos: Mapping[str, LayerInfo], *, hint: str, extra: Any = None
+    ) -> tuple[dict[str, LayerHessian], list[str]]:
+        """Every layer's Hessian from one pass over the dense model (layers reading the same
+        input share one object), and the layers in call order. Layers whose inputs were only
+        partly shared get a second pass of their own. ``hint``: what to do about a layer the
+        pass never reached (CalibrationError)."""
+        hooks = self.calibrate(infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=extra)
+        _, mixed = hooks.share_hessians()
+        hessians = hooks.hessians
+        if mixed:
+            hessians.update(self.calibrate({name: infos[name] for name in mixed}).hessians)
+        _never_called({name: hessians[name].n for name in infos}, "calibration pass", hint)
+        return hessians, list(hooks.order)
+
+    # ---------------------------------------------------------------- the layer loop
+
+    def compress_layers(
+        self,
+        plan: Mapping[str, LayerStep],
+        order: list[str],
+        owner: Mapping[str, str],
+        hessians: dict[str, LayerHessian],
+        *,
+        calibrate_group: Any = None,
+        dense_means: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Solve and write back the layers of ``plan`` in ``order``. A layer uses the Hessian of
+        its ``owner`` (the layer whose input it reads; itself when not shared): from
+        ``hessians``, or when missing from ``calibrate_group(owner)`` (a pass over the model
+        compressed so far; sequential mode). A Hessian is dropped after its last user."""
+        users = Counter(owner[name] for name in order)
+        progress = tqdm(total=len(order), desc="obc", unit="layer", disable=self.quiet, leave=False)
+        try:
+            for name in order:
                 progress.set_postfix_str(name)
-                layer = compressor.run(targets[name], hooks.hessians.pop(name))
-                report.layers.append(layer)
-                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
-                progress.update(1)
-        else:
-            with LayerHooks(infos, hessians=False, output_means=correction == "bias", record_order=True) as trace:
-                report.batches = run_calibration(model, batches, trace, device=device, forward=forward)
-            report.passes = 1
-            _never_called(trace.calls, "calibration pass")
-            calls = dict(trace.calls)
-            for name in trace.order:
-                progress.set_postfix_str(name)
+                source = owner[name]
                 layer_start = time.perf_counter()
-                with LayerHooks({name: infos[name]}, stop_after={name: calls[name]}) as hooks:
-                    run_calibration(model, batches, hooks, device=device, forward=forward)
-                report.passes += 1
-                dense_mean = trace.outputs[name].mean() if correction == "bias" else None
-                layer = compressor.run(
-                    targets[name], hooks.hessians[name], dense_mean, time.perf_counter() - layer_start
-                )
-                report.layers.append(layer)
-                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
+                if source not in hessians:
+                    hessians[source] = calibrate_group(source)
+                mean = None if dense_means is None else dense_means[name]
+                row = self.compress_layer(plan[name], hessians[source], mean)
+                row.seconds = time.perf_counter() - layer_start
+                self.report.layers.append(row)
+                users[source] -= 1
+                if not users[source]:
+                    del hessians[source]
+                if row.loss is not None:
+                    progress.set_postfix_str(f"{name} loss={row.loss:.4g}")
                 progress.update(1)
-        if correction == "batchnorm":
-            for norm in batchnorm_layers(model).values():
-                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
-            recalibrate_batchnorm(model, batches, device=device, forward=forward)
-            report.passes += 1
-    except BaseException as err:
-        _on_failure(err, backup, restore_on_error)
-        raise
-    finally:
-        progress.close()
-        for module, flag in training.items():
-            module.train(flag)
+        finally:
+            progress.close()
 
-    report.layers += [_skipped_report(plan) for plan in plans.values() if plan.config is None]
-    report.seconds = time.perf_counter() - start
-    logger.info(
-        "compressed %d layer(s), skipped %d, in %.2f s", len(report.compressed), len(report.skipped), report.seconds
-    )
-    return report
+    def compress_layer(self, step: LayerStep, stats: LayerHessian, dense_output_mean: np.ndarray | None) -> LayerReport:
+        """Solve one layer (every unit), write it back, correct its bias; its report row."""
+        start = time.perf_counter()
+        info, config = step.info, step.config
+        if config is None:
+            row = _dense_report(info, stats)
+        else:
+            dense, new, row = self._solve_layer(step, stats)
+            module = info.module
+            self.backup.save(module.weight, getattr(module, "bias", None))
+            set_weight_matrix(info, torch.from_numpy(new))
+            self.report.solve_seconds += time.perf_counter() - start
+            if self.correction == "bias" and isinstance(getattr(module, "bias", None), torch.Tensor):
+                start = time.perf_counter()
+                bias = module.bias.detach().to(torch.float64).cpu().numpy()
+                target = corrected_bias(bias, dense, new, stats.input_mean(), dense_output_mean)
+                with torch.no_grad():
+                    module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
+                row.bias_corrected = True
+                self.report.correction_seconds += time.perf_counter() - start
+        if step.level is not None:
+            row.level = step.level.label
+            row.level_costs = dict(step.level.costs)
+            row.model_loss = step.level.model_loss
+        return row
+
+    def _solve_layer(self, step: LayerStep, stats: LayerHessian) -> tuple[np.ndarray, np.ndarray, LayerReport]:
+        """The dense and compressed ``out x cols*groups`` weight matrices, and the report row."""
+        info, config = step.info, step.config
+        hessians = stats.hessians()
+        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        new = np.empty_like(dense)
+        rows = info.rows
+        loss = 0.0
+        baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
+        baseline_step = None if config.is_baseline else LayerStep(info, baseline_config(config))
+        damps, units = [], []
+        for g, hessian in enumerate(hessians):
+            where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
+            unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
+            try:
+                result = _solve(self.core, step, unit, hessian, self.num_threads)
+                unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **self.threads)))
+                if config.is_baseline:
+                    baseline_loss += unit_loss
+                elif baseline_loss is not None:
+                    other = _solve(self.core, baseline_step, unit, hessian, self.num_threads)
+                    baseline_loss += float(np.sum(self.core.layer_loss(unit, other.weight, hessian, **self.threads)))
+            except (ValueError, ArithmeticError) as err:
+                raise CompressionError(f"{where}: {err}") from err
+            new[g * rows : (g + 1) * rows] = result.weight
+            loss += unit_loss
+            damps.append(result.damp)
+            units.append(result)
+        new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
+
+        grid = None
+        if config.bits is not None:
+            grid = QuantGrid(
+                bits=config.bits,
+                sym=config.sym,
+                group_size=config.group_size or info.cols,
+                column_order="channels_last" if info.is_conv else "native",
+                scale=np.concatenate([unit.scale for unit in units], axis=0),
+                zero=np.concatenate([unit.zero for unit in units], axis=0),
+            )
+        present = [d for d in damps if d is not None]
+        row = LayerReport(
+            name=info.name,
+            kind=info.kind,
+            shape=info.weight_shape,
+            mode=config.label,
+            method=config.method,
+            sparsity=float(np.mean(new == 0)),
+            bits=config.bits,
+            loss=loss,
+            baseline_loss=baseline_loss,
+            damp=max(present) if present else None,
+            samples=stats.n,
+            config=_config_dict(config),
+            grid=grid,
+            **_quantizer_fields(units),
+        )
+        return dense, new, row
+
+    # ---------------------------------------------------------------- after the layers
+
+    def recalibrate_batchnorm(self) -> None:
+        """BatchNorm correction: re-estimate the running statistics on the compressed model."""
+        if self.correction != "batchnorm":
+            return
+        start = time.perf_counter()
+        for norm in batchnorm_layers(self.model).values():
+            self.backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
+        recalibrate_batchnorm(self.model, self.batches, device=self.device, forward=self.forward)
+        self.report.passes += 1
+        self.report.correction_seconds += time.perf_counter() - start
+
+    def finish(self, skipped: list[LayerReport]) -> CompressionReport:
+        self.report.layers += skipped
+        self.report.seconds = time.perf_counter() - self.start
+        return self.report
 
 
-def _dense_level_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
+# Share one calibration pass and Hessian between layers reading the same input (off only to
+# measure what it saves: benchmarks/bench_whole_model.py).
+_SHARE_INPUTS = True
+
+
+def _dense_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
     """A layer the budget leaves dense: its weights are not touched."""
     return LayerReport(
         name=info.name,
@@ -432,26 +457,169 @@ def _dense_level_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
     )
 
 
-def _compress_budget(
+def _sequential_groups(trace: LayerHooks) -> dict[str, str]:
+    """Owner of each layer for sequential calibration: a layer shares the pass of the layer whose
+    inputs it reads only when that layer is called once per forward pass. (The input then
+    exists before the owner's call, so compressing the owner, or any layer first called after
+    it, cannot change it: the shared pass gives the Hessian a pass of its own would. A layer
+    called twice may read at its second call what its own first call produced.)"""
+    owner, mixed = trace.input_owners()
+    for name in mixed:
+        owner[name] = name
+    for name, other in owner.items():
+        if other != name and trace.most_calls[other] != 1:
+            owner[name] = name
+    return owner
+
+
+def compress(
     model: nn.Module,
     calibration: Any,
-    recipe: Any,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
     *,
-    budget: Any,
-    database: Any,
-    levels: Any,
-    objective: str,
-    stitch: bool,
-    loss_fn: Any,
-    damp: float,
-    forward: Forward | None,
-    correction: str | None,
-    baseline: bool,
-    num_threads: int | None,
-    quiet: bool,
-    restore_on_error: bool,
+    sequential: bool = False,
+    forward: Forward | None = None,
+    correction: str | None = "auto",
+    baseline: bool = True,
+    num_threads: int | None = None,
+    quiet: bool = False,
+    restore_on_error: bool = True,
+    budget: str | BudgetSpec | None = None,
+    **budget_options: Any,
 ) -> CompressionReport:
-    """compress() with a budget: database (built or given), DP solve, each layer to its level."""
+    """Compress ``model`` in place following ``recipe``; returns a :class:`CompressionReport`.
+
+    Args:
+        model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
+            candidates. Layers whose weight is tied to another parameter are skipped (reported).
+        calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
+        recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
+            a JSON / YAML recipe file.
+        sequential: calibrate each layer on the outputs of the already-compressed earlier layers
+            (see the module docstring for the cost); default: one pass over the dense model.
+        forward: optional ``forward(model, batch)`` replacing the default call of the model.
+        correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
+            correction), "batchnorm", "bias", or None.
+        baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
+        num_threads: threads for the solvers (None: the core's default; at most 1024).
+        quiet: no progress bar.
+        restore_on_error: undo every modification if compression fails part way.
+        budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
+            ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
+            compression; ``sequential`` is not supported there).
+
+    Layers reading the same input tensor (e.g. the query, key and value projections of an
+    attention block) share one Hessian, and in sequential mode one pass; results are those of
+    separate passes, bit for bit. ``report.pass_seconds`` etc. say where the time went.
+    """
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
+    if budget is not None:
+        if sequential:
+            raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
+        return compress_to_budget(
+            model, calibration, budget, recipe=recipe, forward=forward, correction=correction, baseline=baseline,
+            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, **budget_options,
+        )
+    unknown = sorted(set(budget_options) - _BUDGET_OPTIONS)
+    if unknown:
+        raise TypeError(f"compress() got unexpected keyword argument(s) {unknown}")
+    if budget_options:
+        raise ValueError(f"{', '.join(sorted(budget_options))} apply to non-uniform compression: pass budget=")
+    if recipe is None:
+        raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
+    recipe = as_recipe(recipe)
+    plans = _plan(model, recipe)
+    plan = {name: LayerStep(p.info, p.config) for name, p in plans.items() if p.config is not None}
+    infos = {name: step.info for name, step in plan.items()}
+    run = _Run(
+        model, calibration, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
+        baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+    )
+    with run.guarded():
+        if not sequential:
+            hessians, order = run.dense_hessians(infos, hint="skip them in the recipe")
+            owner = {name: name for name in order}  # shared Hessians are already the same object
+            run.compress_layers(plan, order, owner, hessians)
+        else:
+            # a first pass for the order of calls, the inputs layers share and the dense outputs
+            bias = run.correction == "bias"
+            trace = run.calibrate(
+                infos, hessians=False, output_means=bias, record_order=True, share_inputs=_SHARE_INPUTS
+            )
+            calls = dict(trace.calls)  # of the last batch (all are assumed alike)
+            _never_called(calls, "calibration pass")
+
+            def calibrate_group(name: str) -> LayerHessian:
+                """A pass over the model compressed so far, stopped after ``name``'s last call."""
+                return run.calibrate({name: infos[name]}, stop_after={name: calls[name]}).hessians[name]
+
+            dense_means = {name: trace.outputs[name].mean() for name in infos} if bias else None
+            run.compress_layers(
+                plan, list(trace.order), _sequential_groups(trace), {},
+                calibrate_group=calibrate_group, dense_means=dense_means,
+            )
+        run.recalibrate_batchnorm()
+    report = run.finish([_skipped_report(p) for p in plans.values() if p.config is None])
+    logger.info(
+        "compressed %d layer(s), skipped %d, in %.2f s", len(report.compressed), len(report.skipped), report.seconds
+    )
+    return report
+
+
+_BUDGET_OPTIONS = frozenset({"database", "levels", "objective", "stitch", "loss_fn", "damp"})
+
+
+def compress_to_budget(
+    model: nn.Module,
+    calibration: Any,
+    budget: str | BudgetSpec,
+    *,
+    database: LevelDatabase | str | os.PathLike | None = None,
+    levels: Any = None,
+    objective: str = "auto",
+    stitch: bool = False,
+    loss_fn: Any = None,
+    damp: float = 0.01,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
+    forward: Forward | None = None,
+    correction: str | None = "auto",
+    baseline: bool = True,
+    num_threads: int | None = None,
+    quiet: bool = False,
+    restore_on_error: bool = True,
+) -> CompressionReport:
+    """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
+
+    The level database (every level of every layer with its loss and costs, see
+    ``nonuniform.py``) is built from one calibration pass, or taken from ``database``; the DP
+    solver picks one level per layer minimizing the total loss with total cost <= budget; each
+    layer is then compressed to its level by the same loop as :func:`compress`.
+
+    Args:
+        model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error:
+            as in :func:`compress`.
+        budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),
+            "params=2x", "bits=4.5" (bits per weight on average) or an absolute "flops=1e6", or a
+            BudgetSpec (see ``obc_native.budget``).
+        database: a LevelDatabase or the path of a saved one, instead of building it; it must
+            match the model's layers (LevelDatabaseError otherwise).
+        levels: what levels to build (``LevelSpec`` or dict; default ``LevelSpec.preset`` of the
+            budget's cost type).
+        objective: "auto", "layer", "normalized" or "model" (see ``nonuniform.OBJECTIVES``).
+        stitch, loss_fn: compute stitched model losses while building (see ``build_database``).
+        damp: relative damping of the database's solves.
+        recipe: only selects the layers (its skip patterns, and layers no rule matches, are left
+            out; see ``select_layers``).
+
+    ``report.budget`` and each layer's ``level``, ``level_costs`` and ``model_loss`` describe
+    the choice; ``report.database`` holds the database (save it with
+    ``report.database.save(path)``). Budget errors are raised before any weight is modified:
+    InfeasibleBudgetError (a ValueError stating the smallest achievable cost), ValueError for an
+    unknown cost type or a negative budget, LevelDatabaseError for a database of another model.
+    """
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)
     start = time.perf_counter()
     spec = as_budget_spec(budget)
     if objective not in OBJECTIVES:
@@ -478,64 +646,40 @@ def _compress_budget(
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
         infos, left_out = select_layers(model, recipe=recipe)
-    correction = _resolve_correction(model, correction)
-    batches = as_batches(calibration)
-    device = model_device(model)
-    report = CompressionReport(calibration="dense", correction=correction)
-    get_core()
-
-    training = {module: module.training for module in model.modules()}
-    backup = _Backup()
-    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
-    progress = None
-    try:
-        model.eval()
-        hessians, applications, order, report.batches = _calibrate(model, infos, batches, forward)
-        report.passes = 1
+    run = _Run(
+        model, calibration, mode="dense", forward=forward, correction=correction, baseline=baseline,
+        num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+    )
+    run.start = start
+    with run.guarded():
+        applications = _Applications(infos)
+        hessians, order = run.dense_hessians(
+            infos, hint="leave them out", extra=applications
+        )
         if database is None:
+            database_start = time.perf_counter()
             database = _build(
-                model, infos, hessians, applications, order, level_spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
-                batches=batches, batch_count=report.batches, forward=forward, num_threads=num_threads, quiet=quiet,
+                model, infos, hessians, applications.per_sample(run.report.batches), order, level_spec,
+                damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
+                forward=forward, num_threads=num_threads, quiet=quiet,
             )
             if stitch:
-                report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
+                run.report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
             solution = solve_database(database, spec, objective=objective)
-        progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet, leave=False)
+            run.report.database_seconds += time.perf_counter() - database_start
+        plan = {}
         for name in [n for n in order if n in infos]:
-            progress.set_postfix_str(name)
-            layer_start = time.perf_counter()
-            info, layer, level = infos[name], database[name], solution.choice[name]
-            stats = hessians.pop(name)
-            if level.kind == "dense":
-                row = _dense_level_report(info, stats)
-            else:
-                plan = LayerPlan(info, level_config(level, layer.settings.get("damp", 0.01)))
-                row = compressor.run(plan, stats, level=(layer, level))
-            row.seconds = time.perf_counter() - layer_start
-            row.level = level.label
-            row.level_costs = dict(level.costs)
-            row.model_loss = level.model_loss
-            report.layers.append(row)
-            progress.update(1)
-        if correction == "batchnorm":
-            for norm in batchnorm_layers(model).values():
-                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
-            recalibrate_batchnorm(model, batches, device=device, forward=forward)
-            report.passes += 1
-    except BaseException as err:
-        _on_failure(err, backup, restore_on_error)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        for module, flag in training.items():
-            module.train(flag)
-
-    report.layers += [
+            level, layer = solution.choice[name], database[name]
+            config = None if level.kind == "dense" else level_config(level, layer.settings.get("damp", 0.01))
+            plan[name] = LayerStep(infos[name], config, level=level, levels=layer)
+        run.compress_layers(plan, list(plan), {name: name for name in plan}, hessians)
+        run.recalibrate_batchnorm()
+    skipped = [
         _skipped_report(LayerPlan(info, None, left_out[name]))
         for name, info in find_layers(model).items()
         if name in left_out
     ]
+    report = run.finish(skipped)
     quantized = {
         name: (level.params["bits"], level.params["group_size"])
         for name, level in solution.choice.items()
