@@ -334,8 +334,8 @@ void check_grid_outputs(const Shape& shape, const obc::QuantOptions& opt, const 
   if (scales_out == nullptr && zeros_out == nullptr) return;
   const Index groups = opt.group_size == 0 ? 1 : c / opt.group_size;
   const auto expected = static_cast<std::size_t>(shape.rows * groups);
-  OBC_CHECK(grid_size == expected, "grid_size: expected rows * groups = ", shape.rows, " * ", groups,
-            " = ", expected, " elements in scales_out / zeros_out, got ", grid_size);
+  OBC_CHECK(grid_size == expected, "grid_size: expected rows * groups = ", shape.rows, " * ",
+            groups, " = ", expected, " elements in scales_out / zeros_out, got ", grid_size);
 }
 
 template <class S>
@@ -434,8 +434,8 @@ obc_status prune_quantize_sparsegpt(const S* weight, std::size_t rows, std::size
     Settings s;
     resolve(options, s);
     check_grid_outputs(shape, opt, scales_out, zeros_out, grid_size);
-    OBC_CHECK((n == 0) == (m == 0), "n, m: expected both 0 (a sparsity) or both set (N:M), got n = ",
-              n, ", m = ", m);
+    OBC_CHECK((n == 0) == (m == 0),
+              "n, m: expected both 0 (a sparsity) or both set (N:M), got n = ", n, ", m = ", m);
     obc::SparseGptOptions sparse = sparsegpt_options(s, obc::SparsePattern::Unstructured);
     if (n != 0) {
       OBC_CHECK(sparsity == 0.0 && block == 1,

@@ -8,8 +8,9 @@
 // memory traffic, like the float32 row kernels); the column norms the next step scores with are
 // accumulated in float64 in the same pass, so the weights are streamed through memory once per
 // step. Single columns (the common case) split each step by column ranges, one per thread, so
-// that almost nothing of a step is serial (single_column_steps); groups and rows with zeros of
-// their own split the weight update by row chunks (norms per fixed chunk, summed in chunk order).
+// that almost nothing of a step is serial (StructuredGreedy::run_single_columns); groups and rows
+// with zeros of their own split the weight update by row chunks (norms per fixed chunk, summed in
+// chunk order).
 // Both give the same bits for any thread count.
 //
 // Each row's loss is the sum of its step losses (exact OBS bookkeeping, float64), corrected for
@@ -480,7 +481,8 @@ class StructuredGreedy {
     inv_.diagonal_block(begin, len, gbb);
     Eigen::LLT<MatrixXd> llt(gbb);
     if (llt.info() != Eigen::Success) RowState<double>::lost_definiteness();
-    MatrixXd wt = weights().middleCols(begin, len).transpose().template cast<double>();  // len x rows
+    // len x rows
+    MatrixXd wt = weights().middleCols(begin, len).transpose().template cast<double>();
     llt.matrixL().solveInPlace(wt);
     scores_[static_cast<size_t>(s)] = wt.squaredNorm();
   }
@@ -660,6 +662,7 @@ class StructuredGreedy {
   MatrixS cols_s_;
 };
 
+// The kernel table's entry point (internal/row_kernels.hpp).
 template <class S>
 void structured_rows(const internal::StructuredJob<S>& job, const RunOptions& run) {
   StructuredGreedy<S>(job, run).run();
