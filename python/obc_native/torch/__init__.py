@@ -44,6 +44,7 @@ from .nonuniform import (
 from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
+from .shrink import ShrinkError, ShrinkReport, ShrunkChain, hf_ffn_chains, shrink_structured
 
 __all__ = [
     "compress",
@@ -81,5 +82,10 @@ __all__ = [
     "flops_per_weight",
     "measure_costs",
     "uniform_sparsity",
+    "shrink_structured",
+    "hf_ffn_chains",
+    "ShrinkReport",
+    "ShrunkChain",
+    "ShrinkError",
 ]
 
