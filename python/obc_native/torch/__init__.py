@@ -28,7 +28,9 @@ from .actquant import ActQuantWrapper, quantize_activations, remove_activation_q
 from .calibration import as_batches, collect_hessians
 from .compress import CompressionError, compress
 from .correction import recalibrate_batchnorm
+from .gguf_export import GGUFExportError, gguf_layer_config, save_gguf
 from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .hf_checkpoint import HFCheckpointError, save_hf_checkpoint
 from .layers import LayerInfo, describe_layer, find_layers
 from .nonuniform import (
     LevelSpec,
@@ -87,5 +89,10 @@ __all__ = [
     "ShrinkReport",
     "ShrunkChain",
     "ShrinkError",
+    "save_hf_checkpoint",
+    "HFCheckpointError",
+    "save_gguf",
+    "gguf_layer_config",
+    "GGUFExportError",
 ]
 
