@@ -185,3 +185,32 @@ def test_explicit_chains_match_the_traced_ones():
     assert report.chains == expected.chains and [c.kept for c in report.chains] == [6, 6]
     for a, b in zip(traced.state_dict().values(), given.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_tied_and_directly_read_weights_are_left_alone():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(6, 4), nn.Linear(4, 6)
+            self.c.weight = self.a.weight  # tied: removing a's rows would change c too
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + self.c(x).sum(dim=-1, keepdim=True)
+
+    class Direct(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 4)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))) + self.a.weight.sum()
+
+    for model_class, reason in ((Tied, "tied weights"), (Direct, "read directly")):
+        model = model_class()
+        with torch.no_grad():
+            model.b.weight[:, :2] = 0
+        before = copy.deepcopy(model)
+        report = shrink_structured(model)
+        assert report.chains == [] and reason in report.skipped["b"]
+        assert model.a.out_features == 6
+        assert_same_outputs(before, model, torch.randn(3, 4))

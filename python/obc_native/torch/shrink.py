@@ -173,8 +173,13 @@ def shrink_structured(
         repeated = sorted({role for role in roles if roles.count(role) > 1})
         if repeated:
             raise ShrinkError(f"chains: {', '.join(repeated)} in more than one chain")
+    shared = _shared_parameter_owners(model)
     with torch.no_grad():
         for chain in found:
+            tied = [name for name in chain if name in shared]
+            if tied:
+                report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
+                continue
             result = _shrink_chain(chain, modules)
             if isinstance(result, str):
                 report.skipped[chain[-1]] = result
@@ -185,6 +190,15 @@ def shrink_structured(
     logger.info("shrink_structured: %d channel(s) removed in %d chain(s); %d -> %d parameters", removed,
                 len(report.chains), report.parameters_before, report.parameters_after)
     return report
+
+
+def _shared_parameter_owners(model: nn.Module) -> set[str]:
+    """Names of modules holding a parameter that another module holds too (tied weights)."""
+    owners: dict[int, set[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), set()).add(module_name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
 
 
 def _parameter_count(model: nn.Module) -> int:
@@ -252,6 +266,9 @@ def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args
     for node in graph.nodes:
         if node.op == "call_module":
             calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a layer's tensors read directly: its shape must not change
+            owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+            calls[owner] = calls.get(owner, 0) + 2
     chains, skipped = [], {}
     for node in graph.nodes:
         if node.op != "call_module" or _kind(modules[node.target]) is None:
@@ -273,7 +290,7 @@ def _walk_back(node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tu
 
     consumer = node.target
     if calls[consumer] > 1:
-        return "the layer is called more than once"
+        return "the layer is called more than once (or its tensors are read directly)"
     between: list[str] = []
     current = node.args[0] if node.args else None
     while True:
@@ -284,7 +301,7 @@ def _walk_back(node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tu
         if current.op == "call_module":
             module = modules[current.target]
             if calls[current.target] > 1:
-                return f"{current.target} is called more than once"
+                return f"{current.target} is called more than once (or its tensors are read directly)"
             if _kind(module) is not None:
                 if _kind(module) != _kind(modules[consumer]):
                     return (f"its producer {current.target} is a {type(module).__name__}, "
