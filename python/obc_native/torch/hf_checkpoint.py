@@ -96,8 +96,13 @@ def _remove_weights(directory: str) -> None:
 
 def _verify(model: nn.Module, directory: str) -> None:
     """HFCheckpointError unless ``from_pretrained(directory)`` gives exactly ``model``'s tensors."""
+    import transformers
+
+    # the keyword was torch_dtype before transformers 4.56
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_keyword = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     loaded, info = type(model).from_pretrained(directory, output_loading_info=True, local_files_only=True,
-                                               dtype=_dtype(model))
+                                               **{dtype_keyword: _dtype(model)})
     problems = []
     for field in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
         values = info.get(field) or []
