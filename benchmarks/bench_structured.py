@@ -185,7 +185,8 @@ def measure(models: dict, inputs, args, workdir, name) -> dict:
                 reference = model(*x).numpy()
             rows[label]["torch_ms"][batch], rows[label]["torch_min_ms"][batch] = torch_ms[label]
             rows[label]["ort_ms"][batch], rows[label]["ort_min_ms"][batch] = ort_ms[label]
-            rows[label]["ort_vs_torch_max_abs"][batch] = float(abs(sessions[label].run(None, feed)[0] - reference).max())
+            difference = abs(sessions[label].run(None, feed)[0] - reference)
+            rows[label]["ort_vs_torch_max_abs"][batch] = float(difference.max())
     return rows
 
 

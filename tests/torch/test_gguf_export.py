@@ -81,3 +81,18 @@ def test_grids_gguf_cannot_hold_are_refused(tmp_path):
         gguf_layer_config("Q4_0", bits=3)
     with pytest.raises(ValueError, match="block_type: expected one of"):
         gguf_layer_config("Q5_K")
+
+
+def test_scale_outside_float16_is_refused(tmp_path):
+    from obc_native.torch.report import CompressionReport, LayerReport, QuantGrid
+
+    model = nn.Sequential(nn.Linear(32, 1, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.arange(32.0).remainder(16).sub(8).mul(1e5).view(1, 32))
+    grid = QuantGrid(4, True, 32, "native", np.array([[1e5]], dtype=np.float32), np.full((1, 1), 8, dtype=np.uint8))
+    layer = LayerReport(name="0", kind="linear", shape=(1, 32), mode="int4", method="rtn", sparsity=0.0, bits=4,
+                        loss=0.0, seconds=0.0, grid=grid)
+    before = model[0].weight.detach().clone()
+    with pytest.raises(GGUFExportError, match="layer '0': a scale outside float16's range"):
+        save_gguf(model, CompressionReport(layers=[layer]), tmp_path / "m.gguf")
+    assert torch.equal(model[0].weight, before) and not (tmp_path / "m.gguf").exists()

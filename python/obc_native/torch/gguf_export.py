@@ -159,7 +159,8 @@ def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, n
     scale = np.asarray(grid.scale, dtype=np.float32)
     scale16 = scale.astype(np.float16)
     if not np.all(np.isfinite(scale16)) or np.any((scale16 == 0) & (scale != 0)):
-        raise GGUFExportError(f"layer {name!r}: a scale outside float16's range ({float(np.abs(scale).max()):.3g} max); "
+        largest = float(np.abs(scale).max())
+        raise GGUFExportError(f"layer {name!r}: a scale outside float16's range ({largest:.3g} max); "
                               "GGUF blocks store float16 scales")
     weight = module.weight.detach().float().cpu().numpy()
     full_scale = np.repeat(scale, GGUF_BLOCK, axis=1)

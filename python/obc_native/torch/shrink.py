@@ -257,8 +257,9 @@ def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args
     try:
         graph = torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph
     except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
+        first_line = str(err).splitlines()[0] if str(err) else ""
         raise ShrinkError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line}); "
             "pass chains=[(producer, [norm, ...], consumer), ...] (for Hugging Face BERT-like models: "
             "chains=hf_ffn_chains(model))"
         ) from err
