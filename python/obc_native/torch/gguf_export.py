@@ -157,7 +157,8 @@ def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, n
     if not np.all(zero == 1 << (grid.bits - 1)):
         raise GGUFExportError(f"layer {name!r}: zero points other than {1 << (grid.bits - 1)} (not a symmetric grid)")
     scale = np.asarray(grid.scale, dtype=np.float32)
-    scale16 = scale.astype(np.float16)
+    with np.errstate(over="ignore"):  # checked just below
+        scale16 = scale.astype(np.float16)
     if not np.all(np.isfinite(scale16)) or np.any((scale16 == 0) & (scale != 0)):
         largest = float(np.abs(scale).max())
         raise GGUFExportError(f"layer {name!r}: a scale outside float16's range ({largest:.3g} max); "
