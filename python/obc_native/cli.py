@@ -162,7 +162,7 @@ def _prepare_out(path: str) -> list[str]:
     stale = [name for name in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
     if stale:
         raise CliError(
-            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint or an older obc_native output) "
+            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint, e.g. an earlier --hf output) "
             "that from_pretrained would load instead of the compressed model; choose another directory"
         )
     missing = []
