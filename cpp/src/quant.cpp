@@ -41,28 +41,62 @@ GridPoint<Scalar> grid_for_range(double xmin, double xmax, int bits, bool sym) {
   return g;
 }
 
+constexpr int kMseSteps = 80;  // shrink factors p = 1 - i / 100, i < kMseSteps
+
+// sum_j |q(w_j) - w_j|^norm on grid g, in index order; stops early (returning a value above
+// `bound`) once the partial sum exceeds `bound`: the terms are >= 0, so the full sum would too.
+// The partial sums are those of the full loop, so whatever is compared is computed identically.
 template <class Scalar>
-GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt) {
+double grid_error(const Scalar* w, Index len, const GridPoint<Scalar>& g, double norm,
+                  double bound) {
+  constexpr Index kCheck = 32;  // terms between two comparisons with the bound
+  double err = 0;
+  for (Index j0 = 0; j0 < len; j0 += kCheck) {
+    for (Index j = j0; j < std::min(len, j0 + kCheck); ++j) {
+      const double d = std::abs(static_cast<double>(g.quantize(w[j]) - w[j]));
+      if (d != 0) err += std::pow(d, norm);  // pow(0, norm > 0) is 0: adding it changes nothing
+    }
+    if (err > bound) return err;
+  }
+  return err;
+}
+
+// The grid of one row / group. MSE: of the kMseSteps shrunk ranges, the one with the smallest
+// error (the first on ties). `guess` (a step index; only speed depends on it) is evaluated first,
+// so that its error bounds every other candidate's partial sum and most of them stop early; on
+// return it holds the chosen step, a good guess for the next row of similar weights.
+template <class Scalar>
+GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
   double xmin = 0, xmax = 0;
   for (Index i = 0; i < len; ++i) {
     xmin = std::min(xmin, static_cast<double>(w[i]));
     xmax = std::max(xmax, static_cast<double>(w[i]));
   }
-  GridPoint<Scalar> best = grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
-  if (opt.grid == GridSearch::MinMax) return best;
-  double best_err = std::numeric_limits<double>::infinity();
-  for (int i = 0; i < 80; ++i) {
+  if (opt.grid == GridSearch::MinMax) return grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
+  const auto grid_at_step = [&](int i) {
     const double p = 1.0 - i / 100.0;
-    const GridPoint<Scalar> g = grid_for_range<Scalar>(p * xmin, p * xmax, opt.bits, opt.sym);
-    double err = 0;
-    for (Index j = 0; j < len; ++j)
-      err += std::pow(std::abs(static_cast<double>(g.quantize(w[j]) - w[j])), opt.mse_norm);
-    if (err < best_err) {
+    return grid_for_range<Scalar>(p * xmin, p * xmax, opt.bits, opt.sym);
+  };
+  const double inf = std::numeric_limits<double>::infinity();
+  const int first = std::clamp(guess, 0, kMseSteps - 1);
+  int best = first;
+  double best_err = grid_error<Scalar>(w, len, grid_at_step(first), opt.mse_norm, inf);
+  if (std::isnan(best_err)) {  // non-finite weights: no bound; keep the plain scan's choice
+    best = 0;
+    best_err = grid_error<Scalar>(w, len, grid_at_step(0), opt.mse_norm, inf);
+  }
+  // Same choice as a plain scan keeping strictly smaller errors: the smallest error, lowest step
+  // among equal ones. A step before `best` wins a tie, so it may only stop once it is above.
+  for (int i = 0; i < kMseSteps; ++i) {
+    if (i == first) continue;
+    const double err = grid_error<Scalar>(w, len, grid_at_step(i), opt.mse_norm, best_err);
+    if (err < best_err || (err == best_err && i < best)) {
       best_err = err;
-      best = g;
+      best = i;
     }
   }
-  return best;
+  guess = best;
+  return grid_at_step(best);
 }
 
 }  // namespace
@@ -142,7 +176,8 @@ const char* quant_method_name(QuantMethod method) {
 
 
 template <class Scalar>
-QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt) {
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
+                            int num_threads) {
   check_quant_options(opt, W.cols());
   QuantGrid<Scalar> grid;
   grid.bits = opt.bits;
@@ -150,13 +185,21 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
   const Index groups = W.cols() / grid.group_size;
   grid.scale.resize(W.rows(), groups);
   grid.zero.resize(W.rows(), groups);
-  for (Index r = 0; r < W.rows(); ++r)
-    for (Index g = 0; g < groups; ++g) {
-      const GridPoint<Scalar> p =
-          fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt);
-      grid.scale(r, g) = p.scale;
-      grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
-    }
+  // Rows are independent: fixed chunks of rows, each fitted by one thread. A parallel region
+  // costs more than a small layer's MSE search, so those stay on the calling thread.
+  constexpr Index kRowsPerItem = 16;
+  const Index items = (W.rows() + kRowsPerItem - 1) / kRowsPerItem;
+  const double work = static_cast<double>(W.size()) * (opt.grid == GridSearch::Mse ? kMseSteps : 1);
+  parallel_for(items, work < 4e6 ? 1 : num_threads, nullptr, [&](Index item, int) {
+    int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
+    for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
+      for (Index g = 0; g < groups; ++g) {
+        const GridPoint<Scalar> p =
+            fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt, guess);
+        grid.scale(r, g) = p.scale;
+        grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
+      }
+  });
   return grid;
 }
 
@@ -169,7 +212,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   validate_hessian(H, hopt.symmetry_tol);
   internal::check_quant_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
-  result.grid = make_grid<Scalar>(W, opt);
+  result.grid = make_grid<Scalar>(W, opt, run.num_threads);
   result.weight.resize(W.rows(), W.cols());
   result.pruned.resize(W.rows(), W.cols());
   for (Index r = 0; r < W.rows(); ++r)
@@ -214,7 +257,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
   internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt);
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads);
   if constexpr (std::is_same_v<Scalar, double>) {
     return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
   } else {
@@ -232,7 +275,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 #define OBC_INSTANTIATE(S)                                                                         \
   template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                        \
-                                     const QuantOptions&);                                         \
+                                     const QuantOptions&, int);                                    \
   template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
                                           const HessianRef&,                                       \
                                           const QuantOptions&, const HessianOptions&,              \
