@@ -137,12 +137,12 @@ inline __m128 pow_estimate4(__m128 u, __m128 norm) {
 }
 #endif
 
-// Estimate of grid_error(w, g) / g.scale^norm: the sum of u^norm, u = |q(w) - w| / scale, and the
-// number of terms estimated as 0 (u < kSmall). The rounding is GridPoint::quantize's: for
-// |x| < 2^22, (x + 1.5 2^23) - 1.5 2^23 is x rounded half to even, and larger |x| is clamped
-// to the same end code either way; q - w is then the very float the exact sum raises to norm.
-inline double scaled_error(const float* w, Index len, const GridPoint<float>& g, float norm,
-                           float* terms, Index& small) {
+// u^norm estimates of w[0, len) into terms (0 where u < kSmall), u = |q(w) - w| / scale; returns
+// how many were below kSmall. The rounding is GridPoint::quantize's: for |x| < 2^22,
+// (x + 1.5 2^23) - 1.5 2^23 is x rounded half to even, and larger |x| is clamped to the same end
+// code either way; q - w is then the very float the exact sum raises to norm.
+inline Index estimate_terms(const float* w, Index len, const GridPoint<float>& g, float norm,
+                            float* terms) {
   const float scale = g.scale, zero = static_cast<float>(g.zero);
   const float maxq = static_cast<float>(g.maxq), inv_scale = 1.0f / g.scale;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
@@ -176,12 +176,29 @@ inline double scaled_error(const float* w, Index len, const GridPoint<float>& g,
     n_small += tiny ? 1 : 0;
     terms[j] = tiny ? 0.0f : pow_estimate(u, norm);
   }
-  small = n_small;
+  return n_small;
+}
+
+// Estimate of grid_error(w, g) / g.scale^norm (the sum of the u^norm estimates) and the number
+// of terms estimated as 0. Stops early, returning a partial sum above `stop_above` with
+// complete = false, once the sum exceeds it (terms are >= 0).
+inline double scaled_error(const float* w, Index len, const GridPoint<float>& g, float norm,
+                           double stop_above, float* terms, Index& small, bool& complete) {
+  constexpr Index kBlock = 128;  // terms between two comparisons with stop_above
   double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
-  j = 0;
-  for (; j + 4 <= len; j += 4)
-    for (int l = 0; l < 4; ++l) sum[l] += static_cast<double>(terms[j + l]);
-  for (; j < len; ++j) sum[0] += static_cast<double>(terms[j]);
+  small = 0;
+  complete = false;
+  for (Index j0 = 0; j0 < len; j0 += kBlock) {
+    const Index n = std::min(kBlock, len - j0);
+    small += estimate_terms(w + j0, n, g, norm, terms);
+    Index j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int l = 0; l < 4; ++l) sum[l] += static_cast<double>(terms[j + l]);
+    for (; j < n; ++j) sum[0] += static_cast<double>(terms[j]);
+    const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    if (total > stop_above && j0 + n < len) return total;
+  }
+  complete = true;
   return (sum[0] + sum[1]) + (sum[2] + sum[3]);
 }
 
@@ -231,19 +248,25 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
       // exact_i >= low_i = (1 - m) est_i (zeroed terms only lower the estimate) and
       // exact_i <= high_i = (1 + m) (est_i + small_i kSmall^norm): a candidate whose low bound
       // is above the lowest high bound cannot be the minimum.
-      scratch.resize(static_cast<size_t>(len));
+      scratch.resize(static_cast<size_t>(std::min<Index>(len, 128)));
       double low[kMseSteps], lowest_high = std::numeric_limits<double>::infinity();
       const double small_term = std::pow(static_cast<double>(screen::kSmall), opt.mse_norm);
-      for (int i = 0; i < kMseSteps; ++i) {
+      const int start = first;  // the guess first: its high bound cuts the others short
+      for (int n = 0; n < kMseSteps; ++n) {
+        const int i = (start + n) % kMseSteps;
         const GridPoint<float> g = grid_at_step(i);
-        Index small = 0;
-        const double est = screen::scaled_error(w, len, g, static_cast<float>(opt.mse_norm),
-                                                scratch.data(), small);
         const double unit = std::pow(static_cast<double>(g.scale), opt.mse_norm);
+        // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above that.
+        const double stop = lowest_high / ((1 - screen::kMargin) * unit);
+        Index small = 0;
+        bool complete = false;
+        const double est = screen::scaled_error(w, len, g, static_cast<float>(opt.mse_norm),
+                                                stop, scratch.data(), small, complete);
         low[i] = (1 - screen::kMargin) * est * unit;
+        // Only a complete sum bounds the exact error from above.
         const double high =
             (1 + screen::kMargin) * (est + static_cast<double>(small) * small_term) * unit;
-        if (high < lowest_high) {
+        if (complete && high < lowest_high) {
           lowest_high = high;
           first = i;
         }
