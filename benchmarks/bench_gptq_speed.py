@@ -15,7 +15,7 @@ inputs; above that a cheaper Hessian of the same kind (diag + rank-1024 correlat
 outliers), which costs O(cols^2 1024) to build instead of O(cols^3).
 
 Usage: python benchmarks/bench_gptq_speed.py [--layers 768x3072,4096x4096] [--threads 2]
-       [--bits 4] [--group row|128] [--reps 2] [--out path.json]
+       [--bits 4] [--group row|128] [--reps 2] [--cheap-h] [--out path.json]
 """
 
 from __future__ import annotations
@@ -98,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group", default="row")
     ap.add_argument("--grid", default="mse")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--cheap-h", action="store_true",
+                    help="the diag + low-rank Hessian for every layer (fast to build)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import obc_native as obc
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     cases = []
     for li, layer in enumerate(args.layers.split(",")):
         rows, cols = (int(x) for x in layer.split("x"))
-        W, H = (bq.make_layer(rows, cols, kind="realistic", seed=li) if cols <= 4096
-                else cheap_layer(rows, cols, seed=li))
+        W, H = (bq.make_layer(rows, cols, kind="realistic", seed=li)
+                if cols <= 4096 and not args.cheap_h else cheap_layer(rows, cols, seed=li))
         n = min(2048, cols)
         sgemm, dgemm = gemm_rate(n, np.float32), gemm_rate(n, np.float64)
         kw = dict(sym=True, group_size=group, grid=args.grid, num_threads=args.threads)
