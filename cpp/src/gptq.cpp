@@ -82,19 +82,14 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::check_layer_scale<Scalar>(W, prep);
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt, run.num_threads);
-  RowMatrix<Scalar> weight;
-  Eigen::VectorXd step_losses;
   internal::gptq_into<Scalar>(W, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
-                              weight, &step_losses);
-  // The row losses from the sweep's own step losses: O(rows cols) instead of a second
-  // O(rows cols^2) pass as long as the sweep itself (rows where that would lose bits are
-  // measured directly).
-  PruneResult<Scalar> finished = internal::finish_result_from_steps<Scalar>(
-      W, H, prep, std::move(weight), internal::pruned_mask<Scalar>(W, prep.dead),
-      std::move(step_losses), run.num_threads);
-  result.weight = std::move(finished.weight);
-  result.pruned = std::move(finished.pruned);
-  result.row_losses = std::move(finished.row_losses);
+                              result.weight);
+  check_finite_result(result.weight, "weights");
+  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
+  // Measured with H, not taken from the sweep's step losses (which add up to the same in exact
+  // arithmetic): quantize_select and the C API report these very numbers for the same weights,
+  // and refinement's "never worse" is checked against them bit for bit.
+  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   internal::fill_codes(result);
   result.row_losses_unrefined = result.row_losses;
   result.row_method.setConstant(
