@@ -82,9 +82,11 @@ struct QuantResult {
 };
 
 /// Computes the grid of every row / group of W from W itself. Throws InvalidArgument for bits
-/// outside 2..8 or a group size that does not divide cols.
+/// outside 2..8 or a group size that does not divide cols. Rows are fitted in parallel on
+/// num_threads threads (0: all; the result does not depend on it).
 template <class Scalar>
-QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt);
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
+                            int num_threads = 1);
 
 /// Rounds W to its grid (round-to-nearest, no error feedback): the RTN baseline.
 template <class Scalar>

@@ -1,0 +1,47 @@
+// Plain (Eigen-free) interface of the GPTQ sweep, so that it is compiled once per SIMD level like
+// the row kernels (see kernels/gptq_sweep.cpp) and picked with them at run time: its cost is
+// GEMMs, which run about twice as fast with AVX2+FMA.
+#pragma once
+
+#include <cstdint>
+
+#include "internal/row_kernels.hpp"
+#include "obc/interrupt.hpp"
+
+namespace obc::internal {
+
+/// One layer's GPTQ sweep (obc/gptq.hpp). weight: rows x cols, row r at weight + r *
+/// weight_stride; order: cols entries, the original column quantized at step k; dead: cols flags
+/// (1: the input is dead, its weights are 0); hinv: the damped H^-1, cols x cols column-major,
+/// full symmetric (read only); scale / zero: rows x groups row-major grids; out: rows x cols
+/// row-major, the quantized weights; step_losses (rows, or null): each row's summed OBS step
+/// losses (w_k - q_k)^2 / (2 [H_F^-1]_kk), which add up to 1/2 dw (H + lambda I) dw^T.
+template <class S>
+struct GptqJob {
+  const S* weight;
+  KIndex weight_stride;
+  KIndex rows, cols;
+  const KIndex* order;
+  const char* dead;
+  const double* hinv;
+  const S* scale;
+  const std::uint8_t* zero;
+  KIndex group_size;
+  int bits;
+  KIndex block_size;  ///< columns per lazy block update, >= 1
+  S* out;
+  double* step_losses = nullptr;
+};
+
+struct GptqKernels {
+  /// Return false when the permuted H^-1 has no Cholesky factor (out then unspecified).
+  bool (*sweep_f32)(const GptqJob<float>&, const RunOptions&);
+  bool (*sweep_f64)(const GptqJob<double>&, const RunOptions&);
+};
+
+/// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses.
+const GptqKernels& gptq_kernels();
+const GptqKernels& gptq_kernels_generic();
+const GptqKernels& gptq_kernels_avx2();
+
+}  // namespace obc::internal

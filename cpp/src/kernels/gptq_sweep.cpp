@@ -1,0 +1,124 @@
+// The GPTQ sweep (obc/gptq.hpp): the upper Cholesky factor of the permuted H^-1 (by the blocked
+// parallel factorization of spd_inverse.hpp), then the column loop of each lazy block and the
+// block's GEMM onto the later columns, in fixed chunks of rows. Compiled once per SIMD level like
+// row_kernels.cpp (OBC_KERNEL_NS and a renamed Eigen in the AVX2 copy).
+#include <algorithm>
+#include <vector>
+
+#include "internal/gptq_kernels.hpp"
+#include "internal/grid_point.hpp"
+#include "kernels/spd_inverse.hpp"
+#include "obc/parallel.hpp"
+#include "obc/types.hpp"
+
+#ifndef OBC_GPTQ_TABLE
+#define OBC_GPTQ_TABLE gptq_kernels_generic
+#endif
+
+namespace obc::OBC_KERNEL_NS {
+
+namespace {
+
+using internal::GptqJob;
+
+// Rows solved together by one thread: the block updates are (chunk x block) by (block x rest)
+// products. Fixed, so that the chunking (and every float operation) is the same for any thread
+// count.
+constexpr Index kRowChunk = 64;
+constexpr Index kColumnChunk = 128;  // columns per item when permuting H^-1
+
+using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
+
+// L, lower, with L L^T = P^T H^-1 P (P: the order). Row k of U = L^T (U^T U = P^T H^-1 P) is
+// column k of L, contiguous. False when the factor does not exist.
+bool lower_factor(const double* hinv, Index n, const Index* order, int num_threads,
+                  InterruptHook* interrupt, MatrixD& lower) {
+  lower.resize(n, n);
+  const Eigen::Map<const MatrixD> h(hinv, n, n);
+  const int threads = n < 384 ? 1 : num_threads;  // as spd_inverse: small ones on one thread
+  parallel_for((n + kColumnChunk - 1) / kColumnChunk, threads, nullptr, [&](Index item, int) {
+    for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
+      const double* column = h.col(order[j]).data();
+      for (Index i = j; i < n; ++i) lower(i, j) = column[order[i]];  // the lower triangle only
+    }
+  });
+  spd_detail::Map a(lower.data(), n, n);
+  if (!spd_detail::cholesky(a, threads, interrupt)) return false;
+  for (Index i = 0; i < n; ++i)
+    if (!(a(i, i) > 0.0)) return false;
+  return true;
+}
+
+template <class S>
+void sweep_chunk(const GptqJob<S>& job, const MatrixD& lower, Index chunk) {
+  const Index rows = job.rows, cols = job.cols, groups = cols / job.group_size;
+  const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
+  const Index block = std::min(job.block_size, cols);
+  const int maxq = (1 << job.bits) - 1;
+  MatrixD w(len, cols);     // the chunk's weights in quantization order, updated
+  MatrixD err(len, block);  // (w_j - q_j) / U_jj of the block's columns
+  std::vector<char> zero(static_cast<size_t>(len * cols));  // (i, k) at k * len + i
+  for (Index k = 0; k < cols; ++k) {
+    const Index c = job.order[k];
+    const bool dead = job.dead[c] != 0;
+    for (Index i = 0; i < len; ++i) {
+      const S v = job.weight[(r0 + i) * job.weight_stride + c];
+      zero[static_cast<size_t>(k * len + i)] = (dead || v == S(0)) ? 1 : 0;
+      w(i, k) = dead ? 0.0 : static_cast<double>(v);
+    }
+  }
+  Eigen::VectorXd losses = Eigen::VectorXd::Zero(len);
+  for (Index b0 = 0; b0 < cols; b0 += block) {
+    const Index nb = std::min(block, cols - b0), b1 = b0 + nb;
+    for (Index k = b0; k < b1; ++k) {
+      const Index c = job.order[k];
+      const double ukk = lower(k, k);
+      for (Index i = 0; i < len; ++i) {
+        S q = S(0);
+        if (!zero[static_cast<size_t>(k * len + i)]) {
+          const Index at = (r0 + i) * groups + c / job.group_size;
+          const GridPoint<S> point{job.scale[at], static_cast<int>(job.zero[at]), maxq};
+          q = point.quantize(static_cast<S>(w(i, k)));
+        }
+        job.out[(r0 + i) * cols + c] = q;
+        const double e = (w(i, k) - static_cast<double>(q)) / ukk;
+        err(i, k - b0) = e;
+        losses[i] += 0.5 * e * e;
+      }
+      // Within the block, eagerly: the next column must see this step's update.
+      if (k + 1 < b1)
+        w.middleCols(k + 1, b1 - k - 1).noalias() -=
+            err.col(k - b0) * lower.col(k).segment(k + 1, b1 - k - 1).transpose();
+    }
+    // The block's steps onto every later column at once (level 3).
+    if (b1 < cols)
+      w.rightCols(cols - b1).noalias() -=
+          err.leftCols(nb) * lower.block(b1, b0, cols - b1, nb).transpose();
+  }
+  if (job.step_losses != nullptr)
+    for (Index i = 0; i < len; ++i) job.step_losses[r0 + i] = losses[i];
+}
+
+template <class S>
+bool sweep(const GptqJob<S>& job, const RunOptions& run) {
+  MatrixD lower;
+  if (!lower_factor(job.hinv, job.cols, job.order, run.num_threads, run.interrupt, lower))
+    return false;
+  const Index chunks = (job.rows + kRowChunk - 1) / kRowChunk;
+  parallel_for(chunks, run.num_threads, run.interrupt,
+               [&](Index chunk, int) { sweep_chunk<S>(job, lower, chunk); });
+  return true;
+}
+
+}  // namespace
+
+}  // namespace obc::OBC_KERNEL_NS
+
+namespace obc::internal {
+
+const GptqKernels& OBC_GPTQ_TABLE() {
+  static const GptqKernels table{&OBC_KERNEL_NS::sweep<float>, &OBC_KERNEL_NS::sweep<double>};
+  return table;
+}
+
+}  // namespace obc::internal
