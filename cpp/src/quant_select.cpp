@@ -9,6 +9,7 @@
 #include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_refit.hpp"
 #include "obc/errors.hpp"
 
 namespace obc {
@@ -26,7 +27,38 @@ void check_select_options(const QuantSelectOptions& sopt) {
                 quant_method_name(sopt.methods[i]), "' is listed twice");
   }
   internal::check_refine_options(sopt.refine);
+  OBC_CHECK(sopt.refit_rounds >= 0, "refit_rounds: expected >= 0, got ", sopt.refit_rounds);
   internal::check_gptq_options(GptqOptions{true, sopt.gptq_block_size});
+}
+
+// Scale refit rounds (QuantSelectOptions::refit_rounds) on the chosen rows of `best` (weight,
+// grid, row_losses filled): a row takes a round's scales and codes only where its loss drops.
+template <class Scalar>
+void refit_rounds(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,
+                  const Eigen::MatrixXd& hd, double damp_absolute, const QuantSelectOptions& sopt,
+                  const RunOptions& run, QuantResult<Scalar>& best) {
+  const Index rows = W.rows();
+  for (int round = 0; round < sopt.refit_rounds; ++round) {
+    QuantGrid<Scalar> grid = best.grid;
+    RowMatrix<Scalar> weight = best.weight;
+    if (internal::refit_scales_into<Scalar>(W, hd, best.pruned, run, grid, weight) == 0) return;
+    if (sopt.refine.max_passes > 0)
+      best.refine_passes = std::max(
+          best.refine_passes, internal::refine_into<Scalar>(W, hd, damp_absolute, grid,
+                                                            best.pruned, sopt.refine, run, weight));
+    check_finite_result(weight, "weights");
+    const Eigen::VectorXd losses = row_losses<Scalar>(W, weight, H, run.num_threads,
+                                                      run.interrupt);
+    Index improved = 0;
+    for (Index r = 0; r < rows; ++r) {
+      if (!(losses[r] < best.row_losses[r])) continue;
+      best.weight.row(r) = weight.row(r);
+      best.grid.scale.row(r) = grid.scale.row(r);
+      best.row_losses[r] = losses[r];
+      ++improved;
+    }
+    if (improved == 0) return;
+  }
 }
 
 // The candidates on `grid` (fitted on the original W), with the kernels of precision Scalar.
@@ -54,7 +86,8 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   best.damp_absolute = prep.damp_absolute;
   const bool refine = sopt.refine.max_passes > 0;
   Eigen::MatrixXd hd;
-  if (refine) hd = internal::refine_hessian(H, prep, sopt.refine.damped);
+  if (refine || sopt.refit_rounds > 0)
+    hd = internal::refine_hessian(H, prep, sopt.refine.damped);
 
   // GPTQ candidates need prep.hinv in float64; OBQ (float32) replaces it by a float32 copy, so
   // it runs last.
@@ -124,6 +157,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     best.row_losses_unrefined[r] = unrefined[i][r];
     best.row_method[r] = static_cast<std::uint8_t>(methods[i]);
   }
+  refit_rounds(W, H, hd, prep.damp_absolute, sopt, run, best);
   internal::fill_codes(best);
   return best;
 }

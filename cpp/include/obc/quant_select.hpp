@@ -22,6 +22,13 @@ struct QuantSelectOptions {
   std::vector<QuantMethod> methods = {QuantMethod::Obq, QuantMethod::Gptq};
   /// Refinement of every candidate before the choice (max_passes = 0: none).
   RefineOptions refine{};
+  /// Rounds of scale refit after the choice: each round solves, per row, the scales that
+  /// minimize the row's objective given its codes (an exact least-squares problem, one unknown
+  /// per group), then refines the codes on the new scales (when refine.max_passes > 0); a row
+  /// keeps the round's result only where its loss (undamped H) drops, so the loss never rises.
+  /// Rounds stop early when no row improves. The grids then differ from the fitted ones, row
+  /// by row (the zero points do not change). 0 = the fitted grids are kept. >= 0.
+  int refit_rounds = 2;
   /// Lazy block size of the GPTQ candidates (act_order is set by the method).
   Index gptq_block_size = 128;
 };
