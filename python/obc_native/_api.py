@@ -221,8 +221,9 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
 
     The grids are fitted on W itself before anything else (for groups: on the original column
     order, GPTQ's "static groups"), so every method below quantizes onto the same grids and rows
-    are independent; each row keeps the candidate with the lowest loss. Then (refit_rounds) each
-    row's scales are refitted to its codes where that lowers its loss.
+    are independent; each row keeps the candidate with the lowest loss. Before the choice
+    (refit_rounds) each candidate's row scales are refitted to its codes where that lowers the
+    row's loss, so the result's grids can differ from the fitted ones row by row.
 
     Args:
         W: (rows, cols) weights; zeros stay exactly zero. H: (cols, cols) Hessian.
@@ -250,7 +251,7 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
         refine_damped: refine on H + lambda I (the damped objective the quantizers minimize, a
             regularized target) instead of H; the reported loss may then rise slightly.
         gptq_block_size: columns per lazy block update of the GPTQ candidates (>= 1; speed only).
-        refit_rounds: rounds of scale refit after the choice (>= 0; 0 = keep the fitted grids;
+        refit_rounds: rounds of scale refit of each candidate, before the choice (>= 0; 0 = keep the fitted grids;
             None = 2 with refine, 0 without, so refine=False keeps each quantizer's own result).
             A round solves, per row, the scales (one per group) that minimize the row's loss
             given its codes (exact least squares in float64), then refines the codes on them

@@ -153,7 +153,7 @@ def test_refine_passes_bounds_the_passes():
 def test_auto_keeps_the_best_candidate_per_row(case, dtype):
     W, H, damp = problem(case, rows=24, cols=64)
     W = W.astype(dtype)
-    kw = dict(sym=False, group_size=16, damp=damp, refit_rounds=0)
+    kw = dict(sym=False, group_size=16, damp=damp)  # each candidate refined and refitted
     auto = obc_native.quantize(W, H, 3, **kw)
     cands = [obc_native.quantize(W, H, 3, method=m, **kw) for m in ("obq", "gptq")]
     losses = np.stack([c.row_losses for c in cands])
@@ -164,6 +164,7 @@ def test_auto_keeps_the_best_candidate_per_row(case, dtype):
         rows = winner == i
         assert np.array_equal(auto.weight[rows], c.weight[rows])
         assert np.array_equal(auto.codes[rows], c.codes[rows])
+        assert np.array_equal(auto.scale[rows], c.scale[rows])
         assert np.array_equal(auto.row_losses_unrefined[rows], c.row_losses_unrefined[rows])
     assert auto.loss <= min(c.loss for c in cands)
     assert set(auto.row_method_names()) <= {"obq", "gptq"}

@@ -1,4 +1,4 @@
-"""The demo: ExactOBS / OBQ keeps accuracy and beats magnitude / RTN on the shipped digits CNN."""
+"""The demo: ExactOBS / quantize() keeps accuracy and beats magnitude / RTN on the shipped digits CNN."""
 
 from __future__ import annotations
 
@@ -50,6 +50,17 @@ def test_compressed_accuracy_meets_expectations():
         assert ours.flops <= ours.budget and uniform.flops <= uniform.budget
         assert ours.accuracy >= uniform.accuracy, name
         assert name in table and "non-uniform DP" in table
+
+
+def test_method_labels_name_what_ran():
+    from obc_native.demo import method_label
+
+    assert method_label("unstructured 50%", "obc") == "ExactOBS"
+    assert method_label("2:4", "baseline") == "magnitude"
+    assert method_label("4-bit", "obc") == "auto" and method_label("3-bit", "baseline") == "RTN"
+    assert method_label("2:4 + 4-bit", "obc") == "ExactOBS + auto"
+    assert method_label("2:4 + 4-bit", "baseline") == "magnitude + RTN"
+    assert method_label("2x fewer FLOPs", "nonuniform") == "non-uniform DP"
 
 
 @pytest.mark.slow

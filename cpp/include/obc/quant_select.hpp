@@ -22,7 +22,8 @@ struct QuantSelectOptions {
   std::vector<QuantMethod> methods = {QuantMethod::Obq, QuantMethod::Gptq};
   /// Refinement of every candidate before the choice (max_passes = 0: none).
   RefineOptions refine{};
-  /// Rounds of scale refit after the choice: each round solves, per row, the scales that
+  /// Rounds of scale refit of every candidate, after its refinement and before the choice: each
+  /// round solves, per row, the scales that
   /// minimize the row's objective given its codes (an exact least-squares problem, one unknown
   /// per group), then refines the codes on the new scales (when refine.max_passes > 0); a row
   /// keeps the round's result only where its loss (undamped H) drops, so the loss never rises.
