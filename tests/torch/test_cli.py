@@ -168,7 +168,7 @@ def test_demo_command_subset(capsys):
     assert main(["demo", "--recipes", "4-bit"]) == 0
     printed = capsys.readouterr().out
     assert "4-bit             auto " in printed and "4-bit             RTN " in printed
-    assert "dense" in printed and "OBQ" not in printed
+    assert "dense" in printed and "ExactOBS/OBQ" not in printed
     assert main(["demo", "--recipes", "5-bit"]) == 1
 
 

@@ -30,7 +30,7 @@ def test_compressed_accuracy_meets_expectations():
     table = format_results(results)
     assert all(name in table for name in RECIPES)
     checks = expectations(results)
-    assert len(checks) == 4 + 2 * len(BUDGETS) and all(checks.values()), checks
+    assert len(checks) == 6 + 2 * len(BUDGETS) and all(checks.values()), checks
     assert "FAILED" not in table
     # within 1 point of dense accuracy at 50% sparsity and 4 bits
     assert rows["unstructured 50%", "obc"].accuracy >= dense.accuracy - 1.0
@@ -40,6 +40,10 @@ def test_compressed_accuracy_meets_expectations():
         ours, baseline = rows[recipe, "obc"], rows[recipe, "baseline"]
         assert ours.accuracy > baseline.accuracy, recipe
         assert ours.test_loss < baseline.test_loss, recipe
+    # quantized predictions closer to the dense model's than RTN's
+    for recipe in ("4-bit", "3-bit"):
+        assert 0 < rows[recipe, "obc"].kl_dense < rows[recipe, "baseline"].kl_dense, recipe
+    assert dense.kl_dense == 0
     # files shrink with the compression
     assert rows["unstructured 75%", "obc"].file_bytes < 0.4 * dense.file_bytes
     assert rows["3-bit", "obc"].file_bytes < 0.2 * dense.file_bytes
