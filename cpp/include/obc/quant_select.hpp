@@ -36,7 +36,8 @@ struct QuantSelectOptions {
 
 /// Runs the candidates, refines each, and keeps per row the one with the lowest row loss
 /// (undamped H, as row_losses). The Hessian is prepared once for all candidates. With a single
-/// candidate and no refinement the result equals that quantizer's own (bit for bit).
+/// candidate, no refinement and refit_rounds = 0 the result equals that quantizer's own (bit
+/// for bit).
 /// result.row_method says which candidate won each row; row_losses_unrefined is the winner's
 /// loss before refinement. Throws InvalidArgument for an empty or repeated candidate list and
 /// the quantizers' own errors.
