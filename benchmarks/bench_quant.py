@@ -5,9 +5,10 @@ For each layer (rows x cols, float32, fixed seeds), input kind, bit width, group
 fitting, the program runs on the SAME grid (the one quantize_rtn fits):
 
   rtn          quantize_rtn: round-to-nearest (the denominator of every loss ratio)
-  default      quantize(): method="auto" (obq and gptq, best per row) + refinement
-  gptq         quantize(method="gptq", refine=False)
-  gptq+refine  quantize(method="gptq", refine=True)
+  default      quantize(): method="auto" (obq and gptq, each refined and scale-refitted, best
+               per row)
+  gptq         quantize(method="gptq", refine=False)   (on the fitted grid)
+  gptq+refine  quantize(method="gptq", refine=True)    (refined and scale-refitted)
   obq          quantize(method="obq", refine=False)
   torch-gptq   gptq_baseline.gptq in float32 (act-order, lazy blocks of 128, static groups)
 

@@ -199,10 +199,11 @@ void bind_scalar(py::module_& m) {
                         const std::string& grid, double damp, int num_threads,
                         const std::vector<std::string>& methods, int refine_passes,
                         double refine_tol, bool refine_damped, Index gptq_block_size,
-                        Index refine_block_size) {
+                        Index refine_block_size, int refit_rounds) {
           const obc::HessianRef h = hessian_ref(H);
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
           obc::QuantSelectOptions sopt;
+          sopt.refit_rounds = refit_rounds;
           sopt.methods.clear();
           for (const std::string& name : methods) sopt.methods.push_back(parse_method(name));
           sopt.refine.max_passes = refine_passes;
@@ -222,7 +223,8 @@ void bind_scalar(py::module_& m) {
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("damp"), py::arg("num_threads"), py::arg("methods"),
         py::arg("refine_passes"), py::arg("refine_tol"), py::arg("refine_damped") = false,
-        py::arg("gptq_block_size") = 128, py::arg("refine_block_size") = 0);
+        py::arg("gptq_block_size") = 128, py::arg("refine_block_size") = 0,
+        py::arg("refit_rounds") = 0);
   m.def("quantize_rtn",
         [](RowRef<S> W, const py::array& H, int bits, bool sym, Index group_size,
                         const std::string& grid, int num_threads) {

@@ -362,7 +362,9 @@ obc::QuantOptions resolve_quant(const obc_quant_options* quant, obc::QuantSelect
             " (initialize the struct with obc_quant_options_init)");
   select->methods = {obc::QuantMethod::Obq};
   select->refine.max_passes = 0;
+  select->refit_rounds = 0;  // a v1 struct reproduces the quantizer of its time
   if (!v1) {
+
     switch (quant->method) {
       case OBC_QUANT_AUTO: select->methods = {obc::QuantMethod::Obq, obc::QuantMethod::Gptq}; break;
       case OBC_QUANT_OBQ: select->methods = {obc::QuantMethod::Obq}; break;
@@ -379,6 +381,8 @@ obc::QuantOptions resolve_quant(const obc_quant_options* quant, obc::QuantSelect
               "quant.refine_tol: expected a finite value >= 0, got ", quant->refine_tol);
     select->refine.max_passes = quant->refine_passes;
     select->refine.rel_tol = quant->refine_tol;
+    // as the Python quantize(): the scale refit comes with the refinement
+    select->refit_rounds = quant->refine_passes > 0 ? obc::QuantSelectOptions{}.refit_rounds : 0;
   }
   OBC_CHECK(quant->bits >= 2 && quant->bits <= 8, "quant.bits: expected 2..8, got ", quant->bits);
   obc::QuantOptions opt;

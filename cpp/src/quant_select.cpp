@@ -9,6 +9,7 @@
 #include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_refit.hpp"
 #include "obc/errors.hpp"
 
 namespace obc {
@@ -26,7 +27,40 @@ void check_select_options(const QuantSelectOptions& sopt) {
                 quant_method_name(sopt.methods[i]), "' is listed twice");
   }
   internal::check_refine_options(sopt.refine);
+  OBC_CHECK(sopt.refit_rounds >= 0, "refit_rounds: expected >= 0, got ", sopt.refit_rounds);
   internal::check_gptq_options(GptqOptions{true, sopt.gptq_block_size});
+}
+
+// Scale refit rounds (QuantSelectOptions::refit_rounds) on one candidate's `weight` (on `grid`,
+// with `losses` its row losses): a row takes a round's scales and codes only where its loss
+// drops. Returns the largest refinement pass count of the rounds.
+template <class Scalar>
+int refit_rounds(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,
+                 const Eigen::MatrixXd& hd, double damp_absolute, const MaskMatrix& pruned,
+                 const QuantSelectOptions& sopt, const RunOptions& run, QuantGrid<Scalar>& grid,
+                 RowMatrix<Scalar>& weight, Eigen::VectorXd& losses) {
+  const Index rows = W.rows();
+  int passes = 0;
+  for (int round = 0; round < sopt.refit_rounds; ++round) {
+    QuantGrid<Scalar> g = grid;
+    RowMatrix<Scalar> w = weight;
+    if (internal::refit_scales_into<Scalar>(W, hd, pruned, run, g, w) == 0) break;
+    if (sopt.refine.max_passes > 0)
+      passes = std::max(passes, internal::refine_into<Scalar>(W, hd, damp_absolute, g, pruned,
+                                                              sopt.refine, run, w));
+    check_finite_result(w, "weights");
+    const Eigen::VectorXd l = row_losses<Scalar>(W, w, H, run.num_threads, run.interrupt);
+    Index improved = 0;
+    for (Index r = 0; r < rows; ++r) {
+      if (!(l[r] < losses[r])) continue;
+      weight.row(r) = w.row(r);
+      grid.scale.row(r) = g.scale.row(r);
+      losses[r] = l[r];
+      ++improved;
+    }
+    if (improved == 0) break;
+  }
+  return passes;
 }
 
 // The candidates on `grid` (fitted on the original W), with the kernels of precision Scalar.
@@ -54,7 +88,8 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   best.damp_absolute = prep.damp_absolute;
   const bool refine = sopt.refine.max_passes > 0;
   Eigen::MatrixXd hd;
-  if (refine) hd = internal::refine_hessian(H, prep, sopt.refine.damped);
+  if (refine || sopt.refit_rounds > 0)
+    hd = internal::refine_hessian(H, prep, sopt.refine.damped);
 
   // GPTQ candidates need prep.hinv in float64; OBQ (float32) replaces it by a float32 copy, so
   // it runs last.
@@ -66,6 +101,8 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   if (any_gptq) hdiag = internal::hessian_diagonal(H);
 
   std::vector<RowMatrix<Scalar>> weights(methods.size());
+  // Each candidate's grid: the shared one, until its own scale refit changes it.
+  std::vector<QuantGrid<Scalar>> grids(methods.size(), best.grid);
   std::vector<Eigen::VectorXd> unrefined(methods.size()), losses(methods.size());
   for (const size_t i : run_order) {
     RowMatrix<Scalar>& out = weights[i];
@@ -100,6 +137,10 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     } else {
       losses[i] = unrefined[i];
     }
+    if (sopt.refit_rounds > 0)
+      best.refine_passes = std::max(
+          best.refine_passes, refit_rounds<Scalar>(W, H, hd, prep.damp_absolute, best.pruned,
+                                                   sopt, run, grids[i], out, losses[i]));
   }
 
   // Per row, the lowest loss; ties to the candidate listed first.
@@ -110,10 +151,14 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         winner[static_cast<size_t>(r)] = i;
   if (methods.size() == 1) {
     best.weight = std::move(weights[0]);
+    best.grid = std::move(grids[0]);
   } else {
     best.weight.resize(rows, cols);
-    for (Index r = 0; r < rows; ++r)
-      best.weight.row(r) = weights[winner[static_cast<size_t>(r)]].row(r);
+    for (Index r = 0; r < rows; ++r) {
+      const size_t i = winner[static_cast<size_t>(r)];
+      best.weight.row(r) = weights[i].row(r);
+      best.grid.scale.row(r) = grids[i].scale.row(r);
+    }
   }
   best.row_losses.resize(rows);
   best.row_losses_unrefined.resize(rows);

@@ -80,7 +80,8 @@ class _Float32Kernels(Protocol):
     def quantize_select(self, W: _F32, H: _Array, bits: int, sym: bool, group_size: int,
                         grid: str, damp: float, num_threads: int, methods: Sequence[str],
                         refine_passes: int, refine_tol: float, refine_damped: bool = False,
-                        gptq_block_size: int = 128, refine_block_size: int = 0) -> _Result: ...
+                        gptq_block_size: int = 128, refine_block_size: int = 0,
+                        refit_rounds: int = 0) -> _Result: ...
     def quantize_sparsegpt(self, W: _F32, H: _Array, pattern: str, sparsity: float, spread: str,
                            block: int, n: int, m: int, lazy_block: int, bits: int, sym: bool,
                            group_size: int, grid: str, damp: float,
@@ -112,7 +113,8 @@ class _Float64Kernels(Protocol):
     def quantize_select(self, W: _F64, H: _Array, bits: int, sym: bool, group_size: int,
                         grid: str, damp: float, num_threads: int, methods: Sequence[str],
                         refine_passes: int, refine_tol: float, refine_damped: bool = False,
-                        gptq_block_size: int = 128, refine_block_size: int = 0) -> _Result: ...
+                        gptq_block_size: int = 128, refine_block_size: int = 0,
+                        refit_rounds: int = 0) -> _Result: ...
     def quantize_sparsegpt(self, W: _F64, H: _Array, pattern: str, sparsity: float, spread: str,
                            block: int, n: int, m: int, lazy_block: int, bits: int, sym: bool,
                            group_size: int, grid: str, damp: float,

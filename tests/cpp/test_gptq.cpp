@@ -65,6 +65,7 @@ OBC_TEST(select_picks_the_lower_loss_per_row_for_any_thread_count) {
     run.num_threads = threads;
     const auto again = quantize_select<double>(p.W, p.H, opt, sopt, {}, run);
     CHECK(again.weight == best.weight && again.row_losses == best.row_losses);
+    CHECK(again.grid.scale == best.grid.scale);  // refitted scales, too
     CHECK(again.row_method == best.row_method && again.refine_passes == best.refine_passes);
   }
   for (QuantMethod m : {QuantMethod::Obq, QuantMethod::Gptq}) {
@@ -74,12 +75,14 @@ OBC_TEST(select_picks_the_lower_loss_per_row_for_any_thread_count) {
     CHECK((best.row_losses.array() <= alone.row_losses.array()).all());
     for (Index r = 0; r < 150; ++r)
       if (best.row_method[r] == static_cast<std::uint8_t>(m))
-        CHECK(best.weight.row(r) == alone.weight.row(r));
+        CHECK(best.weight.row(r) == alone.weight.row(r) &&
+              best.grid.scale.row(r) == alone.grid.scale.row(r));
   }
   // Without refinement a single candidate is that quantizer's own result.
   QuantSelectOptions obq_only;
   obq_only.methods = {QuantMethod::Obq};
   obq_only.refine.max_passes = 0;
+  obq_only.refit_rounds = 0;
   CHECK(quantize_select<double>(p.W, p.H, opt, obq_only).weight ==
         quantize<double>(p.W, p.H, opt).weight);
   QuantSelectOptions empty;

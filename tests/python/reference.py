@@ -628,3 +628,27 @@ def best_single_code_changes(W, W_hat, H, bits, scale, zero, damp):
         change = np.where(free, change, 0.0)
         best = np.minimum(best, change.min(axis=1))
     return best
+
+
+def refit_scales(W, codes, zero, group_index, H, pruned):
+    """Per row, the scales (one per group) minimizing 1/2 (w - A s)^T H (w - A s) with
+    A[c, g] = codes[c] - zero[g] for input c in group g, over the free inputs (pruned == False),
+    solved in float64 by numpy. Groups whose codes all sit at the zero point get NaN (no scale in
+    the objective). Returns (rows, groups) float64."""
+    W = np.asarray(W, np.float64)
+    H = 0.5 * (np.asarray(H, np.float64) + np.asarray(H, np.float64).T)
+    rows, cols = W.shape
+    groups = zero.shape[1]
+    out = np.full((rows, groups), np.nan)
+    for r in range(rows):
+        free = ~pruned[r]
+        a = np.where(free, codes[r].astype(np.float64) - zero[r, group_index], 0.0)
+        A = np.zeros((cols, groups))
+        A[np.arange(cols), group_index] = a
+        live = np.any(A != 0, axis=0)
+        if not live.any():
+            continue
+        A = A[:, live]
+        w = np.where(free, W[r], 0.0)
+        out[r, live] = np.linalg.solve(A.T @ H @ A, A.T @ H @ w)
+    return out

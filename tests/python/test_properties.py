@@ -456,14 +456,22 @@ def test_quantize(data, bits, sym, grid):
     call = lambda W, H, **kw: obc_native.quantize(  # noqa: E731
         W, H, bits, sym=sym, group_size=gsize, grid=grid, damp=layer.damp, **kw)
     res = assert_deterministic(call, layer)
-    assert_grid(res, layer, bits, sym, gsize, grid)
-    assert np.array_equal(res.mask, ~layer.initial), "quantize: mask != non-zero live inputs"
-    assert np.all(res.weight[layer.initial] == 0)
-    assert res.damp == layer.damp
-    assert_loss(res, layer)
-    # Same grid as round-to-nearest (the grid comes from W, not from the greedy's updates).
+    # the default refits the scales to the codes (refit_rounds): the documented grid is the one
+    # before that, which refit_rounds=0 keeps
+    fitted = call(layer.W, layer.H, refit_rounds=0)
+    for r in (res, fitted):
+        assert np.array_equal(r.mask, ~layer.initial), "quantize: mask != non-zero live inputs"
+        assert np.all(r.weight[layer.initial] == 0)
+        assert r.damp == layer.damp
+        assert_loss(r, layer)
+    assert_grid(fitted, layer, bits, sym, gsize, grid)
+    assert_grid(res, layer, bits, sym, gsize, "refitted")  # shapes, > 0, weights on the grid
+    assert np.all(res.row_losses <= fitted.row_losses), "the refit raised a row's loss"
+    # Same grid as round-to-nearest (the grid comes from W, not from the greedy's updates);
+    # the refit changes scales only.
     rtn = obc_native.quantize_rtn(layer.W, layer.H, bits, sym=sym, group_size=gsize, grid=grid)
-    assert np.array_equal(res.scale, rtn.scale) and np.array_equal(res.zero, rtn.zero)
+    assert np.array_equal(fitted.scale, rtn.scale) and np.array_equal(fitted.zero, rtn.zero)
+    assert np.array_equal(res.zero, rtn.zero)
 
 
 @PROFILE
@@ -1114,7 +1122,7 @@ def test_checkers_reject_wrong_results():
     with pytest.raises(AssertionError):
         assert_deterministic(lambda W, H, **kw: dataclasses.replace(
             res, weight=res.weight + (kw.get("num_threads") == 2)), layer)
-    q = obc_native.quantize(layer.W, layer.H, 3, grid="minmax")
+    q = obc_native.quantize(layer.W, layer.H, 3, grid="minmax", refit_rounds=0)
     assert_grid(q, layer, 3, True, None, "minmax")
     off = q.weight.copy()
     off[0, 1] = np.nextafter(off[0, 1], np.inf)

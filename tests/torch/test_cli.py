@@ -198,7 +198,8 @@ def test_folder_with_the_old_tensor_file_name_loads(tmp_path):
 def test_demo_command_subset(capsys):
     assert main(["demo", "--recipes", "4-bit"]) == 0
     printed = capsys.readouterr().out
-    assert "ExactOBS/OBQ" in printed and "magnitude/RTN" in printed and "dense" in printed
+    assert "4-bit             auto " in printed and "4-bit             RTN " in printed
+    assert "dense" in printed and "ExactOBS/OBQ" not in printed
     assert main(["demo", "--recipes", "5-bit"]) == 1
 
 

@@ -1,4 +1,4 @@
-"""The demo: ExactOBS / OBQ keeps accuracy and beats magnitude / RTN on the shipped digits CNN."""
+"""The demo: ExactOBS / quantize() keeps accuracy and beats magnitude / RTN on the shipped digits CNN."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_compressed_accuracy_meets_expectations():
     table = format_results(results)
     assert all(name in table for name in RECIPES)
     checks = expectations(results)
-    assert len(checks) == 4 + 2 * len(BUDGETS) and all(checks.values()), checks
+    assert len(checks) == 6 + 2 * len(BUDGETS) and all(checks.values()), checks
     assert "FAILED" not in table
     # within 1 point of dense accuracy at 50% sparsity and 4 bits
     assert rows["unstructured 50%", "obc"].accuracy >= dense.accuracy - 1.0
@@ -40,6 +40,10 @@ def test_compressed_accuracy_meets_expectations():
         ours, baseline = rows[recipe, "obc"], rows[recipe, "baseline"]
         assert ours.accuracy > baseline.accuracy, recipe
         assert ours.test_loss < baseline.test_loss, recipe
+    # quantized predictions closer to the dense model's than RTN's
+    for recipe in ("4-bit", "3-bit"):
+        assert 0 < rows[recipe, "obc"].kl_dense < rows[recipe, "baseline"].kl_dense, recipe
+    assert dense.kl_dense == 0
     # files shrink with the compression
     assert rows["unstructured 75%", "obc"].file_bytes < 0.4 * dense.file_bytes
     assert rows["3-bit", "obc"].file_bytes < 0.2 * dense.file_bytes
@@ -50,6 +54,17 @@ def test_compressed_accuracy_meets_expectations():
         assert ours.flops <= ours.budget and uniform.flops <= uniform.budget
         assert ours.accuracy >= uniform.accuracy, name
         assert name in table and "non-uniform DP" in table
+
+
+def test_method_labels_name_what_ran():
+    from obc_native.demo import method_label
+
+    assert method_label("unstructured 50%", "obc") == "ExactOBS"
+    assert method_label("2:4", "baseline") == "magnitude"
+    assert method_label("4-bit", "obc") == "auto" and method_label("3-bit", "baseline") == "RTN"
+    assert method_label("2:4 + 4-bit", "obc") == "ExactOBS + auto"
+    assert method_label("2:4 + 4-bit", "baseline") == "magnitude + RTN"
+    assert method_label("2x fewer FLOPs", "nonuniform") == "non-uniform DP"
 
 
 @pytest.mark.slow

@@ -141,7 +141,9 @@ typedef struct obc_quant_options {
   int method;           /* an obc_quant_method. Default OBC_QUANT_AUTO */
   int refine_passes;    /* >= 0: passes of exact descent over the codes after each quantizer
                            (block moves over 128 inputs, then single-code moves; objective:
-                           the reported loss, which never increases); 0 = none. Default 20 */
+                           the reported loss, which never increases), then 2 rounds of scale
+                           refit given the codes (least squares) + refinement, kept per row
+                           where the loss drops; 0 = none of either. Default 20 */
   double refine_tol;    /* >= 0: a row stops after a pass that gains less than this, relative.
                            Default 1e-6 */
 } obc_quant_options;

@@ -22,13 +22,22 @@ struct QuantSelectOptions {
   std::vector<QuantMethod> methods = {QuantMethod::Obq, QuantMethod::Gptq};
   /// Refinement of every candidate before the choice (max_passes = 0: none).
   RefineOptions refine{};
+  /// Rounds of scale refit of every candidate, after its refinement and before the choice: each
+  /// round solves, per row, the scales that
+  /// minimize the row's objective given its codes (an exact least-squares problem, one unknown
+  /// per group), then refines the codes on the new scales (when refine.max_passes > 0); a row
+  /// keeps the round's result only where its loss (undamped H) drops, so the loss never rises.
+  /// Rounds stop early when no row improves. The grids then differ from the fitted ones, row
+  /// by row (the zero points do not change). 0 = the fitted grids are kept. >= 0.
+  int refit_rounds = 2;
   /// Lazy block size of the GPTQ candidates (act_order is set by the method).
   Index gptq_block_size = 128;
 };
 
 /// Runs the candidates, refines each, and keeps per row the one with the lowest row loss
 /// (undamped H, as row_losses). The Hessian is prepared once for all candidates. With a single
-/// candidate and no refinement the result equals that quantizer's own (bit for bit).
+/// candidate, no refinement and refit_rounds = 0 the result equals that quantizer's own (bit
+/// for bit).
 /// result.row_method says which candidate won each row; row_losses_unrefined is the winner's
 /// loss before refinement. Throws InvalidArgument for an empty or repeated candidate list and
 /// the quantizers' own errors.

@@ -1,0 +1,121 @@
+// Refit of the grid scales given the codes (internal/quant_refit.hpp).
+#include "internal/quant_refit.hpp"
+
+#include <Eigen/Cholesky>
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "internal/quant_common.hpp"
+#include "obc/parallel.hpp"
+
+namespace obc::internal {
+
+namespace {
+
+// Rows per chunk: the per-group products below are (chunk x group) by (group x cols) GEMMs.
+// Fixed, so the floats do not depend on the thread count.
+constexpr Index kRefitChunk = 64;
+// Above this many groups per row the joint solve (a groups x groups system per row, kept for a
+// whole chunk) is skipped: the scales stay as fitted. 128-input groups reach it at 32768 inputs.
+constexpr Index kMaxGroups = 256;
+
+}  // namespace
+
+template <class Scalar>
+Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
+                        const MaskMatrix& pruned, const RunOptions& run, QuantGrid<Scalar>& grid,
+                        RowMatrix<Scalar>& weight) {
+  const Index rows = W.rows(), cols = W.cols();
+  const Index gs = grid.group_size, groups = cols / gs;
+  if (groups > kMaxGroups || rows == 0) return 0;
+  const Index chunks = (rows + kRefitChunk - 1) / kRefitChunk;
+  std::vector<Index> changed_of_chunk(static_cast<size_t>(chunks), 0);
+  parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
+    const Index r0 = chunk * kRefitChunk, len = std::min(kRefitChunk, rows - r0);
+    // a = code - zero and w over the free inputs, 0 at pruned ones (which lie at 0 on any grid
+    // and so drop out of the residual w - A s).
+    RowMatrix<double> a(len, cols), w(len, cols);
+    for (Index i = 0; i < len; ++i)
+      for (Index c = 0; c < cols; ++c) {
+        const bool fixed = pruned(r0 + i, c) != 0;
+        const GridPoint<Scalar> gp = grid_at(grid, r0 + i, c);
+        a(i, c) = fixed ? 0.0 : static_cast<double>(gp.code(weight(r0 + i, c)) - gp.zero);
+        w(i, c) = fixed ? 0.0 : static_cast<double>(W(r0 + i, c));
+      }
+    // Per row, the normal equations M s = b: M(g, h) = a_g^T hd_gh a_h, b(g) = a_g^T (hd w)_g.
+    std::vector<Eigen::MatrixXd> m(static_cast<size_t>(len), Eigen::MatrixXd(groups, groups));
+    Eigen::MatrixXd b(len, groups);
+    RowMatrix<double> hw(len, cols);
+    hw.noalias() = w * hd;  // hd symmetric: row i = (hd w_i)^T
+    RowMatrix<double> p(len, cols);
+    for (Index h = 0; h < groups; ++h) {
+      p.noalias() = a.middleCols(h * gs, gs) * hd.middleRows(h * gs, gs);  // row i: a_h^T hd_h.
+      for (Index i = 0; i < len; ++i)
+        for (Index g = 0; g < groups; ++g)
+          m[static_cast<size_t>(i)](g, h) =
+              p.row(i).segment(g * gs, gs).dot(a.row(i).segment(g * gs, gs));
+    }
+    for (Index i = 0; i < len; ++i)
+      for (Index g = 0; g < groups; ++g)
+        b(i, g) = hw.row(i).segment(g * gs, gs).dot(a.row(i).segment(g * gs, gs));
+
+    Index changed = 0;
+    std::vector<Index> live;
+    for (Index i = 0; i < len; ++i) {
+      const Index r = r0 + i;
+      // Groups whose codes are all at the zero point have no scale in the objective.
+      live.clear();
+      const Eigen::MatrixXd& mi = m[static_cast<size_t>(i)];
+      for (Index g = 0; g < groups; ++g)
+        if (mi(g, g) > 0.0) live.push_back(g);
+      if (live.empty()) continue;
+      const Index n = static_cast<Index>(live.size());
+      Eigen::MatrixXd ml(n, n);
+      Eigen::VectorXd bl(n);
+      for (Index u = 0; u < n; ++u) {
+        bl[u] = b(i, live[static_cast<size_t>(u)]);
+        for (Index v = 0; v < n; ++v)
+          ml(u, v) = 0.5 * (mi(live[static_cast<size_t>(u)], live[static_cast<size_t>(v)]) +
+                            mi(live[static_cast<size_t>(v)], live[static_cast<size_t>(u)]));
+      }
+      const Eigen::LDLT<Eigen::MatrixXd> ldlt(ml);
+      if (ldlt.info() != Eigen::Success || !ldlt.isPositive()) continue;
+      const Eigen::VectorXd s = ldlt.solve(bl);
+      bool ok = true;
+      for (Index u = 0; u < n; ++u) {
+        const Scalar sc = static_cast<Scalar>(s[u]);
+        ok = ok && std::isfinite(s[u]) && sc > Scalar(0) && std::isfinite(sc);
+      }
+      if (!ok) continue;
+      bool any = false;
+      for (Index u = 0; u < n; ++u) {
+        const Index g = live[static_cast<size_t>(u)];
+        const Scalar sc = static_cast<Scalar>(s[u]);
+        any = any || sc != grid.scale(r, g);
+        grid.scale(r, g) = sc;
+      }
+      if (!any) continue;
+      ++changed;
+      for (Index c = 0; c < cols; ++c) {
+        if (pruned(r, c)) continue;
+        const int zero = static_cast<int>(grid.zero(r, c / gs));
+        weight(r, c) = grid_at(grid, r, c).value(static_cast<int>(std::lround(a(i, c))) + zero);
+      }
+    }
+    changed_of_chunk[static_cast<size_t>(chunk)] = changed;
+  });
+  Index changed = 0;
+  for (const Index c : changed_of_chunk) changed += c;
+  return changed;
+}
+
+#define OBC_INSTANTIATE(S)                                                                         \
+  template Index refit_scales_into<S>(const Eigen::Ref<const RowMatrix<S>>&,                       \
+                                      const Eigen::MatrixXd&, const MaskMatrix&,                   \
+                                      const RunOptions&, QuantGrid<S>&, RowMatrix<S>&);
+
+OBC_INSTANTIATE(float)
+OBC_INSTANTIATE(double)
+
+}  // namespace obc::internal
