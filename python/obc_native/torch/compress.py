@@ -38,7 +38,9 @@ from .._results import QUANT_METHODS
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
+from .checkpoint import as_checkpoint
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
+from .executors import Executor, LayerJob, UnitSolveError, as_executor
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
@@ -47,7 +49,6 @@ from .nonuniform import (
     _build,
     _calibrate,
     _database_layers,
-    apply_unit_level,
     as_budget_spec,
     level_config,
     measure_costs,
@@ -56,7 +57,7 @@ from .nonuniform import (
 )
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
-from .solve import UnitResult, baseline_config, solve_unit
+from .solve import UnitResult
 
 __all__ = ["compress", "CompressionError"]
 
@@ -133,12 +134,24 @@ def _resolve_correction(model: nn.Module, correction: str | None) -> str | None:
 class _LayerCompressor:
     """Solves layers one by one and writes them back into the model."""
 
-    def __init__(self, *, correction: str | None, baseline: bool, num_threads: int | None, backup: _Backup):
+    def __init__(
+        self, *, correction: str | None, baseline: bool, num_threads: int | None, backup: _Backup,
+        executor: Executor | None = None,
+    ):
         self.core = get_core()
         self.correction = correction
         self.baseline = baseline
         self.num_threads = num_threads
         self.backup = backup
+        self.executor = executor or as_executor("local")
+
+    def job(self, plan: LayerPlan, stats: LayerHessian, level: tuple[LayerLevels, Level] | None = None) -> LayerJob:
+        """The solves of ``run(plan, stats, level=level)``, for the executor (submit ahead with
+        ``self.executor.submit_layer``)."""
+        info, config = plan.info, plan.config
+        baseline = self.baseline and not config.is_baseline
+        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        return LayerJob(info, dense, stats.hessians(), config, level, baseline, self.num_threads)
 
     def run(
         self,
@@ -153,32 +166,25 @@ class _LayerCompressor:
         start = time.perf_counter()
         info, config = plan.info, plan.config
         assert config is not None
-        hessians = stats.hessians()
-        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        job = self.job(plan, stats, level)
+        dense = job.dense
         new = np.empty_like(dense)
         rows = info.rows
         loss = 0.0
         baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
         damps, scales, zeros, units = [], [], [], []
-        threads = {} if self.num_threads is None else {"num_threads": self.num_threads}
-        for g, hessian in enumerate(hessians):
+        try:  # the solves, by the executor (here, or its tasks over units and row ranges)
+            solutions = self.executor.layer_solution(job, core=self.core)
+        except UnitSolveError as failed:
+            g, err = failed.unit, failed.error
             where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
-            unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
-            try:
-                if level is None:
-                    result = solve_unit(self.core, info, unit, hessian, config, num_threads=self.num_threads)
-                else:
-                    result = apply_unit_level(info, unit, hessian, *level, num_threads=self.num_threads)
-                unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **threads)))
-                if config.is_baseline:
-                    baseline_loss += unit_loss
-                elif baseline_loss is not None:
-                    other = solve_unit(
-                        self.core, info, unit, hessian, baseline_config(config), num_threads=self.num_threads
-                    )
-                    baseline_loss += float(np.sum(self.core.layer_loss(unit, other.weight, hessian, **threads)))
-            except (ValueError, ArithmeticError) as err:
-                raise CompressionError(f"{where}: {err}") from err
+            raise CompressionError(f"{where}: {err}") from err
+        for g, solution in enumerate(solutions):
+            result, unit_loss = solution.result, solution.loss
+            if config.is_baseline:
+                baseline_loss += unit_loss
+            elif baseline_loss is not None:
+                baseline_loss += solution.baseline_loss
             new[g * rows : (g + 1) * rows] = result.weight
             loss += unit_loss
             damps.append(result.damp)
@@ -296,6 +302,8 @@ def compress(
     num_threads: int | None = None,
     quiet: bool = False,
     restore_on_error: bool = True,
+    executor: str | Executor = "local",
+    checkpoint: str | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place following ``recipe``, or non-uniformly within ``budget``;
     returns a :class:`CompressionReport`.
@@ -334,16 +342,26 @@ def compress(
         num_threads: threads for the solvers (None: the core's default; at most 1024).
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
+        executor: where calibration and solves run: "local" (this process), "ray" (a Ray
+            cluster: the one ``ray.init`` connected to, or a new local one), or an executor
+            object such as ``RayExecutor(address="head:6379")`` (see ``torch/executors.py``).
+            Results are bit-identical to a local run.
+        checkpoint: a directory: each finished layer is written there, and a rerun of the same
+            compression (same model, recipe and mode) resumes after a crash without redoing the
+            layers found there (see ``torch/checkpoint.py``). Not with a budget.
     """
     if num_threads is not None:
         _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
+    executor = as_executor(executor)
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
+        if checkpoint is not None:
+            raise ValueError("checkpoint: not supported with a budget (the level database is rebuilt on a rerun)")
         return _compress_budget(
             model, calibration, recipe, budget=budget, database=database, levels=levels, objective=objective,
             stitch=stitch, loss_fn=loss_fn, damp=damp, forward=forward, correction=correction, baseline=baseline,
-            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
         )
     if database is not None or levels is not None or stitch or loss_fn is not None:
         raise ValueError("database, levels, stitch and loss_fn apply to non-uniform compression: pass budget=")
@@ -359,21 +377,35 @@ def compress(
     device = model_device(model)
     report = CompressionReport(calibration="sequential" if sequential else "dense", correction=correction)
     get_core()  # fail early if the solvers are missing
+    saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential, "correction": correction,
+                                       "baseline": baseline}, infos)
+    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
 
     training = {module: module.training for module in model.modules()}
     backup = _Backup()
-    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
-    progress = tqdm(total=len(targets), desc="obc", unit="layer", disable=quiet, leave=False)
+    compressor = _LayerCompressor(
+        correction=correction, baseline=baseline, num_threads=num_threads, backup=backup, executor=executor
+    )
+    progress = tqdm(total=len(targets), desc="obc", unit="layer", disable=quiet or executor.shows_progress, leave=False)
     try:
         model.eval()
         if not sequential:
-            with LayerHooks(infos, record_order=True) as hooks:
-                report.batches = run_calibration(model, batches, hooks, device=device, forward=forward)
+            hooks = executor.calibrate(model, infos, batches, device=device, forward=forward)
+            report.batches = hooks.batches
             report.passes = 1
             _never_called({n: hooks.hessians[n].n for n in infos}, "calibration pass")
+            for name in hooks.order:  # every solve submitted ahead (a cluster runs them all at once)
+                if not saved.done(name):
+                    executor.submit_layer(compressor.job(targets[name], hooks.hessians[name]))
             for name in hooks.order:
                 progress.set_postfix_str(name)
+                if saved.done(name):
+                    hooks.hessians.pop(name)
+                    report.layers.append(saved.restore(infos[name], backup.save))
+                    progress.update(1)
+                    continue
                 layer = compressor.run(targets[name], hooks.hessians.pop(name))
+                saved.save(infos[name], layer)
                 report.layers.append(layer)
                 progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
                 progress.update(1)
@@ -385,6 +417,10 @@ def compress(
             calls = dict(trace.calls)
             for name in trace.order:
                 progress.set_postfix_str(name)
+                if saved.done(name):  # written back, so that later layers calibrate on it
+                    report.layers.append(saved.restore(infos[name], backup.save))
+                    progress.update(1)
+                    continue
                 layer_start = time.perf_counter()
                 with LayerHooks({name: infos[name]}, stop_after={name: calls[name]}) as hooks:
                     run_calibration(model, batches, hooks, device=device, forward=forward)
@@ -393,6 +429,7 @@ def compress(
                 layer = compressor.run(
                     targets[name], hooks.hessians[name], dense_mean, time.perf_counter() - layer_start
                 )
+                saved.save(infos[name], layer)
                 report.layers.append(layer)
                 progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
                 progress.update(1)
@@ -406,6 +443,7 @@ def compress(
         raise
     finally:
         progress.close()
+        executor.close()
         for module, flag in training.items():
             module.train(flag)
 
@@ -450,6 +488,7 @@ def _compress_budget(
     num_threads: int | None,
     quiet: bool,
     restore_on_error: bool,
+    executor: Executor,
 ) -> CompressionReport:
     """compress() with a budget: database (built or given), DP solve, each layer to its level."""
     start = time.perf_counter()
@@ -483,24 +522,33 @@ def _compress_budget(
     device = model_device(model)
     report = CompressionReport(calibration="dense", correction=correction)
     get_core()
+    executor.start(quiet=quiet)
 
     training = {module: module.training for module in model.modules()}
     backup = _Backup()
-    compressor = _LayerCompressor(correction=correction, baseline=baseline, num_threads=num_threads, backup=backup)
+    compressor = _LayerCompressor(
+        correction=correction, baseline=baseline, num_threads=num_threads, backup=backup, executor=executor
+    )
     progress = None
     try:
         model.eval()
-        hessians, applications, order, report.batches = _calibrate(model, infos, batches, forward)
+        hessians, applications, order, report.batches = _calibrate(model, infos, batches, forward, executor)
         report.passes = 1
         if database is None:
             database = _build(
                 model, infos, hessians, applications, order, level_spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
                 batches=batches, batch_count=report.batches, forward=forward, num_threads=num_threads, quiet=quiet,
+                executor=executor,
             )
             if stitch:
                 report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
             solution = solve_database(database, spec, objective=objective)
-        progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet, leave=False)
+        progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet or executor.shows_progress, leave=False)
+        for name in [n for n in order if n in infos]:  # every solve submitted ahead
+            if solution.choice[name].kind != "dense":
+                layer, level = database[name], solution.choice[name]
+                plan = LayerPlan(infos[name], level_config(level, layer.settings.get("damp", 0.01)))
+                executor.submit_layer(compressor.job(plan, hessians[name], (layer, level)))
         for name in [n for n in order if n in infos]:
             progress.set_postfix_str(name)
             layer_start = time.perf_counter()
@@ -528,6 +576,7 @@ def _compress_budget(
     finally:
         if progress is not None:
             progress.close()
+        executor.close()
         for module, flag in training.items():
             module.train(flag)
 

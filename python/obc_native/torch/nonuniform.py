@@ -72,7 +72,8 @@ from ..budget import (
     solve_budget,
 )
 from .calibration import Forward, as_batches, model_device, run_batch, run_calibration
-from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .executors import as_executor, shipped_info
+from .hessian import CalibrationError, LayerHessian
 from .layers import LayerInfo, channels_last_perm, find_layers, param_key, set_weight_matrix, weight_matrix
 from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
 from .solve import UnitResult, quantizer_rows
@@ -435,24 +436,28 @@ class _Applications:
 
 
 def _calibrate(
-    model: nn.Module, infos: Mapping[str, LayerInfo], batches: Iterable[Any], forward: Forward | None
+    model: nn.Module, infos: Mapping[str, LayerInfo], batches: Iterable[Any], forward: Forward | None,
+    executor: Any = None,
 ) -> tuple[dict[str, LayerHessian], dict[str, float], list[str], int]:
-    """One dense pass: Hessians, flops_per_weight, the call order and the batch count."""
+    """One dense pass (by ``executor``, default here): Hessians, flops_per_weight, the call order
+    and the batch count."""
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with LayerHooks(infos, record_order=True) as hooks, _Applications(infos) as applications:
-            count = run_calibration(model, batches, hooks, device=model_device(model), forward=forward)
+        done = as_executor(executor).calibrate(
+            model, infos, batches, device=model_device(model), forward=forward, count_applications=True
+        )
     finally:
         for module, flag in training.items():
             module.train(flag)
-    never = [name for name in infos if hooks.hessians[name].n == 0]
+    count = done.batches
+    never = [name for name in infos if done.hessians[name].n == 0]
     if never:
         raise CalibrationError(
             f"layer(s) {never} were never called during the calibration pass; they cannot be "
             "calibrated (leave them out)"
         )
-    return hooks.hessians, applications.per_sample(count), list(hooks.order), count
+    return done.hessians, {name: total / count for name, total in done.applications.items()}, done.order, count
 
 
 def flops_per_weight(
@@ -555,6 +560,17 @@ def _layer_levels(
                        skipped=[*skipped, *units[0].skipped])
 
 
+def _layer_levels_task(
+    info: LayerInfo, dense: np.ndarray, hessians: list[np.ndarray], spec: LevelSpec, damp: float,
+    applications: float, keep_weights: bool, num_threads: int | None,
+) -> LayerLevels:
+    """:func:`_layer_levels` with positional arguments (an executor task)."""
+    return _layer_levels(
+        info, dense, hessians, spec, damp=damp, applications=applications, keep_weights=keep_weights,
+        num_threads=num_threads,
+    )
+
+
 def _output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -642,8 +658,11 @@ def _build(
     forward: Forward | None,
     num_threads: int | None,
     quiet: bool,
+    executor: Any = None,
 ) -> LevelDatabase:
-    """The database from collected Hessians (layers in call order)."""
+    """The database from collected Hessians (layers in call order); the layers' levels are
+    computed by ``executor`` (default here; one task per layer)."""
+    executor = as_executor(executor)
     if loss_fn is not None and not stitch:
         raise ValueError("loss_fn: only used with stitch=True")
     names = [n for n in order if n in infos] + [n for n in infos if n not in order]
@@ -655,19 +674,22 @@ def _build(
         "calibration": {"batches": batch_count},
         "stitch": None if not stitch else {"loss": "mse" if loss_fn is None else "loss_fn", "batches": batch_count},
     })
-    progress = tqdm(total=len(names), desc="levels", unit="layer", disable=quiet, leave=False)
+    progress = tqdm(total=len(names), desc="levels", unit="layer", disable=quiet or executor.shows_progress, leave=False)
     try:
         model.eval()
         if stitch:
             stitcher = _Stitcher(model, batches, model_device(model), forward, loss_fn)
+        for name in names:  # every layer submitted ahead (a cluster runs them all at once)
+            info = infos[name]
+            dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+            executor.submit(
+                name, _layer_levels_task, shipped_info(info), dense, hessians[name].hessians(), spec, damp,
+                applications[name], stitch, num_threads,
+            )
         for name in names:
             progress.set_postfix_str(name)
             info = infos[name]
-            dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-            layer = _layer_levels(
-                info, dense, hessians[name].hessians(), spec, damp=damp, applications=applications[name],
-                keep_weights=stitch, num_threads=num_threads,
-            )
+            layer = executor.result(name)
             layer.settings["samples"] = hessians[name].n
             if stitcher is not None:
                 layer.set_model_losses(stitcher.losses(info, layer))
@@ -697,6 +719,7 @@ def build_database(
     forward: Forward | None = None,
     num_threads: int | None = None,
     quiet: bool = False,
+    executor: Any = "local",
 ) -> LevelDatabase:
     """The level database of ``model``'s layers from one calibration pass over the dense model.
 
@@ -714,6 +737,8 @@ def build_database(
             squared error against the dense outputs).
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
         num_threads: threads for the solvers; quiet: no progress bar.
+        executor: "local", "ray" or an executor object (see :func:`compress`): the calibration
+            shards and each layer's levels run there; the database is bit-identical.
     Returns:
         a LevelDatabase, layers in execution order; ``db.save(path)`` writes it.
     """
@@ -725,11 +750,17 @@ def build_database(
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)
     batches = as_batches(calibration)
-    hessians, applications, order, count = _calibrate(model, infos, batches, forward)
-    return _build(
-        model, infos, hessians, applications, order, spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
-        batches=batches, batch_count=count, forward=forward, num_threads=num_threads, quiet=quiet,
-    )
+    executor = as_executor(executor)
+    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
+    try:
+        hessians, applications, order, count = _calibrate(model, infos, batches, forward, executor)
+        return _build(
+            model, infos, hessians, applications, order, spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
+            batches=batches, batch_count=count, forward=forward, num_threads=num_threads, quiet=quiet,
+            executor=executor,
+        )
+    finally:
+        executor.close()
 
 
 # --------------------------------------------------------------------------------------------
