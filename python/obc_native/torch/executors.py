@@ -25,7 +25,8 @@ Why the results are bit-identical to a local run whatever the split:
   independently of the thread count (tests/torch/test_ray_executor.py checks rows solved in
   separate calls against one call, bit for bit, for every mode :func:`row_separable` accepts);
   the other modes are one task per unit. Losses are per-row vectors concatenated in row order
-  before the one ``np.sum`` a local run makes.
+  before the one ``np.sum`` a local run makes; row ranges start at multiples of ``ROW_ALIGN``
+  so that the per-row losses are the same bits too.
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ __all__ = [
     "as_executor",
     "row_separable",
     "row_ranges",
+    "ROW_ALIGN",
     "solve_rows",
 ]
 
@@ -164,12 +166,20 @@ def row_separable(config: LayerConfig | None, level: Any = None) -> bool:
     return False
 
 
-def row_ranges(rows: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous, near-equal ``[start, stop)`` ranges covering ``range(rows)`` (fewer
-    when ``rows < parts``)."""
-    parts = max(1, min(int(parts), rows))
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
+# Row ranges of solve tasks start at multiples of this: the core's row-loss kernel
+# (cpp/src/kernels/row_kernels.cpp, row_losses_with) sums 256 rows at a time with an Eigen product
+# whose rounding depends on how many rows it gets, so a range must cut the unit where a one-call
+# solve's chunks end for the per-row losses to be the same bits (the weights are per row anyway).
+ROW_ALIGN = 256
+
+
+def row_ranges(rows: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
+    """At most ``parts`` contiguous, near-equal ``[start, stop)`` ranges covering
+    ``range(rows)``, every start a multiple of ``align`` (fewer ranges when rows are few)."""
+    parts = max(1, min(int(parts), -(-rows // align)))
+    bounds = sorted({min(rows, round(rows * i / parts / align) * align) for i in range(parts)} | {rows})
+    bounds = [0] + [b for b in bounds if b > 0]
+    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
 
 
 def solve_rows(

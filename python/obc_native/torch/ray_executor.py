@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .calibration import Forward
 from .executors import (
+    ROW_ALIGN,
     Calibration,
     Executor,
     LayerJob,
@@ -130,6 +131,9 @@ class RayExecutor(Executor):
             CPU count).
         min_rows: no row range smaller than this (per-task overhead is ~ms; see
             benchmarks/bench_ray.py).
+        row_align: row ranges start at multiples of this (default ``ROW_ALIGN``, 256, which keeps
+            the per-row losses bit-identical to a local run; smaller values keep the weights
+            identical but may change the losses' last bits: benchmarks and tests only).
         calibration_tasks: shards of the calibration set (default: the cluster's CPU count,
             at most one per batch).
         max_retries: retries of a task whose worker died.
@@ -147,6 +151,7 @@ class RayExecutor(Executor):
         cpus_per_task: int = 1,
         row_tasks: int | None = None,
         min_rows: int = 16,
+        row_align: int | None = None,
         calibration_tasks: int | None = None,
         max_retries: int = 3,
         init_kwargs: Mapping[str, Any] | None = None,
@@ -159,13 +164,14 @@ class RayExecutor(Executor):
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
-        for value, name in ((row_tasks, "row_tasks"), (calibration_tasks, "calibration_tasks")):
+        for value, name in ((row_tasks, "row_tasks"), (calibration_tasks, "calibration_tasks"), (row_align, "row_align")):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name}: expected an integer >= 1 or None, got {value!r}")
         self.address = address
         self.cpus_per_task = cpus_per_task
         self.row_tasks = row_tasks
         self.min_rows = min_rows
+        self.row_align = row_align
         self.calibration_tasks = calibration_tasks
         self.max_retries = max_retries
         self.init_kwargs = dict(init_kwargs or {})
@@ -185,9 +191,9 @@ class RayExecutor(Executor):
 
     def start(self, *, quiet: bool = False) -> None:
         ray = _import_ray()
+        if self.address not in (None, "auto", "local"):
+            _check_reachable(self.address)
         if not ray.is_initialized():
-            if self.address not in (None, "auto", "local"):
-                _check_reachable(self.address)
             kwargs = {"include_dashboard": False, "log_to_driver": False, **self.init_kwargs}
             try:
                 ray.init(address=self.address, **kwargs)
@@ -328,12 +334,13 @@ class RayExecutor(Executor):
         parts = 1
         if row_separable(job.config, job.level):
             parts = min(self.row_tasks or self._cpus, max(1, rows // self.min_rows))
+        align = ROW_ALIGN if self.row_align is None else self.row_align
         level_ref = None if job.level is None else ray.put(job.level)
         tasks = []
         for unit, hessian in enumerate(job.hessians):
             hessian_ref = ray.put(hessian)  # once per unit, shared by its row ranges
             unit_rows = _unit_rows(job, unit)
-            for start, stop in row_ranges(rows, parts):
+            for start, stop in row_ranges(rows, parts, align):
                 ref = remote.remote(
                     self.task_hook, key, unit, info, np.ascontiguousarray(unit_rows[start:stop]), hessian_ref,
                     job.config, level_ref, job.baseline, self._threads(job), start,
