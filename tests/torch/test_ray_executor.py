@@ -379,3 +379,52 @@ def test_ray_solver_errors_surface_unchanged(ray_cluster):
         compress(model, [torch.randn(2, 16)], LayerConfig(prune="nm", n=2, m=4, damp=0.0), quiet=True,
                  executor=ray_executor())
     assert_state_equal(model, before)
+
+
+# ---- the command line
+
+
+def _cli_files(tmp_path):
+    from obc_native.demo.model import load_data
+
+    calibration = tmp_path / "calib.pt"
+    torch.save(load_data().train_x[:64].clone(), calibration)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("default: {prune: nm, n: 2, m: 4, bits: 4}\nskip: [features.0]\n")
+    return ["compress", "--model", _weights_path(), "--arch", "obc_native.demo.model:DigitsCNN",
+            "--calibration", str(calibration), "--recipe", str(recipe), "--quiet"]
+
+
+def _weights_path():
+    from obc_native.demo.model import WEIGHTS_PATH
+
+    return WEIGHTS_PATH
+
+
+def test_cli_unreachable_ray_address_is_one_error_line(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from obc_native.cli import main
+
+    out = tmp_path / "out"
+    assert main([*_cli_files(tmp_path), "--out", str(out), "--ray", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"obc-native: error: --ray 127.0.0.1:1: Ray cluster at '127.0.0.1:1' is unreachable: {err[0].split(': ')[-1]}"]
+    assert not out.exists()
+    assert main([*_cli_files(tmp_path), "--out", str(out), "--checkpoint", str(tmp_path / "calib.pt")]) == 1
+    assert "--checkpoint" in capsys.readouterr().err
+
+
+@ray_warnings
+def test_cli_ray_and_checkpoint_save_the_local_result(ray_cluster, tmp_path):
+    from obc_native.cli import main
+    from obc_native.demo.model import DigitsCNN
+    from obc_native.torch import load_compressed
+
+    base = _cli_files(tmp_path)
+    assert main([*base, "--out", str(tmp_path / "local")]) == 0
+    assert main([*base, "--out", str(tmp_path / "ray"), "--ray", "--checkpoint", str(tmp_path / "ckpt")]) == 0
+    assert len([f for f in os.listdir(tmp_path / "ckpt") if f.startswith("layer-")]) == 3
+    local, remote = DigitsCNN(), DigitsCNN()
+    load_compressed(local, tmp_path / "local")
+    load_compressed(remote, tmp_path / "ray")
+    assert_state_equal(remote, local)
