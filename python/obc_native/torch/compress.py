@@ -377,9 +377,9 @@ def compress(
     device = model_device(model)
     report = CompressionReport(calibration="sequential" if sequential else "dense", correction=correction)
     get_core()  # fail early if the solvers are missing
+    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
     saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential, "correction": correction,
                                        "baseline": baseline}, infos)
-    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
 
     training = {module: module.training for module in model.modules()}
     backup = _Backup()
@@ -394,7 +394,7 @@ def compress(
             report.batches = hooks.batches
             report.passes = 1
             _never_called({n: hooks.hessians[n].n for n in infos}, "calibration pass")
-            for name in hooks.order:  # every solve submitted ahead (a cluster runs them all at once)
+            for name in hooks.order if executor.runs_ahead else ():  # a cluster solves them all at once
                 if not saved.done(name):
                     executor.submit_layer(compressor.job(targets[name], hooks.hessians[name]))
             for name in hooks.order:
@@ -544,7 +544,7 @@ def _compress_budget(
                 report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
             solution = solve_database(database, spec, objective=objective)
         progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet or executor.shows_progress, leave=False)
-        for name in [n for n in order if n in infos]:  # every solve submitted ahead
+        for name in [n for n in order if n in infos] if executor.runs_ahead else ():  # a cluster: all at once
             if solution.choice[name].kind != "dense":
                 layer, level = database[name], solution.choice[name]
                 plan = LayerPlan(infos[name], level_config(level, layer.settings.get("damp", 0.01)))

@@ -292,6 +292,9 @@ class Executor:
 
     #: True when the executor draws its own progress bar over its tasks (callers then hide theirs).
     shows_progress = False
+    #: True when work submitted ahead runs meanwhile (callers then submit every layer first);
+    #: False for this process, where submitting ahead would only hold every layer's arrays at once.
+    runs_ahead = False
 
     def start(self, *, quiet: bool = False) -> None:
         """Get ready (connect to a cluster, ...): called before any work; raises on failure."""

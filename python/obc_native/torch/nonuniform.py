@@ -679,16 +679,22 @@ def _build(
         model.eval()
         if stitch:
             stitcher = _Stitcher(model, batches, model_device(model), forward, loss_fn)
-        for name in names:  # every layer submitted ahead (a cluster runs them all at once)
+
+        def submit(name: str) -> None:
             info = infos[name]
             dense = weight_matrix(info).to(torch.float32).cpu().numpy()
             executor.submit(
                 name, _layer_levels_task, shipped_info(info), dense, hessians[name].hessians(), spec, damp,
                 applications[name], stitch, num_threads,
             )
+
+        for name in names if executor.runs_ahead else ():  # a cluster computes them all at once
+            submit(name)
         for name in names:
             progress.set_postfix_str(name)
             info = infos[name]
+            if not executor.runs_ahead:
+                submit(name)
             layer = executor.result(name)
             layer.settings["samples"] = hessians[name].n
             if stitcher is not None:

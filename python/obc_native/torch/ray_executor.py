@@ -143,6 +143,7 @@ class RayExecutor(Executor):
     """
 
     shows_progress = True
+    runs_ahead = True
 
     def __init__(
         self,
@@ -182,8 +183,9 @@ class RayExecutor(Executor):
         self._progress: tqdm | None = None
         self._refs: dict[str, list] = {}  # key -> its tasks' refs (None once done)
         self._layer_tasks: dict[str, int] = {}
-        self._pending_layers: dict[str, tuple[LayerJob, list[tuple[int, int, Any]]]] = {}
+        self._pending_layers: dict[str, list[tuple[int, int, Any]]] = {}  # key -> (unit, start, ref)
         self._calls: dict[str, Any] = {}
+        self._remotes: dict[Callable, Any] = {}
         self._layers_total = 0
         self._layers_done = 0
 
@@ -215,6 +217,13 @@ class RayExecutor(Executor):
         self._pending_layers.clear()
         self._calls.clear()
         self._layers_total = self._layers_done = 0
+
+    def _remote(self, fn):
+        """``fn`` as a Ray remote function with this executor's options (made once per function:
+        each new one is exported to the cluster again)."""
+        if fn not in self._remotes:
+            self._remotes[fn] = self._ray.remote(fn).options(max_retries=self.max_retries, num_cpus=self.cpus_per_task)
+        return self._remotes[fn]
 
     def _started(self):
         if self._ray is None:
@@ -279,7 +288,7 @@ class RayExecutor(Executor):
             )
         batches = list(batches)
         shards = row_ranges(len(batches), self.calibration_tasks or self._cpus)
-        remote = ray.remote(_calibrate_shard).options(max_retries=self.max_retries, num_cpus=self.cpus_per_task)
+        remote = self._remote(_calibrate_shard)
         model_ref = ray.put(model)
         names = list(infos)
         refs = [
@@ -306,8 +315,8 @@ class RayExecutor(Executor):
     # ---- any per-layer call
 
     def submit(self, key: str, fn: Callable[..., Any], *args: Any) -> None:
-        ray = self._started()
-        remote = ray.remote(_call_task).options(max_retries=self.max_retries, num_cpus=self.cpus_per_task)
+        self._started()
+        remote = self._remote(_call_task)
         ref = remote.remote(self.task_hook, key, 0, fn, *args)
         self._calls[key] = ref
         self._refs[key] = [ref]
@@ -328,7 +337,7 @@ class RayExecutor(Executor):
         key = job.info.name
         if key in self._pending_layers:
             return
-        remote = ray.remote(_solve_task).options(max_retries=self.max_retries, num_cpus=self.cpus_per_task)
+        remote = self._remote(_solve_task)
         info = shipped_info(job.info)
         rows = job.info.rows
         parts = 1
@@ -346,14 +355,14 @@ class RayExecutor(Executor):
                     job.config, level_ref, job.baseline, self._threads(job), start,
                 )
                 tasks.append((unit, start, ref))
-        self._pending_layers[key] = (job, tasks)
+        self._pending_layers[key] = tasks  # the job's arrays are in the object store now, not kept here
         self._refs[key] = [ref for _, _, ref in tasks]
         self._layer_tasks[key] = len(tasks)
         self._add_tasks(len(tasks), layer=True)
 
     def layer_solution(self, job: LayerJob, core: Any = None) -> list[UnitSolution]:
         self.submit_layer(job)
-        _, tasks = self._pending_layers.pop(job.info.name)
+        tasks = self._pending_layers.pop(job.info.name)
         pieces = self._get([ref for _, _, ref in tasks])
         solutions = []
         for unit in range(len(job.hessians)):
