@@ -173,7 +173,8 @@ def test_non_separable_modes_are_one_task_per_unit():
     assert not row_separable(LayerConfig(prune="nm", n=2, m=4, prune_method="sparsegpt"))
     assert not row_separable(LayerConfig(bits=4), level=object())
     assert row_ranges(5, 8) == [(i, i + 1) for i in range(5)]
-    assert row_ranges(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert row_ranges(10, 3) == [(0, 3), (3, 6), (6, 10)]
+    assert row_ranges(520, 3, ROW_ALIGN) == [(0, 256), (256, 512), (512, 520)]
     assert row_ranges(100, 4, ROW_ALIGN) == [(0, 100)]
 
 
@@ -336,7 +337,7 @@ def test_ray_compress_is_bit_identical_to_a_local_run(ray_cluster, sequential):
 
 
 @ray_warnings
-def test_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path):
+def test_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path, capsys):
     """The first attempt of a row task kills its worker process; Ray retries it on a new worker
     and the result is the same."""
     marker = str(tmp_path / "killed")
@@ -351,9 +352,12 @@ def test_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path):
     local = mlp_model()
     compress(local, batches, config, quiet=True)
     remote = mlp_model()
-    compress(remote, batches, config, quiet=True, executor=ray_executor(task_hook=kill_first_attempt))
+    compress(remote, batches, config, executor=ray_executor(task_hook=kill_first_attempt))
     assert os.path.exists(marker)  # a worker did die
     assert_state_equal(remote, local)
+    # one bar over all tasks (calibration 2, layers.0 three row ranges, layers.1 and .2 one each)
+    progress = capsys.readouterr().err
+    assert "obc tasks" in progress and "7/7" in progress and "layers 3/3" in progress
 
 
 @ray_warnings

@@ -176,10 +176,10 @@ ROW_ALIGN = 256
 def row_ranges(rows: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
     """At most ``parts`` contiguous, near-equal ``[start, stop)`` ranges covering
     ``range(rows)``, every start a multiple of ``align`` (fewer ranges when rows are few)."""
-    parts = max(1, min(int(parts), -(-rows // align)))
-    bounds = sorted({min(rows, round(rows * i / parts / align) * align) for i in range(parts)} | {rows})
-    bounds = [0] + [b for b in bounds if b > 0]
-    return [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    chunks = -(-rows // align)  # the last one may be short
+    parts = max(1, min(int(parts), chunks))
+    bounds = [min(rows, chunks * i // parts * align) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def solve_rows(
