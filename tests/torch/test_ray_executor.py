@@ -17,10 +17,10 @@ from torch import nn
 from obc_native.torch import LayerConfig, compress
 from obc_native.torch.calibration import model_device
 from obc_native.torch.checkpoint import LayerCheckpoint
+from obc_native.torch.executor_choice import as_executor
 from obc_native.torch.executors import (
     ROW_ALIGN,
     LocalExecutor,
-    as_executor,
     merge_rows,
     row_ranges,
     row_separable,
@@ -28,7 +28,7 @@ from obc_native.torch.executors import (
 )
 from obc_native.torch.hessian import LayerHessian
 from obc_native.torch.layers import describe_layer, find_layers
-from obc_native.torch.nonuniform import build_database
+from obc_native.torch.nonuniform import _Applications, build_database
 
 from obc_torch_helpers import MLP, TinyCNN
 
@@ -304,12 +304,12 @@ def test_ray_calibration_shards_give_bit_identical_hessians(ray_cluster):
     model = TinyCNN().eval()
     batches = [torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]
     infos = find_layers(model)
-    local = LocalExecutor().calibrate(model, infos, batches, device=model_device(model), count_applications=True)
+    local = LocalExecutor().calibrate(model, infos, batches, device=model_device(model), counter=_Applications)
     for shards in (2, 3):
         executor = ray_executor(calibration_tasks=shards)
         executor.start(quiet=True)
         try:
-            remote = executor.calibrate(model, infos, batches, device=model_device(model), count_applications=True)
+            remote = executor.calibrate(model, infos, batches, device=model_device(model), counter=_Applications)
         finally:
             executor.close()
         assert remote.order == local.order and remote.batches == local.batches

@@ -40,7 +40,8 @@ from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
 from .checkpoint import as_checkpoint
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
-from .executors import Executor, LayerJob, UnitSolveError, as_executor
+from .executor_choice import as_executor
+from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
@@ -49,6 +50,7 @@ from .nonuniform import (
     _build,
     _calibrate,
     _database_layers,
+    apply_unit_level,
     as_budget_spec,
     level_config,
     measure_costs,
@@ -151,7 +153,8 @@ class _LayerCompressor:
         info, config = plan.info, plan.config
         baseline = self.baseline and not config.is_baseline
         dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-        return LayerJob(info, dense, stats.hessians(), config, level, baseline, self.num_threads)
+        apply_level = apply_unit_level if level is not None else None
+        return LayerJob(info, dense, stats.hessians(), config, level, baseline, self.num_threads, apply_level)
 
     def run(
         self,

@@ -11,6 +11,7 @@
   (level databases);
 - :meth:`Executor.close`.
 
+``executor_choice.as_executor`` turns ``"local"`` / ``"ray"`` / an object into an executor.
 :class:`LocalExecutor` (the default) runs everything in this process, lazily, in the order the
 results are asked for: exactly the computation of a run without executors. The Ray executor
 (``ray_executor.py``, imported only when asked for) runs the same functions as Ray tasks.
@@ -47,7 +48,6 @@ from .recipe import LayerConfig
 from .solve import UnitResult, baseline_config, solve_unit
 
 __all__ = [
-    "EXECUTORS",
     "Executor",
     "LocalExecutor",
     "Calibration",
@@ -55,15 +55,11 @@ __all__ = [
     "RowsSolution",
     "UnitSolution",
     "UnitSolveError",
-    "as_executor",
     "row_separable",
     "row_ranges",
     "ROW_ALIGN",
     "solve_rows",
 ]
-
-EXECUTORS = ("local", "ray")
-
 
 class UnitSolveError(Exception):
     """A unit's solver failed (ValueError or ArithmeticError); ``unit`` says which conv group."""
@@ -107,6 +103,9 @@ class LayerJob:
         level: ``(LayerLevels, Level)`` to apply instead of ``config``, or None.
         baseline: also solve the magnitude / RTN baseline and return its per-row losses.
         num_threads: threads of each solver call (None: the executor's choice).
+        apply_level: with a level, ``apply_level(info, weight, hessian, layer, level, *,
+            num_threads)`` -> UnitResult (``nonuniform.apply_unit_level``; passed in, so that this
+            module does not import the budget code).
     """
 
     info: LayerInfo
@@ -116,6 +115,7 @@ class LayerJob:
     level: tuple[Any, Any] | None = None
     baseline: bool = False
     num_threads: int | None = None
+    apply_level: Callable[..., UnitResult] | None = None
 
 
 @dataclass
@@ -192,15 +192,16 @@ def solve_rows(
     num_threads: int | None,
     start: int = 0,
     core: Any = None,
+    apply_level: Callable[..., UnitResult] | None = None,
 ) -> RowsSolution:
     """Solve the rows ``weight`` (``(rows, cols)`` float32, native order; rows ``start ..`` of
     the unit) against the unit's ``hessian``: the body of a local run's per-unit loop.
 
-    ``core``: the numpy-level solvers (default: ``obc_native``'s). Raises the solver's
-    ValueError / ArithmeticError unchanged.
+    ``core``: the numpy-level solvers (default: ``obc_native``'s); ``apply_level``: see
+    :class:`LayerJob` (needed with a ``level``). Raises the solver's ValueError /
+    ArithmeticError unchanged.
     """
     from ._solvers import get_core
-    from .nonuniform import apply_unit_level
 
     core = core if core is not None else get_core()
     threads = {} if num_threads is None else {"num_threads": num_threads}
@@ -208,7 +209,9 @@ def solve_rows(
     if level is None:
         result = solve_unit(core, info, weight, hessian, config, num_threads=num_threads)
     else:
-        result = apply_unit_level(info, weight, hessian, *level, num_threads=num_threads)
+        if apply_level is None:
+            raise ValueError("level: solving to a database level needs apply_level")
+        result = apply_level(info, weight, hessian, *level, num_threads=num_threads)
     row_losses = np.asarray(core.layer_loss(weight, result.weight, hessian, **threads), dtype=np.float64)
     baseline_losses = None
     if baseline:
@@ -269,19 +272,17 @@ def calibrate_here(
     *,
     device: torch.device,
     forward: Forward | None,
-    count_applications: bool = False,
+    counter: Callable[[Mapping[str, LayerInfo]], Any] | None = None,
     keep_partials: bool = False,
 ) -> tuple[LayerHooks, int, dict[str, int] | None]:
     """One pass in this process: the hooks (Hessians, order), the batch count, and the
-    applications totals when asked for."""
-    from .nonuniform import _Applications
-
+    counter's totals when one is given."""
     applications = None
     with LayerHooks(infos, record_order=True, keep_partials=keep_partials) as hooks:
-        if count_applications:
-            with _Applications(infos) as counter:
+        if counter is not None:
+            with counter(infos) as counting:
                 count = run_calibration(model, batches, hooks, device=device, forward=forward)
-            applications = dict(counter.totals)
+            applications = dict(counting.totals)
         else:
             count = run_calibration(model, batches, hooks, device=device, forward=forward)
     return hooks, count, applications
@@ -310,11 +311,16 @@ class Executor:
         *,
         device: torch.device,
         forward: Forward | None = None,
-        count_applications: bool = False,
+        counter: Callable[[Mapping[str, LayerInfo]], Any] | None = None,
     ) -> Calibration:
-        """One dense pass of ``model`` (already in eval mode) over ``batches``."""
+        """One dense pass of ``model`` (already in eval mode) over ``batches``.
+
+        ``counter``: optional ``counter(infos)``, a context manager of forward hooks whose
+        ``.totals`` (layer name -> int) add up over batches (e.g. ``nonuniform._Applications``,
+        the applications per weight); its totals become ``Calibration.applications``.
+        """
         hooks, count, applications = calibrate_here(
-            model, infos, batches, device=device, forward=forward, count_applications=count_applications
+            model, infos, batches, device=device, forward=forward, counter=counter
         )
         return Calibration(hooks.hessians, list(hooks.order), count, applications)
 
@@ -362,29 +368,12 @@ class LocalExecutor(Executor):
             try:
                 piece = solve_rows(
                     job.info, _unit_rows(job, unit), hessian, job.config, job.level, job.baseline, job.num_threads,
-                    core=core,
+                    core=core, apply_level=job.apply_level,
                 )
             except (ValueError, ArithmeticError) as err:
                 raise UnitSolveError(unit, err) from err
             solutions.append(merge_rows([piece]))
         return solutions
-
-
-def as_executor(executor: str | Executor | None) -> Executor:
-    """An Executor from ``"local"`` (or None), ``"ray"`` (a local Ray cluster, or the one
-    ``ray.init`` already connected to) or an Executor object (e.g. ``RayExecutor(address=...)``).
-    Ray is imported only for ``"ray"``."""
-    if executor is None or (isinstance(executor, str) and executor == "local"):
-        return LocalExecutor()
-    if isinstance(executor, str) and executor == "ray":
-        from .ray_executor import RayExecutor
-
-        return RayExecutor()
-    if isinstance(executor, Executor):
-        return executor
-    if isinstance(executor, str):
-        raise ValueError(f"executor: expected one of {EXECUTORS} or an Executor object, got {executor!r}")
-    raise TypeError(f"executor: expected one of {EXECUTORS} or an Executor object, got {type(executor).__name__}")
 
 
 def shipped_info(info: LayerInfo) -> LayerInfo:

@@ -72,7 +72,8 @@ from ..budget import (
     solve_budget,
 )
 from .calibration import Forward, as_batches, model_device, run_batch, run_calibration
-from .executors import as_executor, shipped_info
+from .executor_choice import as_executor
+from .executors import shipped_info
 from .hessian import CalibrationError, LayerHessian
 from .layers import LayerInfo, channels_last_perm, find_layers, param_key, set_weight_matrix, weight_matrix
 from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
@@ -445,7 +446,7 @@ def _calibrate(
     try:
         model.eval()
         done = as_executor(executor).calibrate(
-            model, infos, batches, device=model_device(model), forward=forward, count_applications=True
+            model, infos, batches, device=model_device(model), forward=forward, counter=_Applications
         )
     finally:
         for module, flag in training.items():

@@ -88,7 +88,7 @@ def _calibrate_shard(
     batches: list[Any],
     forward: Forward | None,
     torch_threads: int,
-    count_applications: bool,
+    counter: Callable | None,
 ) -> tuple[dict[str, list], list[str], int, dict[str, int] | None]:
     """A calibration task: the partial sums of each of its batches, per layer."""
     torch.set_num_threads(torch_threads)
@@ -97,7 +97,7 @@ def _calibrate_shard(
     infos = {name: found[name] for name in names}
     hooks, count, applications = calibrate_here(
         model, infos, batches, device=torch.device("cpu"), forward=forward,
-        count_applications=count_applications, keep_partials=True,
+        counter=counter, keep_partials=True,
     )
     partials = {name: stats.batch_partials() for name, stats in hooks.hessians.items()}
     return partials, list(hooks.order), count, applications
@@ -109,11 +109,11 @@ def _call_task(hook: Callable[[str, int], None] | None, key: str, first_row: int
     return fn(*args)
 
 
-def _solve_task(hook, key: str, unit: int, *args):
+def _solve_task(hook, key: str, unit: int, apply_level, *args):
     if hook is not None:
         hook(key, args[-1])
     try:
-        return solve_rows(*args)
+        return solve_rows(*args, apply_level=apply_level)
     except (ValueError, ArithmeticError) as err:
         raise UnitSolveError(unit, err) from err
 
@@ -278,7 +278,7 @@ class RayExecutor(Executor):
         *,
         device: torch.device,
         forward: Forward | None = None,
-        count_applications: bool = False,
+        counter: Callable | None = None,
     ) -> Calibration:
         ray = self._started()
         if device.type != "cpu":
@@ -292,7 +292,7 @@ class RayExecutor(Executor):
         model_ref = ray.put(model)
         names = list(infos)
         refs = [
-            remote.remote(model_ref, names, batches[a:b], forward, torch.get_num_threads(), count_applications)
+            remote.remote(model_ref, names, batches[a:b], forward, torch.get_num_threads(), counter)
             for a, b in shards
         ]
         self._refs["<calibration>"] = list(refs)
@@ -301,7 +301,7 @@ class RayExecutor(Executor):
         hessians = {name: LayerHessian(info) for name, info in infos.items()}
         order: list[str] = []
         count = 0
-        applications = {name: 0 for name in infos} if count_applications else None
+        applications = {name: 0 for name in infos} if counter is not None else None
         for partials, shard_order, shard_count, shard_applications in results:  # in batch order
             for name, stats in hessians.items():
                 stats.merge_partials(partials[name])
@@ -351,7 +351,7 @@ class RayExecutor(Executor):
             unit_rows = _unit_rows(job, unit)
             for start, stop in row_ranges(rows, parts, align):
                 ref = remote.remote(
-                    self.task_hook, key, unit, info, np.ascontiguousarray(unit_rows[start:stop]), hessian_ref,
+                    self.task_hook, key, unit, job.apply_level, info, np.ascontiguousarray(unit_rows[start:stop]), hessian_ref,
                     job.config, level_ref, job.baseline, self._threads(job), start,
                 )
                 tasks.append((unit, start, ref))
