@@ -67,7 +67,8 @@ class LayerHessian:
     Attributes:
         info: the layer.
         n: samples seen so far (finished batches and the current one).
-        total: ``(groups, cols, cols)`` float64 ``sum x x^T`` of the finished batches (None before).
+        total: ``(groups, cols, cols)`` float64 ``sum x x^T`` of the finished batches (None before);
+            ``hessian`` is ``2/n`` times it.
         input_sum: ``(groups, cols)`` float64, the sum of the samples (for bias correction),
             summed in the same batch order.
     """
@@ -149,6 +150,13 @@ class LayerHessian:
         if self.total is None:
             raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
         return self.total
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """``(groups, cols, cols)`` float64 ``2/n sum x x^T`` on the inputs' device (None before
+        the first sample); not symmetrized (see :meth:`hessians`)."""
+        self.end_batch()
+        return None if self.total is None else self.total * (2.0 / self.n)
 
     def hessians(self) -> list[np.ndarray]:
         """One float64 ``cols x cols`` array per unit, ``H = 2/n sum x x^T`` (exactly symmetric)."""
