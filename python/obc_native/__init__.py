@@ -37,6 +37,8 @@ from .budget import (
     solve_levels,
 )
 from .hessian import HessianAccumulator, load_hessian, save_hessian
+from .layer_config import LayerConfig
+from .layer_solve import UnitResult, solve
 
 __version__ = build_info()["version"]
 
@@ -76,4 +78,7 @@ __all__ = [
     "parse_budget",
     "solve_budget",
     "solve_levels",
+    "LayerConfig",
+    "UnitResult",
+    "solve",
 ]

@@ -1,4 +1,4 @@
-"""The ``obc-native`` command line: ``compress``, ``report`` and ``demo``.
+"""The ``obc-native`` command line: ``compress``, ``report``, ``export`` and ``demo``.
 
 ``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
 budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``; load it with
@@ -18,6 +18,10 @@ finished layer to DIR, and rerunning the same command resumes there.
 ``--budget`` (``flops=2x``, ``params=2x``, ``bits=4.5``, ...) picks one level per layer with the
 DP over a level database (see ``obc_native.torch.nonuniform``); ``--database PATH`` reuses the
 database saved at PATH, or saves the one built there; ``--recipe`` then only selects the layers.
+
+``obc-native export DIR --format onnx --out model.onnx --example x.pt`` rebuilds the saved model
+(architecture recorded in the manifest, or ``--arch``) and writes ONNX with the stored codes (see
+``obc_native.torch.export_onnx``).
 
 Models: a state dict (``.safetensors``, or a torch file read with ``weights_only=True``) plus
 ``--arch module:Class`` (and ``--arch-kwargs`` JSON) to build the architecture; a whole module
@@ -121,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="print the manifest of a saved compressed model")
     report.add_argument("directory")
     report.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+
+    export = commands.add_parser("export", help="export a saved compressed model for a runtime (ONNX)")
+    export.add_argument("directory", help="folder written by 'obc-native compress' (or save_compressed)")
+    export.add_argument("--format", required=True, choices=["onnx"], help="output format")
+    export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
+    export.add_argument(
+        "--example", required=True, help="inputs to trace the model with: a tensor file (or a dict of keyword inputs)"
+    )
+    export.add_argument("--arch", help="architecture 'package.module:Class' (default: the one recorded when saving)")
+    export.add_argument("--arch-kwargs", default=None, help="JSON keyword arguments for --arch (default: as recorded)")
+    export.add_argument(
+        "--dense", nargs="*", default=[], metavar="PATTERN", help="quantized layers to export with float weights"
+    )
+    export.add_argument(
+        "--no-matmul-nbits", action="store_true", help="DequantizeLinear + MatMul instead of com.microsoft MatMulNBits"
+    )
+    export.add_argument(
+        "--accuracy-level", type=int, default=0, choices=range(5), help="MatMulNBits accuracy_level (default 0)"
+    )
+    export.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     demo = commands.add_parser("demo", help="compress a small digits CNN with several recipes (offline)")
     demo.add_argument("--recipes", nargs="*", default=None, help="subset of recipe names to run")
@@ -303,13 +327,29 @@ def _load_model(args: argparse.Namespace):
     return model.eval(), metadata
 
 
-def _calibration_batches(path: str, batch_size: int) -> list[Any]:
+def _forward_keywords(model: Any) -> set[str]:
+    """Names that ``model.forward`` accepts as keyword arguments (empty when unknown)."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _calibration_batches(path: str, batch_size: int, model: Any = None) -> list[Any]:
+    """Batches of the calibration file: a tensor is split along dimension 0; a list is taken
+    batch by batch; a dict of tensors is passed as keyword arguments. A dict of ONE tensor is
+    passed by keyword when its key names an argument of ``model.forward`` (``input_ids`` for a
+    Hugging Face model), else positionally (``model(x)``), so that a ``.safetensors`` file, which
+    always holds a dict, can feed a model with one unnamed input."""
     import torch
 
     if batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {batch_size}")
     data = _load_tensor_file(path)
-    if isinstance(data, dict) and len(data) == 1:
+    if isinstance(data, dict) and len(data) == 1 and next(iter(data)) not in _forward_keywords(model):
         data = next(iter(data.values()))
     if isinstance(data, torch.Tensor):
         if data.dim() == 0 or data.shape[0] == 0:
@@ -399,7 +439,7 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
     from obc_native.torch import compress, save_compressed
 
     model, metadata = _load_model(args)
-    batches = _calibration_batches(args.calibration, args.batch_size)
+    batches = _calibration_batches(args.calibration, args.batch_size, model)
     report = compress(
         model,
         batches,
@@ -457,6 +497,71 @@ def _print_report(directory: str, manifest: dict[str, Any]) -> None:
         print(f"  {name or '(model)'}: {stored}")
 
 
+def _saved_architecture(args: argparse.Namespace, manifest: dict[str, Any]):
+    """An empty model of the saved folder's architecture (from --arch or the manifest's metadata)."""
+    metadata = manifest.get("metadata") or {}
+    if args.arch is None and metadata.get("source") == "huggingface":
+        try:
+            import transformers
+        except ImportError as err:
+            raise CliError("a model saved with --hf needs the transformers package") from err
+        config_path = os.path.join(args.directory, "config.json")
+        if not os.path.isfile(config_path):
+            raise CliError(f"{args.directory}: no config.json to rebuild the Hugging Face model; pass --arch")
+        config = transformers.AutoConfig.from_pretrained(args.directory, local_files_only=True)
+        cls = getattr(transformers, str(metadata.get("class")), None) or transformers.AutoModel
+        return cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+    arch = args.arch or metadata.get("arch")
+    if not arch:
+        raise CliError(f"{args.directory}: the manifest does not record the architecture; pass --arch")
+    kwargs = _arch_kwargs(args.arch_kwargs) if args.arch_kwargs is not None else metadata.get("arch_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise CliError(f"{args.directory}: recorded arch_kwargs is not an object; pass --arch-kwargs")
+    try:
+        return _import_arch(arch)(**kwargs)
+    except TypeError as err:
+        raise CliError(f"--arch {arch} with keyword arguments {kwargs}: {err}") from err
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from obc_native.torch import export_onnx, load_compressed, read_manifest
+    from obc_native.torch.export_onnx import ExportError, _check_output_path
+
+    try:
+        _check_output_path(args.out)  # before any work
+    except ExportError as err:
+        raise CliError(str(err).replace("path ", "--out ", 1)) from err
+    if not os.path.isfile(args.example):
+        raise CliError(f"--example {args.example}: no such file")
+    manifest = read_manifest(args.directory)
+    model = _saved_architecture(args, manifest)
+    load_compressed(model, args.directory)
+    example = _load_tensor_file(args.example)
+    if isinstance(example, dict) and len(example) == 1:
+        example = next(iter(example.values()))
+    if isinstance(example, torch.Tensor):
+        example_args, example_kwargs = (example,), None
+    elif isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values()):
+        example_args, example_kwargs = (), example
+    else:
+        raise CliError(f"--example {args.example}: expected a tensor or a dict of tensors")
+    result = export_onnx(
+        model.eval(),
+        example_args,
+        args.out,
+        report=args.directory,
+        example_kwargs=example_kwargs,
+        dense=args.dense,
+        matmul_nbits=not args.no_matmul_nbits,
+        accuracy_level=args.accuracy_level,
+    )
+    if not args.quiet:
+        print(result.table())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from obc_native.demo import BUDGETS, DESCRIPTION, RECIPES, format_results, run_demo
 
@@ -487,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command; user errors become one line on stderr and exit status 1."""
-    handlers = {"compress": _cmd_compress, "report": _cmd_report, "demo": _cmd_demo}
+    handlers = {"compress": _cmd_compress, "report": _cmd_report, "export": _cmd_export, "demo": _cmd_demo}
     try:
         status = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit

@@ -1,17 +1,19 @@
-"""Tests for obc_native.budget: level databases and the budgeted DP against brute force."""
+"""Tests for obc_native.budget: the budgeted DP against brute force, budgets and their parsing.
+
+Levels: test_level_builder.py, test_layer_solve.py; costs: test_costs.py; database files:
+test_level_database.py, test_level_database_files.py."""
 
 from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import sys
 import threading
 
 import numpy as np
 import pytest
-from problems import make_problem
+from level_fixtures import small_db  # noqa: F401 - a fixture
 
 import obc_native
 from obc_native import budget as B
@@ -231,24 +233,7 @@ def test_solve_levels_threads_agree():
 
 
 # ---------------------------------------------------------------------------------------------
-# level databases
-
-
-LEVELS = dict(sparsities=(0.5,), nm=[(2, 4)], bits=[4], joint=[(2, 4, 3)])
-
-
-@pytest.fixture(scope="module")
-def small_db():
-    """4 small layers x 5 levels (dense, 50%, 2:4, 4-bit, 2:4 + 3-bit)."""
-    db = B.LevelDatabase(meta={"model": "test"})
-    for i, (rows, cols) in enumerate([(4, 8), (6, 12), (3, 16), (5, 8)]):
-        W, H, _ = make_problem(rows, cols, seed=100 + i)
-        layer = B.build_layer_levels(W, H, name=f"layer{i}", flops_per_weight=1 + i, **LEVELS)
-        assert len(layer.levels) == 5
-        db.add(layer)
-    rng = np.random.default_rng(5)
-    db.add_cost("time", {layer.name: list(rng.random(5).round(3)) for layer in db})
-    return db
+# the DP over a level database
 
 
 def test_database_dp_matches_brute_force_for_every_cost_type(small_db):
@@ -277,196 +262,6 @@ def test_database_dp_matches_brute_force_for_every_cost_type(small_db):
             B.solve_budget(small_db, cost=cost_type, budget=lo * 0.999 - 1e-9)
         assert info.value.min_cost == lo
         assert info.value.cost_type == cost_type
-
-
-def test_trace_levels_equal_separate_solves():
-    W, H, _ = make_problem(6, 16, seed=7, zeros=0.1)
-    sparsities = (0.25, 0.5, 0.8)
-    for spread in ("uniform", "global"):
-        layer = B.build_layer_levels(W, H, sparsities=sparsities, nm=(), spread=spread,
-                                     keep_weights=True)
-        for s in sparsities:
-            level = layer.level(f"sparse:{s!r}")
-            ref = obc_native.prune_unstructured(W, H, s, spread=spread)
-            assert level.loss == pytest.approx(ref.loss, rel=1e-9)
-            np.testing.assert_allclose(level.weight, ref.weight, rtol=1e-9, atol=1e-12)
-            assert level.costs["params"] == np.count_nonzero(ref.weight)
-            assert level.params == {"sparsity": s, "spread": spread}
-        blocked = B.build_layer_levels(W, H, sparsities=sparsities, block=4, nm=(), spread=spread)
-        for s in sparsities:
-            ref = obc_native.prune_blocked(W, H, s, 4, spread=spread)
-            assert blocked.level(f"block4:{s!r}").loss == pytest.approx(ref.loss, rel=1e-9)
-
-
-def test_other_levels_equal_separate_solves():
-    W, H, _ = make_problem(5, 16, seed=8)
-    layer = B.build_layer_levels(W, H, sparsities=(), nm=[(2, 4), (1, 2)], bits=[3, 8],
-                                 joint=[(2, 4, 4)], sym=False, group_size=8)
-    assert layer.labels == ["dense", "nm2:4", "nm1:2", "q3a:g8", "q8a:g8", "nm2:4+q4a:g8"]
-    assert layer.level("dense").loss == 0.0
-    assert layer.level("nm2:4").loss == pytest.approx(obc_native.prune_nm(W, H, 2, 4).loss, rel=1e-12)
-    q = obc_native.quantize(W, H, 3, sym=False, group_size=8)
-    assert layer.level("q3a:g8").loss == pytest.approx(q.loss, rel=1e-12)
-    pruned = obc_native.prune_nm(W, H, 2, 4).weight
-    joint = obc_native.quantize(pruned, H, 4, sym=False, group_size=8).weight
-    expected = obc_native.layer_loss(W, joint, H).sum()
-    assert layer.level("nm2:4+q4a:g8").loss == pytest.approx(expected, rel=1e-12)
-    assert layer.reference_loss == pytest.approx(obc_native.layer_loss(W, 0 * W, H).sum())
-    # apply() reproduces every level
-    for level in layer.levels:
-        assert layer.apply(W, H, level).loss == pytest.approx(level.loss, rel=1e-9, abs=1e-300)
-
-
-def test_apply_level_reproduces_trace_levels():
-    W, H, _ = make_problem(4, 8, seed=9)
-    layer = B.build_layer_levels(W, H, sparsities=(0.5,), block=2, nm=(), spread="global")
-    for level in layer.levels:
-        result = layer.apply(W, H, level.label)
-        assert result.loss == pytest.approx(level.loss, rel=1e-9, abs=1e-300)
-
-
-def test_costs_follow_the_storage_model():
-    rows, cols = 6, 16
-    W, H, _ = make_problem(rows, cols, seed=10)
-    layer = B.build_layer_levels(W, H, sparsities=(0.75,), nm=[(2, 4)], bits=[4], joint=[(2, 4, 2)],
-                                 group_size=8, flops_per_weight=10, act_bits=8)
-    total = rows * cols
-    dense = layer.level("dense").costs
-    assert dense == {"params": total, "bits": 32 * total, "flops": 2 * 10 * total,
-                     "bops": 10 * total * 32 * 8}
-    sparse = layer.level("sparse:0.75").costs
-    nnz = total // 4
-    assert sparse["params"] == nnz
-    assert sparse["bits"] == 8 * math.ceil(total / 8) + 32 * nnz
-    grid = rows * (cols // 8) * 40
-    q4 = layer.level("q4:g8").costs
-    assert q4["bits"] == 8 * math.ceil(total * 4 / 8) + grid
-    assert q4["bops"] == q4["params"] * 10 * 4 * 8
-    joint = layer.level("nm2:4+q2:g8").costs
-    assert joint["bits"] == min(8 * math.ceil(total * 2 / 8) + grid,
-                                8 * math.ceil(total / 8) + 8 * math.ceil(joint["params"] * 2 / 8) + grid)
-    assert B.level_costs((2, 4), 8, bits=4, act_bits="same")["bops"] == 8 * 4 * 4
-
-
-def test_incompatible_levels_are_skipped():
-    W, H, _ = make_problem(3, 6, seed=11)
-    layer = B.build_layer_levels(W, H, sparsities=(0.5,), block=4, nm=[(2, 4)], bits=[4],
-                                 group_size=4, joint=[(1, 3, 4)])
-    assert layer.labels == ["dense"]
-    assert [label for label, _ in layer.skipped] == ["block4:0.5", "nm2:4", "q4:g4", "nm1:3+q4:g4"]
-
-
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(spread="rows"), ValueError, "spread"),
-    (dict(sparsities=(0.5, 0.5)), ValueError, "distinct"),
-    (dict(sparsities=(1.5,)), ValueError, "sparsities"),
-    (dict(nm=[(4, 2)]), ValueError, "0 < n < m"),
-    (dict(nm=[(2,)]), ValueError, "tuples of 2"),
-    (dict(bits=[9]), ValueError, "bits"),
-    (dict(flops_per_weight=-1.0), ValueError, "flops_per_weight"),
-    (dict(act_bits="half"), TypeError, "act_bits"),
-    (dict(name=3), TypeError, "name"),
-])
-def test_build_layer_levels_bad_input(kwargs, exc, match):
-    W, H, _ = make_problem(2, 8, seed=12)
-    with pytest.raises(exc, match=match):
-        B.build_layer_levels(W, H, **kwargs)
-
-
-def test_save_load_round_trip(small_db, tmp_path):
-    db = B.LevelDatabase.from_dict(small_db.to_dict())  # a copy: the fixture stays as it is
-    db["layer1"].set_model_losses({label: 0.5 * i for i, label in enumerate(db["layer1"].labels)})
-    path = tmp_path / "levels.json"
-    db.save(path)
-    loaded = B.LevelDatabase.load(path, shapes=db.shapes())
-    assert loaded.to_dict() == db.to_dict()
-    assert loaded.names == db.names and loaded.meta == {"model": "test"}
-    for a, b in zip(db, loaded):
-        np.testing.assert_array_equal(a.losses(), b.losses())
-        for cost in db.cost_types():
-            np.testing.assert_array_equal(a.costs(cost), b.costs(cost))
-    assert loaded["layer1"].level(1).model_loss == 0.5
-    assert loaded["layer0"].level(1).model_loss is None
-    for spec in ("flops=1.7x", "bits=8", "time=1.3x"):
-        s1, s2 = B.solve_budget(db, spec), B.solve_budget(loaded, spec)
-        assert s1.labels == s2.labels and s1.cost == s2.cost and s1.loss == s2.loss
-    assert json.loads(path.read_text())["checksum"].startswith("sha256:")
-
-
-def test_corrupted_database_files(small_db, tmp_path):
-    path = tmp_path / "levels.json"
-    small_db.save(path)
-    data = json.loads(path.read_text())
-
-    tampered = json.loads(json.dumps(data))
-    tampered["layers"][0]["levels"][1]["loss"] *= 0.5
-    (tmp_path / "tampered.json").write_text(json.dumps(tampered))
-    with pytest.raises(B.LevelDatabaseError, match="checksum mismatch"):
-        B.LevelDatabase.load(tmp_path / "tampered.json")
-
-    (tmp_path / "truncated.json").write_text(path.read_text()[:-40])
-    with pytest.raises(B.LevelDatabaseError, match="invalid JSON"):
-        B.LevelDatabase.load(tmp_path / "truncated.json")
-
-    wrong = dict(data, format="something.else")
-    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
-    with pytest.raises(B.LevelDatabaseError, match="not a level database"):
-        B.LevelDatabase.load(tmp_path / "wrong.json")
-
-    newer = dict(data, version=99)
-    (tmp_path / "newer.json").write_text(json.dumps(newer))
-    with pytest.raises(B.LevelDatabaseError, match="unsupported version 99"):
-        B.LevelDatabase.load(tmp_path / "newer.json")
-
-    # consistent checksum but malformed contents
-    broken = json.loads(json.dumps(data))
-    del broken["layers"][1]["levels"][0]["loss"]
-    broken["checksum"] = B._checksum(broken)
-    (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(B.LevelDatabaseError, match=r"layers\[1\]: malformed layer \(missing field 'loss'\)"):
-        B.LevelDatabase.load(tmp_path / "broken.json")
-
-    nan = json.loads(json.dumps(data))
-    nan["layers"][0]["levels"][0]["costs"]["params"] = -3.0
-    nan["checksum"] = B._checksum(nan)
-    (tmp_path / "negative.json").write_text(json.dumps(nan))
-    with pytest.raises(B.LevelDatabaseError, match="malformed layer"):
-        B.LevelDatabase.load(tmp_path / "negative.json")
-
-    with pytest.raises(OSError):
-        B.LevelDatabase.load(tmp_path / "missing.json")
-
-
-def test_database_model_mismatch(small_db, tmp_path):
-    path = tmp_path / "levels.json"
-    small_db.save(path)
-    shapes = small_db.shapes()
-    small_db.check_compatible(shapes)
-    with pytest.raises(B.LevelDatabaseError, match=r"shape mismatch: layer2: database \(3, 16\), model \(3, 17\)"):
-        B.LevelDatabase.load(path, shapes={**shapes, "layer2": (3, 17)})
-    fewer = {k: v for k, v in shapes.items() if k != "layer3"}
-    with pytest.raises(B.LevelDatabaseError, match=r"layers not in the model: \['layer3'\]"):
-        small_db.check_compatible(fewer)
-    with pytest.raises(B.LevelDatabaseError, match=r"missing from the database: \['fc'\]"):
-        small_db.check_compatible({**shapes, "fc": [10, 4]})
-
-
-def test_database_construction_errors(small_db):
-    layer = small_db["layer0"]
-    with pytest.raises(ValueError, match="already has a layer"):
-        B.LevelDatabase([layer, layer])
-    with pytest.raises(ValueError, match="duplicate levels"):
-        B.LayerLevels("x", (1, 1), [layer.levels[0], layer.levels[0]])
-    with pytest.raises(ValueError, match="no levels"):
-        B.LayerLevels("x", (1, 1), [])
-    with pytest.raises(ValueError, match="missing"):
-        small_db.add_cost("latency", {"layer0": [1.0] * 5})
-    with pytest.raises(ValueError, match="has 5 levels, got 2"):
-        B.LevelDatabase([layer]).add_cost("latency", {"layer0": [1.0, 2.0]})
-    with pytest.raises(ValueError, match=">= 0"):
-        B.LevelDatabase([layer]).add_cost("latency", {"layer0": [1.0, 2.0, 3.0, -4.0, 5.0]})
-    with pytest.raises(KeyError, match="no level 'q7'"):
-        layer.level("q7")
 
 
 # ---------------------------------------------------------------------------------------------

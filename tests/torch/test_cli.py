@@ -414,3 +414,29 @@ def test_main_leaves_logging_as_it_found_it(capsys):
     before = failure_logger.level
     assert main(["report", "nowhere"]) == 1
     assert failure_logger.level == before
+
+
+class _TwoInputs(torch.nn.Module):
+    def forward(self, x, mask=None):  # pragma: no cover - only its signature is read
+        return x
+
+
+def test_one_tensor_dict_goes_by_keyword_when_forward_names_it(tmp_path):
+    """A one-tensor calibration dict feeds the argument its key names; before, a file holding
+    {"mask": t} silently called model(t), i.e. fed the mask as the input."""
+    from safetensors.torch import save_file
+
+    from obc_native.cli import _calibration_batches
+
+    samples = torch.arange(12.0).reshape(6, 2)
+    for key, keyword in (("mask", True), ("x", True), ("data", False)):
+        path = tmp_path / f"{key}.safetensors"
+        save_file({key: samples}, path)
+        batches = _calibration_batches(str(path), 4, _TwoInputs())
+        assert len(batches) == 2
+        if keyword:
+            assert all(isinstance(b, dict) and list(b) == [key] for b in batches)
+            assert torch.equal(torch.cat([b[key] for b in batches]), samples)
+        else:  # a key forward does not know: the one unnamed input, positionally
+            assert all(isinstance(b, torch.Tensor) for b in batches)
+            assert torch.equal(torch.cat(batches), samples)

@@ -227,15 +227,15 @@ def test_checkpoint_resumes_without_redoing_finished_layers(tmp_path, monkeypatc
     expected_report = compress(expected, batches, config, sequential=sequential, quiet=True)
 
     solved: list[str] = []
-    run = compress_module._LayerCompressor.run
+    run = compress_module._Run.compress_layer
 
-    def crashing_run(self, plan, *args, **kwargs):
+    def crashing_run(self, step, *args, **kwargs):
         if len(solved) == 2:
             raise DriverCrash("driver killed halfway")
-        solved.append(plan.info.name)
-        return run(self, plan, *args, **kwargs)
+        solved.append(step.info.name)
+        return run(self, step, *args, **kwargs)
 
-    monkeypatch.setattr(compress_module._LayerCompressor, "run", crashing_run)
+    monkeypatch.setattr(compress_module._Run, "compress_layer", crashing_run)
     with pytest.raises(DriverCrash):
         compress(mlp_model(), batches, config, sequential=sequential, quiet=True, checkpoint=tmp_path)
     assert solved == ["layers.0", "layers.1"]
@@ -333,6 +333,40 @@ def test_ray_compress_is_bit_identical_to_a_local_run(ray_cluster, sequential):
     remote = mlp_model()
     remote_report = compress(remote, batches, recipe, sequential=sequential, quiet=True, executor=ray_executor())
     assert_state_equal(remote, local)
+    assert_reports_equal(remote_report, local_report)
+
+
+class SharedInput(nn.Module):
+    """q, k and v read the same tensor: a local dense run accumulates their Hessian once."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        self.embed = nn.Linear(8, width)
+        self.q, self.k, self.v = nn.Linear(width, width), nn.Linear(width, width), nn.Linear(width, width)
+        self.out = nn.Linear(width, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        q, k, v = self.q(h), self.k(h), self.v(h)
+        return self.out(torch.softmax(q @ k.transpose(-1, -2), dim=-1) @ v)
+
+
+@ray_warnings
+@pytest.mark.parametrize("sequential", [False, True])
+def test_ray_compress_of_layers_sharing_an_input_is_bit_identical(ray_cluster, sequential):
+    """The local run shares one Hessian between q, k and v (and in sequential mode one pass);
+    the Ray shards accumulate each layer on its own: the same bits."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [torch.randn(2, 5, 8, generator=generator) for _ in range(4)]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(SharedInput())
+    local_report = compress(models[0], batches, LayerConfig(bits=4), sequential=sequential, quiet=True)
+    remote_report = compress(
+        models[1], batches, LayerConfig(bits=4), sequential=sequential, quiet=True, executor=ray_executor()
+    )
+    assert_state_equal(models[1], models[0])
     assert_reports_equal(remote_report, local_report)
 
 

@@ -11,7 +11,7 @@ Typical use::
 
     # non-uniform: one level per layer chosen by a DP within a budget (see nonuniform.py)
     db = build_database(model, calibration_batches)       # db.save("levels.json")
-    report = compress(model, calibration_batches, budget="flops=2x", database=db)
+    report = compress_to_budget(model, calibration_batches, "flops=2x", database=db)
 
 See ``compress`` for calibration modes, ``recipe`` for pattern rules, ``serialize`` for the
 file format and ``layers`` for the weight-matrix layout of each layer type.
@@ -26,8 +26,9 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 from .actquant import ActQuantWrapper, quantize_activations, remove_activation_quantization
 from .calibration import as_batches, collect_hessians
-from .compress import CompressionError, compress
+from .compress import CompressionError, compress, compress_to_budget
 from .correction import recalibrate_batchnorm
+from .export_onnx import ExportError, OnnxExport, export_onnx
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, describe_layer, find_layers
 from .nonuniform import (
@@ -47,6 +48,7 @@ from .serialize import SerializationError, load_compressed, read_manifest, save_
 
 __all__ = [
     "compress",
+    "compress_to_budget",
     "CompressionReport",
     "LayerReport",
     "CompressionError",
@@ -61,6 +63,9 @@ __all__ = [
     "load_compressed",
     "read_manifest",
     "SerializationError",
+    "export_onnx",
+    "OnnxExport",
+    "ExportError",
     "ActQuantWrapper",
     "quantize_activations",
     "remove_activation_quantization",

@@ -1,16 +1,32 @@
 """Whole-model compression: calibrate, solve every layer, correct statistics, report.
 
+:func:`compress` (a recipe) and :func:`compress_to_budget` (a level database and a budget) both
+turn into a plan ``{layer name: LayerStep}`` executed by one loop (:class:`_Run`): calibrate ->
+for each layer: solve -> write back -> bias correction; then BatchNorm re-estimation, undo on
+error, report (with where the time went: ``report.time_line()``).
+
+Layers that read the same input tensor in a forward pass (the query, key and value projections
+of an attention block; in general any layers called on one tensor object, unchanged in between,
+that they unfold into the same samples) share one Hessian: it is accumulated once. The results
+are those of separate accumulation, bit for bit.
+
+Where the dense calibration pass and the solves run is the ``executor``'s business (see
+``executors.py``): this process (default), or a Ray cluster (calibration shards, and every
+layer's solves as tasks over (unit, row range), submitted ahead); the results are bit-identical.
+With ``checkpoint=`` each finished layer is written to a directory, and a rerun resumes there.
+
 Two calibration modes:
 
 - dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
-  hooks on every layer to compress; all Hessians are held at once (sum over layers of
+  hooks on every layer to compress; all Hessians are held at once (sum over distinct inputs of
   ``groups * cols^2`` float64), then each layer is solved. One pass, fastest.
 - sequential (``sequential=True``): layers are compressed one at a time in execution order
   (discovered by a first pass); each layer's Hessian is collected from a fresh pass through the
   model whose earlier layers are already compressed, so it sees the inputs it will see after
-  compression. Only one Hessian is alive at a time. Cost: 1 + (number of layers) passes over the
-  calibration set, each stopped right after the layer's last call (layers late in the model cost
-  nearly a full forward).
+  compression. Layers sharing an input (each called once per forward) share that pass. Only one
+  Hessian is alive at a time. Cost: 1 + (number of distinct inputs) passes over the calibration
+  set, each stopped right after the last call of the layer it calibrates (layers late in the
+  model cost nearly a full forward).
 
 Everything that can be checked is checked before the first weight is written: the recipe
 against every layer's shape, the calibration batches (dense mode: all of them; sequential:
@@ -24,8 +40,10 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping
-from dataclasses import asdict
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -38,7 +56,7 @@ from .._results import QUANT_METHODS
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
-from .checkpoint import as_checkpoint
+from .checkpoint import NoCheckpoint, as_checkpoint
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .executor_choice import as_executor
 from .executors import Executor, LayerJob, UnitSolveError
@@ -46,9 +64,9 @@ from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
     OBJECTIVES,
+    _Applications,
     _as_level_spec,
     _build,
-    _calibrate,
     _database_layers,
     apply_unit_level,
     as_budget_spec,
@@ -61,7 +79,7 @@ from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
 from .solve import UnitResult
 
-__all__ = ["compress", "CompressionError"]
+__all__ = ["compress", "compress_to_budget", "CompressionError", "LayerStep"]
 
 logger = logging.getLogger("obc_native.torch")
 # What state a failed run left the model in, on its own channel: the command line, which writes
@@ -133,109 +151,34 @@ def _resolve_correction(model: nn.Module, correction: str | None) -> str | None:
     return correction
 
 
-class _LayerCompressor:
-    """Solves layers one by one and writes them back into the model."""
+@dataclass
+class LayerStep:
+    """One entry of a plan: what to do to one layer.
 
-    def __init__(
-        self, *, correction: str | None, baseline: bool, num_threads: int | None, backup: _Backup,
-        executor: Executor | None = None,
-    ):
-        self.core = get_core()
-        self.correction = correction
-        self.baseline = baseline
-        self.num_threads = num_threads
-        self.backup = backup
-        self.executor = executor or as_executor("local")
+    ``config`` is the recipe configuration to solve the layer with (None: leave it dense). A
+    layer of a level database is solved to ``level`` of ``levels`` in the database's column
+    order; ``config`` is then the level's equivalent configuration (for the report and the
+    baseline). Once levels and configurations are one type, a plan is ``{name: LayerConfig}``.
+    """
 
-    def job(self, plan: LayerPlan, stats: LayerHessian, level: tuple[LayerLevels, Level] | None = None) -> LayerJob:
-        """The solves of ``run(plan, stats, level=level)``, for the executor (submit ahead with
-        ``self.executor.submit_layer``)."""
-        info, config = plan.info, plan.config
-        baseline = self.baseline and not config.is_baseline
-        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-        apply_level = apply_unit_level if level is not None else None
-        return LayerJob(info, dense, stats.hessians(), config, level, baseline, self.num_threads, apply_level)
+    info: LayerInfo
+    config: LayerConfig | None
+    level: Level | None = None
+    levels: LayerLevels | None = None
 
-    def run(
-        self,
-        plan: LayerPlan,
-        stats: LayerHessian,
-        dense_output_mean: np.ndarray | None = None,
-        seconds_before: float = 0.0,
-        level: tuple[LayerLevels, Level] | None = None,
-    ) -> LayerReport:
-        """Compress one layer by ``plan.config``, or to a database level ``(layer, level)`` (then
-        ``plan.config`` is the level's equivalent configuration, for the report and baseline)."""
-        start = time.perf_counter()
-        info, config = plan.info, plan.config
-        assert config is not None
-        job = self.job(plan, stats, level)
-        dense = job.dense
-        new = np.empty_like(dense)
-        rows = info.rows
-        loss = 0.0
-        baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
-        damps, scales, zeros, units = [], [], [], []
-        try:  # the solves, by the executor (here, or its tasks over units and row ranges)
-            solutions = self.executor.layer_solution(job, core=self.core)
-        except UnitSolveError as failed:
-            g, err = failed.unit, failed.error
-            where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
-            raise CompressionError(f"{where}: {err}") from err
-        for g, solution in enumerate(solutions):
-            result, unit_loss = solution.result, solution.loss
-            if config.is_baseline:
-                baseline_loss += unit_loss
-            elif baseline_loss is not None:
-                baseline_loss += solution.baseline_loss
-            new[g * rows : (g + 1) * rows] = result.weight
-            loss += unit_loss
-            damps.append(result.damp)
-            units.append(result)
-            scales.append(result.scale)
-            zeros.append(result.zero)
 
-        new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
-        module = info.module
-        self.backup.save(module.weight, getattr(module, "bias", None))
-        set_weight_matrix(info, torch.from_numpy(new))
-        bias_corrected = False
-        if self.correction == "bias" and isinstance(getattr(module, "bias", None), torch.Tensor):
-            bias = module.bias.detach().to(torch.float64).cpu().numpy()
-            target = corrected_bias(bias, dense, new, stats.input_mean(), dense_output_mean)
-            with torch.no_grad():
-                module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
-            bias_corrected = True
-
-        grid = None
-        if config.bits is not None:
-            grid = QuantGrid(
-                bits=config.bits,
-                sym=config.sym,
-                group_size=config.group_size or info.cols,
-                column_order="channels_last" if info.is_conv else "native",
-                scale=np.concatenate(scales, axis=0),
-                zero=np.concatenate(zeros, axis=0),
-            )
-        present = [d for d in damps if d is not None]
-        return LayerReport(
-            name=info.name,
-            kind=info.kind,
-            shape=info.weight_shape,
-            mode=config.label,
-            method=config.method,
-            sparsity=float(np.mean(new == 0)),
-            bits=config.bits,
-            loss=loss,
-            baseline_loss=baseline_loss,
-            damp=max(present) if present else None,
-            samples=stats.n,
-            seconds=seconds_before + time.perf_counter() - start,
-            bias_corrected=bias_corrected,
-            config=_config_dict(config),
-            grid=grid,
-            **_quantizer_fields(units),
-        )
+def _job(step: LayerStep, stats: LayerHessian, baseline: bool, num_threads: int | None) -> LayerJob:
+    """The solves of one layer of a plan, for the executor: every unit to the recipe
+    configuration or to the database level (``executors.solve_rows``, the one place a unit is
+    solved), and the magnitude / RTN baseline when ``baseline``."""
+    info, config = step.info, step.config
+    assert config is not None
+    dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+    level = None if step.level is None else (step.levels, step.level)
+    return LayerJob(
+        info, dense, stats.hessians(), config, level, baseline and not config.is_baseline, num_threads,
+        apply_unit_level if level is not None else None,
+    )
 
 
 def _quantizer_fields(units: list[UnitResult]) -> dict[str, Any]:
@@ -263,12 +206,11 @@ def _skipped_report(plan: LayerPlan) -> LayerReport:
     return LayerReport(name=info.name, kind=info.kind, shape=info.weight_shape, mode="skipped", skipped=plan.reason)
 
 
-def _never_called(stats: Mapping[str, int], what: str) -> None:
+def _never_called(stats: Mapping[str, int], what: str, hint: str = "skip them in the recipe") -> None:
     missing = [name for name, count in stats.items() if count == 0]
     if missing:
         raise CalibrationError(
-            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated "
-            "(skip them in the recipe)"
+            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated ({hint})"
         )
 
 
@@ -286,18 +228,302 @@ def _on_failure(err: BaseException, backup: _Backup, restore_on_error: bool) -> 
         err.add_note(f"obc_native: {note}")
 
 
+class _Run:
+    """One compression run, recipe or budget: the shared loop and its bookkeeping.
+
+    The loop: calibrate (one pass per group of layers reading the same input) -> for each
+    layer: solve -> write back -> bias correction; then BatchNorm re-estimation. It keeps the
+    copies to undo a failed run, the report and where the time went.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        calibration: Any,
+        *,
+        mode: str,
+        forward: Forward | None,
+        correction: str | None,
+        baseline: bool,
+        num_threads: int | None,
+        quiet: bool,
+        restore_on_error: bool,
+        executor: Executor,
+        checkpoint: NoCheckpoint | None = None,
+    ):
+        self.start = time.perf_counter()
+        self.model = model
+        self.correction = _resolve_correction(model, correction)
+        self.batches = as_batches(calibration)
+        self.device = model_device(model)
+        self.forward = forward
+        self.baseline = baseline
+        self.num_threads = num_threads
+        self.threads = {} if num_threads is None else {"num_threads": num_threads}
+        self.quiet = quiet
+        self.restore_on_error = restore_on_error
+        self.report = CompressionReport(calibration=mode, correction=self.correction)
+        self.backup = _Backup()
+        self.core = get_core()  # fail early if the solvers are missing
+        self.executor = executor
+        self.saved = checkpoint or NoCheckpoint()
+
+    @contextmanager
+    def guarded(self) -> Iterator[None]:
+        """Executor started (a missing ray package or an unreachable cluster fails here, before
+        any work) and closed after; model in eval mode while running (training flags restored
+        after); on any error, undo every modification (unless told not to) before it propagates."""
+        self.executor.start(quiet=self.quiet)
+        training = {module: module.training for module in self.model.modules()}
+        try:
+            self.model.eval()
+            yield
+        except BaseException as err:
+            _on_failure(err, self.backup, self.restore_on_error)
+            raise
+        finally:
+            self.executor.close()
+            for module, flag in training.items():
+                module.train(flag)
+
+    # ---------------------------------------------------------------- calibration
+
+    def calibrate(self, infos: Mapping[str, LayerInfo], *, extra: Any = None, **options: Any) -> LayerHooks:
+        """One pass over the calibration set with :class:`LayerHooks` (``options``) on ``infos``
+        and the optional context manager ``extra`` (more hooks); counted in the report."""
+        start = time.perf_counter()
+        with LayerHooks(infos, **options) as hooks, (extra or nullcontext()):
+            self.report.batches = run_calibration(
+                self.model, self.batches, hooks, device=self.device, forward=self.forward
+            )
+        self.report.passes += 1
+        self.report.hessian_seconds += hooks.hessian_seconds
+        self.report.pass_seconds += time.perf_counter() - start - hooks.hessian_seconds
+        return hooks
+
+    def dense_hessians(
+        self, infos: Mapping[str, LayerInfo], *, hint: str, counter: Any = None
+    ) -> tuple[dict[str, LayerHessian], list[str], dict[str, int] | None]:
+        """Every layer's Hessian from one pass over the dense model (layers reading the same
+        input share one object), the layers in call order, and the totals of ``counter`` (a
+        context manager class ``counter(infos)`` with ``.totals``, e.g. ``_Applications``;
+        None without one). Layers whose inputs were only partly shared get a second pass of
+        their own. ``hint``: what to do about a layer the pass never reached (CalibrationError).
+
+        An executor that calibrates elsewhere (Ray: shards of the batches) runs the pass instead;
+        its Hessians are accumulated layer by layer, without input sharing (bit for bit the same).
+        """
+        if self.executor.calibrates_remotely:
+            start = time.perf_counter()
+            done = self.executor.calibrate(
+                self.model, infos, self.batches, device=self.device, forward=self.forward, counter=counter
+            )
+            self.report.batches = done.batches
+            self.report.passes += 1
+            self.report.pass_seconds += time.perf_counter() - start
+            hessians, order, totals = done.hessians, list(done.order), done.applications
+        else:
+            counting = counter(infos) if counter is not None else None
+            hooks = self.calibrate(infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=counting)
+            _, mixed = hooks.share_hessians()
+            hessians = hooks.hessians
+            if mixed:
+                hessians.update(self.calibrate({name: infos[name] for name in mixed}).hessians)
+            order = list(hooks.order)
+            totals = None if counting is None else dict(counting.totals)
+        _never_called({name: hessians[name].n for name in infos}, "calibration pass", hint)
+        return hessians, order, totals
+
+    # ---------------------------------------------------------------- the layer loop
+
+    def compress_layers(
+        self,
+        plan: Mapping[str, LayerStep],
+        order: list[str],
+        owner: Mapping[str, str],
+        hessians: dict[str, LayerHessian],
+        *,
+        calibrate_group: Any = None,
+        dense_means: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
+        """Solve and write back the layers of ``plan`` in ``order``. A layer uses the Hessian of
+        its ``owner`` (the layer whose input it reads; itself when not shared): from
+        ``hessians``, or when missing from ``calibrate_group(owner)`` (a pass over the model
+        compressed so far; sequential mode). A Hessian is dropped after its last user."""
+        users = Counter(owner[name] for name in order)
+        progress = tqdm(
+            total=len(order), desc="obc", unit="layer", disable=self.quiet or self.executor.shows_progress, leave=False
+        )
+        for name in order if self.executor.runs_ahead else ():  # a cluster solves them all at once
+            step, source = plan[name], owner[name]
+            if step.config is not None and source in hessians and not self.saved.done(name):
+                self.executor.submit_layer(_job(step, hessians[source], self.baseline, self.num_threads))
+        try:
+            for name in order:
+                progress.set_postfix_str(name)
+                source = owner[name]
+                layer_start = time.perf_counter()
+                if self.saved.done(name):  # written back, so that later layers calibrate on it
+                    row = self.saved.restore(plan[name].info, self.backup.save)
+                else:
+                    if source not in hessians:
+                        hessians[source] = calibrate_group(source)
+                    mean = None if dense_means is None else dense_means[name]
+                    row = self.compress_layer(plan[name], hessians[source], mean)
+                    row.seconds = time.perf_counter() - layer_start
+                    self.saved.save(plan[name].info, row)
+                self.report.layers.append(row)
+                users[source] -= 1
+                if not users[source]:
+                    hessians.pop(source, None)
+                if row.loss is not None:
+                    progress.set_postfix_str(f"{name} loss={row.loss:.4g}")
+                progress.update(1)
+        finally:
+            progress.close()
+
+    def compress_layer(self, step: LayerStep, stats: LayerHessian, dense_output_mean: np.ndarray | None) -> LayerReport:
+        """Solve one layer (every unit), write it back, correct its bias; its report row."""
+        start = time.perf_counter()
+        info, config = step.info, step.config
+        if config is None:
+            row = _dense_report(info, stats)
+        else:
+            dense, new, row = self._solve_layer(step, stats)
+            module = info.module
+            self.backup.save(module.weight, getattr(module, "bias", None))
+            set_weight_matrix(info, torch.from_numpy(new))
+            self.report.solve_seconds += time.perf_counter() - start
+            if self.correction == "bias" and isinstance(getattr(module, "bias", None), torch.Tensor):
+                start = time.perf_counter()
+                bias = module.bias.detach().to(torch.float64).cpu().numpy()
+                target = corrected_bias(bias, dense, new, stats.input_mean(), dense_output_mean)
+                with torch.no_grad():
+                    module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
+                row.bias_corrected = True
+                self.report.correction_seconds += time.perf_counter() - start
+        if step.level is not None:
+            row.level = step.level.label
+            row.level_costs = dict(step.level.costs)
+            row.model_loss = step.level.model_loss
+        return row
+
+    def _solve_layer(self, step: LayerStep, stats: LayerHessian) -> tuple[np.ndarray, np.ndarray, LayerReport]:
+        """The dense and compressed ``out x cols*groups`` weight matrices, and the report row."""
+        info, config = step.info, step.config
+        job = _job(step, stats, self.baseline, self.num_threads)
+        dense = job.dense
+        new = np.empty_like(dense)
+        rows = info.rows
+        loss = 0.0
+        baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
+        damps, units = [], []
+        try:  # the solves, by the executor (here, or its tasks over units and row ranges)
+            solutions = self.executor.layer_solution(job, core=self.core)
+        except UnitSolveError as failed:
+            g, err = failed.unit, failed.error
+            where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
+            raise CompressionError(f"{where}: {err}") from err
+        for g, solution in enumerate(solutions):
+            result, unit_loss = solution.result, solution.loss
+            if config.is_baseline:
+                baseline_loss += unit_loss
+            elif baseline_loss is not None:
+                baseline_loss += solution.baseline_loss
+            new[g * rows : (g + 1) * rows] = result.weight
+            loss += unit_loss
+            damps.append(result.damp)
+            units.append(result)
+        new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
+
+        grid = None
+        if config.bits is not None:
+            grid = QuantGrid(
+                bits=config.bits,
+                sym=config.sym,
+                group_size=config.group_size or info.cols,
+                column_order="channels_last" if info.is_conv else "native",
+                scale=np.concatenate([unit.scale for unit in units], axis=0),
+                zero=np.concatenate([unit.zero for unit in units], axis=0),
+            )
+        present = [d for d in damps if d is not None]
+        row = LayerReport(
+            name=info.name,
+            kind=info.kind,
+            shape=info.weight_shape,
+            mode=config.label,
+            method=config.method,
+            sparsity=float(np.mean(new == 0)),
+            bits=config.bits,
+            loss=loss,
+            baseline_loss=baseline_loss,
+            damp=max(present) if present else None,
+            samples=stats.n,
+            config=_config_dict(config),
+            grid=grid,
+            **_quantizer_fields(units),
+        )
+        return dense, new, row
+
+    # ---------------------------------------------------------------- after the layers
+
+    def recalibrate_batchnorm(self) -> None:
+        """BatchNorm correction: re-estimate the running statistics on the compressed model."""
+        if self.correction != "batchnorm":
+            return
+        start = time.perf_counter()
+        for norm in batchnorm_layers(self.model).values():
+            self.backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
+        recalibrate_batchnorm(self.model, self.batches, device=self.device, forward=self.forward)
+        self.report.passes += 1
+        self.report.correction_seconds += time.perf_counter() - start
+
+    def finish(self, skipped: list[LayerReport]) -> CompressionReport:
+        self.report.layers += skipped
+        self.report.seconds = time.perf_counter() - self.start
+        return self.report
+
+
+# Share one calibration pass and Hessian between layers reading the same input (off only to
+# measure what it saves: benchmarks/bench_whole_model.py).
+_SHARE_INPUTS = True
+
+
+def _dense_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
+    """A layer the budget leaves dense: its weights are not touched."""
+    return LayerReport(
+        name=info.name,
+        kind=info.kind,
+        shape=info.weight_shape,
+        mode="dense",
+        method="obc",
+        sparsity=float((weight_matrix(info) == 0).float().mean()),
+        loss=0.0,
+        baseline_loss=0.0,
+        samples=stats.n,
+    )
+
+
+def _sequential_groups(trace: LayerHooks) -> dict[str, str]:
+    """Owner of each layer for sequential calibration: a layer shares the pass of the layer whose
+    inputs it reads only when that layer is called once per forward pass. (The input then
+    exists before the owner's call, so compressing the owner, or any layer first called after
+    it, cannot change it: the shared pass gives the Hessian a pass of its own would. A layer
+    called twice may read at its second call what its own first call produced.)"""
+    owner, mixed = trace.input_owners()
+    for name in mixed:
+        owner[name] = name
+    for name, other in owner.items():
+        if other != name and trace.most_calls[other] != 1:
+            owner[name] = name
+    return owner
+
+
 def compress(
     model: nn.Module,
     calibration: Any,
     recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
     *,
-    budget: str | BudgetSpec | None = None,
-    database: LevelDatabase | str | os.PathLike | None = None,
-    levels: Any = None,
-    objective: str = "auto",
-    stitch: bool = False,
-    loss_fn: Any = None,
-    damp: float = 0.01,
     sequential: bool = False,
     forward: Forward | None = None,
     correction: str | None = "auto",
@@ -307,35 +533,17 @@ def compress(
     restore_on_error: bool = True,
     executor: str | Executor = "local",
     checkpoint: str | os.PathLike | None = None,
+    budget: str | BudgetSpec | None = None,
+    **budget_options: Any,
 ) -> CompressionReport:
-    """Compress ``model`` in place following ``recipe``, or non-uniformly within ``budget``;
-    returns a :class:`CompressionReport`.
+    """Compress ``model`` in place following ``recipe``; returns a :class:`CompressionReport`.
 
     Args:
         model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
             candidates. Layers whose weight is tied to another parameter are skipped (reported).
         calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
         recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
-            a JSON / YAML recipe file. With a ``budget`` it only selects the layers (its skip
-            patterns, and layers no rule matches, are left out; see ``select_layers``).
-        budget: non-uniform compression: a total-cost budget such as "flops=2x" (2x fewer FLOPs
-            than the dense layers), "params=2x", "bits=4.5" (bits per weight on average) or an
-            absolute "flops=1e6", or a BudgetSpec (see ``obc_native.budget``). The level database
-            (every level of every layer with its loss and costs, see ``nonuniform.py``) is built
-            from the calibration pass, or taken from ``database``; the DP solver picks one level
-            per layer minimizing the total loss with total cost <= budget; each layer is then
-            compressed to its level. ``report.budget`` and each layer's ``level``,
-            ``level_costs`` and ``model_loss`` describe the choice; ``report.database`` holds the
-            database (save it with ``report.database.save(path)``).
-        database: a LevelDatabase or the path of a saved one, instead of building it; it must
-            match the model's layers (LevelDatabaseError otherwise). Budget mode only, as are:
-        levels: what levels to build (``LevelSpec`` or dict; default ``LevelSpec.preset`` of the
-            budget's cost type); objective: "auto", "layer", "normalized" or "model" (see
-            ``nonuniform.OBJECTIVES``); stitch, loss_fn: compute stitched model losses while
-            building (see ``build_database``); damp: relative damping of the database's solves.
-            Budget errors are raised before any weight is modified: InfeasibleBudgetError (a
-            ValueError stating the smallest achievable cost), ValueError for an unknown cost type
-            or a negative budget, LevelDatabaseError for a database of another model.
+            a JSON / YAML recipe file.
         sequential: calibrate each layer on the outputs of the already-compressed earlier layers
             (see the module docstring for the cost); default: one pass over the dense model.
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
@@ -352,6 +560,13 @@ def compress(
         checkpoint: a directory: each finished layer is written there, and a rerun of the same
             compression (same model, recipe and mode) resumes after a crash without redoing the
             layers found there (see ``torch/checkpoint.py``). Not with a budget.
+        budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
+            ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
+            compression; ``sequential`` is not supported there).
+
+    Layers reading the same input tensor (e.g. the query, key and value projections of an
+    attention block) share one Hessian, and in sequential mode one pass; results are those of
+    separate passes, bit for bit. ``report.pass_seconds`` etc. say where the time went.
     """
     if num_threads is not None:
         _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
@@ -361,139 +576,115 @@ def compress(
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
         if checkpoint is not None:
             raise ValueError("checkpoint: not supported with a budget (the level database is rebuilt on a rerun)")
-        return _compress_budget(
-            model, calibration, recipe, budget=budget, database=database, levels=levels, objective=objective,
-            stitch=stitch, loss_fn=loss_fn, damp=damp, forward=forward, correction=correction, baseline=baseline,
+        return compress_to_budget(
+            model, calibration, budget, recipe=recipe, forward=forward, correction=correction, baseline=baseline,
             num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
+            **budget_options,
         )
-    if database is not None or levels is not None or stitch or loss_fn is not None:
-        raise ValueError("database, levels, stitch and loss_fn apply to non-uniform compression: pass budget=")
+    unknown = sorted(set(budget_options) - _BUDGET_OPTIONS)
+    if unknown:
+        raise TypeError(f"compress() got unexpected keyword argument(s) {unknown}")
+    if budget_options:
+        raise ValueError(f"{', '.join(sorted(budget_options))} apply to non-uniform compression: pass budget=")
     if recipe is None:
         raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
-    start = time.perf_counter()
     recipe = as_recipe(recipe)
     plans = _plan(model, recipe)
-    correction = _resolve_correction(model, correction)
-    batches = as_batches(calibration)
-    targets = {name: plan for name, plan in plans.items() if plan.config is not None}
-    infos: dict[str, LayerInfo] = {name: plan.info for name, plan in targets.items()}
-    device = model_device(model)
-    report = CompressionReport(calibration="sequential" if sequential else "dense", correction=correction)
-    get_core()  # fail early if the solvers are missing
-    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
-    saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential, "correction": correction,
-                                       "baseline": baseline}, infos)
-
-    training = {module: module.training for module in model.modules()}
-    backup = _Backup()
-    compressor = _LayerCompressor(
-        correction=correction, baseline=baseline, num_threads=num_threads, backup=backup, executor=executor
+    plan = {name: LayerStep(p.info, p.config) for name, p in plans.items() if p.config is not None}
+    infos = {name: step.info for name, step in plan.items()}
+    run = _Run(
+        model, calibration, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
+        baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+        executor=executor,
     )
-    progress = tqdm(total=len(targets), desc="obc", unit="layer", disable=quiet or executor.shows_progress, leave=False)
-    try:
-        model.eval()
+    with run.guarded():
+        run.saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential,
+                                               "correction": correction, "baseline": baseline}, infos)
         if not sequential:
-            hooks = executor.calibrate(model, infos, batches, device=device, forward=forward)
-            report.batches = hooks.batches
-            report.passes = 1
-            _never_called({n: hooks.hessians[n].n for n in infos}, "calibration pass")
-            for name in hooks.order if executor.runs_ahead else ():  # a cluster solves them all at once
-                if not saved.done(name):
-                    executor.submit_layer(compressor.job(targets[name], hooks.hessians[name]))
-            for name in hooks.order:
-                progress.set_postfix_str(name)
-                if saved.done(name):
-                    hooks.hessians.pop(name)
-                    report.layers.append(saved.restore(infos[name], backup.save))
-                    progress.update(1)
-                    continue
-                layer = compressor.run(targets[name], hooks.hessians.pop(name))
-                saved.save(infos[name], layer)
-                report.layers.append(layer)
-                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
-                progress.update(1)
+            hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
+            owner = {name: name for name in order}  # shared Hessians are already the same object
+            run.compress_layers(plan, order, owner, hessians)
         else:
-            with LayerHooks(infos, hessians=False, output_means=correction == "bias", record_order=True) as trace:
-                report.batches = run_calibration(model, batches, trace, device=device, forward=forward)
-            report.passes = 1
-            _never_called(trace.calls, "calibration pass")
-            calls = dict(trace.calls)
-            for name in trace.order:
-                progress.set_postfix_str(name)
-                if saved.done(name):  # written back, so that later layers calibrate on it
-                    report.layers.append(saved.restore(infos[name], backup.save))
-                    progress.update(1)
-                    continue
-                layer_start = time.perf_counter()
-                with LayerHooks({name: infos[name]}, stop_after={name: calls[name]}) as hooks:
-                    run_calibration(model, batches, hooks, device=device, forward=forward)
-                report.passes += 1
-                dense_mean = trace.outputs[name].mean() if correction == "bias" else None
-                layer = compressor.run(
-                    targets[name], hooks.hessians[name], dense_mean, time.perf_counter() - layer_start
-                )
-                saved.save(infos[name], layer)
-                report.layers.append(layer)
-                progress.set_postfix_str(f"{name} loss={layer.loss:.4g}")
-                progress.update(1)
-        if correction == "batchnorm":
-            for norm in batchnorm_layers(model).values():
-                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
-            recalibrate_batchnorm(model, batches, device=device, forward=forward)
-            report.passes += 1
-    except BaseException as err:
-        _on_failure(err, backup, restore_on_error)
-        raise
-    finally:
-        progress.close()
-        executor.close()
-        for module, flag in training.items():
-            module.train(flag)
+            # a first pass for the order of calls, the inputs layers share and the dense outputs
+            bias = run.correction == "bias"
+            trace = run.calibrate(
+                infos, hessians=False, output_means=bias, record_order=True, share_inputs=_SHARE_INPUTS
+            )
+            calls = dict(trace.calls)  # of the last batch (all are assumed alike)
+            _never_called(calls, "calibration pass")
 
-    report.layers += [_skipped_report(plan) for plan in plans.values() if plan.config is None]
-    report.seconds = time.perf_counter() - start
+            def calibrate_group(name: str) -> LayerHessian:
+                """A pass over the model compressed so far, stopped after ``name``'s last call."""
+                return run.calibrate({name: infos[name]}, stop_after={name: calls[name]}).hessians[name]
+
+            dense_means = {name: trace.outputs[name].mean() for name in infos} if bias else None
+            run.compress_layers(
+                plan, list(trace.order), _sequential_groups(trace), {},
+                calibrate_group=calibrate_group, dense_means=dense_means,
+            )
+        run.recalibrate_batchnorm()
+    report = run.finish([_skipped_report(p) for p in plans.values() if p.config is None])
     logger.info(
         "compressed %d layer(s), skipped %d, in %.2f s", len(report.compressed), len(report.skipped), report.seconds
     )
     return report
 
 
-def _dense_level_report(info: LayerInfo, stats: LayerHessian) -> LayerReport:
-    """A layer the budget leaves dense: its weights are not touched."""
-    return LayerReport(
-        name=info.name,
-        kind=info.kind,
-        shape=info.weight_shape,
-        mode="dense",
-        method="obc",
-        sparsity=float((weight_matrix(info) == 0).float().mean()),
-        loss=0.0,
-        baseline_loss=0.0,
-        samples=stats.n,
-    )
+_BUDGET_OPTIONS = frozenset({"database", "levels", "objective", "stitch", "loss_fn", "damp"})
 
 
-def _compress_budget(
+def compress_to_budget(
     model: nn.Module,
     calibration: Any,
-    recipe: Any,
+    budget: str | BudgetSpec,
     *,
-    budget: Any,
-    database: Any,
-    levels: Any,
-    objective: str,
-    stitch: bool,
-    loss_fn: Any,
-    damp: float,
-    forward: Forward | None,
-    correction: str | None,
-    baseline: bool,
-    num_threads: int | None,
-    quiet: bool,
-    restore_on_error: bool,
-    executor: Executor,
+    database: LevelDatabase | str | os.PathLike | None = None,
+    levels: Any = None,
+    objective: str = "auto",
+    stitch: bool = False,
+    loss_fn: Any = None,
+    damp: float = 0.01,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
+    forward: Forward | None = None,
+    correction: str | None = "auto",
+    baseline: bool = True,
+    num_threads: int | None = None,
+    quiet: bool = False,
+    restore_on_error: bool = True,
+    executor: str | Executor = "local",
 ) -> CompressionReport:
-    """compress() with a budget: database (built or given), DP solve, each layer to its level."""
+    """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
+
+    The level database (every level of every layer with its loss and costs, see
+    ``nonuniform.py``) is built from one calibration pass, or taken from ``database``; the DP
+    solver picks one level per layer minimizing the total loss with total cost <= budget; each
+    layer is then compressed to its level by the same loop as :func:`compress`.
+
+    Args:
+        model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error,
+        executor: as in :func:`compress` (with Ray, the database's layers are tasks too).
+        budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),
+            "params=2x", "bits=4.5" (bits per weight on average) or an absolute "flops=1e6", or a
+            BudgetSpec (see ``obc_native.budget``).
+        database: a LevelDatabase or the path of a saved one, instead of building it; it must
+            match the model's layers (LevelDatabaseError otherwise).
+        levels: what levels to build (``LevelSpec`` or dict; default ``LevelSpec.preset`` of the
+            budget's cost type).
+        objective: "auto", "layer", "normalized" or "model" (see ``nonuniform.OBJECTIVES``).
+        stitch, loss_fn: compute stitched model losses while building (see ``build_database``).
+        damp: relative damping of the database's solves.
+        recipe: only selects the layers (its skip patterns, and layers no rule matches, are left
+            out; see ``select_layers``).
+
+    ``report.budget`` and each layer's ``level``, ``level_costs`` and ``model_loss`` describe
+    the choice; ``report.database`` holds the database (save it with
+    ``report.database.save(path)``). Budget errors are raised before any weight is modified:
+    InfeasibleBudgetError (a ValueError stating the smallest achievable cost), ValueError for an
+    unknown cost type or a negative budget, LevelDatabaseError for a database of another model.
+    """
+    if num_threads is not None:
+        _arrays.as_threads(num_threads)
+    executor = as_executor(executor)
     start = time.perf_counter()
     spec = as_budget_spec(budget)
     if objective not in OBJECTIVES:
@@ -520,74 +711,38 @@ def _compress_budget(
         if loss_fn is not None and not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
         infos, left_out = select_layers(model, recipe=recipe)
-    correction = _resolve_correction(model, correction)
-    batches = as_batches(calibration)
-    device = model_device(model)
-    report = CompressionReport(calibration="dense", correction=correction)
-    get_core()
-    executor.start(quiet=quiet)
-
-    training = {module: module.training for module in model.modules()}
-    backup = _Backup()
-    compressor = _LayerCompressor(
-        correction=correction, baseline=baseline, num_threads=num_threads, backup=backup, executor=executor
+    run = _Run(
+        model, calibration, mode="dense", forward=forward, correction=correction, baseline=baseline,
+        num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
     )
-    progress = None
-    try:
-        model.eval()
-        hessians, applications, order, report.batches = _calibrate(model, infos, batches, forward, executor)
-        report.passes = 1
+    run.start = start
+    with run.guarded():
+        hessians, order, applications = run.dense_hessians(infos, hint="leave them out", counter=_Applications)
         if database is None:
+            database_start = time.perf_counter()
+            per_sample = {name: total / run.report.batches for name, total in applications.items()}
             database = _build(
-                model, infos, hessians, applications, order, level_spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
-                batches=batches, batch_count=report.batches, forward=forward, num_threads=num_threads, quiet=quiet,
-                executor=executor,
+                model, infos, hessians, per_sample, order, level_spec,
+                damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
+                forward=forward, num_threads=num_threads, quiet=quiet, executor=executor,
             )
             if stitch:
-                report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
+                run.report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
             solution = solve_database(database, spec, objective=objective)
-        progress = tqdm(total=len(infos), desc="obc", unit="layer", disable=quiet or executor.shows_progress, leave=False)
-        for name in [n for n in order if n in infos] if executor.runs_ahead else ():  # a cluster: all at once
-            if solution.choice[name].kind != "dense":
-                layer, level = database[name], solution.choice[name]
-                plan = LayerPlan(infos[name], level_config(level, layer.settings.get("damp", 0.01)))
-                executor.submit_layer(compressor.job(plan, hessians[name], (layer, level)))
+            run.report.database_seconds += time.perf_counter() - database_start
+        plan = {}
         for name in [n for n in order if n in infos]:
-            progress.set_postfix_str(name)
-            layer_start = time.perf_counter()
-            info, layer, level = infos[name], database[name], solution.choice[name]
-            stats = hessians.pop(name)
-            if level.kind == "dense":
-                row = _dense_level_report(info, stats)
-            else:
-                plan = LayerPlan(info, level_config(level, layer.settings.get("damp", 0.01)))
-                row = compressor.run(plan, stats, level=(layer, level))
-            row.seconds = time.perf_counter() - layer_start
-            row.level = level.label
-            row.level_costs = dict(level.costs)
-            row.model_loss = level.model_loss
-            report.layers.append(row)
-            progress.update(1)
-        if correction == "batchnorm":
-            for norm in batchnorm_layers(model).values():
-                backup.save(norm.running_mean, norm.running_var, norm.num_batches_tracked)
-            recalibrate_batchnorm(model, batches, device=device, forward=forward)
-            report.passes += 1
-    except BaseException as err:
-        _on_failure(err, backup, restore_on_error)
-        raise
-    finally:
-        if progress is not None:
-            progress.close()
-        executor.close()
-        for module, flag in training.items():
-            module.train(flag)
-
-    report.layers += [
+            level, layer = solution.choice[name], database[name]
+            config = None if level.kind == "dense" else level_config(level, layer.settings.get("damp", 0.01))
+            plan[name] = LayerStep(infos[name], config, level=level, levels=layer)
+        run.compress_layers(plan, list(plan), {name: name for name in plan}, hessians)
+        run.recalibrate_batchnorm()
+    skipped = [
         _skipped_report(LayerPlan(info, None, left_out[name]))
         for name, info in find_layers(model).items()
         if name in left_out
     ]
+    report = run.finish(skipped)
     quantized = {
         name: (level.params["bits"], level.params["group_size"])
         for name, level in solution.choice.items()

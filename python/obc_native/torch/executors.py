@@ -104,7 +104,7 @@ class LayerJob:
         baseline: also solve the magnitude / RTN baseline and return its per-row losses.
         num_threads: threads of each solver call (None: the executor's choice).
         apply_level: with a level, ``apply_level(info, weight, hessian, layer, level, *,
-            num_threads)`` -> UnitResult (``nonuniform.apply_unit_level``; passed in, so that this
+            num_threads, core)`` -> UnitResult (``torch.solve.apply_unit_level``; passed in, so that this
             module does not import the budget code).
     """
 
@@ -211,7 +211,7 @@ def solve_rows(
     else:
         if apply_level is None:
             raise ValueError("level: solving to a database level needs apply_level")
-        result = apply_level(info, weight, hessian, *level, num_threads=num_threads)
+        result = apply_level(info, weight, hessian, *level, num_threads=num_threads, core=core)
     row_losses = np.asarray(core.layer_loss(weight, result.weight, hessian, **threads), dtype=np.float64)
     baseline_losses = None
     if baseline:
@@ -296,6 +296,9 @@ class Executor:
     #: True when work submitted ahead runs meanwhile (callers then submit every layer first);
     #: False for this process, where submitting ahead would only hold every layer's arrays at once.
     runs_ahead = False
+    #: True when :meth:`calibrate` runs elsewhere (shards on a cluster): ``compress`` then calls it;
+    #: False: ``compress`` runs its own pass here, with input sharing (see ``LayerHooks``).
+    calibrates_remotely = False
 
     def start(self, *, quiet: bool = False) -> None:
         """Get ready (connect to a cluster, ...): called before any work; raises on failure."""
@@ -316,7 +319,7 @@ class Executor:
         """One dense pass of ``model`` (already in eval mode) over ``batches``.
 
         ``counter``: optional ``counter(infos)``, a context manager of forward hooks whose
-        ``.totals`` (layer name -> int) add up over batches (e.g. ``nonuniform._Applications``,
+        ``.totals`` (layer name -> int) add up over batches (e.g. ``level_calibration._Applications``,
         the applications per weight); its totals become ``Calibration.applications``.
         """
         hooks, count, applications = calibrate_here(

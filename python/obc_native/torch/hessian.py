@@ -8,14 +8,17 @@ losses, which are then per sample: loss = ||(W - W_hat) X||_F^2 / n.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+import weakref
+from collections.abc import Hashable, Mapping
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from .layers import LayerInfo, input_samples, output_channel_sum
+from .layers import LayerInfo, _conv_padding, input_samples, output_channel_sum
 
-__all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks"]
+__all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks", "sample_signature"]
 
 # Rows of unfolded samples converted to float64 at a time (bounds the temporary memory).
 _CHUNK_ROWS = 1 << 16
@@ -45,6 +48,46 @@ def _first_tensor(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise CalibrationError(f"layer {name!r}: could not find the input tensor of the forward call")
     return x
+
+
+def sample_signature(info: LayerInfo) -> Hashable:
+    """What :func:`layers.input_samples` depends on besides the input: two layers with equal
+    signatures turn the same input tensor into the same samples, hence the same Hessian.
+
+    Linear and HF Conv1D layers: the input width (both take every row of ``x.reshape(-1, in)``);
+    convolutions: the width, kernel, groups, stride, padding (and its mode) and dilation.
+    """
+    if not info.is_conv:
+        return ("rows", info.in_per_group)
+    module = info.module
+    return (
+        info.kind, info.in_per_group, info.kernel, info.groups, tuple(module.stride),
+        tuple(_conv_padding(module, info.kernel)), module.padding_mode, tuple(module.dilation),
+    )
+
+
+def _version(x: torch.Tensor) -> int | None:
+    """The tensor's in-place version counter (None for inference-mode tensors, which have none:
+    their inputs are never shared)."""
+    try:
+        return x._version
+    except RuntimeError:
+        return None
+
+
+class _Token(NamedTuple):
+    """One input of one call: call ``call`` (counted over the whole run) of layer ``layer``."""
+
+    layer: str
+    call: int
+
+
+class _SeenInput(NamedTuple):
+    """An input tensor already accumulated in this forward pass, and by whom."""
+
+    tensor: weakref.ref  # a weak reference: the id of a freed tensor may be reused
+    version: int  # the tensor's in-place version counter when accumulated
+    token: _Token
 
 
 class LayerHessian:
@@ -121,11 +164,13 @@ class LayerHessian:
 
     def _add_partial(self, batch: tuple[torch.Tensor, torch.Tensor, int]) -> None:
         gram, sums, _ = batch
+        # out of place: the batch may have run under torch.inference_mode and this call not
+        # (an inference tensor cannot be updated in place outside it)
         if self.total is None:
-            self.total = torch.zeros_like(gram)
-            self.input_sum = torch.zeros_like(sums)
-        self.total.add_(gram)
-        self.input_sum.add_(sums)
+            self.total, self.input_sum = gram, sums
+        else:
+            self.total = self.total + gram
+            self.input_sum = self.input_sum + sums
 
     def batch_partials(self) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
         """The finished batches' ``(sum x x^T (groups, cols, cols), sum x (groups, cols),
@@ -201,11 +246,19 @@ class LayerHooks:
             in the current forward pass the pass is aborted (the runner catches it), which saves
             computing the rest of the model. Call :meth:`begin_batch` before each pass.
         record_order: record the order and count of first calls (``.order``, ``.calls``).
+        share_inputs: recognise layers that read the same inputs (e.g. the query, key and value
+            projections of an attention block): a call whose input tensor is the very object
+            (unchanged since: same in-place version) another layer with the same
+            :func:`sample_signature` read earlier in the same forward pass is not accumulated
+            again. After the passes, :meth:`share_hessians` gives every layer that read only
+            such inputs the other layer's Hessian object. The Hessians are bit for bit those of
+            separate accumulation (the same samples added in the same order); only the work of
+            accumulating and checking them is saved.
         keep_partials: keep each batch's Hessian partial sums apart (calibration workers; see
             :meth:`LayerHessian.batch_partials`).
 
     The hooks check that inputs are floating point and finite, raising :class:`CalibrationError`
-    naming the layer.
+    naming the layer. ``hessian_seconds`` is the time spent accumulating Hessians.
     """
 
     def __init__(
@@ -216,6 +269,7 @@ class LayerHooks:
         output_means: bool = False,
         stop_after: Mapping[str, int] | None = None,
         record_order: bool = False,
+        share_inputs: bool = False,
         keep_partials: bool = False,
     ):
         self.layers = dict(layers)
@@ -227,15 +281,24 @@ class LayerHooks:
         self.outputs = {name: OutputMeanAccumulator(info) for name, info in self.layers.items()} if output_means else {}
         self.stop_after = dict(stop_after or {})
         self.record_order = record_order
+        self.share_inputs = share_inputs
         self.order: list[str] = []
         self.calls: dict[str, int] = {name: 0 for name in self.layers}
+        # most calls of a layer in one forward pass (sharing in sequential mode needs 1)
+        self.most_calls: dict[str, int] = {name: 0 for name in self.layers}
+        self.hessian_seconds = 0.0
+        self._signatures = {name: sample_signature(info) for name, info in self.layers.items()} if share_inputs else {}
+        self._inputs: dict[str, list[_Token]] = {name: [] for name in self.layers}
+        self._seen: dict[tuple[int, Hashable], _SeenInput] = {}  # by (id, sample signature)
         self._handles: list = []
 
     def begin_batch(self) -> None:
-        """Close the previous batch's Hessian partial sums and reset the per-pass call counters."""
-        for stats in self.hessians.values():
+        """Close the previous batch's Hessian partial sums and reset the per-forward-pass call
+        counters (and the inputs seen in the pass)."""
+        for stats in {id(stats): stats for stats in self.hessians.values()}.values():  # shared: once
             stats.end_batch()
         self.calls = {name: 0 for name in self.layers}
+        self._seen.clear()
 
     def __enter__(self) -> LayerHooks:
         try:
@@ -252,23 +315,50 @@ class LayerHooks:
 
     def __exit__(self, *exc) -> None:
         self._remove()
+        self._seen.clear()
 
     def _remove(self) -> None:
         while self._handles:
             self._handles.pop().remove()
+
+    def _seen_by(self, name: str, x: torch.Tensor) -> _Token | None:
+        """The earlier call of this pass that read the same unchanged tensor ``x`` into the same
+        samples, or None."""
+        seen = self._seen.get((id(x), self._signatures[name]))
+        if seen is None or seen.tensor() is not x or seen.version != _version(x):
+            return None
+        return seen.token
+
+    def _remember(self, name: str, x: torch.Tensor, token: _Token) -> None:
+        version = _version(x)
+        try:
+            ref = weakref.ref(x)
+        except TypeError:  # a tensor type without weak references: not shared
+            return
+        if version is not None:
+            self._seen[(id(x), self._signatures[name])] = _SeenInput(ref, version, token)
 
     def _make_pre_hook(self, name: str):
         def hook(module, args, kwargs):
             x = _first_tensor(name, args, kwargs)
             if self.record_order and name not in self.order:
                 self.order.append(name)
-            if name in self.hessians:
-                self.hessians[name].add(x)
-            elif not torch.is_floating_point(x):
-                raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
-            elif not bool(torch.isfinite(x).all()):
-                raise CalibrationError(f"layer {name!r}: calibration input contains NaN or Inf")
+            token = self._seen_by(name, x) if self.share_inputs else None
+            if token is None:  # a new input: checked, accumulated, remembered
+                token = _Token(name, len(self._inputs[name]))
+                if name in self.hessians:
+                    start = time.perf_counter()
+                    self.hessians[name].add(x)
+                    self.hessian_seconds += time.perf_counter() - start
+                elif not torch.is_floating_point(x):
+                    raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
+                elif not bool(torch.isfinite(x).all()):
+                    raise CalibrationError(f"layer {name!r}: calibration input contains NaN or Inf")
+                if self.share_inputs:
+                    self._remember(name, x, token)
+            self._inputs[name].append(token)
             self.calls[name] += 1
+            self.most_calls[name] = max(self.most_calls[name], self.calls[name])
             if not self.outputs:
                 self._maybe_stop()
             return None
@@ -287,3 +377,39 @@ class LayerHooks:
     def _maybe_stop(self) -> None:
         if self.stop_after and all(self.calls[n] >= k for n, k in self.stop_after.items()):
             raise _StopForward()
+
+    def calls_total(self, name: str) -> int:
+        """Calls of layer ``name`` over all passes so far."""
+        return len(self._inputs[name])
+
+    def input_owners(self) -> tuple[dict[str, str], list[str]]:
+        """Which layer's accumulation each layer's inputs are, after the passes (``share_inputs``).
+
+        Returns ``(owner, mixed)``: ``owner[name]`` is ``name`` itself, or the layer whose inputs
+        ``name`` read in every one of its calls, one for one (then their Hessians are equal);
+        ``mixed`` lists the layers that read some but not all of their inputs from other layers
+        (their own Hessian is incomplete: calibrate them again without sharing). Layers never
+        called own themselves.
+        """
+        owner: dict[str, str] = {}
+        mixed: list[str] = []
+        for name, tokens in self._inputs.items():
+            layers = {token.layer for token in tokens}
+            if not tokens or layers == {name}:
+                owner[name] = name
+                continue
+            (other,) = layers if len(layers) == 1 else (None,)
+            if other is not None and self._inputs[other] == tokens:
+                owner[name] = other
+            else:
+                mixed.append(name)
+        return owner, mixed
+
+    def share_hessians(self) -> tuple[dict[str, str], list[str]]:
+        """:meth:`input_owners`, and every layer owned by another gets that layer's
+        :class:`LayerHessian` object in ``.hessians`` (read-only: shared)."""
+        owner, mixed = self.input_owners()
+        for name, other in owner.items():
+            if other != name and name in self.hessians:
+                self.hessians[name] = self.hessians[other]
+        return owner, mixed

@@ -144,6 +144,7 @@ class RayExecutor(Executor):
 
     shows_progress = True
     runs_ahead = True
+    calibrates_remotely = True
 
     def __init__(
         self,

@@ -1,0 +1,790 @@
+"""Export a compressed model to ONNX for onnxruntime, storing the quantization codes we chose.
+
+:func:`export_onnx` exports the model with ``torch.onnx.export`` (the TorchScript exporter; it
+works offline), then rewrites the graph with the ``onnx`` package so that each quantized layer
+keeps exactly the integer codes, scales and zero points of its compression grid (nothing is
+re-quantized by another tool):
+
+- quantized ``Linear`` / HF ``Conv1D`` feeding one MatMul or Gemm: onnxruntime's contrib op
+  ``com.microsoft.MatMulNBits`` (weight-only, executed natively on packed 2/4/8-bit codes).
+  It quantizes blocks of ``block_size`` (a power of two >= 16) consecutive inputs of each output
+  row; our group of ``group_size`` columns becomes ``group_size / block_size`` blocks sharing the
+  group's scale and zero point, so the dequantized weights are unchanged. 3-bit codes are stored
+  as 4-bit, 5..7-bit codes as 8-bit (same values, same zero point).
+- other quantized layers (a group size without such a block size, convolutions, a weight shared
+  by several nodes): ``DequantizeLinear`` (opset 21) of uint4 (bits <= 4) or uint8 codes with
+  per-channel (one group per row) or blocked scales and zero points, feeding the original node.
+  Convolutions grouped in channels-last order (``column_order="channels_last"``) dequantize the
+  ``out x (kernel, in)`` matrix, then Reshape and Transpose it to ``(out, in, *kernel)``.
+- static activation quantization (:class:`~obc_native.torch.ActQuantWrapper`): QuantizeLinear +
+  DequantizeLinear with the calibrated scale and zero point on the layer's input (uint8 for 8-bit,
+  uint4 for 4-bit, uint16 for 16-bit grids); other widths, whose clamp range no ONNX integer type
+  has, as the same float arithmetic as :func:`~obc_native.torch.actquant.fake_quantize`.
+- pruned-only and uncompressed layers: dense float weights (sparsity is not a runtime format).
+
+Dequantization (ONNX and ours) is ``scale * (code - zero)`` in float32: the weights onnxruntime
+computes with are bit-identical to the PyTorch model's. Outputs then differ only by the order of
+float operations (MatMulNBits accumulates differently).
+
+The graph's opset is 21 (converted from the exporter's with ``onnx.version_converter``), plus
+``com.microsoft`` version 1 when MatMulNBits is used. Files above 2 GB are not supported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .actquant import ActQuantWrapper, fake_quantize
+from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
+from .report import CompressionReport, QuantGrid
+from .serialize import _quantize_exact
+
+__all__ = ["ExportError", "OnnxExport", "export_onnx", "grids_from_saved"]
+
+OPSET = 21  # blocked DequantizeLinear, uint4 and uint16 Q/DQ
+_EXPORT_OPSET = 17  # what torch.onnx.export writes before the conversion to OPSET
+_MAX_BLOCK = 256  # largest MatMulNBits block_size used (onnxruntime's CPU kernels go to 256)
+_MSFT = "com.microsoft"
+_PLACEHOLDER_DOMAIN = "obc_native"
+
+
+class ExportError(ValueError):
+    """A model, layer or path that cannot be exported; the message says what to do."""
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        file_size: its size in bytes.
+        layers: per exported layer (``named_modules`` name) how its weight is stored, e.g.
+            ``"MatMulNBits 4-bit block 128"``, ``"DequantizeLinear uint4 blocked 64"``,
+            ``"DequantizeLinear uint8 per-channel"``; layers not listed are dense float32.
+        activations: per activation-quantized layer, ``"QDQ uint8"`` / ``"QDQ uint4"`` /
+            ``"QDQ uint16"`` or ``"fake-quantize 3-bit (float ops)"``.
+        opset: the default-domain opset of the graph.
+    """
+
+    path: str
+    file_size: int
+    layers: dict[str, str] = field(default_factory=dict)
+    activations: dict[str, str] = field(default_factory=dict)
+    opset: int = OPSET
+
+    def table(self) -> str:
+        """One line per quantized layer, then the file size."""
+        lines = [f"{name or '(model)'}: {form}" for name, form in self.layers.items()]
+        lines += [f"{name} input: {form}" for name, form in self.activations.items()]
+        lines.append(f"{self.path}: {self.file_size} bytes, opset {self.opset}")
+        return "\n".join(lines)
+
+
+def export_onnx(
+    model: nn.Module,
+    example_args: Any,
+    path: str | os.PathLike,
+    *,
+    report: CompressionReport | str | os.PathLike | None = None,
+    example_kwargs: dict[str, Any] | None = None,
+    input_names: Sequence[str] | None = None,
+    output_names: Sequence[str] | None = None,
+    dynamic_batch: bool = True,
+    matmul_nbits: bool = True,
+    accuracy_level: int = 0,
+    dense: Sequence[str] = (),
+) -> OnnxExport:
+    """Export ``model`` (compressed by :func:`compress`) to the ONNX file ``path``.
+
+    Args:
+        model: the compressed model (on any device; exported on the CPU, in eval mode, and left
+            as it was). Layers wrapped in :class:`ActQuantWrapper` get activation Q/DQ.
+        example_args: a tensor or a tuple of positional inputs used to trace the model.
+        path: the ``.onnx`` file to write; its folder must exist and be writable (checked first).
+        report: where the quantization grids come from: the :class:`CompressionReport` returned
+            by ``compress`` (its per-layer grids), or the folder written by ``save_compressed``
+            (the grids stored there). None: every weight is exported dense.
+        example_kwargs: keyword inputs for the trace (e.g. ``{"attention_mask": mask}``).
+        input_names, output_names: graph input / output names (default ``input_0``, ... and
+            ``output_0``, ...; keyword inputs keep their keyword).
+        dynamic_batch: dimension 0 of every input and output is symbolic ("batch").
+        matmul_nbits: use ``com.microsoft.MatMulNBits`` for Linear layers where possible;
+            False: ``DequantizeLinear`` + the original MatMul/Gemm everywhere (standard ONNX).
+        accuracy_level: MatMulNBits' ``accuracy_level``: 0 (unset: float32 inputs on CPU) ...
+            4 (onnxruntime may quantize the *inputs* to int8 per block: faster, less accurate).
+        dense: fnmatch patterns of quantized layers to export with dense float weights.
+
+    Returns an :class:`OnnxExport` (file size, per-layer storage).
+
+    Raises :class:`ExportError` (a ``ValueError``) for a path that cannot be written (before any
+    work), a report naming layers the model lacks, a quantized layer whose weights are no longer
+    on its grid or whose weight the exported graph does not use as a MatMul/Gemm/Conv constant,
+    and for models ``torch.onnx.export`` cannot export; the message names the layer and what to
+    do (leave it out of the recipe, or list it in ``dense``).
+    """
+    import onnx
+
+    path = _check_output_path(path)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(accuracy_level, int) or not 0 <= accuracy_level <= 4:
+        raise ValueError(f"accuracy_level must be an integer in 0..4, got {accuracy_level!r}")
+    if isinstance(dense, str):
+        dense = [dense]
+    grids = _collect_grids(model, report)
+    layers: dict[str, tuple[LayerInfo, QuantGrid, np.ndarray]] = {}
+    for name, (info, grid) in grids.items():
+        if any(fnmatchcase(name, pattern) for pattern in dense):
+            continue
+        layers[name] = (info, grid, _codes_of(name, info, grid))
+
+    graph_model, placeholders = _torch_export(
+        model, example_args, example_kwargs, input_names, output_names, dynamic_batch
+    )
+    rewriter = _GraphRewriter(graph_model)
+    summary_layers: dict[str, str] = {}
+    for name, (info, grid, codes) in layers.items():
+        summary_layers[name] = rewriter.quantize_weight(name, info, grid, codes, matmul_nbits, accuracy_level)
+    activations = rewriter.lower_activation_placeholders(placeholders)
+    rewriter.finish()
+    graph_model.metadata_props.add(key="obc_native.layers", value=json.dumps(summary_layers, sort_keys=True))
+    try:
+        onnx.checker.check_model(graph_model)
+    except onnx.checker.ValidationError as err:  # a rewrite bug, not a user error
+        raise RuntimeError(f"the rewritten ONNX graph is invalid: {err}") from err
+    _write_atomically(path, graph_model.SerializeToString())
+    return OnnxExport(path, os.path.getsize(path), summary_layers, activations, OPSET)
+
+
+def grids_from_saved(directory: str | os.PathLike) -> dict[str, QuantGrid]:
+    """The quantization grids stored by :func:`save_compressed` in ``directory``, by layer name.
+
+    Only layers stored with codes (``quantized`` / ``sparse_quantized``) have a grid; the manifest
+    and the tensor file's checksum are verified. Export a model that holds the saved weights
+    (:func:`load_compressed`): its weights must lie on these grids.
+    """
+    from safetensors.torch import load_file
+
+    from .serialize import SerializationError, _own_file, _sha256, read_manifest
+
+    directory = os.fspath(directory)
+    manifest = read_manifest(directory)
+    tensor_path = _own_file(directory, manifest["tensors"])
+    if _sha256(tensor_path) != manifest["sha256"]:
+        raise SerializationError(f"{tensor_path}: checksum mismatch; the file is corrupted or not the one saved")
+    tensors = load_file(tensor_path)
+    grids = {}
+    for name, entry in manifest["layers"].items():
+        if entry["storage"] not in ("quantized", "sparse_quantized"):
+            continue
+        key = entry["weight_key"]
+        scale, zero = tensors.get(f"{key}:scale"), tensors.get(f"{key}:zero")
+        if scale is None or zero is None:
+            raise SerializationError(f"layer {name!r}: scale or zero tensor missing from {tensor_path}")
+        grids[name] = QuantGrid(
+            bits=entry["bits"],
+            sym=entry["sym"],
+            group_size=entry["group_size"],
+            column_order=entry["column_order"],
+            scale=scale.numpy().astype(np.float32),
+            zero=zero.numpy().astype(np.uint8),
+        )
+    return grids
+
+
+# ----------------------------------------------------------------------------- checks and inputs
+
+
+def _check_output_path(path: str | os.PathLike) -> str:
+    """The absolute output path, after checking that a file can be created next to it."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise ExportError(f"path {path}: is a directory; give the name of the .onnx file to write")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise ExportError(f"path {path}: folder {parent} does not exist")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as err:
+        raise ExportError(f"path {path}: cannot write in {parent} ({err.strerror or err})") from err
+    if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
+        raise ExportError(f"path {path}: exists and is not a regular file; refusing to replace it")
+    return path
+
+
+def _layer_module(model: nn.Module, name: str) -> nn.Module | None:
+    """The layer ``name`` (inside its ActQuantWrapper if wrapped), or None if absent."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module.module if isinstance(module, ActQuantWrapper) else module
+
+
+def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, QuantGrid]]:
+    """Layer geometry and grid of every quantized layer named by ``report``."""
+    if report is None:
+        return {}
+    if isinstance(report, (str, os.PathLike)):
+        grids = grids_from_saved(report)
+    elif isinstance(report, CompressionReport):
+        grids = {layer.name: layer.grid for layer in report.compressed if layer.grid is not None}
+        lacking = [layer.name for layer in report.compressed if layer.bits is not None and layer.grid is None]
+        if lacking:
+            raise ExportError(
+                f"the report has no quantization grid for layer(s) {lacking} (a report read back from JSON); "
+                "pass the folder written by save_compressed as report= instead"
+            )
+    else:
+        raise TypeError(
+            f"report must be a CompressionReport, a saved model folder or None, got {type(report).__name__}"
+        )
+    result = {}
+    for name, grid in grids.items():
+        module = _layer_module(model, name)
+        if module is None or layer_kind(module) is None:
+            raise ExportError(
+                f"the report names layer {name!r}, which the model does not have (or is no longer a supported "
+                "layer); export the model the report was made for"
+            )
+        result[name] = (describe_layer(name, module), grid)
+    return result
+
+
+def _codes_of(name: str, info: LayerInfo, grid: QuantGrid) -> np.ndarray:
+    """``out x cols`` uint8 codes of the layer's current weights on its grid (native order)."""
+    weight = info.module.weight
+    if weight.dtype != torch.float32:
+        raise ExportError(
+            f"layer {name!r}: weights are {weight.dtype}; export quantized layers from a float32 model "
+            f"(model.float()), or list the layer in dense=[...]"
+        )
+    matrix = weight_matrix(info).cpu().numpy()
+    codes = _quantize_exact(info, matrix, grid)
+    if codes is None:
+        raise ExportError(
+            f"layer {name!r}: its weights are no longer on its quantization grid (changed after compression?); "
+            "export the model as compressed, or list the layer in dense=[...] to store float weights"
+        )
+    return codes
+
+
+# ----------------------------------------------------------------------------- torch export
+
+
+class _ActQuantPlaceholder(torch.autograd.Function):
+    """Fake quantization in PyTorch; one ``obc_native::ActQuant`` node in the traced graph."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero, bits):  # noqa: ARG004 - autograd.Function signature
+        return fake_quantize(x, torch.tensor(scale, dtype=x.dtype), torch.tensor(zero, dtype=x.dtype), bits)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero, bits):
+        return g.op(
+            f"{_PLACEHOLDER_DOMAIN}::ActQuant",
+            x,
+            bits_i=int(bits),
+            scale_f=float(scale),
+            zero_f=float(zero),
+        )
+
+
+@contextlib.contextmanager
+def _activation_placeholders(model: nn.Module):
+    """Let every ActQuantWrapper of ``model`` trace as one placeholder node (restored after)."""
+    wrappers = [m for m in model.modules() if isinstance(m, ActQuantWrapper)]
+
+    def make_forward(wrapper: ActQuantWrapper):
+        scale, zero = float(wrapper.scale), float(wrapper.zero)
+        if zero != round(zero) or not 0 <= zero <= (1 << wrapper.bits) - 1:
+            raise ExportError(f"{wrapper}: zero point {zero} is not an integer code; recalibrate the activations")
+
+        def forward(x, *args, **kwargs):
+            return wrapper.module(_ActQuantPlaceholder.apply(x, scale, zero, wrapper.bits), *args, **kwargs)
+
+        return forward
+
+    try:
+        for wrapper in wrappers:
+            wrapper.forward = make_forward(wrapper)
+        yield
+    finally:
+        for wrapper in wrappers:
+            wrapper.__dict__.pop("forward", None)
+
+
+def _torch_export(model, example_args, example_kwargs, input_names, output_names, dynamic_batch):
+    """The dense ONNX model (in memory) of ``model`` traced on the examples."""
+    import onnx
+    from onnx import version_converter
+
+    if isinstance(example_args, torch.Tensor):
+        example_args = (example_args,)
+    if not isinstance(example_args, tuple):
+        raise TypeError(f"example_args must be a tensor or a tuple of inputs, got {type(example_args).__name__}")
+    example_kwargs = dict(example_kwargs or {})
+    positional = [f"input_{i}" for i in range(len(example_args))]
+    names_in = list(input_names) if input_names is not None else positional + list(example_kwargs)
+    training = {module: module.training for module in model.modules()}
+    devices = {p.device for p in model.parameters()} | {b.device for b in model.buffers()}
+    if devices - {torch.device("cpu")}:
+        raise ExportError(f"the model is on {sorted(map(str, devices))}; move it to the CPU (model.cpu()) to export")
+    args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in example_args)
+    traced = model
+    if example_kwargs:
+        # The TorchScript exporter matches keyword inputs against forward's signature and fails on
+        # some (e.g. transformers models); a wrapper takes every input positionally instead.
+        traced = _KeywordCall(model, len(args), list(example_kwargs))
+        args = (*args, *(v.cpu() if isinstance(v, torch.Tensor) else v for v in example_kwargs.values()))
+    buffer = io.BytesIO()
+    model.eval()
+    try:
+        with torch.no_grad(), _activation_placeholders(model), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+            outputs = model(*example_args, **example_kwargs)
+            count = len(_flatten(outputs))
+            names_out = list(output_names) if output_names is not None else [f"output_{i}" for i in range(count)]
+            axes = None
+            if dynamic_batch:  # dimension 0 of every input and output that has one
+                values = [*example_args, *example_kwargs.values()][: len(names_in)] + _flatten(outputs)
+                names = [*names_in[: len(values) - count], *names_out]
+                axes = {
+                    name: {0: "batch"}
+                    for name, value in zip(names, values)
+                    if isinstance(value, torch.Tensor) and value.dim() >= 1
+                }
+            torch.onnx.export(
+                traced,
+                args,
+                buffer,
+                dynamo=False,
+                opset_version=_EXPORT_OPSET,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+                # PRESERVE (the model is in eval mode) rather than EVAL: EVAL folds BatchNorm into the
+                # preceding Conv's weights, and a quantized conv's codes would be lost; onnxruntime
+                # still fuses Conv+BatchNorm of float convs when it loads the model.
+                training=torch.onnx.TrainingMode.PRESERVE,
+                custom_opsets={_PLACEHOLDER_DOMAIN: 1},
+            )
+    except ExportError:
+        raise
+    except Exception as err:  # the exporter raises many types for an unsupported operator
+        message = " ".join(str(err).split())[:600]
+        raise ExportError(
+            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); where it names an "
+            "operator without an ONNX form, replace the module that uses it or export a submodule without it"
+        ) from err
+    finally:
+        for module, flag in training.items():
+            module.train(flag)
+    graph_model = onnx.load_from_string(buffer.getvalue())
+    # The version converter refuses unknown operators: each placeholder becomes an Identity of the
+    # same name until it is lowered to Q/DQ (which needs opset 21 for uint4 and uint16).
+    placeholders = {}
+    for node in graph_model.graph.node:
+        if node.domain == _PLACEHOLDER_DOMAIN:
+            attributes = {a.name: a for a in node.attribute}
+            layer = _scope_of(node.name)
+            if example_kwargs:  # traced inside _KeywordCall: drop its attribute name
+                layer = layer.partition(".")[2]
+            placeholders[node.name] = (attributes["bits"].i, attributes["scale"].f, attributes["zero"].f, layer)
+            node.op_type, node.domain = "Identity", ""
+            del node.attribute[:]
+    for entry in [o for o in graph_model.opset_import if o.domain == _PLACEHOLDER_DOMAIN]:
+        graph_model.opset_import.remove(entry)
+    try:
+        graph_model = version_converter.convert_version(graph_model, OPSET)
+    except Exception as err:  # noqa: BLE001 - onnx raises RuntimeError/ValueError/C++ errors
+        raise ExportError(f"the exported graph cannot be converted to ONNX opset {OPSET} ({err})") from err
+    return graph_model, placeholders
+
+
+class _KeywordCall(nn.Module):
+    """Calls ``model(*inputs[:positional], **dict(zip(keywords, inputs[positional:])))``."""
+
+    def __init__(self, model: nn.Module, positional: int, keywords: list[str]):
+        super().__init__()
+        self.model = model
+        self.positional = positional
+        self.keywords = keywords
+
+    def forward(self, *inputs):
+        keyword_inputs = dict(zip(self.keywords, inputs[self.positional :]))
+        return self.model(*inputs[: self.positional], **keyword_inputs)
+
+
+def _flatten(outputs: Any) -> list[Any]:
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if isinstance(outputs, (list, tuple)):
+        return [t for item in outputs for t in _flatten(item)]
+    return []
+
+
+# ----------------------------------------------------------------------------- graph rewriting
+
+
+def _pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack ``bits``-bit codes along the last axis, first code in the lowest bits of each byte."""
+    per_byte = 8 // bits
+    codes = codes.astype(np.uint8)
+    if per_byte == 1:
+        return codes
+    pad = (-codes.shape[-1]) % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
+    packed = grouped[..., 0].copy()
+    for position in range(1, per_byte):  # codes < 2^bits: no bit leaves the byte
+        packed |= grouped[..., position] << np.uint8(position * bits)
+    return packed
+
+
+def _uint_tensor(name: str, values: np.ndarray, bits: int):
+    """An ONNX uint4 (bits <= 4) or uint8 initializer holding ``values``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if bits > 4:
+        return numpy_helper.from_array(np.ascontiguousarray(values, dtype=np.uint8), name)
+    flat = _pack_low_first(np.ascontiguousarray(values, dtype=np.uint8).reshape(-1), 4)
+    return helper.make_tensor(name, TensorProto.UINT4, list(values.shape), flat.tobytes(), raw=True)
+
+
+def _matmul_nbits_block(group_size: int) -> int | None:
+    """The largest power of two in 16.._MAX_BLOCK dividing ``group_size``, or None."""
+    block = _MAX_BLOCK
+    while block >= 16:
+        if group_size % block == 0:
+            return block
+        block //= 2
+    return None
+
+
+class _GraphRewriter:
+    """Replaces float weight initializers of an exported ONNX model by their quantized forms."""
+
+    def __init__(self, graph_model):
+        self.model = graph_model
+        self.graph = graph_model.graph
+        self.initializers = {init.name: init for init in self.graph.initializer}
+        self.used: set[str] = set()
+        self.uses_msft = False
+        self._arrays: dict[str, np.ndarray] = {}
+
+    # -- lookup
+
+    def _array(self, name: str) -> np.ndarray:
+        from onnx import numpy_helper
+
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+        return self._arrays[name]
+
+    def _consumers(self, name: str) -> list[tuple[Any, int]]:
+        return [(node, i) for node in self.graph.node for i, value in enumerate(node.input) if value == name]
+
+    def _find_weight(self, name: str, info: LayerInfo) -> tuple[str, str]:
+        """(initializer name, layout) of the layer's weight: "matrix" (the ``out x in`` weight
+        matrix; for convolutions the module's weight) or "transposed" (its ``in x out`` transpose:
+        Linear weights folded for MatMul, HF Conv1D weights as stored)."""
+        if info.is_conv:
+            weight = info.module.weight.detach().cpu().numpy()
+        else:
+            weight = weight_matrix(info).cpu().numpy()
+        key = param_key(name, "weight")
+        candidates = []
+        for init_name, init in self.initializers.items():
+            if init_name in self.used or tuple(init.dims) not in (weight.shape, weight.shape[::-1]):
+                continue
+            array = self._array(init_name)
+            if array.dtype != np.float32:
+                continue
+            if array.shape == weight.shape and np.array_equal(array.view(np.uint32), weight.view(np.uint32)):
+                candidates.append((init_name, "matrix"))
+            elif weight.ndim == 2 and np.array_equal(array.view(np.uint32), weight.T.view(np.uint32)):
+                candidates.append((init_name, "transposed"))
+        if not candidates:
+            raise ExportError(
+                f"layer {name!r}: its weight is not a constant input of a MatMul, Gemm or Conv in the exported graph "
+                "(computed, shared or used by another operator); leave the layer out of the recipe (skip it) or "
+                "list it in dense=[...] to export it with float weights"
+            )
+        # equal values: prefer the parameter's own name (two layers may hold identical weights)
+        candidates.sort(key=lambda c: (c[0] != key and not c[0].endswith("." + key), c[0]))
+        return candidates[0]
+
+    # -- weights
+
+    def quantize_weight(
+        self, name: str, info: LayerInfo, grid: QuantGrid, codes: np.ndarray, matmul_nbits: bool, accuracy: int
+    ) -> str:
+        """Store the layer's weight as codes; returns a description of the form used."""
+        init_name, layout = self._find_weight(name, info)
+        self.used.add(init_name)
+        consumers = self._consumers(init_name)
+        if not consumers:
+            raise ExportError(f"layer {name!r}: its weight is not used by the exported graph; list it in dense=[...]")
+        if matmul_nbits and not info.is_conv and len(consumers) == 1:
+            node, index = consumers[0]
+            block = _matmul_nbits_block(grid.group_size)
+            if index == 1 and block is not None and self._is_plain_matmul(node, layout):
+                return self._to_matmul_nbits(name, info, grid, codes, node, init_name, block, accuracy)
+        return self._to_dequantize(name, info, grid, codes, init_name, layout, consumers)
+
+    @staticmethod
+    def _is_plain_matmul(node, layout: str) -> bool:
+        """Whether ``node`` computes ``A @ W.T`` (+ bias) with our ``out x in`` matrix W as input 1."""
+        if node.domain not in ("", "ai.onnx"):
+            return False
+        if node.op_type == "MatMul":
+            return layout == "transposed"
+        if node.op_type != "Gemm":
+            return False
+        attributes = {a.name: a for a in node.attribute}
+        alpha = attributes["alpha"].f if "alpha" in attributes else 1.0
+        beta = attributes["beta"].f if "beta" in attributes else 1.0
+        trans_a = attributes["transA"].i if "transA" in attributes else 0
+        trans_b = attributes["transB"].i if "transB" in attributes else 0
+        if alpha != 1.0 or beta != 1.0 or trans_a:
+            return False
+        return (trans_b == 1) == (layout == "matrix")
+
+    def _to_matmul_nbits(self, name, info, grid, codes, node, init_name, block, accuracy) -> str:
+        from onnx import helper, numpy_helper
+
+        rows, cols = codes.shape  # N x K
+        stored_bits = 2 if grid.bits <= 2 else 4 if grid.bits <= 4 else 8
+        repeat = grid.group_size // block
+        blocks = cols // block
+        packed = _pack_low_first(codes.reshape(rows, blocks, block), stored_bits)
+        scales = np.repeat(np.asarray(grid.scale, dtype=np.float32), repeat, axis=1)
+        zeros = _pack_low_first(np.repeat(np.asarray(grid.zero, dtype=np.uint8), repeat, axis=1), stored_bits)
+        base = f"{name or 'model'}.weight"
+        tensors = [
+            numpy_helper.from_array(np.ascontiguousarray(packed), f"{base}:codes"),
+            numpy_helper.from_array(np.ascontiguousarray(scales), f"{base}:scales"),
+            numpy_helper.from_array(np.ascontiguousarray(zeros), f"{base}:zero_points"),
+        ]
+        self.graph.initializer.extend(tensors)
+        inputs = [node.input[0], *(t.name for t in tensors)]
+        output = node.output[0]
+        bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
+        if bias in self.initializers and tuple(self.initializers[bias].dims) == (rows,):
+            inputs += ["", bias]  # MatMulNBits' own bias input (g_idx, deprecated, left out)
+            bias = None
+        product = f"{base}:product" if bias else output
+        new_nodes = [
+            helper.make_node(
+                "MatMulNBits",
+                inputs,
+                [product],
+                name=f"{name or 'model'}/MatMulNBits",
+                domain=_MSFT,
+                K=cols,
+                N=rows,
+                bits=stored_bits,
+                block_size=block,
+                accuracy_level=accuracy,
+            )
+        ]
+        if bias:  # Gemm's C with beta = 1: broadcast add
+            new_nodes.append(helper.make_node("Add", [product, bias], [output], name=f"{name or 'model'}/bias"))
+        self._replace_node(node, new_nodes)
+        self._drop_initializer(init_name)
+        self.uses_msft = True
+        return f"MatMulNBits {stored_bits}-bit block {block}"
+
+    def _to_dequantize(self, name, info, grid, codes, init_name, layout, consumers) -> str:
+        from onnx import helper, numpy_helper
+
+        rows, cols = codes.shape
+        base = f"{name or 'model'}.weight"
+        scale = np.asarray(grid.scale, dtype=np.float32)
+        zero = np.asarray(grid.zero, dtype=np.uint8)
+        perm = channels_last_perm(info) if grid.column_order == "channels_last" else None
+        if perm is not None:
+            codes = codes[:, perm]  # groups run along the channels-last columns
+        per_channel = grid.group_size == cols
+        transposed = layout == "transposed"
+        if transposed:  # a 2-D weight the graph uses as in x out
+            codes, scale, zero = codes.T, scale.T, zero.T
+        storage = "uint4" if grid.bits <= 4 else "uint8"
+        code_tensor = _uint_tensor(f"{base}:codes", codes, grid.bits)
+        if per_channel:
+            scale, zero = scale.reshape(-1), zero.reshape(-1)
+        scale_tensor = numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}:scale")
+        zero_tensor = _uint_tensor(f"{base}:zero_point", zero, grid.bits)
+        self.graph.initializer.extend([code_tensor, scale_tensor, zero_tensor])
+        attributes: dict[str, int] = {"axis": 1 if transposed else 0}
+        if not per_channel:
+            attributes = {"axis": 0 if transposed else 1, "block_size": grid.group_size}
+        name_prefix = name or "model"
+        matrix_name = f"{base}:dequantized"
+        nodes = [
+            helper.make_node(
+                "DequantizeLinear",
+                [code_tensor.name, scale_tensor.name, zero_tensor.name],
+                [matrix_name],
+                name=f"{name_prefix}/weight_dequantize",
+                **attributes,
+            )
+        ]
+        weight_name = matrix_name
+        if info.is_conv:
+            shape = info.weight_shape  # (out, C, *kernel)
+            if perm is not None:  # (out, K*C) channels-last -> (out, *kernel, C) -> (out, C, *kernel)
+                staged = (shape[0], *shape[2:], shape[1])
+                order = [0, len(shape) - 1, *range(1, len(shape) - 1)]
+            else:
+                staged, order = shape, None
+            shape_name = f"{base}:shape"
+            self.graph.initializer.append(numpy_helper.from_array(np.asarray(staged, dtype=np.int64), shape_name))
+            reshaped = f"{base}:reshaped" if order else f"{base}:weight"
+            nodes.append(
+                helper.make_node("Reshape", [matrix_name, shape_name], [reshaped], name=f"{name_prefix}/weight_reshape")
+            )
+            weight_name = reshaped
+            if order:
+                weight_name = f"{base}:weight"
+                nodes.append(
+                    helper.make_node(
+                        "Transpose", [reshaped], [weight_name], name=f"{name_prefix}/weight_transpose", perm=order
+                    )
+                )
+        first = min(self._node_index(node) for node, _ in consumers)
+        for offset, new in enumerate(nodes):
+            self.graph.node.insert(first + offset, new)
+        for node, index in consumers:
+            node.input[index] = weight_name
+        self._drop_initializer(init_name)
+        form = "per-channel" if per_channel else f"blocked {grid.group_size}"
+        return f"DequantizeLinear {storage} {form}"
+
+    # -- activations
+
+    def lower_activation_placeholders(self, placeholders: dict[str, tuple[int, float, float, str]]) -> dict[str, str]:
+        """Replace each activation placeholder (an Identity node named in ``placeholders``, with
+        its bits, scale, zero point and layer name) by Q/DQ, or by fake_quantize's float ops."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        found: dict[str, str] = {}
+        nodes = [n for n in self.graph.node if n.op_type == "Identity" and n.name in placeholders]
+        if len(nodes) != len(placeholders):
+            raise RuntimeError("activation quantization nodes were lost converting the graph's opset")
+        for node in nodes:
+            bits, scale, zero, layer = placeholders[node.name]
+            base = f"{layer or 'model'}.input_quant.{len(found)}"
+            scale_tensor = numpy_helper.from_array(np.asarray(scale, dtype=np.float32), f"{base}:scale")
+            types = {4: TensorProto.UINT4, 8: TensorProto.UINT8, 16: TensorProto.UINT16}
+            if bits in types:
+                if bits == 16:
+                    zero_tensor = numpy_helper.from_array(np.asarray(int(zero), dtype=np.uint16), f"{base}:zero_point")
+                elif bits == 8:
+                    zero_tensor = numpy_helper.from_array(np.asarray(int(zero), dtype=np.uint8), f"{base}:zero_point")
+                else:
+                    zero_tensor = helper.make_tensor(f"{base}:zero_point", TensorProto.UINT4, [], [int(zero)])
+                self.graph.initializer.extend([scale_tensor, zero_tensor])
+                io_names = [scale_tensor.name, zero_tensor.name]
+                new_nodes = [
+                    helper.make_node("QuantizeLinear", [node.input[0], *io_names], [f"{base}:q"], name=f"{base}/q"),
+                    helper.make_node("DequantizeLinear", [f"{base}:q", *io_names], [node.output[0]], name=f"{base}/dq"),
+                ]
+                form = f"QDQ uint{bits}"
+            else:  # clamp range 0..2^bits-1 exists in no ONNX type: fake_quantize's float arithmetic
+                zero_value = numpy_helper.from_array(np.asarray(zero, dtype=np.float32), f"{base}:zero")
+                low = numpy_helper.from_array(np.asarray(0.0, dtype=np.float32), f"{base}:min")
+                high = numpy_helper.from_array(np.asarray((1 << bits) - 1, dtype=np.float32), f"{base}:max")
+                self.graph.initializer.extend([scale_tensor, zero_value, low, high])
+                x, s, z = node.input[0], scale_tensor.name, zero_value.name
+                steps = [
+                    ("Div", [x, s]), ("Round", None), ("Add", [None, z]), ("Clip", [None, low.name, high.name]),
+                    ("Sub", [None, z]), ("Mul", [s, None]),
+                ]
+                new_nodes, previous = [], None
+                for i, (op, inputs) in enumerate(steps):
+                    inputs = [previous] if inputs is None else [previous if v is None else v for v in inputs]
+                    out = node.output[0] if i == len(steps) - 1 else f"{base}:{op.lower()}"
+                    new_nodes.append(helper.make_node(op, inputs, [out], name=f"{base}/{op.lower()}"))
+                    previous = out
+                form = f"fake-quantize {bits}-bit (float ops)"
+            self._replace_node(node, new_nodes)
+            found[layer] = form
+        return found
+
+    # -- helpers
+
+    def _node_index(self, node) -> int:
+        """Position of ``node`` in the graph, by identity (``==`` on protobuf messages compares
+        their contents)."""
+        return next(i for i, candidate in enumerate(self.graph.node) if candidate is node)
+
+    def _replace_node(self, node, new_nodes) -> None:
+        position = self._node_index(node)
+        del self.graph.node[position]
+        for offset, new in enumerate(new_nodes):
+            self.graph.node.insert(position + offset, new)
+
+    def _drop_initializer(self, name: str) -> None:
+        if self._consumers(name):
+            return
+        self.initializers.pop(name)
+        # by position: remove() would compare tensors by content, slow on large models
+        position = next(i for i, init in enumerate(self.graph.initializer) if init.name == name)
+        del self.graph.initializer[position]
+        self._arrays.pop(name, None)
+
+    def finish(self) -> None:
+        """Opset imports of the domains the rewritten graph uses; value_info of removed values."""
+        from onnx import helper
+
+        for entry in [o for o in self.model.opset_import if o.domain in (_PLACEHOLDER_DOMAIN, _MSFT)]:
+            self.model.opset_import.remove(entry)
+        if self.uses_msft:
+            self.model.opset_import.append(helper.make_opsetid(_MSFT, 1))
+        produced = {out for node in self.graph.node for out in node.output}
+        produced |= {i.name for i in self.graph.input} | set(self.initializers)
+        for info in [v for v in self.graph.value_info if v.name not in produced]:
+            self.graph.value_info.remove(info)
+
+
+def _scope_of(node_name: str) -> str:
+    """The module name of a traced node ("/encoder/layer.0/fc/ActQuant" -> "encoder.layer.0.fc")."""
+    parts = [p for p in node_name.split("/") if p]
+    return ".".join(parts[:-1])
+
+
+def _write_atomically(path: str, payload: bytes) -> None:
+    """Write ``payload`` to a temporary file next to ``path`` and rename it into place."""
+    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.exists(temp):
+            os.unlink(temp)
+        raise
+

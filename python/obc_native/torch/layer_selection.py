@@ -1,0 +1,100 @@
+"""Which layers of a model non-uniform compression covers, and why the others are left out."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from fnmatch import fnmatchcase
+from typing import Any
+
+from torch import nn
+
+from .layers import LayerInfo, find_layers, param_key
+from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
+
+__all__ = ["select_layers"]
+
+logger = logging.getLogger("obc_native.torch")
+
+
+def _tied(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[str, str]:
+    """Layers whose weight is reachable under another name too -> why they are left out."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    tied = {}
+    for name, info in infos.items():
+        others = [n for n in owners.get(id(info.module.weight), []) if n != param_key(name, "weight")]
+        if others:
+            tied[name] = f"weight is shared with {', '.join(others)} (tied); not compressed"
+    return tied
+
+
+def select_layers(
+    model: nn.Module,
+    *,
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
+    layers: Iterable[str] | None = None,
+    skip: Iterable[str] = (),
+) -> tuple[dict[str, LayerInfo], dict[str, str]]:
+    """The supported layers to compress non-uniformly, and why the others are left out.
+
+    Args:
+        recipe: layers for which the recipe has no configuration (skip patterns, no matching
+            rule) are left out; the configurations themselves are not used.
+        layers: names or :func:`fnmatch.fnmatchcase` patterns of the layers to include (default
+            all supported layers); skip: patterns of layers to leave out.
+    Every pattern must match a supported layer (RecipeError otherwise, catching typos; a
+    recipe's patterns only when it is ``strict``). Layers with tied weights are left out.
+    Returns ``(selected, left_out)``: ``{name: LayerInfo}`` in module order and ``{name: reason}``.
+    """
+    found = find_layers(model)
+    if not found:
+        raise RecipeError("the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, HF Conv1D)")
+    recipe = None if recipe is None else as_recipe(recipe)
+    include = None if layers is None else _patterns(layers, "layers")
+    excluded = _patterns(skip, "skip")
+    problems = []
+    checks = [("layers", p) for p in include or []] + [("skip", p) for p in excluded]
+    if recipe is not None and recipe.strict:
+        checks += [("recipe skip", p) for p in recipe.skip] + [("recipe override", o.pattern) for o in recipe.overrides]
+    for what, pattern in checks:
+        if not any(fnmatchcase(name, pattern) for name in found):
+            problems.append(f"{what} pattern {pattern!r} matches no supported layer")
+    if problems:
+        raise RecipeError("layer selection cannot be applied:\n  " + "\n  ".join(problems))
+    selected: dict[str, LayerInfo] = {}
+    left_out: dict[str, str] = {}
+    for name, info in found.items():
+        if include is not None and not any(fnmatchcase(name, p) for p in include):
+            left_out[name] = "not selected (layers=)"
+            continue
+        hit = next((p for p in excluded if fnmatchcase(name, p)), None)
+        if hit is not None:
+            left_out[name] = f"skipped by pattern {hit!r}"
+            continue
+        if recipe is not None:
+            config, reason = recipe.config_for(name)
+            if config is None:
+                left_out[name] = reason
+                continue
+        selected[name] = info
+    for name, reason in _tied(model, selected).items():
+        logger.warning("layer %r: %s", name, reason)
+        del selected[name]
+        left_out[name] = reason
+    if not selected:
+        listing = "; ".join(f"{n}: {r}" for n, r in left_out.items())
+        raise RecipeError(f"no layer selected, nothing to compress ({listing})")
+    return selected, left_out
+
+
+def _patterns(values: Iterable[str], name: str) -> list[str]:
+    if isinstance(values, str) or not isinstance(values, Iterable):
+        raise TypeError(f"{name}: expected a list of layer names or patterns, got {type(values).__name__}")
+    values = list(values)
+    for pattern in values:
+        if not isinstance(pattern, str) or not pattern:
+            raise RecipeError(f"{name}: patterns must be non-empty strings, got {pattern!r}")
+    return values
+
