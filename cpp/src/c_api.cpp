@@ -16,6 +16,7 @@
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
 #include "obc/quant_select.hpp"
+#include "obc/sparsegpt.hpp"
 
 struct obc_accumulator {
   obc::HessianAccumulator state;
@@ -29,6 +30,9 @@ using obc::Index;
 using obc::InvalidArgument;
 
 thread_local std::string t_last_error;
+// Whether this thread's last call was redone in float64 (obc_last_float64_fallback); every
+// guarded call clears it first.
+thread_local bool t_last_float64_fallback = false;
 
 void set_error(const char* message) noexcept {
   try {
@@ -42,6 +46,7 @@ void set_error(const char* message) noexcept {
 // escapes: the C boundary must never see a C++ exception.
 template <class Body>
 obc_status guard(Body&& body) noexcept {
+  t_last_float64_fallback = false;
   try {
     body();
     t_last_error.clear();
@@ -108,16 +113,30 @@ struct Settings {
   obc::HessianOptions hessian;
   obc::RunOptions run;
   obc::Spread spread = obc::Spread::Global;
+  bool sparsegpt = false;  // options.prune_method == OBC_PRUNE_SPARSEGPT
+  Index lazy_block = obc::SparseGptOptions{}.lazy_block;
   CallbackInterrupt hook{nullptr, nullptr};
 };
+
+// obc_options before `prune_method` was added: its size then.
+constexpr std::size_t kOptionsV1Size = offsetof(obc_options, prune_method);
 
 void resolve(const obc_options* options, Settings& settings) {
   obc_options defaults;
   obc_options_init(&defaults);
   if (options == nullptr) options = &defaults;
-  OBC_CHECK(options->struct_size == sizeof(obc_options), "options: struct_size is ",
+  const bool v1 = options->struct_size == kOptionsV1Size;
+  OBC_CHECK(options->struct_size == sizeof(obc_options) || v1, "options: struct_size is ",
             options->struct_size, ", expected ", sizeof(obc_options),
             " (initialize the struct with obc_options_init)");
+  if (!v1) {  // a v1 struct ends before these fields: never read them
+    OBC_CHECK(options->prune_method == OBC_PRUNE_EXACT ||
+                  options->prune_method == OBC_PRUNE_SPARSEGPT,
+              "options.prune_method: expected OBC_PRUNE_EXACT (0) or OBC_PRUNE_SPARSEGPT (1), got ",
+              options->prune_method);
+    settings.sparsegpt = options->prune_method == OBC_PRUNE_SPARSEGPT;
+    settings.lazy_block = to_index(options->lazy_block, "options.lazy_block");
+  }
   OBC_CHECK(std::isfinite(options->damp) && options->damp >= 0,
             "options.damp: expected a finite value >= 0, got ", options->damp);
   OBC_CHECK(options->num_threads >= 0 && options->num_threads <= OBC_MAX_THREADS,
@@ -196,6 +215,16 @@ void write_prune(const obc::PruneResult<S>& r, S* weight_out, std::uint8_t* kept
   copy_matrix(r.weight, weight_out);
   copy_kept(r.pruned, kept_out);
   copy_losses(r.row_losses, row_losses_out, loss_out);
+  t_last_float64_fallback = r.float64_fallback;
+}
+
+// SparseGPT options for a pattern; sparsity, block, n, m are checked by the core.
+obc::SparseGptOptions sparsegpt_options(const Settings& s, obc::SparsePattern pattern) {
+  obc::SparseGptOptions opt;
+  opt.pattern = pattern;
+  opt.spread = s.spread;
+  opt.lazy_block = s.lazy_block;
+  return opt;
 }
 
 Index to_param(std::size_t value, const char* name) {
@@ -213,6 +242,14 @@ obc_status prune_unstructured(const S* weight, std::size_t rows, std::size_t col
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     Settings s;
     resolve(options, s);
+    if (s.sparsegpt) {
+      obc::SparseGptOptions opt = sparsegpt_options(s, obc::SparsePattern::Unstructured);
+      opt.sparsity = sparsity;
+      write_prune(obc::prune_sparsegpt<S>(weight_view(weight, shape), hessian_view(hessian, shape),
+                                          opt, s.hessian, s.run),
+                  weight_out, kept_out, row_losses_out, loss_out);
+      return;
+    }
     const auto r =
         obc::prune_unstructured<S>(weight_view(weight, shape), hessian_view(hessian, shape),
                                    sparsity, s.spread, s.hessian, s.run);
@@ -229,6 +266,15 @@ obc_status prune_nm(const S* weight, std::size_t rows, std::size_t cols, const d
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     Settings s;
     resolve(options, s);
+    if (s.sparsegpt) {
+      obc::SparseGptOptions opt = sparsegpt_options(s, obc::SparsePattern::NM);
+      opt.n = to_param(n, "n");
+      opt.m = to_param(m, "m");
+      write_prune(obc::prune_sparsegpt<S>(weight_view(weight, shape), hessian_view(hessian, shape),
+                                          opt, s.hessian, s.run),
+                  weight_out, kept_out, row_losses_out, loss_out);
+      return;
+    }
     const auto r = obc::prune_nm<S>(weight_view(weight, shape), hessian_view(hessian, shape),
                                     to_param(n, "n"), to_param(m, "m"), s.hessian, s.run);
     write_prune(r, weight_out, kept_out, row_losses_out, loss_out);
@@ -244,6 +290,15 @@ obc_status prune_blocked(const S* weight, std::size_t rows, std::size_t cols, co
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     Settings s;
     resolve(options, s);
+    if (s.sparsegpt) {
+      obc::SparseGptOptions opt = sparsegpt_options(s, obc::SparsePattern::Blocked);
+      opt.sparsity = sparsity;
+      opt.block = to_param(block, "block");
+      write_prune(obc::prune_sparsegpt<S>(weight_view(weight, shape), hessian_view(hessian, shape),
+                                          opt, s.hessian, s.run),
+                  weight_out, kept_out, row_losses_out, loss_out);
+      return;
+    }
     const auto r =
         obc::prune_blocked<S>(weight_view(weight, shape), hessian_view(hessian, shape), sparsity,
                               to_param(block, "block"), s.spread, s.hessian, s.run);
@@ -260,11 +315,38 @@ obc_status prune_structured(const S* weight, std::size_t rows, std::size_t cols,
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     Settings s;
     resolve(options, s);
+    OBC_CHECK(!s.sparsegpt,
+              "options.prune_method: OBC_PRUNE_SPARSEGPT is not available for structured pruning "
+              "(use OBC_PRUNE_EXACT)");
     const auto r =
         obc::prune_structured<S>(weight_view(weight, shape), hessian_view(hessian, shape), sparsity,
                                  to_param(group, "group"), s.hessian, s.run);
     write_prune(r, weight_out, kept_out, row_losses_out, loss_out);
   });
+}
+
+// scales_out / zeros_out, when given, must hold rows * groups elements.
+void check_grid_outputs(const Shape& shape, const obc::QuantOptions& opt, const void* scales_out,
+                        const void* zeros_out, std::size_t grid_size) {
+  const Index c = shape.cols;
+  OBC_CHECK(opt.group_size == 0 || c % opt.group_size == 0,
+            "quant.group_size: expected 0 or a divisor of cols (", c, "), got ", opt.group_size);
+  if (scales_out == nullptr && zeros_out == nullptr) return;
+  const Index groups = opt.group_size == 0 ? 1 : c / opt.group_size;
+  const auto expected = static_cast<std::size_t>(shape.rows * groups);
+  OBC_CHECK(grid_size == expected, "grid_size: expected rows * groups = ", shape.rows, " * ",
+            groups, " = ", expected, " elements in scales_out / zeros_out, got ", grid_size);
+}
+
+template <class S>
+void write_quant(const obc::QuantResult<S>& r, S* weight_out, std::uint8_t* codes_out,
+                 S* scales_out, std::uint8_t* zeros_out, double* row_losses_out, double* loss_out) {
+  copy_matrix(r.weight, weight_out);
+  if (codes_out != nullptr) copy_matrix(r.codes, codes_out);
+  if (scales_out != nullptr) copy_matrix(r.grid.scale, scales_out);
+  if (zeros_out != nullptr) copy_matrix(r.grid.zero, zeros_out);
+  copy_losses(r.row_losses, row_losses_out, loss_out);
+  t_last_float64_fallback = r.float64_fallback;
 }
 
 // obc_quant_options before `method` was added: its size then.
@@ -329,22 +411,49 @@ obc_status quantize(const S* weight, std::size_t rows, std::size_t cols, const d
     const obc::QuantOptions opt = resolve_quant(quant, &select);
     Settings s;
     resolve(options, s);
-    const Index c = shape.cols;
-    OBC_CHECK(opt.group_size == 0 || c % opt.group_size == 0,
-              "quant.group_size: expected 0 or a divisor of cols (", c, "), got ", opt.group_size);
-    if (scales_out != nullptr || zeros_out != nullptr) {
-      const Index groups = opt.group_size == 0 ? 1 : c / opt.group_size;
-      const auto expected = static_cast<std::size_t>(shape.rows * groups);
-      OBC_CHECK(grid_size == expected, "grid_size: expected rows * groups = ", shape.rows, " * ",
-                groups, " = ", expected, " elements in scales_out / zeros_out, got ", grid_size);
-    }
+    check_grid_outputs(shape, opt, scales_out, zeros_out, grid_size);
     const auto r = obc::quantize_select<S>(weight_view(weight, shape), hessian_view(hessian, shape),
                                            opt, select, s.hessian, s.run);
-    copy_matrix(r.weight, weight_out);
-    if (codes_out != nullptr) copy_matrix(r.codes, codes_out);
-    if (scales_out != nullptr) copy_matrix(r.grid.scale, scales_out);
-    if (zeros_out != nullptr) copy_matrix(r.grid.zero, zeros_out);
-    copy_losses(r.row_losses, row_losses_out, loss_out);
+    write_quant(r, weight_out, codes_out, scales_out, zeros_out, row_losses_out, loss_out);
+  });
+}
+
+template <class S>
+obc_status prune_quantize_sparsegpt(const S* weight, std::size_t rows, std::size_t cols,
+                                    const double* hessian, std::size_t hessian_dim,
+                                    double sparsity, std::size_t block, std::size_t n,
+                                    std::size_t m, const obc_quant_options* quant,
+                                    const obc_options* options, S* weight_out,
+                                    std::uint8_t* codes_out, S* scales_out, std::uint8_t* zeros_out,
+                                    std::size_t grid_size, std::uint8_t* kept_out,
+                                    double* row_losses_out, double* loss_out) {
+  return guard([&] {
+    const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
+    obc::QuantSelectOptions unused_select;  // the sweep is the quantizer
+    const obc::QuantOptions opt = resolve_quant(quant, &unused_select);
+    Settings s;
+    resolve(options, s);
+    check_grid_outputs(shape, opt, scales_out, zeros_out, grid_size);
+    OBC_CHECK((n == 0) == (m == 0),
+              "n, m: expected both 0 (a sparsity) or both set (N:M), got n = ", n, ", m = ", m);
+    obc::SparseGptOptions sparse = sparsegpt_options(s, obc::SparsePattern::Unstructured);
+    if (n != 0) {
+      OBC_CHECK(sparsity == 0.0 && block == 1,
+                "sparsity, block: expected 0 and 1 with N:M (n, m set), got sparsity = ", sparsity,
+                ", block = ", block);
+      sparse.pattern = obc::SparsePattern::NM;
+      sparse.n = to_param(n, "n");
+      sparse.m = to_param(m, "m");
+    } else {
+      sparse.sparsity = sparsity;
+      sparse.block = to_param(block, "block");
+      if (sparse.block != 1) sparse.pattern = obc::SparsePattern::Blocked;
+    }
+    const auto r = obc::quantize_sparsegpt<S>(weight_view(weight, shape),
+                                              hessian_view(hessian, shape), sparse, opt, s.hessian,
+                                              s.run);
+    write_quant(r, weight_out, codes_out, scales_out, zeros_out, row_losses_out, loss_out);
+    copy_kept(r.pruned, kept_out);
   });
 }
 
@@ -385,6 +494,8 @@ extern "C" {
 
 const char* obc_last_error(void) { return t_last_error.c_str(); }
 
+int obc_last_float64_fallback(void) { return t_last_float64_fallback ? 1 : 0; }
+
 const char* obc_status_name(obc_status status) {
   switch (status) {
     case OBC_OK:
@@ -418,6 +529,8 @@ void obc_options_init(obc_options* options) {
   options->num_threads = 0;
   options->interrupt = nullptr;
   options->interrupt_user_data = nullptr;
+  options->prune_method = OBC_PRUNE_EXACT;
+  options->lazy_block = static_cast<std::size_t>(obc::SparseGptOptions{}.lazy_block);
 }
 
 void obc_quant_options_init(obc_quant_options* options) {
@@ -607,6 +720,32 @@ obc_status obc_quantize_f64(const double* weight, size_t rows, size_t cols, cons
                             double* row_losses_out, double* loss_out) {
   return quantize(weight, rows, cols, hessian, hessian_dim, quant, options, weight_out, codes_out,
                   scales_out, zeros_out, grid_size, row_losses_out, loss_out);
+}
+
+obc_status obc_prune_quantize_sparsegpt_f32(const float* weight, size_t rows, size_t cols,
+                                            const double* hessian, size_t hessian_dim,
+                                            double sparsity, size_t block, size_t n, size_t m,
+                                            const obc_quant_options* quant,
+                                            const obc_options* options, float* weight_out,
+                                            uint8_t* codes_out, float* scales_out,
+                                            uint8_t* zeros_out, size_t grid_size, uint8_t* kept_out,
+                                            double* row_losses_out, double* loss_out) {
+  return prune_quantize_sparsegpt(weight, rows, cols, hessian, hessian_dim, sparsity, block, n, m,
+                                  quant, options, weight_out, codes_out, scales_out, zeros_out,
+                                  grid_size, kept_out, row_losses_out, loss_out);
+}
+
+obc_status obc_prune_quantize_sparsegpt_f64(const double* weight, size_t rows, size_t cols,
+                                            const double* hessian, size_t hessian_dim,
+                                            double sparsity, size_t block, size_t n, size_t m,
+                                            const obc_quant_options* quant,
+                                            const obc_options* options, double* weight_out,
+                                            uint8_t* codes_out, double* scales_out,
+                                            uint8_t* zeros_out, size_t grid_size, uint8_t* kept_out,
+                                            double* row_losses_out, double* loss_out) {
+  return prune_quantize_sparsegpt(weight, rows, cols, hessian, hessian_dim, sparsity, block, n, m,
+                                  quant, options, weight_out, codes_out, scales_out, zeros_out,
+                                  grid_size, kept_out, row_losses_out, loss_out);
 }
 
 }  // extern "C"

@@ -2,8 +2,10 @@
 
 ``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
 budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``; load it with
-``load_compressed``: with ``--hf`` the folder also holds ``config.json`` but is not a Hugging Face
-checkpoint, ``from_pretrained`` on it fails)::
+``load_compressed``). With ``--hf`` the folder is also a Hugging Face checkpoint (``config.json``,
+``model.safetensors`` with the dequantized weights, the source's tokenizer files) that
+``from_pretrained`` loads; it is loaded back and compared before the command succeeds (see
+``obc_native.torch.hf_checkpoint``)::
 
     obc-native compress --model weights.safetensors --arch mypkg.models:Net \\
         --calibration calib.pt --recipe recipe.yaml --out compressed/
@@ -197,7 +199,7 @@ def _prepare_out(path: str) -> list[str]:
     stale = [name for name in HF_WEIGHT_FILES if os.path.exists(os.path.join(path, name))]
     if stale:
         raise CliError(
-            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint or an older obc_native output) "
+            f"--out {path}: holds {', '.join(stale)} (a Hugging Face checkpoint, e.g. an earlier --hf output) "
             "that from_pretrained would load instead of the compressed model; choose another directory"
         )
     missing = []
@@ -454,7 +456,9 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
     )
     save_compressed(model, args.out, report, metadata=metadata)
     if args.hf:
-        model.config.save_pretrained(args.out)
+        from obc_native.torch.hf_checkpoint import save_hf_checkpoint
+
+        save_hf_checkpoint(model, args.out, source=args.hf)
     if args.database and "database" not in options:
         report.database.save(args.database)
     if not args.quiet:

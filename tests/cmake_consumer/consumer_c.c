@@ -68,6 +68,20 @@ int main(void) {
   check(fabsf(weight_out[5] - scales[0] * (float)(codes[5] - zeros[0])) == 0.0f,
         "dequantized weight is scale * (code - zero)");
 
+  options.prune_method = OBC_PRUNE_SPARSEGPT;
+  check(obc_prune_quantize_sparsegpt_f32(weight, ROWS, COLS, hessian, COLS, 0.0, 1, 2, 4, &quant,
+                                         &options, weight_out, codes, scales, zeros, ROWS * 2, kept,
+                                         row_losses, &loss) == OBC_OK,
+        "SparseGPT 2:4 + 3-bit in one sweep");
+  pruned = 0;
+  for (i = 0; i < ROWS * COLS; ++i) pruned += kept[i] == 0 && weight_out[i] == 0.0f;
+  check(pruned == ROWS * COLS / 2, "2:4: half the weights are pruned and exactly zero");
+  check(obc_prune_nm_f32(weight, ROWS, COLS, hessian, COLS, 2, 4, &options, weight_out, kept, NULL,
+                         &loss) == OBC_OK && loss > 0,
+        "SparseGPT 2:4 pruning");
+  check(obc_last_float64_fallback() == 0, "no float64 fallback on a well-conditioned layer");
+  options.prune_method = OBC_PRUNE_EXACT;
+
   /* Errors: codes and messages, never a crash. */
   check(obc_prune_nm_f32(NULL, ROWS, COLS, hessian, COLS, 2, 4, &options, weight_out, NULL, NULL,
                          NULL) == OBC_ERR_INVALID_ARGUMENT &&

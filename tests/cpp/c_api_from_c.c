@@ -38,6 +38,14 @@ int obc_test_c_api_from_c(void) {
   if (!(loss > 0) || fabs(loss - (row_losses[0] + row_losses[1] + row_losses[2])) > 1e-12 * loss) {
     return 7;
   }
+  options.prune_method = OBC_PRUNE_SPARSEGPT;
+  if (obc_prune_quantize_sparsegpt_f64(weight, ROWS, COLS, hessian, COLS, 0.5, 1, 0, 0, NULL,
+                                       &options, weight_out, NULL, NULL, NULL, 0, kept, row_losses,
+                                       &loss) != OBC_OK ||
+      obc_last_float64_fallback() != 0) {
+    return 10;
+  }
+  options.prune_method = OBC_PRUNE_EXACT;
   /* Errors come back as codes with a message, never as a crash. */
   if (obc_prune_unstructured_f64(NULL, ROWS, COLS, hessian, COLS, 0.5, &options, weight_out, kept,
                                  row_losses, &loss) != OBC_ERR_INVALID_ARGUMENT) {

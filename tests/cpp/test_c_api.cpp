@@ -8,7 +8,10 @@
 #include <random>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <vector>
+
+#include <Eigen/QR>
 
 #include "check.hpp"
 #include "obc/accumulator.hpp"
@@ -19,6 +22,7 @@
 #include "obc/prune.hpp"
 #include "obc/quant.hpp"
 #include "obc/quant_select.hpp"
+#include "obc/sparsegpt.hpp"
 
 extern "C" int obc_test_c_api_from_c(void);
 
@@ -78,6 +82,8 @@ OBC_TEST(version_status_names_and_defaults) {
   CHECK(options.struct_size == sizeof(obc_options));
   CHECK(options.damp == 0.01 && options.spread == OBC_SPREAD_GLOBAL && options.num_threads == 0);
   CHECK(options.interrupt == nullptr);
+  CHECK(options.prune_method == OBC_PRUNE_EXACT);
+  CHECK(options.lazy_block == static_cast<size_t>(SparseGptOptions{}.lazy_block));
   obc_quant_options quant;
   obc_quant_options_init(&quant);
   CHECK(quant.bits == 4 && quant.sym == 1 && quant.group_size == 0 && quant.grid == OBC_GRID_MSE);
@@ -552,6 +558,274 @@ OBC_TEST(too_large_weights_are_an_error) {
                            0, nullptr, &loss) == OBC_OK);
     CHECK(std::isfinite(loss));
   });
+}
+
+// One C pruning call (f32 or f64 by S) with every output, for the SparseGPT comparisons.
+template <class S>
+struct CPruned {
+  RowMatrix<S> weight;
+  std::vector<uint8_t> kept;
+  Eigen::VectorXd losses;
+  double loss = 0;
+  obc_status status = OBC_ERR_INTERNAL;
+
+  CPruned(Index rows, Index cols)
+      : weight(rows, cols), kept(static_cast<size_t>(rows * cols)), losses(rows) {}
+
+  // Equal bit for bit to a C++ PruneResult.
+  bool same_as(const PruneResult<S>& r) const {
+    if (status != OBC_OK || weight != r.weight || losses != r.row_losses) return false;
+    for (Index i = 0; i < r.pruned.size(); ++i)
+      if (kept[static_cast<size_t>(i)] != (r.pruned.data()[i] == 0 ? 1 : 0)) return false;
+    return loss == r.row_losses.sum();
+  }
+};
+
+template <class S>
+void check_sparsegpt_pruning(const Layer& l) {
+  const RowMatrix<S> w = l.weight.cast<S>();
+  const Index rows = w.rows(), cols = w.cols();
+  obc_options options = default_options();
+  options.prune_method = OBC_PRUNE_SPARSEGPT;
+  options.lazy_block = 8;
+  options.spread = OBC_SPREAD_UNIFORM;
+  options.num_threads = 2;
+  RunOptions run;
+  run.num_threads = 2;
+  SparseGptOptions opt;
+  opt.lazy_block = 8;
+  opt.spread = Spread::Uniform;
+
+  auto call = [&](auto fn, auto... args) {
+    CPruned<S> c(rows, cols);
+    c.status = fn(w.data(), rows, cols, l.hessian.data(), cols, args..., &options, c.weight.data(),
+                  c.kept.data(), c.losses.data(), &c.loss);
+    return c;
+  };
+  opt.pattern = SparsePattern::Unstructured;
+  opt.sparsity = 0.4;
+  const auto unstructured = prune_sparsegpt<S>(w, l.hessian, opt, {}, run);
+  // The exact method differs: the option really selects SparseGPT.
+  const auto exact = prune_unstructured<S>(w, l.hessian, 0.4, Spread::Uniform);
+  CHECK(unstructured.weight != exact.weight);
+  if constexpr (std::is_same_v<S, float>) {
+    CHECK(call(obc_prune_unstructured_f32, 0.4).same_as(unstructured));
+  } else {
+    CHECK(call(obc_prune_unstructured_f64, 0.4).same_as(unstructured));
+  }
+
+  opt.pattern = SparsePattern::Blocked;
+  opt.block = 4;
+  opt.sparsity = 0.5;
+  const auto blocked = prune_sparsegpt<S>(w, l.hessian, opt, {}, run);
+  opt.pattern = SparsePattern::NM;
+  const auto nm = prune_sparsegpt<S>(w, l.hessian, opt, {}, run);  // n = 2, m = 4 by default
+  if constexpr (std::is_same_v<S, float>) {
+    CHECK(call(obc_prune_blocked_f32, 0.5, size_t{4}).same_as(blocked));
+    CHECK(call(obc_prune_nm_f32, size_t{2}, size_t{4}).same_as(nm));
+  } else {
+    CHECK(call(obc_prune_blocked_f64, 0.5, size_t{4}).same_as(blocked));
+    CHECK(call(obc_prune_nm_f64, size_t{2}, size_t{4}).same_as(nm));
+  }
+}
+
+OBC_TEST(sparsegpt_pruning_matches_cpp_for_both_dtypes) {
+  const Layer l = make_layer(10, 32, 400, 11);
+  check_sparsegpt_pruning<float>(l);
+  check_sparsegpt_pruning<double>(l);
+}
+
+template <class S>
+void check_sparsegpt_joint(const Layer& l, Index n, Index m, double sparsity, Index block) {
+  const RowMatrix<S> w = l.weight.cast<S>();
+  const Index rows = w.rows(), cols = w.cols();
+  obc_options options = default_options();
+  options.lazy_block = 16;
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  quant.bits = 3;
+  quant.group_size = 8;
+  quant.sym = 0;
+  SparseGptOptions opt;
+  opt.lazy_block = 16;
+  opt.pattern = n > 0 ? SparsePattern::NM : block > 1 ? SparsePattern::Blocked
+                                                      : SparsePattern::Unstructured;
+  opt.sparsity = sparsity;
+  opt.block = block;
+  if (n > 0) {
+    opt.n = n;
+    opt.m = m;
+  }
+  QuantOptions qopt;
+  qopt.bits = 3;
+  qopt.group_size = 8;
+  qopt.sym = false;
+  const auto r = quantize_sparsegpt<S>(w, l.hessian, opt, qopt);
+  const Index groups = cols / 8;
+  RowMatrix<S> weight(rows, cols), scales(rows, groups);
+  RowMatrix<uint8_t> codes(rows, cols), zeros(rows, groups);
+  std::vector<uint8_t> kept(static_cast<size_t>(rows * cols));
+  Eigen::VectorXd losses(rows);
+  double loss = 0;
+  obc_status status;
+  if constexpr (std::is_same_v<S, float>) {
+    status = obc_prune_quantize_sparsegpt_f32(
+        w.data(), rows, cols, l.hessian.data(), cols, sparsity, block, n, m, &quant, &options,
+        weight.data(), codes.data(), scales.data(), zeros.data(), rows * groups, kept.data(),
+        losses.data(), &loss);
+  } else {
+    status = obc_prune_quantize_sparsegpt_f64(
+        w.data(), rows, cols, l.hessian.data(), cols, sparsity, block, n, m, &quant, &options,
+        weight.data(), codes.data(), scales.data(), zeros.data(), rows * groups, kept.data(),
+        losses.data(), &loss);
+  }
+  CHECK(status == OBC_OK);
+  CHECK(weight == r.weight && codes == r.codes);
+  CHECK(scales == r.grid.scale && zeros == r.grid.zero);
+  CHECK(losses == r.row_losses && loss == r.row_losses.sum());
+  Index pruned = 0;
+  for (Index i = 0; i < rows * cols; ++i) {
+    CHECK(kept[static_cast<size_t>(i)] == (r.pruned.data()[i] == 0 ? 1 : 0));
+    pruned += r.pruned.data()[i];
+  }
+  CHECK(pruned > 0);  // a real joint result: some weights pruned, the rest on the grid
+}
+
+OBC_TEST(sparsegpt_joint_matches_cpp) {
+  const Layer l = make_layer(6, 32, 300, 12);
+  check_sparsegpt_joint<float>(l, 0, 0, 0.5, 1);
+  check_sparsegpt_joint<double>(l, 0, 0, 0.5, 1);
+  check_sparsegpt_joint<float>(l, 0, 0, 0.25, 4);
+  check_sparsegpt_joint<double>(l, 2, 4, 0.0, 1);
+}
+
+OBC_TEST(sparsegpt_bad_calls_return_codes) {
+  const Layer l = make_layer(4, 16, 100, 13);
+  obc_options options = default_options();
+  RowMatrixXd out(4, 16);
+  auto unstructured = [&] {
+    return obc_prune_unstructured_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, &options,
+                                      out.data(), nullptr, nullptr, nullptr);
+  };
+  options.prune_method = 2;
+  CHECK(unstructured() == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("options.prune_method"));
+  options.prune_method = OBC_PRUNE_SPARSEGPT;
+  options.lazy_block = 0;
+  CHECK(unstructured() == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("options.lazy_block"));
+  options.lazy_block = 128;
+  CHECK(unstructured() == OBC_OK);
+  CHECK(obc_prune_structured_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, 1, &options,
+                                 out.data(), nullptr, nullptr, nullptr) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("structured"));
+  CHECK(obc_prune_blocked_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, 3, &options,
+                              out.data(), nullptr, nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_nm_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 4, 4, &options, out.data(),
+                         nullptr, nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_prune_unstructured_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 1.5, &options,
+                                   out.data(), nullptr, nullptr, nullptr) ==
+        OBC_ERR_INVALID_ARGUMENT);
+
+  // Joint: the pattern is a sparsity or N:M, never both or half of N:M.
+  auto joint = [&](double sparsity, size_t block, size_t n, size_t m) {
+    return obc_prune_quantize_sparsegpt_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, sparsity,
+                                            block, n, m, nullptr, &options, out.data(), nullptr,
+                                            nullptr, nullptr, 0, nullptr, nullptr, nullptr);
+  };
+  CHECK(joint(0.5, 1, 0, 0) == OBC_OK);
+  CHECK(joint(0.0, 1, 2, 4) == OBC_OK);
+  CHECK(joint(0.5, 1, 2, 0) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("n, m"));
+  CHECK(joint(0.5, 1, 2, 4) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("sparsity, block"));
+  CHECK(joint(0.5, 0, 0, 0) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("block"));
+  CHECK(obc_prune_quantize_sparsegpt_f64(nullptr, 4, 16, l.hessian.data(), 16, 0.5, 1, 0, 0,
+                                         nullptr, &options, out.data(), nullptr, nullptr, nullptr,
+                                         0, nullptr, nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  RowMatrixXd scales(4, 1);
+  CHECK(obc_prune_quantize_sparsegpt_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, 1, 0,
+                                         0, nullptr, &options, out.data(), nullptr, scales.data(),
+                                         nullptr, 3, nullptr, nullptr, nullptr) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("grid_size"));
+}
+
+OBC_TEST(options_struct_before_prune_method_means_exact) {
+  // A host compiled against the header before prune_method / lazy_block passes the old size;
+  // the library must not read past it and must run ExactOBS.
+  const Layer l = make_layer(4, 16, 100, 14);
+  struct {
+    obc_options options;
+    unsigned char guard[sizeof(obc_options)];
+  } old;
+  obc_options_init(&old.options);
+  old.options.struct_size = static_cast<uint32_t>(offsetof(obc_options, prune_method));
+  old.options.prune_method = 77;  // beyond the old struct: garbage that must be ignored
+  old.options.lazy_block = 0;
+  RowMatrixXd out(4, 16);
+  CHECK(obc_prune_unstructured_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, &old.options,
+                                   out.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(out == prune_unstructured<double>(l.weight, l.hessian, 0.5).weight);
+  old.options.struct_size = static_cast<uint32_t>(offsetof(obc_options, lazy_block));
+  CHECK(obc_prune_unstructured_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 0.5, &old.options,
+                                   out.data(), nullptr, nullptr, nullptr) ==
+        OBC_ERR_INVALID_ARGUMENT);
+  CHECK(error_mentions("struct_size"));
+}
+
+OBC_TEST(float64_fallback_is_reported) {
+  // damp = 0 on H with condition number 1e8 (eigenvalues 1 .. 1e-8 in a random basis): the float64
+  // inverse is fine, the float32 greedy eliminations lose definiteness and are redone in float64.
+  const Index rows = 16, cols = 256;
+  std::mt19937_64 gen(3);
+  std::normal_distribution<double> normal;
+  const Eigen::MatrixXd a = Eigen::MatrixXd::NullaryExpr(cols, cols, [&] { return normal(gen); });
+  const Eigen::MatrixXd q = Eigen::HouseholderQR<Eigen::MatrixXd>(a).householderQ();
+  Eigen::VectorXd spectrum(cols);
+  for (Index i = 0; i < cols; ++i) spectrum[i] = std::pow(10.0, -8.0 * i / (cols - 1));
+  Eigen::MatrixXd h = q * spectrum.asDiagonal() * q.transpose();
+  h = 0.5 * (h + h.transpose()).eval();
+  const RowMatrix<float> w = RowMatrixXd::NullaryExpr(rows, cols, [&] { return normal(gen); })
+                                 .cast<float>();
+  const RowMatrixXd w64 = w.cast<double>();
+  HessianOptions hopt;
+  hopt.damp = 0;
+  const auto cpp = prune_unstructured<float>(w, h, 0.5, Spread::Global, hopt);
+  CHECK(cpp.float64_fallback);  // the problem really falls back
+  obc_options options = default_options();
+  options.damp = 0;
+  RowMatrix<float> out(rows, cols);
+  CHECK(obc_prune_unstructured_f32(w.data(), rows, cols, h.data(), cols, 0.5, &options, out.data(),
+                                   nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(out == cpp.weight);
+  CHECK(obc_last_float64_fallback() == 1);
+  // The flag belongs to the last call: a float64 call, an error, and a well-conditioned float32
+  // call each clear it.
+  RowMatrixXd out64(rows, cols);
+  CHECK(obc_prune_unstructured_f64(w64.data(), rows, cols, h.data(), cols, 0.5, &options,
+                                   out64.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(obc_last_float64_fallback() == 0);
+  CHECK(obc_prune_unstructured_f32(w.data(), rows, cols, h.data(), cols, 0.5, &options, out.data(),
+                                   nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(obc_last_float64_fallback() == 1);
+  CHECK(obc_prune_unstructured_f32(nullptr, rows, cols, h.data(), cols, 0.5, &options, out.data(),
+                                   nullptr, nullptr, nullptr) == OBC_ERR_INVALID_ARGUMENT);
+  CHECK(obc_last_float64_fallback() == 0);
+  options.damp = 0.01;
+  CHECK(obc_prune_unstructured_f32(w.data(), rows, cols, h.data(), cols, 0.5, &options, out.data(),
+                                   nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(obc_last_float64_fallback() == 0);
+  // Quantization reports it too.
+  options.damp = 0;
+  const auto qcpp = quantize_select<float>(w, h, QuantOptions{}, QuantSelectOptions{}, hopt);
+  CHECK(obc_quantize_f32(w.data(), rows, cols, h.data(), cols, nullptr, &options, out.data(),
+                         nullptr, nullptr, nullptr, 0, nullptr, nullptr) == OBC_OK);
+  CHECK(out == qcpp.weight);
+  CHECK(qcpp.float64_fallback);
+  CHECK(obc_last_float64_fallback() == 1);
 }
 
 OBC_TEST_MAIN

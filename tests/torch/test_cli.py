@@ -114,33 +114,64 @@ def tiny_bert_dir(tmp_path):
     return tmp_path / "bert"
 
 
-def test_hf_output_is_not_loaded_as_a_plain_checkpoint(tmp_path, capsys):
-    """from_pretrained on the output folder must not silently give random compressed layers."""
+def test_hf_output_loads_with_from_pretrained(tmp_path, capsys):
+    """The --hf output is a checkpoint that from_pretrained loads: the compressed model's outputs."""
     from safetensors.torch import save_file
     import transformers
-    from transformers import AutoModel
 
+    from obc_native.torch import compress
+
+    source = tiny_bert_dir(tmp_path)
+    (source / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
     save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
-    recipe = tmp_path / "r.json"
-    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    recipe = {"default": {"prune": "nm", "n": 2, "m": 4, "bits": 4, "sym": False}}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
     out = tmp_path / "out"
-    args = ["compress", "--hf", str(tiny_bert_dir(tmp_path)), "--calibration", str(tmp_path / "ids.safetensors")]
-    args += ["--batch-size", "4", "--recipe", str(recipe), "--out", str(out), "--quiet"]
+    args = ["compress", "--hf", str(source), "--calibration", str(tmp_path / "ids.safetensors")]
+    args += ["--batch-size", "4", "--recipe", str(tmp_path / "r.json"), "--out", str(out), "--quiet"]
     assert main(args) == 0, capsys.readouterr().err
+    assert (out / "model.safetensors").is_file() and (out / "vocab.txt").is_file()
 
-    # the documented way: architecture from config.json, weights from load_compressed
-    model_class = getattr(transformers, read_manifest(out)["metadata"]["class"])
-    expected = model_class(transformers.AutoConfig.from_pretrained(out))
-    load_compressed(expected, out)
-    assert float((expected.encoder.layer[0].intermediate.dense.weight == 0).float().mean()) == pytest.approx(0.5)
-    try:
-        loaded = AutoModel.from_pretrained(out)
-    except (OSError, ValueError):
-        return  # fails loudly: fine
-    state = loaded.state_dict()
-    for key, value in expected.state_dict().items():
-        assert torch.equal(state[key], value), key
+    expected = transformers.BertModel.from_pretrained(source).eval()  # the same compression in memory
+    compress(expected, list(ids.split(4)), recipe, quiet=True)
+    loaded, info = transformers.AutoModel.from_pretrained(out, output_loading_info=True)
+    assert type(loaded) is transformers.BertModel
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    weight = loaded.encoder.layer[0].intermediate.dense.weight
+    assert float((weight == 0).float().mean()) >= 0.5  # 2:4, and codes that dequantize to 0
+    assert len(torch.unique(weight[0])) <= 17  # 16 grid values and the pruned zeros
+    test_ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=test_ids).last_hidden_state,
+                           expected(input_ids=test_ids).last_hidden_state)
+    # the obc_native format is in the same folder
+    rebuilt = transformers.BertModel(transformers.AutoConfig.from_pretrained(out))
+    load_compressed(rebuilt, out)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[key], value), key
+
+
+def test_hf_checkpoint_that_would_not_load_faithfully_is_refused(tmp_path):
+    """A checkpoint whose reload differs (here: a weight changed on load) raises; no weights stay."""
+    transformers = pytest.importorskip("transformers")
+    from obc_native.torch.hf_checkpoint import HFCheckpointError, save_hf_checkpoint
+
+    class Drifting(transformers.BertModel):  # loads every checkpoint with one weight perturbed
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            model, info = transformers.BertModel.from_pretrained(*args, **kwargs)
+            with torch.no_grad():
+                model.pooler.dense.bias[0] += 1
+            return model, info
+
+    model = transformers.BertModel.from_pretrained(tiny_bert_dir(tmp_path))
+    model.__class__ = Drifting
+    with pytest.raises(HFCheckpointError, match="'pooler.dense.bias' loads differently"):
+        save_hf_checkpoint(model, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    with pytest.raises(TypeError, match="model: expected a transformers.PreTrainedModel, got Linear"):
+        save_hf_checkpoint(torch.nn.Linear(2, 2), tmp_path / "out")
 
 
 def test_folder_with_the_old_tensor_file_name_loads(tmp_path):

@@ -1,4 +1,5 @@
-/* obc_native C API: Hessian accumulation, Hessian files, ExactOBS pruning and OBQ quantization.
+/* obc_native C API: Hessian accumulation, Hessian files, ExactOBS and SparseGPT pruning,
+ * quantization (OBQ, GPTQ, refinement) and joint SparseGPT pruning + quantization.
  *
  * Pure C (C99) header for hosts without C++ (or across a language boundary). Everything is
  * plain buffers with explicit sizes and opaque handles; no C++ exception crosses the boundary.
@@ -40,8 +41,8 @@ typedef enum obc_status {
                                         values too large for the precision (rescale) */
   OBC_ERR_NOT_POSITIVE_DEFINITE = 2, /* H not positive definite after damping: raise damp.
                                         (A _f32 call whose float32 elimination loses definiteness
-                                        is redone in float64 first, same damping; this C API does
-                                        not report that redo.) */
+                                        is redone in float64 first, same damping; see
+                                        obc_last_float64_fallback.) */
   OBC_ERR_INTERRUPTED = 3,           /* the interrupt callback asked to stop; no result */
   OBC_ERR_IO = 4,                    /* a file could not be opened, read or written */
   OBC_ERR_FORMAT = 5,                /* a file is not a valid Hessian file (magic, version, size,
@@ -53,6 +54,13 @@ typedef enum obc_status {
 /* Message of this thread's last call ("" after a success). Valid until the next call of this
  * library on the same thread. Never NULL. */
 const char* obc_last_error(void);
+
+/* 1 when this thread's last call was a successful _f32 solver call whose float32 elimination
+ * lost positive definiteness (an ill-conditioned H), so that the layer was redone in float64 with
+ * the same damping and its result rounded to float32 (the Python results' precision "float64");
+ * 0 after any other call. Structured pruning and SparseGPT never fall back (structured pruning
+ * eliminates in float64 in every precision; SparseGPT factors H^-1 in float64). */
+int obc_last_float64_fallback(void);
 
 /* Static name of a status code, e.g. "OBC_ERR_FORMAT". Never NULL. */
 const char* obc_status_name(obc_status status);
@@ -67,12 +75,24 @@ typedef enum obc_spread {
   OBC_SPREAD_UNIFORM = 1 /* every row gets ceil(s * steps) steps */
 } obc_spread;
 
+/* The algorithm of obc_prune_unstructured_* / _nm_* / _blocked_* (obc_options.prune_method). */
+typedef enum obc_prune_method {
+  OBC_PRUNE_EXACT = 0,    /* ExactOBS: a greedy per row with exact OBS updates; about
+                             rows * cols^3 flops, the lowest loss */
+  OBC_PRUNE_SPARSEGPT = 1 /* SparseGPT (Frantar & Alistarh 2023): one sweep over the columns with
+                             lazy blocks and an adaptive mask; about cols^3 + 2 rows cols^2
+                             flops, for wide layers, at a higher loss. Not for structured
+                             pruning (OBC_ERR_INVALID_ARGUMENT) */
+} obc_prune_method;
+
 /* Polled from the calling thread between rows; return non-zero to stop the computation, which
  * then returns OBC_ERR_INTERRUPTED (e.g. a timeout or a user cancel). Must not call back into
  * this library. */
 typedef int (*obc_interrupt_fn)(void* user_data);
 
-/* Options of every solver. Initialize with obc_options_init(), then change fields. */
+/* Options of every solver. Initialize with obc_options_init(), then change fields.
+ * A struct from before `prune_method` (struct_size without the last two fields) is accepted and
+ * means OBC_PRUNE_EXACT, the behaviour it was written against. */
 typedef struct obc_options {
   uint32_t struct_size;       /* sizeof(obc_options), set by obc_options_init */
   double damp;                /* relative damping, >= 0: damp * mean(diag H) is added to
@@ -83,6 +103,11 @@ typedef struct obc_options {
                                  Default 0. More is rejected (OBC_ERR_INVALID_ARGUMENT) */
   obc_interrupt_fn interrupt; /* may be NULL (never interrupted). Default NULL */
   void* interrupt_user_data;  /* passed to interrupt */
+  int prune_method;           /* an obc_prune_method for the unstructured, N:M and blocked
+                                 pruning calls; other calls ignore it. Default OBC_PRUNE_EXACT */
+  size_t lazy_block;          /* SparseGPT's columns per lazy block (the paper's B), >= 1; rounded
+                                 down to a multiple of the block (or of m for N:M), at least one.
+                                 Unused by ExactOBS. Default 128 */
 } obc_options;
 
 /* Fills the defaults. Does nothing when options is NULL. */
@@ -171,7 +196,7 @@ obc_status obc_accumulator_sum(const obc_accumulator* accumulator, double* sum_o
 obc_status obc_accumulator_save(const obc_accumulator* accumulator, const char* path);
 obc_status obc_accumulator_load(const char* path, obc_accumulator** out);
 
-/* ---- pruning (ExactOBS) -------------------------------------------------------------------- *
+/* ---- pruning (ExactOBS, or SparseGPT by options->prune_method) ----------------------------- *
  * Common arguments:
  *   weight          rows x cols, row-major; rows, cols > 0; finite
  *   hessian         hessian_dim x hessian_dim float64; hessian_dim must equal cols
@@ -224,6 +249,38 @@ obc_status obc_prune_structured_f64(const double* weight, size_t rows, size_t co
                                     const double* hessian, size_t hessian_dim, double sparsity,
                                     size_t group, const obc_options* options, double* weight_out,
                                     uint8_t* kept_out, double* row_losses_out, double* loss_out);
+
+/* ---- joint pruning + quantization (SparseGPT) ---------------------------------------------- *
+ * One SparseGPT sweep that prunes and quantizes: pruned weights become exactly 0, kept ones their
+ * value on the grid, each column's error fed forward (the paper's joint mode). The grids are
+ * obc_quantize's (fitted on the weights as passed in, before the sweep); 0 is on every grid, so a
+ * pruned weight has the zero point's code. The pattern is given as:
+ *   n == 0 and m == 0  sparsity in [0, 1] of the weights (block == 1) or of blocks of `block`
+ *                      consecutive weights of a row (cols % block == 0), spread by
+ *                      options->spread, counted as obc_prune_unstructured / _blocked;
+ *   0 < n < m          N:M (cols % m == 0); sparsity must then be 0 and block 1.
+ * quant: bits, sym, group_size and grid as obc_quantize (may be NULL: defaults); its method and
+ * refine fields are unused (the sweep is the quantizer). options->prune_method is unused (this
+ * call is SparseGPT); options->lazy_block is used. Outputs as obc_quantize, plus kept_out
+ * (rows x cols bytes, 0 at the pruned weights, including zeros on entry and dead inputs; a kept
+ * weight may still round to 0; may be NULL).
+ */
+obc_status obc_prune_quantize_sparsegpt_f32(const float* weight, size_t rows, size_t cols,
+                                            const double* hessian, size_t hessian_dim,
+                                            double sparsity, size_t block, size_t n, size_t m,
+                                            const obc_quant_options* quant,
+                                            const obc_options* options, float* weight_out,
+                                            uint8_t* codes_out, float* scales_out,
+                                            uint8_t* zeros_out, size_t grid_size, uint8_t* kept_out,
+                                            double* row_losses_out, double* loss_out);
+obc_status obc_prune_quantize_sparsegpt_f64(const double* weight, size_t rows, size_t cols,
+                                            const double* hessian, size_t hessian_dim,
+                                            double sparsity, size_t block, size_t n, size_t m,
+                                            const obc_quant_options* quant,
+                                            const obc_options* options, double* weight_out,
+                                            uint8_t* codes_out, double* scales_out,
+                                            uint8_t* zeros_out, size_t grid_size, uint8_t* kept_out,
+                                            double* row_losses_out, double* loss_out);
 
 /* ---- quantization (OBQ, GPTQ, refinement) ---------------------------------------------------- *
  * Weights that are zero on entry stay exactly zero (joint pruning + quantization). With

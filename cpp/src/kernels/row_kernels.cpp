@@ -11,6 +11,7 @@
 #include "internal/row_kernels.hpp"
 #include "internal/row_state.hpp"
 #include "kernels/argmin_score.hpp"
+#include "kernels/block_score.hpp"
 #include "kernels/masked_solve.hpp"
 #include "kernels/spd_inverse.hpp"
 #include "kernels/structured_kernel.hpp"
@@ -40,39 +41,6 @@ Index argmin_score(const RowState<Scalar>& state, const char* pick) {
     RowState<Scalar>::overflowed();
   }
   return best;
-}
-
-// w^T G^-1 w for an L x L block G (column-major, lower triangle read) by a float64 Cholesky; false if
-// G is not positive definite. The blocked greedy's scoring with a compile-time L: unrolled,
-// it costs a fraction of the run-time-length loops (which were a third of a blocked trace).
-template <int L, class Scalar>
-bool fixed_block_score(const Scalar* g, const Scalar* w, double& score) {
-  // One division per pivot, multiplications elsewhere: the chain of square roots and divisions
-  // is what bounds this loop (rounding differs from dividing by at most an ulp per entry).
-  double f[L][L];  // f[j][i]: column j, row i > j of the factor
-  double inv_pivot[L];
-  for (int j = 0; j < L; ++j)
-    for (int i = j; i < L; ++i) f[j][i] = g[i + j * L];
-  for (int j = 0; j < L; ++j) {
-    double pivot = f[j][j];
-    for (int t = 0; t < j; ++t) pivot -= f[t][j] * f[t][j];
-    if (!(pivot > 0)) return false;
-    inv_pivot[j] = 1.0 / std::sqrt(pivot);
-    for (int i = j + 1; i < L; ++i) {
-      double v = f[j][i];
-      for (int t = 0; t < j; ++t) v -= f[t][i] * f[t][j];
-      f[j][i] = v * inv_pivot[j];
-    }
-  }
-  double rhs[L];
-  score = 0;
-  for (int i = 0; i < L; ++i) {
-    double v = static_cast<double>(w[i]);
-    for (int t = 0; t < i; ++t) v -= f[t][i] * rhs[t];
-    rhs[i] = v * inv_pivot[i];
-    score += rhs[i] * rhs[i];
-  }
-  return true;
 }
 
 // G <- G - V_B V_B^T for an L x L block G (both triangles) and the L x L rows B = [b0, b0 + L)
@@ -105,7 +73,7 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
   std::vector<Span> spans;
   std::vector<Scalar> blocks;  // span s: len x len column-major at s * stride; only the lower
                                // triangle is read (the unrolled downdate also updates the upper)
-  std::vector<double> factor(static_cast<size_t>(stride)), rhs(static_cast<size_t>(block));
+  std::vector<double> score_scratch;  // block_score's factor for lengths other than 2, 4, 8
   typename RowState<Scalar>::Mat scratch;
   auto rebuild = [&] {  // free inputs of a block are contiguous local indices
     spans.clear();
@@ -127,34 +95,6 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
       std::copy(scratch.data(), scratch.data() + scratch.size(), &blocks[s * stride]);
     }
   };
-  // w_B^T G_BB^-1 w_B by a small Cholesky in float64; false if G_BB is not positive definite.
-  auto score_of = [&](size_t s, double& score) {
-    const Index len = spans[s].len;
-    const Scalar* g = &blocks[s * stride];
-    for (Index j = 0; j < len; ++j)
-      for (Index i = j; i < len; ++i) factor[i + j * len] = g[i + j * len];
-    for (Index j = 0; j < len; ++j) {
-      double pivot = factor[j + j * len];
-      for (Index t = 0; t < j; ++t) pivot -= factor[j + t * len] * factor[j + t * len];
-      if (!(pivot > 0)) return false;
-      pivot = std::sqrt(pivot);
-      factor[j + j * len] = pivot;
-      for (Index i = j + 1; i < len; ++i) {
-        double v = factor[i + j * len];
-        for (Index t = 0; t < j; ++t) v -= factor[i + t * len] * factor[j + t * len];
-        factor[i + j * len] = v / pivot;
-      }
-    }
-    score = 0;
-    const auto& w = state.w();
-    for (Index i = 0; i < len; ++i) {
-      double v = static_cast<double>(w[spans[s].begin + i]);
-      for (Index t = 0; t < i; ++t) v -= factor[i + t * len] * rhs[t];
-      rhs[i] = v / factor[i + i * len];
-      score += rhs[i] * rhs[i];
-    }
-    return true;
-  };
   rebuild();
   while (step < max_steps && state.num_free() > 0) {
     if (state.ensure_room(block)) rebuild();
@@ -164,13 +104,8 @@ void trace_blocks(RowState<Scalar>& state, Index block, Index max_steps, Index& 
     for (size_t s = 0; s < spans.size(); ++s) {
       if (!spans[s].alive) continue;
       double score = 0;
-      const Index len = spans[s].len;
-      const Scalar* g = &blocks[s * stride];
-      const bool ok = len == 4   ? fixed_block_score<4>(g, w + spans[s].begin, score)
-                      : len == 2 ? fixed_block_score<2>(g, w + spans[s].begin, score)
-                      : len == 8 ? fixed_block_score<8>(g, w + spans[s].begin, score)
-                                 : score_of(s, score);
-      if (!ok) RowState<Scalar>::lost_definiteness();
+      if (!block_score(&blocks[s * stride], w + spans[s].begin, spans[s].len, score_scratch, score))
+        RowState<Scalar>::lost_definiteness();
       if (score < best_score || best == spans.size()) {
         best_score = score;
         best = s;

@@ -29,7 +29,9 @@ from .calibration import as_batches, collect_hessians
 from .compress import CompressionError, compress, compress_to_budget
 from .correction import recalibrate_batchnorm
 from .export_onnx import ExportError, OnnxExport, export_onnx
+from .gguf_export import GGUFExportError, gguf_layer_config, save_gguf
 from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .hf_checkpoint import HFCheckpointError, save_hf_checkpoint
 from .layers import LayerInfo, describe_layer, find_layers
 from .nonuniform import (
     LevelSpec,
@@ -45,6 +47,7 @@ from .nonuniform import (
 from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
+from .shrink import ShrinkError, ShrinkReport, ShrunkChain, hf_ffn_chains, shrink_structured
 
 __all__ = [
     "compress",
@@ -86,5 +89,15 @@ __all__ = [
     "flops_per_weight",
     "measure_costs",
     "uniform_sparsity",
+    "shrink_structured",
+    "hf_ffn_chains",
+    "ShrinkReport",
+    "ShrunkChain",
+    "ShrinkError",
+    "save_hf_checkpoint",
+    "HFCheckpointError",
+    "save_gguf",
+    "gguf_layer_config",
+    "GGUFExportError",
 ]
 

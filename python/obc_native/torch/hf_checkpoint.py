@@ -1,0 +1,126 @@
+"""Hugging Face checkpoints of compressed models: a folder that ``from_pretrained`` loads as is.
+
+:func:`save_hf_checkpoint` writes a compressed ``transformers`` model with its own
+``save_pretrained`` (``config.json``, ``model.safetensors`` with the dequantized weights: pruned
+entries are zeros, quantized entries their grid values in the weight dtype), copies the tokenizer
+and preprocessor files of the source folder, then loads the folder back with ``from_pretrained``
+and checks that no key is missing, unexpected or of another shape and that every tensor is
+bit-identical to the in-memory model's. A folder that would load with randomly initialised
+weights is never left behind: the weight files are removed and :class:`HFCheckpointError` raised.
+
+The weights are stored dense (sparsity and low-bit codes are not a ``transformers`` format); the
+same folder may also hold the obc_native format (``manifest.json`` + ``compressed.safetensors``,
+see ``serialize``), which ``from_pretrained`` ignores.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import shutil
+
+import torch
+from torch import nn
+
+__all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
+
+logger = logging.getLogger("obc_native.torch")
+
+# Files of a model folder that describe its inputs, copied from the source folder when present
+HF_SIDE_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.txt",
+    "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+    "preprocessor_config.json", "chat_template.jinja", "generation_config.json",
+)
+_WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+
+
+class HFCheckpointError(ValueError):
+    """The model cannot be written as a checkpoint that ``from_pretrained`` loads faithfully."""
+
+
+def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source: str | os.PathLike | None = None,
+                       verify: bool = True) -> list[str]:
+    """Write ``model`` (a ``transformers.PreTrainedModel``) as a Hugging Face folder with its weights.
+
+    Args:
+        model: a ``transformers`` model after compression (plain modules: save before
+            ``quantize_activations``, whose wrappers rename parameters).
+        directory: the output folder (created if missing); existing weight files there are replaced.
+        source: the folder the model was loaded from; its tokenizer / preprocessor files
+            (``HF_SIDE_FILES``) are copied unless ``directory`` already has them.
+        verify: load the folder back with ``from_pretrained`` and compare every tensor.
+
+    Returns:
+        the names of the files written or copied into ``directory``.
+
+    Raises:
+        TypeError: ``model`` is not a ``transformers.PreTrainedModel``.
+        HFCheckpointError: the loaded folder misses keys, has unexpected or resized ones, or a
+            tensor differs from the model's (the weight files are removed first).
+    """
+    try:
+        from transformers import PreTrainedModel
+    except ImportError as err:  # pragma: no cover - transformers is in the hf and test extras
+        raise ImportError("save_hf_checkpoint needs transformers: pip install 'obc_native[hf]'") from err
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(f"model: expected a transformers.PreTrainedModel, got {type(model).__name__}")
+    directory = os.fspath(directory)
+    os.makedirs(directory, exist_ok=True)
+    before = set(os.listdir(directory))
+    model.save_pretrained(directory)
+    copied = []
+    if source is not None:
+        for name in HF_SIDE_FILES:
+            origin, target = os.path.join(os.fspath(source), name), os.path.join(directory, name)
+            if os.path.isfile(origin) and not os.path.exists(target):
+                shutil.copyfile(origin, target)
+                copied.append(name)
+    written = sorted((set(os.listdir(directory)) - before) | set(copied) | {"config.json"})
+    if verify:
+        try:
+            _verify(model, directory)
+        except HFCheckpointError:
+            _remove_weights(directory)
+            raise
+    logger.info("Hugging Face checkpoint written to %s (%s)", directory, ", ".join(written))
+    return written
+
+
+def _remove_weights(directory: str) -> None:
+    for pattern in _WEIGHT_PATTERNS:
+        for path in glob.glob(os.path.join(glob.escape(directory), pattern)):
+            os.remove(path)
+
+
+def _verify(model: nn.Module, directory: str) -> None:
+    """HFCheckpointError unless ``from_pretrained(directory)`` gives exactly ``model``'s tensors."""
+    import transformers
+
+    # the keyword was torch_dtype before transformers 4.56
+    major, minor = (int(part) for part in transformers.__version__.split(".")[:2])
+    dtype_keyword = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+    loaded, info = type(model).from_pretrained(directory, output_loading_info=True, local_files_only=True,
+                                               **{dtype_keyword: _dtype(model)})
+    problems = []
+    for field in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs"):
+        values = info.get(field) or []
+        if values:
+            problems.append(f"{field.replace('_', ' ')}: {sorted(map(str, values))[:5]}")
+    if problems:
+        raise HFCheckpointError(f"{directory}: from_pretrained would not load the compressed weights faithfully "
+                                f"({'; '.join(problems)})")
+    state = loaded.state_dict()
+    for key, value in model.state_dict().items():
+        if key not in state:
+            raise HFCheckpointError(f"{directory}: from_pretrained gives no {key!r}")
+        if state[key].shape != value.shape or not torch.equal(state[key].to(value.device), value):
+            raise HFCheckpointError(f"{directory}: {key!r} loads differently from the compressed model's")
+
+
+def _dtype(model: nn.Module) -> torch.dtype:
+    for parameter in model.parameters():
+        if parameter.is_floating_point():
+            return parameter.dtype
+    return torch.float32

@@ -1,0 +1,423 @@
+"""Physically smaller models from structured pruning: remove pruned channels and what produces them.
+
+Structured pruning (``LayerConfig(prune="structured")``) zeroes whole input channels of a layer:
+columns of a Linear weight, all ``kh*kw`` columns of a conv input channel. The zeros alone save
+nothing at run time. :func:`shrink_structured` removes those input channels from the consumer
+layer together with the output channels of the layer that produces them (its weight rows and
+bias) and of everything channel-wise in between (BatchNorm statistics and affine parameters;
+ReLU / GELU / Dropout and other element-wise ops have no parameters to cut)::
+
+    producer (Linear/Conv) -> [BatchNorm] -> [ReLU, GELU, Dropout, ...] -> consumer (Linear/Conv)
+
+Removing a producer channel is exact even when that channel is not zero itself (a bias through
+a nonlinearity): its only reader is a consumer column that is all zeros, so it never reached
+the output. The shrunk model computes what the masked model computes, up to float rounding
+(fewer terms in each sum).
+
+Chains are found with ``torch.fx`` symbolic tracing where the model traces; for models it cannot
+trace (e.g. Hugging Face BERT) give the chains explicitly, e.g. :func:`hf_ffn_chains` for the
+feed-forward blocks of BERT-like encoders. The model is changed in place: the same module
+classes with fewer channels, an ordinary ``nn.Module`` that any runtime (``torch.onnx.export``,
+TorchScript, ...) runs as a smaller dense model.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["shrink_structured", "hf_ffn_chains", "ShrinkReport", "ShrunkChain", "ShrinkError"]
+
+logger = logging.getLogger("obc_native.torch")
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# Modules applied to each element on its own (or a channel-independent copy): channels pass through
+_ELEMENTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus, nn.Identity, nn.Dropout,
+    nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+_ELEMENTWISE_FUNCTIONS = {
+    torch.relu, torch.tanh, torch.sigmoid, F.relu, F.relu6, F.gelu, F.silu, F.tanh, F.sigmoid, F.leaky_relu,
+    F.elu, F.selu, F.hardswish, F.hardsigmoid, F.hardtanh, F.mish, F.softplus, F.dropout, torch.nn.functional.relu_,
+    operator.neg,
+}
+_ELEMENTWISE_METHODS = {"relu", "relu_", "tanh", "sigmoid", "tanh_", "sigmoid_", "contiguous", "clone"}
+
+
+class ShrinkError(ValueError):
+    """A chain given to :func:`shrink_structured` that does not exist or cannot be shrunk."""
+
+
+@dataclass
+class ShrunkChain:
+    """One producer -> consumer chain and the channels it kept.
+
+    ``between``: the BatchNorm layers shrunk with it (element-wise ops are not listed).
+    ``channels``: channels before; ``kept``: channels after (``channels - kept`` were removed).
+    """
+
+    producer: str
+    consumer: str
+    between: list[str]
+    channels: int
+    kept: int
+
+    @property
+    def removed(self) -> int:
+        return self.channels - self.kept
+
+
+@dataclass
+class ShrinkReport:
+    """What :func:`shrink_structured` did.
+
+    ``chains``: the chains shrunk (including those where no channel was zero: ``removed == 0``).
+    ``skipped``: ``{consumer name: reason}`` for layers with zero input channels that were left
+    as they were. ``parameters_before`` / ``parameters_after``: parameter counts of the model.
+    """
+
+    chains: list[ShrunkChain] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    parameters_before: int = 0
+    parameters_after: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chains": [dict(vars(c), removed=c.removed) for c in self.chains],
+            "skipped": dict(self.skipped),
+            "parameters_before": self.parameters_before,
+            "parameters_after": self.parameters_after,
+        }
+
+    def table(self) -> str:
+        """One line per chain and per skipped layer, then the parameter counts."""
+        lines = [f"{'producer':<32} {'consumer':<32} {'channels':>9} {'kept':>6}"]
+        for c in self.chains:
+            lines.append(f"{c.producer:<32} {c.consumer:<32} {c.channels:>9} {c.kept:>6}")
+        for name, reason in self.skipped.items():
+            lines.append(f"skipped {name}: {reason}")
+        lines.append(f"parameters: {self.parameters_before} -> {self.parameters_after}")
+        return "\n".join(lines)
+
+
+def hf_ffn_chains(model: nn.Module) -> list[tuple[str, str]]:
+    """``(intermediate.dense, output.dense)`` of every BERT-like feed-forward block in ``model``.
+
+    Hugging Face BERT, RoBERTa, ELECTRA, ... layers hold ``intermediate.dense`` (Linear, hidden ->
+    intermediate, then an element-wise activation) and ``output.dense`` (Linear, intermediate ->
+    hidden); the intermediate width is what structured pruning of ``output.dense`` shrinks. Pass
+    the result as ``chains`` to :func:`shrink_structured` (torch.fx cannot trace these models).
+    """
+    chains = []
+    for name, module in model.named_modules():
+        intermediate = getattr(module, "intermediate", None)
+        output = getattr(module, "output", None)
+        first = getattr(intermediate, "dense", None)
+        second = getattr(output, "dense", None)
+        if isinstance(first, nn.Linear) and isinstance(second, nn.Linear):
+            prefix = f"{name}." if name else ""
+            chains.append((f"{prefix}intermediate.dense", f"{prefix}output.dense"))
+    return chains
+
+
+def shrink_structured(
+    model: nn.Module, chains: Sequence[Sequence[str]] | None = None, *, concrete_args: dict[str, Any] | None = None
+) -> ShrinkReport:
+    """Remove the zero input channels of layers and the producing channels, in place.
+
+    Args:
+        model: a model after structured pruning (its layers' zero input channels are removed).
+        chains: None to find producer -> consumer chains with ``torch.fx.symbolic_trace``; or the
+            chains as sequences of module names ``(producer, consumer)`` or ``(producer, norm...,
+            consumer)``, for models fx cannot trace. A given chain promises that each channel of the
+            producer's output reaches only the same channel of the consumer's input, through the
+            listed BatchNorm layers and parameter-free element-wise ops (not checked: it cannot be
+            without a trace). Producer and consumer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``.
+        concrete_args: passed to ``torch.fx.symbolic_trace`` (e.g. to fix an optional argument).
+
+    Returns:
+        a :class:`ShrinkReport`. Layers with zero input channels and no removable producer
+        (e.g. the first layer, a channel read by two layers, a residual add, a flatten) are
+        listed in ``report.skipped`` and stay masked.
+
+    Raises:
+        ShrinkError: a given chain names a missing module or one of the wrong type or width; or
+            ``chains`` is None and the model cannot be traced.
+        TypeError: ``model`` is not an ``nn.Module``.
+
+    Grouped convolutions: channels are removed only if every group loses the same number (the
+    smallest count of zero channels of any group, so some zero channels may stay). At least one
+    channel is always kept. The model's outputs equal the masked model's up to float rounding.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    report = ShrinkReport(parameters_before=_parameter_count(model))
+    modules = dict(model.named_modules())
+    if chains is None:
+        found, skipped = _trace_chains(model, modules, concrete_args)
+        report.skipped.update(skipped)
+    else:
+        found = [_check_chain(tuple(chain), modules, index) for index, chain in enumerate(chains)]
+        # a layer may end one chain and start the next; any other repeat would cut channels twice
+        roles = [f"producer {c[0]}" for c in found] + [f"consumer {c[-1]}" for c in found]
+        roles += [f"norm {name}" for c in found for name in c[1:-1]]
+        repeated = sorted({role for role in roles if roles.count(role) > 1})
+        if repeated:
+            raise ShrinkError(f"chains: {', '.join(repeated)} in more than one chain")
+    shared = _shared_parameter_owners(model)
+    with torch.no_grad():
+        for chain in found:
+            tied = [name for name in chain if name in shared]
+            if tied:
+                report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
+                continue
+            result = _shrink_chain(chain, modules)
+            if isinstance(result, str):
+                report.skipped[chain[-1]] = result
+            else:
+                report.chains.append(result)
+    report.parameters_after = _parameter_count(model)
+    removed = sum(c.removed for c in report.chains)
+    logger.info("shrink_structured: %d channel(s) removed in %d chain(s); %d -> %d parameters", removed,
+                len(report.chains), report.parameters_before, report.parameters_after)
+    return report
+
+
+def _shared_parameter_owners(model: nn.Module) -> set[str]:
+    """Names of modules holding a parameter that another module holds too (tied weights)."""
+    owners: dict[int, set[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter in module.parameters(recurse=False):
+            owners.setdefault(id(parameter), set()).add(module_name)
+    return {name for names in owners.values() if len(names) > 1 for name in names}
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, _CONVS):
+        return f"conv{len(module.kernel_size)}d"
+    return None
+
+
+def _check_chain(chain: tuple, modules: dict[str, nn.Module], index: int) -> tuple[str, ...]:
+    """A user-given chain, validated: names exist, types and widths fit."""
+    if len(chain) < 2 or not all(isinstance(name, str) for name in chain):
+        raise ShrinkError(f"chains[{index}]: expected module names (producer, [norm, ...], consumer), got {chain!r}")
+    missing = [name for name in chain if name not in modules]
+    if missing:
+        raise ShrinkError(f"chains[{index}]: the model has no module {missing[0]!r}")
+    producer, consumer = modules[chain[0]], modules[chain[-1]]
+    for role, name, module in (("producer", chain[0], producer), ("consumer", chain[-1], consumer)):
+        if _kind(module) is None:
+            raise ShrinkError(f"chains[{index}]: {role} {name!r} is a {type(module).__name__}; "
+                              "expected nn.Linear or nn.Conv1d/2d/3d")
+    if _kind(producer) != _kind(consumer):
+        raise ShrinkError(f"chains[{index}]: producer {chain[0]!r} ({type(producer).__name__}) and consumer "
+                          f"{chain[-1]!r} ({type(consumer).__name__}) must be both Linear or both Conv of one rank")
+    width = _out_channels(producer)
+    if width != _in_channels(consumer):
+        raise ShrinkError(f"chains[{index}]: producer {chain[0]!r} has {width} output channels but consumer "
+                          f"{chain[-1]!r} has {_in_channels(consumer)} input channels")
+    for name in chain[1:-1]:
+        norm = modules[name]
+        if not isinstance(norm, _NORMS):
+            raise ShrinkError(f"chains[{index}]: {name!r} is a {type(norm).__name__}; between producer and consumer "
+                              "only BatchNorm layers are listed (element-wise ops need no entry)")
+        if norm.num_features != width:
+            raise ShrinkError(f"chains[{index}]: {name!r} has {norm.num_features} features, expected {width}")
+    return chain
+
+
+def _in_channels(module: nn.Module) -> int:
+    return module.in_features if isinstance(module, nn.Linear) else module.in_channels
+
+
+def _out_channels(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else module.out_channels
+
+
+def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args) -> tuple[list, dict[str, str]]:
+    """Chains found in the fx graph, and the reasons for layers with zero input channels left alone."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ShrinkError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line}); "
+            "pass chains=[(producer, [norm, ...], consumer), ...] (for Hugging Face BERT-like models: "
+            "chains=hf_ffn_chains(model))"
+        ) from err
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a layer's tensors read directly: its shape must not change
+            owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+            calls[owner] = calls.get(owner, 0) + 2
+    chains, skipped = [], {}
+    for node in graph.nodes:
+        if node.op != "call_module" or _kind(modules[node.target]) is None:
+            continue
+        consumer = node.target
+        if not _zero_input_channels(modules[consumer]).any():
+            continue
+        found = _walk_back(node, modules, calls)
+        if isinstance(found, str):
+            skipped[consumer] = found
+        else:
+            chains.append(found)
+    return chains, skipped
+
+
+def _walk_back(node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tuple[str, ...] | str:
+    """The chain ending at consumer ``node``, or why there is none."""
+    import torch.fx
+
+    consumer = node.target
+    if calls[consumer] > 1:
+        return "the layer is called more than once (or its tensors are read directly)"
+    between: list[str] = []
+    current = node.args[0] if node.args else None
+    while True:
+        if not isinstance(current, torch.fx.Node):
+            return "its input is not produced by a layer in the graph"
+        if len(current.users) != 1:
+            return f"its input channels are also read elsewhere ({current.name} has {len(current.users)} users)"
+        if current.op == "call_module":
+            module = modules[current.target]
+            if calls[current.target] > 1:
+                return f"{current.target} is called more than once (or its tensors are read directly)"
+            if _kind(module) is not None:
+                if _kind(module) != _kind(modules[consumer]):
+                    return (f"its producer {current.target} is a {type(module).__name__}, "
+                            f"not a {type(modules[consumer]).__name__}")
+                return (current.target, *reversed(between), consumer)
+            if isinstance(module, _NORMS):
+                if _kind(modules[consumer]) == "linear":  # BatchNorm1d normalizes dim 1, not a Linear's features
+                    return f"BatchNorm {current.target} between Linear layers"
+                between.append(current.target)
+            elif not isinstance(module, _ELEMENTWISE_MODULES):
+                return f"{current.target} ({type(module).__name__}) between it and the producer is not element-wise"
+        elif current.op == "call_function" and current.target in _ELEMENTWISE_FUNCTIONS:
+            pass
+        elif current.op == "call_method" and current.target in _ELEMENTWISE_METHODS:
+            pass
+        else:
+            return f"{current.op} {getattr(current.target, '__name__', current.target)} between it and the producer"
+        tensors = [a for a in (*current.args, *current.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if len(tensors) != 1:
+            return f"{current.name} combines several tensors"
+        current = tensors[0]
+
+
+def _zero_input_channels(module: nn.Module) -> torch.Tensor:
+    """Bool (in_channels,): input channels whose weights are all exactly zero."""
+    weight = module.weight.detach()
+    if isinstance(module, nn.Linear):
+        return (weight == 0).all(dim=0)
+    # conv weight (out, in/groups, *kernel): channel g*per_group + j is read by group g's rows, column j
+    groups = module.groups
+    per_group = weight.shape[1]
+    zero = (weight == 0).flatten(2).all(dim=2)  # (out, in/groups)
+    zero = zero.view(groups, weight.shape[0] // groups, per_group).all(dim=1)  # (groups, per_group)
+    return zero.reshape(-1)
+
+
+def _equal_per_group(remove: torch.Tensor, groups: int) -> torch.Tensor:
+    """``remove`` reduced so that each of ``groups`` equal slices removes the same count (the smallest)."""
+    if groups == 1:
+        return remove
+    slices = remove.view(groups, -1)
+    count = int(slices.sum(dim=1).min())
+    reduced = torch.zeros_like(slices)
+    for g in range(groups):
+        reduced[g, torch.nonzero(slices[g]).flatten()[:count]] = True
+    return reduced.reshape(-1)
+
+
+def _shrink_chain(chain: tuple[str, ...], modules: dict[str, nn.Module]) -> ShrunkChain | str:
+    """Cut the zero input channels of the chain's consumer; a reason string if none can be cut."""
+    producer, consumer = modules[chain[0]], modules[chain[-1]]
+    channels = _in_channels(consumer)
+    remove = _zero_input_channels(consumer)
+    if isinstance(consumer, _CONVS):
+        remove = _equal_per_group(remove, consumer.groups)
+    if isinstance(producer, _CONVS):
+        remove = _equal_per_group(remove, producer.groups)
+        # the consumer's grouping must still hold after the producer's reduction
+        if isinstance(consumer, _CONVS) and consumer.groups > 1:
+            counts = remove.view(consumer.groups, -1).sum(dim=1)
+            if bool((counts != counts[0]).any()):
+                return "no channel set is removable equally from every group of both grouped convolutions"
+    if bool(remove.all()):  # keep a channel: zero-width layers are not portable
+        if any(isinstance(m, _CONVS) and m.groups > 1 for m in (producer, consumer)):
+            return "all input channels are zero in a grouped convolution (a zero-width layer is not portable)"
+        remove[0] = False
+    keep = torch.nonzero(~remove).flatten()
+    if len(keep) < channels:
+        _cut_outputs(producer, keep)
+        for name in chain[1:-1]:
+            _cut_norm(modules[name], keep)
+        _cut_inputs(consumer, keep)
+    return ShrunkChain(chain[0], chain[-1], list(chain[1:-1]), channels, len(keep))
+
+
+def _replace(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Set parameter or buffer ``name`` of ``module`` to ``value`` (same kind, requires_grad kept)."""
+    old = getattr(module, name)
+    if old is None:
+        return
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(value.contiguous().clone(), requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, value.contiguous().clone())
+
+
+def _cut_outputs(module: nn.Module, keep: torch.Tensor) -> None:
+    _replace(module, "weight", module.weight.index_select(0, keep))
+    if module.bias is not None:
+        _replace(module, "bias", module.bias.index_select(0, keep))
+    if isinstance(module, nn.Linear):
+        module.out_features = len(keep)
+    else:
+        module.out_channels = len(keep)
+
+
+def _cut_inputs(module: nn.Module, keep: torch.Tensor) -> None:
+    if isinstance(module, nn.Linear):
+        _replace(module, "weight", module.weight.index_select(1, keep))
+        module.in_features = len(keep)
+        return
+    groups = module.groups
+    per_group = module.in_channels // groups
+    # a channel's column within its group; every group keeps the same count (see _equal_per_group)
+    columns = (keep % per_group).view(groups, -1)
+    out_per_group = module.out_channels // groups
+    weight = module.weight.view(groups, out_per_group, per_group, *module.weight.shape[2:])
+    cut = torch.stack([weight[g].index_select(1, columns[g]) for g in range(groups)])
+    _replace(module, "weight", cut.flatten(0, 1))
+    module.in_channels = len(keep)
+
+
+def _cut_norm(norm: nn.Module, keep: torch.Tensor) -> None:
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        value = getattr(norm, name, None)
+        if value is not None:
+            _replace(norm, name, value.index_select(0, keep))
+    norm.num_features = len(keep)
