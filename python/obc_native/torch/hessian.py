@@ -106,6 +106,9 @@ class LayerHessian:
     runs batches of its own returns their partial sums (:meth:`batch_partials`), and
     :meth:`merge_partials` adds them in batch order: the total is then bit-identical to one
     process running every batch, whatever the split (see ``torch/executors.py``).
+    A Hessian shared by layers reading the same inputs (``LayerHooks(share_inputs=True)``) is
+    one object that received exactly the samples, batches and order each layer would have alone:
+    the same bits as separate accumulation, and as the Ray shards (which do not share).
 
     Attributes:
         info: the layer.
