@@ -13,6 +13,10 @@ budget, and saves it in the obc_native format (see ``obc_native.torch.serialize`
     obc-native compress --model w.safetensors --arch mypkg.models:Net --calibration calib.pt \\
         --budget flops=2x --database levels.json --out compressed/
 
+``--ray [ADDRESS]`` runs the calibration shards and layer solves on a Ray cluster (results
+bit-identical to a local run; see ``obc_native.torch.executors``); ``--checkpoint DIR`` writes each
+finished layer to DIR, and rerunning the same command resumes there.
+
 ``--budget`` (``flops=2x``, ``params=2x``, ``bits=4.5``, ...) picks one level per layer with the
 DP over a level database (see ``obc_native.torch.nonuniform``); ``--database PATH`` reuses the
 database saved at PATH, or saves the one built there; ``--recipe`` then only selects the layers.
@@ -110,6 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", type=_thread_count, default=None, help=f"solver threads, 0..{MAX_THREADS} (default or 0: all)"
     )
     compress.add_argument("--quiet", action="store_true", help="no progress bar and no table")
+    compress.add_argument(
+        "--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+        help="run calibration and solves on a Ray cluster (host:port, ray://host:port or auto; "
+        "no ADDRESS: a local Ray instance); needs obc_native[ray]",
+    )
+    compress.add_argument(
+        "--checkpoint", metavar="DIR",
+        help="write finished layers to DIR; rerunning the same command resumes without redoing them",
+    )
 
     report = commands.add_parser("report", help="print the manifest of a saved compressed model")
     report.add_argument("directory")
@@ -233,6 +246,8 @@ def _check_paths(args: argparse.Namespace) -> None:
             raise CliError(f"--hf {args.hf}: no config.json; not a Hugging Face model directory")
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.checkpoint is not None and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
+        raise CliError(f"--checkpoint {args.checkpoint}: is a file; give a directory")
     if args.database is not None and not os.path.isfile(args.database):
         if os.path.isdir(args.database):
             raise CliError(f"--database {args.database}: is a directory; give the path of a JSON file")
@@ -395,13 +410,31 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options = _budget_options(args)
     if options and args.sequential:
         raise CliError("--sequential is not supported with --budget")
+    if options and args.checkpoint:
+        raise CliError("--checkpoint is not supported with --budget")
     recipe = load_recipe(args.recipe) if args.recipe else None
+    args.executor = _start_executor(args)
     created = _prepare_out(args.out)
     try:
         return _compress_and_save(args, recipe, options)
     except BaseException:
         _remove_empty(created)
         raise
+
+
+def _start_executor(args: argparse.Namespace) -> Any:
+    """"local", or a started RayExecutor for --ray (a missing package or an unreachable cluster
+    is one error line, before the model is loaded)."""
+    if args.ray is None:
+        return "local"
+    from obc_native.torch.ray_executor import RayExecutor, RayUnavailableError
+
+    try:
+        executor = RayExecutor(args.ray or None)
+        executor.start(quiet=args.quiet)
+    except (RayUnavailableError, ValueError) as err:
+        raise CliError(f"--ray {args.ray}: {err}".replace("--ray : ", "--ray: ")) from None
+    return executor
 
 
 def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str, Any]) -> int:
@@ -417,6 +450,8 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
         correction=None if args.correction == "none" else args.correction,
         num_threads=args.threads,
         quiet=args.quiet,
+        executor=getattr(args, "executor", "local"),
+        checkpoint=args.checkpoint,
         **options,
     )
     save_compressed(model, args.out, report, metadata=metadata)

@@ -10,6 +10,11 @@ of an attention block; in general any layers called on one tensor object, unchan
 that they unfold into the same samples) share one Hessian: it is accumulated once. The results
 are those of separate accumulation, bit for bit.
 
+Where the dense calibration pass and the solves run is the ``executor``'s business (see
+``executors.py``): this process (default), or a Ray cluster (calibration shards, and every
+layer's solves as tasks over (unit, row range), submitted ahead); the results are bit-identical.
+With ``checkpoint=`` each finished layer is written to a directory, and a rerun resumes there.
+
 Two calibration modes:
 
 - dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
@@ -51,7 +56,10 @@ from .._results import QUANT_METHODS
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
 from .calibration import Forward, as_batches, model_device, run_calibration
+from .checkpoint import NoCheckpoint, as_checkpoint
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
+from .executor_choice import as_executor
+from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .nonuniform import (
@@ -69,7 +77,7 @@ from .nonuniform import (
 )
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
-from .solve import UnitResult, baseline_config, solve_unit
+from .solve import UnitResult
 
 __all__ = ["compress", "compress_to_budget", "CompressionError", "LayerStep"]
 
@@ -159,12 +167,18 @@ class LayerStep:
     levels: LayerLevels | None = None
 
 
-def _solve(core: Any, step: LayerStep, unit: np.ndarray, hessian: np.ndarray, num_threads: int | None) -> UnitResult:
-    """The one place a unit (conv group) of a layer is solved: to a recipe configuration or to a
-    database level. ``unit`` is ``rows x cols`` float32, ``hessian`` ``cols x cols`` float64."""
-    if step.level is None:
-        return solve_unit(core, step.info, unit, hessian, step.config, num_threads=num_threads)
-    return apply_unit_level(step.info, unit, hessian, step.levels, step.level, num_threads=num_threads, core=core)
+def _job(step: LayerStep, stats: LayerHessian, baseline: bool, num_threads: int | None) -> LayerJob:
+    """The solves of one layer of a plan, for the executor: every unit to the recipe
+    configuration or to the database level (``executors.solve_rows``, the one place a unit is
+    solved), and the magnitude / RTN baseline when ``baseline``."""
+    info, config = step.info, step.config
+    assert config is not None
+    dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+    level = None if step.level is None else (step.levels, step.level)
+    return LayerJob(
+        info, dense, stats.hessians(), config, level, baseline and not config.is_baseline, num_threads,
+        apply_unit_level if level is not None else None,
+    )
 
 
 def _quantizer_fields(units: list[UnitResult]) -> dict[str, Any]:
@@ -234,6 +248,8 @@ class _Run:
         num_threads: int | None,
         quiet: bool,
         restore_on_error: bool,
+        executor: Executor,
+        checkpoint: NoCheckpoint | None = None,
     ):
         self.start = time.perf_counter()
         self.model = model
@@ -249,11 +265,15 @@ class _Run:
         self.report = CompressionReport(calibration=mode, correction=self.correction)
         self.backup = _Backup()
         self.core = get_core()  # fail early if the solvers are missing
+        self.executor = executor
+        self.saved = checkpoint or NoCheckpoint()
 
     @contextmanager
     def guarded(self) -> Iterator[None]:
-        """Model in eval mode while running (training flags restored after); on any error, undo
-        every modification (unless told not to) before it propagates."""
+        """Executor started (a missing ray package or an unreachable cluster fails here, before
+        any work) and closed after; model in eval mode while running (training flags restored
+        after); on any error, undo every modification (unless told not to) before it propagates."""
+        self.executor.start(quiet=self.quiet)
         training = {module: module.training for module in self.model.modules()}
         try:
             self.model.eval()
@@ -262,6 +282,7 @@ class _Run:
             _on_failure(err, self.backup, self.restore_on_error)
             raise
         finally:
+            self.executor.close()
             for module, flag in training.items():
                 module.train(flag)
 
@@ -281,19 +302,37 @@ class _Run:
         return hooks
 
     def dense_hessians(
-        self, infos: Mapping[str, LayerInfo], *, hint: str, extra: Any = None
-    ) -> tuple[dict[str, LayerHessian], list[str]]:
+        self, infos: Mapping[str, LayerInfo], *, hint: str, counter: Any = None
+    ) -> tuple[dict[str, LayerHessian], list[str], dict[str, int] | None]:
         """Every layer's Hessian from one pass over the dense model (layers reading the same
-        input share one object), and the layers in call order. Layers whose inputs were only
-        partly shared get a second pass of their own. ``hint``: what to do about a layer the
-        pass never reached (CalibrationError)."""
-        hooks = self.calibrate(infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=extra)
-        _, mixed = hooks.share_hessians()
-        hessians = hooks.hessians
-        if mixed:
-            hessians.update(self.calibrate({name: infos[name] for name in mixed}).hessians)
+        input share one object), the layers in call order, and the totals of ``counter`` (a
+        context manager class ``counter(infos)`` with ``.totals``, e.g. ``_Applications``;
+        None without one). Layers whose inputs were only partly shared get a second pass of
+        their own. ``hint``: what to do about a layer the pass never reached (CalibrationError).
+
+        An executor that calibrates elsewhere (Ray: shards of the batches) runs the pass instead;
+        its Hessians are accumulated layer by layer, without input sharing (bit for bit the same).
+        """
+        if self.executor.calibrates_remotely:
+            start = time.perf_counter()
+            done = self.executor.calibrate(
+                self.model, infos, self.batches, device=self.device, forward=self.forward, counter=counter
+            )
+            self.report.batches = done.batches
+            self.report.passes += 1
+            self.report.pass_seconds += time.perf_counter() - start
+            hessians, order, totals = done.hessians, list(done.order), done.applications
+        else:
+            counting = counter(infos) if counter is not None else None
+            hooks = self.calibrate(infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=counting)
+            _, mixed = hooks.share_hessians()
+            hessians = hooks.hessians
+            if mixed:
+                hessians.update(self.calibrate({name: infos[name] for name in mixed}).hessians)
+            order = list(hooks.order)
+            totals = None if counting is None else dict(counting.totals)
         _never_called({name: hessians[name].n for name in infos}, "calibration pass", hint)
-        return hessians, list(hooks.order)
+        return hessians, order, totals
 
     # ---------------------------------------------------------------- the layer loop
 
@@ -312,21 +351,31 @@ class _Run:
         ``hessians``, or when missing from ``calibrate_group(owner)`` (a pass over the model
         compressed so far; sequential mode). A Hessian is dropped after its last user."""
         users = Counter(owner[name] for name in order)
-        progress = tqdm(total=len(order), desc="obc", unit="layer", disable=self.quiet, leave=False)
+        progress = tqdm(
+            total=len(order), desc="obc", unit="layer", disable=self.quiet or self.executor.shows_progress, leave=False
+        )
+        for name in order if self.executor.runs_ahead else ():  # a cluster solves them all at once
+            step, source = plan[name], owner[name]
+            if step.config is not None and source in hessians and not self.saved.done(name):
+                self.executor.submit_layer(_job(step, hessians[source], self.baseline, self.num_threads))
         try:
             for name in order:
                 progress.set_postfix_str(name)
                 source = owner[name]
                 layer_start = time.perf_counter()
-                if source not in hessians:
-                    hessians[source] = calibrate_group(source)
-                mean = None if dense_means is None else dense_means[name]
-                row = self.compress_layer(plan[name], hessians[source], mean)
-                row.seconds = time.perf_counter() - layer_start
+                if self.saved.done(name):  # written back, so that later layers calibrate on it
+                    row = self.saved.restore(plan[name].info, self.backup.save)
+                else:
+                    if source not in hessians:
+                        hessians[source] = calibrate_group(source)
+                    mean = None if dense_means is None else dense_means[name]
+                    row = self.compress_layer(plan[name], hessians[source], mean)
+                    row.seconds = time.perf_counter() - layer_start
+                    self.saved.save(plan[name].info, row)
                 self.report.layers.append(row)
                 users[source] -= 1
                 if not users[source]:
-                    del hessians[source]
+                    hessians.pop(source, None)
                 if row.loss is not None:
                     progress.set_postfix_str(f"{name} loss={row.loss:.4g}")
                 progress.update(1)
@@ -362,27 +411,25 @@ class _Run:
     def _solve_layer(self, step: LayerStep, stats: LayerHessian) -> tuple[np.ndarray, np.ndarray, LayerReport]:
         """The dense and compressed ``out x cols*groups`` weight matrices, and the report row."""
         info, config = step.info, step.config
-        hessians = stats.hessians()
-        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        job = _job(step, stats, self.baseline, self.num_threads)
+        dense = job.dense
         new = np.empty_like(dense)
         rows = info.rows
         loss = 0.0
         baseline_loss = 0.0 if (self.baseline or config.is_baseline) else None
-        baseline_step = None if config.is_baseline else LayerStep(info, baseline_config(config))
         damps, units = [], []
-        for g, hessian in enumerate(hessians):
+        try:  # the solves, by the executor (here, or its tasks over units and row ranges)
+            solutions = self.executor.layer_solution(job, core=self.core)
+        except UnitSolveError as failed:
+            g, err = failed.unit, failed.error
             where = f"layer {info.name!r}" + (f" (group {g} of {info.groups})" if info.groups > 1 else "")
-            unit = np.ascontiguousarray(dense[g * rows : (g + 1) * rows])
-            try:
-                result = _solve(self.core, step, unit, hessian, self.num_threads)
-                unit_loss = float(np.sum(self.core.layer_loss(unit, result.weight, hessian, **self.threads)))
-                if config.is_baseline:
-                    baseline_loss += unit_loss
-                elif baseline_loss is not None:
-                    other = _solve(self.core, baseline_step, unit, hessian, self.num_threads)
-                    baseline_loss += float(np.sum(self.core.layer_loss(unit, other.weight, hessian, **self.threads)))
-            except (ValueError, ArithmeticError) as err:
-                raise CompressionError(f"{where}: {err}") from err
+            raise CompressionError(f"{where}: {err}") from err
+        for g, solution in enumerate(solutions):
+            result, unit_loss = solution.result, solution.loss
+            if config.is_baseline:
+                baseline_loss += unit_loss
+            elif baseline_loss is not None:
+                baseline_loss += solution.baseline_loss
             new[g * rows : (g + 1) * rows] = result.weight
             loss += unit_loss
             damps.append(result.damp)
@@ -484,6 +531,8 @@ def compress(
     num_threads: int | None = None,
     quiet: bool = False,
     restore_on_error: bool = True,
+    executor: str | Executor = "local",
+    checkpoint: str | os.PathLike | None = None,
     budget: str | BudgetSpec | None = None,
     **budget_options: Any,
 ) -> CompressionReport:
@@ -504,6 +553,13 @@ def compress(
         num_threads: threads for the solvers (None: the core's default; at most 1024).
         quiet: no progress bar.
         restore_on_error: undo every modification if compression fails part way.
+        executor: where calibration and solves run: "local" (this process), "ray" (a Ray
+            cluster: the one ``ray.init`` connected to, or a new local one), or an executor
+            object such as ``RayExecutor(address="head:6379")`` (see ``torch/executors.py``).
+            Results are bit-identical to a local run.
+        checkpoint: a directory: each finished layer is written there, and a rerun of the same
+            compression (same model, recipe and mode) resumes after a crash without redoing the
+            layers found there (see ``torch/checkpoint.py``). Not with a budget.
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
             compression; ``sequential`` is not supported there).
@@ -514,12 +570,16 @@ def compress(
     """
     if num_threads is not None:
         _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
+    executor = as_executor(executor)
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
+        if checkpoint is not None:
+            raise ValueError("checkpoint: not supported with a budget (the level database is rebuilt on a rerun)")
         return compress_to_budget(
             model, calibration, budget, recipe=recipe, forward=forward, correction=correction, baseline=baseline,
-            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, **budget_options,
+            num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
+            **budget_options,
         )
     unknown = sorted(set(budget_options) - _BUDGET_OPTIONS)
     if unknown:
@@ -535,10 +595,13 @@ def compress(
     run = _Run(
         model, calibration, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
         baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+        executor=executor,
     )
     with run.guarded():
+        run.saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential,
+                                               "correction": correction, "baseline": baseline}, infos)
         if not sequential:
-            hessians, order = run.dense_hessians(infos, hint="skip them in the recipe")
+            hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
             owner = {name: name for name in order}  # shared Hessians are already the same object
             run.compress_layers(plan, order, owner, hessians)
         else:
@@ -588,6 +651,7 @@ def compress_to_budget(
     num_threads: int | None = None,
     quiet: bool = False,
     restore_on_error: bool = True,
+    executor: str | Executor = "local",
 ) -> CompressionReport:
     """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
 
@@ -597,8 +661,8 @@ def compress_to_budget(
     layer is then compressed to its level by the same loop as :func:`compress`.
 
     Args:
-        model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error:
-            as in :func:`compress`.
+        model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error,
+        executor: as in :func:`compress` (with Ray, the database's layers are tasks too).
         budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),
             "params=2x", "bits=4.5" (bits per weight on average) or an absolute "flops=1e6", or a
             BudgetSpec (see ``obc_native.budget``).
@@ -620,6 +684,7 @@ def compress_to_budget(
     """
     if num_threads is not None:
         _arrays.as_threads(num_threads)
+    executor = as_executor(executor)
     start = time.perf_counter()
     spec = as_budget_spec(budget)
     if objective not in OBJECTIVES:
@@ -648,20 +713,18 @@ def compress_to_budget(
         infos, left_out = select_layers(model, recipe=recipe)
     run = _Run(
         model, calibration, mode="dense", forward=forward, correction=correction, baseline=baseline,
-        num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
+        num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
     )
     run.start = start
     with run.guarded():
-        applications = _Applications(infos)
-        hessians, order = run.dense_hessians(
-            infos, hint="leave them out", extra=applications
-        )
+        hessians, order, applications = run.dense_hessians(infos, hint="leave them out", counter=_Applications)
         if database is None:
             database_start = time.perf_counter()
+            per_sample = {name: total / run.report.batches for name, total in applications.items()}
             database = _build(
-                model, infos, hessians, applications.per_sample(run.report.batches), order, level_spec,
+                model, infos, hessians, per_sample, order, level_spec,
                 damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
-                forward=forward, num_threads=num_threads, quiet=quiet,
+                forward=forward, num_threads=num_threads, quiet=quiet, executor=executor,
             )
             if stitch:
                 run.report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels

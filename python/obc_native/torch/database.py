@@ -34,6 +34,8 @@ from ..level_database import LevelDatabase, LevelDatabaseError
 from ..layer_config import PRUNE_METHODS, LayerConfig
 from ..levels import QUANT_LEVEL_METHODS, LayerLevels, Level
 from .calibration import Forward, as_batches, model_device
+from .executor_choice import as_executor
+from .executors import shipped_info
 from .hessian import LayerHessian
 from .layer_selection import select_layers
 from .layers import LayerInfo, channels_last_perm, find_layers, weight_matrix
@@ -297,6 +299,17 @@ def _layer_levels(
                        skipped=[*skipped, *units[0].skipped])
 
 
+def _layer_levels_task(
+    info: LayerInfo, dense: np.ndarray, hessians: list[np.ndarray], spec: LevelSpec, damp: float,
+    applications: float, keep_weights: bool, num_threads: int | None,
+) -> LayerLevels:
+    """:func:`_layer_levels` with positional arguments (an executor task)."""
+    return _layer_levels(
+        info, dense, hessians, spec, damp=damp, applications=applications, keep_weights=keep_weights,
+        num_threads=num_threads,
+    )
+
+
 def _build(
     model: nn.Module,
     infos: Mapping[str, LayerInfo],
@@ -313,8 +326,11 @@ def _build(
     forward: Forward | None,
     num_threads: int | None,
     quiet: bool,
+    executor: Any = None,
 ) -> LevelDatabase:
-    """The database from collected Hessians (layers in call order)."""
+    """The database from collected Hessians (layers in call order); the layers' levels are
+    computed by ``executor`` (default here; one task per layer)."""
+    executor = as_executor(executor)
     if loss_fn is not None and not stitch:
         raise ValueError("loss_fn: only used with stitch=True")
     names = [n for n in order if n in infos] + [n for n in infos if n not in order]
@@ -326,19 +342,28 @@ def _build(
         "calibration": {"batches": batch_count},
         "stitch": None if not stitch else {"loss": "mse" if loss_fn is None else "loss_fn", "batches": batch_count},
     })
-    progress = tqdm(total=len(names), desc="levels", unit="layer", disable=quiet, leave=False)
+    progress = tqdm(total=len(names), desc="levels", unit="layer", disable=quiet or executor.shows_progress, leave=False)
     try:
         model.eval()
         if stitch:
             stitcher = _Stitcher(model, batches, model_device(model), forward, loss_fn)
+
+        def submit(name: str) -> None:
+            info = infos[name]
+            dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+            executor.submit(
+                name, _layer_levels_task, shipped_info(info), dense, hessians[name].hessians(), spec, damp,
+                applications[name], stitch, num_threads,
+            )
+
+        for name in names if executor.runs_ahead else ():  # a cluster computes them all at once
+            submit(name)
         for name in names:
             progress.set_postfix_str(name)
             info = infos[name]
-            dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-            layer = _layer_levels(
-                info, dense, hessians[name].hessians(), spec, damp=damp, applications=applications[name],
-                keep_weights=stitch, num_threads=num_threads,
-            )
+            if not executor.runs_ahead:
+                submit(name)
+            layer = executor.result(name)
             layer.settings["samples"] = hessians[name].n
             if stitcher is not None:
                 layer.set_model_losses(stitcher.losses(info, layer))
@@ -368,6 +393,7 @@ def build_database(
     forward: Forward | None = None,
     num_threads: int | None = None,
     quiet: bool = False,
+    executor: Any = "local",
 ) -> LevelDatabase:
     """The level database of ``model``'s layers from one calibration pass over the dense model.
 
@@ -385,6 +411,8 @@ def build_database(
             squared error against the dense outputs).
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
         num_threads: threads for the solvers; quiet: no progress bar.
+        executor: "local", "ray" or an executor object (see :func:`compress`): the calibration
+            shards and each layer's levels run there; the database is bit-identical.
     Returns:
         a LevelDatabase, layers in execution order; ``db.save(path)`` writes it.
     """
@@ -396,9 +424,15 @@ def build_database(
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)
     batches = as_batches(calibration)
-    hessians, applications, order, count = _calibrate(model, infos, batches, forward)
-    return _build(
-        model, infos, hessians, applications, order, spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
-        batches=batches, batch_count=count, forward=forward, num_threads=num_threads, quiet=quiet,
-    )
+    executor = as_executor(executor)
+    executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
+    try:
+        hessians, applications, order, count = _calibrate(model, infos, batches, forward, executor)
+        return _build(
+            model, infos, hessians, applications, order, spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
+            batches=batches, batch_count=count, forward=forward, num_threads=num_threads, quiet=quiet,
+            executor=executor,
+        )
+    finally:
+        executor.close()
 

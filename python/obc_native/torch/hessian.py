@@ -1,4 +1,4 @@
-"""Layer Hessians H = 2/n sum x x^T from forward hooks, accumulated as a float64 running mean.
+"""Layer Hessians H = 2/n sum x x^T from forward hooks, accumulated as float64 sums per batch.
 
 ``n`` counts samples, not batches: every row of a linear layer's input (all leading dimensions,
 e.g. every token of a (B, T, C) input) and every unfolded patch of a convolution (one per output
@@ -91,25 +91,43 @@ class _SeenInput(NamedTuple):
 
 
 class LayerHessian:
-    """Running-mean Hessian of one layer, one ``cols x cols`` block per unit (conv group).
+    """Hessian of one layer, one ``cols x cols`` block per unit (conv group), as float64 sums
+    kept per calibration batch.
 
     Accumulates with torch on the inputs' device (CPU or GPU) straight from module inputs; the
     numpy-level ``obc_native.HessianAccumulator`` is the counterpart for unfolded (n, cols)
     activations on the CPU and for Hessian files.
 
+    Summation order (fixed, so that shards merge exactly): the samples of one batch (all the
+    layer's calls during one forward pass, in call order, in chunks of ``_CHUNK_ROWS`` rows) are
+    summed into a batch partial sum ``S_b = sum x x^T`` that starts from zero; at the end of the
+    batch (:meth:`end_batch`, called by :meth:`LayerHooks.begin_batch` and before reading) it is
+    added to the running total, ``S = (..((S_0 + S_1) + S_2)..)``, in batch order. A worker that
+    runs batches of its own returns their partial sums (:meth:`batch_partials`), and
+    :meth:`merge_partials` adds them in batch order: the total is then bit-identical to one
+    process running every batch, whatever the split (see ``torch/executors.py``).
+    A Hessian shared by layers reading the same inputs (``LayerHooks(share_inputs=True)``) is
+    one object that received exactly the samples, batches and order each layer would have alone:
+    the same bits as separate accumulation, and as the Ray shards (which do not share).
+
     Attributes:
         info: the layer.
-        n: samples seen so far.
-        hessian: ``(groups, cols, cols)`` float64 tensor on the inputs' device (None before
-            the first sample), equal to ``2/n * sum x x^T`` over the samples of each unit.
-        input_sum: ``(groups, cols)`` float64, the sum of the samples (for bias correction).
+        n: samples seen so far (finished batches and the current one).
+        total: ``(groups, cols, cols)`` float64 ``sum x x^T`` of the finished batches (None before);
+            ``hessian`` is ``2/n`` times it.
+        input_sum: ``(groups, cols)`` float64, the sum of the samples (for bias correction),
+            summed in the same batch order.
     """
 
-    def __init__(self, info: LayerInfo):
+    def __init__(self, info: LayerInfo, *, keep_partials: bool = False):
         self.info = info
         self.n = 0
-        self.hessian: torch.Tensor | None = None
+        self.total: torch.Tensor | None = None
         self.input_sum: torch.Tensor | None = None
+        self._batch: tuple[torch.Tensor, torch.Tensor, int] | None = None  # (sum xx^T, sum x, samples)
+        # Workers keep each batch's partial sums instead of adding them up (see batch_partials).
+        self._keep_partials = keep_partials
+        self._partials: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []
 
     def add(self, x: torch.Tensor) -> None:
         """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`)."""
@@ -124,32 +142,80 @@ class LayerHessian:
             self._add_chunk(samples[:, start : start + _CHUNK_ROWS].double())
 
     def _add_chunk(self, chunk: torch.Tensor) -> None:
-        batch = chunk.shape[1]
-        if batch == 0:
+        count = chunk.shape[1]
+        if count == 0:
             return
         if not bool(torch.isfinite(chunk).all()):
             raise CalibrationError(f"layer {self.info.name!r}: calibration input contains NaN or Inf")
-        if self.hessian is None:
+        if self._batch is None:
             groups, cols = chunk.shape[0], chunk.shape[2]
-            self.hessian = torch.zeros(groups, cols, cols, dtype=torch.float64, device=chunk.device)
-            self.input_sum = torch.zeros(groups, cols, dtype=torch.float64, device=chunk.device)
-        total = self.n + batch
-        self.hessian.mul_(self.n / total)
-        self.hessian.baddbmm_(chunk.transpose(1, 2), chunk, alpha=2.0 / total)
-        self.input_sum.add_(chunk.sum(dim=1))
-        self.n = total
+            gram = torch.zeros(groups, cols, cols, dtype=torch.float64, device=chunk.device)
+            self._batch = (gram, torch.zeros(groups, cols, dtype=torch.float64, device=chunk.device), 0)
+        gram, sums, seen = self._batch
+        gram.baddbmm_(chunk.transpose(1, 2), chunk)
+        sums.add_(chunk.sum(dim=1))
+        self._batch = (gram, sums, seen + count)
+        self.n += count
+
+    def end_batch(self) -> None:
+        """Close the current batch: add its partial sums to the total (or keep them apart)."""
+        batch, self._batch = self._batch, None
+        if self._keep_partials:
+            self._partials.append(batch)
+        elif batch is not None:
+            self._add_partial(batch)
+
+    def _add_partial(self, batch: tuple[torch.Tensor, torch.Tensor, int]) -> None:
+        gram, sums, _ = batch
+        # out of place: the batch may have run under torch.inference_mode and this call not
+        # (an inference tensor cannot be updated in place outside it)
+        if self.total is None:
+            self.total, self.input_sum = gram, sums
+        else:
+            self.total = self.total + gram
+            self.input_sum = self.input_sum + sums
+
+    def batch_partials(self) -> list[tuple[np.ndarray, np.ndarray, int] | None]:
+        """The finished batches' ``(sum x x^T (groups, cols, cols), sum x (groups, cols),
+        samples)`` as float64 numpy arrays, in batch order (None for a batch in which the layer
+        saw no samples). Only with ``keep_partials=True``."""
+        self.end_batch()
+        return [None if p is None else (p[0].cpu().numpy(), p[1].cpu().numpy(), p[2]) for p in self._partials]
+
+    def merge_partials(self, partials: list[tuple[np.ndarray, np.ndarray, int] | None]) -> None:
+        """Add batches' partial sums (from :meth:`batch_partials`, in batch order) to the total,
+        exactly as if they had been accumulated here."""
+        self.end_batch()
+        for part in partials:
+            if part is None:
+                continue
+            gram, sums, count = part
+            self._add_partial((torch.from_numpy(np.array(gram)), torch.from_numpy(np.array(sums)), count))
+            self.n += count
+
+    def _finished_total(self) -> torch.Tensor:
+        self.end_batch()
+        if self.total is None:
+            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
+        return self.total
+
+    @property
+    def hessian(self) -> torch.Tensor | None:
+        """``(groups, cols, cols)`` float64 ``2/n sum x x^T`` on the inputs' device (None before
+        the first sample); not symmetrized (see :meth:`hessians`)."""
+        self.end_batch()
+        return None if self.total is None else self.total * (2.0 / self.n)
 
     def hessians(self) -> list[np.ndarray]:
-        """One float64 ``cols x cols`` numpy array per unit (exactly symmetric)."""
-        if self.hessian is None:
-            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
-        sym = 0.5 * (self.hessian + self.hessian.transpose(1, 2))
+        """One float64 ``cols x cols`` array per unit, ``H = 2/n sum x x^T`` (exactly symmetric)."""
+        total = self._finished_total()
+        hessian = total * (2.0 / self.n)
+        sym = 0.5 * (hessian + hessian.transpose(1, 2))
         return [h.cpu().numpy() for h in sym]
 
     def input_mean(self) -> np.ndarray:
         """``(groups, cols)`` float64 mean of the samples."""
-        if self.input_sum is None:
-            raise CalibrationError(f"layer {self.info.name!r}: saw no calibration samples")
+        self._finished_total()
         return (self.input_sum / self.n).cpu().numpy()
 
 
@@ -191,6 +257,8 @@ class LayerHooks:
             such inputs the other layer's Hessian object. The Hessians are bit for bit those of
             separate accumulation (the same samples added in the same order); only the work of
             accumulating and checking them is saved.
+        keep_partials: keep each batch's Hessian partial sums apart (calibration workers; see
+            :meth:`LayerHessian.batch_partials`).
 
     The hooks check that inputs are floating point and finite, raising :class:`CalibrationError`
     naming the layer. ``hessian_seconds`` is the time spent accumulating Hessians.
@@ -205,9 +273,14 @@ class LayerHooks:
         stop_after: Mapping[str, int] | None = None,
         record_order: bool = False,
         share_inputs: bool = False,
+        keep_partials: bool = False,
     ):
         self.layers = dict(layers)
-        self.hessians = {name: LayerHessian(info) for name, info in self.layers.items()} if hessians else {}
+        self.hessians = (
+            {name: LayerHessian(info, keep_partials=keep_partials) for name, info in self.layers.items()}
+            if hessians
+            else {}
+        )
         self.outputs = {name: OutputMeanAccumulator(info) for name, info in self.layers.items()} if output_means else {}
         self.stop_after = dict(stop_after or {})
         self.record_order = record_order
@@ -223,7 +296,10 @@ class LayerHooks:
         self._handles: list = []
 
     def begin_batch(self) -> None:
-        """Reset the per-forward-pass call counters (and the inputs seen in the pass)."""
+        """Close the previous batch's Hessian partial sums and reset the per-forward-pass call
+        counters (and the inputs seen in the pass)."""
+        for stats in {id(stats): stats for stats in self.hessians.values()}.values():  # shared: once
+            stats.end_batch()
         self.calls = {name: 0 for name in self.layers}
         self._seen.clear()
 

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from .calibration import Forward, as_batches, model_device, run_calibration
-from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .executor_choice import as_executor
+from .hessian import CalibrationError, LayerHessian
 from .layers import LayerInfo, find_layers
 
 __all__ = ["flops_per_weight"]
@@ -71,24 +72,28 @@ class _Applications:
 
 
 def _calibrate(
-    model: nn.Module, infos: Mapping[str, LayerInfo], batches: Iterable[Any], forward: Forward | None
+    model: nn.Module, infos: Mapping[str, LayerInfo], batches: Iterable[Any], forward: Forward | None,
+    executor: Any = None,
 ) -> tuple[dict[str, LayerHessian], dict[str, float], list[str], int]:
-    """One dense pass: Hessians, flops_per_weight, the call order and the batch count."""
+    """One dense pass (by ``executor``, default here): Hessians, flops_per_weight, the call order
+    and the batch count."""
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
-        with LayerHooks(infos, record_order=True) as hooks, _Applications(infos) as applications:
-            count = run_calibration(model, batches, hooks, device=model_device(model), forward=forward)
+        done = as_executor(executor).calibrate(
+            model, infos, batches, device=model_device(model), forward=forward, counter=_Applications
+        )
     finally:
         for module, flag in training.items():
             module.train(flag)
-    never = [name for name in infos if hooks.hessians[name].n == 0]
+    count = done.batches
+    never = [name for name in infos if done.hessians[name].n == 0]
     if never:
         raise CalibrationError(
             f"layer(s) {never} were never called during the calibration pass; they cannot be "
             "calibrated (leave them out)"
         )
-    return hooks.hessians, applications.per_sample(count), list(hooks.order), count
+    return done.hessians, {name: total / count for name, total in done.applications.items()}, done.order, count
 
 
 def flops_per_weight(

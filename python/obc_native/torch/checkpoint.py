@@ -1,0 +1,160 @@
+"""Layer checkpoints: finished layers written to a directory, so a crashed run resumes without
+redoing them.
+
+One file per finished layer (its new weight, bias and LayerReport), written atomically
+(temporary file in the same directory, fsync, rename), plus ``run.json`` naming the run it
+belongs to: a fingerprint of the recipe, the calibration mode, the layers' names and shapes and
+the dense weights of the layers to compress. A directory written by another run (another
+recipe, model or mode) is refused with a ValueError, never mixed in.
+
+Resuming: the model given to the rerun is the dense one; each checkpointed layer's weights are
+written back into it, in the run's layer order, and its solve is skipped. Calibration still runs
+(dense mode: one pass; sequential mode: the passes of the layers not yet done, on the model with
+its earlier layers restored from the checkpoint, so they see the same inputs as in the first run).
+
+Layer files are pickles: resume only from directories you wrote.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .layers import LayerInfo
+from .report import LayerReport
+
+__all__ = ["LayerCheckpoint", "NoCheckpoint", "as_checkpoint", "run_fingerprint"]
+
+_RUN_FILE = "run.json"
+_FORMAT = 1
+
+
+def run_fingerprint(description: Mapping[str, Any], infos: Mapping[str, LayerInfo]) -> str:
+    """SHA-256 of ``description`` (JSON-able: recipe, mode, ...) and of the layers' names, shapes
+    and dense weights."""
+    digest = hashlib.sha256(json.dumps(description, sort_keys=True, default=repr).encode())
+    for name in sorted(infos):
+        weight = infos[name].module.weight.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(weight.shape)}:{weight.dtype}".encode())
+        digest.update(weight.view(torch.uint8).numpy().tobytes() if weight.numel() else b"")
+    return digest.hexdigest()
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class NoCheckpoint:
+    """No checkpoint directory: nothing is done, nothing is saved."""
+
+    def done(self, name: str) -> bool:
+        """Whether layer ``name`` is already finished."""
+        return False
+
+    def restore(self, info: LayerInfo, save: Callable[..., None]) -> LayerReport:
+        """Write layer ``info``'s checkpointed weights into the model; returns its report."""
+        raise KeyError(info.name)
+
+    def save(self, info: LayerInfo, report: LayerReport) -> None:
+        """Record layer ``info`` (already written into the model) as finished."""
+
+
+class LayerCheckpoint(NoCheckpoint):
+    """Finished layers of one run in ``directory`` (created if missing).
+
+    Args:
+        directory: where the files go.
+        fingerprint: the run's :func:`run_fingerprint`; a directory holding another run's files
+            raises ValueError.
+    """
+
+    def __init__(self, directory: str | os.PathLike, fingerprint: str):
+        self.directory = os.fspath(directory)
+        os.makedirs(self.directory, exist_ok=True)
+        run_path = os.path.join(self.directory, _RUN_FILE)
+        if os.path.exists(run_path):
+            with open(run_path, encoding="utf-8") as handle:
+                try:
+                    found = json.load(handle)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"checkpoint: {run_path} is not a checkpoint description ({err})") from None
+            if not isinstance(found, dict) or found.get("fingerprint") != fingerprint:
+                raise ValueError(
+                    f"checkpoint: {self.directory} holds layers of another run (other model weights, recipe or "
+                    "mode); use an empty directory or remove it"
+                )
+        else:
+            payload = {"format": _FORMAT, "fingerprint": fingerprint}
+            _atomic_write(run_path, json.dumps(payload).encode())
+        self._done: dict[str, str] = {}
+        for entry in sorted(os.listdir(self.directory)):
+            if entry.startswith("layer-") and entry.endswith(".pkl"):
+                path = os.path.join(self.directory, entry)
+                with open(path, "rb") as handle:
+                    name = pickle.load(handle)["name"]
+                self._done[name] = path
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.directory, f"layer-{hashlib.sha256(name.encode()).hexdigest()[:24]}.pkl")
+
+    def __len__(self) -> int:
+        return len(self._done)
+
+    def done(self, name: str) -> bool:
+        return name in self._done
+
+    def restore(self, info: LayerInfo, save: Callable[..., None]) -> LayerReport:
+        with open(self._done[info.name], "rb") as handle:
+            record = pickle.load(handle)
+        module = info.module
+        bias = getattr(module, "bias", None)
+        save(module.weight, bias)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(record["weight"]).to(module.weight.dtype))
+            if record["bias"] is not None and isinstance(bias, torch.Tensor):
+                bias.copy_(torch.from_numpy(record["bias"]).to(bias.dtype))
+        return record["report"]
+
+    def save(self, info: LayerInfo, report: LayerReport) -> None:
+        module = info.module
+        bias = getattr(module, "bias", None)
+        record = {
+            "name": info.name,
+            "weight": module.weight.detach().cpu().numpy().copy(),
+            "bias": bias.detach().cpu().numpy().copy() if isinstance(bias, torch.Tensor) else None,
+            "report": report,
+        }
+        path = self._path(info.name)
+        _atomic_write(path, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
+        self._done[info.name] = path
+
+
+def as_checkpoint(
+    directory: str | os.PathLike | None, description: Mapping[str, Any], infos: Mapping[str, LayerInfo]
+) -> NoCheckpoint:
+    """A LayerCheckpoint in ``directory`` for this run, or a NoCheckpoint when None."""
+    if directory is None:
+        return NoCheckpoint()
+    try:
+        os.fspath(directory)
+    except TypeError:
+        raise TypeError(f"checkpoint: expected a directory path or None, got {type(directory).__name__}") from None
+    return LayerCheckpoint(directory, run_fingerprint(description, infos))
