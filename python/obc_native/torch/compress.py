@@ -62,22 +62,13 @@ from .executor_choice import as_executor
 from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
-from .nonuniform import (
-    OBJECTIVES,
-    _Applications,
-    _as_level_spec,
-    _build,
-    _database_layers,
-    apply_unit_level,
-    as_budget_spec,
-    level_config,
-    measure_costs,
-    select_layers,
-    solve_database,
-)
+from .budgeting import OBJECTIVES, as_budget_spec, measure_costs, solve_database
+from .database import _as_level_spec, _build, _database_layers
+from .layer_selection import select_layers
+from .level_calibration import _Applications
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
 from .report import CompressionReport, LayerReport, QuantGrid
-from .solve import UnitResult
+from .solve import UnitResult, apply_unit_level
 
 __all__ = ["compress", "compress_to_budget", "CompressionError", "LayerStep"]
 
@@ -733,7 +724,7 @@ def compress_to_budget(
         plan = {}
         for name in [n for n in order if n in infos]:
             level, layer = solution.choice[name], database[name]
-            config = None if level.kind == "dense" else level_config(level, layer.settings.get("damp", 0.01))
+            config = level.config(layer.settings.get("damp", 0.01))  # None for the dense level
             plan[name] = LayerStep(infos[name], config, level=level, levels=layer)
         run.compress_layers(plan, list(plan), {name: name for name in plan}, hessians)
         run.recalibrate_batchnorm()
