@@ -410,8 +410,6 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options = _budget_options(args)
     if options and args.sequential:
         raise CliError("--sequential is not supported with --budget")
-    if options and args.checkpoint:
-        raise CliError("--checkpoint is not supported with --budget")
     recipe = load_recipe(args.recipe) if args.recipe else None
     args.executor = _start_executor(args)
     created = _prepare_out(args.out)

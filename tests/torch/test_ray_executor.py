@@ -249,6 +249,48 @@ def test_checkpoint_resumes_without_redoing_finished_layers(tmp_path, monkeypatc
     assert_reports_equal(report, expected_report)
 
 
+def test_budget_checkpoint_resumes_without_rebuilding_the_database(tmp_path, monkeypatch):
+    """compress_to_budget with a checkpoint: the level database and the finished layers are kept;
+    a rerun after a crash neither rebuilds the database nor solves those layers again."""
+    from obc_native.torch import compress_to_budget
+
+    batches = mlp_batches()
+    expected = mlp_model()
+    expected_report = compress_to_budget(expected, batches, "params=2x", quiet=True)
+
+    solved: list[str] = []
+    crash_after = [1]  # layers the first run finishes before the driver dies
+    run = compress_module._Run.compress_layer
+
+    def crashing_run(self, step, *args, **kwargs):
+        if len(solved) == crash_after[0]:
+            raise DriverCrash("driver killed halfway")
+        solved.append(step.info.name)
+        return run(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module._Run, "compress_layer", crashing_run)
+    with pytest.raises(DriverCrash):
+        compress_to_budget(mlp_model(), batches, "params=2x", quiet=True, checkpoint=tmp_path)
+    assert os.path.exists(tmp_path / "levels.json") and len(solved) == 1
+    crash_after[0] = -1
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the level database was built again")
+
+    monkeypatch.setattr(compress_module, "_build", no_build)
+    first = list(solved)
+    solved.clear()
+    model = mlp_model()
+    report = compress(model, batches, budget="params=2x", quiet=True, checkpoint=tmp_path)
+    assert solved and not set(solved) & set(first)  # the finished layer was not solved again
+    assert_state_equal(model, expected)
+    assert [row.level for row in report.layers] == [row.level for row in expected_report.layers]
+    assert report.budget == expected_report.budget
+    # another budget is another run: refused, not mixed in
+    with pytest.raises(ValueError, match="holds layers of another run"):
+        compress_to_budget(mlp_model(), batches, "params=3x", quiet=True, checkpoint=tmp_path)
+
+
 def _fingerprint_of(directory):
     import json
 
@@ -267,8 +309,6 @@ def test_checkpoint_of_another_run_is_refused(tmp_path):
         with pytest.raises(ValueError, match="holds layers of another run"):
             compress(model, batches, config, quiet=True, checkpoint=tmp_path)
         assert_state_equal(model, before)
-    with pytest.raises(ValueError, match="checkpoint: not supported with a budget"):
-        compress(mlp_model(), batches, budget="params=2x", checkpoint=tmp_path, quiet=True)
 
 
 # ---- on a local Ray cluster

@@ -2,7 +2,8 @@
 redoing them.
 
 One file per finished layer (its new weight, bias and LayerReport), written atomically
-(temporary file in the same directory, fsync, rename), plus ``run.json`` naming the run it
+(temporary file in the same directory, fsync, rename), for budget runs ``levels.json`` (the level
+database, written once built: a rerun does not build it again), plus ``run.json`` naming the run it
 belongs to: a fingerprint of the recipe, the calibration mode, the layers' names and shapes and
 the dense weights of the layers to compress. A directory written by another run (another
 recipe, model or mode) is refused with a ValueError, never mixed in.
@@ -33,6 +34,7 @@ from .report import LayerReport
 __all__ = ["LayerCheckpoint", "NoCheckpoint", "as_checkpoint", "run_fingerprint"]
 
 _RUN_FILE = "run.json"
+_DATABASE_FILE = "levels.json"  # budget runs: the level database, written once it is built
 _FORMAT = 1
 
 
@@ -75,6 +77,13 @@ class NoCheckpoint:
 
     def save(self, info: LayerInfo, report: LayerReport) -> None:
         """Record layer ``info`` (already written into the model) as finished."""
+
+    def load_database(self) -> Any:
+        """Budget runs: the level database the interrupted run built (a LevelDatabase), or None."""
+        return None
+
+    def save_database(self, database: Any) -> None:
+        """Budget runs: keep the level database just built, so a rerun does not build it again."""
 
 
 class LayerCheckpoint(NoCheckpoint):
@@ -145,6 +154,16 @@ class LayerCheckpoint(NoCheckpoint):
         path = self._path(info.name)
         _atomic_write(path, pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL))
         self._done[info.name] = path
+
+
+    def load_database(self) -> Any:
+        from ..level_database import LevelDatabase
+
+        path = os.path.join(self.directory, _DATABASE_FILE)
+        return LevelDatabase.load(path) if os.path.exists(path) else None
+
+    def save_database(self, database: Any) -> None:
+        database.save(os.path.join(self.directory, _DATABASE_FILE))  # atomic (LevelDatabase.save)
 
 
 def as_checkpoint(

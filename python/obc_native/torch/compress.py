@@ -37,6 +37,7 @@ the error propagates, unless ``restore_on_error=False``.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -550,7 +551,8 @@ def compress(
             Results are bit-identical to a local run.
         checkpoint: a directory: each finished layer is written there, and a rerun of the same
             compression (same model, recipe and mode) resumes after a crash without redoing the
-            layers found there (see ``torch/checkpoint.py``). Not with a budget.
+            layers found there (see ``torch/checkpoint.py``); with a budget the level database is
+            kept there too.
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
             compression; ``sequential`` is not supported there).
@@ -565,12 +567,10 @@ def compress(
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
-        if checkpoint is not None:
-            raise ValueError("checkpoint: not supported with a budget (the level database is rebuilt on a rerun)")
         return compress_to_budget(
             model, calibration, budget, recipe=recipe, forward=forward, correction=correction, baseline=baseline,
             num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
-            **budget_options,
+            checkpoint=checkpoint, **budget_options,
         )
     unknown = sorted(set(budget_options) - _BUDGET_OPTIONS)
     if unknown:
@@ -624,6 +624,21 @@ def compress(
 _BUDGET_OPTIONS = frozenset({"database", "levels", "objective", "stitch", "loss_fn", "damp"})
 
 
+def _budget_run_description(
+    spec: Any, objective: str, database: Any, level_spec: Any, damp: float, stitch: bool, loss_fn: Any,
+    recipe: Any, correction: str | None, baseline: bool,
+) -> dict[str, Any]:
+    """What a budget run's checkpoint must match: everything that changes its result (a given
+    database by its content, a loss function by its name)."""
+    return {
+        "budget": repr(spec), "objective": objective, "damp": damp, "stitch": stitch,
+        "levels": None if level_spec is None else level_spec.to_dict(),
+        "database": None if database is None else json.dumps(database.to_dict(), sort_keys=True),
+        "loss_fn": None if loss_fn is None else getattr(loss_fn, "__qualname__", type(loss_fn).__name__),
+        "recipe": repr(recipe), "correction": correction, "baseline": baseline,
+    }
+
+
 def compress_to_budget(
     model: nn.Module,
     calibration: Any,
@@ -643,6 +658,7 @@ def compress_to_budget(
     quiet: bool = False,
     restore_on_error: bool = True,
     executor: str | Executor = "local",
+    checkpoint: str | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
 
@@ -654,6 +670,9 @@ def compress_to_budget(
     Args:
         model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error,
         executor: as in :func:`compress` (with Ray, the database's layers are tasks too).
+        checkpoint: a directory: the level database, once built, and each finished layer are
+            written there; a rerun of the same compression (same model, budget, levels and
+            options) resumes without rebuilding the database or redoing those layers.
         budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),
             "params=2x", "bits=4.5" (bits per weight on average) or an absolute "flops=1e6", or a
             BudgetSpec (see ``obc_native.budget``).
@@ -708,7 +727,15 @@ def compress_to_budget(
     )
     run.start = start
     with run.guarded():
+        run.saved = as_checkpoint(checkpoint, _budget_run_description(
+            spec, objective, database, None if database is not None else level_spec, damp, stitch, loss_fn,
+            recipe, correction, baseline,
+        ), infos)
         hessians, order, applications = run.dense_hessians(infos, hint="leave them out", counter=_Applications)
+        if database is None:
+            database = run.saved.load_database()  # built by an interrupted run of this compression
+            if database is not None:
+                solution = solve_database(database, spec, objective=objective)
         if database is None:
             database_start = time.perf_counter()
             per_sample = {name: total / run.report.batches for name, total in applications.items()}
@@ -720,6 +747,7 @@ def compress_to_budget(
             if stitch:
                 run.report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels
             solution = solve_database(database, spec, objective=objective)
+            run.saved.save_database(database)
             run.report.database_seconds += time.perf_counter() - database_start
         plan = {}
         for name in [n for n in order if n in infos]:
