@@ -6,6 +6,7 @@
 #include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "internal/damped_hessian.hpp"
@@ -40,34 +41,58 @@ const GptqKernels& gptq_kernels() {
 
 namespace {
 
-constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^2) copies
+constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^2) passes
+constexpr Index kTile = 64;          // square tiles of the in-place anti-transpose
 
 // The factor the sweep reads (GptqJob::factor: U^T, U upper with U^T U = P^T D^-1 P, D the
 // damped Hessian, P the order), without D^-1 itself. With J the reversal, the lower Cholesky
 // factor L of A = J P^T D P J gives U = J L^-1 J: J L^-1 J is upper with a positive diagonal and
 // (J L^-1 J)^T (J L^-1 J) = J (L L^T)^-1 J = P^T D^-1 P, so it is that factor. Cost: a Cholesky
 // factor and a triangular inverse, 2/3 cols^3 flops, where D^-1 and then the factor of its
-// permuted copy took 4/3 cols^3. The pivot check is prepare_hessian's (same tolerance, same
-// error), on A's pivots. inverse_diagonal (may be null): set to diag(P^T D^-1 P) in step order
-// (the squared column norms of L^-1, reversed), for the float32 range check.
+// permuted copy took 4/3 cols^3. Everything happens in one cols x cols buffer (fresh pages are
+// costly: the first touch of each is a kernel fault). The pivot check is prepare_hessian's
+// (same tolerance, same error), on A's pivots. inverse_diagonal (may be null): set to
+// diag(P^T D^-1 P) in step order (L^-1's squared column norms, reversed), for the float32 range
+// check.
 Eigen::MatrixXd gptq_inverse_factor(const HessianRef& H, const PreparedHessian& prep,
                                     const std::vector<Index>& order, const RunOptions& run,
                                     Eigen::VectorXd* inverse_diagonal) {
   const Index n = prep.cols();
   const int threads = n < 384 ? 1 : run.num_threads;  // as spd_inverse: small ones on one thread
   const Index items = (n + kColumnChunk - 1) / kColumnChunk;
-  const size_t bytes = sizeof(double) * static_cast<size_t>(n * n);
-  Eigen::MatrixXd damped(n, n);  // D, both triangles; later the result
-  advise_huge_pages(damped.data(), bytes);
-  write_damped_hessian(H, prep, damped.data(), true, threads);
-  // A = J P^T D P J: A(i, j) = D(order[n-1-i], order[n-1-j]), lower triangle; column j gathers
-  // from one column of D.
   Eigen::MatrixXd a(n, n);
-  advise_huge_pages(a.data(), bytes);
+  advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
+  write_damped_hessian(H, prep, a.data(), true, threads);
+  // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
+  // columns, in place along the cycles of perm (column k <- column perm[k]).
+  std::vector<Index> perm(static_cast<size_t>(n));
+  for (Index k = 0; k < n; ++k) perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
+  {
+    std::vector<char> done(static_cast<size_t>(n), 0);
+    std::vector<double> held(static_cast<size_t>(n));
+    const auto column = [&](Index k) { return a.data() + k * n; };
+    for (Index start = 0; start < n; ++start) {
+      if (done[static_cast<size_t>(start)]) continue;
+      std::copy(column(start), column(start) + n, held.begin());
+      for (Index k = start;;) {
+        done[static_cast<size_t>(k)] = 1;
+        const Index from = perm[static_cast<size_t>(k)];
+        if (from == start) {
+          std::copy(held.begin(), held.end(), column(k));
+          break;
+        }
+        std::copy(column(from), column(from) + n, column(k));
+        k = from;
+      }
+    }
+  }
+  // Then the rows of each column's lower part, from a copy of the column.
   parallel_for(items, threads, nullptr, [&](Index item, int) {
+    std::vector<double> column(static_cast<size_t>(n));
     for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
-      const double* column = damped.col(order[static_cast<size_t>(n - 1 - j)]).data();
-      for (Index i = j; i < n; ++i) a(i, j) = column[order[static_cast<size_t>(n - 1 - i)]];
+      std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
+      for (Index i = j; i < n; ++i)
+        a(i, j) = column[static_cast<size_t>(perm[static_cast<size_t>(i)])];
     }
   });
   if (!gptq_kernels().cholesky_inverse(a.data(), n, kPivotTolerance, run.num_threads,
@@ -78,18 +103,18 @@ Eigen::MatrixXd gptq_inverse_factor(const HessianRef& H, const PreparedHessian& 
     for (Index j = 0; j < n; ++j)
       (*inverse_diagonal)[n - 1 - j] = a.col(j).tail(n - j).squaredNorm();
   }
-  // U^T (i, j) = U(j, i) = L^-1(n-1-j, n-1-i), i >= j, into D's buffer: 64 x 64 tiles, so that
-  // the transposed reads stay in cache; one column chunk of the result per item.
-  constexpr Index kTile = 64;
+  // U^T (i, j) = U(j, i) = L^-1(n-1-j, n-1-i) for i >= j: swap each entry (i, j) of the lower
+  // triangle with i + j < n - 1 with its mirror across the anti-diagonal, 64 x 64 tile against
+  // tile so that both stay in cache. Each pair is swapped by the item owning column j, once.
   parallel_for(items, threads, nullptr, [&](Index item, int) {
     const Index j_end = std::min(n, (item + 1) * kColumnChunk);
     for (Index jb = item * kColumnChunk; jb < j_end; jb += kTile)
-      for (Index ib = jb; ib < n; ib += kTile)
+      for (Index ib = jb; ib < n - 1 - jb; ib += kTile)
         for (Index j = jb; j < std::min(j_end, jb + kTile); ++j)
-          for (Index i = std::max(ib, j); i < std::min(n, ib + kTile); ++i)
-            damped(i, j) = a(n - 1 - j, n - 1 - i);
+          for (Index i = std::max(ib, j); i < std::min(n - 1 - j, ib + kTile); ++i)
+            std::swap(a(i, j), a(n - 1 - j, n - 1 - i));
   });
-  return damped;
+  return a;
 }
 
 }  // namespace
