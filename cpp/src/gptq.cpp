@@ -1,13 +1,17 @@
-// GPTQ: fixed-order quantization with lazy block updates through the Cholesky factor of H^-1.
+// GPTQ: fixed-order quantization with lazy block updates through the Cholesky factor of H^-1
+// (found without H^-1 itself, see gptq_inverse_factor).
 #include "obc/gptq.hpp"
 
 #include <algorithm>
 #include <cstring>
 #include <numeric>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
+#include "internal/damped_hessian.hpp"
 #include "internal/gptq_kernels.hpp"
+#include "internal/huge_pages.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
 #include "obc/errors.hpp"
@@ -35,35 +39,118 @@ const GptqKernels& gptq_kernels() {
   return gptq_kernels_generic();
 }
 
+namespace {
+
+constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^2) passes
+constexpr Index kTile = 64;          // square tiles of the in-place anti-transpose
+
+// The factor the sweep reads (GptqJob::factor: U^T, U upper with U^T U = P^T D^-1 P, D the
+// damped Hessian, P the order), without D^-1 itself. With J the reversal, the lower Cholesky
+// factor L of A = J P^T D P J gives U = J L^-1 J: J L^-1 J is upper with a positive diagonal and
+// (J L^-1 J)^T (J L^-1 J) = J (L L^T)^-1 J = P^T D^-1 P, so it is that factor. Cost: a Cholesky
+// factor and a triangular inverse, 2/3 cols^3 flops, where D^-1 and then the factor of its
+// permuted copy took 4/3 cols^3. Everything happens in one cols x cols buffer (fresh pages are
+// costly: the first touch of each is a kernel fault). The pivot check is prepare_hessian's
+// (same tolerance, same error), on A's pivots. inverse_diagonal (may be null): set to
+// diag(P^T D^-1 P) in step order (L^-1's squared column norms, reversed), for the float32 range
+// check.
+Eigen::MatrixXd gptq_inverse_factor(const HessianRef& H, const PreparedHessian& prep,
+                                    const std::vector<Index>& order, const RunOptions& run,
+                                    Eigen::VectorXd* inverse_diagonal) {
+  const Index n = prep.cols();
+  const int threads = n < 384 ? 1 : run.num_threads;  // as spd_inverse: small ones on one thread
+  const Index items = (n + kColumnChunk - 1) / kColumnChunk;
+  Eigen::MatrixXd a(n, n);
+  advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
+  write_damped_hessian(H, prep, a.data(), true, threads);
+  // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
+  // columns, in place along the cycles of perm (column k <- column perm[k]).
+  std::vector<Index> perm(static_cast<size_t>(n));
+  for (Index k = 0; k < n; ++k) perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
+  {
+    std::vector<char> done(static_cast<size_t>(n), 0);
+    std::vector<double> held(static_cast<size_t>(n));
+    const auto column = [&](Index k) { return a.data() + k * n; };
+    for (Index start = 0; start < n; ++start) {
+      if (done[static_cast<size_t>(start)]) continue;
+      std::copy(column(start), column(start) + n, held.begin());
+      for (Index k = start;;) {
+        done[static_cast<size_t>(k)] = 1;
+        const Index from = perm[static_cast<size_t>(k)];
+        if (from == start) {
+          std::copy(held.begin(), held.end(), column(k));
+          break;
+        }
+        std::copy(column(from), column(from) + n, column(k));
+        k = from;
+      }
+    }
+  }
+  // Then the rows of each column's lower part, from a copy of the column.
+  parallel_for(items, threads, nullptr, [&](Index item, int) {
+    std::vector<double> column(static_cast<size_t>(n));
+    for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
+      std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
+      for (Index i = j; i < n; ++i)
+        a(i, j) = column[static_cast<size_t>(perm[static_cast<size_t>(i)])];
+    }
+  });
+  if (!gptq_kernels().cholesky_inverse(a.data(), n, kPivotTolerance, run.num_threads,
+                                       run.interrupt))
+    throw not_positive_definite(prep);
+  if (inverse_diagonal != nullptr) {
+    inverse_diagonal->resize(n);
+    for (Index j = 0; j < n; ++j)
+      (*inverse_diagonal)[n - 1 - j] = a.col(j).tail(n - j).squaredNorm();
+  }
+  // U^T (i, j) = U(j, i) = L^-1(n-1-j, n-1-i) for i >= j: swap each entry (i, j) of the lower
+  // triangle with i + j < n - 1 with its mirror across the anti-diagonal, 64 x 64 tile against
+  // tile so that both stay in cache. Each pair is swapped by the item owning column j, once.
+  parallel_for(items, threads, nullptr, [&](Index item, int) {
+    const Index j_end = std::min(n, (item + 1) * kColumnChunk);
+    for (Index jb = item * kColumnChunk; jb < j_end; jb += kTile)
+      for (Index ib = jb; ib < n - 1 - jb; ib += kTile)
+        for (Index j = jb; j < std::min(j_end, jb + kTile); ++j)
+          for (Index i = std::max(ib, j); i < std::min(n - 1 - j, ib + kTile); ++i)
+            std::swap(a(i, j), a(n - 1 - j, n - 1 - i));
+  });
+  return a;
+}
+
+}  // namespace
+
 template <class Scalar>
-void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
-               const Eigen::VectorXd& hdiag, const QuantGrid<Scalar>& grid,
-               const GptqOptions& gopt, const RunOptions& run, RowMatrix<Scalar>& out,
-               Eigen::VectorXd* step_losses) {
+void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,
+               const PreparedHessian& prep, const Eigen::VectorXd& hdiag,
+               const QuantGrid<Scalar>& grid, const GptqOptions& gopt, const RunOptions& run,
+               RowMatrix<Scalar>& out, Eigen::VectorXd* step_losses) {
   const Index rows = W.rows(), cols = W.cols();
-  OBC_CHECK(prep.hinv.rows() == cols, "internal: gptq_into needs the float64 inverse");
+  OBC_CHECK(prep.cols() == cols && H.rows() == cols, "internal: gptq_into: shapes differ");
   // order[k]: the original column quantized at step k. Dead inputs have diag 0 and go last.
   std::vector<Index> order(static_cast<size_t>(cols));
   std::iota(order.begin(), order.end(), Index(0));
   if (gopt.act_order)
     std::stable_sort(order.begin(), order.end(),
                      [&](Index a, Index b) { return hdiag[a] > hdiag[b]; });
+  Eigen::VectorXd inverse_diagonal;
+  constexpr bool f32 = std::is_same_v<Scalar, float>;
+  const Eigen::MatrixXd factor =
+      gptq_inverse_factor(H, prep, order, run, f32 ? &inverse_diagonal : nullptr);
+  // The float32 range check of check_layer_scale, on the diagonal of H^-1 found on the way
+  // (prep has no H^-1 here).
+  if constexpr (f32)
+    check_inverse_range<Scalar>(inverse_diagonal.minCoeff(), inverse_diagonal.maxCoeff());
   out.resize(rows, cols);
   if (step_losses != nullptr) step_losses->resize(rows);
   const GptqJob<Scalar> job{W.data(),         W.outerStride(),     rows,
                             cols,             order.data(),        prep.dead.data(),
-                            prep.hinv.data(), grid.scale.data(),   grid.zero.data(),
+                            factor.data(),    grid.scale.data(),   grid.zero.data(),
                             grid.group_size,  grid.bits,           gopt.block_size,
                             out.data(),       step_losses != nullptr ? step_losses->data() : nullptr};
-  bool factored;
-  if constexpr (std::is_same_v<Scalar, float>)
-    factored = gptq_kernels().sweep_f32(job, run);
+  if constexpr (f32)
+    gptq_kernels().sweep_f32(job, run);
   else
-    factored = gptq_kernels().sweep_f64(job, run);
-  if (!factored)
-    throw NotPositiveDefinite(
-        "the damped inverse Hessian has no Cholesky factor in float64 (H is too "
-        "ill-conditioned); increase damp");
+    gptq_kernels().sweep_f64(job, run);
 }
 
 }  // namespace internal
@@ -75,14 +162,15 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const RunOptions& run) {
   internal::check_quant_options(opt, W.cols());
   internal::check_gptq_options(gopt);
-  HessianOptions inverting = hopt;
-  inverting.invert = true;
-  PreparedHessian prep = prepare_hessian(H, inverting, run.num_threads, run.interrupt);
+  // No H^-1: gptq_into factors the permuted Hessian itself.
+  HessianOptions no_inverse = hopt;
+  no_inverse.invert = false;
+  const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
   internal::check_quant_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt, run.num_threads);
-  internal::gptq_into<Scalar>(W, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
+  internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
                               result.weight);
   check_finite_result(result.weight, "weights");
   result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
@@ -105,7 +193,7 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                            const HessianRef&, const QuantOptions&,                 \
                                            const GptqOptions&, const HessianOptions&,              \
                                            const RunOptions&);                                     \
-  template void internal::gptq_into<S>(const Eigen::Ref<const RowMatrix<S>>&,                      \
+  template void internal::gptq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, const HessianRef&,  \
                                        const PreparedHessian&, const Eigen::VectorXd&,             \
                                        const QuantGrid<S>&, const GptqOptions&,                    \
                                        const RunOptions&, RowMatrix<S>&, Eigen::VectorXd*);

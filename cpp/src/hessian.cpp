@@ -6,6 +6,7 @@
 #include <limits>
 #include <vector>
 
+#include "internal/damped_hessian.hpp"
 #include "internal/huge_pages.hpp"
 #include "internal/prepared_view.hpp"
 #include "obc/errors.hpp"
@@ -92,6 +93,44 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
   });
 }
 
+namespace internal {
+
+void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
+                          int num_threads) {
+  const Index cols = prep.cols();
+  const char* dead = prep.dead.data();
+  Eigen::Map<Eigen::MatrixXd> a(out, cols, cols);
+  // One column tile per item (its writes also fault in a fresh buffer's pages on the thread that
+  // uses them).
+  H.visit([&](const auto& h) {
+    parallel_for(tiles_of(cols), pass_threads(cols, num_threads), nullptr, [&](Index tile, int) {
+      const Index jb = tile * kTile;
+      for (Index ib = jb; ib < cols; ib += kTile)
+        for (Index j = jb; j < std::min(cols, jb + kTile); ++j)
+          for (Index i = std::max(ib, j); i < std::min(cols, ib + kTile); ++i) {
+            double value;
+            if (dead[i] || dead[j]) {
+              value = i == j ? 1.0 : 0.0;
+            } else {
+              value = 0.5 * (static_cast<double>(h(i, j)) + static_cast<double>(h(j, i)));
+              if (i == j) value += prep.damp_absolute;
+            }
+            a(i, j) = value;
+            if (full) a(j, i) = value;
+          }
+    });
+  });
+}
+
+NotPositiveDefinite not_positive_definite(const PreparedHessian& prep) {
+  return NotPositiveDefinite(detail::concat(
+      "H is not positive definite after damping: damp = ", prep.damp,
+      " (lambda = ", prep.damp_absolute, " added to the diagonal of ", prep.cols() - prep.num_dead,
+      " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples."));
+}
+
+}  // namespace internal
+
 PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& options,
                                 int num_threads, InterruptHook* interrupt) {
   OBC_CHECK(std::isfinite(options.damp) && options.damp >= 0,
@@ -126,36 +165,13 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
   prep.hinv.resize(cols, cols);
   internal::advise_huge_pages(prep.hinv.data(), sizeof(double) * static_cast<size_t>(cols * cols));
-  const char* dead = prep.dead.data();
-  // One column tile per item (its writes also fault in the fresh buffer's pages on the thread
-  // that uses them).
-  H.visit([&](const auto& h) {
-    parallel_for(tiles_of(cols), pass_threads(cols, num_threads), nullptr, [&](Index tile, int) {
-      const Index jb = tile * kTile;
-      for (Index ib = jb; ib < cols; ib += kTile)
-        for (Index j = jb; j < std::min(cols, jb + kTile); ++j)
-          for (Index i = std::max(ib, j); i < std::min(cols, ib + kTile); ++i) {
-            double value;
-            if (dead[i] || dead[j]) {
-              value = i == j ? 1.0 : 0.0;  // decoupled; such weights are zeroed, never updated
-            } else {
-              value = 0.5 * (static_cast<double>(h(i, j)) + static_cast<double>(h(j, i)));
-              if (i == j) value += prep.damp_absolute;
-            }
-            prep.hinv(i, j) = value;
-          }
-    });
-  });
+  internal::write_damped_hessian(H, prep, prep.hinv.data(), false, num_threads);
   // The O(cols^3) inverse runs in the SIMD-dispatched kernels (see row_kernels.hpp). A pivot
   // below 1e-13 of its diagonal means H is numerically singular: the inverse would be dominated
   // by rounding, so say so instead of returning garbage.
-  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, 1e-13, num_threads,
-                                                    interrupt)) {
-    throw NotPositiveDefinite(detail::concat(
-        "H is not positive definite after damping: damp = ", options.damp,
-        " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,
-        " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples."));
-  }
+  if (!internal::kernels().spd_inverse_inplace(prep.hinv.data(), cols, internal::kPivotTolerance,
+                                               num_threads, interrupt))
+    throw internal::not_positive_definite(prep);
   return prep;
 }
 

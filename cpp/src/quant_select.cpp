@@ -75,7 +75,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   });
   const bool any_obq = std::find(methods.begin(), methods.end(), QuantMethod::Obq) != methods.end();
   HessianOptions prep_options = hopt;
-  prep_options.invert = any_gptq || any_obq;
+  prep_options.invert = any_obq;  // GPTQ factors the permuted H itself (gptq_into)
   PreparedHessian prep = prepare_hessian(H, prep_options, run.num_threads, run.interrupt);
   internal::check_quant_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
@@ -91,12 +91,6 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   if (refine || sopt.refit_rounds > 0)
     hd = internal::refine_hessian(H, prep, sopt.refine.damped);
 
-  // GPTQ candidates need prep.hinv in float64; OBQ (float32) replaces it by a float32 copy, so
-  // it runs last.
-  std::vector<size_t> run_order(methods.size());
-  for (size_t i = 0; i < methods.size(); ++i) run_order[i] = i;
-  std::stable_partition(run_order.begin(), run_order.end(),
-                        [&](size_t i) { return methods[i] != QuantMethod::Obq; });
   Eigen::VectorXd hdiag;
   if (any_gptq) hdiag = internal::hessian_diagonal(H);
 
@@ -104,7 +98,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   // Each candidate's grid: the shared one, until its own scale refit changes it.
   std::vector<QuantGrid<Scalar>> grids(methods.size(), best.grid);
   std::vector<Eigen::VectorXd> unrefined(methods.size()), losses(methods.size());
-  for (const size_t i : run_order) {
+  for (size_t i = 0; i < methods.size(); ++i) {
     RowMatrix<Scalar>& out = weights[i];
     switch (methods[i]) {
       case QuantMethod::Obq:
@@ -112,7 +106,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         break;
       case QuantMethod::Gptq:
       case QuantMethod::GptqNatural:
-        internal::gptq_into<Scalar>(W, prep, hdiag, best.grid,
+        internal::gptq_into<Scalar>(W, H, prep, hdiag, best.grid,
                                     GptqOptions{methods[i] == QuantMethod::Gptq,
                                                 sopt.gptq_block_size},
                                     run, out);

@@ -564,7 +564,8 @@ def quantize_rtn(W, H, bits, sym=True, group_size=None, grid="mse"):
 # ----------------------------------------------------------------------------------------------
 
 
-def quantize_fixed_order(W, H, bits, sym=True, group_size=None, grid="mse", damp=0.01, *, act_order=True):
+def quantize_fixed_order(W, H, bits, sym=True, group_size=None, grid="mse", damp=0.01, *, act_order=True,
+                         downdate=False):
     """GPTQ replayed step by step, without lazy blocks or Cholesky factors.
 
     The grid comes from W (original column order). Columns are visited in a fixed order:
@@ -573,6 +574,9 @@ def quantize_fixed_order(W, H, bits, sym=True, group_size=None, grid="mse", damp
     column j), G = inv(Hd_FF) is computed afresh and every row is updated with the exact OBS
     step w_F -= G[:, j] (w_j - t_j) / G_jj, where t_j is the grid value of the current w_j, or 0
     where W was zero on input (the pruned weight is set to 0 and its error propagated).
+    downdate=True: G from the previous step's by the rank-1 downdate G_FF - G_Fj G_jF / G_jj
+    (inv of a principal block = Schur complement of the inverse) instead of afresh: O(cols^3) in
+    all instead of O(cols^4), for wide layers.
     Returns (weight, codes (int64), row_losses with the undamped H).
     """
     W = np.asarray(W, dtype=np.float64)
@@ -587,9 +591,14 @@ def quantize_fixed_order(W, H, bits, sym=True, group_size=None, grid="mse", damp
     w = W.copy()
     w[:, dead] = 0.0
     out = np.zeros_like(W)
+    G = np.linalg.inv(Hd[np.ix_(order, order)]) if downdate and order else None
     for k, j in enumerate(order):
         free = np.array(order[k:])
-        G = np.linalg.inv(Hd[np.ix_(free, free)])
+        if downdate:
+            if k > 0:
+                G = G[1:, 1:] - np.outer(G[1:, 0], G[0, 1:]) / G[0, 0]
+        else:
+            G = np.linalg.inv(Hd[np.ix_(free, free)])
         col = G[:, 0]  # j is free[0]
         target = np.where(pruned[:, j], 0.0, quantize_value(w[:, j], scale_c[:, j], zero_c[:, j], bits))
         err = w[:, j] - target

@@ -52,6 +52,44 @@ def test_fixed_order_matches_sequential_reference(case, bits, sym, group_size, g
     assert res.refine_passes == 0 and np.array_equal(res.row_losses_unrefined, res.row_losses)
 
 
+@pytest.mark.parametrize("method", ["gptq", "gptq-natural"])
+def test_wide_layer_matches_sequential_reference(method):
+    # 448 inputs: from 384 up the factor of the permuted H^-1 runs blocked and parallel (panels of
+    # 64, copies in chunks of 128 columns, the last one partial), unlike the 48 inputs above.
+    W, H, _ = make_problem(3, 448, seed=11, zeros=0.2, dead=5)
+    weight, codes, losses = ref.quantize_fixed_order(W, H, 4, damp=0.01, act_order=method == "gptq",
+                                                     downdate=True)
+    runs = [obc_native.quantize(W, H, 4, method=method, refine=False, num_threads=t)
+            for t in (1, 2, 3)]
+    assert np.array_equal(runs[0].codes, codes)
+    assert_close(runs[0].weight, weight, 1e-12, method + " weight")
+    assert_close(runs[0].row_losses, losses, 1e-6, method + " losses")
+    for r in runs[1:]:  # bit-identical for any thread count
+        assert np.array_equal(r.weight, runs[0].weight)
+        assert np.array_equal(r.row_losses, runs[0].row_losses)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gptq_hessian_errors(dtype):
+    # GPTQ factors the permuted H itself (no H^-1): the same errors as the other solvers'.
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((16, 8))  # 8 samples of 16 inputs: rank 8
+    H = 2 / 8 * X @ X.T
+    W = rng.standard_normal((3, 16)).astype(dtype)
+    for method in ("gptq", "gptq-natural", "auto"):
+        with pytest.raises(obc_native.HessianError, match="not positive definite after damping"):
+            obc_native.quantize(W, H, 4, damp=0.0, method=method, refine=False)
+    # H in scale 1e-300: its inverse (1e300) is out of float32 range for float32 weights
+    X = rng.standard_normal((16, 64))
+    tiny = 2 / 64 * X @ X.T * 1e-300
+    if dtype == np.float32:
+        with pytest.raises(ValueError, match="out of float32 range"):
+            obc_native.quantize(W, tiny, 4, method="gptq", refine=False)
+    else:
+        res = obc_native.quantize(W, tiny, 4, method="gptq", refine=False)
+        assert np.all(np.isfinite(res.weight))
+
+
 def test_block_size_changes_rounding_only():
     W, H, damp = problem("random", rows=80, cols=96)  # two row chunks
     a = obc_native.quantize(W, H, 3, method="gptq", refine=False, gptq_block_size=1)

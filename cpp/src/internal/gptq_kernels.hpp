@@ -12,10 +12,12 @@ namespace obc::internal {
 
 /// One layer's GPTQ sweep (obc/gptq.hpp). weight: rows x cols, row r at weight + r *
 /// weight_stride; order: cols entries, the original column quantized at step k; dead: cols flags
-/// (1: the input is dead, its weights are 0); hinv: the damped H^-1, cols x cols column-major,
-/// full symmetric (read only); scale / zero: rows x groups row-major grids; out: rows x cols
-/// row-major, the quantized weights; step_losses (rows, or null): each row's summed OBS step
-/// losses (w_k - q_k)^2 / (2 [H_F^-1]_kk), which add up to 1/2 dw (H + lambda I) dw^T.
+/// (1: the input is dead, its weights are 0); factor: cols x cols column-major, lower triangle
+/// read: U^T, U the upper Cholesky factor of P^T (H + lambda I)^-1 P (P: the order; U^T U =
+/// P^T H^-1 P), so that its column k is row k of U (see gptq_inverse_factor in gptq.cpp);
+/// scale / zero: rows x groups row-major grids; out: rows x cols row-major, the quantized weights;
+/// step_losses (rows, or null): each row's summed OBS step losses (w_k - q_k)^2 / (2 U_kk^2),
+/// which add up to 1/2 dw (H + lambda I) dw^T.
 template <class S>
 struct GptqJob {
   const S* weight;
@@ -23,7 +25,7 @@ struct GptqJob {
   KIndex rows, cols;
   const KIndex* order;
   const char* dead;
-  const double* hinv;
+  const double* factor;
   const S* scale;
   const std::uint8_t* zero;
   KIndex group_size;
@@ -34,9 +36,13 @@ struct GptqJob {
 };
 
 struct GptqKernels {
-  /// Return false when the permuted H^-1 has no Cholesky factor (out then unspecified).
-  bool (*sweep_f32)(const GptqJob<float>&, const RunOptions&);
-  bool (*sweep_f64)(const GptqJob<double>&, const RunOptions&);
+  /// L^-1 in place, L the lower Cholesky factor of the SPD matrix in `a` (n x n column-major,
+  /// lower triangle read and written; about 2/3 n^3 flops): spd_inverse.hpp's
+  /// cholesky_inverse_inplace. False when a pivot L_ii^2 is not above pivot_tol * a_ii.
+  bool (*cholesky_inverse)(double* a, KIndex n, double pivot_tol, int num_threads,
+                           InterruptHook* interrupt);
+  void (*sweep_f32)(const GptqJob<float>&, const RunOptions&);
+  void (*sweep_f64)(const GptqJob<double>&, const RunOptions&);
 };
 
 /// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses.

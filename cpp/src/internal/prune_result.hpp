@@ -12,6 +12,19 @@
 
 namespace obc::internal {
 
+/// The float32 part of check_layer_scale, for the smallest and largest entries of diag(H^-1)
+/// however they were found (nothing to check for float64).
+template <class Scalar>
+inline void check_inverse_range(double smallest, double largest) {
+  if (!std::is_same_v<Scalar, float>) return;
+  if (largest <= std::numeric_limits<float>::max() / 256 &&
+      smallest >= 256 * static_cast<double>(std::numeric_limits<float>::min()))
+    return;
+  throw Overflow(detail::concat(
+      "H: its inverse (diagonal from ", smallest, " to ", largest, ") is out of float32 range ",
+      "for float32 weights; rescale H (e.g. by its mean diagonal) or pass float64 W"));
+}
+
 /// check_scale for a layer solved in W's own precision (float32 rows: float32 kernels, which
 /// also hold the inverse in float32: its diagonal, which bounds every entry, must fit there).
 template <class Scalar>
@@ -19,14 +32,8 @@ inline void check_layer_scale(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                               const PreparedHessian& prep) {
   check_scale<Scalar>(W, prep.live_trace, static_cast<double>(std::numeric_limits<Scalar>::max()),
                       std::is_same_v<Scalar, float> ? "float32" : "float64");
-  if (!std::is_same_v<Scalar, float> || prep.hinv.size() == 0) return;
-  const double largest = prep.hinv.diagonal().maxCoeff(), smallest = prep.hinv.diagonal().minCoeff();
-  if (largest <= std::numeric_limits<float>::max() / 256 &&
-      smallest >= 256 * static_cast<double>(std::numeric_limits<float>::min()))
-    return;
-  throw Overflow(detail::concat(
-      "H: its inverse (diagonal from ", smallest, " to ", largest, ") is out of float32 range ",
-      "for float32 weights; rescale H (e.g. by its mean diagonal) or pass float64 W"));
+  if (prep.hinv.size() == 0) return;  // solvers without H^-1 check theirs (gptq_into)
+  check_inverse_range<Scalar>(prep.hinv.diagonal().minCoeff(), prep.hinv.diagonal().maxCoeff());
 }
 
 /// Row losses are measured with the undamped H (see hessian.hpp row_losses).

@@ -44,14 +44,17 @@ void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& pre
               const QuantGrid<Scalar>& grid, const QuantOptions& opt, const RunOptions& run,
               RowMatrix<Scalar>& out);
 
-/// GPTQ weights into `out` (rows x cols); needs prep.hinv (float64). hdiag: diag(H) (cols),
-/// the act-order key. step_losses (may be null): set to each row's summed OBS step losses,
-/// 1/2 dw (H + lambda I) dw^T over the live inputs (see finish_result_from_steps).
+/// GPTQ weights into `out` (rows x cols). prep: prepare_hessian of H (H^-1 not needed: the
+/// factor of the permuted inverse is found from H itself, 2/3 cols^3 flops; throws
+/// NotPositiveDefinite as prepare_hessian does, and for float32 W Overflow when diag(H^-1) is out
+/// of float32 range, as check_layer_scale does). hdiag: diag(H) (cols), the act-order key.
+/// step_losses (may be null): set to each row's summed OBS step losses, 1/2 dw (H + lambda I)
+/// dw^T over the live inputs (see finish_result_from_steps).
 template <class Scalar>
-void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& prep,
-               const Eigen::VectorXd& hdiag, const QuantGrid<Scalar>& grid,
-               const GptqOptions& gopt, const RunOptions& run, RowMatrix<Scalar>& out,
-               Eigen::VectorXd* step_losses = nullptr);
+void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,
+               const PreparedHessian& prep, const Eigen::VectorXd& hdiag,
+               const QuantGrid<Scalar>& grid, const GptqOptions& gopt, const RunOptions& run,
+               RowMatrix<Scalar>& out, Eigen::VectorXd* step_losses = nullptr);
 
 /// The refinement's Hessian: (H + H^T) / 2, plus prep.damp_absolute on the live diagonal when
 /// `damped` (the matrix the solvers invert), 1 on the diagonal of dead inputs (cols x cols).

@@ -1,7 +1,8 @@
-// The GPTQ sweep (obc/gptq.hpp): the upper Cholesky factor of the permuted H^-1 (by the blocked
-// parallel factorization of spd_inverse.hpp), then the column loop of each lazy block and the
-// block's GEMM onto the later columns, in fixed chunks of rows. Compiled once per SIMD level like
-// row_kernels.cpp (OBC_KERNEL_NS and a renamed Eigen in the AVX2 copy).
+// The GPTQ sweep (obc/gptq.hpp): the column loop of each lazy block and the block's GEMM onto the
+// later columns, in fixed chunks of rows, through the factor of the permuted H^-1; and the cubic
+// part of that factor (the blocked, parallel Cholesky factor and triangular inverse of
+// spd_inverse.hpp). Compiled once per SIMD level like row_kernels.cpp (OBC_KERNEL_NS and a
+// renamed Eigen in the AVX2 copy).
 #include <algorithm>
 #include <vector>
 
@@ -25,32 +26,12 @@ using internal::GptqJob;
 // products. Fixed, so that the chunking (and every float operation) is the same for any thread
 // count.
 constexpr Index kRowChunk = 64;
-constexpr Index kColumnChunk = 128;  // columns per item when permuting H^-1
 
 using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
-
-// L, lower, with L L^T = P^T H^-1 P (P: the order). Row k of U = L^T (U^T U = P^T H^-1 P) is
-// column k of L, contiguous. False when the factor does not exist.
-bool lower_factor(const double* hinv, Index n, const Index* order, int num_threads,
-                  InterruptHook* interrupt, MatrixD& lower) {
-  lower.resize(n, n);
-  const Eigen::Map<const MatrixD> h(hinv, n, n);
-  const int threads = n < 384 ? 1 : num_threads;  // as spd_inverse: small ones on one thread
-  parallel_for((n + kColumnChunk - 1) / kColumnChunk, threads, nullptr, [&](Index item, int) {
-    for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
-      const double* column = h.col(order[j]).data();
-      for (Index i = j; i < n; ++i) lower(i, j) = column[order[i]];  // the lower triangle only
-    }
-  });
-  spd_detail::Map a(lower.data(), n, n);
-  if (!spd_detail::cholesky(a, threads, interrupt)) return false;
-  for (Index i = 0; i < n; ++i)
-    if (!(a(i, i) > 0.0)) return false;
-  return true;
-}
+using FactorMap = Eigen::Map<const MatrixD>;  // U^T (GptqJob::factor), lower triangle
 
 template <class S>
-void sweep_chunk(const GptqJob<S>& job, const MatrixD& lower, Index chunk) {
+void sweep_chunk(const GptqJob<S>& job, const FactorMap& lower, Index chunk) {
   const Index rows = job.rows, cols = job.cols, groups = cols / job.group_size;
   const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
   const Index block = std::min(job.block_size, cols);
@@ -100,14 +81,11 @@ void sweep_chunk(const GptqJob<S>& job, const MatrixD& lower, Index chunk) {
 }
 
 template <class S>
-bool sweep(const GptqJob<S>& job, const RunOptions& run) {
-  MatrixD lower;
-  if (!lower_factor(job.hinv, job.cols, job.order, run.num_threads, run.interrupt, lower))
-    return false;
+void sweep(const GptqJob<S>& job, const RunOptions& run) {
+  const FactorMap lower(job.factor, job.cols, job.cols);
   const Index chunks = (job.rows + kRowChunk - 1) / kRowChunk;
   parallel_for(chunks, run.num_threads, run.interrupt,
                [&](Index chunk, int) { sweep_chunk<S>(job, lower, chunk); });
-  return true;
 }
 
 }  // namespace
@@ -117,7 +95,8 @@ bool sweep(const GptqJob<S>& job, const RunOptions& run) {
 namespace obc::internal {
 
 const GptqKernels& OBC_GPTQ_TABLE() {
-  static const GptqKernels table{&OBC_KERNEL_NS::sweep<float>, &OBC_KERNEL_NS::sweep<double>};
+  static const GptqKernels table{&OBC_KERNEL_NS::cholesky_inverse_inplace,
+                                 &OBC_KERNEL_NS::sweep<float>, &OBC_KERNEL_NS::sweep<double>};
   return table;
 }
 

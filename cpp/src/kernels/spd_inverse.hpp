@@ -1,4 +1,5 @@
-// In-place inverse of a symmetric positive definite matrix: Cholesky, triangular inverse, product.
+// In-place inverse of a symmetric positive definite matrix: Cholesky, triangular inverse, product
+// (or only the first two: the inverse of the Cholesky factor, which is all GPTQ needs).
 //
 // The inverse Hessian is the one O(cols^3) cost every solver pays once per layer (and most of
 // structured pruning's time). Solving L L^T X = I costs 2.33 n^3 flops and needs a second n x n
@@ -142,13 +143,14 @@ inline void lower_gram(Map a, int num_threads, InterruptHook* interrupt) {
 
 }  // namespace spd_detail
 
-/// Inverse of the SPD matrix in `a` (n x n, column-major; only the lower triangle is read), in
-/// place: on success `a` holds the full symmetric inverse. Returns false when a Cholesky pivot
+/// The inverse L^-1 of the lower Cholesky factor L of the SPD matrix in `a` (n x n, column-major;
+/// only the lower triangle is read), in place: on success the lower triangle of `a` holds L^-1
+/// (A^-1 = L^-T L^-1); the strict upper triangle holds no result. Returns false when a pivot
 /// L_ii^2 is not above pivot_tol * a_ii (not positive definite, or numerically singular); `a` is
-/// then clobbered. About n^3 flops. `interrupt` (may be null) is polled from the calling thread
-/// between panels; when it asks to stop, Interrupted is thrown and `a` is clobbered.
-inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads,
-                                InterruptHook* interrupt) {
+/// then clobbered. About 2/3 n^3 flops. `interrupt` (may be null) is polled from the calling
+/// thread between panels; when it asks to stop, Interrupted is thrown and `a` is clobbered.
+inline bool cholesky_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads,
+                                     InterruptHook* interrupt) {
   if (n < 384) num_threads = 1;  // a parallel region per panel costs more than it saves there
   spd_detail::Map a(data, n, n);
   const Eigen::VectorXd diag = a.diagonal();
@@ -156,6 +158,17 @@ inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num
   for (Index i = 0; i < n; ++i)
     if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
   spd_detail::triangular_inverse(a, num_threads, interrupt);
+  return true;
+}
+
+/// Inverse of the SPD matrix in `a` (n x n, column-major; only the lower triangle is read), in
+/// place: on success `a` holds the full symmetric inverse. Returns false as
+/// cholesky_inverse_inplace does. About n^3 flops (L^-1, then L^-T L^-1). `interrupt` as there.
+inline bool spd_inverse_inplace(double* data, Index n, double pivot_tol, int num_threads,
+                                InterruptHook* interrupt) {
+  if (!cholesky_inverse_inplace(data, n, pivot_tol, num_threads, interrupt)) return false;
+  if (n < 384) num_threads = 1;
+  spd_detail::Map a(data, n, n);
   spd_detail::lower_gram(a, num_threads, interrupt);
   // Mirror the lower triangle into the upper one: chunk c writes the upper part of rows
   // [j0, j0 + len), tile by tile so that both the reads and the writes stay in cache.

@@ -1,0 +1,26 @@
+// The damped Hessian that the solvers factor, as one function for both users: prepare_hessian
+// writes it into the buffer that becomes H^-1, GPTQ (gptq.cpp) into the buffer whose permuted
+// copy becomes the factor of its inverse. Both must see the very same values.
+#pragma once
+
+#include "obc/errors.hpp"
+#include "obc/hessian.hpp"
+
+namespace obc::internal {
+
+/// Writes the damped, exactly symmetric Hessian (H + H^T) / 2 + prep.damp_absolute on the live
+/// diagonal, with a unit row and column at each dead input (decoupled: such weights are zeroed,
+/// never updated), into `out` (cols x cols, column-major, float64): the entries (i, j) with
+/// i >= j, and their mirrors (j, i) too when `full`. prep: from prepare_hessian on the same H.
+/// On num_threads threads from 512 inputs up; the values do not depend on the count.
+void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
+                          int num_threads);
+
+/// What prepare_hessian throws when the damped Hessian has no Cholesky factor (or a pivot below
+/// its tolerance): names the damping tried and the number of live inputs.
+NotPositiveDefinite not_positive_definite(const PreparedHessian& prep);
+
+/// The relative pivot tolerance of prepare_hessian's factor (see there).
+constexpr double kPivotTolerance = 1e-13;
+
+}  // namespace obc::internal
