@@ -14,6 +14,8 @@ import pytest
 import torch
 from torch import nn
 
+import obc_native
+
 from obc_native.torch import LayerConfig, compress
 from obc_native.torch.calibration import model_device
 from obc_native.torch.checkpoint import LayerCheckpoint
@@ -35,7 +37,9 @@ from obc_torch_helpers import MLP, TinyCNN
 compress_module = sys.modules["obc_native.torch.compress"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGE = os.path.join(os.path.dirname(os.path.dirname(HERE)), "python")
+# where the obc_native under test comes from: the installed package (CI, scripts/test.sh) or the
+# source tree with a dev build (PYTHONPATH=python); never the unbuilt python/ of a clean checkout
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(obc_native.__file__)))
 
 # Ray's own modules warn at import and shutdown (deprecations of their dependencies); the suite
 # turns warnings into errors, which is meant for obc_native's own code.
