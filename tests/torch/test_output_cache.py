@@ -4,7 +4,6 @@ the same bits as without, less forward work, off by default."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 import importlib
 
 import pytest
@@ -24,7 +23,7 @@ CONFIG = LayerConfig(prune="unstructured", sparsity=0.5)
 
 def _report_dict(report) -> dict:
     """The report without its timings (and without what differs only by timing)."""
-    data = report.to_dict() if hasattr(report, "to_dict") else dataclasses.asdict(report)
+    data = report.to_dict()
     for key in [k for k in data if k.endswith("seconds") or k == "seconds"]:
         data.pop(key)
     for row in data.get("layers", []):
@@ -36,7 +35,18 @@ def _same_results(model: nn.Module, batches, config=CONFIG, **options) -> tuple[
     """Compress two copies, with and without the cache; assert equal weights and reports."""
     plain, cached = copy.deepcopy(model), copy.deepcopy(model)
     expected = compress(plain, batches, config, sequential=True, quiet=True, **options)
-    report = compress(cached, batches, config, sequential=True, cache_outputs=True, quiet=True, **options)
+    caches = []
+    original_init = output_cache.OutputCache.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        caches.append(self)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(output_cache.OutputCache, "__init__", init)
+        report = compress(cached, batches, config, sequential=True, cache_outputs=True, quiet=True, **options)
+    assert len(caches) == 1
+    report.cache_lookups = caches[0].lookups  # for the tests below
     for (name, a), (_, b) in zip(plain.state_dict().items(), cached.state_dict().items()):
         assert torch.equal(a, b), name
     assert _report_dict(report) == _report_dict(expected)
@@ -80,8 +90,9 @@ def test_cnn_with_batchnorm(cnn_batches):
         for bn in (model.bn1, model.bn2):
             bn.running_mean.uniform_(-0.5, 0.5)
             bn.running_var.uniform_(0.5, 2.0)
-    _same_results(model, cnn_batches)
-    _same_results(model, cnn_batches, correction="bias")
+    for correction in ("auto", "bias"):
+        _, report = _same_results(model, cnn_batches, correction=correction)
+        assert report.cache_lookups > 0
 
 
 class TwiceCalled(nn.Module):
@@ -130,7 +141,8 @@ def test_tiny_bert_bits_and_lookups():
         for _ in range(2)
     ]
     config = LayerConfig(bits=4, quant_method="gptq", refine=False)
-    _same_results(model, batches, config)
+    _, report = _same_results(model, batches, config)
+    assert report.cache_lookups > 0
     cached = copy.deepcopy(model)
     words = []  # computations of the embeddings (a lookup of them does not call their children)
     cached.embeddings.word_embeddings.register_forward_hook(lambda *args: words.append(1))
@@ -188,3 +200,14 @@ def test_clone_of_outputs():
     assert copied["a"][1][1] == 3
     with pytest.raises(output_cache._Unclonable):
         output_cache._clone(object())
+
+
+def test_tiny_gpt2_bits():
+    """HF Conv1D layers, blocks returning tuples, a key/value cache object passed along."""
+    from obc_torch_helpers import tiny_gpt2
+
+    model = tiny_gpt2(layers=2)
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 64, (4, 8), generator=generator) for _ in range(2)]
+    _, report = _same_results(model, batches)
+    assert report.cache_lookups > 0
