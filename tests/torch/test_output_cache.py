@@ -211,3 +211,41 @@ def test_tiny_gpt2_bits():
     batches = [torch.randint(0, 64, (4, 8), generator=generator) for _ in range(2)]
     _, report = _same_results(model, batches)
     assert report.cache_lookups > 0
+
+
+class Boxed:
+    """An output type the cache cannot copy."""
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class BoxingBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return Boxed(torch.tanh(self.layer(x)))
+
+
+def test_unclonable_output_is_computed():
+    """A module returning an object the cache cannot copy is computed in every pass (its inner
+    modules, which return tensors, are cached instead)."""
+    torch.manual_seed(0)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = BoxingBlock()
+            self.heads = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 4))
+
+        def forward(self, x):
+            return self.heads(self.block(x).tensor)
+
+    model = Model()
+    batches = [torch.randn(16, 8) for _ in range(2)]
+    _, report = _same_results(model, batches)
+    # block: refused in heads.0's pass; block.layer and heads.0 recorded in heads.1's pass,
+    # looked up in heads.2's
+    assert report.cache_lookups == 2 * len(batches)

@@ -101,6 +101,13 @@ def _clone(value: Any) -> Any:
     raise _Unclonable(type(value).__name__)
 
 
+def _parents(name: str) -> Iterator[str]:
+    """The names of the modules enclosing module ``name`` (``a.b.c``: ``a.b``, ``a``)."""
+    while "." in name:
+        name = name.rsplit(".", 1)[0]
+        yield name
+
+
 class ModuleTrace:
     """Context manager for the recording pass: hooks on every module but the root, noting how
     often each is called per batch and which layers to compress ran before its call returned.
@@ -200,10 +207,7 @@ class OutputCache:
     def _frontier(self, done: int) -> list[str]:
         """The outermost modules whose output is final once ``done`` layers are."""
         final = {name for name, ready in self.ready_at.items() if ready <= done}
-        return [
-            name for name in final
-            if not any(name.startswith(other + ".") for other in final)
-        ]
+        return [name for name in final if not any(parent in final for parent in _parents(name))]
 
     @contextmanager
     def pass_with(self, done: int) -> Iterator[Any]:
