@@ -26,7 +26,9 @@ Two calibration modes:
   compression. Layers sharing an input (each called once per forward) share that pass. Only one
   Hessian is alive at a time. Cost: 1 + (number of distinct inputs) passes over the calibration
   set, each stopped right after the last call of the layer it calibrates (layers late in the
-  model cost nearly a full forward).
+  model cost nearly a full forward). With ``cache_outputs=True`` (opt-in) the modules already
+  finished are looked up instead of recomputed (``output_cache.py``): same results, each pass
+  runs only from the last finished module to the layer it calibrates.
 
 Everything that can be checked is checked before the first weight is written: the recipe
 against every layer's shape, the calibration batches (dense mode: all of them; sequential:
