@@ -17,10 +17,12 @@ and the issue-16 targets: calibration (passes + Hessians) at most 1/4 of the tot
 total at most 2x the sum of the layer solves. With ``--compare`` every run is repeated with the
 sharing of inputs turned off (the behaviour before: one Hessian, and in sequential mode one
 pass, per layer), side by side, and the two compressed models are checked to be bit-identical.
+With ``--cache-outputs`` sequential mode is also run with ``compress(cache_outputs=True)`` (variant
+"cached": finished modules' outputs looked up instead of recomputed), checked bit-identical too.
 
 A program, never a test: prints a table and writes JSON into benchmarks/results/.
 Run:  .venv/bin/python benchmarks/bench_whole_model.py [--threads 2] [--settings gptq4,2:4,int4]
-      [--modes dense,sequential] [--compare] [--sequences 256] [--tokens 64] [--layers 6]
+      [--modes dense,sequential] [--compare] [--cache-outputs] [--sequences 256] [--tokens 64] [--layers 6]
 """
 
 from __future__ import annotations
@@ -83,12 +85,16 @@ def calibration(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Te
     return [{"input_ids": ids[i : i + args.batch_size]} for i in range(0, args.sequences, args.batch_size)]
 
 
-def run(base: torch.nn.Module, batches, config: LayerConfig, *, sequential: bool, share: bool, threads: int):
+def run(
+    base: torch.nn.Module, batches, config: LayerConfig, *, sequential: bool, share: bool, cache: bool, threads: int
+):
     """One compress() run on a copy of ``base``: (figures, compressed state)."""
     compress_module._SHARE_INPUTS = share
     try:
         model = copy.deepcopy(base)
-        report = compress(model, batches, config, sequential=sequential, num_threads=threads, quiet=True)
+        report = compress(
+            model, batches, config, sequential=sequential, cache_outputs=cache, num_threads=threads, quiet=True
+        )
     finally:
         compress_module._SHARE_INPUTS = True
     calibration_seconds = report.pass_seconds + report.hessian_seconds
@@ -113,6 +119,9 @@ def main() -> None:
     parser.add_argument("--settings", default="gptq4,int4", help=f"comma-separated of {list(SETTINGS)}")
     parser.add_argument("--modes", default="dense,sequential")
     parser.add_argument("--compare", action="store_true", help="also run without input sharing (before)")
+    parser.add_argument(
+        "--cache-outputs", action="store_true", help="sequential mode: also run with cache_outputs=True (cached)"
+    )
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
@@ -130,19 +139,24 @@ def main() -> None:
     for setting in args.settings.split(","):
         for mode in args.modes.split(","):
             sequential = mode == "sequential"
-            variants = [("after", True)] + ([("before", False)] if args.compare else [])
+            variants = [("after", True, False)]
+            if sequential and args.cache_outputs:
+                variants.append(("cached", True, True))
+            if args.compare:
+                variants.append(("before", False, False))
             states = {}
-            for label, share in variants:
+            for label, share, cache in variants:
                 figures, states[label] = run(
-                    base, batches, SETTINGS[setting], sequential=sequential, share=share, threads=args.threads
+                    base, batches, SETTINGS[setting], sequential=sequential, share=share, cache=cache,
+                    threads=args.threads,
                 )
                 figures.update(setting=setting, mode=mode, variant=label)
                 rows.append(figures)
                 print(_line(figures), flush=True)
-            if len(states) == 2:
-                identical = all(torch.equal(states["after"][k], states["before"][k]) for k in states["after"])
-                rows[-1]["identical_to_after"] = identical
-                print(f"    before/after models bit-identical: {identical}", flush=True)
+                if label != "after":
+                    identical = all(torch.equal(states["after"][k], states[label][k]) for k in states["after"])
+                    figures["identical_to_after"] = identical
+                    print(f"    {label}/after models bit-identical: {identical}", flush=True)
 
     print()
     print(_table(rows))

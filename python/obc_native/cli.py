@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--out", required=True, help="output directory")
     compress.add_argument("--sequential", action="store_true", help="calibrate each layer on compressed inputs")
     compress.add_argument(
+        "--cache-outputs",
+        action="store_true",
+        help="with --sequential: look up the cached outputs of finished modules instead of recomputing them",
+    )
+    compress.add_argument(
         "--correction", default="auto", choices=["auto", "batchnorm", "bias", "none"], help="statistics correction"
     )
     compress.add_argument(
@@ -410,6 +415,8 @@ def _cmd_compress(args: argparse.Namespace) -> int:
     options = _budget_options(args)
     if options and args.sequential:
         raise CliError("--sequential is not supported with --budget")
+    if args.cache_outputs and not args.sequential:
+        raise CliError("--cache-outputs applies to sequential calibration: add --sequential")
     recipe = load_recipe(args.recipe) if args.recipe else None
     args.executor = _start_executor(args)
     created = _prepare_out(args.out)
@@ -445,6 +452,7 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
         batches,
         recipe,
         sequential=args.sequential,
+        cache_outputs=args.cache_outputs,
         correction=None if args.correction == "none" else args.correction,
         num_threads=args.threads,
         quiet=args.quiet,

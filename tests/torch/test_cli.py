@@ -472,3 +472,26 @@ def test_one_tensor_dict_goes_by_keyword_when_forward_names_it(tmp_path):
         else:  # a key forward does not know: the one unnamed input, positionally
             assert all(isinstance(b, torch.Tensor) for b in batches)
             assert torch.equal(torch.cat(batches), samples)
+
+
+def test_compress_cache_outputs_same_files(tmp_path, capsys):
+    """--sequential --cache-outputs saves the weights --sequential saves; alone it is an error."""
+    from safetensors.torch import save_file
+
+    model = tiny_gpt2(layers=2)
+    model.save_pretrained(tmp_path / "hf")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"prune": "unstructured", "sparsity": 0.5}}))
+    args = ["compress", "--hf", str(tmp_path / "hf"), "--calibration", str(tmp_path / "ids.safetensors")]
+    args += ["--batch-size", "4", "--recipe", str(recipe), "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "bad"), "--cache-outputs"]) != 0
+    assert "--cache-outputs applies to sequential calibration" in capsys.readouterr().err
+    assert main(args + ["--out", str(tmp_path / "plain"), "--sequential"]) == 0
+    assert main(args + ["--out", str(tmp_path / "cached"), "--sequential", "--cache-outputs"]) == 0
+    plain, cached = tiny_gpt2(seed=5, layers=2), tiny_gpt2(seed=6, layers=2)
+    load_compressed(plain, tmp_path / "plain")
+    load_compressed(cached, tmp_path / "cached")
+    for (name, a), (_, b) in zip(plain.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(a, b), name

@@ -107,9 +107,12 @@ def run_calibration(
     *,
     device: torch.device | None = None,
     forward: Forward | None = None,
+    begin_batch: Callable[[int, Any], None] | None = None,
 ) -> int:
     """Forward every batch through ``model`` under ``torch.no_grad()``; returns the batch count.
 
+    ``begin_batch(index, batch)``, when given, is called before each batch (after the hooks'
+    ``begin_batch``), e.g. by the output cache of sequential calibration (``output_cache.py``).
     A pass that the hooks stop early counts as done. Errors raised by the model (wrong shape or
     dtype of a batch) are re-raised as :class:`CalibrationError` naming the batch.
     """
@@ -119,6 +122,8 @@ def run_calibration(
         for index, batch in enumerate(batches):
             if hooks is not None:
                 hooks.begin_batch()
+            if begin_batch is not None:
+                begin_batch(index, batch)
             try:
                 run_batch(model, batch, device, forward)
             except _StopForward:

@@ -26,7 +26,9 @@ Two calibration modes:
   compression. Layers sharing an input (each called once per forward) share that pass. Only one
   Hessian is alive at a time. Cost: 1 + (number of distinct inputs) passes over the calibration
   set, each stopped right after the last call of the layer it calibrates (layers late in the
-  model cost nearly a full forward).
+  model cost nearly a full forward). With ``cache_outputs=True`` (opt-in) the modules already
+  finished are looked up instead of recomputed (``output_cache.py``): same results, each pass
+  runs only from the last finished module to the layer it calibrates.
 
 Everything that can be checked is checked before the first weight is written: the recipe
 against every layer's shape, the calibration batches (dense mode: all of them; sequential:
@@ -62,6 +64,7 @@ from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .executor_choice import as_executor
 from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .output_cache import ModuleTrace, OutputCache
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .budgeting import OBJECTIVES, as_budget_spec, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
@@ -280,13 +283,16 @@ class _Run:
 
     # ---------------------------------------------------------------- calibration
 
-    def calibrate(self, infos: Mapping[str, LayerInfo], *, extra: Any = None, **options: Any) -> LayerHooks:
+    def calibrate(
+        self, infos: Mapping[str, LayerInfo], *, extra: Any = None, begin_batch: Any = None, **options: Any
+    ) -> LayerHooks:
         """One pass over the calibration set with :class:`LayerHooks` (``options``) on ``infos``
-        and the optional context manager ``extra`` (more hooks); counted in the report."""
+        and the optional context manager ``extra`` (more hooks); ``begin_batch(index, batch)``
+        is called before each batch (see ``run_calibration``); counted in the report."""
         start = time.perf_counter()
         with LayerHooks(infos, **options) as hooks, (extra or nullcontext()):
             self.report.batches = run_calibration(
-                self.model, self.batches, hooks, device=self.device, forward=self.forward
+                self.model, self.batches, hooks, device=self.device, forward=self.forward, begin_batch=begin_batch
             )
         self.report.passes += 1
         self.report.hessian_seconds += hooks.hessian_seconds
@@ -517,6 +523,7 @@ def compress(
     recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
     *,
     sequential: bool = False,
+    cache_outputs: bool = False,
     forward: Forward | None = None,
     correction: str | None = "auto",
     baseline: bool = True,
@@ -538,6 +545,12 @@ def compress(
             a JSON / YAML recipe file.
         sequential: calibrate each layer on the outputs of the already-compressed earlier layers
             (see the module docstring for the cost); default: one pass over the dense model.
+        cache_outputs: sequential mode only: keep, per calibration batch, the outputs of the
+            modules whose layers are all compressed (and whose inputs are final), and look them
+            up instead of recomputing them in later passes (see ``torch/output_cache.py``): the
+            same results bit for bit, far less forward work, memory for about one activation of
+            the calibration set per cached module. Opt-in: needs modules without side effects or
+            randomness in eval mode and the same batches in the same order every pass.
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
         correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
             correction), "batchnorm", "bias", or None.
@@ -564,6 +577,10 @@ def compress(
     if num_threads is not None:
         _arrays.as_threads(num_threads)  # a bad count fails here, not as the first layer's solver error
     executor = as_executor(executor)
+    if not isinstance(cache_outputs, bool):
+        raise TypeError(f"cache_outputs: expected a bool, got {type(cache_outputs).__name__}")
+    if cache_outputs and not sequential:
+        raise ValueError("cache_outputs: applies to sequential calibration: pass sequential=True")
     if budget is not None:
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
@@ -598,19 +615,29 @@ def compress(
         else:
             # a first pass for the order of calls, the inputs layers share and the dense outputs
             bias = run.correction == "bias"
+            modules = ModuleTrace(model, infos) if cache_outputs else None
             trace = run.calibrate(
-                infos, hessians=False, output_means=bias, record_order=True, share_inputs=_SHARE_INPUTS
+                infos, hessians=False, output_means=bias, record_order=True, share_inputs=_SHARE_INPUTS,
+                extra=modules, begin_batch=None if modules is None else modules.begin_batch,
             )
             calls = dict(trace.calls)  # of the last batch (all are assumed alike)
             _never_called(calls, "calibration pass")
+            order = list(trace.order)
+            cache = OutputCache(modules, order) if modules is not None else None
 
             def calibrate_group(name: str) -> LayerHessian:
-                """A pass over the model compressed so far, stopped after ``name``'s last call."""
-                return run.calibrate({name: infos[name]}, stop_after={name: calls[name]}).hessians[name]
+                """A pass over the model compressed so far, stopped after ``name``'s last call
+                (the layers before ``name`` in ``order`` are done; with the output cache, the
+                modules they finished are looked up, not run)."""
+                if cache is None:
+                    return run.calibrate({name: infos[name]}, stop_after={name: calls[name]}).hessians[name]
+                with cache.pass_with(order.index(name)) as begin_batch:
+                    hooks = run.calibrate({name: infos[name]}, stop_after={name: calls[name]}, begin_batch=begin_batch)
+                return hooks.hessians[name]
 
             dense_means = {name: trace.outputs[name].mean() for name in infos} if bias else None
             run.compress_layers(
-                plan, list(trace.order), _sequential_groups(trace), {},
+                plan, order, _sequential_groups(trace), {},
                 calibrate_group=calibrate_group, dense_means=dense_means,
             )
         run.recalibrate_batchnorm()
