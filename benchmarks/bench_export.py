@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "python"))
 
 import obc_native  # noqa: E402
 from obc_native.torch import LayerConfig, Override, Recipe, compress, export_onnx  # noqa: E402

@@ -43,7 +43,12 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PACKAGE = os.path.join(os.path.dirname(HERE), "python")
+
+import obc_native  # noqa: E402  (no torch: cheap; tells where the package under test lives)
+
+# Ray workers import obc_native from where this process does (the installed package, or the
+# source tree of a dev build on PYTHONPATH); never the unbuilt python/ of a checkout
+PACKAGE = os.path.dirname(os.path.dirname(os.path.abspath(obc_native.__file__)))
 
 LLAMA_7B = [(4096, 4096, 4), (11008, 4096, 2), (4096, 11008, 1)]  # (rows, cols, count) per block
 BLOCKS = 32
@@ -87,7 +92,6 @@ def main() -> int:
     args = parser.parse_args()
 
     os.environ["PYTHONPATH"] = os.pathsep.join([PACKAGE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    sys.path.insert(0, PACKAGE)
     import numpy as np
     import ray
     import torch

@@ -31,18 +31,8 @@ import os
 import sys
 
 
-def _early_threads() -> str:
-    """--threads, read before numpy and torch are imported so that their pools get it too."""
-    for i, a in enumerate(sys.argv):
-        if a == "--threads" and i + 1 < len(sys.argv):
-            return sys.argv[i + 1]
-        if a.startswith("--threads="):
-            return a.split("=", 1)[1]
-    return "2"
-
-
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = _early_threads()
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _threads  # noqa: E402,F401  (--threads into the OpenMP / BLAS variables, before numpy and torch)
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
