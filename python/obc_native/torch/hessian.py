@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ._hook_set import HookSet
 from .layers import LayerInfo, _conv_padding, input_samples, output_channel_sum
 
 __all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks", "sample_signature"]
@@ -238,7 +239,7 @@ class OutputMeanAccumulator:
         return (self.total / self.n).cpu().numpy()
 
 
-class LayerHooks:
+class LayerHooks(HookSet):
     """Context manager: forward hooks on some layers, always removed on exit (also on error).
 
     Args:
@@ -293,7 +294,6 @@ class LayerHooks:
         self._signatures = {name: sample_signature(info) for name, info in self.layers.items()} if share_inputs else {}
         self._inputs: dict[str, list[_Token]] = {name: [] for name in self.layers}
         self._seen: dict[tuple[int, Hashable], _SeenInput] = {}  # by (id, sample signature)
-        self._handles: list = []
 
     def begin_batch(self) -> None:
         """Close the previous batch's Hessian partial sums and reset the per-forward-pass call
@@ -303,26 +303,15 @@ class LayerHooks:
         self.calls = {name: 0 for name in self.layers}
         self._seen.clear()
 
-    def __enter__(self) -> LayerHooks:
-        try:
-            for name, info in self.layers.items():
-                self._handles.append(
-                    info.module.register_forward_pre_hook(self._make_pre_hook(name), with_kwargs=True)
-                )
-                if self.outputs:
-                    self._handles.append(info.module.register_forward_hook(self._make_post_hook(name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+    def install(self) -> None:
+        for name, info in self.layers.items():
+            self.add(info.module.register_forward_pre_hook(self._make_pre_hook(name), with_kwargs=True))
+            if self.outputs:
+                self.add(info.module.register_forward_hook(self._make_post_hook(name)))
 
     def __exit__(self, *exc) -> None:
-        self._remove()
+        self.remove_hooks()
         self._seen.clear()
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
 
     def _seen_by(self, name: str, x: torch.Tensor) -> _Token | None:
         """The earlier call of this pass that read the same unchanged tensor ``x`` into the same

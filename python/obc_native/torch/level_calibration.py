@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hook_set import HookSet
 from .calibration import Forward, as_batches, model_device, run_calibration
 from .executor_choice import as_executor
 from .hessian import CalibrationError, LayerHessian
@@ -34,29 +35,16 @@ def _positions(info: LayerInfo, output: torch.Tensor) -> int:
     return math.prod(output.shape[1:-1]) if output.dim() > 2 else 1
 
 
-class _Applications:
+class _Applications(HookSet):
     """Context manager: forward hooks summing, over all calls, each layer's applications per sample."""
 
     def __init__(self, infos: Mapping[str, LayerInfo]):
         self.infos = dict(infos)
         self.totals = {name: 0 for name in self.infos}
-        self._handles: list = []
 
-    def __enter__(self) -> _Applications:
-        try:
-            for name, info in self.infos.items():
-                self._handles.append(info.module.register_forward_hook(self._hook(name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+    def install(self) -> None:
+        for name, info in self.infos.items():
+            self.add(info.module.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         info = self.infos[name]

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._hook_set import HookSet
 from .hessian import CalibrationError
 
 __all__ = ["ModuleTrace", "OutputCache"]
@@ -108,7 +109,7 @@ def _parents(name: str) -> Iterator[str]:
         yield name
 
 
-class ModuleTrace:
+class ModuleTrace(HookSet):
     """Context manager for the recording pass: hooks on every module but the root, noting how
     often each is called per batch and which layers to compress ran before its call returned.
 
@@ -130,7 +131,6 @@ class ModuleTrace:
         self.fingerprints: list[str] = []
         self._batch_calls: dict[str, int] = {}
         self._called: set[str] = set()  # layers called so far in the current batch
-        self._handles: list = []
 
     def begin_batch(self, index: int, batch: Any) -> None:
         self._end_batch()
@@ -143,24 +143,15 @@ class ModuleTrace:
         self._batch_calls = {}
         self._called = set()
 
-    def __enter__(self) -> ModuleTrace:
-        try:
-            for name, module in self.modules.items():
-                if name in self.layers:
-                    self._handles.append(module.register_forward_pre_hook(self._make_layer_hook(name)))
-                self._handles.append(module.register_forward_hook(self._make_post_hook(name)))
-        except BaseException:
-            self._remove()
-            raise
-        return self
+    def install(self) -> None:
+        for name, module in self.modules.items():
+            if name in self.layers:
+                self.add(module.register_forward_pre_hook(self._make_layer_hook(name)))
+            self.add(module.register_forward_hook(self._make_post_hook(name)))
 
     def __exit__(self, *exc) -> None:
-        self._remove()
+        self.remove_hooks()
         self._end_batch()
-
-    def _remove(self) -> None:
-        while self._handles:
-            self._handles.pop().remove()
 
     def _make_layer_hook(self, name: str):
         def hook(module, args):
