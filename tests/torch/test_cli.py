@@ -200,6 +200,7 @@ def test_demo_command_subset(capsys):
     printed = capsys.readouterr().out
     assert "4-bit             auto " in printed and "4-bit             RTN " in printed
     assert "dense" in printed and "ExactOBS/OBQ" not in printed
+    assert "BN re-estimated" in printed and "auto - RTN: " in printed
     assert main(["demo", "--recipes", "5-bit"]) == 1
 
 
