@@ -215,7 +215,7 @@ def _plan(pair: tuple, modules: dict[str, nn.Module], index: int) -> tuple[tuple
 
 def _remove_heads(attention: nn.Module, output: nn.Linear, keep: torch.Tensor, head_size: int) -> None:
     """Keep heads ``keep`` (indices) of ``attention``: rows of query/key/value, columns of ``output``."""
-    features = (keep[:, None] * head_size + torch.arange(head_size)).flatten()
+    features = (keep[:, None] * head_size + torch.arange(head_size, device=keep.device)).flatten()
     for name in _PROJECTIONS:
         projection = getattr(attention, name)
         _replace(projection, "weight", projection.weight.index_select(0, features))
