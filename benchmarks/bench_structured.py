@@ -9,8 +9,11 @@ For each model, the dense model and structured pruning at 25% and 50% of the cha
          pruning of the two later layers on random calibration data)
   bert   a BERT-base-sized encoder from a transformers BertConfig (hidden 768, 12 heads,
          intermediate 3072, --bert-layers layers, --seq tokens; random weights, no download);
-         the FFN intermediate width is pruned (output.dense by magnitude: the latency does not
-         depend on which channels go) and shrunk with hf_ffn_chains
+         --bert-prune heads+ffn (default): the attention heads (attention.output.dense pruned in
+         groups of the head size, structured_group=64, then shrink_attention_heads) and the FFN
+         intermediate width (output.dense, shrunk with hf_ffn_chains) at the same fraction;
+         --bert-prune ffn: the FFN width only. Both by magnitude: the latency does not depend on
+         which channels go
 
 Reported: parameters, ONNX file size, median latency (ms) over --repeats runs after warm-up in
 PyTorch (torch.inference_mode, --threads intra-op threads) and onnxruntime (CPU provider,
@@ -23,7 +26,7 @@ faster than dense in onnxruntime at batch 32.
 
 A program, never a test: prints a table and writes JSON into benchmarks/results/.
 Run:  .venv/bin/python benchmarks/bench_structured.py [--models cnn,mlp,bert] [--threads 2]
-      [--repeats 20] [--bert-layers 2] [--seq 64]
+      [--repeats 20] [--bert-layers 2] [--seq 64] [--bert-prune heads+ffn|ffn]
 """
 
 from __future__ import annotations
@@ -48,7 +51,15 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from obc_native.torch import LayerConfig, Override, Recipe, compress, hf_ffn_chains, shrink_structured  # noqa: E402
+from obc_native.torch import (  # noqa: E402
+    LayerConfig,
+    Override,
+    Recipe,
+    compress,
+    hf_ffn_chains,
+    shrink_attention_heads,
+    shrink_structured,
+)
 
 SPARSITIES = (0.25, 0.5)
 BATCHES = (1, 32)
@@ -70,7 +81,8 @@ class MLP(nn.Module):
 
 
 def build(name: str, args) -> tuple[nn.Module, callable, list, callable]:
-    """(model, inputs(batch) -> tuple of tensors, calibration batches, prune(model, sparsity) -> chains)."""
+    """(model, inputs(batch) -> tuple of tensors, prune(model, sparsity) -> (chains, heads)): the
+    chains for shrink_structured (None: traced) and whether shrink_attention_heads runs too."""
     generator = torch.Generator().manual_seed(0)
     if name == "cnn":
         from obc_native.demo.model import load_data, load_pretrained
@@ -80,7 +92,7 @@ def build(name: str, args) -> tuple[nn.Module, callable, list, callable]:
         def prune(m, s):
             compress(m, data.calibration(256), Recipe(default=LayerConfig(prune="structured", sparsity=s),
                                                       skip=["features.0", "classifier"]), quiet=True)
-            return None
+            return None, False
 
         return model, lambda b: (data.test_x[:b].clone(),), prune
     if name == "mlp":
@@ -91,7 +103,7 @@ def build(name: str, args) -> tuple[nn.Module, callable, list, callable]:
         def prune(m, s):
             compress(m, calibration, Recipe(default=LayerConfig(prune="structured", sparsity=s), skip=["layers.0"]),
                      quiet=True)
-            return None
+            return None, False
 
         return model, lambda b: (torch.randn(b, 512, generator=torch.Generator().manual_seed(b)),), prune
     if name == "bert":
@@ -103,10 +115,18 @@ def build(name: str, args) -> tuple[nn.Module, callable, list, callable]:
         model = transformers.BertModel(config, add_pooling_layer=False).eval()
         calibration = [{"input_ids": torch.randint(0, config.vocab_size, (4, args.seq), generator=generator)}]
 
+        heads = args.bert_prune == "heads+ffn"
+        head_size = config.hidden_size // config.num_attention_heads
+
         def prune(m, s):
-            compress(m, calibration, Recipe(default=None, overrides=[
-                Override("*.output.dense", prune="structured", sparsity=s, method="magnitude")]), quiet=True)
-            return hf_ffn_chains(m)
+            # "*.output.dense" matches the attention projections too: with heads, the later override
+            # prunes those by whole heads; without, they are skipped (left dense)
+            overrides = [Override("*.output.dense", prune="structured", sparsity=s, method="magnitude")]
+            if heads:
+                overrides.append(Override("*.attention.output.dense", structured_group=head_size))
+            skip = [] if heads else ["*.attention.output.dense"]
+            compress(m, calibration, Recipe(default=None, overrides=overrides, skip=skip), quiet=True)
+            return hf_ffn_chains(m), heads
 
         def inputs(b):
             ids = torch.randint(0, config.vocab_size, (b, args.seq), generator=torch.Generator().manual_seed(b))
@@ -187,6 +207,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--bert-layers", type=int, default=2)
     parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--bert-prune", choices=("heads+ffn", "ffn"), default="heads+ffn",
+                        help="what structured pruning removes from the BERT encoder")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -199,15 +221,17 @@ def main() -> None:
             models, extra = {"dense": dense}, {"dense": {"parameters": sum(p.numel() for p in dense.parameters())}}
             for sparsity in SPARSITIES:
                 model = copy.deepcopy(dense)
-                chains = prune(model, sparsity)
+                chains, heads = prune(model, sparsity)
                 masked = copy.deepcopy(model)
                 report = shrink_structured(model, chains)
+                removed_heads = sum(a.removed for a in shrink_attention_heads(model).attentions) if heads else 0
                 x = inputs(8)
                 with torch.inference_mode():
                     diff = float((Wrapped(model)(*x) - Wrapped(masked)(*x)).abs().max())
                 label = f"structured {int(sparsity * 100)}%"
                 models[label] = model
-                extra[label] = {"parameters": report.parameters_after, "shrunk_vs_masked_max_abs": diff,
+                extra[label] = {"parameters": sum(p.numel() for p in model.parameters()),
+                                "shrunk_vs_masked_max_abs": diff, "heads_removed": removed_heads,
                                 "channels_removed": sum(c.removed for c in report.chains)}
             rows = measure(models, inputs, args, workdir, name)
             for label, row in rows.items():

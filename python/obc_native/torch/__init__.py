@@ -48,6 +48,7 @@ from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
 from .shrink import ShrinkError, ShrinkReport, ShrunkChain, hf_ffn_chains, shrink_structured
+from .shrink_heads import HeadShrinkReport, ShrunkHeads, hf_attention_heads, shrink_attention_heads
 
 __all__ = [
     "compress",
@@ -94,6 +95,10 @@ __all__ = [
     "ShrinkReport",
     "ShrunkChain",
     "ShrinkError",
+    "shrink_attention_heads",
+    "hf_attention_heads",
+    "HeadShrinkReport",
+    "ShrunkHeads",
     "save_hf_checkpoint",
     "HFCheckpointError",
     "save_gguf",
