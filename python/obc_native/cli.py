@@ -558,13 +558,15 @@ def _saved_architecture(args: argparse.Namespace, manifest: dict[str, Any]):
         raise CliError(f"--arch {arch} with keyword arguments {kwargs}: {err}") from err
 
 
-def _example_inputs(path: str) -> tuple[tuple, dict | None]:
-    """``(args, kwargs)`` to trace a model with, from the ``--example`` file: a tensor (one
-    positional input) or a dict of tensors (keyword inputs; a dict of one tensor: positional)."""
+def _example_inputs(path: str, model: Any) -> tuple[tuple, dict | None]:
+    """``(args, kwargs)`` to trace ``model`` with, from the ``--example`` file: a tensor (one
+    positional input) or a dict of tensors (keyword inputs). A dict of one tensor goes by keyword
+    when its key names an argument of ``model.forward`` (``input_ids``), else positionally, as
+    for ``--calibration``."""
     import torch
 
     example = _load_tensor_file(path)
-    if isinstance(example, dict) and len(example) == 1:
+    if isinstance(example, dict) and len(example) == 1 and next(iter(example)) not in _forward_keywords(model):
         example = next(iter(example.values()))
     if isinstance(example, torch.Tensor):
         return (example,), None
@@ -586,7 +588,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.directory)
     model = _saved_architecture(args, manifest)
     load_compressed(model, args.directory)
-    example_args, example_kwargs = _example_inputs(args.example)
+    example_args, example_kwargs = _example_inputs(args.example, model)
     result = export_onnx(
         model.eval(),
         example_args,
@@ -658,7 +660,7 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     load_compressed(model, args.directory)
     model.eval()
     chains = _shrink_chains(args, manifest, model)
-    example_args, example_kwargs = _example_inputs(args.example)
+    example_args, example_kwargs = _example_inputs(args.example, model)
     masked = copy.deepcopy(model)
     report = shrink_structured(model, chains)  # ShrinkError (a ValueError): one error line
     if not any(chain.removed for chain in report.chains):

@@ -143,3 +143,46 @@ def test_folder_without_structured_pruning(tmp_path, capsys):
                  str(tmp_path / "example.pt")]) == 1
     one_error_line(capsys, "no channel can be removed")
     assert not (tmp_path / "s.pt2").exists()
+
+
+def test_hf_folder_shrinks_its_feed_forward_blocks(tmp_path, capsys):
+    """A folder saved with --hf: the chains default to hf_ffn_chains (fx cannot trace BERT)."""
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(tmp_path / "bert")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    save_file({"input_ids": ids[:2], "attention_mask": torch.ones(2, 8, dtype=torch.int64)},
+              tmp_path / "example.safetensors")
+    save_file({"input_ids": ids[:2]}, tmp_path / "ids_only.safetensors")
+    (tmp_path / "r.yaml").write_text("default: null\noverrides:\n"
+                                     "  - {pattern: '*.output.dense', prune: structured, sparsity: 0.5}\n")
+    assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
+    out = tmp_path / "small.onnx"
+    assert main(["shrink", str(tmp_path / "pruned"), "--out", str(out), "--example",
+                 str(tmp_path / "example.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"encoder\.layer\.1\.intermediate\.dense +encoder\.layer\.1\.output\.dense +32 +16\n", printed)
+    masked = transformers.BertModel.from_pretrained(tmp_path / "pruned").eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    feed = {"input_ids": ids[:5].numpy(), "attention_mask": np.ones((5, 8), dtype=np.int64)}
+    (hidden, *_) = session.run(None, feed)
+    with torch.no_grad():
+        expected = masked(input_ids=ids[:5]).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
+
+    # a one-tensor example named after a forward argument goes by keyword (positionally, the
+    # TorchScript exporter failed on BertModel: "got multiple values for argument 'use_cache'")
+    for command in (["shrink", str(tmp_path / "pruned"), "--out", str(tmp_path / "ids_only.onnx")],
+                    ["export", str(tmp_path / "pruned"), "--format", "onnx", "--out", str(tmp_path / "q.onnx")]):
+        assert main([*command, "--example", str(tmp_path / "ids_only.safetensors"), "--quiet"]) == 0, command
+    session = ort.InferenceSession(str(tmp_path / "ids_only.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["input_ids"]
+    (hidden, *_) = session.run(None, {"input_ids": ids[:5].numpy()})
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
