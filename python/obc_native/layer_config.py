@@ -47,14 +47,10 @@ class LayerConfig:
     Attributes:
         prune: None, "unstructured", "nm", "blocked" or "structured".
         sparsity: fraction of weights (unstructured), blocks (blocked) or input channels
-            (structured) to prune, in [0, 1]; the count is rounded up.
+            (structured; of channel groups when ``structured_group`` > 1) to prune, in [0, 1];
+            the count is rounded up.
         n, m: N:M pattern, n zeros in every m consecutive inputs (0 < n < m).
         block: blocked pruning, consecutive inputs per block.
-        structured_group: structured pruning, consecutive input channels removed together
-            (1: each channel on its own). For a Linear layer reading a flattened NCHW conv
-            output, ``h * w`` removes whole conv channels (what ``shrink_structured`` needs to
-            cut the conv's output channels); for attention output projections, ``head_dim``
-            removes whole heads. ``sparsity`` then counts groups.
         spread: "global" (the paper's, rows get different sparsities) or "uniform" (every row
             the same) for unstructured and blocked pruning.
         bits: quantization bits (2..8), or None for no quantization.
@@ -74,12 +70,15 @@ class LayerConfig:
             (``prune_quantize_sparsegpt``, no refinement); with another ``quant_method`` it
             prunes, then quantizes with that quantizer.
         damp: relative damping of the Hessian diagonal (lambda = damp * mean(diag H)).
+        structured_group: structured pruning removes groups of this many consecutive input
+            channels together (1: channel by channel). E.g. the head size of an attention output
+            projection, so that whole heads go (see ``obc_native.torch.shrink_attention_heads``).
+            Must divide the input channels (per conv group).
 
     Convolutions: N:M groups, blocks and quantization groups run along input channels at one
     kernel position (channels-last column order), so ``m`` and ``block`` must divide the input
     channels per conv group; structured pruning removes whole input channels (all kh*kw columns
-    of a channel, so ``structured_group`` there counts whole channels: ``kh*kw*structured_group``
-    columns). Linear layers: along the input features.
+    of a channel). Linear layers: along the input features.
     """
 
     prune: str | None = None
@@ -87,7 +86,6 @@ class LayerConfig:
     n: int = 2
     m: int = 4
     block: int = 4
-    structured_group: int = 1
     spread: str = "global"
     bits: int | None = None
     sym: bool = True
@@ -98,6 +96,7 @@ class LayerConfig:
     quant_method: str = "auto"
     refine: bool = True
     prune_method: str = "exact"
+    structured_group: int = 1
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -115,10 +114,10 @@ class LayerConfig:
             parts.append(f"{self.n}:{self.m}")
         elif self.prune == "blocked":
             parts.append(f"blocked{self.block} {self.sparsity:.0%}")
-        elif self.prune == "structured" and self.structured_group > 1:
-            parts.append(f"structured{self.structured_group} {self.sparsity:.0%}")
         elif self.prune is not None:
             parts.append(f"{self.prune} {self.sparsity:.0%}")
+            if self.prune == "structured" and self.structured_group > 1:
+                parts[-1] += f" by {self.structured_group}"
         if self.bits is not None:
             quant = f"int{self.bits}" + ("" if self.sym else " asym")
             if self.group_size is not None:
@@ -157,9 +156,8 @@ class LayerConfig:
         if self.prune == "blocked" and span % self.block:
             problems.append(f"blocked pruning with block={self.block} needs {span_name} ({span}) divisible by block")
         if self.prune == "structured" and channels % self.structured_group:
-            channel_name = "input channels per group" if info.is_conv else "columns"
-            problems.append(f"structured pruning with structured_group={self.structured_group} needs "
-                            f"{channel_name} ({channels}) divisible by structured_group")
+            what = "input channels per group" if info.is_conv else "columns"
+            problems.append(f"structured_group={self.structured_group} needs {what} ({channels}) divisible by it")
         if self.group_size is not None and self.bits is not None and cols % self.group_size:
             problems.append(f"group_size={self.group_size} must divide the columns ({cols})")
         return problems
@@ -189,7 +187,6 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
     "n": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "m": (lambda v: _is_int(v) and v >= 2, "an integer >= 2"),
     "block": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
-    "structured_group": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
     "spread": _choice(SPREADS),
     "bits": (lambda v: v is None or (_is_int(v) and 2 <= v <= 8), "None or an integer in 2..8"),
     "sym": (lambda v: isinstance(v, bool), "true or false"),
@@ -200,6 +197,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
     "quant_method": _choice(QUANT_METHODS),
     "refine": (lambda v: isinstance(v, bool), "true or false"),
     "prune_method": _choice(PRUNE_METHODS),
+    "structured_group": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
 }
 
 

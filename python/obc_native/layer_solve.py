@@ -13,7 +13,8 @@ channels at one kernel position are made consecutive by ``column_perm`` (the cha
 order, ``obc_native.torch.layers.channels_last_perm``), applied here with
 :func:`to_solver_columns` and undone with :func:`from_solver_columns` (the only place either is
 written). Structured pruning runs in the native order, on groups of ``structured_group``
-columns (a convolution's ``kh * kw``: whole input channels).
+columns per input channel (a convolution's ``kh * kw``: whole input channels) times
+``LayerConfig.structured_group`` channels (e.g. an attention head's columns).
 """
 
 from __future__ import annotations
@@ -193,7 +194,8 @@ def solve(
             order; H: ``(cols, cols)`` Hessian in the same order.
         column_perm: ``(cols,)`` permutation into the order where N:M groups, blocks and
             quantization groups are consecutive (a convolution's channels-last order), or None.
-        structured_group: columns per group of structured pruning (1, or ``kh * kw``).
+        structured_group: columns per input channel of structured pruning (1, or ``kh * kw``);
+            a pruned group is ``config.structured_group`` consecutive channels of them.
         num_threads: threads of the solvers (None: all).
         solvers: the namespace of the numpy-level solvers (default ``obc_native``'s own; a test
             may wrap them to record their calls).
@@ -209,10 +211,11 @@ def solve(
     solver_result = None
 
     if config.prune == "structured":
+        group = structured_group * config.structured_group
         if baseline:
-            current = magnitude_structured(current, config.sparsity, structured_group)
+            current = magnitude_structured(current, config.sparsity, group)
         else:
-            solver_result = solvers.prune_structured(current, H, config.sparsity, group=structured_group,
+            solver_result = solvers.prune_structured(current, H, config.sparsity, group=group,
                                                      damp=config.damp, **threads)
             current, damp = np.asarray(solver_result.weight, dtype=current.dtype), solver_result.damp
 

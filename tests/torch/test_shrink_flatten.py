@@ -52,7 +52,7 @@ def test_linear_structured_group_prunes_whole_blocks(cnn, cnn_batches):
     assert zero.all(dim=1).sum() == 4  # ceil(0.5 * 8) whole channel blocks
     assert not (zero & ~zero.all(dim=1, keepdim=True)).any()  # and no stray column
     assert report.layer("fc").config["structured_group"] == 16
-    assert report.layer("fc").mode == "structured16 50%"
+    assert report.layer("fc").mode == "structured 50% by 16"
 
 
 def test_linear_structured_group_magnitude_baseline(cnn, cnn_batches):

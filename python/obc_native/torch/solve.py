@@ -66,9 +66,7 @@ def solve_unit(
         np.ascontiguousarray(weight, dtype=np.float32),
         hessian,
         column_perm=channels_last_perm(info) if channels_last else None,
-        # structured pruning removes whole input channels (kh*kw columns each), in groups of
-        # config.structured_group consecutive channels
-        structured_group=info.kernel_numel * config.structured_group,
+        structured_group=info.kernel_numel,
         num_threads=num_threads,
         solvers=core,
     )
