@@ -131,12 +131,14 @@ class Head(nn.Module):
             x = x.flatten(start_dim=1)
         elif self.flatten_kind == "view":
             x = x.view(x.size(0), -1)
+        elif self.flatten_kind == "view_width":
+            x = x.view(-1, self.fc.in_features)
         else:
             x = x.reshape(x.shape[0], -1)
         return self.fc(self.drop(x))
 
 
-@pytest.mark.parametrize("flatten", ["module", "function", "method", "view", "reshape"])
+@pytest.mark.parametrize("flatten", ["module", "function", "method", "view", "view_width", "reshape"])
 @pytest.mark.parametrize("pool", [None, "module", "function"])
 def test_flatten_spellings_and_pooling(flatten, pool):
     torch.manual_seed(0)

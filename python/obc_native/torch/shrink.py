@@ -501,7 +501,7 @@ def _check_flatten_chain(chain: tuple, modules: dict[str, nn.Module], index: int
 
 def _is_flatten(node, modules: dict[str, nn.Module]) -> bool:
     """``node`` flattens all but the batch dimension: ``nn.Flatten()``, ``torch.flatten(x, 1)``,
-    ``x.flatten(1)``, ``x.view(n, -1)`` / ``x.reshape(n, -1)``."""
+    ``x.flatten(1)``, ``x.view(n, -1)`` / ``x.reshape(n, -1)``, ``x.view(-1, width)``."""
     if node.op == "call_module":
         module = modules[node.target]
         return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
@@ -513,7 +513,9 @@ def _is_flatten(node, modules: dict[str, nn.Module]) -> bool:
         return start == 1 and end == -1
     if node.op == "call_method" and node.target in ("view", "reshape"):
         shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
-        return len(shape) == 2 and shape[1] == -1 and not node.kwargs
+        # (n, -1), or (-1, width): the width must then be the Linear's (else the model would not run)
+        return len(shape) == 2 and not node.kwargs and (
+            shape[1] == -1 or (shape[0] == -1 and isinstance(shape[1], int)))
     return False
 
 
