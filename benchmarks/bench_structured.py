@@ -3,8 +3,9 @@
 For each model, the dense model and structured pruning at 25% and 50% of the channels
 (``LayerConfig(prune="structured")``, then ``shrink_structured``), at batch 1 and 32:
 
-  cnn    the demo digits CNN (shipped weights; features.3 and features.6 pruned, so features.0
-         and features.3 lose output channels; the classifier after a flatten stays)
+  cnn    the demo digits CNN (shipped weights; features.3, features.6 and the classifier pruned,
+         the classifier in whole blocks of 2x2 flattened inputs (structured_group=4), so
+         features.0, features.3 and features.6 lose output channels)
   mlp    Linear 512 -> 2048 -> ReLU -> 2048 -> ReLU -> 512 (random weights, ExactOBS structured
          pruning of the two later layers on random calibration data)
   bert   a BERT-base-sized encoder from a transformers BertConfig (hidden 768, 12 heads,
@@ -90,8 +91,10 @@ def build(name: str, args) -> tuple[nn.Module, callable, list, callable]:
         model, data = load_pretrained(), load_data()
 
         def prune(m, s):
-            compress(m, data.calibration(256), Recipe(default=LayerConfig(prune="structured", sparsity=s),
-                                                      skip=["features.0", "classifier"]), quiet=True)
+            # the classifier reads features.6's 32 channels x 2 x 2 flattened: whole channel blocks
+            recipe = Recipe(default=LayerConfig(prune="structured", sparsity=s), skip=["features.0"],
+                            overrides=[Override("classifier", structured_group=4)])
+            compress(m, data.calibration(256), recipe, quiet=True)
             return None, False
 
         return model, lambda b: (data.test_x[:b].clone(),), prune

@@ -1,4 +1,4 @@
-"""The ``obc-native`` command line: ``compress``, ``report``, ``export`` and ``demo``.
+"""The ``obc-native`` command line: ``compress``, ``report``, ``export``, ``shrink`` and ``demo``.
 
 ``obc-native compress`` loads a model, compresses it with a recipe file, or non-uniformly within a
 budget, and saves it in the obc_native format (see ``obc_native.torch.serialize``; load it with
@@ -24,6 +24,11 @@ database saved at PATH, or saves the one built there; ``--recipe`` then only sel
 ``obc-native export DIR --format onnx --out model.onnx --example x.pt`` rebuilds the saved model
 (architecture recorded in the manifest, or ``--arch``) and writes ONNX with the stored codes (see
 ``obc_native.torch.export_onnx``).
+
+``obc-native shrink DIR --out small.onnx --example x.pt`` removes the channels that structured
+pruning zeroed, with the layers producing them (``obc_native.torch.shrink_structured``), and
+writes the smaller model as ONNX or as a ``torch.export`` program (``.pt2``): files that run
+without the model's class, which no longer fits the shrunk shapes.
 
 Models: a state dict (``.safetensors``, or a torch file read with ``weights_only=True``) plus
 ``--arch module:Class`` (and ``--arch-kwargs`` JSON) to build the architecture; a whole module
@@ -152,6 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--accuracy-level", type=int, default=0, choices=range(5), help="MatMulNBits accuracy_level (default 0)"
     )
     export.add_argument("--quiet", action="store_true", help="print nothing on success")
+
+    shrink = commands.add_parser(
+        "shrink", help="remove structurally pruned channels: write a physically smaller model (ONNX or .pt2)"
+    )
+    shrink.add_argument("directory", help="folder written by 'obc-native compress' (or save_compressed)")
+    shrink.add_argument("--out", required=True, help="output file: .onnx (onnxruntime) or .pt2 (torch.export.load)")
+    shrink.add_argument(
+        "--format", choices=["onnx", "pt2"], default=None, help="output format (default: from --out's extension)"
+    )
+    shrink.add_argument(
+        "--example", required=True, help="inputs to trace the model with: a tensor file (or a dict of keyword inputs)"
+    )
+    shrink.add_argument("--arch", help="architecture 'package.module:Class' (default: the one recorded when saving)")
+    shrink.add_argument("--arch-kwargs", default=None, help="JSON keyword arguments for --arch (default: as recorded)")
+    shrink.add_argument(
+        "--chains", metavar="JSON",
+        help='producer -> consumer chains, e.g. \'[["fc1", "fc2"], ["conv", "bn", "classifier"]]\' '
+        "(default: found with torch.fx; the feed-forward blocks for a model saved with --hf)",
+    )
+    shrink.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     demo = commands.add_parser("demo", help="compress a small digits CNN with several recipes (offline)")
     demo.add_argument("--recipes", nargs="*", default=None, help="subset of recipe names to run")
@@ -533,9 +558,24 @@ def _saved_architecture(args: argparse.Namespace, manifest: dict[str, Any]):
         raise CliError(f"--arch {arch} with keyword arguments {kwargs}: {err}") from err
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _example_inputs(path: str, model: Any) -> tuple[tuple, dict | None]:
+    """``(args, kwargs)`` to trace ``model`` with, from the ``--example`` file: a tensor (one
+    positional input) or a dict of tensors (keyword inputs). A dict of one tensor goes by keyword
+    when its key names an argument of ``model.forward`` (``input_ids``), else positionally, as
+    for ``--calibration``."""
     import torch
 
+    example = _load_tensor_file(path)
+    if isinstance(example, dict) and len(example) == 1 and next(iter(example)) not in _forward_keywords(model):
+        example = next(iter(example.values()))
+    if isinstance(example, torch.Tensor):
+        return (example,), None
+    if isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values()):
+        return (), example
+    raise CliError(f"--example {path}: expected a tensor or a dict of tensors")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
     from obc_native.torch import export_onnx, load_compressed, read_manifest
     from obc_native.torch.export_onnx import ExportError, _check_output_path
 
@@ -548,15 +588,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.directory)
     model = _saved_architecture(args, manifest)
     load_compressed(model, args.directory)
-    example = _load_tensor_file(args.example)
-    if isinstance(example, dict) and len(example) == 1:
-        example = next(iter(example.values()))
-    if isinstance(example, torch.Tensor):
-        example_args, example_kwargs = (example,), None
-    elif isinstance(example, dict) and all(isinstance(v, torch.Tensor) for v in example.values()):
-        example_args, example_kwargs = (), example
-    else:
-        raise CliError(f"--example {args.example}: expected a tensor or a dict of tensors")
+    example_args, example_kwargs = _example_inputs(args.example, model)
     result = export_onnx(
         model.eval(),
         example_args,
@@ -570,6 +602,103 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(result.table())
     return 0
+
+
+def _shrink_chains(args: argparse.Namespace, manifest: dict[str, Any], model: Any) -> list | None:
+    """The chains of --chains, hf_ffn_chains for a Hugging Face model, else None (traced)."""
+    from obc_native.torch import hf_ffn_chains
+
+    if args.chains is None:
+        if (manifest.get("metadata") or {}).get("source") == "huggingface" and not args.arch:
+            return hf_ffn_chains(model)
+        return None
+    try:
+        chains = json.loads(args.chains)
+    except json.JSONDecodeError as err:
+        raise CliError(f"--chains: not valid JSON ({err})") from err
+    if not isinstance(chains, list) or not all(
+        isinstance(c, list) and len(c) >= 2 and all(isinstance(n, str) for n in c) for c in chains
+    ):
+        raise CliError(f"--chains: expected a JSON list of lists of module names, e.g. [[\"fc1\", \"fc2\"]], "
+                       f"got {args.chains!r}")
+    return chains
+
+
+def _output_tensors(value: Any) -> list[Any]:
+    """The tensors of a model output (a tensor, or tuples / lists / dicts such as a ModelOutput of them)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [t for item in value for t in _output_tensors(item)]
+    return []
+
+
+def _cmd_shrink(args: argparse.Namespace) -> int:
+    import copy
+
+    import torch
+
+    from obc_native.torch import export_onnx, load_compressed, read_manifest, shrink_structured
+    from obc_native.torch.export_onnx import ExportError, _check_output_path
+
+    extension = os.path.splitext(args.out)[1].lower()
+    fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(extension)
+    if fmt is None:
+        raise CliError(f"--out {args.out}: give a .onnx or .pt2 file, or --format onnx|pt2")
+    try:
+        _check_output_path(args.out)  # before any work
+    except ExportError as err:
+        raise CliError(str(err).replace("path ", "--out ", 1)) from err
+    if not os.path.isfile(args.example):
+        raise CliError(f"--example {args.example}: no such file")
+    manifest = read_manifest(args.directory)
+    model = _saved_architecture(args, manifest)
+    load_compressed(model, args.directory)
+    model.eval()
+    chains = _shrink_chains(args, manifest, model)
+    example_args, example_kwargs = _example_inputs(args.example, model)
+    masked = copy.deepcopy(model)
+    report = shrink_structured(model, chains)  # ShrinkError (a ValueError): one error line
+    if not any(chain.removed for chain in report.chains):
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
+        raise CliError(f"{args.directory}: no channel can be removed (structured pruning: "
+                       f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}")
+    with torch.no_grad():
+        expected = _output_tensors(masked(*example_args, **(example_kwargs or {})))
+        actual = _output_tensors(model(*example_args, **(example_kwargs or {})))
+    difference = max((float((a - e).abs().max()) for a, e in zip(actual, expected) if a.numel()), default=0.0)
+    if fmt == "onnx":
+        export_onnx(model, example_args, args.out, example_kwargs=example_kwargs)
+    else:
+        _save_exported_program(model, example_args, example_kwargs, args.out)
+    if not args.quiet:
+        print(report.table())
+        print(f"max |shrunk - masked| on --example: {difference:.3g}")
+        print(f"wrote {args.out} ({fmt}, {os.path.getsize(args.out)} bytes; weights as float, quantized layers "
+              "dequantized)")
+    return 0
+
+
+def _save_exported_program(model: Any, example_args: tuple, example_kwargs: dict | None, path: str) -> None:
+    """``torch.export`` the model (dimension 0 of each input dynamic where the model allows) into
+    ``path``; ``torch.export.load(path).module()`` runs it without the model's class."""
+    import torch
+
+    auto = torch.export.Dim.AUTO
+    shapes_args = tuple({0: auto} if a.dim() else None for a in example_args)
+    shapes_kwargs = {k: ({0: auto} if v.dim() else None) for k, v in (example_kwargs or {}).items()}
+    dynamic = shapes_args if not example_kwargs else {**shapes_kwargs}
+    try:
+        program = torch.export.export(model, example_args, kwargs=example_kwargs, dynamic_shapes=dynamic)
+    except Exception as err:  # torch.export raises UserError, Unsupported, ... on dynamic Python code
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CliError(f"torch.export cannot export this model ({type(err).__name__}: {message}); "
+                       "try --format onnx") from err
+    torch.export.save(program, path)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -602,7 +731,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     """Run the parsed command; user errors become one line on stderr and exit status 1."""
-    handlers = {"compress": _cmd_compress, "report": _cmd_report, "export": _cmd_export, "demo": _cmd_demo}
+    handlers = {"compress": _cmd_compress, "report": _cmd_report, "export": _cmd_export, "shrink": _cmd_shrink,
+                "demo": _cmd_demo}
     try:
         status = handlers[args.command](args)
         sys.stdout.flush()  # a closed pipe shows here, not as a traceback at interpreter exit

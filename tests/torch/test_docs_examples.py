@@ -51,7 +51,7 @@ def test_cli_md_names_every_command_and_option():
 
     text = (DOC.parent / "cli.md").read_text(encoding="utf-8")
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert sorted(commands.choices) == ["compress", "demo", "export", "report"]
+    assert sorted(commands.choices) == ["compress", "demo", "export", "report", "shrink"]
     missing = []
     for name, parser in commands.choices.items():
         if f"## `obc-native {name}`" not in text:

@@ -8,6 +8,13 @@ bias) and of everything channel-wise in between (BatchNorm statistics and affine
 ReLU / GELU / Dropout and other element-wise ops have no parameters to cut)::
 
     producer (Linear/Conv) -> [BatchNorm] -> [ReLU, GELU, Dropout, ...] -> consumer (Linear/Conv)
+    producer (Conv) -> [BatchNorm] -> [ReLU, ..., MaxPool, AvgPool, ...] -> flatten -> [Dropout] -> Linear
+
+In the second form (a CNN's classifier) each conv output channel is a block of ``h*w``
+consecutive Linear input columns (``flatten(1)`` of an NCHW tensor); a channel is removed when
+its whole block is zero, i.e. the Linear was pruned with
+``LayerConfig(prune="structured", structured_group=h*w)``. ``h*w`` is the Linear's input
+width divided by the conv's output channels.
 
 Removing a producer channel is exact even when that channel is not zero itself (a bias through
 a nonlinearity): its only reader is a consumer column that is all zeros, so it never reached
@@ -63,6 +70,8 @@ class ShrunkChain:
 
     ``between``: the BatchNorm layers shrunk with it (element-wise ops are not listed).
     ``channels``: channels before; ``kept``: channels after (``channels - kept`` were removed).
+    ``columns_per_channel``: consumer input columns per channel: 1, or ``h*w`` for a conv
+    flattened into a Linear.
     """
 
     producer: str
@@ -70,6 +79,7 @@ class ShrunkChain:
     between: list[str]
     channels: int
     kept: int
+    columns_per_channel: int = 1
 
     @property
     def removed(self) -> int:
@@ -141,17 +151,24 @@ def shrink_structured(
             consumer)``, for models fx cannot trace. A given chain promises that each channel of the
             producer's output reaches only the same channel of the consumer's input, through the
             listed BatchNorm layers and parameter-free element-wise ops (not checked: it cannot be
-            without a trace). Producer and consumer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``.
+            without a trace). Producer and consumer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``; a conv
+            producer with a Linear consumer means conv -> ... -> ``flatten(1)`` -> Linear (each
+            conv channel a block of ``in_features / out_channels`` columns).
         concrete_args: passed to ``torch.fx.symbolic_trace`` (e.g. to fix an optional argument).
 
     Returns:
         a :class:`ShrinkReport`. Layers with zero input channels and no removable producer
-        (e.g. the first layer, a channel read by two layers, a residual add, a flatten) are
-        listed in ``report.skipped`` and stay masked.
+        (e.g. the first layer, a channel read by two layers, a residual add, a reshape other
+        than ``flatten(1)``) are listed in ``report.skipped`` and stay masked; so is a traced
+        Linear after a flatten whose zero columns do not form whole channel blocks (also
+        logged as a warning: prune it with ``structured_group = h*w``).
 
     Raises:
-        ShrinkError: a given chain names a missing module or one of the wrong type or width; or
-            ``chains`` is None and the model cannot be traced.
+        ShrinkError: a given chain names a missing module or one of the wrong type or width; a
+            given conv -> Linear chain whose Linear zero columns do not form whole channel blocks;
+            a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
+            channels (the spatial size cannot be inferred); or ``chains`` is None and the model
+            cannot be traced.
         TypeError: ``model`` is not an ``nn.Module``.
 
     Grouped convolutions: channels are removed only if every group loses the same number (the
@@ -225,6 +242,8 @@ def _check_chain(chain: tuple, modules: dict[str, nn.Module], index: int) -> tup
         if _kind(module) is None:
             raise ShrinkError(f"chains[{index}]: {role} {name!r} is a {type(module).__name__}; "
                               "expected nn.Linear or nn.Conv1d/2d/3d")
+    if isinstance(producer, _CONVS) and isinstance(consumer, nn.Linear):
+        return _check_flatten_chain(chain, modules, index)
     if _kind(producer) != _kind(consumer):
         raise ShrinkError(f"chains[{index}]: producer {chain[0]!r} ({type(producer).__name__}) and consumer "
                           f"{chain[-1]!r} ({type(consumer).__name__}) must be both Linear or both Conv of one rank")
@@ -299,6 +318,8 @@ def _walk_back(node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tu
             return "its input is not produced by a layer in the graph"
         if len(current.users) != 1:
             return f"its input channels are also read elsewhere ({current.name} has {len(current.users)} users)"
+        if isinstance(modules[consumer], nn.Linear) and _is_flatten(current, modules):
+            return _walk_back_from_flatten(current, consumer, modules, calls)
         if current.op == "call_module":
             module = modules[current.target]
             if calls[current.target] > 1:
@@ -353,6 +374,8 @@ def _equal_per_group(remove: torch.Tensor, groups: int) -> torch.Tensor:
 
 def _shrink_chain(chain: tuple[str, ...], modules: dict[str, nn.Module]) -> ShrunkChain | str:
     """Cut the zero input channels of the chain's consumer; a reason string if none can be cut."""
+    if isinstance(chain, FlattenChain):
+        return _shrink_flatten_chain(chain, modules)
     producer, consumer = modules[chain[0]], modules[chain[-1]]
     channels = _in_channels(consumer)
     remove = _zero_input_channels(consumer)
@@ -421,3 +444,154 @@ def _cut_norm(norm: nn.Module, keep: torch.Tensor) -> None:
         if value is not None:
             _replace(norm, name, value.index_select(0, keep))
     norm.num_features = len(keep)
+
+
+# --- conv -> [BatchNorm, element-wise ops, pooling] -> flatten -> Linear ---------------------------------------
+
+# Modules and functions that pool each channel on its own: channels pass through, the spatial size changes
+_POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.LPPool1d, nn.LPPool2d,
+)
+_POOL_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d, F.lp_pool1d, F.lp_pool2d,
+}
+
+
+class FlattenChain(tuple):
+    """A chain ``(conv, [norm, ...], linear)`` through a ``flatten(1)``: module names as in any chain,
+    plus ``spatial``, the Linear input columns per conv output channel (``h*w``), and ``given``:
+    the user named it (misaligned zero columns are then an error, not a skipped layer)."""
+
+    spatial: int
+    given: bool
+
+    def __new__(cls, names, spatial: int, given: bool):
+        chain = super().__new__(cls, names)
+        chain.spatial, chain.given = spatial, given
+        return chain
+
+
+def _flatten_spatial(conv_name: str, conv: nn.Module, linear_name: str, linear: nn.Linear) -> int:
+    """Linear input columns per conv output channel; ShrinkError naming both if it is not a whole number."""
+    channels = conv.out_channels
+    if linear.in_features % channels:
+        raise ShrinkError(
+            f"cannot infer the spatial size of the flatten between conv {conv_name!r} and Linear {linear_name!r}: "
+            f"{linear.in_features} input features are not a multiple of the conv's {channels} output channels "
+            "(a chain conv -> flatten -> Linear needs flatten(1) of the conv's (N, C, ...) output)"
+        )
+    return linear.in_features // channels
+
+
+def _check_flatten_chain(chain: tuple, modules: dict[str, nn.Module], index: int) -> FlattenChain:
+    """A user-given chain ``(conv, [norm, ...], linear)``: widths fit a flatten(1) between them."""
+    spatial = _flatten_spatial(chain[0], modules[chain[0]], chain[-1], modules[chain[-1]])
+    width = modules[chain[0]].out_channels
+    for name in chain[1:-1]:
+        norm = modules[name]
+        if not isinstance(norm, _NORMS) or norm.num_features != width:
+            raise ShrinkError(f"chains[{index}]: {name!r} between conv {chain[0]!r} and the flatten must be a "
+                              f"BatchNorm with {width} features, got {norm}")
+    return FlattenChain(chain, spatial, given=True)
+
+
+def _is_flatten(node, modules: dict[str, nn.Module]) -> bool:
+    """``node`` flattens all but the batch dimension: ``nn.Flatten()``, ``torch.flatten(x, 1)``,
+    ``x.flatten(1)``, ``x.view(n, -1)`` / ``x.reshape(n, -1)``, ``x.view(-1, width)``."""
+    if node.op == "call_module":
+        module = modules[node.target]
+        return isinstance(module, nn.Flatten) and module.start_dim == 1 and module.end_dim == -1
+    args = list(node.args[1:])
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        start = node.kwargs.get("start_dim", args[0] if args else 0)
+        end = node.kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        return start == 1 and end == -1
+    if node.op == "call_method" and node.target in ("view", "reshape"):
+        shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+        # (n, -1), or (-1, width): the width must then be the Linear's (else the model would not run)
+        return len(shape) == 2 and not node.kwargs and (
+            shape[1] == -1 or (shape[0] == -1 and isinstance(shape[1], int)))
+    return False
+
+
+def _is_size_query(node) -> bool:
+    """``x.size(...)`` / ``x.shape``: reads no channel values (e.g. the batch size of ``x.view(x.size(0), -1)``)."""
+    return (node.op == "call_method" and node.target in ("size", "dim")) or (
+        node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+
+
+def _walk_back_from_flatten(flatten, consumer: str, modules: dict[str, nn.Module],
+                            calls: dict[str, int]) -> FlattenChain | str:
+    """The chain ``(conv, [norm, ...], consumer)`` ending in a flatten that feeds Linear ``consumer``,
+    or why there is none. Between the conv and the flatten: BatchNorm, element-wise ops and
+    per-channel pooling, which keep the channels in dimension 1."""
+    import torch.fx
+
+    between: list[str] = []
+    current = flatten.args[0] if flatten.args else None
+    while True:
+        if not isinstance(current, torch.fx.Node):
+            return "the flatten before it reads no layer output in the graph"
+        readers = [user for user in current.users if not _is_size_query(user)]
+        if len(readers) != 1:
+            return f"its input channels are also read elsewhere ({current.name} has {len(readers)} users)"
+        if current.op == "call_module":
+            module = modules[current.target]
+            if calls[current.target] > 1:
+                return f"{current.target} is called more than once (or its tensors are read directly)"
+            if isinstance(module, _CONVS):
+                spatial = _flatten_spatial(current.target, module, consumer, modules[consumer])
+                return FlattenChain((current.target, *reversed(between), consumer), spatial, given=False)
+            if isinstance(module, _NORMS):
+                between.append(current.target)
+            elif not isinstance(module, (*_ELEMENTWISE_MODULES, *_POOL_MODULES)):
+                return (f"{current.target} ({type(module).__name__}) before the flatten is not element-wise, "
+                        "per-channel pooling or a convolution")
+        elif current.op == "call_function" and (current.target in _ELEMENTWISE_FUNCTIONS
+                                                or current.target in _POOL_FUNCTIONS):
+            pass
+        elif current.op == "call_method" and current.target in _ELEMENTWISE_METHODS:
+            pass
+        else:
+            return f"{current.op} {getattr(current.target, '__name__', current.target)} before the flatten"
+        tensors = [a for a in (*current.args, *current.kwargs.values()) if isinstance(a, torch.fx.Node)]
+        if len(tensors) != 1:
+            return f"{current.name} combines several tensors"
+        current = tensors[0]
+
+
+def _shrink_flatten_chain(chain: FlattenChain, modules: dict[str, nn.Module]) -> ShrunkChain | str:
+    """Cut the conv output channels whose block of ``chain.spatial`` Linear columns is all zero."""
+    producer, consumer = modules[chain[0]], modules[chain[-1]]
+    channels, spatial = producer.out_channels, chain.spatial
+    zero = _zero_input_channels(consumer).view(channels, spatial)
+    remove = zero.all(dim=1)
+    stray = zero & ~remove[:, None]
+    if bool(stray.any()):
+        columns = torch.nonzero(stray.flatten()).flatten()[:5].tolist()
+        reason = (f"Linear {chain[-1]!r}: its zero input columns (e.g. {columns}) do not form whole blocks of "
+                  f"{spatial} columns, one per output channel of conv {chain[0]!r}; prune it with "
+                  f"LayerConfig(prune='structured', structured_group={spatial})")
+        if chain.given:
+            raise ShrinkError(reason)
+        logger.warning("shrink_structured: %s", reason)
+        return reason
+    remove = _equal_per_group(remove, producer.groups)
+    if bool(remove.all()):  # keep a channel: zero-width layers are not portable
+        if producer.groups > 1:
+            return "all input channels are zero after a grouped convolution (a zero-width layer is not portable)"
+        remove[0] = False
+    keep = torch.nonzero(~remove).flatten()
+    if len(keep) < channels:
+        _cut_outputs(producer, keep)
+        for name in chain[1:-1]:
+            _cut_norm(modules[name], keep)
+        columns = (keep[:, None] * spatial + torch.arange(spatial)).flatten()
+        _replace(consumer, "weight", consumer.weight.index_select(1, columns))
+        consumer.in_features = len(columns)
+    return ShrunkChain(chain[0], chain[-1], list(chain[1:-1]), channels, len(keep), columns_per_channel=spatial)
