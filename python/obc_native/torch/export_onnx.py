@@ -563,16 +563,29 @@ class _GraphRewriter:
             and all(a.i == 0 for a in node.attribute if a.name == "axis")
         ]
         if layout != "matrix" or not consumers or len(gathers) != len(consumers):
+            others = sorted({node.op_type for node, _ in consumers if (node, 0) not in gathers}) or "nothing"
             raise ExportError(
-                f"embedding {name!r}: its table is not only looked up by Gather in the exported graph (used by "
-                f"{sorted({node.op_type for node, _ in consumers}) or 'nothing'}); leave it out of the recipe's "
-                "'embeddings' or list it in dense=[...] to export it with float weights"
+                f"embedding {name!r}: its table is not only looked up by Gather in the exported graph (also read "
+                f"by {others}); leave it out of the recipe's 'embeddings' or list it in dense=[...] to export it "
+                "with float weights"
             )
         self.used.add(init_name)
+        # The exporter folds other uses of the table (e.g. an output layer reading it, transposed)
+        # into float constants of their own: those stay float, and the file holds both.
+        table = self._array(init_name)
+        copies = [
+            other for other, init in self.initializers.items()
+            if other != init_name and tuple(init.dims) == table.shape[::-1]
+            and np.array_equal(self._array(other).view(np.uint32), table.T.view(np.uint32))
+        ]
         block = _matmul_nbits_block(grid.group_size)
         if contrib and block is not None:
-            return self._to_gather_block_quantized(name, grid, codes, gathers, init_name, block)
-        return self._to_dequantize(name, info, grid, codes, init_name, layout, consumers)
+            form = self._to_gather_block_quantized(name, grid, codes, gathers, init_name, block)
+        else:
+            form = self._to_dequantize(name, info, grid, codes, init_name, layout, consumers)
+        if copies:
+            form += f" (+ a float32 transposed copy for {', '.join(sorted(copies))})"
+        return form
 
     def _to_gather_block_quantized(self, name, grid, codes, gathers, init_name, block) -> str:
         """onnxruntime's ``com.microsoft.GatherBlockQuantized`` on uint8 data: ``bits`` 2/4/8
