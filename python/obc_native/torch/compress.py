@@ -557,6 +557,8 @@ def compress(
     Args:
         model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
             candidates. Layers whose weight is tied to another parameter are skipped (reported).
+            ``nn.Embedding`` tables are quantized only where the recipe's ``embeddings`` names
+            them (per-row round to nearest, before the other layers; see ``embeddings.py``).
         calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
         recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
             a JSON / YAML recipe file.
