@@ -8,7 +8,7 @@ Models (random or shipped weights, nothing downloaded):
         weights, no pooler): every Linear int4 with groups of 128 (MatMulNBits) and the word
         embeddings (30522 x 768) int4 asymmetric with groups of 128 (recipe "embeddings":
         GatherBlockQuantized; ``--embedding-bits 0`` keeps them float32); the position and
-        token-type embeddings stay float32 (the exporter folds their lookups of constant ids)
+        token-type embeddings (0.4M parameters) stay float32
   mlp   Linear 1024 -> 4096 -> 4096 -> 1024 with GELU: every Linear int4, groups of 128
 
 Each model is compressed with ``compress`` (``--method rtn`` by default: round-to-nearest codes

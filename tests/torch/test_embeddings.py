@@ -383,6 +383,33 @@ def test_onnx_table_also_read_by_an_output_layer(tmp_path):
     assert export_onnx(model, (ids,), tmp_path / "d.onnx", report=report, dense=["emb"]).layers == {}
 
 
+def test_onnx_folded_lookup_of_constant_ids_names_the_embedding(tmp_path):
+    """Position embeddings of a fixed length: the exporter folds the lookup away; a clear error."""
+
+    class Positions(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(64, 32)
+            self.pos = nn.Embedding(16, 32)
+            self.register_buffer("positions", torch.arange(12))  # a fixed length: constant ids
+
+        def forward(self, ids):
+            return self.tok(ids) + self.pos(self.positions)
+
+    torch.manual_seed(0)
+    model = Positions()
+    recipe = {"embeddings": [{"pattern": "*", "bits": 4}]}
+    report = compress(model, id_batches(high=64), recipe, quiet=True)
+    ids = torch.randint(0, 64, (2, 12))
+    with pytest.raises(ExportError, match=r"embedding 'pos': its table is not a constant of the exported graph"):
+        export_onnx(model, (ids,), tmp_path / "m.onnx", report=report)
+    exported = export_onnx(model, (ids,), tmp_path / "m.onnx", report=report, dense=["pos"])
+    assert exported.layers == {"tok": "GatherBlockQuantized 4-bit block 32"}
+    got = onnx_session(tmp_path / "m.onnx").run(None, {"input_0": ids.numpy()})[0]
+    with torch.no_grad():
+        assert np.array_equal(got, model(ids).numpy())
+
+
 def test_onnx_table_not_read_by_gather_names_the_embedding(tmp_path):
     """A graph where the table itself feeds another operator: an ExportError naming the embedding."""
     import sys

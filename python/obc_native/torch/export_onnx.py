@@ -555,7 +555,14 @@ class _GraphRewriter:
         """Store an embedding table as codes: ``GatherBlockQuantized`` in place of each Gather that
         reads it (``contrib`` and a power-of-two block of 16..256 dividing the group size), else
         ``DequantizeLinear`` feeding the Gathers. Returns a description of the form used."""
-        init_name, layout = self._find_weight(name, info)
+        try:
+            init_name, layout = self._find_weight(name, info)
+        except ExportError:
+            raise ExportError(
+                f"embedding {name!r}: its table is not a constant of the exported graph (the exporter folds lookups "
+                "of constant ids, e.g. position embeddings of a fixed length, into a float constant of their "
+                "result); leave it out of the recipe's 'embeddings' or list it in dense=[...]"
+            ) from None
         consumers = self._consumers(init_name)
         gathers = [
             (node, index) for node, index in consumers
