@@ -142,6 +142,15 @@ def test_rows_on_their_grid_independent_of_calibration():
     assert torch.equal(other.emb.weight, model.emb.weight)
 
 
+def test_same_table_for_any_thread_count():
+    tables = []
+    for threads in (1, 2, 3):
+        model = tagger()
+        compress(model, id_batches(), embedding_recipe(group_size=None), quiet=True, num_threads=threads)
+        tables.append(model.emb.weight.detach().clone())
+    assert all(torch.equal(tables[0], table) for table in tables[1:])
+
+
 def test_later_layers_calibrate_on_the_quantized_table():
     with_embedding, without = tagger(), tagger()
     compress(with_embedding, id_batches(), embedding_recipe(), quiet=True, correction=None)
