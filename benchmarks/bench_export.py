@@ -10,6 +10,9 @@ Models (random or shipped weights, nothing downloaded):
         GatherBlockQuantized; ``--embedding-bits 0`` keeps them float32); the position and
         token-type embeddings (0.4M parameters) stay float32
   mlp   Linear 1024 -> 4096 -> 4096 -> 1024 with GELU: every Linear int4, groups of 128
+  emb   BERT-base's word-embedding table alone (nn.Embedding(30522, 768), random weights), int4
+        asymmetric, groups of 128: the lookup of ``--seq`` tokens per sequence
+        (GatherBlockQuantized against Gather); not in the default ``--models``
 
 Each model is compressed with ``compress`` (``--method rtn`` by default: round-to-nearest codes
 on the MSE grid, fast on a shared machine; the file size and latency do not depend on which
@@ -92,6 +95,17 @@ def build(name: str, args) -> tuple[torch.nn.Module, Recipe, callable, list]:
 
         calibration = [dict(zip(("input_ids", "attention_mask"), inputs(8))) for _ in range(2)]
         return model, recipe, inputs, calibration
+    if name == "emb":
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.word_embeddings = torch.nn.Embedding(30522, 768)
+        recipe = Recipe(embeddings=[EmbeddingRule("word_embeddings", bits=args.embedding_bits or 4, sym=False,
+                                                  group_size=128)])
+
+        def ids(batch):
+            return (torch.randint(0, 30522, (batch, args.seq), generator=generator),)
+
+        return model.eval(), recipe, ids, [ids(8)]
     if name == "mlp":
         torch.manual_seed(0)
         sizes = (1024, 4096, 4096, 1024)
