@@ -151,13 +151,20 @@ def test_same_table_for_any_thread_count():
     assert all(torch.equal(tables[0], table) for table in tables[1:])
 
 
-def test_later_layers_calibrate_on_the_quantized_table():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_later_layers_calibrate_on_the_quantized_table(sequential):
     with_embedding, without = tagger(), tagger()
-    compress(with_embedding, id_batches(), embedding_recipe(), quiet=True, correction=None)
+    recipe = embedding_recipe()
+    recipe.default = LayerConfig(bits=4)  # Hessian-aware: the fc result depends on its calibration inputs
+    compress(with_embedding, id_batches(), recipe, quiet=True, correction=None, sequential=sequential)
     with torch.no_grad():
         without.emb.weight.copy_(with_embedding.emb.weight)  # the same quantized table, given as dense
-    compress(without, id_batches(), Recipe(default=LayerConfig(bits=4, method="rtn")), quiet=True, correction=None)
+    compress(without, id_batches(), Recipe(default=LayerConfig(bits=4)), quiet=True, correction=None,
+             sequential=sequential)
     assert torch.equal(with_embedding.fc.weight, without.fc.weight)
+    dense = tagger()
+    compress(dense, id_batches(), Recipe(default=LayerConfig(bits=4)), quiet=True, correction=None)
+    assert not torch.equal(dense.fc.weight, with_embedding.fc.weight)  # so the comparison above can fail
 
 
 def test_only_embeddings():
