@@ -632,8 +632,8 @@ def compress(
         run.saved = as_checkpoint(checkpoint, description, infos)
         # first, so that the layers after them calibrate on the quantized tables
         run.quantize_embeddings(embeddings)
-        if not plan:
-            pass  # only embeddings were named
+        if not plan:  # the recipe names only embeddings: no layer to calibrate or solve
+            pass
         elif not sequential:
             hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
             owner = {name: name for name in order}  # shared Hessians are already the same object
