@@ -5,9 +5,14 @@ Models (random or shipped weights, nothing downloaded):
   cnn   the demo DigitsCNN (python/obc_native/demo, 1x8x8 inputs): convs int8 (DequantizeLinear)
         and the Linear head int4 (MatMulNBits); features.0 (one input channel) skipped
   bert  a BERT-base encoder built from transformers.BertConfig() (12 layers, hidden 768, random
-        weights, no pooler): every Linear int4 with groups of 128 (MatMulNBits); the
-        embeddings are not a compressible layer type and stay float32
+        weights, no pooler): every Linear int4 with groups of 128 (MatMulNBits) and the word
+        embeddings (30522 x 768) int4 asymmetric with groups of 128 (recipe "embeddings":
+        GatherBlockQuantized; ``--embedding-bits 0`` keeps them float32); the position and
+        token-type embeddings (0.4M parameters) stay float32
   mlp   Linear 1024 -> 4096 -> 4096 -> 1024 with GELU: every Linear int4, groups of 128
+  emb   BERT-base's word-embedding table alone (nn.Embedding(30522, 768), random weights), int4
+        asymmetric, groups of 128: the lookup of ``--seq`` tokens per sequence
+        (GatherBlockQuantized against Gather); not in the default ``--models``
 
 Each model is compressed with ``compress`` (``--method rtn`` by default: round-to-nearest codes
 on the MSE grid, fast on a shared machine; the file size and latency do not depend on which
@@ -22,7 +27,7 @@ same process. BERT runs on sequences of ``--seq`` tokens.
 
 A program, never a test: prints a table and writes JSON to benchmarks/results/bench_export.json.
 Run:  .venv/bin/python benchmarks/bench_export.py [--models cnn,bert,mlp] [--bert-layers 12]
-      [--seq 64] [--repeats 5] [--threads 2] [--method rtn|obc]
+      [--seq 64] [--repeats 5] [--threads 2] [--method rtn|obc] [--embedding-bits 4]
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 import obc_native  # noqa: E402
-from obc_native.torch import LayerConfig, Override, Recipe, compress, export_onnx  # noqa: E402
+from obc_native.torch import EmbeddingRule, LayerConfig, Override, Recipe, compress, export_onnx  # noqa: E402
 
 BATCHES = (1, 32)
 
@@ -78,7 +83,11 @@ def build(name: str, args) -> tuple[torch.nn.Module, Recipe, callable, list]:
         return model, recipe, lambda b: (data[:b].clone(),), [data[:256]]
     if name == "bert":
         model = BertEncoder(args.bert_layers)
-        recipe = Recipe(default=LayerConfig(bits=4, group_size=128, sym=False, **config))
+        embeddings = []
+        if args.embedding_bits:
+            embeddings = [EmbeddingRule("bert.embeddings.word_embeddings", bits=args.embedding_bits, sym=False,
+                                        group_size=128)]
+        recipe = Recipe(default=LayerConfig(bits=4, group_size=128, sym=False, **config), embeddings=embeddings)
 
         def inputs(batch):
             ids = torch.randint(0, 30522, (batch, args.seq), generator=generator)
@@ -86,6 +95,17 @@ def build(name: str, args) -> tuple[torch.nn.Module, Recipe, callable, list]:
 
         calibration = [dict(zip(("input_ids", "attention_mask"), inputs(8))) for _ in range(2)]
         return model, recipe, inputs, calibration
+    if name == "emb":
+        torch.manual_seed(0)
+        model = torch.nn.Sequential()
+        model.word_embeddings = torch.nn.Embedding(30522, 768)
+        recipe = Recipe(embeddings=[EmbeddingRule("word_embeddings", bits=args.embedding_bits or 4, sym=False,
+                                                  group_size=128)])
+
+        def ids(batch):
+            return (torch.randint(0, 30522, (batch, args.seq), generator=generator),)
+
+        return model.eval(), recipe, ids, [ids(8)]
     if name == "mlp":
         torch.manual_seed(0)
         sizes = (1024, 4096, 4096, 1024)
@@ -126,7 +146,9 @@ def median_seconds(sess, feed, repeats: int) -> float:
 def run_model(name: str, args, folder: str) -> dict:
     model, recipe, make_inputs, calibration = build(name, args)
     start = time.perf_counter()
-    report = compress(model, calibration, recipe, quiet=True, correction=None, num_threads=args.threads)
+    # baseline=False: the baseline losses (a second round-to-nearest per layer) are not reported here
+    report = compress(model, calibration, recipe, quiet=True, correction=None, baseline=False,
+                      num_threads=args.threads)
     compress_s = time.perf_counter() - start
     example = make_inputs(2)
     dense_path, quant_path = os.path.join(folder, f"{name}_dense.onnx"), os.path.join(folder, f"{name}_q.onnx")
@@ -198,6 +220,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed runs per latency (median; default 5)")
     p.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op and compression threads")
     p.add_argument("--method", default="rtn", choices=["rtn", "obc"], help="how the codes are chosen")
+    p.add_argument("--embedding-bits", type=int, default=4,
+                   help="bits of BERT's word embeddings (default 4; 0 = float32, as before issue 17's embeddings)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_export.json"))
     return p.parse_args(argv)
 

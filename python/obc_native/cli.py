@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--dense", nargs="*", default=[], metavar="PATTERN", help="quantized layers to export with float weights"
     )
     export.add_argument(
-        "--no-matmul-nbits", action="store_true", help="DequantizeLinear + MatMul instead of com.microsoft MatMulNBits"
+        "--no-matmul-nbits", action="store_true",
+        help="DequantizeLinear + MatMul / Gather instead of com.microsoft MatMulNBits / GatherBlockQuantized",
     )
     export.add_argument(
         "--accuracy-level", type=int, default=0, choices=range(5), help="MatMulNBits accuracy_level (default 0)"

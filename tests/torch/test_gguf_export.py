@@ -96,3 +96,20 @@ def test_scale_outside_float16_is_refused(tmp_path):
     with pytest.raises(GGUFExportError, match="layer '0': a scale outside float16's range"):
         save_gguf(model, CompressionReport(layers=[layer]), tmp_path / "m.gguf")
     assert torch.equal(model[0].weight, before) and not (tmp_path / "m.gguf").exists()
+
+
+def test_quantized_embedding_table_as_q4_0(tmp_path):
+    """A recipe's embedding table (symmetric 4-bit, groups of 32) is written as Q4_0 blocks too."""
+    from obc_native.torch import EmbeddingRule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 64), nn.Linear(64, 8)).eval()
+    ids = [torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(2))]
+    recipe = Recipe(default=gguf_layer_config("Q4_0"), skip=["1"],
+                    embeddings=[EmbeddingRule("0", bits=4, sym=True, group_size=32)])
+    report = compress(model, ids, recipe, quiet=True)
+    layers = save_gguf(model, report, tmp_path / "m.gguf")
+    assert [(l.name, l.type, l.shape) for l in layers] == [("0", "Q4_0", (40, 64))]
+    tensor = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}["0.weight"]
+    dequantized = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    assert np.array_equal(dequantized.view(np.uint32), model[0].weight.detach().numpy().view(np.uint32))

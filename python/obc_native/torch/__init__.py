@@ -44,7 +44,7 @@ from .nonuniform import (
     solve_database,
     uniform_sparsity,
 )
-from .recipe import LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
+from .recipe import EmbeddingRule, LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
 from .shrink import ShrinkError, ShrinkReport, ShrunkChain, hf_ffn_chains, shrink_structured
@@ -58,6 +58,7 @@ __all__ = [
     "CompressionError",
     "CalibrationError",
     "LayerConfig",
+    "EmbeddingRule",
     "Override",
     "Recipe",
     "RecipeError",

@@ -65,6 +65,7 @@ from .executor_choice import as_executor
 from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .output_cache import ModuleTrace, OutputCache
+from .embeddings import EmbeddingRule, quantize_embedding, resolve_embeddings
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
 from .budgeting import OBJECTIVES, as_budget_spec, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
@@ -120,6 +121,8 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
 def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
     layers = find_layers(model)
     if not layers:
+        if recipe.embeddings:  # only embeddings to quantize
+            return {}
         raise RecipeError("the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, HF Conv1D)")
     plans = recipe.resolve(layers)
     owners = _shared_weights(model)
@@ -132,7 +135,7 @@ def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
             reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
             logger.warning("layer %r: %s", name, reason)
             plans[name] = LayerPlan(plan.info, None, reason)
-    if not any(plan.config is not None for plan in plans.values()):
+    if not recipe.embeddings and not any(plan.config is not None for plan in plans.values()):
         listing = "; ".join(f"{n}: {p.reason}" for n, p in plans.items())
         raise RecipeError(f"no layer matches the recipe, nothing to compress ({listing})")
     return plans
@@ -463,6 +466,20 @@ class _Run:
         )
         return dense, new, row
 
+    def quantize_embeddings(self, embeddings: Mapping[str, tuple[LayerInfo, EmbeddingRule]]) -> None:
+        """Quantize the recipe's embedding tables (``embeddings.py``) and report them."""
+        for name, (info, rule) in embeddings.items():
+            start = time.perf_counter()
+            table, row = quantize_embedding(info, rule, num_threads=self.num_threads)
+            weight = info.module.weight
+            self.backup.save(weight)
+            with torch.no_grad():
+                weight.copy_(torch.from_numpy(table).to(device=weight.device, dtype=weight.dtype))
+            row.seconds = time.perf_counter() - start
+            self.report.solve_seconds += row.seconds
+            self.report.layers.append(row)
+            logger.info("embedding %r: %s, %d rows", name, rule.label, info.out_features)
+
     # ---------------------------------------------------------------- after the layers
 
     def recalibrate_batchnorm(self) -> None:
@@ -540,6 +557,8 @@ def compress(
     Args:
         model: any ``nn.Module``; its Linear, Conv1d, Conv2d and Hugging Face Conv1D layers are
             candidates. Layers whose weight is tied to another parameter are skipped (reported).
+            ``nn.Embedding`` tables are quantized only where the recipe's ``embeddings`` names
+            them (per-row round to nearest, before the other layers; see ``embeddings.py``).
         calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
         recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
             a JSON / YAML recipe file.
@@ -598,6 +617,7 @@ def compress(
         raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
     recipe = as_recipe(recipe)
     plans = _plan(model, recipe)
+    embeddings = resolve_embeddings(model, recipe.embeddings)  # checked before any work
     plan = {name: LayerStep(p.info, p.config) for name, p in plans.items() if p.config is not None}
     infos = {name: step.info for name, step in plan.items()}
     run = _Run(
@@ -606,9 +626,15 @@ def compress(
         executor=executor,
     )
     with run.guarded():
-        run.saved = as_checkpoint(checkpoint, {"recipe": recipe, "sequential": sequential,
-                                               "correction": correction, "baseline": baseline}, infos)
-        if not sequential:
+        description = {"recipe": recipe, "sequential": sequential, "correction": correction, "baseline": baseline}
+        if recipe.embeddings:
+            description["embeddings"] = [rule.to_dict() for rule in recipe.embeddings]
+        run.saved = as_checkpoint(checkpoint, description, infos)
+        # first, so that the layers after them calibrate on the quantized tables
+        run.quantize_embeddings(embeddings)
+        if not plan:  # the recipe names only embeddings: no layer to calibrate or solve
+            pass
+        elif not sequential:
             hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
             owner = {name: name for name in order}  # shared Hessians are already the same object
             run.compress_layers(plan, order, owner, hessians)
@@ -721,6 +747,8 @@ def compress_to_budget(
     """
     if num_threads is not None:
         _arrays.as_threads(num_threads)
+    if recipe is not None and as_recipe(recipe).embeddings:
+        raise ValueError("recipe: 'embeddings' are not supported with a budget; quantize them with compress(recipe)")
     executor = as_executor(executor)
     start = time.perf_counter()
     spec = as_budget_spec(budget)

@@ -20,6 +20,11 @@ re-quantized by another tool):
   DequantizeLinear with the calibrated scale and zero point on the layer's input (uint8 for 8-bit,
   uint4 for 4-bit, uint16 for 16-bit grids); other widths, whose clamp range no ONNX integer type
   has, as the same float arithmetic as :func:`~obc_native.torch.actquant.fake_quantize`.
+- quantized ``nn.Embedding`` tables (recipe ``embeddings``) read only by Gather: onnxruntime's
+  ``com.microsoft.GatherBlockQuantized`` (uint8 data holding 2/4/8-bit codes, blocks of a power
+  of two >= 16 along the embedding dimension, as for MatMulNBits; it dequantizes only the rows
+  looked up); otherwise, or with ``matmul_nbits=False``, ``DequantizeLinear`` feeding the Gather.
+  (onnxruntime returns zeros for an out-of-range token id where PyTorch raises.)
 - pruned-only and uncompressed layers: dense float weights (sparsity is not a runtime format).
 
 Dequantization (ONNX and ours) is ``scale * (code - zero)`` in float32: the weights onnxruntime
@@ -48,6 +53,7 @@ import torch
 from torch import nn
 
 from .actquant import ActQuantWrapper, fake_quantize
+from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
 from .report import CompressionReport, QuantGrid
 from .serialize import _quantize_exact
@@ -122,8 +128,9 @@ def export_onnx(
         input_names, output_names: graph input / output names (default ``input_0``, ... and
             ``output_0``, ...; keyword inputs keep their keyword).
         dynamic_batch: dimension 0 of every input and output is symbolic ("batch").
-        matmul_nbits: use ``com.microsoft.MatMulNBits`` for Linear layers where possible;
-            False: ``DequantizeLinear`` + the original MatMul/Gemm everywhere (standard ONNX).
+        matmul_nbits: use ``com.microsoft.MatMulNBits`` for Linear layers and
+            ``com.microsoft.GatherBlockQuantized`` for embeddings where possible; False:
+            ``DequantizeLinear`` + the original MatMul/Gemm/Gather everywhere (standard ONNX).
         accuracy_level: MatMulNBits' ``accuracy_level``: 0 (unset: float32 inputs on CPU) ...
             4 (onnxruntime may quantize the *inputs* to int8 per block: faster, less accurate).
         dense: fnmatch patterns of quantized layers to export with dense float weights.
@@ -158,7 +165,10 @@ def export_onnx(
     rewriter = _GraphRewriter(graph_model)
     summary_layers: dict[str, str] = {}
     for name, (info, grid, codes) in layers.items():
-        summary_layers[name] = rewriter.quantize_weight(name, info, grid, codes, matmul_nbits, accuracy_level)
+        if info.kind == "embedding":
+            summary_layers[name] = rewriter.quantize_embedding(name, info, grid, codes, matmul_nbits)
+        else:
+            summary_layers[name] = rewriter.quantize_weight(name, info, grid, codes, matmul_nbits, accuracy_level)
     activations = rewriter.lower_activation_placeholders(placeholders)
     rewriter.finish()
     graph_model.metadata_props.add(key="obc_native.layers", value=json.dumps(summary_layers, sort_keys=True))
@@ -259,6 +269,9 @@ def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, 
     result = {}
     for name, grid in grids.items():
         module = _layer_module(model, name)
+        if isinstance(module, nn.Embedding):
+            result[name] = (describe_embedding(name, module), grid)
+            continue
         if module is None or layer_kind(module) is None:
             raise ExportError(
                 f"the report names layer {name!r}, which the model does not have (or is no longer a supported "
@@ -537,6 +550,85 @@ class _GraphRewriter:
         return candidates[0]
 
     # -- weights
+
+    def quantize_embedding(self, name: str, info: LayerInfo, grid: QuantGrid, codes: np.ndarray, contrib: bool) -> str:
+        """Store an embedding table as codes: ``GatherBlockQuantized`` in place of each Gather that
+        reads it (``contrib`` and a power-of-two block of 16..256 dividing the group size), else
+        ``DequantizeLinear`` feeding the Gathers. Returns a description of the form used."""
+        try:
+            init_name, layout = self._find_weight(name, info)
+        except ExportError:
+            raise ExportError(
+                f"embedding {name!r}: its table is not a constant of the exported graph (the exporter folds lookups "
+                "of constant ids, e.g. position embeddings of a fixed length, into a float constant of their "
+                "result); leave it out of the recipe's 'embeddings' or list it in dense=[...]"
+            ) from None
+        consumers = self._consumers(init_name)
+        gathers = [
+            (node, index) for node, index in consumers
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 0
+            and all(a.i == 0 for a in node.attribute if a.name == "axis")
+        ]
+        if layout != "matrix" or not consumers or len(gathers) != len(consumers):
+            others = sorted({node.op_type for node, _ in consumers if (node, 0) not in gathers}) or "nothing"
+            raise ExportError(
+                f"embedding {name!r}: its table is not only looked up by Gather in the exported graph (also read "
+                f"by {others}); leave it out of the recipe's 'embeddings' or list it in dense=[...] to export it "
+                "with float weights"
+            )
+        self.used.add(init_name)
+        # The exporter folds other uses of the table (e.g. an output layer reading it, transposed)
+        # into float constants of their own: those stay float, and the file holds both.
+        table = self._array(init_name)
+        copies = [
+            other for other, init in self.initializers.items()
+            if other != init_name and tuple(init.dims) == table.shape[::-1]
+            and np.array_equal(self._array(other).view(np.uint32), table.T.view(np.uint32))
+        ]
+        block = _matmul_nbits_block(grid.group_size)
+        if contrib and block is not None:
+            form = self._to_gather_block_quantized(name, grid, codes, gathers, init_name, block)
+        else:
+            form = self._to_dequantize(name, info, grid, codes, init_name, layout, consumers)
+        if copies:
+            form += f" (+ a float32 transposed copy for {', '.join(sorted(copies))})"
+        return form
+
+    def _to_gather_block_quantized(self, name, grid, codes, gathers, init_name, block) -> str:
+        """onnxruntime's ``com.microsoft.GatherBlockQuantized`` on uint8 data: ``bits`` 2/4/8
+        codes packed along each row, first code in the lowest bits; ``block`` consecutive entries
+        of a row share a scale and a zero point (packed like the codes); gather_axis 0,
+        quantize_axis 1; output ``(code - zero) * scale`` in float32 (our dequantization)."""
+        from onnx import numpy_helper, helper
+
+        stored_bits = 2 if grid.bits <= 2 else 4 if grid.bits <= 4 else 8
+        repeat = grid.group_size // block
+        base = f"{name or 'model'}.weight"
+        scales = np.repeat(np.asarray(grid.scale, dtype=np.float32), repeat, axis=1)
+        zeros = np.repeat(np.asarray(grid.zero, dtype=np.uint8), repeat, axis=1)
+        tensors = [
+            numpy_helper.from_array(np.ascontiguousarray(_pack_low_first(codes, stored_bits)), f"{base}:codes"),
+            numpy_helper.from_array(np.ascontiguousarray(scales), f"{base}:scales"),
+            numpy_helper.from_array(np.ascontiguousarray(_pack_low_first(zeros, stored_bits)), f"{base}:zero_points"),
+        ]
+        self.graph.initializer.extend(tensors)
+        for number, (node, _) in enumerate(gathers):
+            suffix = "" if len(gathers) == 1 else f".{number}"
+            new = helper.make_node(
+                "GatherBlockQuantized",
+                [tensors[0].name, node.input[1], tensors[1].name, tensors[2].name],
+                list(node.output),
+                name=f"{name or 'model'}/GatherBlockQuantized{suffix}",
+                domain=_MSFT,
+                bits=stored_bits,
+                block_size=block,
+                gather_axis=0,
+                quantize_axis=1,
+            )
+            self._replace_node(node, [new])
+        self._drop_initializer(init_name)
+        self.uses_msft = True
+        return f"GatherBlockQuantized {stored_bits}-bit block {block}"
 
     def quantize_weight(
         self, name: str, info: LayerInfo, grid: QuantGrid, codes: np.ndarray, matmul_nbits: bool, accuracy: int

@@ -1,5 +1,8 @@
 """GGUF files of compressed models: Linear layers as Q4_0 / Q8_0 blocks holding our exact codes.
 
+Quantized embedding tables (a recipe's ``embeddings``, ``num_embeddings x embedding_dim``, blocks
+along the embedding dimension) are written the same way.
+
 GGUF's two plain block formats are symmetric grids with one scale per block of 32 consecutive
 inputs of a row, stored as float16 ``d``:
 
@@ -142,10 +145,10 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
 
 def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, np.ndarray]:
     """(block type, codes ``out x in`` uint8, float16 scales ``out x in/32``) of one layer."""
-    if not isinstance(module, nn.Linear):
+    if not isinstance(module, (nn.Linear, nn.Embedding)):  # both (rows, cols), blocks along cols
         kind = "missing" if module is None else type(module).__name__
-        raise GGUFExportError(f"layer {name!r} ({kind}): only nn.Linear layers are written as GGUF blocks; "
-                              "skip it in the recipe or leave it unquantized")
+        raise GGUFExportError(f"layer {name!r} ({kind}): only nn.Linear layers and nn.Embedding tables are written "
+                              "as GGUF blocks; skip it in the recipe or leave it unquantized")
     rows, cols = module.weight.shape
     block_type = {4: "Q4_0", 8: "Q8_0"}.get(grid.bits)
     if block_type is None or not grid.sym or grid.group_size != GGUF_BLOCK or cols % GGUF_BLOCK:

@@ -9,7 +9,10 @@ A :class:`Recipe` has
   the fields it names; so a later override wins over an earlier one. Put general patterns first
   and specific ones last;
 - ``skip``: patterns of layers left untouched (skips win over everything);
-- ``strict``: every pattern must match at least one supported layer (catches typos).
+- ``strict``: every pattern must match at least one supported layer (catches typos);
+- ``embeddings``: ``nn.Embedding`` tables to quantize, by name (:class:`EmbeddingRule`: pattern,
+  bits, sym, group_size, grid; see ``embeddings.py``). Only this list selects embeddings: the
+  default and overrides never apply to them. Every pattern must match an ``nn.Embedding``.
 
 Patterns are :func:`fnmatch.fnmatchcase` globs over dotted names: ``*`` also matches dots, so
 ``"features.*"`` matches ``features.0`` and ``features.0.conv``; ``"*.attn.c_attn"`` matches
@@ -55,9 +58,11 @@ from ..layer_config import (  # noqa: F401 - re-exported: the recipe's names, de
     RecipeError,
     check_field,
 )
+from .embeddings import EmbeddingRule, check_rules
 from .layers import LayerInfo
 
 __all__ = [
+    "EmbeddingRule",
     "LayerConfig",
     "Override",
     "Recipe",
@@ -124,8 +129,11 @@ class Recipe:
     skip: list[str] = field(default_factory=list)
     strict: bool = True
     source: str | None = field(default=None, compare=False)  # the file it was read from, for messages
+    # not in repr: a checkpoint's fingerprint holds repr(recipe), unchanged for recipes without embeddings
+    embeddings: list[EmbeddingRule] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
+        self.embeddings = check_rules(self.embeddings)
         if self.default is not None and not isinstance(self.default, LayerConfig):
             raise RecipeError(f"default must be a LayerConfig or None, got {type(self.default).__name__}")
         self.overrides = list(self.overrides)
@@ -182,21 +190,24 @@ class Recipe:
         return plans
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "default": None if self.default is None else dataclasses.asdict(self.default),
             "overrides": [o.to_dict() for o in self.overrides],
             "skip": list(self.skip),
             "strict": self.strict,
         }
+        if self.embeddings:  # only when used: older recipes keep their dict (and checkpoint fingerprint)
+            data["embeddings"] = [rule.to_dict() for rule in self.embeddings]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
         """Build a recipe from ``{"default": {...}, "overrides": [{"pattern": ..., ...}], "skip": [...]}``."""
         if not isinstance(data, Mapping):
             raise RecipeError(f"a recipe must be a mapping, got {type(data).__name__}")
-        unknown = sorted(set(data) - {"default", "overrides", "skip", "strict"})
+        unknown = sorted(set(data) - {"default", "overrides", "skip", "strict", "embeddings"})
         if unknown:
-            raise RecipeError(f"unknown recipe key(s) {unknown}; valid: default, overrides, skip, strict")
+            raise RecipeError(f"unknown recipe key(s) {unknown}; valid: default, overrides, skip, strict, embeddings")
         default = data.get("default")
         if default is not None:
             if not isinstance(default, Mapping):
@@ -225,7 +236,8 @@ class Recipe:
         strict = data.get("strict", True)
         if not isinstance(strict, bool):
             raise RecipeError(f"recipe 'strict' must be true or false, got {strict!r}")
-        return cls(default=default, overrides=overrides, skip=list(skip), strict=strict)
+        embeddings = check_rules(data.get("embeddings"))
+        return cls(default=default, overrides=overrides, skip=list(skip), strict=strict, embeddings=embeddings)
 
 
 def _layers_text(names: list[str], total: int) -> str:

@@ -14,7 +14,10 @@ A saved model is a directory with two files:
   the compression report.
 
 The weight matrix of a layer is the ``out x cols`` matrix of ``layers.weight_matrix`` (native
-column order; HF Conv1D transposed). Dequantized values are ``scale[r, g] * (code - zero[r, g])``
+column order; HF Conv1D transposed). A quantized ``nn.Embedding`` table (recipe ``embeddings``)
+is stored the same way with kind ``"embedding"``: its ``num_embeddings x embedding_dim`` weight is
+the matrix, groups run along the embedding dimension (files written before embeddings could be
+quantized have no such entries and load as before). Dequantized values are ``scale[r, g] * (code - zero[r, g])``
 in float32, where for convolutions the group ``g`` of native column ``c*K + k`` is
 ``(k*C + c) // group_size`` (channels-last grouping). Each layer is stored in whichever of
 dense, sparse (mask + values), quantized (codes) or sparse quantized (mask + codes) is smallest;
@@ -55,6 +58,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
 
@@ -313,6 +317,8 @@ def save_compressed(
     layers = find_layers(model)
     state = model.state_dict()
     compressed = {} if report is None else {layer.name: layer for layer in report.compressed}
+    # quantized embedding tables (recipe "embeddings"): only those the report names
+    layers.update({name: info for name, info in find_embeddings(model).items() if name in compressed})
     missing = sorted(set(compressed) - set(layers))
     if missing:
         raise SerializationError(f"report names layer(s) {missing} that the model does not have")
@@ -573,6 +579,11 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
     return matrix.reshape(info.weight_shape)
 
 
+def _module_kind(module: nn.Module) -> str | None:
+    """The manifest kind of ``module``: a layer kind, "embedding" for ``nn.Embedding``, or None."""
+    return "embedding" if isinstance(module, nn.Embedding) else layer_kind(module)
+
+
 def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
     """Load a model saved by :func:`save_compressed` into ``model`` (same architecture).
 
@@ -616,7 +627,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             module = model.get_submodule(name)
         except AttributeError:
             raise SerializationError(f"architecture mismatch: the model has no layer {name!r}") from None
-        if layer_kind(module) != entry["kind"]:
+        if _module_kind(module) != entry["kind"]:
             raise SerializationError(
                 f"architecture mismatch: layer {name!r} is {type(module).__name__}, saved as {entry.get('kind')!r}"
             )
@@ -625,7 +636,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             raise SerializationError(
                 f"layer {name!r}: weight_key {entry['weight_key']!r} is not the layer's state-dict key {expected_key!r}"
             )
-        info = describe_layer(name, module)
+        info = describe_embedding(name, module) if entry["kind"] == "embedding" else describe_layer(name, module)
         if list(info.weight_shape) != entry["weight_shape"] or info.groups != entry["groups"]:
             raise SerializationError(
                 f"architecture mismatch: layer {name!r} has weight {list(info.weight_shape)} groups={info.groups}, "
