@@ -40,6 +40,9 @@ class RecipeError(ValueError):
     """A layer configuration or recipe that is malformed or cannot be applied to the model's layers."""
 
 
+_UNSET = object()
+
+
 @dataclass(frozen=True)
 class LayerConfig:
     """What to do with one layer.
@@ -97,6 +100,16 @@ class LayerConfig:
     refine: bool = True
     prune_method: str = "exact"
     structured_group: int = 1
+
+    # Fields added after checkpoints and saved reports existed; shown only when set, so that the
+    # repr of every configuration that does not use them (and the checkpoint fingerprints hashed
+    # from it) stays what earlier versions wrote.
+    _LATER_FIELDS = {"structured_group": 1}
+
+    def __repr__(self) -> str:
+        shown = (f for f in dataclasses.fields(self)
+                 if self._LATER_FIELDS.get(f.name, _UNSET) != getattr(self, f.name))
+        return "LayerConfig(" + ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in shown) + ")"
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:

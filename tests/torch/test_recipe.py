@@ -259,3 +259,16 @@ def test_recipe_structure_errors_name_the_file(tmp_path, text):
     with pytest.raises(RecipeError, match=f"recipe file {str(path)!r}: recipe '(overrides|skip|strict)'|"
                                           f"recipe file {str(path)!r}: skip patterns"):
         load_recipe(path)
+
+
+def test_repr_of_configs_without_later_fields_is_unchanged():
+    # Checkpoint fingerprints hash repr(recipe): a configuration that does not use a field added
+    # later (structured_group) must print as earlier versions printed it, or every checkpoint
+    # directory written before would be refused on resume as another run's.
+    before = ("LayerConfig(prune='structured', sparsity=0.5, n=2, m=4, block=4, spread='global', bits=4, "
+              "sym=True, group_size=None, grid='mse', method='obc', damp=0.01, quant_method='auto', "
+              "refine=True, prune_method='exact')")
+    assert repr(LayerConfig(prune="structured", sparsity=0.5, bits=4)) == before
+    grouped = LayerConfig(prune="structured", sparsity=0.5, bits=4, structured_group=4)
+    assert repr(grouped) == before[:-1] + ", structured_group=4)"
+    assert eval(repr(grouped)) == grouped
