@@ -100,6 +100,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   std::vector<Eigen::VectorXd> unrefined(methods.size()), losses(methods.size());
   for (size_t i = 0; i < methods.size(); ++i) {
     RowMatrix<Scalar>& out = weights[i];
+    Eigen::VectorXd step_losses;  // GPTQ's: its losses come from the sweep (gptq_row_losses)
     switch (methods[i]) {
       case QuantMethod::Obq:
         internal::obq_into<Scalar>(W, prep, best.grid, opt, run, out);
@@ -109,7 +110,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         internal::gptq_into<Scalar>(W, H, prep, hdiag, best.grid,
                                     GptqOptions{methods[i] == QuantMethod::Gptq,
                                                 sopt.gptq_block_size},
-                                    run, out);
+                                    run, out, &step_losses);
         break;
       case QuantMethod::Rtn:
         out.resize(rows, cols);
@@ -120,7 +121,10 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         break;
     }
     check_finite_result(out, "weights");
-    unrefined[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+    unrefined[i] = step_losses.size() == rows
+                       ? internal::gptq_row_losses<Scalar>(W, out, H, prep,
+                                                           std::move(step_losses), run)
+                       : row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
     if (refine) {
       best.refine_passes = std::max(
           best.refine_passes,
