@@ -121,17 +121,25 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         break;
     }
     check_finite_result(out, "weights");
-    unrefined[i] = step_losses.size() == rows
+    const bool from_steps = step_losses.size() == rows;
+    unrefined[i] = from_steps
                        ? internal::gptq_row_losses<Scalar>(W, out, H, prep,
                                                            std::move(step_losses), run)
                        : row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
     if (refine) {
+      // GPTQ's unrefined losses come from its sweep, not from row_losses: a row that refinement
+      // leaves as it was keeps that value, so that its loss never reads as raised by rounding.
+      RowMatrix<Scalar> unchanged;
+      if (from_steps) unchanged = out;
       best.refine_passes = std::max(
           best.refine_passes,
           internal::refine_into<Scalar>(W, hd, prep.damp_absolute, best.grid, best.pruned,
                                         sopt.refine, run, out));
       check_finite_result(out, "weights");
       losses[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+      if (from_steps)
+        for (Index r = 0; r < rows; ++r)
+          if (out.row(r) == unchanged.row(r)) losses[i][r] = unrefined[i][r];
     } else {
       losses[i] = unrefined[i];
     }

@@ -293,6 +293,21 @@ def test_gptq_row_losses_from_the_sweep_are_exact(kind, damp, zeros, dead, n_sam
         assert np.array_equal(again.row_losses, res.row_losses)
 
 
+@pytest.mark.parametrize("kind,damp,zeros,dead,n_samples", STEP_LOSS_CASES[:4])
+def test_refinement_never_reads_as_raising_a_gptq_row_loss(kind, damp, zeros, dead, n_samples):
+    # The unrefined losses come from the sweep, the refined ones are measured: a row that
+    # refinement leaves alone keeps its unrefined value bit for bit, and no row's loss rises.
+    W, H, _ = make_problem(80, 64, seed=3, kind=kind, zeros=zeros, dead=dead, n_samples=n_samples)
+    plain = obc_native.quantize(W, H, 3, damp=damp, method="gptq", refine=False)
+    res = obc_native.quantize(W, H, 3, damp=damp, method="gptq", refine=True, refit_rounds=0,
+                              refine_passes=1)
+    assert np.array_equal(res.row_losses_unrefined, plain.row_losses)
+    same = np.all(res.weight == plain.weight, axis=1)
+    assert same.any() and not same.all()
+    assert np.array_equal(res.row_losses[same], plain.row_losses[same])
+    assert np.all(res.row_losses <= res.row_losses_unrefined)
+
+
 def test_gptq_row_losses_do_not_depend_on_the_row_split():
     # Row ranges that start at multiples of 256 (how the Ray executor splits a layer) give the
     # same bits as the whole layer, in the step-loss rows and in measured chunks alike.
