@@ -236,7 +236,7 @@ def test_obq_without_refinement_is_the_greedy_bit_for_bit(dtype):
 @pytest.mark.parametrize("method", ["auto", "gptq"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_bit_identical_for_any_thread_count(method, dtype):
-    W, H, damp = problem("random-zeros-dead", rows=150, cols=64)  # 3 row chunks of 64
+    W, H, damp = problem("random-zeros-dead", rows=300, cols=64)  # 3 row chunks of 128
     W = W.astype(dtype)
     runs = [obc_native.quantize(W, H, 3, group_size=16, method=method, num_threads=t) for t in (1, 2, 3)]
     for r in runs[1:]:
