@@ -52,7 +52,9 @@ int refit_rounds(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef&
     const Eigen::VectorXd l = row_losses<Scalar>(W, w, H, run.num_threads, run.interrupt);
     Index improved = 0;
     for (Index r = 0; r < rows; ++r) {
-      if (!(l[r] < losses[r])) continue;
+      // Same weights, same loss: a GPTQ row's loss from the sweep may differ from the measured
+      // l[r] in the last bits, which must not pass for a gain.
+      if (!(l[r] < losses[r]) || w.row(r) == weight.row(r)) continue;
       weight.row(r) = w.row(r);
       grid.scale.row(r) = g.scale.row(r);
       losses[r] = l[r];
