@@ -153,6 +153,47 @@ void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H
     gptq_kernels().sweep_f64(job, run);
 }
 
+template <class Scalar>
+Eigen::VectorXd gptq_row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                const RowMatrix<Scalar>& out, const HessianRef& H,
+                                const PreparedHessian& prep, Eigen::VectorXd step_losses,
+                                const RunOptions& run) {
+  const Index rows = W.rows(), cols = W.cols();
+  OBC_CHECK(out.rows() == rows && out.cols() == cols && step_losses.size() == rows,
+            "internal: gptq_row_losses: shapes differ");
+  check_finite_result(step_losses, "row losses");  // before the clamp, which would hide a NaN
+  constexpr Index kMeasureChunk = 256;  // row_losses' row chunk: its values depend on the chunk
+  const Index chunks = (rows + kMeasureChunk - 1) / kMeasureChunk;
+  std::vector<char> measure(static_cast<size_t>(chunks), 0);
+  const double lambda = prep.damp_absolute;
+  const char* dead = prep.dead.data();
+  // Each row on its own, columns in order: the values do not depend on the thread count.
+  parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
+    for (Index r = chunk * kMeasureChunk; r < std::min(rows, (chunk + 1) * kMeasureChunk); ++r) {
+      double damping_part = 0;
+      if (lambda > 0) {
+        for (Index c = 0; c < cols; ++c) {
+          if (dead[c]) continue;
+          const double dw = static_cast<double>(out(r, c)) - static_cast<double>(W(r, c));
+          damping_part += dw * dw;
+        }
+        damping_part *= 0.5 * lambda;
+      }
+      // More than half of the damped loss is damping (H nearly singular along dw, e.g. a
+      // rank-deficient H): the difference would lose bits to cancellation.
+      if (damping_part > 0.5 * step_losses[r]) measure[static_cast<size_t>(chunk)] = 1;
+      step_losses[r] = std::max(0.0, step_losses[r] - damping_part);
+    }
+  });
+  for (Index chunk = 0; chunk < chunks; ++chunk) {
+    if (!measure[static_cast<size_t>(chunk)]) continue;
+    const Index r0 = chunk * kMeasureChunk, len = std::min(kMeasureChunk, rows - r0);
+    step_losses.segment(r0, len) = row_losses<Scalar>(W.middleRows(r0, len), out.middleRows(r0, len),
+                                                      H, run.num_threads, run.interrupt);
+  }
+  return step_losses;
+}
+
 }  // namespace internal
 
 template <class Scalar>
@@ -170,14 +211,14 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::check_layer_scale<Scalar>(W, prep);
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt, run.num_threads);
+  Eigen::VectorXd step_losses;
   internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
-                              result.weight);
+                              result.weight, &step_losses);
   check_finite_result(result.weight, "weights");
   result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
-  // Measured with H, not taken from the sweep's step losses (which add up to the same in exact
-  // arithmetic): quantize_select and the C API report these very numbers for the same weights,
-  // and refinement's "never worse" is checked against them bit for bit.
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
+  // From the sweep's step losses, as quantize_select (and so quantize and the C API) takes them.
+  result.row_losses = internal::gptq_row_losses<Scalar>(W, result.weight, H, prep,
+                                                        std::move(step_losses), run);
   internal::fill_codes(result);
   result.row_losses_unrefined = result.row_losses;
   result.row_method.setConstant(
@@ -196,7 +237,10 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   template void internal::gptq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, const HessianRef&,  \
                                        const PreparedHessian&, const Eigen::VectorXd&,             \
                                        const QuantGrid<S>&, const GptqOptions&,                    \
-                                       const RunOptions&, RowMatrix<S>&, Eigen::VectorXd*);
+                                       const RunOptions&, RowMatrix<S>&, Eigen::VectorXd*);   \
+  template Eigen::VectorXd internal::gptq_row_losses<S>(                                           \
+      const Eigen::Ref<const RowMatrix<S>>&, const RowMatrix<S>&, const HessianRef&,               \
+      const PreparedHessian&, Eigen::VectorXd, const RunOptions&);
 
 OBC_INSTANTIATE(float)
 OBC_INSTANTIATE(double)

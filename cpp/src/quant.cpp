@@ -9,11 +9,8 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
 #include "internal/grid_point.hpp"
+#include "internal/grid_screen.hpp"
 #include "internal/prepared_view.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
@@ -67,143 +64,6 @@ double grid_error(const Scalar* w, Index len, const GridPoint<Scalar>& g, double
   return err;
 }
 
-// Screening of the MSE candidates (float32 rows): an estimate of every candidate's error, cheap
-// and vectorizable, with a proven relative error bound, so that only the candidates that can
-// still be the exact minimum are summed with std::pow. The choice is the exact scan's.
-namespace screen {
-
-constexpr double kMargin = 1e-3;  // relative bound used; the estimate is within ~1e-5
-constexpr float kSmall = 0x1p-20f;  // |q - w| / scale below this: the term is estimated as 0
-
-// u^norm for u in [2^-20, 2^11], 1 <= norm <= 4, relative error below 1e-5: 2^(norm log2 u),
-// log2 from the exponent and an odd series of ln on the mantissa in [0.75, 1.5), 2^f by a
-// degree-9 Taylor polynomial. (Smaller u give some finite value, which the callers discard.)
-inline float pow_estimate(float u, float norm) {
-  std::uint32_t bits;
-  std::memcpy(&bits, &u, sizeof bits);
-  int e = static_cast<int>(bits >> 23) - 127;
-  std::uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
-  float m;
-  std::memcpy(&m, &mbits, sizeof m);
-  if (m > 1.5f) {
-    m *= 0.5f;
-    e += 1;
-  }
-  const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;  // |t| <= 0.2
-  const float ln_m =
-      2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
-  const float y = std::max(norm * (static_cast<float>(e) + ln_m * 1.44269504f), -126.0f);
-  int k = static_cast<int>(y);
-  if (static_cast<float>(k) > y) k -= 1;  // floor
-  const float f = (y - static_cast<float>(k)) * 0.693147181f;  // in [0, ln 2)
-  const float two_f =
-      1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (
-          1.0f / 720 + f * (1.0f / 5040 + f * (1.0f / 40320 + f * (1.0f / 362880)))))))));
-  const std::uint32_t kbits = static_cast<std::uint32_t>(k + 127) << 23;
-  float two_k;
-  std::memcpy(&two_k, &kbits, sizeof two_k);
-  return two_f * two_k;
-}
-
-#if defined(__SSE2__)
-// pow_estimate on 4 lanes, the same operations (SSE2 is part of x86-64).
-inline __m128 pow_estimate4(__m128 u, __m128 norm) {
-  const __m128i bits = _mm_castps_si128(u);
-  __m128i e = _mm_sub_epi32(_mm_srli_epi32(bits, 23), _mm_set1_epi32(127));
-  __m128 m = _mm_castsi128_ps(
-      _mm_or_si128(_mm_and_si128(bits, _mm_set1_epi32(0x7fffff)), _mm_set1_epi32(0x3f800000)));
-  const __m128 high = _mm_cmpgt_ps(m, _mm_set1_ps(1.5f));
-  m = _mm_sub_ps(m, _mm_and_ps(high, _mm_mul_ps(m, _mm_set1_ps(0.5f))));  // m - m/2 is exact
-  e = _mm_sub_epi32(e, _mm_castps_si128(high));                           // the mask is -1
-  const __m128 one = _mm_set1_ps(1.0f);
-  const __m128 t = _mm_div_ps(_mm_sub_ps(m, one), _mm_add_ps(m, one)), t2 = _mm_mul_ps(t, t);
-  __m128 series = _mm_set1_ps(1.0f / 9);
-  for (const float c : {1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
-    series = _mm_add_ps(_mm_set1_ps(c), _mm_mul_ps(t2, series));
-  const __m128 ln_m = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(2.0f), t), series);
-  const __m128 y = _mm_max_ps(
-      _mm_mul_ps(norm, _mm_add_ps(_mm_cvtepi32_ps(e), _mm_mul_ps(ln_m, _mm_set1_ps(1.44269504f)))),
-      _mm_set1_ps(-126.0f));
-  __m128i k = _mm_cvttps_epi32(y);
-  k = _mm_add_epi32(k, _mm_castps_si128(_mm_cmpgt_ps(_mm_cvtepi32_ps(k), y)));  // floor
-  const __m128 f = _mm_mul_ps(_mm_sub_ps(y, _mm_cvtepi32_ps(k)), _mm_set1_ps(0.693147181f));
-  __m128 two_f = _mm_set1_ps(1.0f / 362880);
-  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
-                        0.5f, 1.0f, 1.0f})
-    two_f = _mm_add_ps(_mm_set1_ps(c), _mm_mul_ps(f, two_f));
-  const __m128 two_k =
-      _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(k, _mm_set1_epi32(127)), 23));
-  return _mm_mul_ps(two_f, two_k);
-}
-#endif
-
-// u^norm estimates of w[0, len) into terms (0 where u < kSmall), u = |q(w) - w| / scale; returns
-// how many were below kSmall. The rounding is GridPoint::quantize's: for |x| < 2^22,
-// (x + 1.5 2^23) - 1.5 2^23 is x rounded half to even, and larger |x| is clamped to the same end
-// code either way; q - w is then the very float the exact sum raises to norm.
-inline Index estimate_terms(const float* w, Index len, const GridPoint<float>& g, float norm,
-                            float* terms) {
-  const float scale = g.scale, zero = static_cast<float>(g.zero);
-  const float maxq = static_cast<float>(g.maxq), inv_scale = 1.0f / g.scale;
-  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
-  Index j = 0, n_small = 0;
-#if defined(__SSE2__)
-  const __m128 v_scale = _mm_set1_ps(scale), v_inv = _mm_set1_ps(inv_scale);
-  const __m128 v_zero = _mm_set1_ps(zero), v_maxq = _mm_set1_ps(maxq);
-  const __m128 v_round = _mm_set1_ps(kRound), v_small = _mm_set1_ps(kSmall);
-  const __m128 v_norm = _mm_set1_ps(norm), sign = _mm_set1_ps(-0.0f);
-  __m128i count = _mm_setzero_si128();
-  for (; j + 4 <= len; j += 4) {
-    const __m128 wv = _mm_loadu_ps(w + j);
-    const __m128 r = _mm_sub_ps(_mm_add_ps(_mm_div_ps(wv, v_scale), v_round), v_round);
-    const __m128 c = _mm_min_ps(_mm_max_ps(_mm_add_ps(r, v_zero), _mm_setzero_ps()), v_maxq);
-    const __m128 d = _mm_sub_ps(_mm_mul_ps(v_scale, _mm_sub_ps(c, v_zero)), wv);
-    const __m128 u = _mm_mul_ps(_mm_andnot_ps(sign, d), v_inv);
-    const __m128 tiny = _mm_cmplt_ps(u, v_small);
-    count = _mm_sub_epi32(count, _mm_castps_si128(tiny));
-    _mm_storeu_ps(terms + j, _mm_andnot_ps(tiny, pow_estimate4(u, v_norm)));
-  }
-  alignas(16) std::int32_t lanes[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), count);
-  n_small = static_cast<Index>(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
-#endif
-  for (; j < len; ++j) {
-    const float x = w[j] / scale;
-    const float r = (x + kRound) - kRound;
-    const float c = std::min(std::max(r + zero, 0.0f), maxq);
-    const float u = std::abs(scale * (c - zero) - w[j]) * inv_scale;
-    const bool tiny = u < kSmall;
-    n_small += tiny ? 1 : 0;
-    terms[j] = tiny ? 0.0f : pow_estimate(u, norm);
-  }
-  return n_small;
-}
-
-// Estimate of grid_error(w, g) / g.scale^norm (the sum of the u^norm estimates) and the number
-// of terms estimated as 0. Stops early, returning a partial sum above `stop_above` with
-// complete = false, once the sum exceeds it (terms are >= 0).
-inline double scaled_error(const float* w, Index len, const GridPoint<float>& g, float norm,
-                           double stop_above, float* terms, Index& small, bool& complete) {
-  constexpr Index kBlock = 128;  // terms between two comparisons with stop_above
-  double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
-  small = 0;
-  complete = false;
-  for (Index j0 = 0; j0 < len; j0 += kBlock) {
-    const Index n = std::min(kBlock, len - j0);
-    small += estimate_terms(w + j0, n, g, norm, terms);
-    Index j = 0;
-    for (; j + 4 <= n; j += 4)
-      for (int l = 0; l < 4; ++l) sum[l] += static_cast<double>(terms[j + l]);
-    for (; j < n; ++j) sum[0] += static_cast<double>(terms[j]);
-    const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
-    if (total > stop_above && j0 + n < len) return total;
-  }
-  complete = true;
-  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
-}
-
-}  // namespace screen
-
 // Whether the float32 screening applies: a norm in [1, 4] and max |w| in [2^-60, 2^60], which
 // keep every scale, 1 / scale and u^norm in pow_estimate's range (u <= 1300: clamped weights
 // are at most (1 - 0.21) / 0.21 ranges of 255 steps away). Short groups are not worth it.
@@ -226,10 +86,11 @@ bool can_screen(const Scalar* w, Index len, double norm) {
 // error (the first on ties). `guess` (a step index; only speed depends on it) is evaluated first,
 // so that its error bounds every other candidate's partial sum and most of them stop early; on
 // return it holds the chosen step, a good guess for the next row of similar weights. float32
-// rows are screened first (see `screen`): only candidates that can still win are summed.
+// rows are screened first (internal/grid_screen.hpp: an estimate of every candidate's error,
+// cheap and vectorized, with a proven relative error bound): only the candidates that can still
+// be the exact minimum are summed with std::pow, so the choice is the exact scan's.
 template <class Scalar>
-GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess,
-                           std::vector<float>& scratch) {
+GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
   double xmin = 0, xmax = 0;
   for (Index i = 0; i < len; ++i) {
     xmin = std::min(xmin, static_cast<double>(w[i]));
@@ -248,24 +109,24 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
       // exact_i >= low_i = (1 - m) est_i (zeroed terms only lower the estimate) and
       // exact_i <= high_i = (1 + m) (est_i + small_i kSmall^norm): a candidate whose low bound
       // is above the lowest high bound cannot be the minimum.
-      scratch.resize(static_cast<size_t>(std::min<Index>(len, 128)));
       double low[kMseSteps], lowest_high = std::numeric_limits<double>::infinity();
-      const double small_term = std::pow(static_cast<double>(screen::kSmall), opt.mse_norm);
+      const double small_term = std::pow(static_cast<double>(internal::kScreenSmall), opt.mse_norm);
       const int start = first;  // the guess first: its high bound cuts the others short
       for (int n = 0; n < kMseSteps; ++n) {
         const int i = (start + n) % kMseSteps;
         const GridPoint<float> g = grid_at_step(i);
         const double unit = std::pow(static_cast<double>(g.scale), opt.mse_norm);
         // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above that.
-        const double stop = lowest_high / ((1 - screen::kMargin) * unit);
+        const double stop = lowest_high / ((1 - internal::kScreenMargin) * unit);
         Index small = 0;
         bool complete = false;
-        const double est = screen::scaled_error(w, len, g, static_cast<float>(opt.mse_norm),
-                                                stop, scratch.data(), small, complete);
-        low[i] = (1 - screen::kMargin) * est * unit;
+        const double est = internal::grid_screen_kernels().scaled_error(
+            w, len, g.scale, g.zero, g.maxq, static_cast<float>(opt.mse_norm), stop, &small,
+            &complete);
+        low[i] = (1 - internal::kScreenMargin) * est * unit;
         // Only a complete sum bounds the exact error from above.
         const double high =
-            (1 + screen::kMargin) * (est + static_cast<double>(small) * small_term) * unit;
+            (1 + internal::kScreenMargin) * (est + static_cast<double>(small) * small_term) * unit;
         if (complete && high < lowest_high) {
           lowest_high = high;
           first = i;
@@ -299,6 +160,14 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
 }  // namespace
 
 namespace internal {
+
+// The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too).
+const GridScreenKernels& grid_screen_kernels() {
+#ifdef OBC_HAVE_AVX2_KERNELS
+  if (std::strcmp(kernels().isa, "generic") != 0) return grid_screen_kernels_avx2();
+#endif
+  return grid_screen_kernels_generic();
+}
 
 void check_quant_options(const QuantOptions& opt, Index cols) {
   OBC_CHECK(opt.bits >= 2 && opt.bits <= 8, "bits: expected an integer in 2..8, got ", opt.bits);
@@ -389,12 +258,10 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
   const double work = static_cast<double>(W.size()) * (opt.grid == GridSearch::Mse ? kMseSteps : 1);
   parallel_for(items, work < 4e6 ? 1 : num_threads, nullptr, [&](Index item, int) {
     int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
-    std::vector<float> scratch;
     for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
       for (Index g = 0; g < groups; ++g) {
         const GridPoint<Scalar> p =
-            fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt, guess,
-                             scratch);
+            fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt, guess);
         grid.scale(r, g) = p.scale;
         grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
       }

@@ -52,7 +52,9 @@ int refit_rounds(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef&
     const Eigen::VectorXd l = row_losses<Scalar>(W, w, H, run.num_threads, run.interrupt);
     Index improved = 0;
     for (Index r = 0; r < rows; ++r) {
-      if (!(l[r] < losses[r])) continue;
+      // Same weights, same loss: a GPTQ row's loss from the sweep may differ from the measured
+      // l[r] in the last bits, which must not pass for a gain.
+      if (!(l[r] < losses[r]) || w.row(r) == weight.row(r)) continue;
       weight.row(r) = w.row(r);
       grid.scale.row(r) = g.scale.row(r);
       losses[r] = l[r];
@@ -100,6 +102,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   std::vector<Eigen::VectorXd> unrefined(methods.size()), losses(methods.size());
   for (size_t i = 0; i < methods.size(); ++i) {
     RowMatrix<Scalar>& out = weights[i];
+    Eigen::VectorXd step_losses;  // GPTQ's: its losses come from the sweep (gptq_row_losses)
     switch (methods[i]) {
       case QuantMethod::Obq:
         internal::obq_into<Scalar>(W, prep, best.grid, opt, run, out);
@@ -109,7 +112,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         internal::gptq_into<Scalar>(W, H, prep, hdiag, best.grid,
                                     GptqOptions{methods[i] == QuantMethod::Gptq,
                                                 sopt.gptq_block_size},
-                                    run, out);
+                                    run, out, &step_losses);
         break;
       case QuantMethod::Rtn:
         out.resize(rows, cols);
@@ -120,14 +123,25 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         break;
     }
     check_finite_result(out, "weights");
-    unrefined[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+    const bool from_steps = step_losses.size() == rows;
+    unrefined[i] = from_steps
+                       ? internal::gptq_row_losses<Scalar>(W, out, H, prep,
+                                                           std::move(step_losses), run)
+                       : row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
     if (refine) {
+      // GPTQ's unrefined losses come from its sweep, not from row_losses: a row that refinement
+      // leaves as it was keeps that value, so that its loss never reads as raised by rounding.
+      RowMatrix<Scalar> unchanged;
+      if (from_steps) unchanged = out;
       best.refine_passes = std::max(
           best.refine_passes,
           internal::refine_into<Scalar>(W, hd, prep.damp_absolute, best.grid, best.pruned,
                                         sopt.refine, run, out));
       check_finite_result(out, "weights");
       losses[i] = row_losses<Scalar>(W, out, H, run.num_threads, run.interrupt);
+      if (from_steps)
+        for (Index r = 0; r < rows; ++r)
+          if (out.row(r) == unchanged.row(r)) losses[i][r] = unrefined[i][r];
     } else {
       losses[i] = unrefined[i];
     }

@@ -95,3 +95,48 @@ def test_mse_grid_independent_of_threads():
     one = obc.quantize_rtn(W, H, 3, group_size=128, num_threads=1)
     two = obc.quantize_rtn(W, H, 3, group_size=128, num_threads=2)
     assert np.array_equal(one.scale, two.scale) and np.array_equal(one.zero, two.zero)
+
+
+_GENERIC_SCRIPT = r"""
+import sys
+import numpy as np
+import obc_native as obc
+layers = np.load(sys.argv[1])
+out = {}
+for name in layers.files:
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            for group in (None, 64):
+                res = obc.quantize_rtn(layers[name], np.eye(layers[name].shape[1]), bits, sym=sym,
+                                       group_size=group, grid="mse", num_threads=2)
+                key = f"{name}|{bits}|{sym}|{group}"
+                out[key + "|scale"], out[key + "|zero"] = res.scale, res.zero
+out["isa"] = np.array(obc.build_info()["kernel_isa"])
+np.savez(sys.argv[2], **out)
+"""
+
+
+def test_generic_screening_chooses_the_same_grids(tmp_path):
+    # The screening is compiled per SIMD level (4 SSE2 lanes in the generic copy, 8 AVX2+FMA
+    # lanes in the other); the test above checks whichever this CPU dispatches to against the
+    # plain scan, this one the generic copy (OBC_SIMD=generic) against the dispatched one.
+    import os
+    import subprocess
+    import sys
+
+    layers = {name: np.ascontiguousarray(w, dtype=np.float32) for name, w in _layers()}
+    np.savez(tmp_path / "layers.npz", **layers)
+    env = dict(os.environ, OBC_SIMD="generic")
+    subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT, str(tmp_path / "layers.npz"),
+                    str(tmp_path / "generic.npz")], env=env, check=True, timeout=300)
+    generic = np.load(tmp_path / "generic.npz")
+    assert str(generic["isa"]) == "generic"
+    for name, W in layers.items():
+        for bits in (2, 3, 4, 8):
+            for sym in (True, False):
+                for group in (None, 64):
+                    res = obc.quantize_rtn(W, np.eye(W.shape[1]), bits, sym=sym, group_size=group,
+                                           grid="mse", num_threads=2)
+                    key = f"{name}|{bits}|{sym}|{group}"
+                    assert np.array_equal(generic[key + "|scale"], res.scale), key
+                    assert np.array_equal(generic[key + "|zero"], res.zero), key

@@ -35,6 +35,8 @@ struct GptqOptions {
 /// rounded onto its grid in W's precision. Bit-identical for any thread count (rows are solved
 /// in fixed chunks). Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when
 /// the damped inverse has no Cholesky factor. result.row_method is Gptq or GptqNatural.
+/// result.row_losses (1/2 dw H dw^T, undamped H) come from the sweep's own step losses, not from
+/// a second O(rows cols^2) pass: the same bits quantize_select reports for these weights.
 template <class Scalar>
 QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, const QuantOptions& opt,

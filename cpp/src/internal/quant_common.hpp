@@ -49,12 +49,26 @@ void obq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, PreparedHessian& pre
 /// NotPositiveDefinite as prepare_hessian does, and for float32 W Overflow when diag(H^-1) is out
 /// of float32 range, as check_layer_scale does). hdiag: diag(H) (cols), the act-order key.
 /// step_losses (may be null): set to each row's summed OBS step losses, 1/2 dw (H + lambda I)
-/// dw^T over the live inputs (see finish_result_from_steps).
+/// dw^T over the live inputs (see gptq_row_losses).
 template <class Scalar>
 void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H,
                const PreparedHessian& prep, const Eigen::VectorXd& hdiag,
                const QuantGrid<Scalar>& grid, const GptqOptions& gopt, const RunOptions& run,
                RowMatrix<Scalar>& out, Eigen::VectorXd* step_losses = nullptr);
+
+/// The row losses 1/2 dw H dw^T (rows) of GPTQ's weights `out` (rows x cols, from gptq_into on
+/// W with prep), taken from its step losses (gptq_into's step_losses, rows): in exact arithmetic
+/// they add up to 1/2 dw (H + lambda I) dw^T over the live inputs, so the loss is that minus
+/// 1/2 lambda ||dw_live||^2, O(rows cols) instead of the O(rows cols^2) measure. Where the
+/// damping's share is over half the damped loss (cancellation), the row's 256-row chunk (the
+/// row-loss kernel's own chunk, so the values do not depend on how the rows were split) is
+/// measured with row_losses instead. Every API that reports GPTQ losses (quantize_gptq,
+/// quantize_select, so quantize and the C API) takes them from here, so they agree bit for bit.
+template <class Scalar>
+Eigen::VectorXd gptq_row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                const RowMatrix<Scalar>& out, const HessianRef& H,
+                                const PreparedHessian& prep, Eigen::VectorXd step_losses,
+                                const RunOptions& run);
 
 /// The refinement's Hessian: (H + H^T) / 2, plus prep.damp_absolute on the live diagonal when
 /// `damped` (the matrix the solvers invert), 1 on the diagonal of dead inputs (cols x cols).

@@ -1,0 +1,258 @@
+// The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
+// (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
+// file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
+// 8 lanes with FMA in the AVX2 copy. It is built with -ffp-contract=off: q - w must be the very
+// float the exact scan (GridPoint::quantize, then the difference) computes, never a fused
+// multiply-subtract; the fused operations below are explicit.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define OBC_SCREEN_AVX2 1
+#endif
+
+#include "internal/grid_screen.hpp"
+
+#ifndef OBC_KERNEL_NS
+#define OBC_KERNEL_NS internal
+#endif
+#ifndef OBC_GRID_SCREEN_TABLE
+#define OBC_GRID_SCREEN_TABLE grid_screen_kernels_generic
+#endif
+
+namespace obc::OBC_KERNEL_NS {
+
+namespace {
+
+using internal::KIndex;
+using internal::kScreenSmall;
+
+// u^norm for u in [2^-20, 2^11], 1 <= norm <= 4, relative error below 1e-5: 2^(norm log2 u),
+// log2 from the exponent and an odd series of ln on the mantissa in [0.75, 1.5), 2^f by a
+// degree-9 Taylor polynomial. (Smaller u give some finite value, which the callers discard.)
+inline float pow_estimate(float u, float norm) {
+  std::uint32_t bits;
+  std::memcpy(&bits, &u, sizeof bits);
+  int e = static_cast<int>(bits >> 23) - 127;
+  std::uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+  float m;
+  std::memcpy(&m, &mbits, sizeof m);
+  if (m > 1.5f) {
+    m *= 0.5f;
+    e += 1;
+  }
+  const float t = (m - 1.0f) / (m + 1.0f), t2 = t * t;  // |t| <= 0.2
+  const float ln_m =
+      2.0f * t * (1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9)))));
+  const float y = std::max(norm * (static_cast<float>(e) + ln_m * 1.44269504f), -126.0f);
+  int k = static_cast<int>(y);
+  if (static_cast<float>(k) > y) k -= 1;  // floor
+  const float f = (y - static_cast<float>(k)) * 0.693147181f;  // in [0, ln 2)
+  const float two_f =
+      1.0f + f * (1.0f + f * (0.5f + f * (1.0f / 6 + f * (1.0f / 24 + f * (1.0f / 120 + f * (
+          1.0f / 720 + f * (1.0f / 5040 + f * (1.0f / 40320 + f * (1.0f / 362880)))))))));
+  const std::uint32_t kbits = static_cast<std::uint32_t>(k + 127) << 23;
+  float two_k;
+  std::memcpy(&two_k, &kbits, sizeof two_k);
+  return two_f * two_k;
+}
+
+#if defined(__SSE2__)
+// pow_estimate on 4 lanes, the same operations (SSE2 is part of x86-64).
+inline __m128 pow_estimate4(__m128 u, __m128 norm) {
+  const __m128i bits = _mm_castps_si128(u);
+  __m128i e = _mm_sub_epi32(_mm_srli_epi32(bits, 23), _mm_set1_epi32(127));
+  __m128 m = _mm_castsi128_ps(
+      _mm_or_si128(_mm_and_si128(bits, _mm_set1_epi32(0x7fffff)), _mm_set1_epi32(0x3f800000)));
+  const __m128 high = _mm_cmpgt_ps(m, _mm_set1_ps(1.5f));
+  m = _mm_sub_ps(m, _mm_and_ps(high, _mm_mul_ps(m, _mm_set1_ps(0.5f))));  // m - m/2 is exact
+  e = _mm_sub_epi32(e, _mm_castps_si128(high));                           // the mask is -1
+  const __m128 one = _mm_set1_ps(1.0f);
+  const __m128 t = _mm_div_ps(_mm_sub_ps(m, one), _mm_add_ps(m, one)), t2 = _mm_mul_ps(t, t);
+  __m128 series = _mm_set1_ps(1.0f / 9);
+  for (const float c : {1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
+    series = _mm_add_ps(_mm_set1_ps(c), _mm_mul_ps(t2, series));
+  const __m128 ln_m = _mm_mul_ps(_mm_mul_ps(_mm_set1_ps(2.0f), t), series);
+  const __m128 y = _mm_max_ps(
+      _mm_mul_ps(norm, _mm_add_ps(_mm_cvtepi32_ps(e), _mm_mul_ps(ln_m, _mm_set1_ps(1.44269504f)))),
+      _mm_set1_ps(-126.0f));
+  __m128i k = _mm_cvttps_epi32(y);
+  k = _mm_add_epi32(k, _mm_castps_si128(_mm_cmpgt_ps(_mm_cvtepi32_ps(k), y)));  // floor
+  const __m128 f = _mm_mul_ps(_mm_sub_ps(y, _mm_cvtepi32_ps(k)), _mm_set1_ps(0.693147181f));
+  __m128 two_f = _mm_set1_ps(1.0f / 362880);
+  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
+                        0.5f, 1.0f, 1.0f})
+    two_f = _mm_add_ps(_mm_set1_ps(c), _mm_mul_ps(f, two_f));
+  const __m128 two_k =
+      _mm_castsi128_ps(_mm_slli_epi32(_mm_add_epi32(k, _mm_set1_epi32(127)), 23));
+  return _mm_mul_ps(two_f, two_k);
+}
+#endif
+
+#if defined(OBC_SCREEN_AVX2)
+// pow_estimate on 8 lanes: the same method, the polynomials by fused multiply-adds (only more
+// accurate than the bound needs) and an exact floor.
+inline __m256 pow_estimate8(__m256 u, __m256 norm) {
+  const __m256i bits = _mm256_castps_si256(u);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 high = _mm256_cmp_ps(m, _mm256_set1_ps(1.5f), _CMP_GT_OQ);
+  m = _mm256_sub_ps(m, _mm256_and_ps(high, _mm256_mul_ps(m, _mm256_set1_ps(0.5f))));  // exact
+  e = _mm256_sub_epi32(e, _mm256_castps_si256(high));                                 // mask -1
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 t = _mm256_div_ps(_mm256_sub_ps(m, one), _mm256_add_ps(m, one));
+  const __m256 t2 = _mm256_mul_ps(t, t);
+  __m256 series = _mm256_set1_ps(1.0f / 9);
+  for (const float c : {1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
+    series = _mm256_fmadd_ps(t2, series, _mm256_set1_ps(c));
+  const __m256 ln_m = _mm256_mul_ps(_mm256_add_ps(t, t), series);
+  const __m256 y = _mm256_max_ps(
+      _mm256_mul_ps(norm,
+                    _mm256_fmadd_ps(ln_m, _mm256_set1_ps(1.44269504f), _mm256_cvtepi32_ps(e))),
+      _mm256_set1_ps(-126.0f));
+  const __m256 k = _mm256_floor_ps(y);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(y, k), _mm256_set1_ps(0.693147181f));
+  __m256 two_f = _mm256_set1_ps(1.0f / 362880);
+  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
+                        0.5f, 1.0f, 1.0f})
+    two_f = _mm256_fmadd_ps(f, two_f, _mm256_set1_ps(c));
+  const __m256 two_k = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
+  return _mm256_mul_ps(two_f, two_k);
+}
+#endif
+
+// u^norm estimates of w[0, len) into terms (0 where u < kScreenSmall), u = |q(w) - w| / scale; returns
+// how many were below kScreenSmall. The rounding is GridPoint::quantize's: for |x| < 2^22,
+// (x + 1.5 2^23) - 1.5 2^23 is x rounded half to even, and larger |x| is clamped to the same end
+// code either way; q - w is then the very float the exact sum raises to norm.
+inline KIndex estimate_terms(const float* w, KIndex len, float scale, float zero, float maxq,
+                             float norm, float* terms) {
+  const float inv_scale = 1.0f / scale;
+  constexpr float kRound = 12582912.0f;  // 1.5 * 2^23
+  KIndex j = 0, n_small = 0;
+#if defined(__SSE2__)
+  const __m128 v_scale = _mm_set1_ps(scale), v_inv = _mm_set1_ps(inv_scale);
+  const __m128 v_zero = _mm_set1_ps(zero), v_maxq = _mm_set1_ps(maxq);
+  const __m128 v_round = _mm_set1_ps(kRound), v_small = _mm_set1_ps(kScreenSmall);
+  const __m128 v_norm = _mm_set1_ps(norm), sign = _mm_set1_ps(-0.0f);
+  __m128i count = _mm_setzero_si128();
+  for (; j + 4 <= len; j += 4) {
+    const __m128 wv = _mm_loadu_ps(w + j);
+    const __m128 r = _mm_sub_ps(_mm_add_ps(_mm_div_ps(wv, v_scale), v_round), v_round);
+    const __m128 c = _mm_min_ps(_mm_max_ps(_mm_add_ps(r, v_zero), _mm_setzero_ps()), v_maxq);
+    const __m128 d = _mm_sub_ps(_mm_mul_ps(v_scale, _mm_sub_ps(c, v_zero)), wv);
+    const __m128 u = _mm_mul_ps(_mm_andnot_ps(sign, d), v_inv);
+    const __m128 tiny = _mm_cmplt_ps(u, v_small);
+    count = _mm_sub_epi32(count, _mm_castps_si128(tiny));
+    _mm_storeu_ps(terms + j, _mm_andnot_ps(tiny, pow_estimate4(u, v_norm)));
+  }
+  alignas(16) std::int32_t lanes[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(lanes), count);
+  n_small = static_cast<KIndex>(lanes[0]) + lanes[1] + lanes[2] + lanes[3];
+#endif
+  for (; j < len; ++j) {
+    const float x = w[j] / scale;
+    const float r = (x + kRound) - kRound;
+    const float c = std::min(std::max(r + zero, 0.0f), maxq);
+    const float u = std::abs(scale * (c - zero) - w[j]) * inv_scale;
+    const bool tiny = u < kScreenSmall;
+    n_small += tiny ? 1 : 0;
+    terms[j] = tiny ? 0.0f : pow_estimate(u, norm);
+  }
+  return n_small;
+}
+
+double scaled_error(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                    float norm, double stop_above, KIndex* small, bool* complete) {
+  constexpr KIndex kBlock = 128;  // terms between two comparisons with stop_above
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
+  *small = 0;
+  *complete = false;
+#if defined(OBC_SCREEN_AVX2)
+  // Straight into 8 float64 lanes (fixed: the same sum on every run), rounding as
+  // estimate_terms (round half to even, then clamp: GridPoint::quantize's code).
+  const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
+  const __m256 v_zero = _mm256_set1_ps(zero), v_maxq = _mm256_set1_ps(maxq);
+  const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(norm);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
+  __m256i count = _mm256_setzero_si256();
+  double tail = 0;  // terms after the last multiple of 8 in a block
+  const auto total = [&] {
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(sum_lo, sum_hi));
+    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+  };
+  const auto count_small = [&] {
+    alignas(32) std::int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
+    for (const std::int32_t l : lanes) *small += l;
+  };
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex end = std::min(len, j0 + kBlock);
+    KIndex j = j0;
+    for (; j + 8 <= end; j += 8) {
+      const __m256 wv = _mm256_loadu_ps(w + j);
+      const __m256 r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 c =
+          _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, v_zero), _mm256_setzero_ps()), v_maxq);
+      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(v_scale, _mm256_sub_ps(c, v_zero)), wv);
+      const __m256 u = _mm256_mul_ps(_mm256_andnot_ps(sign, d), v_inv);
+      const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
+      count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
+      const __m256 term = _mm256_andnot_ps(tiny, pow_estimate8(u, v_norm));
+      sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
+      sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+    }
+    if (j < end) {
+      float terms[8];
+      *small += estimate_terms(w + j, end - j, scale, zero, maxq, norm, terms);
+      for (KIndex i = 0; i < end - j; ++i) tail += static_cast<double>(terms[i]);
+    }
+    if (end < len && total() > stop_above) {
+      count_small();
+      return total();
+    }
+  }
+  count_small();
+  *complete = true;
+  return total();
+#else
+  float terms[kBlock];
+  double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex n = std::min(kBlock, len - j0);
+    *small += estimate_terms(w + j0, n, scale, zero, maxq, norm, terms);
+    KIndex j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int l = 0; l < 4; ++l) sum[l] += static_cast<double>(terms[j + l]);
+    for (; j < n; ++j) sum[0] += static_cast<double>(terms[j]);
+    const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    if (total > stop_above && j0 + n < len) return total;
+  }
+  *complete = true;
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+#endif
+}
+
+}  // namespace
+
+}  // namespace obc::OBC_KERNEL_NS
+
+namespace obc::internal {
+
+const GridScreenKernels& OBC_GRID_SCREEN_TABLE() {
+  static const GridScreenKernels table{&OBC_KERNEL_NS::scaled_error};
+  return table;
+}
+
+}  // namespace obc::internal
