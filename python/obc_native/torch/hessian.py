@@ -21,7 +21,8 @@ from .layers import LayerInfo, _conv_padding, input_samples, output_channel_sum
 
 __all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks", "sample_signature"]
 
-# Rows of unfolded samples converted to float64 at a time (bounds the temporary memory).
+# Rows of unfolded samples accumulated at a time (bounds the temporary memory of the float64
+# conversion on the torch path; the CPU path widens 2048 rows at a time in the core).
 _CHUNK_ROWS = 1 << 16
 
 
@@ -111,6 +112,13 @@ class LayerHessian:
     one object that received exactly the samples, batches and order each layer would have alone:
     the same bits as separate accumulation, and as the Ray shards (which do not share).
 
+    Arithmetic: on the CPU each chunk's ``X^T X`` is the core's symmetric Gram update
+    (``_core.accumulate_gram``: the lower triangle in tiles of 256 columns, 2048 rows widened to
+    float64 at a time, mirrored; half the flops of a full product, bit-identical for any thread
+    count); on other devices it is torch's float64 ``baddbmm``. The two differ by float64
+    rounding (another summation order): CPU Hessians changed in the last bits when the core's
+    update replaced ``baddbmm`` (whose result could also depend on the BLAS thread count).
+
     Attributes:
         info: the layer.
         n: samples seen so far (finished batches and the current one).
@@ -139,10 +147,16 @@ class LayerHessian:
             samples = input_samples(self.info, x.detach())
         except ValueError as err:
             raise CalibrationError(str(err)) from None
+        native = samples.device.type == "cpu"
+        if native and samples.dtype not in (torch.float32, torch.float64):
+            samples = samples.float()  # float16 / bfloat16: exact in float32
         for start in range(0, samples.shape[1], _CHUNK_ROWS):
-            self._add_chunk(samples[:, start : start + _CHUNK_ROWS].double())
+            chunk = samples[:, start : start + _CHUNK_ROWS]
+            self._add_chunk(chunk if native else chunk.double(), native=native)
 
-    def _add_chunk(self, chunk: torch.Tensor) -> None:
+    def _add_chunk(self, chunk: torch.Tensor, *, native: bool) -> None:
+        """Add one chunk of samples ``(groups, rows, cols)``: float64 (torch path, any device)
+        or, with ``native``, float32/float64 on the CPU (the core's symmetric Gram update)."""
         count = chunk.shape[1]
         if count == 0:
             return
@@ -153,8 +167,22 @@ class LayerHessian:
             gram = torch.zeros(groups, cols, cols, dtype=torch.float64, device=chunk.device)
             self._batch = (gram, torch.zeros(groups, cols, dtype=torch.float64, device=chunk.device), 0)
         gram, sums, seen = self._batch
-        gram.baddbmm_(chunk.transpose(1, 2), chunk)
-        sums.add_(chunk.sum(dim=1))
+        if native:
+            # X^T X computed once per element pair (half of baddbmm's flops), widened to float64
+            # in the core 2048 rows at a time, bit-identical for any thread count
+            from .. import _core  # lazily, like _solvers.get_core: this module imports without it
+
+            threads = torch.get_num_threads()
+            for unit in range(chunk.shape[0]):
+                samples = chunk[unit]
+                if samples.shape[1] > 1 and samples.stride(1) != 1:
+                    samples = samples.contiguous()
+                _core.accumulate_gram(gram[unit].numpy(), samples.numpy(), threads)
+            # summed in float64 as the float64 copy would be (the same values, the same order)
+            sums.add_(chunk.sum(dim=1, dtype=torch.float64))
+        else:
+            gram.baddbmm_(chunk.transpose(1, 2), chunk)
+            sums.add_(chunk.sum(dim=1))
         self._batch = (gram, sums, seen + count)
         self.n += count
 
