@@ -300,3 +300,43 @@ def test_accumulate_gram_binding_checks_its_arguments():
     total = np.zeros((3, 3))
     _core.accumulate_gram(total, x[::2])  # strided rows are read in place
     assert np.array_equal(total, np.full((3, 3), 2.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_hessian_rejects_non_finite_sample_naming_the_layer(bad):
+    layer = nn.Linear(5, 2)
+    batch = torch.randn(30, 5)
+    batch[29, 4] = bad  # the last value of the last row
+    with LayerHooks({"proj": describe_layer("proj", layer)}) as hooks:
+        with pytest.raises(CalibrationError, match="layer 'proj'.*NaN or Inf"):
+            run_calibration(nn.ModuleDict({"proj": layer}), [batch], hooks, forward=lambda m, b: m["proj"](b))
+
+
+def test_finite_check_of_large_but_finite_inputs():
+    """Values whose float32 sum overflows are still finite: the fast check falls back to the
+    exact one, and calibration goes on."""
+    from obc_native.torch.hessian import _all_finite
+
+    big = torch.full((4, 3), 3e38)
+    assert not bool(torch.isfinite(big.sum()))
+    assert _all_finite(big)
+    assert not _all_finite(torch.tensor([1.0, float("nan")]))
+    assert not _all_finite(torch.tensor([float("inf"), -float("inf")]))
+
+
+def test_cpu_hessians_skip_symmetrizing_an_exactly_symmetric_sum():
+    """The core's sums are exactly symmetric: hessians() equals 2/n S bit for bit (what the
+    symmetrization would give too), and partials merged from elsewhere are symmetrized."""
+    torch.manual_seed(4)
+    layer = nn.Linear(40, 3)
+    with LayerHooks({"0": describe_layer("0", layer)}) as hooks:
+        run_calibration(nn.Sequential(layer), [torch.randn(50, 40), torch.randn(20, 40)], hooks)
+    stats = hooks.hessians["0"]
+    (h,) = stats.hessians()
+    assert np.array_equal(h, (stats.total[0] * (2.0 / stats.n)).numpy())
+    assert np.array_equal(h, h.T)
+    skew = np.zeros((1, 40, 40))
+    skew[0, 0, 1] = 1.0
+    stats.merge_partials([(skew, np.zeros((1, 40)), 1)])
+    (merged,) = stats.hessians()
+    assert np.array_equal(merged, merged.T)

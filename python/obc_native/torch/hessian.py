@@ -40,6 +40,13 @@ class _StopForward(BaseException):
     """
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite. A finite sum proves it (a NaN or Inf makes the
+    sum NaN or Inf) without the bool tensor of ``isfinite``; only a non-finite sum (NaN/Inf in
+    ``x``, or finite values whose sum overflows) needs the exact check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def _first_tensor(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
     """The module's input tensor (first positional argument, or the only tensor keyword)."""
     if args:
@@ -137,6 +144,9 @@ class LayerHessian:
         # Workers keep each batch's partial sums instead of adding them up (see batch_partials).
         self._keep_partials = keep_partials
         self._partials: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []
+        # every sum so far came from the core's update, which is exactly symmetric (then
+        # symmetrizing, 0.5 (H + H^T) = H bit for bit, is skipped: a transposed pass over H)
+        self._exactly_symmetric = True
 
     def add(self, x: torch.Tensor) -> None:
         """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`)."""
@@ -160,7 +170,7 @@ class LayerHessian:
         count = chunk.shape[1]
         if count == 0:
             return
-        if not bool(torch.isfinite(chunk).all()):
+        if not native and not _all_finite(chunk):  # (the core checks its input itself)
             raise CalibrationError(f"layer {self.info.name!r}: calibration input contains NaN or Inf")
         if self._batch is None:
             groups, cols = chunk.shape[0], chunk.shape[2]
@@ -177,12 +187,20 @@ class LayerHessian:
                 samples = chunk[unit]
                 if samples.shape[1] > 1 and samples.stride(1) != 1:
                     samples = samples.contiguous()
-                _core.accumulate_gram(gram[unit].numpy(), samples.numpy(), threads)
+                try:
+                    _core.accumulate_gram(gram[unit].numpy(), samples.numpy(), threads)
+                except ValueError as err:  # NaN/Inf in X (the total is unchanged)
+                    if "finite" not in str(err):
+                        raise
+                    raise CalibrationError(
+                        f"layer {self.info.name!r}: calibration input contains NaN or Inf"
+                    ) from None
             # summed in float64 as the float64 copy would be (the same values, the same order)
             sums.add_(chunk.sum(dim=1, dtype=torch.float64))
         else:
             gram.baddbmm_(chunk.transpose(1, 2), chunk)
             sums.add_(chunk.sum(dim=1))
+            self._exactly_symmetric = False
         self._batch = (gram, sums, seen + count)
         self.n += count
 
@@ -219,6 +237,7 @@ class LayerHessian:
             if part is None:
                 continue
             gram, sums, count = part
+            self._exactly_symmetric = False  # made elsewhere: symmetrized when read
             self._add_partial((torch.from_numpy(np.array(gram)), torch.from_numpy(np.array(sums)), count))
             self.n += count
 
@@ -239,7 +258,7 @@ class LayerHessian:
         """One float64 ``cols x cols`` array per unit, ``H = 2/n sum x x^T`` (exactly symmetric)."""
         total = self._finished_total()
         hessian = total * (2.0 / self.n)
-        sym = 0.5 * (hessian + hessian.transpose(1, 2))
+        sym = hessian if self._exactly_symmetric else 0.5 * (hessian + hessian.transpose(1, 2))
         return [h.cpu().numpy() for h in sym]
 
     def input_mean(self) -> np.ndarray:
@@ -372,7 +391,7 @@ class LayerHooks(HookSet):
                     self.hessian_seconds += time.perf_counter() - start
                 elif not torch.is_floating_point(x):
                     raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
-                elif not bool(torch.isfinite(x).all()):
+                elif not _all_finite(x):
                     raise CalibrationError(f"layer {name!r}: calibration input contains NaN or Inf")
                 if self.share_inputs:
                     self._remember(name, x, token)
