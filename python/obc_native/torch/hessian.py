@@ -25,6 +25,10 @@ __all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHo
 # conversion on the torch path; the CPU path widens 2048 rows at a time in the core).
 _CHUNK_ROWS = 1 << 16
 
+# CPU samples go through the core's symmetric Gram update (False: torch's float64 baddbmm, as
+# on other devices; only for benchmarks/bench_whole_model.py's side-by-side comparison).
+_CORE_GRAM = True
+
 
 class CalibrationError(ValueError):
     """Calibration data that cannot be used: wrong shape or dtype, NaN/Inf, nothing seen."""
@@ -157,7 +161,7 @@ class LayerHessian:
             samples = input_samples(self.info, x.detach())
         except ValueError as err:
             raise CalibrationError(str(err)) from None
-        native = samples.device.type == "cpu"
+        native = samples.device.type == "cpu" and _CORE_GRAM
         if native and samples.dtype not in (torch.float32, torch.float64):
             samples = samples.float()  # float16 / bfloat16: exact in float32
         for start in range(0, samples.shape[1], _CHUNK_ROWS):
