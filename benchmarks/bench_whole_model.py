@@ -24,7 +24,7 @@ With ``--cache-outputs`` sequential mode is also run with ``compress(cache_outpu
 
 A program, never a test: prints a table and writes JSON into benchmarks/results/.
 Run:  .venv/bin/python benchmarks/bench_whole_model.py [--threads 2] [--settings gptq4,2:4,int4]
-      [--modes dense,sequential] [--compare] [--cache-outputs] [--sequences 256] [--tokens 64] [--layers 6]
+      [--modes dense,sequential] [--compare] [--cache-outputs] [--skip-uncached] [--compare-gram] [--sequences 256] [--tokens 64] [--layers 6]
 """
 
 from __future__ import annotations
