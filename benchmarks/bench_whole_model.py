@@ -17,12 +17,14 @@ and the issue-16 targets: calibration (passes + Hessians) at most 1/4 of the tot
 total at most 2x the sum of the layer solves. With ``--compare`` every run is repeated with the
 sharing of inputs turned off (the behaviour before: one Hessian, and in sequential mode one
 pass, per layer), side by side, and the two compressed models are checked to be bit-identical.
+With ``--compare-gram`` every variant is also run with torch's float64 ``baddbmm`` for the Hessian
+sums instead of the core's symmetric Gram update (label suffix ``+torchH``, the path before).
 With ``--cache-outputs`` sequential mode is also run with ``compress(cache_outputs=True)`` (variant
 "cached": finished modules' outputs looked up instead of recomputed), checked bit-identical too.
 
 A program, never a test: prints a table and writes JSON into benchmarks/results/.
 Run:  .venv/bin/python benchmarks/bench_whole_model.py [--threads 2] [--settings gptq4,2:4,int4]
-      [--modes dense,sequential] [--compare] [--cache-outputs] [--sequences 256] [--tokens 64] [--layers 6]
+      [--modes dense,sequential] [--compare] [--cache-outputs] [--skip-uncached] [--compare-gram] [--sequences 256] [--tokens 64] [--layers 6]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import transformers  # noqa: E402
 from obc_native.torch import LayerConfig, compress  # noqa: E402
 
 compress_module = importlib.import_module("obc_native.torch.compress")
+hessian_module = importlib.import_module("obc_native.torch.hessian")
 
 SETTINGS = {
     "gptq4": LayerConfig(bits=4, quant_method="gptq", refine=False),  # cheap: GPTQ alone
@@ -76,10 +79,12 @@ def calibration(args: argparse.Namespace, vocab: int) -> list[dict[str, torch.Te
 
 
 def run(
-    base: torch.nn.Module, batches, config: LayerConfig, *, sequential: bool, share: bool, cache: bool, threads: int
+    base: torch.nn.Module, batches, config: LayerConfig, *, sequential: bool, share: bool, cache: bool, threads: int,
+    core_gram: bool = True,
 ):
     """One compress() run on a copy of ``base``: (figures, compressed state)."""
     compress_module._SHARE_INPUTS = share
+    hessian_module._CORE_GRAM = core_gram
     try:
         model = copy.deepcopy(base)
         report = compress(
@@ -87,6 +92,7 @@ def run(
         )
     finally:
         compress_module._SHARE_INPUTS = True
+        hessian_module._CORE_GRAM = True
     calibration_seconds = report.pass_seconds + report.hessian_seconds
     figures = {
         "passes": report.passes,
@@ -112,6 +118,15 @@ def main() -> None:
     parser.add_argument(
         "--cache-outputs", action="store_true", help="sequential mode: also run with cache_outputs=True (cached)"
     )
+    parser.add_argument(
+        "--skip-uncached", action="store_true",
+        help="sequential mode with --cache-outputs: run only the cached variant (no 'after' run)",
+    )
+    parser.add_argument(
+        "--compare-gram", action="store_true",
+        help="also run each variant's Hessian sums with torch's baddbmm (variant '+torchH'; the "
+             "path before the core's Gram update: results differ by float64 rounding)",
+    )
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
@@ -129,21 +144,31 @@ def main() -> None:
     for setting in args.settings.split(","):
         for mode in args.modes.split(","):
             sequential = mode == "sequential"
-            variants = [("after", True, False)]
+            variants = [] if sequential and args.cache_outputs and args.skip_uncached else [("after", True, False)]
             if sequential and args.cache_outputs:
                 variants.append(("cached", True, True))
             if args.compare:
                 variants.append(("before", False, False))
+            if args.compare_gram:
+                variants = [v for variant in variants for v in (variant, (variant[0] + "+torchH", *variant[1:]))]
             states = {}
             for label, share, cache in variants:
                 figures, states[label] = run(
                     base, batches, SETTINGS[setting], sequential=sequential, share=share, cache=cache,
-                    threads=args.threads,
+                    threads=args.threads, core_gram=not label.endswith("+torchH"),
                 )
                 figures.update(setting=setting, mode=mode, variant=label)
                 rows.append(figures)
                 print(_line(figures), flush=True)
-                if label != "after":
+                if label.endswith("+torchH"):
+                    base_label = label[: -len("+torchH")]
+                    diff = max(
+                        float((states[base_label][k].double() - states[label][k].double()).abs().max())
+                        for k in states[label] if states[label][k].is_floating_point()
+                    )
+                    figures["max_abs_weight_diff_vs_core_gram"] = diff
+                    print(f"    {label}/{base_label}: largest parameter difference {diff:.3g}", flush=True)
+                elif label != "after" and "after" in states:
                     identical = all(torch.equal(states["after"][k], states[label][k]) for k in states["after"])
                     figures["identical_to_after"] = identical
                     print(f"    {label}/after models bit-identical: {identical}", flush=True)

@@ -88,6 +88,54 @@ void merge_into(PyAccumulator& into, const PyAccumulator& other) {
   into.state.merge(other.state);
 }
 
+/// _core.accumulate_gram(total, X, num_threads): total += X^T X in place (see
+/// obc::accumulate_gram). total: a writable C-contiguous (cols, cols) float64 array, read as
+/// column-major (the same matrix when it is symmetric, which the core checks); X: a 2-D float32
+/// or float64 array with unit column stride (rows may be strided).
+void accumulate_gram_array(py::array& total, const py::array& X, int num_threads) {
+  if (!total.dtype().is(py::dtype::of<double>())) {
+    throw py::type_error("total: expected a float64 array, got dtype " +
+                         std::string(py::str(total.dtype())));
+  }
+  if (total.ndim() != 2 || total.shape(0) != total.shape(1)) {
+    throw obc::InvalidArgument("total: expected a square 2-D (cols, cols) array");
+  }
+  if (!(total.flags() & py::array::c_style) || !total.writeable()) {
+    throw obc::InvalidArgument("total: expected a writable C-contiguous array");
+  }
+  const bool is_f32 = X.dtype().is(py::dtype::of<float>());
+  const bool is_f64 = X.dtype().is(py::dtype::of<double>());
+  if (!is_f32 && !is_f64) {
+    throw py::type_error("X: expected a float32 or float64 array, got dtype " +
+                         std::string(py::str(X.dtype())));
+  }
+  if (X.ndim() != 2) {
+    throw obc::InvalidArgument("X: expected a 2-D (n, cols) array, got " +
+                               std::to_string(X.ndim()) + " dimensions");
+  }
+  const auto item = static_cast<py::ssize_t>(X.itemsize());
+  const auto rows = static_cast<Index>(X.shape(0));
+  const auto cols = static_cast<Index>(X.shape(1));
+  if ((cols > 1 && X.strides(1) != item) || (rows > 1 && (X.strides(0) <= 0 || X.strides(0) % item != 0))) {
+    throw obc::InvalidArgument(
+        "X: expected rows of contiguous values at a positive stride (e.g. a C-contiguous array)");
+  }
+  const Index row_stride = rows > 1 ? static_cast<Index>(X.strides(0) / item) : cols;
+  const auto n = static_cast<Index>(total.shape(0));
+  double* out = static_cast<double*>(total.mutable_data());
+  const void* data = X.data();  // both arrays stay referenced by the caller for the whole call
+  PythonInterrupt hook;  // Ctrl-C restores total (see obc::accumulate_gram)
+  py::gil_scoped_release release;
+  Eigen::Map<Eigen::MatrixXd> view(out, n, n);
+  if (is_f32) {
+    obc::accumulate_gram(view, static_cast<const float*>(data), rows, cols, row_stride, num_threads,
+                         &hook);
+  } else {
+    obc::accumulate_gram(view, static_cast<const double*>(data), rows, cols, row_stride,
+                         num_threads, &hook);
+  }
+}
+
 }  // namespace
 
 namespace obc_bindings {
@@ -168,6 +216,11 @@ void register_hessian_io(py::module_& m) {
             without_gil_locked(acc,
                                [&] { acc.state.set_options(accumulator_options(num_threads)); });
           });
+
+  m.def("accumulate_gram", &accumulate_gram_array, py::arg("total"), py::arg("X"),
+        py::arg("num_threads") = 0,
+        "total += X^T X in place, float64, exactly symmetric, bit-identical for any num_threads "
+        "(private; see obc_native.torch.hessian)");
 
   m.def(
       "read_hessian_info",

@@ -2,8 +2,13 @@
 #include "obc/accumulator.hpp"
 
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <limits>
+#include <type_traits>
 
+#include "internal/gram_kernels.hpp"
+#include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
@@ -29,10 +34,16 @@ void check_options(const AccumulatorOptions& options) {
 
 // Copies the strictly lower triangle onto the strictly upper one: the lower triangle is the
 // authoritative result of the tiled products, and S must be exactly symmetric.
-void mirror_lower(Eigen::MatrixXd& m) {
+void mirror_lower(Eigen::Ref<Eigen::MatrixXd> m) {
+  // Tile by tile (64 x 64 blocks), so that the transposed reads stay in cache for wide layers.
   const Index n = m.rows();
-  for (Index j = 1; j < n; ++j) {
-    for (Index i = 0; i < j; ++i) m(i, j) = m(j, i);
+  for (Index j0 = 0; j0 < n; j0 += kTileCols) {
+    const Index width = std::min(kTileCols, n - j0);
+    for (Index i0 = j0; i0 < n; i0 += kTileCols) {
+      const Index height = std::min(kTileCols, n - i0);
+      for (Index j = j0; j < j0 + width; ++j)
+        for (Index i = std::max(i0, j + 1); i < i0 + height; ++i) m(j, i) = m(i, j);
+    }
   }
 }
 
@@ -40,17 +51,107 @@ void mirror_lower(Eigen::MatrixXd& m) {
 // write only the lower triangle and the diagonal tiles (kTileCols x kTileCols blocks at (j0, j0)),
 // so the strict upper triangle outside those tiles still mirrors the state before the batch.
 // `diagonal_tiles` holds the diagonal tiles as they were, stacked (cols x kTileCols).
-void restore_before_batch(Eigen::MatrixXd& m, const Eigen::MatrixXd& diagonal_tiles) {
+void restore_before_batch(Eigen::Ref<Eigen::MatrixXd> m, const Eigen::MatrixXd& diagonal_tiles,
+                          Index tile_cols = kTileCols) {
   const Index n = m.rows();
   for (Index j = 0; j < n; ++j)
     for (Index i = j + 1; i < n; ++i) m(i, j) = m(j, i);
-  for (Index j0 = 0; j0 < n; j0 += kTileCols) {
-    const Index width = std::min(kTileCols, n - j0);
+  for (Index j0 = 0; j0 < n; j0 += tile_cols) {
+    const Index width = std::min(tile_cols, n - j0);
     m.block(j0, j0, width, width) = diagonal_tiles.block(j0, 0, width, width);
   }
 }
 
 }  // namespace
+
+namespace internal {
+
+// The Gram kernel compiled for the ISA the row kernels use (so OBC_SIMD=generic applies too).
+// AVX-512 where the CPU has it (the result then differs from the AVX2 copy's in the last bits,
+// like every kernel across SIMD levels; never across thread counts).
+const GramKernels& gram_kernels() {
+#ifdef OBC_HAVE_AVX2_KERNELS
+  if (std::strcmp(kernels().isa, "generic") != 0) {
+    static const bool avx512 = [] {
+      __builtin_cpu_init();
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+    }();
+    return avx512 ? gram_kernels_avx512() : gram_kernels_avx2();
+  }
+#endif
+  return gram_kernels_generic();
+}
+
+}  // namespace internal
+
+namespace {
+
+template <class Scalar>
+void accumulate_gram_impl(Eigen::Ref<Eigen::MatrixXd> total, const Scalar* data, Index rows,
+                          Index cols, Index row_stride, int num_threads,
+                          InterruptHook* interrupt) {
+  OBC_CHECK(num_threads >= 0 && num_threads <= kMaxThreads, "num_threads: expected an integer in [0, ",
+            kMaxThreads, "] (0 = default), got ", num_threads);
+  OBC_CHECK(total.rows() == total.cols() && total.rows() > 0,
+            "total: expected a non-empty square cols x cols matrix, got ", total.rows(), "x",
+            total.cols());
+  OBC_CHECK(rows >= 0 && cols == total.cols(), "X: expected ", total.cols(),
+            " columns (the width of total), got ", rows, "x", cols);
+  OBC_CHECK(row_stride >= cols || rows <= 1, "X: row_stride ", row_stride,
+            " is smaller than the row width ", cols);
+  OBC_CHECK(data != nullptr || rows == 0, "X: null data pointer for ", rows, " rows");
+  OBC_CHECK(total.allFinite(), "total: expected finite values, got NaN or Inf");
+  // Exact symmetry, compared tile against transposed tile (cache-friendly: this runs per call).
+  for (Index j0 = 0; j0 < cols; j0 += kTileCols) {
+    const Index width = std::min(kTileCols, cols - j0);
+    for (Index i0 = j0; i0 < cols; i0 += kTileCols) {
+      const Index height = std::min(kTileCols, cols - i0);
+      OBC_CHECK(total.block(i0, j0, height, width) == total.block(j0, i0, width, height).transpose(),
+                "total: expected an exactly symmetric matrix (a sum of x x^T), got a different "
+                "entry at [i, j] and [j, i] in rows ", i0, "..", i0 + height - 1, ", columns ", j0,
+                "..", j0 + width - 1);
+    }
+  }
+  if (rows == 0) return;
+  for (Index r = 0; r < rows; ++r) {
+    const Scalar* row = data + r * row_stride;
+    OBC_CHECK(std::all_of(row, row + cols, [](Scalar v) { return std::isfinite(v); }),
+              "X: expected finite values, got NaN or Inf in row ", r);
+  }
+  // What an interrupted update needs to be undone (see restore_before_batch): the diagonal
+  // tiles of the kernel (which writes their upper parts too), cols x gram_tile_cols values.
+  const Index tile = internal::gram_tile_cols;
+  Eigen::MatrixXd diagonal_tiles(cols, std::min(tile, cols));
+  for (Index j0 = 0; j0 < cols; j0 += tile) {
+    const Index width = std::min(tile, cols - j0);
+    diagonal_tiles.block(j0, 0, width, width) = total.block(j0, j0, width, width);
+  }
+  const internal::GramJob<Scalar> job{total.data(), total.outerStride(), cols, data, rows, row_stride};
+  try {
+    if constexpr (std::is_same_v<Scalar, float>) {
+      internal::gram_kernels().add_lower_f32(job, num_threads, interrupt);
+    } else {
+      internal::gram_kernels().add_lower_f64(job, num_threads, interrupt);
+    }
+  } catch (...) {
+    restore_before_batch(total, diagonal_tiles, tile);
+    throw;
+  }
+  mirror_lower(total);
+}
+
+}  // namespace
+
+void accumulate_gram(Eigen::Ref<Eigen::MatrixXd> total, const float* data, Index rows, Index cols,
+                     Index row_stride, int num_threads, InterruptHook* interrupt) {
+  accumulate_gram_impl<float>(total, data, rows, cols, row_stride, num_threads, interrupt);
+}
+
+void accumulate_gram(Eigen::Ref<Eigen::MatrixXd> total, const double* data, Index rows,
+                     Index cols, Index row_stride, int num_threads, InterruptHook* interrupt) {
+  accumulate_gram_impl<double>(total, data, rows, cols, row_stride, num_threads, interrupt);
+}
 
 HessianAccumulator::HessianAccumulator(Index cols, const AccumulatorOptions& options)
     : options_(options) {

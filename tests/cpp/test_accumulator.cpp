@@ -222,3 +222,109 @@ OBC_TEST(interrupted_add_is_rolled_back_exactly) {
 }
 
 OBC_TEST_MAIN
+
+// ---- accumulate_gram: the symmetric Gram update of the torch Hessian hooks ----
+
+namespace {
+
+// sum_r x_r x_r^T in long double, row by row: a reference independent of any GEMM blocking.
+Eigen::MatrixXd gram_reference(const RowMatrixXd& x, const Eigen::MatrixXd& start) {
+  const Index cols = x.cols();
+  Eigen::Matrix<long double, Eigen::Dynamic, Eigen::Dynamic> sum = start.cast<long double>();
+  for (Index r = 0; r < x.rows(); ++r)
+    for (Index j = 0; j < cols; ++j)
+      for (Index i = 0; i < cols; ++i)
+        sum(i, j) += static_cast<long double>(x(r, i)) * static_cast<long double>(x(r, j));
+  return sum.cast<double>();
+}
+
+}  // namespace
+
+OBC_TEST(accumulate_gram_matches_reference) {
+  // 300 columns: two 256-column tiles (one partial); 4500 rows: three 2048-row chunks.
+  const RowMatrixXd x = make_rows(4500, 300, 11);
+  const RowMatrixXd y = make_rows(700, 300, 12);
+  Eigen::MatrixXd total = Eigen::MatrixXd::Zero(300, 300);
+  accumulate_gram(total, x.data(), x.rows(), x.cols(), x.cols());
+  accumulate_gram(total, y.data(), y.rows(), y.cols(), y.cols());  // onto an earlier result
+  RowMatrixXd both(5200, 300);
+  both << x, y;
+  const Eigen::MatrixXd expected = gram_reference(both, Eigen::MatrixXd::Zero(300, 300));
+  CHECK(max_abs(total - expected) <= 1e-12 * max_abs(expected));
+  CHECK(total == total.transpose());  // exactly symmetric
+}
+
+OBC_TEST(accumulate_gram_same_bits_for_every_thread_count) {
+  const RowMatrixXd x = make_rows(2500, 530, 13);  // three tiles, two chunks
+  Eigen::MatrixXd reference = Eigen::MatrixXd::Zero(530, 530);
+  accumulate_gram(reference, x.data(), x.rows(), x.cols(), x.cols(), 1);
+  for (int threads : {2, 3, 4, 0}) {
+    Eigen::MatrixXd total = Eigen::MatrixXd::Zero(530, 530);
+    accumulate_gram(total, x.data(), x.rows(), x.cols(), x.cols(), threads);
+    CHECK(total == reference);
+  }
+}
+
+OBC_TEST(accumulate_gram_float32_equals_float64_of_the_same_values) {
+  const RowMatrixXd x = make_rows(900, 70, 14);
+  const RowMatrix<float> x32 = x.cast<float>();
+  const RowMatrixXd widened = x32.cast<double>();
+  Eigen::MatrixXd a = Eigen::MatrixXd::Zero(70, 70), b = Eigen::MatrixXd::Zero(70, 70);
+  accumulate_gram(a, x32.data(), 900, 70, 70);
+  accumulate_gram(b, widened.data(), 900, 70, 70);
+  CHECK(a == b);
+}
+
+OBC_TEST(accumulate_gram_strided_rows) {
+  // Every other row of a wider buffer: rows at a stride of 2 * 90, the first 40 values used.
+  const RowMatrixXd buffer = make_rows(400, 90, 15);
+  const RowMatrixXd used = Eigen::Map<const RowMatrixXd, 0, Eigen::OuterStride<>>(
+      buffer.data(), 200, 40, Eigen::OuterStride<>(180));
+  Eigen::MatrixXd a = Eigen::MatrixXd::Zero(40, 40), b = Eigen::MatrixXd::Zero(40, 40);
+  accumulate_gram(a, buffer.data(), 200, 40, 180);
+  accumulate_gram(b, used.data(), 200, 40, 40);
+  CHECK(a == b);
+}
+
+OBC_TEST(accumulate_gram_rejects_bad_input_unchanged) {
+  const RowMatrixXd x = make_rows(50, 20, 16);
+  Eigen::MatrixXd total = Eigen::MatrixXd::Zero(20, 20);
+  accumulate_gram(total, x.data(), 50, 20, 20);
+  const Eigen::MatrixXd before = total;
+  CHECK_THROWS(accumulate_gram(total, x.data(), 50, 19, 19), InvalidArgument);  // width
+  RowMatrixXd bad = x;
+  bad(49, 3) = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS(accumulate_gram(total, bad.data(), 50, 20, 20), InvalidArgument);
+  CHECK(total == before);
+  Eigen::MatrixXd skew = total;
+  skew(3, 17) += 1.0;  // no longer symmetric
+  CHECK_THROWS(accumulate_gram(skew, x.data(), 50, 20, 20), InvalidArgument);
+  Eigen::MatrixXd rect = Eigen::MatrixXd::Zero(20, 21);
+  CHECK_THROWS(accumulate_gram(rect, x.data(), 50, 20, 20), InvalidArgument);
+  CHECK_THROWS(accumulate_gram(total, x.data(), 50, 20, 20, -1), InvalidArgument);
+  accumulate_gram(total, x.data(), 0, 20, 20);  // no rows: nothing to add
+  CHECK(total == before);
+}
+
+OBC_TEST(accumulate_gram_interrupted_restores_total) {
+  const RowMatrixXd x = make_rows(4200, 600, 17);  // three chunks, three tiles
+  Eigen::MatrixXd start = Eigen::MatrixXd::Zero(600, 600);
+  accumulate_gram(start, x.data(), 300, 600, 600);
+  Eigen::MatrixXd finished = start;
+  accumulate_gram(finished, x.data(), x.rows(), 600, 600, 2);
+  int interrupted = 0;
+  // The calling thread polls before each chunk and between tiles: a stop at the k-th poll hits
+  // before, between or inside chunks; late ones may find the update finished.
+  for (int stop_at = 1; stop_at <= 8; ++stop_at) {
+    Eigen::MatrixXd total = start;
+    StopAtPoll hook(stop_at);
+    try {
+      accumulate_gram(total, x.data(), x.rows(), 600, 600, 2, &hook);
+      CHECK(total == finished);
+    } catch (const Interrupted&) {
+      ++interrupted;
+      CHECK(total == start);  // restored exactly
+    }
+  }
+  CHECK(interrupted >= 3);  // at least one stop before each chunk
+}

@@ -212,3 +212,131 @@ def test_stop_forward_is_not_swallowed_by_the_models_except_exception():
     assert hooks.hessians["first"].n == 5
     np.testing.assert_allclose(hooks.hessians["first"].hessians()[0], direct_hessian(samples),
                                rtol=1e-12, atol=1e-12)
+
+
+# ---- the CPU path: the core's symmetric Gram update (_core.accumulate_gram) ----
+
+
+def _longdouble_gram(samples: np.ndarray) -> np.ndarray:
+    """sum x x^T in extended precision: a reference independent of any GEMM's blocking."""
+    x = samples.astype(np.longdouble)
+    return (x.T @ x).astype(np.float64)
+
+
+def test_cpu_hessian_is_the_cores_gram_update():
+    """The hooks' batch sum on the CPU is exactly _core.accumulate_gram of the samples (not
+    torch's baddbmm), within 1e-12 of an extended-precision reference, exactly symmetric."""
+    from obc_native import _core
+
+    torch.manual_seed(1)
+    layer = nn.Linear(300, 8)  # two 256-column tiles
+    batch = torch.randn(5, 500, 300) + 0.3  # 2500 rows: two 2048-row chunks
+    model = nn.Sequential(layer)
+    with LayerHooks({"0": describe_layer("0", layer)}) as hooks:
+        run_calibration(model, [batch], hooks)
+    stats = hooks.hessians["0"]
+    stats.end_batch()  # the batch's sum onto the (empty) total
+    total = stats.total.numpy()[0]
+    expected = np.zeros((300, 300))
+    _core.accumulate_gram(expected, batch.reshape(-1, 300).numpy(), 1)
+    assert np.array_equal(total, expected)
+    assert np.array_equal(total, total.T)
+    reference = _longdouble_gram(batch.reshape(-1, 300).double().numpy())
+    assert np.abs(total - reference).max() <= 1e-12 * np.abs(reference).max()
+
+
+def test_cpu_hessian_same_bits_for_every_thread_count():
+    torch.manual_seed(2)
+    layer = nn.Conv2d(3, 4, 3, padding=1)
+    batches = [torch.randn(4, 3, 20, 20), torch.randn(3, 3, 20, 20)]
+    previous = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            hessians, _ = hook_hessians(layer, batches)
+            results.append(hessians[0])
+    finally:
+        torch.set_num_threads(previous)
+    assert all(np.array_equal(results[0], other) for other in results[1:])
+
+
+def test_cpu_hessian_float32_float64_and_bfloat16_inputs_agree():
+    """The core widens float32 rows itself: float32 inputs give the bits of their float64 copy;
+    bfloat16 inputs (exact in float32) the bits of their float32 copy."""
+    torch.manual_seed(3)
+    batch = torch.randn(2, 40, 24)
+    h32, _ = hook_hessians(nn.Linear(24, 3), [batch])
+    h64, _ = hook_hessians(nn.Linear(24, 3).double(), [batch.double()])
+    assert np.array_equal(h32[0], h64[0])
+    low = batch.bfloat16()
+    hb, _ = hook_hessians(nn.Linear(24, 3).bfloat16(), [low])
+    hf, _ = hook_hessians(nn.Linear(24, 3), [low.float()])
+    assert np.array_equal(hb[0], hf[0])
+
+
+def test_accumulate_gram_binding_checks_its_arguments():
+    from obc_native import _core
+
+    x = np.ones((4, 3), dtype=np.float32)
+    with pytest.raises(TypeError, match="total: expected a float64"):
+        _core.accumulate_gram(np.zeros((3, 3), dtype=np.float32), x)
+    with pytest.raises(TypeError, match="X: expected a float32 or float64"):
+        _core.accumulate_gram(np.zeros((3, 3)), x.astype(np.int32))
+    with pytest.raises(ValueError, match="total: expected a square"):
+        _core.accumulate_gram(np.zeros((3, 4)), x)
+    with pytest.raises(ValueError, match="total: expected a writable C-contiguous"):
+        _core.accumulate_gram(np.zeros((6, 6))[::2, ::2], x)
+    with pytest.raises(ValueError, match="X: expected 3 columns"):
+        _core.accumulate_gram(np.zeros((3, 3)), np.ones((4, 2)))
+    with pytest.raises(ValueError, match="X: expected rows of contiguous values"):
+        _core.accumulate_gram(np.zeros((2, 2)), np.ones((4, 4))[:, ::2])
+    skew = np.zeros((3, 3))
+    skew[0, 2] = 1.0
+    with pytest.raises(ValueError, match="exactly symmetric"):
+        _core.accumulate_gram(skew, x)
+    with pytest.raises(ValueError, match="finite"):
+        _core.accumulate_gram(np.zeros((3, 3)), np.full((4, 3), np.nan))
+    total = np.zeros((3, 3))
+    _core.accumulate_gram(total, x[::2])  # strided rows are read in place
+    assert np.array_equal(total, np.full((3, 3), 2.0))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_cpu_hessian_rejects_non_finite_sample_naming_the_layer(bad):
+    layer = nn.Linear(5, 2)
+    batch = torch.randn(30, 5)
+    batch[29, 4] = bad  # the last value of the last row
+    with LayerHooks({"proj": describe_layer("proj", layer)}) as hooks:
+        with pytest.raises(CalibrationError, match="layer 'proj'.*NaN or Inf"):
+            run_calibration(nn.ModuleDict({"proj": layer}), [batch], hooks, forward=lambda m, b: m["proj"](b))
+
+
+def test_finite_check_of_large_but_finite_inputs():
+    """Values whose float32 sum overflows are still finite: the fast check falls back to the
+    exact one, and calibration goes on."""
+    from obc_native.torch.hessian import _all_finite
+
+    big = torch.full((4, 3), 3e38)
+    assert not bool(torch.isfinite(big.sum()))
+    assert _all_finite(big)
+    assert not _all_finite(torch.tensor([1.0, float("nan")]))
+    assert not _all_finite(torch.tensor([float("inf"), -float("inf")]))
+
+
+def test_cpu_hessians_skip_symmetrizing_an_exactly_symmetric_sum():
+    """The core's sums are exactly symmetric: hessians() equals 2/n S bit for bit (what the
+    symmetrization would give too), and partials merged from elsewhere are symmetrized."""
+    torch.manual_seed(4)
+    layer = nn.Linear(40, 3)
+    with LayerHooks({"0": describe_layer("0", layer)}) as hooks:
+        run_calibration(nn.Sequential(layer), [torch.randn(50, 40), torch.randn(20, 40)], hooks)
+    stats = hooks.hessians["0"]
+    (h,) = stats.hessians()
+    assert np.array_equal(h, (stats.total[0] * (2.0 / stats.n)).numpy())
+    assert np.array_equal(h, h.T)
+    skew = np.zeros((1, 40, 40))
+    skew[0, 0, 1] = 1.0
+    stats.merge_partials([(skew, np.zeros((1, 40)), 1)])
+    (merged,) = stats.hessians()
+    assert np.array_equal(merged, merged.T)

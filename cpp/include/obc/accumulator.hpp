@@ -11,6 +11,27 @@
 
 namespace obc {
 
+/// Adds the Gram matrix X^T X of the n rows of X (n x cols, float32 or float64, row-major;
+/// rows may be strided: row r at data + r * row_stride) to `total` (cols x cols float64, which
+/// must be exactly symmetric, e.g. zeros or an earlier result): total += X^T X, in float64.
+///
+/// A symmetric rank-n update: only the lower triangle is computed (half the flops of a full
+/// product), in tiles of 64 columns (each element by exactly one thread, in a fixed order), then
+/// mirrored, so `total` stays exactly symmetric and the result is bit-identical for every
+/// num_threads (0 = OpenMP's default). Rows are widened to float64 2048 at a time (no float64
+/// copy of all of X); chunks are added in row order. The result differs from a BLAS dgemm of
+/// the same values only by float64 rounding (another summation order).
+///
+/// Throws InvalidArgument, leaving `total` unchanged, for a non-square or non-symmetric total,
+/// a width mismatch or NaN/Inf in X or total. `interrupt` (not owned, may be null) is polled from
+/// the calling thread between chunks and tiles; a stop restores `total` exactly and throws
+/// Interrupted.
+void accumulate_gram(Eigen::Ref<Eigen::MatrixXd> total, const float* data, Index rows, Index cols,
+                     Index row_stride, int num_threads = 0, InterruptHook* interrupt = nullptr);
+void accumulate_gram(Eigen::Ref<Eigen::MatrixXd> total, const double* data, Index rows,
+                     Index cols, Index row_stride, int num_threads = 0,
+                     InterruptHook* interrupt = nullptr);
+
 struct AccumulatorOptions {
   /// Worker threads for the per-batch Gram products; 0 = OpenMP's default. >= 0. The result is
   /// bit-identical for every thread count.

@@ -21,8 +21,13 @@ from .layers import LayerInfo, _conv_padding, input_samples, output_channel_sum
 
 __all__ = ["CalibrationError", "LayerHessian", "OutputMeanAccumulator", "LayerHooks", "sample_signature"]
 
-# Rows of unfolded samples converted to float64 at a time (bounds the temporary memory).
+# Rows of unfolded samples accumulated at a time (bounds the temporary memory of the float64
+# conversion on the torch path; the CPU path widens 2048 rows at a time in the core).
 _CHUNK_ROWS = 1 << 16
+
+# CPU samples go through the core's symmetric Gram update (False: torch's float64 baddbmm, as
+# on other devices; only for benchmarks/bench_whole_model.py's side-by-side comparison).
+_CORE_GRAM = True
 
 
 class CalibrationError(ValueError):
@@ -37,6 +42,13 @@ class _StopForward(BaseException):
     its layers in ``try: ... except Exception:`` cannot swallow it and run on with the rest of
     the pass. Only :func:`~obc_native.torch.calibration.run_calibration` catches it.
     """
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite. A finite sum proves it (a NaN or Inf makes the
+    sum NaN or Inf) without the bool tensor of ``isfinite``; only a non-finite sum (NaN/Inf in
+    ``x``, or finite values whose sum overflows) needs the exact check."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def _first_tensor(name: str, args: tuple, kwargs: dict) -> torch.Tensor:
@@ -111,6 +123,13 @@ class LayerHessian:
     one object that received exactly the samples, batches and order each layer would have alone:
     the same bits as separate accumulation, and as the Ray shards (which do not share).
 
+    Arithmetic: on the CPU each chunk's ``X^T X`` is the core's symmetric Gram update
+    (``_core.accumulate_gram``: the lower triangle in tiles of 256 columns, 2048 rows widened to
+    float64 at a time, mirrored; half the flops of a full product, bit-identical for any thread
+    count); on other devices it is torch's float64 ``baddbmm``. The two differ by float64
+    rounding (another summation order): CPU Hessians changed in the last bits when the core's
+    update replaced ``baddbmm`` (whose result could also depend on the BLAS thread count).
+
     Attributes:
         info: the layer.
         n: samples seen so far (finished batches and the current one).
@@ -129,6 +148,9 @@ class LayerHessian:
         # Workers keep each batch's partial sums instead of adding them up (see batch_partials).
         self._keep_partials = keep_partials
         self._partials: list[tuple[torch.Tensor, torch.Tensor, int] | None] = []
+        # every sum so far came from the core's update, which is exactly symmetric (then
+        # symmetrizing, 0.5 (H + H^T) = H bit for bit, is skipped: a transposed pass over H)
+        self._exactly_symmetric = True
 
     def add(self, x: torch.Tensor) -> None:
         """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`)."""
@@ -139,22 +161,50 @@ class LayerHessian:
             samples = input_samples(self.info, x.detach())
         except ValueError as err:
             raise CalibrationError(str(err)) from None
+        native = samples.device.type == "cpu" and _CORE_GRAM
+        if native and samples.dtype not in (torch.float32, torch.float64):
+            samples = samples.float()  # float16 / bfloat16: exact in float32
         for start in range(0, samples.shape[1], _CHUNK_ROWS):
-            self._add_chunk(samples[:, start : start + _CHUNK_ROWS].double())
+            chunk = samples[:, start : start + _CHUNK_ROWS]
+            self._add_chunk(chunk if native else chunk.double(), native=native)
 
-    def _add_chunk(self, chunk: torch.Tensor) -> None:
+    def _add_chunk(self, chunk: torch.Tensor, *, native: bool) -> None:
+        """Add one chunk of samples ``(groups, rows, cols)``: float64 (torch path, any device)
+        or, with ``native``, float32/float64 on the CPU (the core's symmetric Gram update)."""
         count = chunk.shape[1]
         if count == 0:
             return
-        if not bool(torch.isfinite(chunk).all()):
+        if not native and not _all_finite(chunk):  # (the core checks its input itself)
             raise CalibrationError(f"layer {self.info.name!r}: calibration input contains NaN or Inf")
         if self._batch is None:
             groups, cols = chunk.shape[0], chunk.shape[2]
             gram = torch.zeros(groups, cols, cols, dtype=torch.float64, device=chunk.device)
             self._batch = (gram, torch.zeros(groups, cols, dtype=torch.float64, device=chunk.device), 0)
         gram, sums, seen = self._batch
-        gram.baddbmm_(chunk.transpose(1, 2), chunk)
-        sums.add_(chunk.sum(dim=1))
+        if native:
+            # X^T X computed once per element pair (half of baddbmm's flops), widened to float64
+            # in the core 2048 rows at a time, bit-identical for any thread count
+            from .. import _core  # lazily, like _solvers.get_core: this module imports without it
+
+            threads = torch.get_num_threads()
+            for unit in range(chunk.shape[0]):
+                samples = chunk[unit]
+                if samples.shape[1] > 1 and samples.stride(1) != 1:
+                    samples = samples.contiguous()
+                try:
+                    _core.accumulate_gram(gram[unit].numpy(), samples.numpy(), threads)
+                except ValueError as err:  # NaN/Inf in X (the total is unchanged)
+                    if "finite" not in str(err):
+                        raise
+                    raise CalibrationError(
+                        f"layer {self.info.name!r}: calibration input contains NaN or Inf"
+                    ) from None
+            # summed in float64 as the float64 copy would be (the same values, the same order)
+            sums.add_(chunk.sum(dim=1, dtype=torch.float64))
+        else:
+            gram.baddbmm_(chunk.transpose(1, 2), chunk)
+            sums.add_(chunk.sum(dim=1))
+            self._exactly_symmetric = False
         self._batch = (gram, sums, seen + count)
         self.n += count
 
@@ -191,6 +241,7 @@ class LayerHessian:
             if part is None:
                 continue
             gram, sums, count = part
+            self._exactly_symmetric = False  # made elsewhere: symmetrized when read
             self._add_partial((torch.from_numpy(np.array(gram)), torch.from_numpy(np.array(sums)), count))
             self.n += count
 
@@ -211,7 +262,7 @@ class LayerHessian:
         """One float64 ``cols x cols`` array per unit, ``H = 2/n sum x x^T`` (exactly symmetric)."""
         total = self._finished_total()
         hessian = total * (2.0 / self.n)
-        sym = 0.5 * (hessian + hessian.transpose(1, 2))
+        sym = hessian if self._exactly_symmetric else 0.5 * (hessian + hessian.transpose(1, 2))
         return [h.cpu().numpy() for h in sym]
 
     def input_mean(self) -> np.ndarray:
@@ -344,7 +395,7 @@ class LayerHooks(HookSet):
                     self.hessian_seconds += time.perf_counter() - start
                 elif not torch.is_floating_point(x):
                     raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
-                elif not bool(torch.isfinite(x).all()):
+                elif not _all_finite(x):
                     raise CalibrationError(f"layer {name!r}: calibration input contains NaN or Inf")
                 if self.share_inputs:
                     self._remember(name, x, token)
