@@ -70,7 +70,7 @@ from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .output_cache import ModuleTrace, OutputCache
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
-from .budgeting import OBJECTIVES, as_budget_spec, measure_costs, solve_database
+from .budgeting import OBJECTIVES, as_budget_spec, check_budget_reachable, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
 from .layer_selection import select_layers
 from .level_calibration import _Applications
@@ -831,6 +831,8 @@ def compress_to_budget(
         if database is None:
             database_start = time.perf_counter()
             per_sample = {name: total / run.report.batches for name, total in applications.items()}
+            names = [n for n in order if n in infos] + [n for n in infos if n not in order]  # the database's
+            check_budget_reachable(spec, {n: infos[n] for n in names}, hessians, per_sample, level_spec)
             database = _build(
                 model, infos, hessians, per_sample, order, level_spec,
                 damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
