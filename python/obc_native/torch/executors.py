@@ -26,8 +26,8 @@ Why the results are bit-identical to a local run whatever the split:
   independently of the thread count (tests/torch/test_ray_executor.py checks rows solved in
   separate calls against one call, bit for bit, for every mode :func:`row_separable` accepts);
   the other modes are one task per unit. Losses are per-row vectors concatenated in row order
-  before the one ``np.sum`` a local run makes; row ranges start at multiples of ``ROW_ALIGN``
-  so that the per-row losses are the same bits too.
+  before the one ``np.sum`` a local run makes; a row's loss does not depend on the rows solved
+  with it, so they are the same bits too (row ranges start at multiples of ``ROW_ALIGN``).
 """
 
 from __future__ import annotations
@@ -167,10 +167,9 @@ def row_separable(config: LayerConfig | None, level: Any = None) -> bool:
     return False
 
 
-# Row ranges of solve tasks start at multiples of this: the core's row-loss kernel
-# (cpp/src/kernels/row_kernels.cpp, row_losses_with) sums 256 rows at a time with an Eigen product
-# whose rounding depends on how many rows it gets, so a range must cut the unit where a one-call
-# solve's chunks end for the per-row losses to be the same bits (the weights are per row anyway).
+# Row ranges of solve tasks start at multiples of this. Any split gives the same bits (weights,
+# and per-row losses: the core's row-loss kernel, row_kernels.cpp row_losses_with, computes each
+# row by itself); 256 is the row chunk that kernel works in.
 ROW_ALIGN = 256
 
 

@@ -131,9 +131,8 @@ class RayExecutor(Executor):
             CPU count).
         min_rows: no row range smaller than this (per-task overhead is ~ms; see
             benchmarks/bench_ray.py).
-        row_align: row ranges start at multiples of this (default ``ROW_ALIGN``, 256, which keeps
-            the per-row losses bit-identical to a local run; smaller values keep the weights
-            identical but may change the losses' last bits: benchmarks and tests only).
+        row_align: row ranges start at multiples of this (default ``ROW_ALIGN``, 256); any
+            value gives a local run's weights and per-row losses bit for bit.
         calibration_tasks: shards of the calibration set (default: the cluster's CPU count,
             at most one per batch).
         max_retries: retries of a task whose worker died.
