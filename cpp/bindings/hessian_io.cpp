@@ -149,7 +149,7 @@ void register_hessian_io(py::module_& m) {
       .def(
           "save",
           [](const PyAccumulator& acc, const std::string& path) {
-            PythonInterrupt hook;  // Ctrl-C between chunks of a long write (the file is not replaced)
+            PythonInterrupt hook;  // Ctrl-C between chunks of a long write (path left as it was)
             without_gil_locked(acc, [&] { obc::save_hessian(path, acc.state, &hook); });
           },
           py::arg("path"))

@@ -349,7 +349,8 @@ inline void lower_panel_block(const double* P, Index ld, Index ib, Index ne, Ind
   for (Index c = ib; c < std::min(ib + ne, nb); ++c) {  // the triangle: elements below c only
     const double* p = P + c * ld + ib;
     for (int r = 0; r < R; ++r)
-      for (Index e = c - ib + 1; e < ne; ++e) y[r][ib + e] = multiply_add(p[e], d[r][c], y[r][ib + e]);
+      for (Index e = c - ib + 1; e < ne; ++e)
+        y[r][ib + e] = multiply_add(p[e], d[r][c], y[r][ib + e]);
   }
 }
 
