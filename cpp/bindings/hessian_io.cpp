@@ -177,9 +177,10 @@ void register_hessian_io(py::module_& m) {
       .def_static(
           "load",
           [](const std::string& path, int num_threads) {
+            PythonInterrupt hook;  // Ctrl-C between chunks of a long read
             py::gil_scoped_release release;
             return std::make_unique<PyAccumulator>(
-                obc::load_hessian(path, accumulator_options(num_threads)));
+                obc::load_hessian(path, accumulator_options(num_threads), &hook));
           },
           py::arg("path"), py::arg("num_threads") = 0)
       .def("add", &add_array, py::arg("X"))
@@ -196,7 +197,8 @@ void register_hessian_io(py::module_& m) {
       .def(
           "save",
           [](const PyAccumulator& acc, const std::string& path) {
-            without_gil_locked(acc, [&] { obc::save_hessian(path, acc.state); });
+            PythonInterrupt hook;  // Ctrl-C between chunks of a long write (path left as it was)
+            without_gil_locked(acc, [&] { obc::save_hessian(path, acc.state, &hook); });
           },
           py::arg("path"))
       .def_property_readonly("cols",

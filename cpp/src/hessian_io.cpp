@@ -70,7 +70,29 @@ using Sink = std::function<void(const unsigned char*, std::size_t)>;
 // Reads up to `size` bytes, returns how many were read (fewer only at the end of the data).
 using Source = std::function<std::size_t(unsigned char*, std::size_t)>;
 
-void write_impl(const HessianAccumulator& acc, const Sink& sink) {
+// Asks `hook` (may be null) whether to stop, after the first chunk and then at most every 50 ms
+// (a Python hook takes the GIL for each question); a stop throws Interrupted. Called between
+// chunks, from the thread doing the IO (the caller's).
+class ChunkPoll {
+ public:
+  explicit ChunkPoll(InterruptHook* hook) : hook_(hook) {}
+  void operator()() {
+    if (hook_ == nullptr) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (asked_ && now - last_ < std::chrono::milliseconds(50)) return;
+    asked_ = true;
+    last_ = now;
+    if (hook_->should_stop()) throw Interrupted();
+  }
+
+ private:
+  InterruptHook* hook_;
+  bool asked_ = false;
+  std::chrono::steady_clock::time_point last_{};
+};
+
+void write_impl(const HessianAccumulator& acc, const Sink& sink, InterruptHook* interrupt) {
+  ChunkPoll poll(interrupt);
   unsigned char header[kHessianHeaderBytes] = {};
   std::memcpy(header, kMagic, 8);
   put_u32(header + 8, kHessianFormatVersion);
@@ -94,6 +116,7 @@ void write_impl(const HessianAccumulator& acc, const Sink& sink) {
     }
     hash = fnv1a64(bytes, len, hash);
     sink(bytes, len);
+    poll();
   }
   unsigned char checksum[kChecksumBytes];
   put_u64(checksum, hash);
@@ -155,7 +178,9 @@ void check_size(const HessianFileInfo& info, std::uint64_t actual, const std::st
 // `known_size`: total bytes of the data when the source knows it (files, seekable streams),
 // checked before the payload is allocated; empty when unknown (then reading stops at the end).
 HessianAccumulator read_impl(const Source& source, std::optional<std::uint64_t> known_size,
-                             const std::string& name, const AccumulatorOptions& options) {
+                             const std::string& name, const AccumulatorOptions& options,
+                             InterruptHook* interrupt) {
+  ChunkPoll poll(interrupt);
   unsigned char header[kHessianHeaderBytes];
   const std::size_t got = source(header, sizeof header);
   const HessianFileInfo info = parse_header(header, got, name);
@@ -176,6 +201,7 @@ HessianAccumulator read_impl(const Source& source, std::optional<std::uint64_t> 
     hash = fnv1a64(payload.data() + done, n, hash);
     done += n;
     if (n < want) check_size(info, kHessianHeaderBytes + done, name);
+    poll();
   }
   unsigned char checksum[kChecksumBytes + 1];
   const std::size_t tail = source(checksum, sizeof checksum);
@@ -313,14 +339,19 @@ std::uint64_t fnv1a64(const void* data, std::size_t size, std::uint64_t hash) {
   return hash;
 }
 
-void write_hessian(std::ostream& out, const HessianAccumulator& accumulator) {
-  write_impl(accumulator, [&out](const unsigned char* bytes, std::size_t size) {
-    out.write(reinterpret_cast<const char*>(bytes), static_cast<std::streamsize>(size));
-    if (!out) throw IoError("write_hessian: the output stream failed");
-  });
+void write_hessian(std::ostream& out, const HessianAccumulator& accumulator,
+                   InterruptHook* interrupt) {
+  write_impl(
+      accumulator,
+      [&out](const unsigned char* bytes, std::size_t size) {
+        out.write(reinterpret_cast<const char*>(bytes), static_cast<std::streamsize>(size));
+        if (!out) throw IoError("write_hessian: the output stream failed");
+      },
+      interrupt);
 }
 
-HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options) {
+HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options,
+                                InterruptHook* interrupt) {
   std::optional<std::uint64_t> known_size;
   const std::istream::pos_type start = in.tellg();
   if (start != std::istream::pos_type(-1)) {
@@ -340,10 +371,11 @@ HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& opti
     if (in.bad()) throw IoError("read_hessian: the input stream failed");
     return n;
   };
-  return read_impl(source, known_size, "read_hessian", options);
+  return read_impl(source, known_size, "read_hessian", options, interrupt);
 }
 
-void save_hessian(const std::string& path, const HessianAccumulator& accumulator) {
+void save_hessian(const std::string& path, const HessianAccumulator& accumulator,
+                  InterruptHook* interrupt) {
   OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
   check_replaceable(path);
   // A unique temporary next to the target, renamed into place once complete.
@@ -359,11 +391,14 @@ void save_hessian(const std::string& path, const HessianAccumulator& accumulator
       throw IoError(path + ": cannot open for writing (" + temp + "): " + system_reason());
     }
     try {
-      write_impl(accumulator, [&](const unsigned char* bytes, std::size_t size) {
-        if (std::fwrite(bytes, 1, size, file.handle) != size) {
-          throw IoError(path + ": write failed: " + system_reason());
-        }
-      });
+      write_impl(
+          accumulator,
+          [&](const unsigned char* bytes, std::size_t size) {
+            if (std::fwrite(bytes, 1, size, file.handle) != size) {
+              throw IoError(path + ": write failed: " + system_reason());
+            }
+          },
+          interrupt);
       errno = 0;
       const int closed = std::fclose(file.handle);
       file.handle = nullptr;
@@ -387,11 +422,12 @@ void save_hessian(const std::string& path, const HessianAccumulator& accumulator
   }
 }
 
-HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options) {
+HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options,
+                                InterruptHook* interrupt) {
   OBC_CHECK(!path.empty(), "path: expected a file name, got an empty string");
   File file;
   const std::uint64_t size = open_for_reading(file, path);
-  return read_impl(file_source(file.handle, path), size, path, options);
+  return read_impl(file_source(file.handle, path), size, path, options, interrupt);
 }
 
 HessianFileInfo read_hessian_info(const std::string& path) {

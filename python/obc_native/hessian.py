@@ -130,6 +130,8 @@ class HessianAccumulator:
 
         Replaces only a missing path, an empty file or an existing Hessian file; OSError for a
         directory, FIFO, device or any other file (left untouched), or when writing fails.
+        Runs without the GIL; Ctrl-C stops it between 1 MiB chunks (KeyboardInterrupt), leaving
+        `path` as it was.
         """
         self._impl.save(_as_path(path))
 
@@ -137,7 +139,8 @@ class HessianAccumulator:
     def load(cls, path, *, num_threads: int | None = None) -> HessianAccumulator:
         """Reads a Hessian file. OSError when unreadable or not a regular file (FIFOs and
         devices are refused without being opened); ValueError when it is not a valid Hessian
-        file (magic, version, size, checksum or contents), naming the problem."""
+        file (magic, version, size, checksum or contents), naming the problem. Runs without
+        the GIL; Ctrl-C stops it between 1 MiB chunks (KeyboardInterrupt)."""
         threads = _arrays.as_threads(num_threads)
         return cls._wrap(_core.HessianAccumulator.load(_as_path(path), threads))
 

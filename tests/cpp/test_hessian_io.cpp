@@ -300,4 +300,57 @@ OBC_TEST(sums_that_would_overflow_are_rejected) {
   CHECK_THROWS(HessianAccumulator::from_state(huge, 1), InvalidArgument);
 }
 
+// A host that asks to stop at its first question, and counts the questions.
+struct StopAtOnce : InterruptHook {
+  int asked = 0;
+  bool should_stop() override {
+    ++asked;
+    return true;
+  }
+};
+
+OBC_TEST(long_reads_and_writes_stop_when_the_host_asks) {
+  const HessianAccumulator acc = make_accumulator(600, 3, 21);  // 2.7 MiB: three chunks
+  const std::string bytes = serialize(acc);
+  {  // a stream write stops after its first chunk
+    StopAtOnce hook;
+    std::ostringstream out(std::ios::binary);
+    CHECK_THROWS(write_hessian(out, acc, &hook), Interrupted);
+    CHECK(hook.asked == 1);
+    CHECK(out.str().size() < bytes.size());
+  }
+  {  // and a stream read, returning nothing
+    StopAtOnce hook;
+    std::istringstream in(bytes, std::ios::binary);
+    CHECK_THROWS(read_hessian(in, {}, &hook), Interrupted);
+    CHECK(hook.asked == 1);
+  }
+  TempDir temp;
+  const fs::path& dir = temp.path;
+  const std::string path = (dir / "h.obch").string();
+  save_hessian(path, make_accumulator(5, 2, 3));
+  const std::uint64_t before = fs::file_size(path);
+  {  // a stopped save leaves the old file and no temporary behind
+    StopAtOnce hook;
+    CHECK_THROWS(save_hessian(path, acc, &hook), Interrupted);
+    CHECK(fs::file_size(path) == before);
+    CHECK(std::distance(fs::directory_iterator(dir), fs::directory_iterator()) == 1);
+  }
+  save_hessian(path, acc);
+  {
+    StopAtOnce hook;
+    CHECK_THROWS(load_hessian(path, {}, &hook), Interrupted);
+  }
+  // without a stop the hook changes nothing
+  struct Never : InterruptHook {
+    bool should_stop() override { return false; }
+  } never;
+  std::ostringstream out(std::ios::binary);
+  write_hessian(out, acc, &never);
+  CHECK(out.str() == bytes);
+  std::istringstream in(bytes, std::ios::binary);
+  CHECK(read_hessian(in, {}, &never).sum() == acc.sum());
+  CHECK(load_hessian(path, {}, &never).sum() == acc.sum());
+}
+
 OBC_TEST_MAIN

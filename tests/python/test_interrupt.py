@@ -125,3 +125,22 @@ def test_default_sigint_handler_raises_keyboard_interrupt_from_the_inverse():
         signal.signal(signal.SIGINT, previous)
     assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop inside the inverse"
 
+
+
+@pytest.mark.slow
+def test_alarm_stops_hessian_file_save_and_load(tmp_path, monkeypatch):
+    """Saving and loading a 200 MB Hessian file are interruptible between 1 MiB chunks (and run
+    without the GIL): a stopped save leaves the previous file and no temporary behind."""
+    monkeypatch.setattr(sys.modules[__name__], "SIGNAL_AFTER_S", 0.05)  # each call takes > 0.3 s
+    cols = 5000
+    acc = obc_native.HessianAccumulator._from_state(_diagonally_dominant_hessian(cols, seed=9), 10)
+    path = tmp_path / "h.obch"
+    small = obc_native.HessianAccumulator(3)
+    small.save(path)
+    before = path.read_bytes()
+    waited = _stopped_by_alarm(lambda: acc.save(path))
+    assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop the save"
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["h.obch"]
+    acc.save(path)
+    waited = _stopped_by_alarm(lambda: obc_native.HessianAccumulator.load(path))
+    assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop the load"

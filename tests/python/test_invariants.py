@@ -244,6 +244,28 @@ def test_layer_loss_and_magnitude(layer):
         assert np.all((m == 0).sum(axis=1) == count(s, W.shape[1]))
 
 
+@pytest.mark.parametrize("cols", [1, 7, 131, 300])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_layer_loss_of_a_row_does_not_depend_on_the_other_rows(cols, dtype):
+    """A row's loss is the same bits whatever rows share the call (1, 255, 256, 257 or 1000 of
+    them, any offset; the kernel works in 256-row chunks) and for any thread count: the rows of
+    a unit can be solved in separate calls (row tasks) without changing the reported losses."""
+    rng = np.random.default_rng(cols)
+    x = rng.standard_normal((2 * cols + 3, cols))
+    H = (2 * x.T @ x / x.shape[0]).astype(dtype)
+    W = rng.standard_normal((1000, cols)).astype(dtype)
+    W_hat = (W + 0.1 * rng.standard_normal(W.shape)).astype(dtype)
+    full = obc_native.layer_loss(W, W_hat, H)
+    d = W.astype(np.float64) - W_hat
+    np.testing.assert_allclose(full, 0.5 * np.einsum("ri,ij,rj->r", d, H.astype(np.float64), d), rtol=1e-12)
+    for rows in (1, 255, 256, 257, 1000):
+        for start in (0, 1, 5, 256):
+            if start + rows <= 1000:
+                part = obc_native.layer_loss(W[start : start + rows], W_hat[start : start + rows], H, num_threads=2)
+                assert np.array_equal(part, full[start : start + rows]), (rows, start)
+    assert np.array_equal(obc_native.layer_loss(W, W_hat, H, num_threads=1), full)
+
+
 def test_inputs_not_modified(layer_zeros):
     W, H, _ = layer_zeros
     W0, H0 = W.copy(), H.copy()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import json
 
 import numpy as np
@@ -370,7 +371,7 @@ def test_uniform_sparsity(prune_db):
 # bad input
 
 
-def test_infeasible_budget_states_the_smallest_cost(digits, prune_db):
+def test_infeasible_budget_states_the_smallest_cost(digits, prune_db, monkeypatch):
     _, dense, calibration = digits
     model = copy.deepcopy(dense)
     state = state_copy(model)
@@ -379,9 +380,15 @@ def test_infeasible_budget_states_the_smallest_cost(digits, prune_db):
         compress(model, calibration, budget="flops=100x", database=prune_db, quiet=True)
     assert info.value.min_cost == smallest
     assert_state_equal(model, state)
-    # built on the fly: the same error after the database is built, the model untouched
-    with pytest.raises(InfeasibleBudgetError, match=f"smallest achievable flops is {smallest!r}"):
+    # built on the fly: the same error type before the database is built (from the layers'
+    # shapes and the levels), with a lower bound of the smallest cost; the model untouched
+    def no_build(*args, **kwargs):
+        raise AssertionError("the level database was built for an infeasible budget")
+
+    monkeypatch.setattr(importlib.import_module("obc_native.torch.compress"), "_build", no_build)
+    with pytest.raises(InfeasibleBudgetError, match="checked before building the level database") as info:
         compress(model, calibration, budget="flops=100x", levels=PRUNE_LEVELS, quiet=True)
+    assert 0 < info.value.min_cost <= smallest
     assert_state_equal(model, state)
 
 
@@ -461,3 +468,39 @@ def test_cli_budget_end_to_end(tmp_path, capsys):
     assert "unknown cost type 'speed'" in capsys.readouterr().err
     assert main([*base[:-2], "--out", str(tmp_path / "c")]) == 1
     assert "--recipe" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("cost, levels", [
+    ("params", PRUNE_LEVELS), ("flops", {"sparsities": [0.5, 0.9], "nm": [(2, 4)], "block": 4}),
+    ("bits", {"sparsities": [], "nm": [], "bits": [2, 4], "group_size": 8}),
+    ("bops", {"sparsities": [0.5], "bits": [4], "joint": [(2, 4, 4)], "act_bits": "same"}),
+])
+def test_the_feasibility_check_before_building_never_refuses_a_reachable_budget(cost, levels):
+    """check_budget_reachable's bound is at most the built database's smallest cost, for every
+    cost type and kind of level (dead inputs included: their weights are zeroed by the solvers)."""
+    from obc_native.torch.budgeting import check_budget_reachable
+    from obc_native.torch.database import _as_level_spec
+    from obc_native.torch.hessian import LayerHooks
+    from obc_native.torch.calibration import run_calibration
+    from obc_native.torch.level_calibration import _Applications
+
+    torch.manual_seed(0)
+    model = TinyCNN().eval()
+    batches = [torch.randn(16, 1, 8, 8) for _ in range(2)]
+    batches[0][:, :, :, :2] = 0  # some dead positions
+    batches[1][:, :, :, :2] = 0
+    with torch.no_grad():
+        model.fc.weight[:, :3] = 0  # a few weights zero already
+    db = build_database(model, batches, levels, quiet=True)
+    infos = {name: info for name, info in find_layers(model).items() if name in db}
+    counting = _Applications(infos)
+    with LayerHooks(infos) as hooks, counting:
+        count = run_calibration(model, batches, hooks)
+    per_sample = {name: total / count for name, total in counting.totals.items()}
+    spec = _as_level_spec(levels)
+    exact = BudgetSpec(cost, db.min_cost(cost), "absolute")
+    check_budget_reachable(exact, {n: infos[n] for n in db.names}, hooks.hessians, per_sample, spec)
+    below = BudgetSpec(cost, db.min_cost(cost) * 0.5, "absolute")
+    if not (spec.bits or spec.joint):  # quantized levels: non-zeros bounded by 0 only, a loose bound
+        with pytest.raises(InfeasibleBudgetError, match="checked before building"):
+            check_budget_reachable(below, {n: infos[n] for n in db.names}, hooks.hessians, per_sample, spec)

@@ -105,6 +105,8 @@ void check_finite_result(const Eigen::DenseBase<Derived>& values, const char* wh
 /// Validates H like prepare_hessian (InvalidArgument); an indefinite H, which would give a
 /// negative loss beyond rounding, throws InvalidArgument too (rounding-level negatives give 0).
 /// `interrupt` (may be null) is polled from the calling thread; a stop throws Interrupted.
+/// Each row's value depends only on that row, W's column count and H: the same bits whatever
+/// other rows are in the call and for any thread count (rows may be solved in separate calls).
 template <class Scalar>
 Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                            const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,

@@ -21,6 +21,7 @@
 #include <string>
 
 #include "obc/accumulator.hpp"
+#include "obc/interrupt.hpp"
 #include "obc/types.hpp"
 
 namespace obc {
@@ -44,23 +45,31 @@ std::uint64_t fnv1a64(const void* data, std::size_t size,
                       std::uint64_t hash = 0xcbf29ce484222325ULL);
 
 /// Writes the accumulator state to `out` in the format above. Throws IoError when the stream
-/// fails.
-void write_hessian(std::ostream& out, const HessianAccumulator& accumulator);
+/// fails. `interrupt` (may be null) is asked between 1 MiB chunks (after the first, then at most
+/// every 50 ms); a stop throws Interrupted (the stream then holds a partial file).
+void write_hessian(std::ostream& out, const HessianAccumulator& accumulator,
+                   InterruptHook* interrupt = nullptr);
 
 /// Reads one Hessian file from `in`, which must end right after the checksum. Throws FormatError
 /// for a wrong magic, an unsupported version, a non-zero reserved field, a truncated or oversized
 /// stream, a checksum mismatch, or a payload that is not a valid sum of x x^T.
-HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options = {});
+/// `interrupt`: as for write_hessian (a stop throws Interrupted, nothing is returned).
+HessianAccumulator read_hessian(std::istream& in, const AccumulatorOptions& options = {},
+                                InterruptHook* interrupt = nullptr);
 
 /// Writes `path` (replacing it) through a temporary file in the same directory renamed into
 /// place, so readers never see a partial file. Replaces only a missing path, an empty regular
 /// file or a Hessian file; a directory, FIFO, device or other file is refused (IoError) and
-/// left untouched. Throws IoError naming the path and the reason.
-void save_hessian(const std::string& path, const HessianAccumulator& accumulator);
+/// left untouched. Throws IoError naming the path and the reason. `interrupt`: as for
+/// write_hessian; a stop removes the temporary file and leaves `path` as it was.
+void save_hessian(const std::string& path, const HessianAccumulator& accumulator,
+                  InterruptHook* interrupt = nullptr);
 
 /// Reads `path`, a regular file (anything else, e.g. a FIFO, is refused before it is opened).
 /// Throws IoError when it cannot be opened or read, FormatError as read_hessian.
-HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options = {});
+/// `interrupt`: as for read_hessian.
+HessianAccumulator load_hessian(const std::string& path, const AccumulatorOptions& options = {},
+                                InterruptHook* interrupt = nullptr);
 
 /// Reads and checks only the header of `path` (magic, version, reserved field, file size);
 /// the checksum is not verified. Throws as load_hessian.

@@ -2,10 +2,16 @@
 // generically, and with AVX2+FMA into its own namespaces (OBC_KERNEL_NS, and Eigen renamed by
 // the build) so that the two copies never share a symbol; dispatch.cpp picks one at run time.
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <limits>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #include "internal/grid_point.hpp"
 #include "internal/row_kernels.hpp"
@@ -15,6 +21,7 @@
 #include "kernels/masked_solve.hpp"
 #include "kernels/spd_inverse.hpp"
 #include "kernels/structured_kernel.hpp"
+#include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
 #ifndef OBC_KERNEL_TABLE
@@ -289,48 +296,148 @@ void obq_rows(const internal::ObqJob<Scalar>& job, const RunOptions& run) {
   });
 }
 
-// 1/2 d H d^T per row of d = W - W_hat, in float64, with the symmetric part of H read from its
-// lower triangle: d H d^T = sum_c H_cc d_c^2 + 2 sum_c d_c sum_{i > c} H_ic d_i, half the flops
-// of a full product. Rows go 256 at a time; within them the work is split over fixed blocks of
-// columns (each computes its share of every row's sum; the shares are added in block order, so
-// the result does not depend on the thread count). H is widened to float64 one block at a
-// time, never as a whole.
+// acc + p * d, rounded once where the kernel is built with FMA (the vector path below uses the
+// same instruction), else twice: one rounding rule for every element of a build.
+inline double multiply_add(double p, double d, double acc) {
+#ifdef __FMA__
+  return std::fma(p, d, acc);
+#else
+  return acc + p * d;
+#endif
+}
+
+// One block of up to E = 8 consecutive y elements of R rows against one panel of H_s:
+//   y_r[j + ib + e] += sum_{c < ib + e} P(ib + e, c) d_r[j + c],  c ascending,
+// over the panel's columns c in [0, nb) (P column-major, leading dimension ld; d[r], y[r] point
+// at column j). The block is held in registers while c runs (the columns every element is
+// below first, then the triangle), so each y element takes its terms in the same order, with
+// the same rounding, whichever rows share the block.
+template <int R>
+inline void lower_panel_block(const double* P, Index ld, Index ib, Index ne, Index nb,
+                              const double* const* d, double* const* y) {
+  constexpr int E = 8;
+  const Index below = std::min(ib, nb);  // columns c < ib: every element of the block is below
+#if defined(__AVX2__) && defined(__FMA__)
+  if (ne == E) {
+    __m256d acc[R][2];
+    for (int r = 0; r < R; ++r) {
+      acc[r][0] = _mm256_loadu_pd(y[r] + ib);
+      acc[r][1] = _mm256_loadu_pd(y[r] + ib + 4);
+    }
+    for (Index c = 0; c < below; ++c) {
+      const double* p = P + c * ld + ib;
+      const __m256d p0 = _mm256_loadu_pd(p), p1 = _mm256_loadu_pd(p + 4);
+      for (int r = 0; r < R; ++r) {
+        const __m256d dc = _mm256_broadcast_sd(d[r] + c);
+        acc[r][0] = _mm256_fmadd_pd(p0, dc, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_pd(p1, dc, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_pd(y[r] + ib, acc[r][0]);
+      _mm256_storeu_pd(y[r] + ib + 4, acc[r][1]);
+    }
+  } else
+#endif
+  {
+    for (Index c = 0; c < below; ++c) {
+      const double* p = P + c * ld + ib;
+      for (int r = 0; r < R; ++r)
+        for (Index e = 0; e < ne; ++e) y[r][ib + e] = multiply_add(p[e], d[r][c], y[r][ib + e]);
+    }
+  }
+  for (Index c = ib; c < std::min(ib + ne, nb); ++c) {  // the triangle: elements below c only
+    const double* p = P + c * ld + ib;
+    for (int r = 0; r < R; ++r)
+      for (Index e = c - ib + 1; e < ne; ++e)
+        y[r][ib + e] = multiply_add(p[e], d[r][c], y[r][ib + e]);
+  }
+}
+
+// 1/2 d H_s d^T per row of d = W - W_hat, in float64, H_s = (H + H^T) / 2:
+//   d H_s d^T = sum_i d_i (H_s,ii d_i + 2 y_i),  y_i = sum_{c < i} H_s,ic d_c,
+// half the flops of a full product. Every row's loss is computed by one fixed sequence of
+// operations (y_i accumulated over c ascending, the final sum over i ascending) that depends on
+// nothing but that row, cols and H: the same bits whatever other rows are in the call, how the
+// rows are chunked, which thread runs them (row ranges of separate calls, Ray row tasks).
+// Rows go 256 at a time, split over the threads; H_s is widened to float64 one panel of 128
+// columns at a time (lower part only, one panel per thread), never as a whole.
 template <class S, class HMap>
 void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const HMap& h,
                      double* out, int num_threads, InterruptHook* interrupt) {
   using RowMatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;
   using ConstRows =
       Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
-  constexpr Index row_chunk = 256, col_block = 128;
+  constexpr Index row_chunk = 256, col_block = 128, group = 4, block = 8;
   const ConstRows w(W, rows, cols), w_hat(W_hat, rows, cols);
-  const Index blocks = (cols + col_block - 1) / col_block;
-  RowMatrixD delta;
-  MatrixD shares;  // len x blocks
+  Eigen::VectorXd diag(cols);
+  for (Index i = 0; i < cols; ++i) diag[i] = static_cast<double>(h(i, i));
+  RowMatrixD delta, y;
+  const int threads = resolve_num_threads(num_threads);
+  std::vector<std::vector<double>> panels(static_cast<size_t>(threads));
+  std::atomic<bool> stopped{false};
+  auto last_poll = std::chrono::steady_clock::now();
   for (Index begin = 0; begin < rows; begin += row_chunk) {
     const Index len = std::min(row_chunk, rows - begin);
     delta = w.middleRows(begin, len).template cast<double>() -
             w_hat.middleRows(begin, len).template cast<double>();
-    shares.resize(len, blocks);
-    parallel_for(blocks, num_threads, interrupt, [&](Index b, int) {
-      const Index j = b * col_block, nb = std::min(col_block, cols - j), below = cols - j - nb;
-      // Symmetric part of H on the diagonal block and the block column below it.
-      const MatrixD h_diag = 0.5 * (h.block(j, j, nb, nb).template cast<double>() +
-                                    h.block(j, j, nb, nb).transpose().template cast<double>());
-      MatrixD cross(len, nb);  // (r, c): sum over i > c of d_ri H_ic
-      cross.noalias() =
-          delta.middleCols(j, nb) * h_diag.template triangularView<Eigen::StrictlyLower>();
-      if (below > 0) {
-        const MatrixD h_below =
-            0.5 * (h.block(j + nb, j, below, nb).template cast<double>() +
-                   h.block(j, j + nb, nb, below).transpose().template cast<double>());
-        cross.noalias() += delta.rightCols(below) * h_below;
+    y.setZero(len, cols);
+    // one part of the chunk's rows per thread (one parallel region per chunk: each thread widens
+    // the panels of H_s itself, 1/len of its work, instead of meeting the others after each)
+    const Index parts = std::min<Index>(threads, (len + group - 1) / group);
+    parallel_for(parts, num_threads, interrupt, [&](Index part, int thread) {
+      const Index first = part * len / parts, last = (part + 1) * len / parts;
+      std::vector<double>& panel = panels[static_cast<size_t>(thread)];
+      for (Index j = 0; j < cols; j += col_block) {
+        // a part is long: the calling thread (thread 0) also asks the host between panels
+        if (thread == 0 && interrupt != nullptr) {
+          const auto now = std::chrono::steady_clock::now();
+          if (now - last_poll > std::chrono::milliseconds(50)) {
+            last_poll = now;
+            if (interrupt->should_stop()) stopped.store(true);
+          }
+        }
+        if (stopped.load(std::memory_order_relaxed)) return;
+        const Index nb = std::min(col_block, cols - j), ld = cols - j;
+        // panel(i - j, c - j) = H_s(i, c) for i >= j (only i > c is read), in 32 x 32 tiles:
+        // H(i, c) and H(c, i) are both read from a few cache lines, whichever way H is laid out
+        panel.assign(static_cast<size_t>(ld * nb), 0.0);
+        constexpr Index tile = 32;
+        for (Index i0 = 0; i0 < ld; i0 += tile)
+          for (Index c0 = 0; c0 < std::min(nb, i0 + tile); c0 += tile)
+            for (Index c = c0; c < std::min(c0 + tile, nb); ++c)
+              for (Index i = std::max(i0, c + 1); i < std::min(i0 + tile, ld); ++i)
+                panel[c * ld + i] = 0.5 * (static_cast<double>(h(j + i, j + c)) +
+                                           static_cast<double>(h(j + c, j + i)));
+        for (Index ib = 0; ib < ld; ib += block) {
+          const Index ne = std::min(block, ld - ib);
+          for (Index r0 = first; r0 < last; r0 += group) {
+            const Index count = std::min(group, last - r0);
+            const double* d[group];
+            double* yr[group];
+            for (Index r = 0; r < count; ++r) {
+              d[r] = delta.row(r0 + r).data() + j;
+              yr[r] = y.row(r0 + r).data() + j;
+            }
+            // one instantiation per number of rows: the arithmetic of a row is the same in each
+            switch (count) {
+              case 4: lower_panel_block<4>(panel.data(), ld, ib, ne, nb, d, yr); break;
+              case 3: lower_panel_block<3>(panel.data(), ld, ib, ne, nb, d, yr); break;
+              case 2: lower_panel_block<2>(panel.data(), ld, ib, ne, nb, d, yr); break;
+              default: lower_panel_block<1>(panel.data(), ld, ib, ne, nb, d, yr); break;
+            }
+          }
+        }
       }
-      const auto d = delta.middleCols(j, nb);
-      shares.col(b) = 2.0 * cross.cwiseProduct(d).rowwise().sum() +
-                      d.cwiseAbs2() * h_diag.diagonal();
     });
-    for (Index i = 0; i < len; ++i) out[begin + i] = 0.5 * shares.row(i).sum();
+    if (stopped.load()) throw Interrupted();
+    for (Index r = 0; r < len; ++r) {
+      const double* d = delta.row(r).data();
+      const double* yr = y.row(r).data();
+      double sum = 0.0;
+      for (Index i = 0; i < cols; ++i) sum += d[i] * (diag[i] * d[i] + 2.0 * yr[i]);
+      out[begin + r] = 0.5 * sum;
+    }
   }
 }
 

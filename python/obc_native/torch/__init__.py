@@ -26,7 +26,7 @@ except ImportError as err:  # pragma: no cover - exercised only without torch
 
 from .actquant import ActQuantWrapper, quantize_activations, remove_activation_quantization
 from .calibration import as_batches, collect_hessians
-from .compress import CompressionError, compress, compress_to_budget
+from .compress import CompressionError, budget_plan, compress, compress_to_budget, recipe_plan
 from .correction import recalibrate_batchnorm
 from .export_onnx import ExportError, OnnxExport, export_onnx
 from .gguf_export import GGUFExportError, gguf_layer_config, save_gguf
@@ -53,6 +53,8 @@ from .shrink_heads import HeadShrinkReport, ShrunkHeads, hf_attention_heads, shr
 __all__ = [
     "compress",
     "compress_to_budget",
+    "recipe_plan",
+    "budget_plan",
     "CompressionReport",
     "LayerReport",
     "CompressionError",

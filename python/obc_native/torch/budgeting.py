@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,9 +16,16 @@ from ..budget import BudgetSolution, BudgetSpec, InfeasibleBudgetError, parse_bu
 from ..costs import BUILTIN_COSTS, level_costs
 from ..level_database import LevelDatabase
 from ..levels import LayerLevels
-from .layers import find_layers, weight_matrix
+from .layers import LayerInfo, find_layers, weight_matrix
 
-__all__ = ["OBJECTIVES", "as_budget_spec", "measure_costs", "solve_database", "uniform_sparsity"]
+__all__ = [
+    "OBJECTIVES",
+    "as_budget_spec",
+    "check_budget_reachable",
+    "measure_costs",
+    "solve_database",
+    "uniform_sparsity",
+]
 
 #: What the budget solver minimizes, summed over layers: "layer" (exact layer losses
 #: ``||(W - W_hat) X||^2 / n``), "normalized" (each layer's losses divided by its loss of zeroing
@@ -63,6 +71,73 @@ def solve_database(db: LevelDatabase, budget: Any, *, objective: str = "auto") -
     if objective == "model":
         return solve_budget(db, spec, loss="model")
     return solve_budget(db, spec, loss="layer", normalize=objective == "normalized")
+
+
+def _cheapest_cost_floor(
+    info: LayerInfo, hessians: list, levels: Any, cost: str, flops_per_weight: float
+) -> tuple[float, float]:
+    """The dense cost of one layer and a lower bound of its cheapest level's cost among the
+    ``levels`` (a LevelSpec) a database would build for it, before any solve.
+
+    Costs are nondecreasing in the number of non-zeros, so each level's cost is bounded below by
+    its cost at a floor of its non-zeros: the dense weights' own count (exact); for a pruning
+    level the weights its pattern keeps (``s * total`` pruned, plus one block per row for the
+    per-row rounding of a uniform spread) less every weight of a dead input (the solvers zero
+    them); for a quantized level 0 (any weight may round to zero)."""
+    rows, cols = info.out_features, info.cols
+    total = rows * cols
+    dense_nnz = int(torch.count_nonzero(weight_matrix(info)))
+    dead = sum(int(np.count_nonzero(np.diagonal(h) == 0)) for h in hessians) * info.rows
+    span = info.in_per_group if info.is_conv else cols
+    costs_at = {"flops_per_weight": flops_per_weight, "act_bits": levels.act_bits}
+    candidates = [level_costs((rows, cols), dense_nnz, **costs_at)[cost]]
+    block = levels.block or 1
+    if levels.block is None or span % levels.block == 0:
+        for s in levels.sparsities:
+            pruned = math.ceil(s * total) + rows * block
+            candidates.append(level_costs((rows, cols), max(0, total - pruned - dead), **costs_at)[cost])
+    for n, m in levels.nm:
+        if span % m == 0:
+            candidates.append(level_costs((rows, cols), max(0, total // m * n - dead), **costs_at)[cost])
+    if levels.group_size is None or cols % levels.group_size == 0:
+        for b in [*levels.bits, *(b for n, m, b in levels.joint if span % m == 0)]:
+            candidates.append(level_costs((rows, cols), 0, bits=b, group_size=levels.group_size, **costs_at)[cost])
+    return candidates[0], min(candidates)
+
+
+def check_budget_reachable(
+    spec: BudgetSpec,
+    infos: Mapping[str, LayerInfo],
+    hessians: Mapping[str, Any],
+    flops_per_weight: Mapping[str, float],
+    levels: Any,
+) -> None:
+    """Raise InfeasibleBudgetError when ``spec`` is below what any database of ``levels`` (a
+    LevelSpec) for these layers could reach, before the database is built (minutes to hours).
+
+    ``infos`` in the database's layer order, ``hessians``: name -> LayerHessian (for the dead
+    inputs), ``flops_per_weight``: name -> applications per sample. The bound (see
+    ``_cheapest_cost_floor``) never exceeds the built database's ``min_cost`` (same per-layer
+    formulas, summed in the same order), so a budget passing here may still prove infeasible
+    once the levels are known (``solve_database`` then says so), never the other way round."""
+    cost = spec.cost
+    dense_total = floor_total = 0.0
+    for name, info in infos.items():
+        dense, floor = _cheapest_cost_floor(info, hessians[name].hessians(), levels, cost, flops_per_weight[name])
+        dense_total += dense
+        floor_total += floor
+    if spec.unit == "absolute":
+        budget = spec.value
+    elif spec.unit == "factor":
+        budget = dense_total / spec.value
+    else:
+        budget = spec.value * sum(info.out_features * info.cols for info in infos.values())
+    if not budget >= floor_total:
+        raise InfeasibleBudgetError(
+            f"budget: the {cost} budget {budget!r} ({spec}) is infeasible: no choice of the requested levels "
+            f"can reach it (their smallest {cost} is at least {floor_total!r}, from the layers' shapes; "
+            "checked before building the level database)", cost_type=cost, budget=budget, min_cost=floor_total,
+        )
 
 
 def measure_costs(

@@ -1,9 +1,13 @@
 """Whole-model compression: calibrate, solve every layer, correct statistics, report.
 
 :func:`compress` (a recipe) and :func:`compress_to_budget` (a level database and a budget) both
-turn into a plan ``{layer name: LayerStep}`` executed by one loop (:class:`_Run`): calibrate ->
+turn into a plan ``{layer name: LayerConfig}`` executed by one loop (:class:`_Run`): calibrate ->
 for each layer: solve -> write back -> bias correction; then BatchNorm re-estimation, undo on
-error, report (with where the time went: ``report.time_line()``).
+error, report (with where the time went: ``report.time_line()``). :func:`recipe_plan` and
+:func:`budget_plan` return the plan without running it; :func:`compress` accepts a plan in place
+of a recipe. A layer of a level database is solved to its level's configuration
+(``Level.config``); what the loop needs beyond the plan (the layer's shapes, the database's
+column order and the level's costs for the report) it looks up itself.
 
 Layers that read the same input tensor in a forward pass (the query, key and value projections
 of an attention block; in general any layers called on one tensor object, unchanged in between,
@@ -67,15 +71,15 @@ from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .output_cache import ModuleTrace, OutputCache
 from .embeddings import EmbeddingRule, quantize_embedding, resolve_embeddings
 from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
-from .budgeting import OBJECTIVES, as_budget_spec, measure_costs, solve_database
+from .budgeting import OBJECTIVES, as_budget_spec, check_budget_reachable, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
 from .layer_selection import select_layers
 from .level_calibration import _Applications
-from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe
+from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe, is_plan, resolve_plan
 from .report import CompressionReport, LayerReport, QuantGrid
-from .solve import UnitResult, apply_unit_level
+from .solve import UnitResult
 
-__all__ = ["compress", "compress_to_budget", "CompressionError", "LayerStep"]
+__all__ = ["compress", "compress_to_budget", "recipe_plan", "budget_plan", "CompressionError"]
 
 logger = logging.getLogger("obc_native.torch")
 # What state a failed run left the model in, on its own channel: the command line, which writes
@@ -118,13 +122,15 @@ def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
     return owners
 
 
-def _plan(model: nn.Module, recipe: Recipe) -> dict[str, LayerPlan]:
+def _plan(model: nn.Module, recipe: Recipe | Mapping[str, LayerConfig | None]) -> dict[str, LayerPlan]:
+    """Every supported layer's LayerPlan from a Recipe or a plan ``{name: LayerConfig or None}``
+    (checked against the layers' shapes; tied weights skipped). RecipeError when nothing is left."""
     layers = find_layers(model)
     if not layers:
-        if recipe.embeddings:  # only embeddings to quantize
+        if isinstance(recipe, Recipe) and recipe.embeddings:  # only embeddings to quantize
             return {}
         raise RecipeError("the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, HF Conv1D)")
-    plans = recipe.resolve(layers)
+    plans = recipe.resolve(layers) if isinstance(recipe, Recipe) else resolve_plan(recipe, layers)
     owners = _shared_weights(model)
     for name, plan in plans.items():
         if plan.config is None:
@@ -149,34 +155,67 @@ def _resolve_correction(model: nn.Module, correction: str | None) -> str | None:
     return correction
 
 
-@dataclass
-class LayerStep:
-    """One entry of a plan: what to do to one layer.
+def recipe_plan(
+    model: nn.Module, recipe: Recipe | LayerConfig | Mapping[str, Any] | str | os.PathLike
+) -> dict[str, LayerConfig]:
+    """The plan of ``recipe`` on ``model``: ``{layer name: LayerConfig}`` for every layer it
+    compresses, in the model's layer order (skipped and tied layers are left out).
 
-    ``config`` is the recipe configuration to solve the layer with (None: leave it dense). A
-    layer of a level database is solved to ``level`` of ``levels`` in the database's column
-    order; ``config`` is then the level's equivalent configuration (for the report and the
-    baseline). Once levels and configurations are one type, a plan is ``{name: LayerConfig}``.
+    ``compress(model, calibration, recipe_plan(model, recipe))`` is ``compress(model,
+    calibration, recipe)`` (the report's skipped rows then say "not in the plan"). Raises
+    RecipeError as :func:`compress` does (every problem of the recipe against the layers).
     """
-
-    info: LayerInfo
-    config: LayerConfig | None
-    level: Level | None = None
-    levels: LayerLevels | None = None
+    plans = _plan(model, as_recipe(recipe))
+    return {name: p.config for name, p in plans.items() if p.config is not None}
 
 
-def _job(step: LayerStep, stats: LayerHessian, baseline: bool, num_threads: int | None) -> LayerJob:
-    """The solves of one layer of a plan, for the executor: every unit to the recipe
-    configuration or to the database level (``executors.solve_rows``, the one place a unit is
-    solved), and the magnitude / RTN baseline when ``baseline``."""
-    info, config = step.info, step.config
-    assert config is not None
-    dense = weight_matrix(info).to(torch.float32).cpu().numpy()
-    level = None if step.level is None else (step.levels, step.level)
-    return LayerJob(
-        info, dense, stats.hessians(), config, level, baseline and not config.is_baseline, num_threads,
-        apply_unit_level if level is not None else None,
-    )
+def _choice_plan(
+    database: LevelDatabase, choice: Mapping[str, Level], names: list[str]
+) -> dict[str, LayerConfig | None]:
+    """``{name: the chosen level's LayerConfig}`` (None for the dense level) for ``names``, with
+    the damping the database was built with."""
+    plan: dict[str, LayerConfig | None] = {}
+    for name in names:
+        plan[name] = choice[name].config(database[name].settings.get("damp", 0.01))
+    return plan
+
+
+def budget_plan(
+    model: nn.Module,
+    database: LevelDatabase | str | os.PathLike,
+    budget: str | BudgetSpec,
+    *,
+    objective: str = "auto",
+    recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
+) -> dict[str, LayerConfig | None]:
+    """The plan :func:`compress_to_budget` runs for ``database`` and ``budget``: ``{layer name:
+    LayerConfig of its chosen level}``, None for a layer left dense, in the database's order.
+
+    Args:
+        model: the model the database was built on (LevelDatabaseError otherwise).
+        database: a LevelDatabase or the path of a saved one.
+        budget, objective, recipe: as in :func:`compress_to_budget`.
+
+    ``compress(model, calibration, plan)`` gives the weights of ``compress_to_budget(model,
+    calibration, budget, database=database)`` bit for bit when the database was built in the
+    channels-last column order (every database this version builds); the report then lacks the
+    level columns. Raises InfeasibleBudgetError (a ValueError) when no choice fits the budget.
+    """
+    spec = as_budget_spec(budget)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    database = _as_database(database)
+    infos, _ = _database_layers(model, database, recipe)
+    solution = solve_database(database, spec, objective=objective)
+    return _choice_plan(database, solution.choice, [name for name in database.names if name in infos])
+
+
+def _as_database(database: Any) -> LevelDatabase:
+    if isinstance(database, (str, os.PathLike)):
+        return LevelDatabase.load(database)
+    if not isinstance(database, LevelDatabase):
+        raise TypeError(f"database: expected a LevelDatabase or a path, got {type(database).__name__}")
+    return database
 
 
 def _quantizer_fields(units: list[UnitResult]) -> dict[str, Any]:
@@ -238,6 +277,7 @@ class _Run:
         self,
         model: nn.Module,
         calibration: Any,
+        infos: Mapping[str, LayerInfo],
         *,
         mode: str,
         forward: Forward | None,
@@ -251,6 +291,10 @@ class _Run:
     ):
         self.start = time.perf_counter()
         self.model = model
+        self.infos = infos  # the layers a plan may name
+        # name -> (LayerLevels, chosen Level) of a budget run: the database's column order for
+        # the solve, the level's label, costs and model loss for the report
+        self.levels: dict[str, tuple[LayerLevels, Level]] = {}
         self.correction = _resolve_correction(model, correction)
         self.batches = as_batches(calibration)
         self.device = model_device(model)
@@ -339,7 +383,7 @@ class _Run:
 
     def compress_layers(
         self,
-        plan: Mapping[str, LayerStep],
+        plan: Mapping[str, LayerConfig | None],
         order: list[str],
         owner: Mapping[str, str],
         hessians: dict[str, LayerHessian],
@@ -347,7 +391,8 @@ class _Run:
         calibrate_group: Any = None,
         dense_means: Mapping[str, np.ndarray] | None = None,
     ) -> None:
-        """Solve and write back the layers of ``plan`` in ``order``. A layer uses the Hessian of
+        """Solve and write back the layers of ``plan`` (``{name: LayerConfig}``; None: left
+        dense, reported with its Hessian's sample count) in ``order``. A layer uses the Hessian of
         its ``owner`` (the layer whose input it reads; itself when not shared): from
         ``hessians``, or when missing from ``calibrate_group(owner)`` (a pass over the model
         compressed so far; sequential mode). A Hessian is dropped after its last user."""
@@ -356,23 +401,23 @@ class _Run:
             total=len(order), desc="obc", unit="layer", disable=self.quiet or self.executor.shows_progress, leave=False
         )
         for name in order if self.executor.runs_ahead else ():  # a cluster solves them all at once
-            step, source = plan[name], owner[name]
-            if step.config is not None and source in hessians and not self.saved.done(name):
-                self.executor.submit_layer(_job(step, hessians[source], self.baseline, self.num_threads))
+            config, source = plan[name], owner[name]
+            if config is not None and source in hessians and not self.saved.done(name):
+                self.executor.submit_layer(self._job(name, config, hessians[source]))
         try:
             for name in order:
                 progress.set_postfix_str(name)
                 source = owner[name]
                 layer_start = time.perf_counter()
                 if self.saved.done(name):  # written back, so that later layers calibrate on it
-                    row = self.saved.restore(plan[name].info, self.backup.save)
+                    row = self.saved.restore(self.infos[name], self.backup.save)
                 else:
                     if source not in hessians:
                         hessians[source] = calibrate_group(source)
                     mean = None if dense_means is None else dense_means[name]
-                    row = self.compress_layer(plan[name], hessians[source], mean)
+                    row = self.compress_layer(name, plan[name], hessians[source], mean)
                     row.seconds = time.perf_counter() - layer_start
-                    self.saved.save(plan[name].info, row)
+                    self.saved.save(self.infos[name], row)
                 self.report.layers.append(row)
                 users[source] -= 1
                 if not users[source]:
@@ -383,14 +428,30 @@ class _Run:
         finally:
             progress.close()
 
-    def compress_layer(self, step: LayerStep, stats: LayerHessian, dense_output_mean: np.ndarray | None) -> LayerReport:
-        """Solve one layer (every unit), write it back, correct its bias; its report row."""
+    def _job(self, name: str, config: LayerConfig, stats: LayerHessian) -> LayerJob:
+        """The solves of layer ``name`` for the executor: every unit to ``config``
+        (``executors.solve_rows``, the one place a unit is solved), in the level database's
+        column order for a budget run's layer, and the magnitude / RTN baseline when asked."""
+        info = self.infos[name]
+        dense = weight_matrix(info).to(torch.float32).cpu().numpy()
+        layer, level = self.levels.get(name, (None, None))
+        channels_last = layer is None or layer.settings.get("column_order") == "channels_last"
+        return LayerJob(
+            info, dense, stats.hessians(), config, level, self.baseline and not config.is_baseline, self.num_threads,
+            channels_last,
+        )
+
+    def compress_layer(
+        self, name: str, config: LayerConfig | None, stats: LayerHessian, dense_output_mean: np.ndarray | None
+    ) -> LayerReport:
+        """Solve layer ``name`` to ``config`` (every unit), write it back, correct its bias; its
+        report row (None: the layer stays dense)."""
         start = time.perf_counter()
-        info, config = step.info, step.config
+        info = self.infos[name]
         if config is None:
             row = _dense_report(info, stats)
         else:
-            dense, new, row = self._solve_layer(step, stats)
+            dense, new, row = self._solve_layer(name, config, stats)
             module = info.module
             self.backup.save(module.weight, getattr(module, "bias", None))
             set_weight_matrix(info, torch.from_numpy(new))
@@ -403,16 +464,19 @@ class _Run:
                     module.bias.copy_(torch.from_numpy(target).to(module.bias.dtype))
                 row.bias_corrected = True
                 self.report.correction_seconds += time.perf_counter() - start
-        if step.level is not None:
-            row.level = step.level.label
-            row.level_costs = dict(step.level.costs)
-            row.model_loss = step.level.model_loss
+        if name in self.levels:
+            level = self.levels[name][1]
+            row.level = level.label
+            row.level_costs = dict(level.costs)
+            row.model_loss = level.model_loss
         return row
 
-    def _solve_layer(self, step: LayerStep, stats: LayerHessian) -> tuple[np.ndarray, np.ndarray, LayerReport]:
+    def _solve_layer(
+        self, name: str, config: LayerConfig, stats: LayerHessian
+    ) -> tuple[np.ndarray, np.ndarray, LayerReport]:
         """The dense and compressed ``out x cols*groups`` weight matrices, and the report row."""
-        info, config = step.info, step.config
-        job = _job(step, stats, self.baseline, self.num_threads)
+        info = self.infos[name]
+        job = self._job(name, config, stats)
         dense = job.dense
         new = np.empty_like(dense)
         rows = info.rows
@@ -561,7 +625,10 @@ def compress(
             them (per-row round to nearest, before the other layers; see ``embeddings.py``).
         calibration: iterable of batches (tensors, tuples or dicts; see ``calibration.py``).
         recipe: a :class:`Recipe`, a :class:`LayerConfig` for all layers, a dict, or a path to
-            a JSON / YAML recipe file.
+            a JSON / YAML recipe file; or a plan ``{layer name: LayerConfig}`` (a dict whose
+            values are LayerConfig objects, see :func:`recipe_plan` and :func:`budget_plan`):
+            the layers it names are compressed to their configurations, the others (and those
+            mapped to None) are left as they are.
         sequential: calibrate each layer on the outputs of the already-compressed earlier layers
             (see the module docstring for the cost); default: one pass over the dense model.
         cache_outputs: sequential mode only: keep, per calibration batch, the outputs of the
@@ -615,20 +682,22 @@ def compress(
         raise ValueError(f"{', '.join(sorted(budget_options))} apply to non-uniform compression: pass budget=")
     if recipe is None:
         raise ValueError("recipe: expected a recipe (or a budget such as budget='flops=2x'), got None")
-    recipe = as_recipe(recipe)
+    if not is_plan(recipe):
+        recipe = as_recipe(recipe)
     plans = _plan(model, recipe)
-    embeddings = resolve_embeddings(model, recipe.embeddings)  # checked before any work
-    plan = {name: LayerStep(p.info, p.config) for name, p in plans.items() if p.config is not None}
-    infos = {name: step.info for name, step in plan.items()}
+    rules = recipe.embeddings if isinstance(recipe, Recipe) else ()  # a plan names no embeddings
+    embeddings = resolve_embeddings(model, rules)  # checked before any work
+    plan = {name: p.config for name, p in plans.items() if p.config is not None}
+    infos = {name: plans[name].info for name in plan}
     run = _Run(
-        model, calibration, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
+        model, calibration, infos, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
         baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
         executor=executor,
     )
     with run.guarded():
         description = {"recipe": recipe, "sequential": sequential, "correction": correction, "baseline": baseline}
-        if recipe.embeddings:
-            description["embeddings"] = [rule.to_dict() for rule in recipe.embeddings]
+        if rules:
+            description["embeddings"] = [rule.to_dict() for rule in rules]
         run.saved = as_checkpoint(checkpoint, description, infos)
         # first, so that the layers after them calibrate on the quantized tables
         run.quantize_embeddings(embeddings)
@@ -760,10 +829,7 @@ def compress_to_budget(
     if database is not None:
         if levels is not None or stitch or loss_fn is not None:
             raise ValueError("levels, stitch and loss_fn apply when building a database, not with database=")
-        if isinstance(database, (str, os.PathLike)):
-            database = LevelDatabase.load(database)
-        elif not isinstance(database, LevelDatabase):
-            raise TypeError(f"database: expected a LevelDatabase or a path, got {type(database).__name__}")
+        database = _as_database(database)
         infos, left_out = _database_layers(model, database, recipe)
         solution = solve_database(database, spec, objective=objective)  # infeasible budgets fail here
     else:
@@ -777,7 +843,7 @@ def compress_to_budget(
             raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
         infos, left_out = select_layers(model, recipe=recipe)
     run = _Run(
-        model, calibration, mode="dense", forward=forward, correction=correction, baseline=baseline,
+        model, calibration, infos, mode="dense", forward=forward, correction=correction, baseline=baseline,
         num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
     )
     run.start = start
@@ -794,6 +860,8 @@ def compress_to_budget(
         if database is None:
             database_start = time.perf_counter()
             per_sample = {name: total / run.report.batches for name, total in applications.items()}
+            names = [n for n in order if n in infos] + [n for n in infos if n not in order]  # the database's
+            check_budget_reachable(spec, {n: infos[n] for n in names}, hessians, per_sample, level_spec)
             database = _build(
                 model, infos, hessians, per_sample, order, level_spec,
                 damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
@@ -804,11 +872,8 @@ def compress_to_budget(
             solution = solve_database(database, spec, objective=objective)
             run.saved.save_database(database)
             run.report.database_seconds += time.perf_counter() - database_start
-        plan = {}
-        for name in [n for n in order if n in infos]:
-            level, layer = solution.choice[name], database[name]
-            config = level.config(layer.settings.get("damp", 0.01))  # None for the dense level
-            plan[name] = LayerStep(infos[name], config, level=level, levels=layer)
+        plan = _choice_plan(database, solution.choice, [n for n in order if n in infos])
+        run.levels = {name: (database[name], solution.choice[name]) for name in plan}
         run.compress_layers(plan, list(plan), {name: name for name in plan}, hessians)
         run.recalibrate_batchnorm()
     skipped = [

@@ -26,8 +26,8 @@ Why the results are bit-identical to a local run whatever the split:
   independently of the thread count (tests/torch/test_ray_executor.py checks rows solved in
   separate calls against one call, bit for bit, for every mode :func:`row_separable` accepts);
   the other modes are one task per unit. Losses are per-row vectors concatenated in row order
-  before the one ``np.sum`` a local run makes; row ranges start at multiples of ``ROW_ALIGN``
-  so that the per-row losses are the same bits too.
+  before the one ``np.sum`` a local run makes; a row's loss does not depend on the rows solved
+  with it, so they are the same bits too (row ranges start at multiples of ``ROW_ALIGN``).
 """
 
 from __future__ import annotations
@@ -93,29 +93,30 @@ class Calibration:
 
 @dataclass
 class LayerJob:
-    """The solves of one layer: every unit compressed by ``config``, or to a database ``level``.
+    """The solves of one layer: every unit compressed by ``config``.
 
     Attributes:
         info: the layer (its ``module`` is dropped before the job is shipped to a worker).
         dense: ``(groups * rows, cols)`` float32 weights, native column order.
         hessians: one ``(cols, cols)`` float64 Hessian per unit.
-        config: the LayerConfig (with a level: the level's equivalent config, for the baseline).
-        level: ``(LayerLevels, Level)`` to apply instead of ``config``, or None.
+        config: the LayerConfig of every unit (a database level's: ``Level.config``).
+        level: the database Level the layer is solved to, or None (a recipe's layer). Only
+            the task split looks at it: such layers are one task per unit (``row_separable``).
         baseline: also solve the magnitude / RTN baseline and return its per-row losses.
         num_threads: threads of each solver call (None: the executor's choice).
-        apply_level: with a level, ``apply_level(info, weight, hessian, layer, level, *,
-            num_threads, core)`` -> UnitResult (``torch.solve.apply_unit_level``; passed in, so that this
-            module does not import the budget code).
+        channels_last: solve a convolution's ``config`` in the channels-last column order (False:
+            the native order, as level databases saved without a ``column_order`` were built;
+            the baseline is always channels-last).
     """
 
     info: LayerInfo
     dense: np.ndarray
     hessians: list[np.ndarray]
     config: LayerConfig
-    level: tuple[Any, Any] | None = None
+    level: Any = None
     baseline: bool = False
     num_threads: int | None = None
-    apply_level: Callable[..., UnitResult] | None = None
+    channels_last: bool = True
 
 
 @dataclass
@@ -166,10 +167,9 @@ def row_separable(config: LayerConfig | None, level: Any = None) -> bool:
     return False
 
 
-# Row ranges of solve tasks start at multiples of this: the core's row-loss kernel
-# (cpp/src/kernels/row_kernels.cpp, row_losses_with) sums 256 rows at a time with an Eigen product
-# whose rounding depends on how many rows it gets, so a range must cut the unit where a one-call
-# solve's chunks end for the per-row losses to be the same bits (the weights are per row anyway).
+# Row ranges of solve tasks start at multiples of this. Any split gives the same bits (weights,
+# and per-row losses: the core's row-loss kernel, row_kernels.cpp row_losses_with, computes each
+# row by itself); 256 is the row chunk that kernel works in.
 ROW_ALIGN = 256
 
 
@@ -187,31 +187,24 @@ def solve_rows(
     weight: np.ndarray,
     hessian: np.ndarray,
     config: LayerConfig,
-    level: tuple[Any, Any] | None,
     baseline: bool,
     num_threads: int | None,
     start: int = 0,
     core: Any = None,
-    apply_level: Callable[..., UnitResult] | None = None,
+    channels_last: bool = True,
 ) -> RowsSolution:
     """Solve the rows ``weight`` (``(rows, cols)`` float32, native order; rows ``start ..`` of
     the unit) against the unit's ``hessian``: the body of a local run's per-unit loop.
 
-    ``core``: the numpy-level solvers (default: ``obc_native``'s); ``apply_level``: see
-    :class:`LayerJob` (needed with a ``level``). Raises the solver's ValueError /
-    ArithmeticError unchanged.
+    ``core``: the numpy-level solvers (default: ``obc_native``'s); ``channels_last``: see
+    :class:`LayerJob`. Raises the solver's ValueError / ArithmeticError unchanged.
     """
     from ._solvers import get_core
 
     core = core if core is not None else get_core()
     threads = {} if num_threads is None else {"num_threads": num_threads}
     weight = np.ascontiguousarray(weight, dtype=np.float32)
-    if level is None:
-        result = solve_unit(core, info, weight, hessian, config, num_threads=num_threads)
-    else:
-        if apply_level is None:
-            raise ValueError("level: solving to a database level needs apply_level")
-        result = apply_level(info, weight, hessian, *level, num_threads=num_threads, core=core)
+    result = solve_unit(core, info, weight, hessian, config, num_threads=num_threads, channels_last=channels_last)
     row_losses = np.asarray(core.layer_loss(weight, result.weight, hessian, **threads), dtype=np.float64)
     baseline_losses = None
     if baseline:
@@ -370,8 +363,8 @@ class LocalExecutor(Executor):
         for unit, hessian in enumerate(job.hessians):
             try:
                 piece = solve_rows(
-                    job.info, _unit_rows(job, unit), hessian, job.config, job.level, job.baseline, job.num_threads,
-                    core=core, apply_level=job.apply_level,
+                    job.info, _unit_rows(job, unit), hessian, job.config, job.baseline, job.num_threads,
+                    core=core, channels_last=job.channels_last,
                 )
             except (ValueError, ArithmeticError) as err:
                 raise UnitSolveError(unit, err) from err

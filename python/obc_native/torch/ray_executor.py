@@ -109,11 +109,11 @@ def _call_task(hook: Callable[[str, int], None] | None, key: str, first_row: int
     return fn(*args)
 
 
-def _solve_task(hook, key: str, unit: int, apply_level, *args):
+def _solve_task(hook, key: str, unit: int, channels_last: bool, *args):
     if hook is not None:
         hook(key, args[-1])
     try:
-        return solve_rows(*args, apply_level=apply_level)
+        return solve_rows(*args, channels_last=channels_last)
     except (ValueError, ArithmeticError) as err:
         raise UnitSolveError(unit, err) from err
 
@@ -131,9 +131,8 @@ class RayExecutor(Executor):
             CPU count).
         min_rows: no row range smaller than this (per-task overhead is ~ms; see
             benchmarks/bench_ray.py).
-        row_align: row ranges start at multiples of this (default ``ROW_ALIGN``, 256, which keeps
-            the per-row losses bit-identical to a local run; smaller values keep the weights
-            identical but may change the losses' last bits: benchmarks and tests only).
+        row_align: row ranges start at multiples of this (default ``ROW_ALIGN``, 256); any
+            value gives a local run's weights and per-row losses bit for bit.
         calibration_tasks: shards of the calibration set (default: the cluster's CPU count,
             at most one per batch).
         max_retries: retries of a task whose worker died.
@@ -345,15 +344,14 @@ class RayExecutor(Executor):
         if row_separable(job.config, job.level):
             parts = min(self.row_tasks or self._cpus, max(1, rows // self.min_rows))
         align = ROW_ALIGN if self.row_align is None else self.row_align
-        level_ref = None if job.level is None else ray.put(job.level)
         tasks = []
         for unit, hessian in enumerate(job.hessians):
             hessian_ref = ray.put(hessian)  # once per unit, shared by its row ranges
             unit_rows = _unit_rows(job, unit)
             for start, stop in row_ranges(rows, parts, align):
                 ref = remote.remote(
-                    self.task_hook, key, unit, job.apply_level, info, np.ascontiguousarray(unit_rows[start:stop]), hessian_ref,
-                    job.config, level_ref, job.baseline, self._threads(job), start,
+                    self.task_hook, key, unit, job.channels_last, info, np.ascontiguousarray(unit_rows[start:stop]), hessian_ref,
+                    job.config, job.baseline, self._threads(job), start,
                 )
                 tasks.append((unit, start, ref))
         self._pending_layers[key] = tasks  # the job's arrays are in the object store now, not kept here

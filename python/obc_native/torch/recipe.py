@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -71,6 +71,8 @@ __all__ = [
     "as_recipe",
     "LayerPlan",
     "check_field",
+    "is_plan",
+    "resolve_plan",
 ]
 
 class Override:
@@ -170,24 +172,8 @@ class Recipe:
             for what, pattern in patterns:
                 if not any(fnmatchcase(name, pattern) for name in layers):
                     problems.append(f"{what} pattern {pattern!r} matches no supported layer")
-        plans = {}
-        invalid: dict[str, list[str]] = {}  # configuration error -> the layers it applies to
-        for name, info in layers.items():
-            try:
-                config, reason = self.config_for(name)
-                if config is not None:
-                    config.check()
-                    problems += [f"layer {name!r} ({_shape_text(info)}): {p}" for p in config.layer_problems(info)]
-            except RecipeError as err:
-                invalid.setdefault(str(err), []).append(name)
-                continue
-            plans[name] = LayerPlan(info, config, reason)
-        # the same invalid configuration (e.g. the default's) is reported once, not once per layer
-        problems += [f"{_layers_text(names, len(layers))}: {err}" for err, names in invalid.items()]
-        if problems:
-            where = "recipe" if self.source is None else f"recipe file {self.source!r}"
-            raise RecipeError(f"{where} cannot be applied:\n  " + "\n  ".join(problems))
-        return plans
+        where = "recipe" if self.source is None else f"recipe file {self.source!r}"
+        return _checked_plans(layers, self.config_for, where, problems)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -238,6 +224,61 @@ class Recipe:
             raise RecipeError(f"recipe 'strict' must be true or false, got {strict!r}")
         embeddings = check_rules(data.get("embeddings"))
         return cls(default=default, overrides=overrides, skip=list(skip), strict=strict, embeddings=embeddings)
+
+
+def _checked_plans(
+    layers: Mapping[str, LayerInfo],
+    config_for: Callable[[str], tuple[LayerConfig | None, str]],
+    where: str,
+    problems: list[str],
+) -> dict[str, LayerPlan]:
+    """Every layer's LayerPlan from ``config_for(name)`` -> (config or None, why None), each
+    configuration checked against the layer's shape. Raises RecipeError listing ``problems``
+    and every problem found, introduced by ``where`` ("recipe", "plan", ...)."""
+    plans = {}
+    invalid: dict[str, list[str]] = {}  # configuration error -> the layers it applies to
+    for name, info in layers.items():
+        try:
+            config, reason = config_for(name)
+            if config is not None:
+                config.check()
+                problems += [f"layer {name!r} ({_shape_text(info)}): {p}" for p in config.layer_problems(info)]
+        except RecipeError as err:
+            invalid.setdefault(str(err), []).append(name)
+            continue
+        plans[name] = LayerPlan(info, config, reason)
+    # the same invalid configuration (e.g. the default's) is reported once, not once per layer
+    problems += [f"{_layers_text(names, len(layers))}: {err}" for err, names in invalid.items()]
+    if problems:
+        raise RecipeError(f"{where} cannot be applied:\n  " + "\n  ".join(problems))
+    return plans
+
+
+def is_plan(value: Any) -> bool:
+    """Whether ``value`` is a plan ``{layer name: LayerConfig or None}`` (a non-empty mapping whose
+    values are all LayerConfig or None) rather than a recipe dict (whose values are dicts/lists)."""
+    return (
+        isinstance(value, Mapping)
+        and len(value) > 0
+        and all(isinstance(v, LayerConfig) or v is None for v in value.values())
+        and any(isinstance(v, LayerConfig) for v in value.values())
+    )
+
+
+def resolve_plan(plan: Mapping[str, LayerConfig | None], layers: Mapping[str, LayerInfo]) -> dict[str, LayerPlan]:
+    """Check a plan ``{layer name: LayerConfig or None}`` against the model's ``layers`` and give
+    every layer its LayerPlan: the plan's configuration; a layer the plan leaves out or maps to
+    None is skipped. Raises RecipeError for names that are not supported layers of the model and
+    for configurations the layer cannot take (all problems listed at once)."""
+    unknown = [name for name in plan if name not in layers]
+    problems = [f"layer {name!r} is not a supported layer of the model" for name in unknown]
+
+    def config_for(name: str) -> tuple[LayerConfig | None, str]:
+        if plan.get(name) is None:
+            return None, "dense in the plan" if name in plan else "not in the plan"
+        return plan[name], ""
+
+    return _checked_plans(layers, config_for, "plan", problems)
 
 
 def _layers_text(names: list[str], total: int) -> str:
