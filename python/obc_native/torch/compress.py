@@ -141,7 +141,7 @@ def _plan(model: nn.Module, recipe: Recipe | Mapping[str, LayerConfig | None]) -
             reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
             logger.warning("layer %r: %s", name, reason)
             plans[name] = LayerPlan(plan.info, None, reason)
-    if not recipe.embeddings and not any(plan.config is not None for plan in plans.values()):
+    if not (isinstance(recipe, Recipe) and recipe.embeddings) and not any(plan.config is not None for plan in plans.values()):
         listing = "; ".join(f"{n}: {p.reason}" for n, p in plans.items())
         raise RecipeError(f"no layer matches the recipe, nothing to compress ({listing})")
     return plans
