@@ -576,12 +576,14 @@ def _example_inputs(path: str, model: Any) -> tuple[tuple, dict | None]:
     raise CliError(f"--example {path}: expected a tensor or a dict of tensors")
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
-    from obc_native.torch import export_onnx, load_compressed, read_manifest
+def _load_for_export(args: argparse.Namespace):
+    """The saved folder's manifest and its model with the compressed weights loaded, for export
+    and shrink; --out and --example are checked first (before any work)."""
+    from obc_native.torch import load_compressed, read_manifest
     from obc_native.torch.export_onnx import ExportError, _check_output_path
 
     try:
-        _check_output_path(args.out)  # before any work
+        _check_output_path(args.out)
     except ExportError as err:
         raise CliError(str(err).replace("path ", "--out ", 1)) from err
     if not os.path.isfile(args.example):
@@ -589,6 +591,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     manifest = read_manifest(args.directory)
     model = _saved_architecture(args, manifest)
     load_compressed(model, args.directory)
+    return manifest, model
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from obc_native.torch import export_onnx
+
+    manifest, model = _load_for_export(args)
     example_args, example_kwargs = _example_inputs(args.example, model)
     result = export_onnx(
         model.eval(),
@@ -643,22 +652,13 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
 
     import torch
 
-    from obc_native.torch import export_onnx, load_compressed, read_manifest, shrink_structured
-    from obc_native.torch.export_onnx import ExportError, _check_output_path
+    from obc_native.torch import export_onnx, shrink_structured
 
     extension = os.path.splitext(args.out)[1].lower()
     fmt = args.format or {".onnx": "onnx", ".pt2": "pt2"}.get(extension)
     if fmt is None:
         raise CliError(f"--out {args.out}: give a .onnx or .pt2 file, or --format onnx|pt2")
-    try:
-        _check_output_path(args.out)  # before any work
-    except ExportError as err:
-        raise CliError(str(err).replace("path ", "--out ", 1)) from err
-    if not os.path.isfile(args.example):
-        raise CliError(f"--example {args.example}: no such file")
-    manifest = read_manifest(args.directory)
-    model = _saved_architecture(args, manifest)
-    load_compressed(model, args.directory)
+    manifest, model = _load_for_export(args)
     model.eval()
     chains = _shrink_chains(args, manifest, model)
     example_args, example_kwargs = _example_inputs(args.example, model)
