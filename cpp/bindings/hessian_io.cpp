@@ -50,7 +50,8 @@ py::array_t<double> to_array(const Eigen::MatrixXd& m) {
   return out;
 }
 
-void add_array(PyAccumulator& acc, const py::array& X) {
+/// Checks that X is a 2-D (n, cols) float32 or float64 array of samples; true for float32.
+bool samples_are_float32(const py::array& X) {
   const bool is_f32 = X.dtype().is(py::dtype::of<float>());
   const bool is_f64 = X.dtype().is(py::dtype::of<double>());
   if (!is_f32 && !is_f64) {
@@ -61,6 +62,11 @@ void add_array(PyAccumulator& acc, const py::array& X) {
     throw obc::InvalidArgument("X: expected a 2-D (n, cols) array, got " +
                                std::to_string(X.ndim()) + " dimensions");
   }
+  return is_f32;
+}
+
+void add_array(PyAccumulator& acc, const py::array& X) {
+  const bool is_f32 = samples_are_float32(X);
   if (!(X.flags() & py::array::c_style)) {
     throw obc::InvalidArgument("X: expected a C-contiguous array");
   }
@@ -103,16 +109,7 @@ void accumulate_gram_array(py::array& total, const py::array& X, int num_threads
   if (!(total.flags() & py::array::c_style) || !total.writeable()) {
     throw obc::InvalidArgument("total: expected a writable C-contiguous array");
   }
-  const bool is_f32 = X.dtype().is(py::dtype::of<float>());
-  const bool is_f64 = X.dtype().is(py::dtype::of<double>());
-  if (!is_f32 && !is_f64) {
-    throw py::type_error("X: expected a float32 or float64 array, got dtype " +
-                         std::string(py::str(X.dtype())));
-  }
-  if (X.ndim() != 2) {
-    throw obc::InvalidArgument("X: expected a 2-D (n, cols) array, got " +
-                               std::to_string(X.ndim()) + " dimensions");
-  }
+  const bool is_f32 = samples_are_float32(X);
   const auto item = static_cast<py::ssize_t>(X.itemsize());
   const auto rows = static_cast<Index>(X.shape(0));
   const auto cols = static_cast<Index>(X.shape(1));
