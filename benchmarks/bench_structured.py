@@ -39,6 +39,7 @@ A program, never a test: prints a table and writes JSON into benchmarks/results/
 Run:  .venv/bin/python benchmarks/bench_structured.py [--models cnn,mlp,bert] [--threads 2]
       [--repeats 20] [--bert-layers 2] [--seq 64] [--bert-prune heads+ffn|ffn]
       [--channel-multiple M] [--cnn-first F,...] [--width-sweep] [--profile]
+      [--graph-level all|extended|basic|disable]
 """
 
 from __future__ import annotations
@@ -188,13 +189,20 @@ def export(model, example, path) -> None:
                           dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}}, opset_version=17)
 
 
-def session_options(threads, **extra):
-    """The one set of onnxruntime options every model gets (plus ``extra`` attributes)."""
+GRAPH_LEVELS = {"all": "ORT_ENABLE_ALL", "extended": "ORT_ENABLE_EXTENDED", "basic": "ORT_ENABLE_BASIC",
+                "disable": "ORT_DISABLE_ALL"}
+GRAPH_LEVEL = "all"  # --graph-level: the same for every model of a run
+
+
+def session_options(threads, level=None, **extra):
+    """The one set of onnxruntime options every model gets (plus ``extra`` attributes); ``level``:
+    a key of GRAPH_LEVELS (None: --graph-level)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, GRAPH_LEVELS[level or GRAPH_LEVEL])
     for key, value in extra.items():
         setattr(options, key, value)
     return options
@@ -218,7 +226,7 @@ def nchwc_block_size(workdir) -> int:
     export(nn.Conv2d(1, 1, 3, padding=1), (torch.zeros(1, 1, 8, 8),), path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ort.InferenceSession(path, session_options(1, optimized_model_filepath=optimized, log_severity_level=3),
+        ort.InferenceSession(path, session_options(1, "all", optimized_model_filepath=optimized, log_severity_level=3),
                              providers=["CPUExecutionProvider"])
     graph = onnx.load(optimized).graph
     convs = [n for n in graph.node if n.op_type == "Conv" and n.domain == "com.microsoft.nchwc"]
@@ -316,10 +324,14 @@ def main() -> None:
                         help="CNN: also 50%% with features.3 (the first pruned conv's input) at these sparsities")
     parser.add_argument("--width-sweep", action="store_true",
                         help="CNN: time DigitsCNN shapes of other widths (random weights) against the dense shape")
+    parser.add_argument("--graph-level", choices=list(GRAPH_LEVELS), default="all",
+                        help="onnxruntime graph optimization level of every session (all: NCHWc convolutions)")
     parser.add_argument("--profile", action="store_true",
                         help="CNN: onnxruntime's per-node times at batch 32 (its profiler, a session of its own)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
+    global GRAPH_LEVEL
+    GRAPH_LEVEL = args.graph_level
     torch.set_num_threads(args.threads)
     import onnxruntime
 
