@@ -116,3 +116,17 @@ def test_repr_leaves_out_the_default_multiple():
     assert "channel_multiple" not in repr(LayerConfig(prune="structured", sparsity=0.5))
     rounded = LayerConfig(prune="structured", sparsity=0.5, channel_multiple=8)
     assert repr(rounded).endswith(", channel_multiple=8)") and eval(repr(rounded)) == rounded
+
+
+def test_recipe_file_takes_the_field(tmp_path):
+    pytest.importorskip("yaml")
+    from obc_native.torch import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("default: {prune: structured, sparsity: 0.25, channel_multiple: 16}\n"
+                    "overrides:\n  - {pattern: features.3, channel_multiple: 8}\n")
+    recipe = load_recipe(path)
+    assert recipe.default.channel_multiple == 16
+    path.write_text("default: {prune: structured, sparsity: 0.25, channel_multiple: 0}\n")
+    with pytest.raises(RecipeError, match="channel_multiple must be an integer >= 1, got 0"):
+        load_recipe(path)
