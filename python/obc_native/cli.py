@@ -177,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
         help='producer -> consumer chains, e.g. \'[["fc1", "fc2"], ["conv", "bn", "classifier"]]\' '
         "(default: found with torch.fx; the feed-forward blocks for a model saved with --hf)",
     )
+    shrink.add_argument(
+        "--fold-batchnorm", action="store_true",
+        help="also fold each BatchNorm that directly follows a conv into that conv (one layer instead of two in "
+        "a .pt2 program; ONNX export folds them anyway)",
+    )
     shrink.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     demo = commands.add_parser("demo", help="compress a small digits CNN with several recipes (offline)")
@@ -663,7 +668,8 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     chains = _shrink_chains(args, manifest, model)
     example_args, example_kwargs = _example_inputs(args.example, model)
     masked = copy.deepcopy(model)
-    report = shrink_structured(model, chains)  # ShrinkError (a ValueError): one error line
+    # ShrinkError (a ValueError): one error line
+    report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
     if not any(chain.removed for chain in report.chains):
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
         raise CliError(f"{args.directory}: no channel can be removed (structured pruning: "

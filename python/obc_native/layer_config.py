@@ -77,6 +77,12 @@ class LayerConfig:
             channels together (1: channel by channel). E.g. the head size of an attention output
             projection, so that whole heads go (see ``obc_native.torch.shrink_attention_heads``).
             Must divide the input channels (per conv group).
+        channel_multiple: structured pruning keeps a multiple of this many input channels (of
+            channel groups when ``structured_group`` > 1): the kept count that ``sparsity``
+            leaves is rounded down to a multiple, so at least the requested fraction is pruned,
+            never less. 1 (the default): no rounding. A hardware-aware width, e.g. 8 or 16 for
+            onnxruntime's NCHWc convolutions (block 8 with AVX2, 16 with AVX-512). A layer whose
+            rounded count would be 0 (or that has fewer channels than the multiple) is refused.
 
     Convolutions: N:M groups, blocks and quantization groups run along input channels at one
     kernel position (channels-last column order), so ``m`` and ``block`` must divide the input
@@ -100,11 +106,12 @@ class LayerConfig:
     refine: bool = True
     prune_method: str = "exact"
     structured_group: int = 1
+    channel_multiple: int = 1
 
     # Fields added after checkpoints and saved reports existed; shown only when set, so that the
     # repr of every configuration that does not use them (and the checkpoint fingerprints hashed
     # from it) stays what earlier versions wrote.
-    _LATER_FIELDS = {"structured_group": 1}
+    _LATER_FIELDS = {"structured_group": 1, "channel_multiple": 1}
 
     def __repr__(self) -> str:
         shown = (f for f in dataclasses.fields(self)
@@ -131,6 +138,8 @@ class LayerConfig:
             parts.append(f"{self.prune} {self.sparsity:.0%}")
             if self.prune == "structured" and self.structured_group > 1:
                 parts[-1] += f" by {self.structured_group}"
+            if self.prune == "structured" and self.channel_multiple > 1:
+                parts[-1] += f" x{self.channel_multiple}"
         if self.bits is not None:
             quant = f"int{self.bits}" + ("" if self.sym else " asym")
             if self.group_size is not None:
@@ -148,6 +157,9 @@ class LayerConfig:
             raise RecipeError(f"N:M pruning needs integers 0 < n < m, got n={self.n!r}, m={self.m!r}")
         if self.prune is None and self.bits is None:
             raise RecipeError("the configuration does nothing (prune and bits are both None); use skip instead")
+        if self.channel_multiple != 1 and self.prune != "structured":
+            raise RecipeError(f"channel_multiple={self.channel_multiple} rounds the kept channels of "
+                              f"prune='structured' only, got prune={self.prune!r}")
         if self.prune == "structured" and self.prune_method == "sparsegpt" and not self.is_baseline:
             raise RecipeError("prune_method='sparsegpt' has no structured mode; use prune_method='exact' "
                               "for prune='structured'")
@@ -171,9 +183,41 @@ class LayerConfig:
         if self.prune == "structured" and channels % self.structured_group:
             what = "input channels per group" if info.is_conv else "columns"
             problems.append(f"structured_group={self.structured_group} needs {what} ({channels}) divisible by it")
+        elif self.prune == "structured" and self.channel_multiple > 1:
+            units = channels // self.structured_group
+            unit = ("input channels" if self.structured_group == 1 else
+                    f"groups of {self.structured_group} input channels")
+            if self.channel_multiple > units:
+                problems.append(f"channel_multiple={self.channel_multiple} is larger than the layer's {units} {unit}")
+            elif kept_structured_units(units, self.sparsity, self.channel_multiple) == 0:
+                problems.append(f"channel_multiple={self.channel_multiple} at sparsity {self.sparsity} would keep none "
+                                f"of the layer's {units} {unit} (a multiple of {self.channel_multiple} that prunes at "
+                                f"least {self.sparsity:.0%}); use a smaller channel_multiple or sparsity, or skip the layer")
         if self.group_size is not None and self.bits is not None and cols % self.group_size:
             problems.append(f"group_size={self.group_size} must divide the columns ({cols})")
         return problems
+
+
+def kept_structured_units(units: int, sparsity: float, channel_multiple: int = 1) -> int:
+    """How many of ``units`` input channels (or channel groups) structured pruning keeps.
+
+    ``sparsity`` prunes ``ceil(sparsity * units)`` (the solvers' count); the rest is rounded down
+    to a multiple of ``channel_multiple``, so the pruned fraction is at least ``sparsity``. 0 when
+    no positive multiple fits (the caller refuses that layer).
+    """
+    from ._arrays import count_for_sparsity  # numpy-level helper; keeps this module import-light
+
+    kept = units - count_for_sparsity(units, sparsity)
+    return kept - kept % channel_multiple
+
+
+def structured_sparsity(units: int, sparsity: float, channel_multiple: int = 1) -> float:
+    """The sparsity to hand the solvers so that they keep ``kept_structured_units(...)`` of
+    ``units``: ``sparsity`` itself when ``channel_multiple`` is 1, else pruned / units (the
+    solvers' count rounds it back to exactly that many)."""
+    if channel_multiple == 1:
+        return sparsity
+    return (units - kept_structured_units(units, sparsity, channel_multiple)) / units
 
 
 def _is_int(value: Any) -> bool:
@@ -211,6 +255,7 @@ _FIELD_RULES: dict[str, tuple[Any, str]] = {
     "refine": (lambda v: isinstance(v, bool), "true or false"),
     "prune_method": _choice(PRUNE_METHODS),
     "structured_group": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "channel_multiple": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
 }
 
 

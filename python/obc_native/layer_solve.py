@@ -27,7 +27,7 @@ import numpy as np
 from . import _api, _arrays
 from ._arrays import count_for_sparsity
 from ._results import QUANT_METHODS, PruneResult, QuantResult
-from .layer_config import LayerConfig
+from .layer_config import LayerConfig, structured_sparsity
 
 __all__ = [
     "UnitResult",
@@ -212,10 +212,12 @@ def solve(
 
     if config.prune == "structured":
         group = structured_group * config.structured_group
+        # channel_multiple: the kept count rounded down to a multiple (at least the asked fraction pruned)
+        sparsity = structured_sparsity(current.shape[1] // group, config.sparsity, config.channel_multiple)
         if baseline:
-            current = magnitude_structured(current, config.sparsity, group)
+            current = magnitude_structured(current, sparsity, group)
         else:
-            solver_result = solvers.prune_structured(current, H, config.sparsity, group=group,
+            solver_result = solvers.prune_structured(current, H, sparsity, group=group,
                                                      damp=config.damp, **threads)
             current, damp = np.asarray(solver_result.weight, dtype=current.dtype), solver_result.damp
 

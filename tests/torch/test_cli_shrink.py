@@ -186,3 +186,19 @@ def test_hf_folder_shrinks_its_feed_forward_blocks(tmp_path, capsys):
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
     (hidden, *_) = session.run(None, {"input_ids": ids[:5].numpy()})
     np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_option(pruned_folder, tmp_path, capsys):
+    out = tmp_path / "small.pt2"
+    assert main(["shrink", str(pruned_folder / "pruned"), "--out", str(out), "--fold-batchnorm",
+                 "--example", str(pruned_folder / "example.pt")]) == 0
+    printed = capsys.readouterr().out
+    assert "folded features.1 into features.0" in printed and "folded features.7 into features.6" in printed
+    program = torch.export.load(str(out)).module()
+    x = load_data().test_x[:5]
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), masked_model(pruned_folder)(x), rtol=1e-5, atol=1e-5)
+    # no BatchNorm is left in the program: its statistics are in the conv weights and biases
+    assert not any("running_mean" in name for name in program.state_dict())
+    # 4258, less the BatchNorm weight and bias of 8 + 16 + 16 channels, plus a conv bias for each: 4218
+    assert "parameters: 15418 -> 4218" in printed

@@ -44,6 +44,7 @@ from .nonuniform import (
     solve_database,
     uniform_sparsity,
 )
+from .fold import fold_batchnorm
 from .recipe import EmbeddingRule, LayerConfig, Override, Recipe, RecipeError, as_recipe, load_recipe
 from .report import CompressionReport, LayerReport
 from .serialize import SerializationError, load_compressed, read_manifest, save_compressed
@@ -94,6 +95,7 @@ __all__ = [
     "measure_costs",
     "uniform_sparsity",
     "shrink_structured",
+    "fold_batchnorm",
     "hf_ffn_chains",
     "ShrinkReport",
     "ShrunkChain",

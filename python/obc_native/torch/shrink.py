@@ -40,6 +40,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .fold import fold_batchnorm as _fold_batchnorm
+
 __all__ = ["shrink_structured", "hf_ffn_chains", "ShrinkReport", "ShrunkChain", "ShrinkError"]
 
 logger = logging.getLogger("obc_native.torch")
@@ -93,17 +95,20 @@ class ShrinkReport:
     ``chains``: the chains shrunk (including those where no channel was zero: ``removed == 0``).
     ``skipped``: ``{consumer name: reason}`` for layers with zero input channels that were left
     as they were. ``parameters_before`` / ``parameters_after``: parameter counts of the model.
+    ``folded``: ``(conv, batchnorm)`` pairs folded with ``fold_batchnorm=True``.
     """
 
     chains: list[ShrunkChain] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     parameters_before: int = 0
     parameters_after: int = 0
+    folded: list[tuple[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "chains": [dict(vars(c), removed=c.removed) for c in self.chains],
             "skipped": dict(self.skipped),
+            "folded": [list(pair) for pair in self.folded],
             "parameters_before": self.parameters_before,
             "parameters_after": self.parameters_after,
         }
@@ -115,6 +120,8 @@ class ShrinkReport:
             lines.append(f"{c.producer:<32} {c.consumer:<32} {c.channels:>9} {c.kept:>6}")
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
+        for conv, norm in self.folded:
+            lines.append(f"folded {norm} into {conv}")
         lines.append(f"parameters: {self.parameters_before} -> {self.parameters_after}")
         return "\n".join(lines)
 
@@ -140,7 +147,8 @@ def hf_ffn_chains(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def shrink_structured(
-    model: nn.Module, chains: Sequence[Sequence[str]] | None = None, *, concrete_args: dict[str, Any] | None = None
+    model: nn.Module, chains: Sequence[Sequence[str]] | None = None, *, concrete_args: dict[str, Any] | None = None,
+    fold_batchnorm: bool = False,
 ) -> ShrinkReport:
     """Remove the zero input channels of layers and the producing channels, in place.
 
@@ -155,6 +163,11 @@ def shrink_structured(
             producer with a Linear consumer means conv -> ... -> ``flatten(1)`` -> Linear (each
             conv channel a block of ``in_features / out_channels`` columns).
         concrete_args: passed to ``torch.fx.symbolic_trace`` (e.g. to fix an optional argument).
+        fold_batchnorm: after shrinking, fold every BatchNorm that directly follows a conv into
+            that conv (:func:`obc_native.torch.fold_batchnorm`; the BatchNorm becomes
+            ``nn.Identity``): one layer instead of two in PyTorch eager and in ``torch.export``
+            programs (``torch.onnx.export`` folds them by itself in eval mode). Needs a model
+            ``torch.fx`` can trace. Outputs equal the eval-mode model's up to float rounding.
 
     Returns:
         a :class:`ShrinkReport`. Layers with zero input channels and no removable producer
@@ -169,7 +182,8 @@ def shrink_structured(
             a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
             channels (the spatial size cannot be inferred); or ``chains`` is None and the model
             cannot be traced.
-        TypeError: ``model`` is not an ``nn.Module``.
+            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace.
+        TypeError: ``model`` is not an ``nn.Module``; ``fold_batchnorm`` is not a bool.
 
     Grouped convolutions: channels are removed only if every group loses the same number (the
     smallest count of zero channels of any group, so some zero channels may stay). At least one
@@ -177,6 +191,8 @@ def shrink_structured(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm: expected a bool, got {type(fold_batchnorm).__name__}")
     report = ShrinkReport(parameters_before=_parameter_count(model))
     modules = dict(model.named_modules())
     if chains is None:
@@ -202,6 +218,12 @@ def shrink_structured(
                 report.skipped[chain[-1]] = result
             else:
                 report.chains.append(result)
+    if fold_batchnorm:
+        try:
+            report.folded = _fold_batchnorm(model, concrete_args=concrete_args)
+        except ValueError as err:
+            raise ShrinkError(f"{err}; the channels were removed, but no BatchNorm was folded "
+                              "(shrink with fold_batchnorm=False)") from err
     report.parameters_after = _parameter_count(model)
     removed = sum(c.removed for c in report.chains)
     logger.info("shrink_structured: %d channel(s) removed in %d chain(s); %d -> %d parameters", removed,
