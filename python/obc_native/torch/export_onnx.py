@@ -52,6 +52,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import create_file_next_to
 from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
@@ -344,6 +345,11 @@ def _activation_placeholders(model: nn.Module):
             wrapper.__dict__.pop("forward", None)
 
 
+def _has_activation_wrappers(model: nn.Module) -> bool:
+    """Whether ``model`` holds an ActQuantWrapper (traced as an ``obc_native::ActQuant`` node)."""
+    return any(isinstance(module, ActQuantWrapper) for module in model.modules())
+
+
 def _torch_export(model, example_args, example_kwargs, input_names, output_names, dynamic_batch):
     """The dense ONNX model (in memory) of ``model`` traced on the examples."""
     import onnx
@@ -398,7 +404,8 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
                 # preceding Conv's weights, and a quantized conv's codes would be lost; onnxruntime
                 # still fuses Conv+BatchNorm of float convs when it loads the model.
                 training=torch.onnx.TrainingMode.PRESERVE,
-                custom_opsets={_PLACEHOLDER_DOMAIN: 1},
+                # declared only when a placeholder can appear: torch warns about an unused domain
+                custom_opsets={_PLACEHOLDER_DOMAIN: 1} if _has_activation_wrappers(model) else None,
             )
     except ExportError:
         raise
@@ -870,7 +877,7 @@ def _scope_of(node_name: str) -> str:
 
 def _write_atomically(path: str, payload: bytes) -> None:
     """Write ``payload`` to a temporary file next to ``path`` and rename it into place."""
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

@@ -23,6 +23,8 @@ import shutil
 import torch
 from torch import nn
 
+from .._files import new_file_mode
+
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
 logger = logging.getLogger("obc_native.torch")
@@ -69,7 +71,11 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     before = set(os.listdir(directory))
+    mode = new_file_mode(directory)
     model.save_pretrained(directory)
+    for pattern in _WEIGHT_PATTERNS:  # safetensors writes its files with mode 0600; give them open()'s
+        for path in glob.glob(os.path.join(glob.escape(directory), pattern)):
+            os.chmod(path, mode)
     copied = []
     if source is not None:
         for name in HF_SIDE_FILES:

@@ -51,13 +51,13 @@ import logging
 import math
 import os
 import stat
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._files import create_file_next_to
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -384,10 +384,12 @@ def _write_atomically(path: str, write) -> None:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise SerializationError(f"{path}: exists and is not a regular file; refusing to replace it")
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(temp)
+        os.chmod(temp, mode)  # safetensors' save_file recreates the file with mode 0600
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):
