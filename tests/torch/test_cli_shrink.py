@@ -63,6 +63,7 @@ def test_shrink_to_onnx(pruned_folder, tmp_path, capsys):
     assert (10, 16 * 4) in [s[::-1] for s in shapes] + shapes  # the classifier reads 16 channels x 2 x 2
 
 
+@pytest.mark.slow  # ~1.5 s on a quiet machine, ~5 s under load; test_explicit_chains writes and runs a .pt2 too
 def test_shrink_to_pt2(pruned_folder, tmp_path, capsys):
     out = tmp_path / "small.pt2"
     assert main(["shrink", str(pruned_folder / "pruned"), "--out", str(out), "--quiet",
@@ -85,6 +86,7 @@ def test_explicit_chains(pruned_folder, tmp_path, capsys):
     assert "features.0 " not in printed.splitlines()[1] and "parameters: 15418 ->" in printed
     program = torch.export.load(str(out)).module()
     assert tuple(program.state_dict()["features.0.weight"].shape) == (16, 1, 3, 3)  # not in a chain: kept
+    assert program(load_data().test_x[:5]).shape == (5, 10)  # another batch size than the example's 8
 
 
 def one_error_line(capsys, *expected):
