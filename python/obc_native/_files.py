@@ -57,3 +57,47 @@ def new_file_mode(directory: str) -> int:
     finally:
         os.close(fd)
         os.unlink(name)
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why no file can be written at ``path``, or None; checked before the work that makes it.
+
+    ``path`` must not be a directory, its folder must exist and take a new file (tried: a file is
+    created and removed again, so read-only folders and file systems show), and an existing
+    ``path`` must be a regular file or a symbolic link (a FIFO or device is never replaced).
+    The reason names ``path`` or its folder and says what to give instead.
+    """
+    if os.path.isdir(path):
+        return f"{path}: is a directory; give the name of the file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        return f"{path}: folder {parent} does not exist; create it first"
+    if not os.path.isdir(parent):
+        return f"{path}: {parent} is a file, not a folder"
+    try:
+        fd, probe = create_file_next_to(path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{path}: cannot write in {parent} ({err.strerror or err})"
+    if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
+        return f"{path}: exists and is not a regular file; refusing to replace it"
+    return None
+
+
+def make_output_folder(directory: str) -> str | None:
+    """Create ``directory`` (and missing parents) if needed; why files cannot be written there, or
+    None. Tried, not guessed from permission bits: a file is created and removed again."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"{directory}: is a file; give a folder to write into"
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        return f"{directory}: cannot create the folder ({err.strerror or err})"
+    try:
+        fd, probe = create_file_next_to(os.path.join(directory, "probe"), prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{directory}: cannot write in the folder ({err.strerror or err})"
+    return None

@@ -410,13 +410,37 @@ def test_weight_not_a_matmul_constant_names_the_layer(tmp_path):
         export_onnx(model, torch.randn(2, 32), tmp_path / "m.onnx", report=report)
 
 
-def test_unexportable_operator_is_an_export_error(tmp_path):
-    class Unsupported(torch.nn.Module):
-        def forward(self, x):
-            return torch.linalg.eigvals(x).real
+class Eigenvalues(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigvals(x).real  # no ONNX form
 
-    with pytest.raises(ExportError, match="torch.onnx.export cannot export"):
-        export_onnx(Unsupported(), torch.randn(2, 3, 3), tmp_path / "m.onnx")
+
+class CallsEigenvalues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.block = torch.nn.Sequential(torch.nn.ReLU(), Eigenvalues())
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+
+def test_unexportable_operator_is_an_export_error(tmp_path, capfd):
+    with pytest.raises(ExportError, match="torch.onnx.export cannot export.*'aten::linalg_eigvals'.*the model "
+                                          r"\(Eigenvalues\): replace"):
+        export_onnx(Eigenvalues(), torch.randn(2, 3, 3), tmp_path / "m.onnx")
+    # the module that calls it is named, also inside the keyword-input wrapper; the exporter's
+    # dump of its whole graph on stdout is gone
+    x = torch.randn(2, 3, 3)
+    for kwargs in ({"example_args": x}, {"example_args": (), "example_kwargs": {"x": x}}):
+        with pytest.raises(ExportError, match=r"called in module 'block\.1' \(Eigenvalues\)"):
+            export_onnx(CallsEigenvalues(), path=tmp_path / "m.onnx", **kwargs)
+    nested = torch.nn.Module()  # scope names skip containers that are only indexed: the full name is found
+    nested.net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ModuleDict({"inner": CallsEigenvalues()}))
+    nested.forward = lambda x: nested.net[1]["inner"](x)
+    with pytest.raises(ExportError, match=r"called in module 'net\.1\.inner\.block\.1' \(Eigenvalues\)"):
+        export_onnx(nested, torch.randn(2, 3, 3), tmp_path / "m.onnx")
+    assert "graph" not in capfd.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
 

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import create_file_next_to
+from .._files import create_file_next_to, make_output_folder
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -309,11 +309,16 @@ def save_compressed(
     per-layer description; without it, sparse layers are still stored compactly but quantized
     layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
     (e.g. how to rebuild the architecture).
+
+    ``directory`` is created if missing; :class:`SerializationError` before any work when it is
+    a file or cannot be created or written.
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    problem = make_output_folder(directory)  # before the layers are encoded
+    if problem is not None:
+        raise SerializationError(problem)
     layers = find_layers(model)
     state = model.state_dict()
     compressed = {} if report is None else {layer.name: layer for layer in report.compressed}
