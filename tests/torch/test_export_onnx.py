@@ -353,6 +353,29 @@ def test_hf_conv1d(matmul_nbits, tmp_path):
     assert relative_error(run_onnx(result.path, x), torch_output(model, x)) < 1e-3
 
 
+def test_hf_decoder_exports_without_its_key_value_cache(tmp_path):
+    """GPT-2 returned its cache object, which the exporter cannot trace; without an attention mask
+    transformers' mask code calls aten::diff, and the error says to give one."""
+    from obc_torch_helpers import tiny_gpt2
+
+    model = tiny_gpt2().eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = compress(model, [ids], Recipe(default=LayerConfig(bits=4, group_size=16), skip=["lm_head"]), quiet=True)
+    with pytest.raises(ExportError, match=r"Hugging Face model, give an attention_mask input in the example"):
+        export_onnx(model, (), tmp_path / "g.onnx", example_kwargs={"input_ids": ids}, report=report)
+    mask = torch.ones_like(ids)
+    result = export_onnx(model, (), tmp_path / "g.onnx", example_kwargs={"input_ids": ids, "attention_mask": mask},
+                         report=report)
+    assert model.config.use_cache is True  # restored
+    assert result.layers["transformer.h.0.mlp.c_fc"] == "MatMulNBits 4-bit block 16"
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    test_ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    (logits,) = session.run(None, {"input_ids": test_ids.numpy(), "attention_mask": np.ones((3, 8), np.int64)})
+    with torch.no_grad():
+        expected = model(input_ids=test_ids).logits.numpy()
+    assert relative_error(logits, expected) < 1e-3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

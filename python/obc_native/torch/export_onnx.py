@@ -370,7 +370,8 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     model.eval()
     printed = tempfile.TemporaryFile()
     try:
-        with torch.no_grad(), _activation_placeholders(model), warnings.catch_warnings(), _stdout_into(printed):
+        with torch.no_grad(), _activation_placeholders(model), _without_kv_cache(model), warnings.catch_warnings(), \
+                _stdout_into(printed):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             outputs = model(*example_args, **example_kwargs)
             count = len(_flatten(outputs))
@@ -416,6 +417,11 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
             module, cls = caller
             where = (f"the operator is called in {'module ' + repr(module) if module else 'the model'} ({cls}): "
                      "replace that module (or the call) with operators ONNX has, or export a submodule without it")
+        if getattr(model, "config", None) is not None and "attention_mask" not in example_kwargs:
+            # transformers' mask code has data-dependent branches (e.g. aten::diff for packed
+            # sequences) that a given attention mask skips
+            where += ("; for a Hugging Face model, give an attention_mask input in the example as well (e.g. "
+                      "torch.ones_like(input_ids))")
         raise ExportError(f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}") from err
     else:  # what the model and the exporter printed, less the graph dump that comes with a failure
         printed.seek(0)
@@ -444,6 +450,22 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     except Exception as err:  # noqa: BLE001 - onnx raises RuntimeError/ValueError/C++ errors
         raise ExportError(f"the exported graph cannot be converted to ONNX opset {OPSET} ({err})") from err
     return graph_model, placeholders
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module):
+    """``model.config.use_cache`` False meanwhile (restored after): a Hugging Face decoder would
+    otherwise return its key-value cache object, which the exporter cannot trace. The graph then
+    maps the inputs to the logits / hidden states, without cache inputs or outputs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 @contextlib.contextmanager
