@@ -425,7 +425,9 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         raise ExportError(f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}") from err
     else:  # what the model and the exporter printed, less the graph dump that comes with a failure
         printed.seek(0)
-        sys.stdout.write(printed.read().decode(errors="replace"))
+        text = printed.read().decode(errors="replace")
+        if text and sys.stdout is not None:
+            sys.stdout.write(text)
     finally:
         printed.close()
         for module, flag in training.items():
