@@ -188,3 +188,38 @@ def test_hf_folder_shrinks_its_feed_forward_blocks(tmp_path, capsys):
     assert [i.name for i in session.get_inputs()] == ["input_ids"]
     (hidden, *_) = session.run(None, {"input_ids": ids[:5].numpy()})
     np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_hf_folder_loses_its_pruned_attention_heads(tmp_path, capsys):
+    """Heads pruned whole (structured_group = head size) are removed by default, as the FFN width is;
+    before, the command left them masked."""
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(tmp_path / "bert")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    (tmp_path / "r.yaml").write_text("default: null\noverrides:\n"
+                                     "  - {pattern: '*.output.dense', prune: structured, sparsity: 0.5}\n"
+                                     "  - {pattern: '*.attention.output.dense', structured_group: 4}\n")
+    assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "small.onnx"
+    assert main(["shrink", str(tmp_path / "pruned"), "--out", str(out), "--example",
+                 str(tmp_path / "ids.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"encoder\.layer\.1\.attention\.self +4 +2 +4\n", printed), printed
+    assert re.search(r"encoder\.layer\.1\.intermediate\.dense +encoder\.layer\.1\.output\.dense +32 +16\n", printed)
+    query = [i for i in __import__("onnx").load(str(out)).graph.initializer if "layer.1.attention.self.query" in i.name]
+    assert query and all(8 in tuple(i.dims) for i in query)  # 2 heads x 4 features left of 16
+    masked = transformers.BertModel.from_pretrained(tmp_path / "pruned").eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (hidden, *_) = session.run(None, {"input_ids": ids[:5].numpy()})
+    with torch.no_grad():
+        expected = masked(input_ids=ids[:5]).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)
