@@ -404,6 +404,9 @@ def test_weights_off_grid_name_the_layer(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
     result = export_onnx(model, batches[0], tmp_path / "m.onnx", report=report, dense=["layers.1"])
     assert set(result.layers) == {"layers.0", "layers.2"}
+    save_compressed(model, tmp_path / "saved", report)  # a saved folder's grids, the weights not loaded
+    with pytest.raises(ExportError, match=r"load its weights into the model first \(load_compressed"):
+        export_onnx(wide_mlp(), batches[0], tmp_path / "m.onnx", report=tmp_path / "saved")
 
 
 def test_report_of_another_model(tmp_path):

@@ -160,7 +160,7 @@ def export_onnx(
     for name, (info, grid) in grids.items():
         if any(fnmatchcase(name, pattern) for pattern in dense):
             continue
-        layers[name] = (info, grid, _codes_of(name, info, grid))
+        layers[name] = (info, grid, _codes_of(name, info, grid, saved=isinstance(report, (str, os.PathLike))))
 
     graph_model, placeholders = _torch_export(
         model, example_args, example_kwargs, input_names, output_names, dynamic_batch
@@ -275,8 +275,9 @@ def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, 
     return result
 
 
-def _codes_of(name: str, info: LayerInfo, grid: QuantGrid) -> np.ndarray:
-    """``out x cols`` uint8 codes of the layer's current weights on its grid (native order)."""
+def _codes_of(name: str, info: LayerInfo, grid: QuantGrid, saved: bool = False) -> np.ndarray:
+    """``out x cols`` uint8 codes of the layer's current weights on its grid (native order);
+    ``saved``: the grid comes from a saved folder (an off-grid error then says to load it)."""
     weight = info.module.weight
     if weight.dtype != torch.float32:
         raise ExportError(
@@ -286,9 +287,11 @@ def _codes_of(name: str, info: LayerInfo, grid: QuantGrid) -> np.ndarray:
     matrix = weight_matrix(info).cpu().numpy()
     codes = _quantize_exact(info, matrix, grid)
     if codes is None:
+        loaded = ("; with report= a saved folder, load its weights into the model first "
+                  "(load_compressed(model, folder))" if saved else "")
         raise ExportError(
             f"layer {name!r}: its weights are no longer on its quantization grid (changed after compression?); "
-            "export the model as compressed, or list the layer in dense=[...] to store float weights"
+            f"export the model as compressed, or list the layer in dense=[...] to store float weights{loaded}"
         )
     return codes
 
