@@ -13,7 +13,7 @@ from obc_torch_helpers import MLP
 from obc_native.cli import main
 from obc_native.torch import ExportError, LayerConfig, compress, export_onnx, save_compressed
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")]
 
 
 def unwritable_directory(tmp_path):
@@ -35,7 +35,9 @@ def bad_files(tmp_path):
     """{what: (output file path, text the error must contain)}."""
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_dir").mkdir()
+    os.mkfifo(tmp_path / "a_fifo.out")  # a writer would block on it; replacing it is refused
     return {
+        "a FIFO": (tmp_path / "a_fifo.out", "exists and is not a regular file"),
         "missing folder": (tmp_path / "missing" / "m.out", "does not exist"),
         "folder is a file": (tmp_path / "a_file" / "m.out", "is a file, not a folder"),
         "directory given": (tmp_path / "a_dir", "is a directory; give the name of the file"),
@@ -135,8 +137,10 @@ def test_cli_export_and_shrink(command, suffix, tmp_path, capsys, no_load):
     (tmp_path / f"a_dir{suffix}").mkdir()
     cases = bad_files(tmp_path)
     cases["directory given"] = (tmp_path / f"a_dir{suffix}", cases["directory given"][1])
+    os.mkfifo(tmp_path / f"a_fifo{suffix}")
+    cases["a FIFO"] = (tmp_path / f"a_fifo{suffix}", cases["a FIFO"][1])
     for what, (path, expected) in cases.items():
-        out = str(path) if what == "directory given" else os.path.splitext(str(path))[0] + suffix
+        out = str(path) if what in ("directory given", "a FIFO") else os.path.splitext(str(path))[0] + suffix
         args = [command, str(tmp_path / "saved"), "--out", out, "--example", str(example)]
         assert main(args + (["--format", "onnx"] if command == "export" else [])) == 1, what
         one_error_line(capsys, expected)
