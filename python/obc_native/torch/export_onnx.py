@@ -425,7 +425,9 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
             # sequences) that a given attention mask skips
             where += ("; for a Hugging Face model, give an attention_mask input in the example as well (e.g. "
                       "torch.ones_like(input_ids))")
-        raise ExportError(f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}") from err
+        raise ExportError(
+            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}"
+        ) from err
     else:  # what the model and the exporter printed, less the graph dump that comes with a failure
         printed.seek(0)
         text = printed.read().decode(errors="replace")
