@@ -1,8 +1,10 @@
-"""Reading a small file that a user names (recipes, level databases): regular files only."""
+"""Reading a small file that a user names (recipes, level databases): regular files only; creating
+the temporary file that an atomic write renames into place."""
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 
 
@@ -23,3 +25,79 @@ def read_regular_file(path: str) -> bytes:
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return handle.read()
+
+
+def create_file_next_to(path: str, prefix: str = ".", suffix: str = ".tmp") -> tuple[int, str]:
+    """``(descriptor, name)`` of a new, empty file in ``path``'s folder, open for writing, to be
+    renamed onto ``path`` once complete.
+
+    Unlike ``tempfile.mkstemp`` (always mode 0600), the file is created with mode 0666 and the
+    process umask applies, as for ``open(path, "w")``: a file renamed into place must be readable
+    by whoever could read the file a plain write would have made. Created exclusively (``O_EXCL``),
+    so an existing name, or a link placed there, is never written through. ``OSError`` when the
+    folder cannot be written.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        name = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(name, flags, 0o666), name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free temporary file name after 100 tries")
+
+
+def new_file_mode(directory: str) -> int:
+    """The permission bits ``open(name, "w")`` gives a new file in ``directory`` (0666 less the
+    umask, or what the folder's default ACL says): tried with a file created and removed again."""
+    fd, name = create_file_next_to(os.path.join(directory, "probe"), prefix=".mode-probe-")
+    try:
+        return stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def output_file_problem(path: str) -> str | None:
+    """Why no file can be written at ``path``, or None; checked before the work that makes it.
+
+    ``path`` must not be a directory, its folder must exist and take a new file (tried: a file is
+    created and removed again, so read-only folders and file systems show), and an existing
+    ``path`` must be a regular file or a symbolic link (a FIFO or device is never replaced).
+    The reason names ``path`` or its folder and says what to give instead.
+    """
+    if os.path.isdir(path):
+        return f"{path}: is a directory; give the name of the file to write"
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(parent):
+        return f"{path}: folder {parent} does not exist; create it first"
+    if not os.path.isdir(parent):
+        return f"{path}: {parent} is a file, not a folder"
+    try:
+        fd, probe = create_file_next_to(path, prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{path}: cannot write in {parent} ({err.strerror or err})"
+    if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
+        return f"{path}: exists and is not a regular file; refusing to replace it"
+    return None
+
+
+def make_output_folder(directory: str) -> str | None:
+    """Create ``directory`` (and missing parents) if needed; why files cannot be written there, or
+    None. Tried, not guessed from permission bits: a file is created and removed again."""
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        return f"{directory}: is a file; give a folder to write into"
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as err:
+        return f"{directory}: cannot create the folder ({err.strerror or err})"
+    try:
+        fd, probe = create_file_next_to(os.path.join(directory, "probe"), prefix=".write-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        return f"{directory}: cannot write in the folder ({err.strerror or err})"
+    return None

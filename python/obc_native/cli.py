@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     shrink.add_argument(
         "--chains", metavar="JSON",
         help='producer -> consumer chains, e.g. \'[["fc1", "fc2"], ["conv", "bn", "classifier"]]\' '
-        "(default: found with torch.fx; the feed-forward blocks for a model saved with --hf)",
+        "(default: found with torch.fx; for a model saved with --hf, the feed-forward blocks and the attention "
+        "heads pruned whole)",
     )
     shrink.add_argument(
         "--fold-batchnorm", action="store_true",
@@ -624,9 +625,7 @@ def _shrink_chains(args: argparse.Namespace, manifest: dict[str, Any], model: An
     from obc_native.torch import hf_ffn_chains
 
     if args.chains is None:
-        if (manifest.get("metadata") or {}).get("source") == "huggingface" and not args.arch:
-            return hf_ffn_chains(model)
-        return None
+        return hf_ffn_chains(model) if _is_hf_folder(args, manifest) else None
     try:
         chains = json.loads(args.chains)
     except json.JSONDecodeError as err:
@@ -637,6 +636,38 @@ def _shrink_chains(args: argparse.Namespace, manifest: dict[str, Any], model: An
         raise CliError(f"--chains: expected a JSON list of lists of module names, e.g. [[\"fc1\", \"fc2\"]], "
                        f"got {args.chains!r}")
     return chains
+
+
+def _is_hf_folder(args: argparse.Namespace, manifest: dict[str, Any]) -> bool:
+    """A folder saved with --hf, rebuilt as its transformers class (no --arch given)."""
+    return (manifest.get("metadata") or {}).get("source") == "huggingface" and not args.arch
+
+
+def _shrink_hf_heads(model: Any) -> Any:
+    """The HeadShrinkReport of shrink_attention_heads over hf_attention_heads, one attention module
+    at a time: a module whose output projection was not pruned in whole heads stays as it is and
+    is listed in ``skipped`` with the reason (the recipe field to use)."""
+    from obc_native.torch import HeadShrinkReport, hf_attention_heads, shrink_attention_heads
+    from obc_native.torch.shrink import ShrinkError
+
+    count = lambda: sum(p.numel() for p in model.parameters())  # noqa: E731
+    report = HeadShrinkReport(parameters_before=count())
+    library_logger = logging.getLogger("obc_native.torch")
+    level = library_logger.level
+    library_logger.setLevel(logging.WARNING)  # one log line per attention module is noise here
+    try:
+        for pair in hf_attention_heads(model):
+            try:
+                one = shrink_attention_heads(model, [pair])
+            except ShrinkError as err:
+                report.skipped[pair[0]] = str(err)
+                continue
+            report.attentions += one.attentions
+            report.skipped.update(one.skipped)
+    finally:
+        library_logger.setLevel(level)
+    report.parameters_after = count()
+    return report
 
 
 def _output_tensors(value: Any) -> list[Any]:
@@ -668,9 +699,11 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     chains = _shrink_chains(args, manifest, model)
     example_args, example_kwargs = _example_inputs(args.example, model)
     masked = copy.deepcopy(model)
+    heads = _shrink_hf_heads(model) if args.chains is None and _is_hf_folder(args, manifest) else None
     # ShrinkError (a ValueError): one error line
     report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
-    if not any(chain.removed for chain in report.chains):
+    heads_removed = heads is not None and any(a.removed for a in heads.attentions)
+    if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
         raise CliError(f"{args.directory}: no channel can be removed (structured pruning: "
                        f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}")
@@ -683,6 +716,8 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     else:
         _save_exported_program(model, example_args, example_kwargs, args.out)
     if not args.quiet:
+        if heads is not None and (heads_removed or heads.skipped):
+            print(heads.table())
         print(report.table())
         print(f"max |shrunk - masked| on --example: {difference:.3g}")
         print(f"wrote {args.out} ({fmt}, {os.path.getsize(args.out)} bytes; weights as float, quantized layers "

@@ -16,10 +16,9 @@ import math
 import numbers
 import os
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 
-from ._files import read_regular_file
+from ._files import create_file_next_to, read_regular_file
 from .costs import BUILTIN_COSTS
 from .layer_config import PRUNE_METHODS
 from .levels import (
@@ -221,8 +220,7 @@ class LevelDatabase:
         # a regular file or a symbolic link (the link itself is replaced, never written through).
         if os.path.lexists(path) and not (stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path)):
             raise OSError(f"{path}: exists and is not a regular file; refusing to replace it")
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".levels-", suffix=".tmp", dir=directory)
+        fd, tmp = create_file_next_to(path, prefix=".levels-")  # mode as open() gives
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)

@@ -63,6 +63,7 @@ def test_shrink_to_onnx(pruned_folder, tmp_path, capsys):
     assert (10, 16 * 4) in [s[::-1] for s in shapes] + shapes  # the classifier reads 16 channels x 2 x 2
 
 
+@pytest.mark.slow  # ~1.5 s on a quiet machine, ~5 s under load; test_explicit_chains writes and runs a .pt2 too
 def test_shrink_to_pt2(pruned_folder, tmp_path, capsys):
     out = tmp_path / "small.pt2"
     assert main(["shrink", str(pruned_folder / "pruned"), "--out", str(out), "--quiet",
@@ -85,6 +86,7 @@ def test_explicit_chains(pruned_folder, tmp_path, capsys):
     assert "features.0 " not in printed.splitlines()[1] and "parameters: 15418 ->" in printed
     program = torch.export.load(str(out)).module()
     assert tuple(program.state_dict()["features.0.weight"].shape) == (16, 1, 3, 3)  # not in a chain: kept
+    assert program(load_data().test_x[:5]).shape == (5, 10)  # another batch size than the example's 8
 
 
 def one_error_line(capsys, *expected):
@@ -202,3 +204,38 @@ def test_fold_batchnorm_option(pruned_folder, tmp_path, capsys):
     assert not any("running_mean" in name for name in program.state_dict())
     # 4258, less the BatchNorm weight and bias of 8 + 16 + 16 channels, plus a conv bias for each: 4218
     assert "parameters: 15418 -> 4218" in printed
+
+
+def test_hf_folder_loses_its_pruned_attention_heads(tmp_path, capsys):
+    """Heads pruned whole (structured_group = head size) are removed by default, as the FFN width is;
+    before, the command left them masked."""
+    transformers = pytest.importorskip("transformers")
+    ort = pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=32, max_position_embeddings=16)
+    torch.manual_seed(0)
+    transformers.BertModel(config, add_pooling_layer=False).eval().save_pretrained(tmp_path / "bert")
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    (tmp_path / "r.yaml").write_text("default: null\noverrides:\n"
+                                     "  - {pattern: '*.output.dense', prune: structured, sparsity: 0.5}\n"
+                                     "  - {pattern: '*.attention.output.dense', structured_group: 4}\n")
+    assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
+                 "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "small.onnx"
+    assert main(["shrink", str(tmp_path / "pruned"), "--out", str(out), "--example",
+                 str(tmp_path / "ids.safetensors")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"encoder\.layer\.1\.attention\.self +4 +2 +4\n", printed), printed
+    assert re.search(r"encoder\.layer\.1\.intermediate\.dense +encoder\.layer\.1\.output\.dense +32 +16\n", printed)
+    query = [i for i in __import__("onnx").load(str(out)).graph.initializer if "layer.1.attention.self.query" in i.name]
+    assert query and all(8 in tuple(i.dims) for i in query)  # 2 heads x 4 features left of 16
+    masked = transformers.BertModel.from_pretrained(tmp_path / "pruned").eval()
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (hidden, *_) = session.run(None, {"input_ids": ids[:5].numpy()})
+    with torch.no_grad():
+        expected = masked(input_ids=ids[:5]).last_hidden_state.numpy()
+    np.testing.assert_allclose(hidden, expected, rtol=1e-4, atol=1e-5)

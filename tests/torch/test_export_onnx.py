@@ -353,6 +353,29 @@ def test_hf_conv1d(matmul_nbits, tmp_path):
     assert relative_error(run_onnx(result.path, x), torch_output(model, x)) < 1e-3
 
 
+def test_hf_decoder_exports_without_its_key_value_cache(tmp_path):
+    """GPT-2 returned its cache object, which the exporter cannot trace; without an attention mask
+    transformers' mask code calls aten::diff, and the error says to give one."""
+    from obc_torch_helpers import tiny_gpt2
+
+    model = tiny_gpt2().eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    report = compress(model, [ids], Recipe(default=LayerConfig(bits=4, group_size=16), skip=["lm_head"]), quiet=True)
+    with pytest.raises(ExportError, match=r"Hugging Face model, give an attention_mask input in the example"):
+        export_onnx(model, (), tmp_path / "g.onnx", example_kwargs={"input_ids": ids}, report=report)
+    mask = torch.ones_like(ids)
+    result = export_onnx(model, (), tmp_path / "g.onnx", example_kwargs={"input_ids": ids, "attention_mask": mask},
+                         report=report)
+    assert model.config.use_cache is True  # restored
+    assert result.layers["transformer.h.0.mlp.c_fc"] == "MatMulNBits 4-bit block 16"
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    test_ids = torch.randint(0, 64, (3, 8), generator=torch.Generator().manual_seed(1))
+    (logits,) = session.run(None, {"input_ids": test_ids.numpy(), "attention_mask": np.ones((3, 8), np.int64)})
+    with torch.no_grad():
+        expected = model(input_ids=test_ids).logits.numpy()
+    assert relative_error(logits, expected) < 1e-3
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -381,6 +404,9 @@ def test_weights_off_grid_name_the_layer(tmp_path):
     assert not (tmp_path / "m.onnx").exists()
     result = export_onnx(model, batches[0], tmp_path / "m.onnx", report=report, dense=["layers.1"])
     assert set(result.layers) == {"layers.0", "layers.2"}
+    save_compressed(model, tmp_path / "saved", report)  # a saved folder's grids, the weights not loaded
+    with pytest.raises(ExportError, match=r"load its weights into the model first \(load_compressed"):
+        export_onnx(wide_mlp(), batches[0], tmp_path / "m.onnx", report=tmp_path / "saved")
 
 
 def test_report_of_another_model(tmp_path):
@@ -410,13 +436,37 @@ def test_weight_not_a_matmul_constant_names_the_layer(tmp_path):
         export_onnx(model, torch.randn(2, 32), tmp_path / "m.onnx", report=report)
 
 
-def test_unexportable_operator_is_an_export_error(tmp_path):
-    class Unsupported(torch.nn.Module):
-        def forward(self, x):
-            return torch.linalg.eigvals(x).real
+class Eigenvalues(torch.nn.Module):
+    def forward(self, x):
+        return torch.linalg.eigvals(x).real  # no ONNX form
 
-    with pytest.raises(ExportError, match="torch.onnx.export cannot export"):
-        export_onnx(Unsupported(), torch.randn(2, 3, 3), tmp_path / "m.onnx")
+
+class CallsEigenvalues(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.block = torch.nn.Sequential(torch.nn.ReLU(), Eigenvalues())
+
+    def forward(self, x):
+        return self.block(self.fc(x))
+
+
+def test_unexportable_operator_is_an_export_error(tmp_path, capfd):
+    with pytest.raises(ExportError, match="torch.onnx.export cannot export.*'aten::linalg_eigvals'.*the model "
+                                          r"\(Eigenvalues\): replace"):
+        export_onnx(Eigenvalues(), torch.randn(2, 3, 3), tmp_path / "m.onnx")
+    # the module that calls it is named, also inside the keyword-input wrapper; the exporter's
+    # dump of its whole graph on stdout is gone
+    x = torch.randn(2, 3, 3)
+    for kwargs in ({"example_args": x}, {"example_args": (), "example_kwargs": {"x": x}}):
+        with pytest.raises(ExportError, match=r"called in module 'block\.1' \(Eigenvalues\)"):
+            export_onnx(CallsEigenvalues(), path=tmp_path / "m.onnx", **kwargs)
+    nested = torch.nn.Module()  # scope names skip containers that are only indexed: the full name is found
+    nested.net = torch.nn.Sequential(torch.nn.Identity(), torch.nn.ModuleDict({"inner": CallsEigenvalues()}))
+    nested.forward = lambda x: nested.net[1]["inner"](x)
+    with pytest.raises(ExportError, match=r"called in module 'net\.1\.inner\.block\.1' \(Eigenvalues\)"):
+        export_onnx(nested, torch.randn(2, 3, 3), tmp_path / "m.onnx")
+    assert "graph" not in capfd.readouterr().out
     assert list(tmp_path.iterdir()) == []
 
 

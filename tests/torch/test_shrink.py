@@ -214,3 +214,17 @@ def test_tied_and_directly_read_weights_are_left_alone():
         assert report.chains == [] and reason in report.skipped["b"]
         assert model.a.out_features == 6
         assert_same_outputs(before, model, torch.randn(3, 4))
+
+
+def test_tables_stay_aligned_for_long_names():
+    """Hugging Face names (encoder.layer.0.intermediate.dense) ran past the fixed 32-wide columns."""
+    from obc_native.torch import HeadShrinkReport, ShrinkReport, ShrunkHeads
+    from obc_native.torch.shrink import ShrunkChain
+
+    long = "encoder.layer.11.intermediate.dense.with.a.longer.name"
+    chains = ShrinkReport(chains=[ShrunkChain("fc1", "fc2", [], 64, 32), ShrunkChain(long, long + "2", [], 3072, 1536)])
+    heads = HeadShrinkReport(attentions=[ShrunkHeads("a.self", "a.out", 12, 6, 64),
+                                         ShrunkHeads(long + ".attention.self", "o", 12, 6, 64)])
+    for table in (chains.table(), heads.table()):
+        rows = table.splitlines()[:3]
+        assert len({len(row) for row in rows}) == 1, table  # header and rows end in the same column

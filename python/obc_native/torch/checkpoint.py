@@ -22,12 +22,12 @@ import hashlib
 import json
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
+from .._files import create_file_next_to
 from .layers import LayerInfo
 from .report import LayerReport
 
@@ -50,8 +50,7 @@ def run_fingerprint(description: Mapping[str, Any], infos: Mapping[str, LayerInf
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    fd, tmp = create_file_next_to(path, prefix=".tmp-")  # mode as open() gives
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

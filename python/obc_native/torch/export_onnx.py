@@ -41,6 +41,8 @@ import contextlib
 import io
 import json
 import os
+import re
+import sys
 import tempfile
 import warnings
 from collections.abc import Sequence
@@ -52,6 +54,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import create_file_next_to, output_file_problem
 from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
@@ -157,7 +160,7 @@ def export_onnx(
     for name, (info, grid) in grids.items():
         if any(fnmatchcase(name, pattern) for pattern in dense):
             continue
-        layers[name] = (info, grid, _codes_of(name, info, grid))
+        layers[name] = (info, grid, _codes_of(name, info, grid, saved=isinstance(report, (str, os.PathLike))))
 
     graph_model, placeholders = _torch_export(
         model, example_args, example_kwargs, input_names, output_names, dynamic_batch
@@ -224,18 +227,9 @@ def _check_output_path(path: str | os.PathLike) -> str:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise ExportError(f"path {path}: is a directory; give the name of the .onnx file to write")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise ExportError(f"path {path}: folder {parent} does not exist")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as err:
-        raise ExportError(f"path {path}: cannot write in {parent} ({err.strerror or err})") from err
-    if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
-        raise ExportError(f"path {path}: exists and is not a regular file; refusing to replace it")
+    problem = output_file_problem(path)
+    if problem is not None:
+        raise ExportError(f"path {problem}")
     return path
 
 
@@ -281,8 +275,9 @@ def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, 
     return result
 
 
-def _codes_of(name: str, info: LayerInfo, grid: QuantGrid) -> np.ndarray:
-    """``out x cols`` uint8 codes of the layer's current weights on its grid (native order)."""
+def _codes_of(name: str, info: LayerInfo, grid: QuantGrid, saved: bool = False) -> np.ndarray:
+    """``out x cols`` uint8 codes of the layer's current weights on its grid (native order);
+    ``saved``: the grid comes from a saved folder (an off-grid error then says to load it)."""
     weight = info.module.weight
     if weight.dtype != torch.float32:
         raise ExportError(
@@ -292,9 +287,11 @@ def _codes_of(name: str, info: LayerInfo, grid: QuantGrid) -> np.ndarray:
     matrix = weight_matrix(info).cpu().numpy()
     codes = _quantize_exact(info, matrix, grid)
     if codes is None:
+        loaded = ("; with report= a saved folder, load its weights into the model first "
+                  "(load_compressed(model, folder))" if saved else "")
         raise ExportError(
             f"layer {name!r}: its weights are no longer on its quantization grid (changed after compression?); "
-            "export the model as compressed, or list the layer in dense=[...] to store float weights"
+            f"export the model as compressed, or list the layer in dense=[...] to store float weights{loaded}"
         )
     return codes
 
@@ -344,6 +341,11 @@ def _activation_placeholders(model: nn.Module):
             wrapper.__dict__.pop("forward", None)
 
 
+def _has_activation_wrappers(model: nn.Module) -> bool:
+    """Whether ``model`` holds an ActQuantWrapper (traced as an ``obc_native::ActQuant`` node)."""
+    return any(isinstance(module, ActQuantWrapper) for module in model.modules())
+
+
 def _torch_export(model, example_args, example_kwargs, input_names, output_names, dynamic_batch):
     """The dense ONNX model (in memory) of ``model`` traced on the examples."""
     import onnx
@@ -369,8 +371,10 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         args = (*args, *(v.cpu() if isinstance(v, torch.Tensor) else v for v in example_kwargs.values()))
     buffer = io.BytesIO()
     model.eval()
+    printed = tempfile.TemporaryFile()
     try:
-        with torch.no_grad(), _activation_placeholders(model), warnings.catch_warnings():
+        with torch.no_grad(), _activation_placeholders(model), _without_kv_cache(model), warnings.catch_warnings(), \
+                _stdout_into(printed):
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             outputs = model(*example_args, **example_kwargs)
             count = len(_flatten(outputs))
@@ -398,17 +402,39 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
                 # preceding Conv's weights, and a quantized conv's codes would be lost; onnxruntime
                 # still fuses Conv+BatchNorm of float convs when it loads the model.
                 training=torch.onnx.TrainingMode.PRESERVE,
-                custom_opsets={_PLACEHOLDER_DOMAIN: 1},
+                # declared only when a placeholder can appear: torch warns about an unused domain
+                custom_opsets={_PLACEHOLDER_DOMAIN: 1} if _has_activation_wrappers(model) else None,
             )
     except ExportError:
         raise
     except Exception as err:  # the exporter raises many types for an unsupported operator
         message = " ".join(str(err).split())[:600]
+        printed.seek(0)
+        caller = _operator_caller(traced, printed.read().decode(errors="replace"), message)
+        if caller is not None and traced is not model:  # inside _KeywordCall: drop its attribute name
+            caller = (caller[0].partition(".")[2], caller[1])
+        if caller is None:
+            where = ("where it names an operator without an ONNX form, replace the module that uses it or export "
+                     "a submodule without it")
+        else:
+            module, cls = caller
+            where = (f"the operator is called in {'module ' + repr(module) if module else 'the model'} ({cls}): "
+                     "replace that module (or the call) with operators ONNX has, or export a submodule without it")
+        if getattr(model, "config", None) is not None and "attention_mask" not in example_kwargs:
+            # transformers' mask code has data-dependent branches (e.g. aten::diff for packed
+            # sequences) that a given attention mask skips
+            where += ("; for a Hugging Face model, give an attention_mask input in the example as well (e.g. "
+                      "torch.ones_like(input_ids))")
         raise ExportError(
-            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); where it names an "
-            "operator without an ONNX form, replace the module that uses it or export a submodule without it"
+            f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}"
         ) from err
+    else:  # what the model and the exporter printed, less the graph dump that comes with a failure
+        printed.seek(0)
+        text = printed.read().decode(errors="replace")
+        if text and sys.stdout is not None:
+            sys.stdout.write(text)
     finally:
+        printed.close()
         for module, flag in training.items():
             module.train(flag)
     graph_model = onnx.load_from_string(buffer.getvalue())
@@ -431,6 +457,82 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     except Exception as err:  # noqa: BLE001 - onnx raises RuntimeError/ValueError/C++ errors
         raise ExportError(f"the exported graph cannot be converted to ONNX opset {OPSET} ({err})") from err
     return graph_model, placeholders
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module):
+    """``model.config.use_cache`` False meanwhile (restored after): a Hugging Face decoder would
+    otherwise return its key-value cache object, which the exporter cannot trace. The graph then
+    maps the inputs to the logits / hidden states, without cache inputs or outputs."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+@contextlib.contextmanager
+def _stdout_into(sink):
+    """File descriptor 1 writes into the binary file ``sink`` meanwhile.
+
+    torch's TorchScript exporter prints its whole graph to the process's stdout when an operator
+    has no ONNX form (thousands of lines for a transformer); caught here, it names the module of
+    that operator instead (:func:`_operator_caller`). Where stdout has no descriptor (an embedding
+    host), nothing is redirected.
+    """
+    try:
+        sys.stdout.flush()
+        saved = os.dup(1)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    try:
+        os.dup2(sink.fileno(), 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _operator_caller(traced: nn.Module, graph_dump: str, message: str) -> tuple[str, str] | None:
+    """``(module name in traced, class name)`` whose forward calls the operator that the exporter's
+    ``message`` names ("operator 'aten::x'"), from that node's scope in ``graph_dump`` (the
+    TorchScript graph the exporter printed); None if either does not say. The name is "" for
+    ``traced``'s own forward."""
+    match = re.search(r"operator '([\w:.]+)'", message)
+    if match is None:
+        return None
+    for line in graph_dump.splitlines():
+        if f"= {match.group(1)}(" in line and "scope: " in line:
+            scope = line.split("scope: ", 1)[1].split(" # ", 1)[0].strip()
+            return _resolve_scope(traced, scope)
+    return None
+
+
+def _resolve_scope(traced: nn.Module, scope: str) -> tuple[str, str]:
+    """The full module name and class name of a TorchScript scope ("pkg.Net::/pkg.Seq::block/
+    pkg.Op::block.1"). Its parts' names are relative to an enclosing module that was called, not
+    always to the parent part (containers that are only indexed are left out), so each is looked
+    up below the resolved parts, nearest first; an ambiguous part ends the walk."""
+    parts = [part.rpartition("::") for part in scope.split("/")]
+    resolved = [("", traced)]
+    for cls, _, name in parts[1:]:
+        cls = cls.rsplit(".", 1)[-1]
+        for prefix, ancestor in reversed(resolved):
+            found = [(full, module) for full, module in ancestor.named_modules()
+                     if (full == name or full.endswith("." + name)) and type(module).__name__ == cls]
+            if len(found) == 1:
+                full = found[0][0]
+                resolved.append((f"{prefix}.{full}" if prefix else full, found[0][1]))
+                break
+        else:
+            return name, cls  # not found below the parts resolved so far: the scope's own name
+    return resolved[-1][0], type(resolved[-1][1]).__name__
 
 
 class _KeywordCall(nn.Module):
@@ -870,7 +972,7 @@ def _scope_of(node_name: str) -> str:
 
 def _write_atomically(path: str, payload: bytes) -> None:
     """Write ``payload`` to a temporary file next to ``path`` and rename it into place."""
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(payload)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import output_file_problem
 from .recipe import LayerConfig
 from .report import CompressionReport
 
@@ -84,7 +85,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
         model: the model after ``compress`` with ``report``. Changed in place: each quantized
             layer's weights are set to its float16-scale grid values (see the module docstring).
         report: the compression report (its per-layer grids give the scales and zero points).
-        path: the ``.gguf`` file to write (its directory must exist).
+        path: the ``.gguf`` file to write (its folder must exist and be writable; checked first).
         architecture: the file's ``general.architecture`` value.
         float_type: "F32" or "F16", the type of every other floating-point tensor.
 
@@ -94,7 +95,8 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
     Raises:
         GGUFExportError: a quantized layer is not ``nn.Linear``, or its grid is not symmetric 4- or
             8-bit with groups of 32 along its inputs (recipe: ``gguf_layer_config``), or a scale
-            does not fit float16. Nothing is written or changed then.
+            does not fit float16; or ``path`` cannot be written (a directory, a missing or
+            read-only folder). Nothing is written or changed then.
         ImportError: the ``gguf`` package is missing.
     """
     import gguf
@@ -102,9 +104,9 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
     if float_type not in ("F32", "F16"):
         raise ValueError(f"float_type: expected 'F32' or 'F16', got {float_type!r}")
     path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent):
-        raise FileNotFoundError(f"path {path}: directory {parent} does not exist")
+    problem = output_file_problem(path)  # before the weights are snapped to float16 scales
+    if problem is not None:
+        raise GGUFExportError(f"path {problem}")
     modules = dict(model.named_modules())
     plans = {}
     for layer in report.layers:

@@ -23,6 +23,8 @@ import shutil
 import torch
 from torch import nn
 
+from .._files import make_output_folder, new_file_mode
+
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
 logger = logging.getLogger("obc_native.torch")
@@ -57,6 +59,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
 
     Raises:
         TypeError: ``model`` is not a ``transformers.PreTrainedModel``.
+        HFCheckpointError: ``directory`` is a file, or cannot be created or written (before
+            anything is saved).
         HFCheckpointError: the loaded folder misses keys, has unexpected or resized ones, or a
             tensor differs from the model's (the weight files are removed first).
     """
@@ -67,9 +71,15 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model: expected a transformers.PreTrainedModel, got {type(model).__name__}")
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    problem = make_output_folder(directory)
+    if problem is not None:
+        raise HFCheckpointError(problem)
     before = set(os.listdir(directory))
+    mode = new_file_mode(directory)
     model.save_pretrained(directory)
+    for pattern in _WEIGHT_PATTERNS:  # safetensors writes its files with mode 0600; give them open()'s
+        for path in glob.glob(os.path.join(glob.escape(directory), pattern)):
+            os.chmod(path, mode)
     copied = []
     if source is not None:
         for name in HF_SIDE_FILES:

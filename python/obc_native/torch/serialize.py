@@ -51,13 +51,13 @@ import logging
 import math
 import os
 import stat
-import tempfile
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._files import create_file_next_to, make_output_folder
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -309,11 +309,16 @@ def save_compressed(
     per-layer description; without it, sparse layers are still stored compactly but quantized
     layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
     (e.g. how to rebuild the architecture).
+
+    ``directory`` is created if missing; :class:`SerializationError` before any work when it is
+    a file or cannot be created or written.
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    problem = make_output_folder(directory)  # before the layers are encoded
+    if problem is not None:
+        raise SerializationError(problem)
     layers = find_layers(model)
     state = model.state_dict()
     compressed = {} if report is None else {layer.name: layer for layer in report.compressed}
@@ -384,10 +389,12 @@ def _write_atomically(path: str, write) -> None:
         mode = os.lstat(path).st_mode
         if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
             raise SerializationError(f"{path}: exists and is not a regular file; refusing to replace it")
-    fd, temp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=os.path.dirname(path))
+    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
     os.close(fd)
     try:
         write(temp)
+        os.chmod(temp, mode)  # safetensors' save_file recreates the file with mode 0600
         os.replace(temp, path)
     except BaseException:
         if os.path.exists(temp):

@@ -115,9 +115,10 @@ class ShrinkReport:
 
     def table(self) -> str:
         """One line per chain and per skipped layer, then the parameter counts."""
-        lines = [f"{'producer':<32} {'consumer':<32} {'channels':>9} {'kept':>6}"]
+        width = max([32] + [len(name) for c in self.chains for name in (c.producer, c.consumer)])  # aligned columns
+        lines = [f"{'producer':<{width}} {'consumer':<{width}} {'channels':>9} {'kept':>6}"]
         for c in self.chains:
-            lines.append(f"{c.producer:<32} {c.consumer:<32} {c.channels:>9} {c.kept:>6}")
+            lines.append(f"{c.producer:<{width}} {c.consumer:<{width}} {c.channels:>9} {c.kept:>6}")
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
         for conv, norm in self.folded:

@@ -80,9 +80,10 @@ class HeadShrinkReport:
 
     def table(self) -> str:
         """One line per attention module and per skipped one, then the parameter counts."""
-        lines = [f"{'attention':<40} {'heads':>6} {'kept':>5} {'head size':>9}"]
+        width = max([40] + [len(a.attention) for a in self.attentions])  # aligned columns
+        lines = [f"{'attention':<{width}} {'heads':>6} {'kept':>5} {'head size':>9}"]
         for a in self.attentions:
-            lines.append(f"{a.attention:<40} {a.heads:>6} {a.kept:>5} {a.head_size:>9}")
+            lines.append(f"{a.attention:<{width}} {a.heads:>6} {a.kept:>5} {a.head_size:>9}")
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
         lines.append(f"parameters: {self.parameters_before} -> {self.parameters_after}")

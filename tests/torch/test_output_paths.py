@@ -1,0 +1,167 @@
+"""Outputs that cannot be written (a missing folder, a file where a folder belongs, a directory
+given as the file, a read-only folder) are refused before any work, by the Python functions and by
+``obc-native export``, ``shrink`` and ``compress --hf``, with a message that names the path."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from obc_torch_helpers import MLP
+
+from obc_native.cli import main
+from obc_native.torch import ExportError, LayerConfig, compress, export_onnx, save_compressed
+
+pytestmark = [pytest.mark.torch, pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")]
+
+
+def unwritable_directory(tmp_path):
+    """A folder in which no file can be created (a read-only one; /proc/self when root)."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o500)
+    try:
+        (directory / "probe").write_text("")
+    except OSError:
+        return str(directory)
+    (directory / "probe").unlink()  # root ignores permissions: /proc refuses new files
+    if os.path.isdir("/proc/self"):
+        return "/proc/self"
+    pytest.skip("no unwritable directory on this machine")
+
+
+def bad_files(tmp_path):
+    """{what: (output file path, text the error must contain)}."""
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_dir").mkdir()
+    os.mkfifo(tmp_path / "a_fifo.out")  # a writer would block on it; replacing it is refused
+    return {
+        "a FIFO": (tmp_path / "a_fifo.out", "exists and is not a regular file"),
+        "missing folder": (tmp_path / "missing" / "m.out", "does not exist"),
+        "folder is a file": (tmp_path / "a_file" / "m.out", "is a file, not a folder"),
+        "directory given": (tmp_path / "a_dir", "is a directory; give the name of the file"),
+        "read-only folder": (os.path.join(unwritable_directory(tmp_path), "m.out"), "cannot write in"),
+    }
+
+
+def bad_folders(tmp_path):
+    """{what: (output folder, text the error must contain)}."""
+    (tmp_path / "a_file").write_text("")
+    unwritable = unwritable_directory(tmp_path)
+    return {
+        "a file": (tmp_path / "a_file", "is a file; give a folder"),
+        "under a file": (tmp_path / "a_file" / "sub", "cannot create the folder"),
+        "read-only folder": (unwritable, "cannot write in the folder"),
+        "under a read-only folder": (os.path.join(unwritable, "new"), "cannot create the folder"),
+    }
+
+
+def quantized_mlp():
+    torch.manual_seed(0)
+    model = MLP(sizes=(64, 32))
+    report = compress(model, [torch.randn(16, 64)], LayerConfig(bits=4, group_size=32), correction=None,
+                      baseline=False, quiet=True)
+    return model, report
+
+
+# ----------------------------------------------------------------------------- Python functions
+
+
+def test_export_onnx(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: pytest.fail("torch.onnx.export ran"))
+    for what, (path, expected) in bad_files(tmp_path).items():
+        with pytest.raises(ExportError, match=expected):
+            export_onnx(MLP(sizes=(4, 2)), torch.randn(1, 4), path)
+
+
+def test_save_gguf_leaves_the_model_unchanged(tmp_path):
+    pytest.importorskip("gguf")
+    from obc_native.torch.gguf_export import GGUFExportError, gguf_layer_config, save_gguf
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    report = compress(model, [torch.randn(16, 64)], gguf_layer_config("Q4_0"), correction=None, baseline=False,
+                      quiet=True)
+    before = model[0].weight.detach().clone()
+    for what, (path, expected) in bad_files(tmp_path).items():
+        with pytest.raises(GGUFExportError, match=expected):
+            save_gguf(model, report, path)
+        assert torch.equal(model[0].weight, before), what  # not snapped to float16 scales
+
+
+def test_save_compressed(tmp_path, monkeypatch):
+    model, report = quantized_mlp()
+    from obc_native.torch import serialize
+
+    monkeypatch.setattr(serialize, "find_layers", lambda m: pytest.fail("the layers were encoded"))
+    for what, (directory, expected) in bad_folders(tmp_path).items():
+        with pytest.raises(serialize.SerializationError, match=expected):
+            save_compressed(model, directory, report)
+
+
+def test_save_hf_checkpoint(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from obc_native.torch.hf_checkpoint import HFCheckpointError, save_hf_checkpoint
+
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=8)
+    model = transformers.BertModel(config)
+    monkeypatch.setattr(type(model), "save_pretrained", lambda *a, **k: pytest.fail("save_pretrained ran"))
+    for what, (directory, expected) in bad_folders(tmp_path).items():
+        with pytest.raises(HFCheckpointError, match=expected):
+            save_hf_checkpoint(model, directory)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    """Fails the test if a command starts reading the saved model: --out is checked first."""
+    monkeypatch.setattr("obc_native.torch.read_manifest", lambda d: pytest.fail("the saved folder was read"))
+    monkeypatch.setattr("obc_native.cli._load_model", lambda args: pytest.fail("the model was loaded"))
+
+
+def one_error_line(capsys, *expected):
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("obc-native: error: --out "), captured.err
+    for text in expected:
+        assert text in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("command, suffix", [("export", ".onnx"), ("shrink", ".onnx"), ("shrink", ".pt2")])
+def test_cli_export_and_shrink(command, suffix, tmp_path, capsys, no_load):
+    example = tmp_path / "example.pt"
+    torch.save(torch.zeros(1, 1, 8, 8), example)
+    (tmp_path / f"a_dir{suffix}").mkdir()
+    cases = bad_files(tmp_path)
+    cases["directory given"] = (tmp_path / f"a_dir{suffix}", cases["directory given"][1])
+    os.mkfifo(tmp_path / f"a_fifo{suffix}")
+    cases["a FIFO"] = (tmp_path / f"a_fifo{suffix}", cases["a FIFO"][1])
+    for what, (path, expected) in cases.items():
+        out = str(path) if what in ("directory given", "a FIFO") else os.path.splitext(str(path))[0] + suffix
+        args = [command, str(tmp_path / "saved"), "--out", out, "--example", str(example)]
+        assert main(args + (["--format", "onnx"] if command == "export" else [])) == 1, what
+        one_error_line(capsys, expected)
+
+
+def test_cli_compress_hf(tmp_path, capsys, no_load):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=8)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    save_file({"input_ids": torch.zeros(4, 8, dtype=torch.long)}, tmp_path / "ids.safetensors")
+    (tmp_path / "r.yaml").write_text("default: {bits: 4}\n")
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    unwritable = unwritable_directory(tmp_path)
+    cases = {tmp_path / "a_file": "exists and is not a directory", tmp_path / "a_file" / "sub": "is not a directory",
+             unwritable: "cannot write", os.path.join(unwritable, "new"): "cannot"}
+    for out, expected in cases.items():
+        assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
+                     "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 1
+        one_error_line(capsys, expected)
+
