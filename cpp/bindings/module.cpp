@@ -292,6 +292,7 @@ PYBIND11_MODULE(_core, m) {
     d["cuda"] = info.cuda;
     d["simd"] = info.simd;
     d["kernel_isa"] = info.kernel_isa;
+    d["avx512_kernels"] = info.avx512_kernels;
     d["compiler"] = info.compiler;
     return d;
   });

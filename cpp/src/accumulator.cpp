@@ -72,12 +72,7 @@ namespace internal {
 const GramKernels& gram_kernels() {
 #ifdef OBC_HAVE_AVX2_KERNELS
   if (std::strcmp(kernels().isa, "generic") != 0) {
-    static const bool avx512 = [] {
-      __builtin_cpu_init();
-      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-    }();
-    return avx512 ? gram_kernels_avx512() : gram_kernels_avx2();
+    return use_avx512_kernels() ? gram_kernels_avx512() : gram_kernels_avx2();
   }
 #endif
   return gram_kernels_generic();

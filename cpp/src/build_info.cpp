@@ -24,6 +24,7 @@ BuildInfo build_info() {
   info.eigen_version = eigen.str();
   info.simd = Eigen::SimdInstructionSetsInUse();
   info.kernel_isa = internal::kernels().isa;
+  info.avx512_kernels = internal::use_avx512_kernels();
   std::ostringstream compiler;
 #if defined(__clang__)
   compiler << "clang " << __clang_major__ << '.' << __clang_minor__;

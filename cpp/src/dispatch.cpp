@@ -27,11 +27,32 @@ const KernelTable& choose() {
   return kernel_table_generic();
 }
 
+bool cpu_has_avx512() {
+#if defined(OBC_HAVE_AVX2_KERNELS) && (defined(__GNUC__) || defined(__clang__)) && \
+    (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
 }  // namespace
 
 const KernelTable& kernels() {
   static const KernelTable& table = choose();
   return table;
+}
+
+bool use_avx512_kernels() {
+  static const bool use = [] {
+    if (std::strcmp(kernels().isa, "generic") == 0) return false;
+    const char* forced = std::getenv("OBC_SIMD");
+    if (forced != nullptr && std::strcmp(forced, "avx2") == 0) return false;
+    return cpu_has_avx512();
+  }();
+  return use;
 }
 
 }  // namespace obc::internal

@@ -424,5 +424,6 @@ def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
 
 def build_info() -> dict:
     """What the compiled core contains: version, openmp, max_threads, eigen_version, cuda,
-    simd, kernel_isa (row kernels picked at run time), compiler."""
+    simd, kernel_isa (row kernels picked at run time), avx512_kernels (kernels with an
+    AVX-512 copy use it), compiler."""
     return dict(_core.build_info())

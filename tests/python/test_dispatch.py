@@ -20,6 +20,7 @@ H = 2.0 / 400 * X @ X.T
 W = rng.standard_normal((12, 96))
 out = {
     "isa": obc.build_info()["kernel_isa"],
+    "avx512": obc.build_info()["avx512_kernels"],
     "trace": obc.trace_unstructured(W, H).order.tolist(),
     "nm": obc.prune_nm(W, H, 2, 4).weight.tolist(),
     "blocked": obc.prune_blocked(W, H, 0.5, 4).weight.tolist(),
@@ -48,3 +49,15 @@ def test_generic_can_be_forced_and_agrees_with_dispatched():
     np.testing.assert_allclose(generic["nm"], dispatched["nm"], rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(generic["blocked"], dispatched["blocked"], rtol=1e-9, atol=1e-9)
     assert generic["quant"] == dispatched["quant"]
+
+
+def test_avx512_copies_follow_the_simd_setting():
+    # OBC_SIMD=generic and OBC_SIMD=avx2 both keep the AVX-512 copies off; the default uses them
+    # exactly when the row kernels are the AVX2 ones and the CPU has AVX-512.
+    assert _run("generic")["avx512"] is False
+    avx2 = _run("avx2")
+    assert avx2["avx512"] is False
+    assert avx2["isa"] == _run(None)["isa"]
+    info = obc_native.build_info()
+    if info["kernel_isa"] == "generic":
+        assert info["avx512_kernels"] is False

@@ -13,6 +13,7 @@ struct BuildInfo {
   bool cuda = false;          ///< CUDA kernels compiled in
   std::string simd;           ///< Eigen's SIMD instruction sets of the portable build, e.g. "SSE, SSE2"
   std::string kernel_isa;     ///< row kernels picked at run time: "avx2+fma" or "generic" (OBC_SIMD=generic forces it)
+  bool avx512_kernels = false; ///< kernels with an AVX-512 copy use it (CPU has AVX-512, not OBC_SIMD=generic/avx2)
   std::string compiler;       ///< compiler id and version
 };
 

@@ -140,6 +140,10 @@ const RowKernels<S>& row_kernels() {
   }
 }
 
+/// True when the AVX2 copies are in use (not OBC_SIMD=generic or OBC_SIMD=avx2) and the CPU has
+/// AVX-512 F/DQ/VL/BW: the kernels that also have an AVX-512 copy take it. Chosen once per process.
+bool use_avx512_kernels();
+
 const KernelTable& kernel_table_generic();
 const KernelTable& kernel_table_avx2();
 
