@@ -128,7 +128,10 @@ def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
             keep_mode = stat.S_IMODE(old) & 0o777
         elif not stat.S_ISLNK(old):
             raise error(f"{path}: exists and is not a regular file; refusing to replace it")
-    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")
+    # ".name.<random>.tmp.ext": hidden, and ending in path's extension, which some writers check
+    # (torch.export.save warns about a name not ending in .pt2)
+    stem, extension = os.path.splitext(os.path.basename(path))
+    fd, temp = create_file_next_to(path, prefix=f".{stem}.", suffix=f".tmp{extension}")
     try:
         try:
             mode = stat.S_IMODE(os.fstat(fd).st_mode) if keep_mode is None else keep_mode  # open()'s mode

@@ -45,6 +45,7 @@ torch is imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -659,10 +660,7 @@ def _shrink_hf_heads(model: Any) -> Any:
 
     count = lambda: sum(p.numel() for p in model.parameters())  # noqa: E731
     report = HeadShrinkReport(parameters_before=count())
-    library_logger = logging.getLogger("obc_native.torch")
-    level = library_logger.level
-    library_logger.setLevel(logging.WARNING)  # one log line per attention module is noise here
-    try:
+    with _library_warnings_only():  # one log line per attention module is noise here
         for pair in hf_attention_heads(model):
             try:
                 one = shrink_attention_heads(model, [pair])
@@ -671,10 +669,21 @@ def _shrink_hf_heads(model: Any) -> Any:
                 continue
             report.attentions += one.attentions
             report.skipped.update(one.skipped)
-    finally:
-        library_logger.setLevel(level)
     report.parameters_after = count()
     return report
+
+
+@contextlib.contextmanager
+def _library_warnings_only():
+    """The library's logger ("obc_native.torch") passes warnings only meanwhile, for calls whose
+    INFO summary a command prints itself (restored after: main() also runs inside other programs)."""
+    library_logger = logging.getLogger("obc_native.torch")
+    level = library_logger.level
+    library_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(level)
 
 
 def _output_tensors(value: Any) -> list[Any]:
@@ -707,8 +716,10 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     example_args, example_kwargs = _example_inputs(args.example, model)
     masked = copy.deepcopy(model)
     heads = _shrink_hf_heads(model) if args.chains is None and _is_hf_folder(args, manifest) else None
-    # ShrinkError (a ValueError): one error line
-    report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
+    # ShrinkError (a ValueError): one error line. Its INFO summary ("shrink_structured: N channel(s)
+    # removed ...", "fold_batchnorm: ...") said again what the table printed below says
+    with _library_warnings_only():
+        report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
     heads_removed = heads is not None and any(a.removed for a in heads.attentions)
     if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
