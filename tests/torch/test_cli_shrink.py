@@ -168,8 +168,9 @@ def test_hf_folder_shrinks_its_feed_forward_blocks(tmp_path, capsys):
     save_file({"input_ids": ids[:2], "attention_mask": torch.ones(2, 8, dtype=torch.int64)},
               tmp_path / "example.safetensors")
     save_file({"input_ids": ids[:2]}, tmp_path / "ids_only.safetensors")
+    # the FFN output projections only ('*.output.dense' would take attention.output.dense too)
     (tmp_path / "r.yaml").write_text("default: null\noverrides:\n"
-                                     "  - {pattern: '*.output.dense', prune: structured, sparsity: 0.5}\n")
+                                     "  - {pattern: '*[0-9].output.dense', prune: structured, sparsity: 0.5}\n")
     assert main(["compress", "--hf", str(tmp_path / "bert"), "--calibration", str(tmp_path / "ids.safetensors"),
                  "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "pruned"), "--quiet"]) == 0
     out = tmp_path / "small.onnx"
