@@ -25,7 +25,7 @@ import tempfile
 import torch
 from torch import nn
 
-from .._files import make_output_folder, write_file_atomically
+from .._files import make_output_folder, output_file_problem, write_file_atomically
 
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
@@ -38,6 +38,8 @@ HF_SIDE_FILES = (
     "preprocessor_config.json", "chat_template.jinja", "generation_config.json",
 )
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+# What save_pretrained writes in a folder (one weight file for the small models this is used for)
+_REPLACED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class HFCheckpointError(ValueError):
@@ -51,7 +53,9 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
     Args:
         model: a ``transformers`` model after compression (plain modules: save before
             ``quantize_activations``, whose wrappers rename parameters).
-        directory: the output folder (created if missing); existing weight files there are replaced.
+        directory: the output folder (created if missing); existing weight files there are replaced,
+            each file through a temporary file renamed into place (a failed save leaves the
+            previous files whole; a replaced file keeps its permission bits).
         source: the folder the model was loaded from; its tokenizer / preprocessor files
             (``HF_SIDE_FILES``) are copied unless ``directory`` already has them.
         verify: load the folder back with ``from_pretrained`` and compare every tensor.
@@ -61,7 +65,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
 
     Raises:
         TypeError: ``model`` is not a ``transformers.PreTrainedModel``.
-        HFCheckpointError: ``directory`` is a file, or cannot be created or written (before
+        HFCheckpointError: ``directory`` is a file, or cannot be created or written, or holds a
+            FIFO, device or folder named ``config.json`` / ``model.safetensors`` / ... (before
             anything is saved).
         HFCheckpointError: the loaded folder misses keys, has unexpected or resized ones, or a
             tensor differs from the model's (the weight files are removed first).
@@ -74,6 +79,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
         raise TypeError(f"model: expected a transformers.PreTrainedModel, got {type(model).__name__}")
     directory = os.fspath(directory)
     problem = make_output_folder(directory)
+    for name in _REPLACED_FILES:  # a FIFO or folder there: refused now, not after save_pretrained
+        problem = problem or output_file_problem(os.path.join(directory, name))
     if problem is not None:
         raise HFCheckpointError(problem)
     # save_pretrained writes its files in place, one after the other: it writes into a hidden

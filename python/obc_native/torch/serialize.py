@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import make_output_folder, write_file_atomically
+from .._files import make_output_folder, output_file_problem, write_file_atomically
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -311,12 +311,16 @@ def save_compressed(
     (e.g. how to rebuild the architecture).
 
     ``directory`` is created if missing; :class:`SerializationError` before any work when it is
-    a file or cannot be created or written.
+    a file or cannot be created or written, or holds a FIFO, device or folder under one of the two
+    file names. Each file is written to a temporary file renamed into place (a failed save leaves
+    a previous file whole; a replaced file keeps its permission bits).
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     problem = make_output_folder(directory)  # before the layers are encoded
+    for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
+        problem = problem or output_file_problem(os.path.join(directory, name))
     if problem is not None:
         raise SerializationError(problem)
     layers = find_layers(model)
