@@ -373,3 +373,27 @@ def test_graph_dump_is_cut_out_exactly():
     dump_text, rest = _split_graph_dump(b"before\n" + dump + b"after\n")
     assert dump_text == dump and rest == b"before\nafter\n"
     assert _split_graph_dump(b"no dump\n") == (b"", b"no dump\n")
+
+
+def test_interrupt_while_leaving_the_capture_still_restores_stdout(monkeypatch, capfd):
+    import importlib
+
+    module = importlib.import_module("obc_native.torch.export_onnx")  # the module, not the function
+    calls = []
+
+    def flush_interrupted_on_exit():
+        calls.append(1)
+        if len(calls) == 2:  # the flush when leaving: a Ctrl-C arrives right then
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "_flush_stdout", flush_interrupted_on_exit)
+    before = os.fstat(1)
+    with pytest.raises(KeyboardInterrupt):
+        with module._CapturedStdout():
+            os.write(1, b"inside\n")
+    after = os.fstat(1)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out.endswith("after\n")
+    assert module._STDOUT_LOCK.acquire(blocking=False)  # released
+    module._STDOUT_LOCK.release()

@@ -508,7 +508,8 @@ class _CapturedStdout:
                 return self
             self._sink = tempfile.TemporaryFile()
             os.dup2(self._sink.fileno(), 1)
-        except BaseException:
+        except BaseException:  # KeyboardInterrupt included: descriptor 1 as it was
+            self._restore()
             self._close()
             _STDOUT_LOCK.release()
             raise
@@ -518,8 +519,10 @@ class _CapturedStdout:
         try:
             if self._saved is None:
                 return
-            _flush_stdout()  # Python-level writes still buffered belong to the capture
-            os.dup2(self._saved, 1)
+            try:
+                _flush_stdout()  # Python-level writes still buffered belong to the capture
+            finally:
+                self._restore()
             self._sink.seek(0)
             captured = self._sink.read()
             dump, rest = _split_graph_dump(captured)
@@ -528,8 +531,15 @@ class _CapturedStdout:
                 logger.debug("torch.onnx.export printed its graph:\n%s", self.graph_dump)
             _write_all(1, rest)
         finally:
-            self._close()
-            _STDOUT_LOCK.release()
+            try:
+                self._restore()  # again (idempotent), should a second interrupt have cut the above short
+            finally:
+                self._close()
+                _STDOUT_LOCK.release()
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 1)
 
     def _close(self) -> None:
         if self._saved is not None:
