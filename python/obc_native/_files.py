@@ -49,17 +49,6 @@ def create_file_next_to(path: str, prefix: str = ".", suffix: str = ".tmp") -> t
     raise FileExistsError(f"{directory}: no free temporary file name after 100 tries")
 
 
-def new_file_mode(directory: str) -> int:
-    """The permission bits ``open(name, "w")`` gives a new file in ``directory`` (0666 less the
-    umask, or what the folder's default ACL says): tried with a file created and removed again."""
-    fd, name = create_file_next_to(os.path.join(directory, "probe"), prefix=".mode-probe-")
-    try:
-        return stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-        os.unlink(name)
-
-
 def output_file_problem(path: str) -> str | None:
     """Why no file can be written at ``path``, or None; checked before the work that makes it.
 
