@@ -412,9 +412,21 @@ void save_hessian(const std::string& path, const HessianAccumulator& accumulator
       throw;
     }
   }
+  // A replaced file keeps its permission bits (a user's chmod 600 survives a new save); a new one
+  // keeps what fopen gave (0666 less the umask). Set-id and sticky bits are not carried over.
+  std::error_code error;
+  const auto existing = std::filesystem::symlink_status(path, error);
+  if (!error && std::filesystem::is_regular_file(existing)) {
+    std::filesystem::permissions(temp, existing.permissions() & std::filesystem::perms::all,
+                                 std::filesystem::perm_options::replace, error);
+    if (error) {
+      std::remove(temp.c_str());
+      throw IoError(path + ": cannot give the written file the replaced file's mode: " + error.message());
+    }
+  }
+  error.clear();
   // std::filesystem::rename replaces an existing regular file (atomically on POSIX) and fails on
   // a directory; nothing but the temporary written above is ever removed here.
-  std::error_code error;
   std::filesystem::rename(temp, path, error);
   if (error) {
     std::remove(temp.c_str());

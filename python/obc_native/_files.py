@@ -1,11 +1,12 @@
-"""Reading a small file that a user names (recipes, level databases): regular files only; creating
-the temporary file that an atomic write renames into place."""
+"""Reading a small file that a user names (recipes, level databases): regular files only; writing
+every output file through a temporary file renamed into place (:func:`write_file_atomically`)."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import stat
+from collections.abc import Callable
 
 
 def read_regular_file(path: str) -> bytes:
@@ -46,17 +47,6 @@ def create_file_next_to(path: str, prefix: str = ".", suffix: str = ".tmp") -> t
         except FileExistsError:
             continue
     raise FileExistsError(f"{directory}: no free temporary file name after 100 tries")
-
-
-def new_file_mode(directory: str) -> int:
-    """The permission bits ``open(name, "w")`` gives a new file in ``directory`` (0666 less the
-    umask, or what the folder's default ACL says): tried with a file created and removed again."""
-    fd, name = create_file_next_to(os.path.join(directory, "probe"), prefix=".mode-probe-")
-    try:
-        return stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-        os.unlink(name)
 
 
 def output_file_problem(path: str) -> str | None:
@@ -101,3 +91,74 @@ def make_output_folder(directory: str) -> str | None:
     except OSError as err:
         return f"{directory}: cannot write in the folder ({err.strerror or err})"
     return None
+
+
+def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
+                          error: type[Exception] = OSError) -> None:
+    """Write the file ``path`` through a temporary file in its folder, renamed onto ``path`` when complete.
+
+    ``write``: the file's bytes, or a function that writes the whole file given the temporary
+    file's name (it may also recreate the file there, as ``safetensors`` does). Until the rename,
+    ``path`` keeps its previous content; a failing or interrupted ``write`` (any exception,
+    ``KeyboardInterrupt`` included) leaves it untouched, removes the temporary file and re-raises.
+
+    Mode: a regular file replaced at ``path`` keeps its permission bits (``chmod 600 model.onnx``
+    survives a new export; set-id and sticky bits are not carried over); a new file, or one that
+    replaces a symbolic link, gets what ``open(path, "w")`` gives (0666 less the umask). A symbolic
+    link at ``path`` is replaced by the file, never written through. A directory, FIFO, device or
+    socket at ``path`` raises ``error`` before anything is written. The file's data is flushed to
+    disk (``fsync``) before the rename, so a crash cannot leave a renamed but empty file.
+    """
+    path = os.fspath(path)
+    keep_mode = None
+    if os.path.lexists(path):
+        old = os.lstat(path).st_mode
+        if stat.S_ISREG(old):
+            keep_mode = stat.S_IMODE(old) & 0o777
+        elif not stat.S_ISLNK(old):
+            raise error(f"{path}: exists and is not a regular file; refusing to replace it")
+    # ".name.<random>.tmp.ext": hidden, and ending in path's extension, which some writers check
+    # (torch.export.save warns about a name not ending in .pt2)
+    stem, extension = os.path.splitext(os.path.basename(path))
+    fd, temp = create_file_next_to(path, prefix=f".{stem}.", suffix=f".tmp{extension}")
+    try:
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode) if keep_mode is None else keep_mode  # open()'s mode
+            if not callable(write):
+                view = memoryview(write)
+                while view:
+                    view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        if callable(write):
+            write(temp)
+        os.chmod(temp, mode)  # after write(): safetensors and others recreate the file with mode 0600
+        _fsync_file(temp)
+        os.replace(temp, path)
+    except BaseException:
+        if os.path.lexists(temp):
+            os.unlink(temp)
+        raise
+    _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def _fsync_file(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_folder(directory: str) -> None:
+    """Make the rename itself durable where the platform can (POSIX); best effort."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -21,7 +21,7 @@ finished layer to DIR, and rerunning the same command resumes there.
 DP over a level database (see ``obc_native.torch.nonuniform``); ``--database PATH`` reuses the
 database saved at PATH, or saves the one built there; ``--recipe`` then only selects the layers.
 
-``obc-native export DIR --format onnx --out model.onnx --example x.pt`` rebuilds the saved model
+``obc-native export DIR --out model.onnx --example x.pt`` rebuilds the saved model
 (architecture recorded in the manifest, or ``--arch``) and writes ONNX with the stored codes (see
 ``obc_native.torch.export_onnx``).
 
@@ -45,6 +45,7 @@ torch is imported only by the commands that need it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
@@ -55,6 +56,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._arrays import MAX_THREADS
+from ._files import output_file_problem, write_file_atomically
 
 __all__ = ["main", "build_parser"]
 
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export a saved compressed model for a runtime (ONNX)")
     export.add_argument("directory", help="folder written by 'obc-native compress' (or save_compressed)")
-    export.add_argument("--format", required=True, choices=["onnx"], help="output format")
+    export.add_argument("--format", default="onnx", help="output format: onnx (the default and only one)")
     export.add_argument("--out", required=True, help="output file, e.g. model.onnx")
     export.add_argument(
         "--example", required=True, help="inputs to trace the model with: a tensor file (or a dict of keyword inputs)"
@@ -286,12 +288,11 @@ def _check_paths(args: argparse.Namespace) -> None:
     if args.checkpoint is not None and os.path.exists(args.checkpoint) and not os.path.isdir(args.checkpoint):
         raise CliError(f"--checkpoint {args.checkpoint}: is a file; give a directory")
     if args.database is not None and not os.path.isfile(args.database):
-        if os.path.isdir(args.database):
-            raise CliError(f"--database {args.database}: is a directory; give the path of a JSON file")
-        parent = os.path.dirname(os.path.abspath(args.database))
-        if not os.path.isdir(parent):
-            raise CliError(f"--database {args.database}: directory {parent} does not exist")
-        _probe_writable(parent, "--database", args.database)
+        # to be built and saved there: checked as every other output file is (a FIFO, a directory,
+        # a missing or read-only folder), before the build
+        problem = output_file_problem(args.database)
+        if problem is not None:
+            raise CliError(f"--database {problem}")
 
 
 def _load_tensor_file(path: str) -> Any:
@@ -603,6 +604,13 @@ def _load_for_export(args: argparse.Namespace):
 def _cmd_export(args: argparse.Namespace) -> int:
     from obc_native.torch import export_onnx
 
+    # checked before any work; GGUF needs the in-memory compression report, so it is not a format here
+    gguf = "; GGUF files are written from Python: obc_native.torch.save_gguf(model, report, path)"
+    if args.format.lower() != "onnx":
+        raise CliError(f"--format {args.format}: unknown format; export writes onnx"
+                       f"{gguf if args.format.lower() == 'gguf' else ''}")
+    if os.path.splitext(args.out)[1].lower() == ".gguf":
+        raise CliError(f"--out {args.out}: export writes ONNX (give a .onnx file){gguf}")
     manifest, model = _load_for_export(args)
     example_args, example_kwargs = _example_inputs(args.example, model)
     result = export_onnx(
@@ -652,10 +660,7 @@ def _shrink_hf_heads(model: Any) -> Any:
 
     count = lambda: sum(p.numel() for p in model.parameters())  # noqa: E731
     report = HeadShrinkReport(parameters_before=count())
-    library_logger = logging.getLogger("obc_native.torch")
-    level = library_logger.level
-    library_logger.setLevel(logging.WARNING)  # one log line per attention module is noise here
-    try:
+    with _library_warnings_only():  # one log line per attention module is noise here
         for pair in hf_attention_heads(model):
             try:
                 one = shrink_attention_heads(model, [pair])
@@ -664,10 +669,21 @@ def _shrink_hf_heads(model: Any) -> Any:
                 continue
             report.attentions += one.attentions
             report.skipped.update(one.skipped)
-    finally:
-        library_logger.setLevel(level)
     report.parameters_after = count()
     return report
+
+
+@contextlib.contextmanager
+def _library_warnings_only():
+    """The library's logger ("obc_native.torch") passes warnings only meanwhile, for calls whose
+    INFO summary a command prints itself (restored after: main() also runs inside other programs)."""
+    library_logger = logging.getLogger("obc_native.torch")
+    level = library_logger.level
+    library_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        library_logger.setLevel(level)
 
 
 def _output_tensors(value: Any) -> list[Any]:
@@ -700,8 +716,10 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     example_args, example_kwargs = _example_inputs(args.example, model)
     masked = copy.deepcopy(model)
     heads = _shrink_hf_heads(model) if args.chains is None and _is_hf_folder(args, manifest) else None
-    # ShrinkError (a ValueError): one error line
-    report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
+    # ShrinkError (a ValueError): one error line. Its INFO summary ("shrink_structured: N channel(s)
+    # removed ...", "fold_batchnorm: ...") said again what the table printed below says
+    with _library_warnings_only():
+        report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
     heads_removed = heads is not None and any(a.removed for a in heads.attentions)
     if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
@@ -740,7 +758,8 @@ def _save_exported_program(model: Any, example_args: tuple, example_kwargs: dict
         message = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CliError(f"torch.export cannot export this model ({type(err).__name__}: {message}); "
                        "try --format onnx") from err
-    torch.export.save(program, path)
+    # a temporary file renamed into place: an interrupted save leaves a previous file as it was
+    write_file_atomically(path, lambda temp: torch.export.save(program, temp), error=CliError)
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

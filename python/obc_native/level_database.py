@@ -15,10 +15,9 @@ import json
 import math
 import numbers
 import os
-import stat
 from collections.abc import Iterable, Mapping
 
-from ._files import create_file_next_to, read_regular_file
+from ._files import read_regular_file, write_file_atomically
 from .costs import BUILTIN_COSTS
 from .layer_config import PRUNE_METHODS
 from .levels import (
@@ -216,19 +215,8 @@ class LevelDatabase:
                                      f"value >= 0 to be saved, got {lv.loss!r}")
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path = os.fspath(path)
-        # os.replace would put the file in place of a FIFO or device: refuse anything there but
-        # a regular file or a symbolic link (the link itself is replaced, never written through).
-        if os.path.lexists(path) and not (stat.S_ISREG(os.lstat(path).st_mode) or os.path.islink(path)):
-            raise OSError(f"{path}: exists and is not a regular file; refusing to replace it")
-        fd, tmp = create_file_next_to(path, prefix=".levels-")  # mode as open() gives
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        # a FIFO, device or directory at path is refused; a link there is replaced, never written through
+        write_file_atomically(path, text.encode("utf-8"))
 
     @classmethod
     def load(cls, path, *, shapes: Mapping | None = None) -> LevelDatabase:

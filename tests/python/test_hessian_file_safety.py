@@ -49,6 +49,24 @@ def test_save_refuses_to_overwrite_other_files_but_replaces_hessian_files(tmp_pa
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+@pytest.mark.parametrize("mode", [0o640, 0o600])
+def test_replaced_hessian_file_keeps_its_mode(tmp_path, mode):
+    target = tmp_path / "layer.obchess"
+    _accumulator(seed=0).save(target)
+    target.chmod(mode)
+    _accumulator(seed=1).save(target)
+    assert (os.stat(target).st_mode & 0o7777) == mode
+    np.testing.assert_array_equal(load_hessian(target).hessian(), _accumulator(seed=1).hessian())
+    previous = os.umask(0o027)
+    try:
+        _accumulator().save(tmp_path / "new.obchess")
+    finally:
+        os.umask(previous)
+    assert (os.stat(tmp_path / "new.obchess").st_mode & 0o777) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["layer.obchess", "new.obchess"]
+
+
 def test_fifo_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "pipe.obchess"
     os.mkfifo(fifo)

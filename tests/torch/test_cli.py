@@ -324,6 +324,11 @@ def test_bad_database_path_is_reported_before_building(digits_files, tmp_path, c
     assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
                  os.path.join(read_only, "levels.json")]) == 1
     one_error_line(capsys, "--database", "cannot write")
+    if hasattr(os, "mkfifo"):  # a FIFO was taken for a path to build the database at, and refused only after
+        os.mkfifo(tmp_path / "levels.fifo")
+        assert main([*compress_args(tmp_path, calibration, recipe, tmp_path / "o"), *budget,
+                     str(tmp_path / "levels.fifo")]) == 1
+        one_error_line(capsys, "--database", "not a regular file")
 
 
 def test_bad_hf_directory(tmp_path, capsys):

@@ -499,7 +499,7 @@ def test_cli_export(tmp_path, capsys):
                  str(tmp_path / "calib.pt"), "--recipe", str(tmp_path / "r.json"), "--out", str(tmp_path / "out"),
                  "--quiet"]) == 0
     out = tmp_path / "m.onnx"
-    assert main(["export", str(tmp_path / "out"), "--format", "onnx", "--out", str(out),
+    assert main(["export", str(tmp_path / "out"), "--out", str(out),  # --format onnx is the default
                  "--example", str(tmp_path / "calib.pt")]) == 0
     printed = capsys.readouterr().out
     # fc: groups of 8 columns, no MatMulNBits block size (a power of two >= 16) fits in them
@@ -515,6 +515,15 @@ def test_cli_export(tmp_path, capsys):
     assert main(["export", str(tmp_path / "out"), "--format", "onnx", "--out", str(out),
                  "--example", str(tmp_path / "none.pt")]) == 1
     assert "--example" in capsys.readouterr().err
+    size = out.stat().st_size
+    for option, expected in ((["--format", "tflite"], "--format tflite: unknown format; export writes onnx"),
+                             (["--format", "gguf"], "save_gguf"),
+                             (["--out", str(tmp_path / "m.gguf")], "export writes ONNX (give a .onnx file)")):
+        args = ["export", str(tmp_path / "out"), "--out", str(out), "--example", str(tmp_path / "calib.pt")]
+        assert main(args + option) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("obc-native: error: ") and expected in err and len(err.splitlines()) == 1, err
+    assert out.stat().st_size == size and not (tmp_path / "m.gguf").exists()
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Every file the package writes gets the permission bits a plain ``open(path, "w")`` would give
-(0666 less the umask), also where it is written to a temporary file and renamed into place."""
+"""Every new file the package writes gets the permission bits a plain ``open(path, "w")`` would give
+(0666 less the umask), also where it is written to a temporary file and renamed into place; a
+replaced file keeps its own."""
 
 from __future__ import annotations
 
@@ -59,9 +60,10 @@ def test_onnx_exports_and_saved_models(tmp_path, umask):
     export_onnx(MLP(sizes=(32, 48, 16)), batches[0], tmp_path / "float.onnx")
     export_onnx(model, batches[0], tmp_path / "q.onnx", report=report)
     save_compressed(model, tmp_path / "saved", report)
-    (tmp_path / "q.onnx").chmod(0o600)  # a replaced file gets the new file's mode, as after a rename
-    export_onnx(model, batches[0], tmp_path / "q.onnx", report=report)
     assert_open_modes(tmp_path, ["float.onnx", "q.onnx", "saved/manifest.json", "saved/compressed.safetensors"])
+    (tmp_path / "q.onnx").chmod(0o600)  # a replaced file keeps its mode (test_atomic_writes.py: every writer)
+    export_onnx(model, batches[0], tmp_path / "q.onnx", report=report)
+    assert stat.S_IMODE((tmp_path / "q.onnx").stat().st_mode) == 0o600
 
 
 def test_level_database_checkpoint_and_hessian_files(tmp_path, umask):

@@ -97,6 +97,15 @@ def test_save_compressed(tmp_path, monkeypatch):
     for what, (directory, expected) in bad_folders(tmp_path).items():
         with pytest.raises(serialize.SerializationError, match=expected):
             save_compressed(model, directory, report)
+    for name in ("manifest.json", "compressed.safetensors"):  # a FIFO, or a folder, under a file's name
+        folder = tmp_path / f"with_{name}"
+        folder.mkdir()
+        os.mkfifo(folder / name)
+        (folder / "other").mkdir()
+        (folder / "other" / name).mkdir()
+        for directory in (folder, folder / "other"):
+            with pytest.raises(serialize.SerializationError, match=f"{name}: (exists and is not a regular|is a dir)"):
+                save_compressed(model, directory, report)
 
 
 def test_save_hf_checkpoint(tmp_path, monkeypatch):
@@ -110,6 +119,11 @@ def test_save_hf_checkpoint(tmp_path, monkeypatch):
     for what, (directory, expected) in bad_folders(tmp_path).items():
         with pytest.raises(HFCheckpointError, match=expected):
             save_hf_checkpoint(model, directory)
+    fifo = tmp_path / "with_fifo"
+    fifo.mkdir()
+    os.mkfifo(fifo / "config.json")
+    with pytest.raises(HFCheckpointError, match="config.json: exists and is not a regular file"):
+        save_hf_checkpoint(model, fifo)
 
 
 # ----------------------------------------------------------------------------- command line

@@ -133,6 +133,42 @@ def tiny_bert(intermediate=32):
     return transformers.BertModel(config).eval()
 
 
+# The FFN output projection of BERT-like layers: "<index>.output.dense". "*.output.dense" also
+# matches "<index>.attention.output.dense" (and "crossattention.output.dense"), which
+# hf_ffn_chains does not shrink: pruned by it, they only lose accuracy.
+BERT_FFN = "*[0-9].output.dense"
+
+
+@pytest.mark.parametrize("cross_attention", [False, True])
+def test_ffn_pattern_selects_the_ffn_chains_consumers_only(cross_attention):
+    transformers = pytest.importorskip("transformers")
+    from obc_native.torch import hf_attention_heads
+    from obc_native.torch.layers import find_layers
+
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=16, is_decoder=cross_attention,
+                                     add_cross_attention=cross_attention)
+    bert = transformers.BertModel(config, add_pooling_layer=False)
+    names = list(find_layers(bert))
+    ffn = {consumer for _, consumer in hf_ffn_chains(bert)}
+    attention = {projection for _, projection in hf_attention_heads(bert)}
+    assert len(ffn) == 3 and len(attention) == (6 if cross_attention else 3)
+    assert {n for n in names if Override("*.output.dense").matches(n)} == ffn | attention  # the loose pattern
+    assert {n for n in names if Override(BERT_FFN).matches(n)} == ffn
+    plans = Recipe(default=None, overrides=[Override(BERT_FFN, prune="structured", sparsity=0.5)]).resolve(
+        find_layers(bert))
+    assert {name for name, plan in plans.items() if plan.config is not None} == ffn
+
+    # GPT-2 (Conv1D layers): no BERT-like FFN block, the pattern matches nothing; its FFN output
+    # projection is "*.mlp.c_proj" ("*.c_proj" would take the attention's c_proj too)
+    gpt2 = transformers.GPT2Model(transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=16, n_layer=2,
+                                                          n_head=2))
+    names = list(find_layers(gpt2))
+    assert hf_ffn_chains(gpt2) == [] and not [n for n in names if Override(BERT_FFN).matches(n)]
+    assert [n for n in names if Override("*.mlp.c_proj").matches(n)] == ["h.0.mlp.c_proj", "h.1.mlp.c_proj"]
+    assert len([n for n in names if Override("*.c_proj").matches(n)]) == 4
+
+
 def test_hf_bert_ffn_with_explicit_chains():
     model = tiny_bert()
     ids = torch.randint(0, 64, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -140,8 +176,10 @@ def test_hf_bert_ffn_with_explicit_chains():
         shrink_structured(model)
     chains = hf_ffn_chains(model)
     assert chains == [(f"encoder.layer.{i}.intermediate.dense", f"encoder.layer.{i}.output.dense") for i in (0, 1)]
-    recipe = Recipe(default=None, overrides=[Override("*.output.dense", prune="structured", sparsity=0.5)])
+    recipe = Recipe(default=None, overrides=[Override(BERT_FFN, prune="structured", sparsity=0.5)])
     compress(model, [{"input_ids": ids}], recipe, quiet=True)
+    for layer in model.encoder.layer:  # the attention projection is not pruned (it would stay masked)
+        assert bool((layer.attention.output.dense.weight != 0).all())
     masked = copy.deepcopy(model)
     report = shrink_structured(model, chains)
     assert [c.kept for c in report.chains] == [16, 16]

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._files import create_file_next_to
+from .._files import write_file_atomically
 from .layers import LayerInfo
 from .report import LayerReport
 
@@ -50,17 +50,7 @@ def run_fingerprint(description: Mapping[str, Any], infos: Mapping[str, LayerInf
 
 
 def _atomic_write(path: str, data: bytes) -> None:
-    fd, tmp = create_file_next_to(path, prefix=".tmp-")  # mode as open() gives
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_file_atomically(path, data)  # flushed to disk, then renamed into place
 
 
 class NoCheckpoint:

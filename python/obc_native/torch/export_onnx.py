@@ -40,10 +40,12 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import re
 import sys
 import tempfile
+import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +56,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import create_file_next_to, output_file_problem
+from .._files import output_file_problem, write_file_atomically
 from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
@@ -62,6 +64,8 @@ from .report import CompressionReport, QuantGrid
 from .serialize import _quantize_exact
 
 __all__ = ["ExportError", "OnnxExport", "export_onnx", "grids_from_saved"]
+
+logger = logging.getLogger("obc_native.torch")
 
 OPSET = 21  # blocked DequantizeLinear, uint4 and uint16 Q/DQ
 _EXPORT_OPSET = 17  # what torch.onnx.export writes before the conversion to OPSET
@@ -371,10 +375,10 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         args = (*args, *(v.cpu() if isinstance(v, torch.Tensor) else v for v in example_kwargs.values()))
     buffer = io.BytesIO()
     model.eval()
-    printed = tempfile.TemporaryFile()
+    printed = _CapturedStdout()
     try:
         with torch.no_grad(), _activation_placeholders(model), _without_kv_cache(model), warnings.catch_warnings(), \
-                _stdout_into(printed):
+                printed:
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             outputs = model(*example_args, **example_kwargs)
             count = len(_flatten(outputs))
@@ -409,8 +413,7 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         raise
     except Exception as err:  # the exporter raises many types for an unsupported operator
         message = " ".join(str(err).split())[:600]
-        printed.seek(0)
-        caller = _operator_caller(traced, printed.read().decode(errors="replace"), message)
+        caller = _operator_caller(traced, printed.graph_dump, message)
         if caller is not None and traced is not model:  # inside _KeywordCall: drop its attribute name
             caller = (caller[0].partition(".")[2], caller[1])
         if caller is None:
@@ -428,13 +431,7 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         raise ExportError(
             f"torch.onnx.export cannot export this model ({type(err).__name__}: {message}); {where}"
         ) from err
-    else:  # what the model and the exporter printed, less the graph dump that comes with a failure
-        printed.seek(0)
-        text = printed.read().decode(errors="replace")
-        if text and sys.stdout is not None:
-            sys.stdout.write(text)
     finally:
-        printed.close()
         for module, flag in training.items():
             module.train(flag)
     graph_model = onnx.load_from_string(buffer.getvalue())
@@ -475,28 +472,118 @@ def _without_kv_cache(model: nn.Module):
         config.use_cache = True
 
 
-@contextlib.contextmanager
-def _stdout_into(sink):
-    """File descriptor 1 writes into the binary file ``sink`` meanwhile.
+# One capture of descriptor 1 at a time: two exports in two threads would otherwise save and restore
+# each other's redirection, and leave stdout pointing at a deleted file. Reentrant: an export
+# nested in another (same thread) saves and restores the outer capture correctly.
+_STDOUT_LOCK = threading.RLock()
+_GRAPH_DUMP_START = b"Torch IR graph at exception: "
+_GRAPH_DUMP_END = re.compile(rb"^  return \(.*\)\r?$", re.MULTILINE)
+
+
+class _CapturedStdout:
+    """A context manager: file descriptor 1 writes into a temporary file meanwhile.
 
     torch's TorchScript exporter prints its whole graph to the process's stdout when an operator
     has no ONNX form (thousands of lines for a transformer); caught here, it names the module of
-    that operator instead (:func:`_operator_caller`). Where stdout has no descriptor (an embedding
+    that operator instead (:func:`_operator_caller`). Nothing else is kept back: on leaving, by
+    return or by any exception (``KeyboardInterrupt`` included), descriptor 1 is restored first,
+    then everything captured except that graph dump (what the model printed, the exporter's
+    messages, other threads' output) is written to it, in order. The dump itself is in
+    :attr:`graph_dump` and logged at DEBUG level. Where stdout has no descriptor (an embedding
     host), nothing is redirected.
     """
+
+    def __init__(self) -> None:
+        self.graph_dump = ""
+        self._saved: int | None = None
+        self._sink = None
+
+    def __enter__(self) -> _CapturedStdout:
+        _STDOUT_LOCK.acquire()
+        try:
+            _flush_stdout()
+            try:
+                self._saved = os.dup(1)
+            except OSError:  # no descriptor 1
+                return self
+            self._sink = tempfile.TemporaryFile()
+            os.dup2(self._sink.fileno(), 1)
+        except BaseException:  # KeyboardInterrupt included: descriptor 1 as it was
+            self._restore()
+            self._close()
+            _STDOUT_LOCK.release()
+            raise
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            if self._saved is None:
+                return
+            try:
+                _flush_stdout()  # Python-level writes still buffered belong to the capture
+            finally:
+                self._restore()
+            self._sink.seek(0)
+            captured = self._sink.read()
+            dump, rest = _split_graph_dump(captured)
+            self.graph_dump = dump.decode(errors="replace")
+            if dump:
+                logger.debug("torch.onnx.export printed its graph:\n%s", self.graph_dump)
+            _write_all(1, rest)
+        finally:
+            try:
+                self._restore()  # again (idempotent), should a second interrupt have cut the above short
+            finally:
+                self._close()
+                _STDOUT_LOCK.release()
+
+    def _restore(self) -> None:
+        if self._saved is not None:
+            os.dup2(self._saved, 1)
+
+    def _close(self) -> None:
+        if self._saved is not None:
+            os.close(self._saved)
+            self._saved = None
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+
+def _flush_stdout() -> None:
     try:
-        sys.stdout.flush()
-        saved = os.dup(1)
-    except (OSError, ValueError, AttributeError):
-        yield
-        return
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError, AttributeError):  # closed, or not a file: nothing to flush
+        pass
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """Write ``data`` to descriptor ``fd``; a closed reader (EPIPE) ends it quietly."""
+    view = memoryview(data)
     try:
-        os.dup2(sink.fileno(), 1)
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        pass
+
+
+def _split_graph_dump(captured: bytes) -> tuple[bytes, bytes]:
+    """``(graph dump, everything else)`` of what the exporter's call printed: the dump runs from
+    "Torch IR graph at exception: graph(" to the graph's top-level "  return (...)" line and the
+    blank line after it (the rest of the output stays in order)."""
+    start = captured.find(_GRAPH_DUMP_START)
+    if start < 0:
+        return b"", captured
+    match = _GRAPH_DUMP_END.search(captured, start)
+    end = len(captured) if match is None else match.end()
+    for ending in (b"\r\n", b"\n"):  # the line end, then the blank line printed after the graph
+        if captured.startswith(ending, end):
+            end += len(ending)
+            if captured.startswith(ending, end):
+                end += len(ending)
+            break
+    return captured[start:end], captured[:start] + captured[end:]
 
 
 def _operator_caller(traced: nn.Module, graph_dump: str, message: str) -> tuple[str, str] | None:
@@ -971,14 +1058,6 @@ def _scope_of(node_name: str) -> str:
 
 
 def _write_atomically(path: str, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file next to ``path`` and rename it into place."""
-    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
-
+    """Write ``payload`` to a temporary file next to ``path`` and rename it into place (a replaced
+    file keeps its mode; see ``write_file_atomically``)."""
+    write_file_atomically(path, payload, error=ExportError)

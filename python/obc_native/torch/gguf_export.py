@@ -28,12 +28,13 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._files import output_file_problem
+from .._files import output_file_problem, write_file_atomically
 from .recipe import LayerConfig
 from .report import CompressionReport
 
@@ -83,9 +84,13 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
 
     Args:
         model: the model after ``compress`` with ``report``. Changed in place: each quantized
-            layer's weights are set to its float16-scale grid values (see the module docstring).
+            layer's weights are set to its float16-scale grid values (see the module docstring),
+            once the file is in place.
         report: the compression report (its per-layer grids give the scales and zero points).
         path: the ``.gguf`` file to write (its folder must exist and be writable; checked first).
+            Written to a temporary file renamed into place: a failed or interrupted write leaves
+            a previous file at ``path`` as it was (and the model unchanged); a replaced file keeps
+            its permission bits.
         architecture: the file's ``general.architecture`` value.
         float_type: "F32" or "F16", the type of every other floating-point tensor.
 
@@ -96,7 +101,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
         GGUFExportError: a quantized layer is not ``nn.Linear``, or its grid is not symmetric 4- or
             8-bit with groups of 32 along its inputs (recipe: ``gguf_layer_config``), or a scale
             does not fit float16; or ``path`` cannot be written (a directory, a missing or
-            read-only folder). Nothing is written or changed then.
+            read-only folder, a FIFO). Nothing is written or changed then.
         ImportError: the ``gguf`` package is missing.
     """
     import gguf
@@ -114,19 +119,20 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
             continue
         module = modules.get(layer.name)
         plans[layer.name] = _plan(layer.name, module, layer.grid)
-    writer = gguf.GGUFWriter(path, architecture)
+    # no path here: the writer opens the temporary file that write_file_atomically renames into place
+    writer = gguf.GGUFWriter(None, architecture)
     writer.add_name(type(model).__name__)
-    written = []
     state = model.state_dict()
     keys = {f"{name}.weight": name for name in plans}
-    with torch.no_grad():
-        for name, (block_type, codes, scale16) in plans.items():
-            weight = modules[name].weight
-            snapped = _values(codes, scale16, _BITS[block_type])
-            change = float((torch.from_numpy(snapped) - weight.detach().float().cpu()).abs().max())
-            weight.copy_(torch.from_numpy(snapped).to(weight.dtype))
-            written.append(GGUFLayer(name, block_type, tuple(weight.shape), change))
+    snapped = {name: torch.from_numpy(_values(codes, scale16, _BITS[block_type]))
+               for name, (block_type, codes, scale16) in plans.items()}
+    # a weight tied to a quantized layer's (e.g. an output head sharing the embedding) is written
+    # with the values the model will hold: the float16-scale grid values
+    tied = {modules[name].weight.data_ptr(): values for name, values in snapped.items()}
     for key, tensor in state.items():
+        values = tied.get(tensor.data_ptr())
+        if key not in keys and values is not None and tuple(tensor.shape) == tuple(values.shape):
+            tensor = values
         if key in keys:
             name = keys[key]
             block_type, codes, scale16 = plans[name]
@@ -137,10 +143,26 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
             if array.is_floating_point():
                 array = array.to(torch.float16 if float_type == "F16" else torch.float32)
             writer.add_tensor(key, array.contiguous().numpy())
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+
+    def write(temp: str) -> None:
+        writer.open_output_file(Path(temp))
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        finally:
+            writer.close()
+
+    write_file_atomically(path, write, error=GGUFExportError)
+    # the weights take their float16-scale values once the file is in place: a failed write
+    # leaves the model as it was
+    written = []
+    with torch.no_grad():
+        for name, (block_type, codes, scale16) in plans.items():
+            weight = modules[name].weight
+            change = float((snapped[name] - weight.detach().float().cpu()).abs().max())
+            weight.copy_(snapped[name].to(weight.dtype))
+            written.append(GGUFLayer(name, block_type, tuple(weight.shape), change))
     logger.info("GGUF written to %s: %d layer(s) as block formats", path, len(written))
     return written
 

@@ -15,15 +15,17 @@ see ``serialize``), which ``from_pretrained`` ignores.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
 import shutil
+import tempfile
 
 import torch
 from torch import nn
 
-from .._files import make_output_folder, new_file_mode
+from .._files import make_output_folder, output_file_problem, write_file_atomically
 
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
@@ -36,6 +38,8 @@ HF_SIDE_FILES = (
     "preprocessor_config.json", "chat_template.jinja", "generation_config.json",
 )
 _WEIGHT_PATTERNS = ("model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json")
+# What save_pretrained writes in a folder (one weight file for the small models this is used for)
+_REPLACED_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 class HFCheckpointError(ValueError):
@@ -49,7 +53,9 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
     Args:
         model: a ``transformers`` model after compression (plain modules: save before
             ``quantize_activations``, whose wrappers rename parameters).
-        directory: the output folder (created if missing); existing weight files there are replaced.
+        directory: the output folder (created if missing); existing weight files there are replaced,
+            each file through a temporary file renamed into place (a failed save leaves the
+            previous files whole; a replaced file keeps its permission bits).
         source: the folder the model was loaded from; its tokenizer / preprocessor files
             (``HF_SIDE_FILES``) are copied unless ``directory`` already has them.
         verify: load the folder back with ``from_pretrained`` and compare every tensor.
@@ -59,7 +65,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
 
     Raises:
         TypeError: ``model`` is not a ``transformers.PreTrainedModel``.
-        HFCheckpointError: ``directory`` is a file, or cannot be created or written (before
+        HFCheckpointError: ``directory`` is a file, or cannot be created or written, or holds a
+            FIFO, device or folder named ``config.json`` / ``model.safetensors`` / ... (before
             anything is saved).
         HFCheckpointError: the loaded folder misses keys, has unexpected or resized ones, or a
             tensor differs from the model's (the weight files are removed first).
@@ -72,22 +79,35 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
         raise TypeError(f"model: expected a transformers.PreTrainedModel, got {type(model).__name__}")
     directory = os.fspath(directory)
     problem = make_output_folder(directory)
+    for name in _REPLACED_FILES:  # a FIFO or folder there: refused now, not after save_pretrained
+        problem = problem or output_file_problem(os.path.join(directory, name))
     if problem is not None:
         raise HFCheckpointError(problem)
-    before = set(os.listdir(directory))
-    mode = new_file_mode(directory)
-    model.save_pretrained(directory)
-    for pattern in _WEIGHT_PATTERNS:  # safetensors writes its files with mode 0600; give them open()'s
+    # save_pretrained writes its files in place, one after the other: it writes into a hidden
+    # folder here instead, whose files are then renamed into place one by one (each file a previous
+    # save left there stays whole until its replacement is complete, and keeps its mode)
+    staging = tempfile.mkdtemp(prefix=".obc-staging-", dir=directory)
+    try:
+        model.save_pretrained(staging)
+        saved = sorted(os.listdir(staging))
+        weights = {name for name in saved if any(fnmatch.fnmatchcase(name, p) for p in _WEIGHT_PATTERNS)}
+        for name in saved:
+            _install(os.path.join(staging, name), os.path.join(directory, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for pattern in _WEIGHT_PATTERNS:  # a previous save's other shards, which from_pretrained might read
         for path in glob.glob(os.path.join(glob.escape(directory), pattern)):
-            os.chmod(path, mode)
+            if os.path.basename(path) not in weights:
+                os.remove(path)
     copied = []
     if source is not None:
         for name in HF_SIDE_FILES:
             origin, target = os.path.join(os.fspath(source), name), os.path.join(directory, name)
             if os.path.isfile(origin) and not os.path.exists(target):
-                shutil.copyfile(origin, target)
+                write_file_atomically(target, lambda temp, origin=origin: shutil.copyfile(origin, temp),
+                                      error=HFCheckpointError)
                 copied.append(name)
-    written = sorted((set(os.listdir(directory)) - before) | set(copied) | {"config.json"})
+    written = sorted(set(saved) | set(copied))
     if verify:
         try:
             _verify(model, directory)
@@ -96,6 +116,18 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
             raise
     logger.info("Hugging Face checkpoint written to %s (%s)", directory, ", ".join(written))
     return written
+
+
+def _install(staged: str, target: str) -> None:
+    """Rename the staged file (or, recursively, folder) ``staged`` onto ``target``, each file
+    through ``write_file_atomically`` (a replaced file keeps its mode; a new one gets open()'s
+    rather than safetensors' 0600)."""
+    if os.path.isdir(staged) and not os.path.islink(staged):
+        os.makedirs(target, exist_ok=True)
+        for name in sorted(os.listdir(staged)):
+            _install(os.path.join(staged, name), os.path.join(target, name))
+        return
+    write_file_atomically(target, lambda temp: os.replace(staged, temp), error=HFCheckpointError)
 
 
 def _remove_weights(directory: str) -> None:

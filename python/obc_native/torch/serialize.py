@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import create_file_next_to, make_output_folder
+from .._files import make_output_folder, output_file_problem, write_file_atomically
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -311,12 +311,16 @@ def save_compressed(
     (e.g. how to rebuild the architecture).
 
     ``directory`` is created if missing; :class:`SerializationError` before any work when it is
-    a file or cannot be created or written.
+    a file or cannot be created or written, or holds a FIFO, device or folder under one of the two
+    file names. Each file is written to a temporary file renamed into place (a failed save leaves
+    a previous file whole; a replaced file keeps its permission bits).
     """
     from safetensors.torch import save_file
 
     directory = os.fspath(directory)
     problem = make_output_folder(directory)  # before the layers are encoded
+    for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
+        problem = problem or output_file_problem(os.path.join(directory, name))
     if problem is not None:
         raise SerializationError(problem)
     layers = find_layers(model)
@@ -379,27 +383,10 @@ def save_compressed(
 
 
 def _write_atomically(path: str, write) -> None:
-    """``write(temp)`` a new temporary file next to ``path``, then rename it onto ``path``.
-
-    A symbolic link at ``path`` is replaced by the file (its target is never written through);
-    a directory, FIFO or device there is refused and left as it is. Only the temporary file is
-    ever removed (on failure).
-    """
-    if os.path.lexists(path):
-        mode = os.lstat(path).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode)):
-            raise SerializationError(f"{path}: exists and is not a regular file; refusing to replace it")
-    fd, temp = create_file_next_to(path, prefix="." + os.path.basename(path) + ".")  # mode as open() gives
-    mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    os.close(fd)
-    try:
-        write(temp)
-        os.chmod(temp, mode)  # safetensors' save_file recreates the file with mode 0600
-        os.replace(temp, path)
-    except BaseException:
-        if os.path.exists(temp):
-            os.unlink(temp)
-        raise
+    """``write(temp)`` a new temporary file next to ``path``, then rename it onto ``path``
+    (``write_file_atomically``: a replaced file keeps its mode; a symbolic link at ``path`` is
+    replaced, never written through; a directory, FIFO or device there is refused)."""
+    write_file_atomically(path, write, error=SerializationError)
 
 
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
