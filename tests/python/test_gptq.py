@@ -1,6 +1,6 @@
 """quantize(method=...): fixed-order GPTQ, coordinate-descent refinement, per-row choice.
 
-GPTQ (lazy blocks through the Cholesky factor of H^-1, float64) against reference.py's
+GPTQ (lazy blocks through the Cholesky factor of the permuted H itself, float64) against reference.py's
 step-by-step replay with inverses re-solved from scratch; refinement against a brute-force
 check of every single code change; "auto" against the candidates run one by one.
 """
