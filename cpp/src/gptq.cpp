@@ -44,7 +44,6 @@ const GptqKernels& gptq_kernels() {
 namespace {
 
 constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^2) passes
-constexpr Index kTile = 64;          // square tiles of the in-place anti-transpose
 
 // The factor the sweep reads (GptqJob::factor), from H_p = P^T D P (D the damped Hessian, P the
 // order) without any inverse. GPTQ's step k rounds w~_k, the weight after the OBS updates of steps
