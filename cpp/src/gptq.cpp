@@ -1,5 +1,5 @@
-// GPTQ: fixed-order quantization with lazy block updates through the Cholesky factor of H^-1
-// (found without H^-1 itself, see gptq_inverse_factor).
+// GPTQ: fixed-order quantization with lazy block updates through the Cholesky factor of the
+// permuted, damped Hessian itself (no inverse, no triangular inverse: see gptq_factor).
 #include "obc/gptq.hpp"
 
 #include <algorithm>
@@ -31,9 +31,11 @@ Eigen::VectorXd hessian_diagonal(const HessianRef& H) {
   });
 }
 
-// The sweep compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too).
+// The sweep compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too), or
+// its AVX-512 copy (OBC_SIMD=avx2 keeps that off).
 const GptqKernels& gptq_kernels() {
 #ifdef OBC_HAVE_AVX2_KERNELS
+  if (use_avx512_kernels()) return gptq_kernels_avx512();
   if (std::strcmp(kernels().isa, "generic") != 0) return gptq_kernels_avx2();
 #endif
   return gptq_kernels_generic();
@@ -42,21 +44,25 @@ const GptqKernels& gptq_kernels() {
 namespace {
 
 constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^2) passes
-constexpr Index kTile = 64;          // square tiles of the in-place anti-transpose
 
-// The factor the sweep reads (GptqJob::factor: U^T, U upper with U^T U = P^T D^-1 P, D the
-// damped Hessian, P the order), without D^-1 itself. With J the reversal, the lower Cholesky
-// factor L of A = J P^T D P J gives U = J L^-1 J: J L^-1 J is upper with a positive diagonal and
-// (J L^-1 J)^T (J L^-1 J) = J (L L^T)^-1 J = P^T D^-1 P, so it is that factor. Cost: a Cholesky
-// factor and a triangular inverse, 2/3 cols^3 flops, where D^-1 and then the factor of its
-// permuted copy took 4/3 cols^3. Everything happens in one cols x cols buffer (fresh pages are
-// costly: the first touch of each is a kernel fault). The pivot check is prepare_hessian's
-// (same tolerance, same error), on A's pivots. inverse_diagonal (may be null): set to
-// diag(P^T D^-1 P) in step order (L^-1's squared column norms, reversed), for the float32 range
-// check.
-Eigen::MatrixXd gptq_inverse_factor(const HessianRef& H, const PreparedHessian& prep,
-                                    const std::vector<Index>& order, const RunOptions& run,
-                                    Eigen::VectorXd* inverse_diagonal) {
+// The factor the sweep reads (GptqJob::factor), from H_p = P^T D P (D the damped Hessian, P the
+// order) without any inverse. GPTQ's step k rounds w~_k, the weight after the OBS updates of steps
+// 0..k-1; with U the upper Cholesky factor of H_p^-1 (U^T U = H_p^-1, the factor the research code
+// and earlier versions use) and e = w - q, those updates sum to w~ = q + diag(U) U^-T e, i.e. with
+// L = U^-T (lower, L^T L = H_p): w~_k = w_k + sum_{i<k} (L_ki / L_kk) e_i, and step k's loss is
+// (L_kk (w~_k - q_k))^2 / 2. 1 / L_kk^2 = [(H_p[k:, k:])^-1]_00 is the [H_F^-1]_qq of the OBS step
+// (F the columns not yet rounded). L itself: with J the reversal, the lower Cholesky factor R of
+// A = J H_p J gives L = J R^T J (lower, and L^T L = J R R^T J = H_p). Cost: one Cholesky factor,
+// cols^3 / 3 flops (the inverse factor took a triangular inverse more, 2/3 cols^3 in all).
+// Everything happens in one cols x cols buffer (fresh pages are costly: the first touch of each
+// is a kernel fault): A's lower triangle is factored in place, then each column k of the strict
+// upper triangle gets row k of M = diag(L)^-1 L (M^T(i, k) = L(k, i) / L(k, k) = R(n-1-i, n-1-k) /
+// R(n-1-k, n-1-k): the tail of R's column n-1-k, reversed) and the diagonal L_kk = R(n-1-k,
+// n-1-k). The pivot check is prepare_hessian's (same tolerance, same error), on A's pivots.
+// step_variance (may be null): set to 1 / L_kk^2 in step order, for the float32 range check.
+Eigen::MatrixXd gptq_factor(const HessianRef& H, const PreparedHessian& prep,
+                            const std::vector<Index>& order, const RunOptions& run,
+                            Eigen::VectorXd* step_variance) {
   const Index n = prep.cols();
   const int threads = n < 384 ? 1 : run.num_threads;  // as spd_inverse: small ones on one thread
   const Index items = (n + kColumnChunk - 1) / kColumnChunk;
@@ -95,25 +101,23 @@ Eigen::MatrixXd gptq_inverse_factor(const HessianRef& H, const PreparedHessian& 
         a(i, j) = column[static_cast<size_t>(perm[static_cast<size_t>(i)])];
     }
   });
-  if (!gptq_kernels().cholesky_inverse(a.data(), n, kPivotTolerance, run.num_threads,
-                                       run.interrupt))
+  if (!gptq_kernels().cholesky(a.data(), n, kPivotTolerance, run.num_threads, run.interrupt))
     throw not_positive_definite(prep);
-  if (inverse_diagonal != nullptr) {
-    inverse_diagonal->resize(n);
-    for (Index j = 0; j < n; ++j)
-      (*inverse_diagonal)[n - 1 - j] = a.col(j).tail(n - j).squaredNorm();
-  }
-  // U^T (i, j) = U(j, i) = L^-1(n-1-j, n-1-i) for i >= j: swap each entry (i, j) of the lower
-  // triangle with i + j < n - 1 with its mirror across the anti-diagonal, 64 x 64 tile against
-  // tile so that both stay in cache. Each pair is swapped by the item owning column j, once.
+  // R's diagonal, reversed: L_kk.
+  Eigen::VectorXd lkk(n);
+  for (Index k = 0; k < n; ++k) lkk[k] = a(n - 1 - k, n - 1 - k);
+  if (step_variance != nullptr) *step_variance = lkk.cwiseAbs2().cwiseInverse();
+  // Column k of the strict upper triangle from the strict lower part of column n-1-k: writes
+  // only above the diagonal, reads only below it, so the items never meet.
   parallel_for(items, threads, nullptr, [&](Index item, int) {
-    const Index j_end = std::min(n, (item + 1) * kColumnChunk);
-    for (Index jb = item * kColumnChunk; jb < j_end; jb += kTile)
-      for (Index ib = jb; ib < n - 1 - jb; ib += kTile)
-        for (Index j = jb; j < std::min(j_end, jb + kTile); ++j)
-          for (Index i = std::max(ib, j); i < std::min(n - 1 - j, ib + kTile); ++i)
-            std::swap(a(i, j), a(n - 1 - j, n - 1 - i));
+    for (Index k = item * kColumnChunk; k < std::min(n, (item + 1) * kColumnChunk); ++k) {
+      const double* from = a.col(n - 1 - k).data();
+      double* to = a.col(k).data();
+      const double inv = 1.0 / lkk[k];
+      for (Index i = 0; i < k; ++i) to[i] = from[n - 1 - i] * inv;
+    }
   });
+  a.diagonal() = lkk;
   return a;
 }
 
@@ -132,14 +136,18 @@ void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H
   if (gopt.act_order)
     std::stable_sort(order.begin(), order.end(),
                      [&](Index a, Index b) { return hdiag[a] > hdiag[b]; });
-  Eigen::VectorXd inverse_diagonal;
+  Eigen::VectorXd step_variance;
   constexpr bool f32 = std::is_same_v<Scalar, float>;
-  const Eigen::MatrixXd factor =
-      gptq_inverse_factor(H, prep, order, run, f32 ? &inverse_diagonal : nullptr);
-  // The float32 range check of check_layer_scale, on the diagonal of H^-1 found on the way
-  // (prep has no H^-1 here).
+  const Eigen::MatrixXd factor = gptq_factor(H, prep, order, run, f32 ? &step_variance : nullptr);
+  // The float32 range check of check_layer_scale (prep has no H^-1 here), on the OBS steps'
+  // [H_F^-1]_qq = 1 / L_kk^2 instead of diag(H^-1), which would take the inverse this factor
+  // avoids: each is at most diag(P^T D^-1 P)_k (the inverse of a trailing block of H_p has a
+  // smaller diagonal than the trailing block of H_p^-1), with equality at k = 0. So the lower
+  // end is checked conservatively (it may raise where diag(H^-1) itself would fit), and the upper
+  // end on the values the sweep actually divides by (a diag(H^-1) above range whose steps' values
+  // all fit is let through: the sweep runs in float64 and its results lie on the grid).
   if constexpr (f32)
-    check_inverse_range<Scalar>(inverse_diagonal.minCoeff(), inverse_diagonal.maxCoeff());
+    check_inverse_range<Scalar>(step_variance.minCoeff(), step_variance.maxCoeff());
   out.resize(rows, cols);
   if (step_losses != nullptr) step_losses->resize(rows);
   const GptqJob<Scalar> job{W.data(),         W.outerStride(),     rows,

@@ -1,6 +1,6 @@
 """quantize(method=...): fixed-order GPTQ, coordinate-descent refinement, per-row choice.
 
-GPTQ (lazy blocks through the Cholesky factor of H^-1, float64) against reference.py's
+GPTQ (lazy blocks through the Cholesky factor of the permuted H itself, float64) against reference.py's
 step-by-step replay with inverses re-solved from scratch; refinement against a brute-force
 check of every single code change; "auto" against the candidates run one by one.
 """
@@ -54,7 +54,7 @@ def test_fixed_order_matches_sequential_reference(case, bits, sym, group_size, g
 
 @pytest.mark.parametrize("method", ["gptq", "gptq-natural"])
 def test_wide_layer_matches_sequential_reference(method):
-    # 448 inputs: from 384 up the factor of the permuted H^-1 runs blocked and parallel (panels of
+    # 448 inputs: from 384 up the factor of the permuted H runs blocked and parallel (panels of
     # 64, copies in chunks of 128 columns, the last one partial), unlike the 48 inputs above.
     W, H, _ = make_problem(3, 448, seed=11, zeros=0.2, dead=5)
     weight, codes, losses = ref.quantize_fixed_order(W, H, 4, damp=0.01, act_order=method == "gptq",

@@ -144,3 +144,14 @@ def test_alarm_stops_hessian_file_save_and_load(tmp_path, monkeypatch):
     acc.save(path)
     waited = _stopped_by_alarm(lambda: obc_native.HessianAccumulator.load(path))
     assert waited < STOP_WITHIN_S, f"took {waited:.2f} s to stop the load"
+
+
+def test_alarm_stops_gptq():
+    # 6000 inputs, one thread: GPTQ's factor (cols^3 / 3 = 72 GFLOP, several seconds) polls
+    # between its panels, the sweep between row chunks.
+    cols = 6000
+    H = _diagonally_dominant_hessian(cols, seed=3)
+    W = np.random.default_rng(3).standard_normal((256, cols)).astype(np.float32)
+    waited = _stopped_by_alarm(lambda: obc_native.quantize(W, H, 4, grid="minmax", method="gptq",
+                                                           refine=False, num_threads=1))
+    assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"

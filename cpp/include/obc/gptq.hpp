@@ -1,11 +1,15 @@
 // Fixed-order quantization (GPTQ): columns quantized one after the other in a fixed order, each
 // step's error spread over the columns not yet quantized with the exact OBS update, applied
-// lazily a block of columns at a time through the upper Cholesky factor of H^-1.
+// lazily a block of columns at a time.
 //
 // Paper letters: U is the upper Cholesky factor of the (permuted, damped) inverse Hessian,
-// H^-1 = U^T U; quantizing column j with error e_j = (w_j - q(w_j)) / U_jj updates every later
-// column k by -e_j U_jk, which is the OBS update with [H_FF]^-1, F = columns j.. in the order.
-// Cost: O(cols^3) for the factor plus O(rows cols^2) for the updates (level-3 per block).
+// H^-1 = U^T U; quantizing column j with error (w_j - q(w_j)) / U_jj updates every later
+// column k by -that U_jk, which is the OBS update with [H_FF]^-1, F = columns j.. in the order.
+// This implementation never forms H^-1 or U: with L = U^-T, the lower triangular factor with
+// L^T L = H (permuted, damped; one Cholesky factor of the reversed H), the updates of steps
+// 0..k-1 sum to w~_k = w_k + sum_{i<k} (L_ki / L_kk) (w_i - q_i), so each lazy block gets its
+// updated weights from one GEMM of the earlier blocks' errors with rows of L (src/gptq.cpp).
+// Cost: cols^3 / 3 flops for the factor plus rows cols^2 for the updates (level-3 per block).
 #pragma once
 
 #include <Eigen/Core>
@@ -34,7 +38,9 @@ struct GptqOptions {
 /// Dead inputs are zero. Computed in float64 (one shared cols x cols factor); each weight is
 /// rounded onto its grid in W's precision. Bit-identical for any thread count (rows are solved
 /// in fixed chunks). Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when
-/// the damped inverse has no Cholesky factor. result.row_method is Gptq or GptqNatural.
+/// the damped H has no Cholesky factor (a pivot below prepare_hessian's tolerance), Overflow for
+/// float32 W when 1 / L_kk^2 (the OBS steps' [H_F^-1]_qq) leaves float32's range.
+/// result.row_method is Gptq or GptqNatural.
 /// result.row_losses (1/2 dw H dw^T, undamped H) come from the sweep's own step losses, not from
 /// a second O(rows cols^2) pass: the same bits quantize_select reports for these weights.
 template <class Scalar>

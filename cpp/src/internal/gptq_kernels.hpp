@@ -12,12 +12,14 @@ namespace obc::internal {
 
 /// One layer's GPTQ sweep (obc/gptq.hpp). weight: rows x cols, row r at weight + r *
 /// weight_stride; order: cols entries, the original column quantized at step k; dead: cols flags
-/// (1: the input is dead, its weights are 0); factor: cols x cols column-major, lower triangle
-/// read: U^T, U the upper Cholesky factor of P^T (H + lambda I)^-1 P (P: the order; U^T U =
-/// P^T H^-1 P), so that its column k is row k of U (see gptq_inverse_factor in gptq.cpp);
-/// scale / zero: rows x groups row-major grids; out: rows x cols row-major, the quantized weights;
-/// step_losses (rows, or null): each row's summed OBS step losses (w_k - q_k)^2 / (2 U_kk^2),
-/// which add up to 1/2 dw (H + lambda I) dw^T.
+/// (1: the input is dead, its weights are 0); factor: cols x cols column-major, built by
+/// gptq_inverse_factor in gptq.cpp from L, the lower triangular factor with L^T L = P^T (H +
+/// lambda I) P (P: the order; L = U^-T for U the upper Cholesky factor of the permuted inverse):
+/// its diagonal holds L_kk, its strict upper triangle M^T with M = diag(L)^-1 L (entry (i, k),
+/// i < k: L_ki / L_kk), so that column k holds what step k needs; the strict lower triangle is not
+/// read. scale / zero: rows x groups row-major grids; out: rows x cols row-major, the quantized
+/// weights; step_losses (rows, or null): each row's summed OBS step losses
+/// (L_kk (w~_k - q_k))^2 / 2, which add up to 1/2 dw (H + lambda I) dw^T.
 template <class S>
 struct GptqJob {
   const S* weight;
@@ -36,18 +38,20 @@ struct GptqJob {
 };
 
 struct GptqKernels {
-  /// L^-1 in place, L the lower Cholesky factor of the SPD matrix in `a` (n x n column-major,
-  /// lower triangle read and written; about 2/3 n^3 flops): spd_inverse.hpp's
-  /// cholesky_inverse_inplace. False when a pivot L_ii^2 is not above pivot_tol * a_ii.
-  bool (*cholesky_inverse)(double* a, KIndex n, double pivot_tol, int num_threads,
-                           InterruptHook* interrupt);
+  /// L in place, the lower Cholesky factor of the SPD matrix in `a` (n x n column-major, lower
+  /// triangle read and written; about n^3 / 3 flops): spd_inverse.hpp's cholesky_factor_inplace.
+  /// False when a pivot L_ii^2 is not above pivot_tol * a_ii.
+  bool (*cholesky)(double* a, KIndex n, double pivot_tol, int num_threads,
+                   InterruptHook* interrupt);
   void (*sweep_f32)(const GptqJob<float>&, const RunOptions&);
   void (*sweep_f64)(const GptqJob<double>&, const RunOptions&);
 };
 
-/// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses.
+/// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses, or the
+/// AVX-512 one where use_avx512_kernels() says so.
 const GptqKernels& gptq_kernels();
 const GptqKernels& gptq_kernels_generic();
 const GptqKernels& gptq_kernels_avx2();
+const GptqKernels& gptq_kernels_avx512();
 
 }  // namespace obc::internal

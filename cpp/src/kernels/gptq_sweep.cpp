@@ -1,8 +1,9 @@
-// The GPTQ sweep (obc/gptq.hpp): the column loop of each lazy block and the block's GEMM onto the
-// later columns, in fixed chunks of rows, through the factor of the permuted H^-1; and the cubic
-// part of that factor (the blocked, parallel Cholesky factor and triangular inverse of
-// spd_inverse.hpp). Compiled once per SIMD level like row_kernels.cpp (OBC_KERNEL_NS and a
-// renamed Eigen in the AVX2 copy).
+// The GPTQ sweep (obc/gptq.hpp) on the Cholesky factor of the permuted, damped Hessian itself
+// (no inverse): per lazy block, one GEMM of the earlier blocks' errors with the factor's rows
+// gives the block's updated weights, then the block's columns are quantized in turn; fixed chunks
+// of rows run in parallel. Also the cubic part of that factor (the blocked, parallel Cholesky
+// factor of spd_inverse.hpp). Compiled once per SIMD level like row_kernels.cpp (OBC_KERNEL_NS and
+// a renamed Eigen in the AVX2 and AVX-512 copies).
 #include <algorithm>
 #include <vector>
 
@@ -22,25 +23,32 @@ namespace {
 
 using internal::GptqJob;
 
-// Rows solved together by one thread: the block updates are (chunk x block) by (block x rest)
-// products, and each chunk re-packs the factor's blocks for them (cols^2 / 2 doubles), so
-// larger chunks pack less: at 4096 x 4096, one thread, the sweep took 3.6 s with 64 rows, 3.3 s
-// with 128, 3.0 s with 256; 128 keeps 768-row layers at 6 items for 2 threads. Fixed, so that
-// the chunking (and every float operation) is the same for any thread count; a divisor of 256,
-// so that row ranges starting at multiples of 256 (the Ray executor's) give the same bits.
+// Rows solved together by one thread: the block updates are (chunk x earlier columns) by
+// (earlier columns x block) products, and each chunk re-packs the factor's blocks for them
+// (cols^2 / 2 doubles), so larger chunks pack less (at 4096 x 4096, one thread, the old
+// right-looking sweep took 3.6 s with 64 rows, 3.3 s with 128, 3.0 s with 256); 128 keeps
+// 768-row layers at 6 items for 2 threads. Fixed, so that the chunking (and every float
+// operation) is the same for any thread count; a divisor of 256, so that row ranges starting at
+// multiples of 256 (the Ray executor's) give the same bits.
 constexpr Index kRowChunk = 128;
 
 using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
-using FactorMap = Eigen::Map<const MatrixD>;  // U^T (GptqJob::factor), lower triangle
+using FactorMap = Eigen::Map<const MatrixD>;  // GptqJob::factor: M^T (strict upper) + diag(L)
 
+// One chunk of rows. With e = w - q (original minus quantized weights, step order) and
+// M = diag(L)^-1 L, the weight that step k rounds is w~_k = w_k + sum_{i<k} M_ki e_i (the OBS
+// updates of the earlier steps, summed: see gptq_inverse_factor in gptq.cpp). Left-looking: the
+// block's w~ - w is first E_{<b0} M_{B,<b0}^T (one GEMM), then column by column the block's own
+// earlier errors are added (a matrix-vector product on a contiguous column of M^T). The chunk's
+// weight buffer turns into E column by column, so one len x cols buffer holds both.
 template <class S>
-void sweep_chunk(const GptqJob<S>& job, const FactorMap& lower, Index chunk) {
+void sweep_chunk(const GptqJob<S>& job, const FactorMap& mt, Index chunk) {
   const Index rows = job.rows, cols = job.cols, groups = cols / job.group_size;
   const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
   const Index block = std::min(job.block_size, cols);
   const int maxq = (1 << job.bits) - 1;
-  MatrixD w(len, cols);     // the chunk's weights in quantization order, updated
-  MatrixD err(len, block);  // (w_j - q_j) / U_jj of the block's columns
+  MatrixD w(len, cols);     // columns < k: e = w - q; columns >= k: the original weights
+  MatrixD add(len, block);  // w~ - w of the block's columns
   std::vector<char> zero(static_cast<size_t>(len * cols));  // (i, k) at k * len + i
   for (Index k = 0; k < cols; ++k) {
     const Index c = job.order[k];
@@ -53,31 +61,31 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap& lower, Index chunk) {
   }
   Eigen::VectorXd losses = Eigen::VectorXd::Zero(len);
   for (Index b0 = 0; b0 < cols; b0 += block) {
-    const Index nb = std::min(block, cols - b0), b1 = b0 + nb;
-    for (Index k = b0; k < b1; ++k) {
+    const Index nb = std::min(block, cols - b0);
+    if (b0 == 0)
+      add.leftCols(nb).setZero();
+    else  // every earlier block's steps onto this block at once (level 3)
+      add.leftCols(nb).noalias() = w.leftCols(b0) * mt.block(0, b0, b0, nb);
+    for (Index k = b0; k < b0 + nb; ++k) {
+      // This block's earlier steps, which the next column must see before it is rounded.
+      if (k > b0) add.col(k - b0).noalias() += w.middleCols(b0, k - b0) * mt.col(k).segment(b0, k - b0);
       const Index c = job.order[k];
-      const double ukk = lower(k, k);
+      const double lkk = mt(k, k);
       for (Index i = 0; i < len; ++i) {
+        const double wt = w(i, k) + add(i, k - b0);
         S q = S(0);
         if (!zero[static_cast<size_t>(k * len + i)]) {
           const Index at = (r0 + i) * groups + c / job.group_size;
           const GridPoint<S> point{job.scale[at], static_cast<int>(job.zero[at]), maxq};
-          q = point.quantize(static_cast<S>(w(i, k)));
+          q = point.quantize(static_cast<S>(wt));
         }
         job.out[(r0 + i) * cols + c] = q;
-        const double e = (w(i, k) - static_cast<double>(q)) / ukk;
-        err(i, k - b0) = e;
-        losses[i] += 0.5 * e * e;
+        // The OBS step loss (w~_k - q_k)^2 / (2 [H_F^-1]_kk), [H_F^-1]_kk = 1 / L_kk^2.
+        const double eps = lkk * (wt - static_cast<double>(q));
+        losses[i] += 0.5 * eps * eps;
+        w(i, k) -= static_cast<double>(q);  // e_k: 0 where w_k was (or was made) 0
       }
-      // Within the block, eagerly: the next column must see this step's update.
-      if (k + 1 < b1)
-        w.middleCols(k + 1, b1 - k - 1).noalias() -=
-            err.col(k - b0) * lower.col(k).segment(k + 1, b1 - k - 1).transpose();
     }
-    // The block's steps onto every later column at once (level 3).
-    if (b1 < cols)
-      w.rightCols(cols - b1).noalias() -=
-          err.leftCols(nb) * lower.block(b1, b0, cols - b1, nb).transpose();
   }
   if (job.step_losses != nullptr)
     for (Index i = 0; i < len; ++i) job.step_losses[r0 + i] = losses[i];
@@ -85,10 +93,10 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap& lower, Index chunk) {
 
 template <class S>
 void sweep(const GptqJob<S>& job, const RunOptions& run) {
-  const FactorMap lower(job.factor, job.cols, job.cols);
+  const FactorMap mt(job.factor, job.cols, job.cols);
   const Index chunks = (job.rows + kRowChunk - 1) / kRowChunk;
   parallel_for(chunks, run.num_threads, run.interrupt,
-               [&](Index chunk, int) { sweep_chunk<S>(job, lower, chunk); });
+               [&](Index chunk, int) { sweep_chunk<S>(job, mt, chunk); });
 }
 
 }  // namespace
@@ -98,7 +106,7 @@ void sweep(const GptqJob<S>& job, const RunOptions& run) {
 namespace obc::internal {
 
 const GptqKernels& OBC_GPTQ_TABLE() {
-  static const GptqKernels table{&OBC_KERNEL_NS::cholesky_inverse_inplace,
+  static const GptqKernels table{&OBC_KERNEL_NS::cholesky_factor_inplace,
                                  &OBC_KERNEL_NS::sweep<float>, &OBC_KERNEL_NS::sweep<double>};
   return table;
 }

@@ -42,9 +42,10 @@ inline void poll(InterruptHook* interrupt) {
   if (interrupt != nullptr && interrupt->should_stop()) throw Interrupted();
 }
 
-/// Lower Cholesky in place (right-looking, blocked). False when a pivot is not positive.
-inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt) {
-  const Index n = a.rows(), kBlock = block_size(n);
+/// Lower Cholesky in place (right-looking, blocked, panels of `panel` columns; 0: block_size).
+/// False when a pivot is not positive.
+inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt, Index panel = 0) {
+  const Index n = a.rows(), kBlock = panel > 0 ? panel : block_size(n);
   for (Index k = 0; k < n; k += kBlock) {
     poll(interrupt);
     const Index b = std::min(kBlock, n - k), rest = n - k - b;
@@ -158,6 +159,24 @@ inline bool cholesky_inverse_inplace(double* data, Index n, double pivot_tol, in
   for (Index i = 0; i < n; ++i)
     if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
   spd_detail::triangular_inverse(a, num_threads, interrupt);
+  return true;
+}
+
+/// The lower Cholesky factor L of the SPD matrix in `a` (n x n, column-major; only the lower
+/// triangle is read), in place in the lower triangle (the strict upper triangle is left as it
+/// was). Returns false as cholesky_inverse_inplace does (same pivot test). About n^3 / 3 flops.
+/// Panels of 256 columns above 4096 (GEMM-shaped trailing updates with a deeper inner dimension,
+/// half the passes over the trailing matrix), else cholesky_inverse_inplace's panels (so the
+/// same n gives the same L bits as there). `interrupt` as there.
+inline bool cholesky_factor_inplace(double* data, Index n, double pivot_tol, int num_threads,
+                                    InterruptHook* interrupt) {
+  if (n < 384) num_threads = 1;
+  spd_detail::Map a(data, n, n);
+  const Eigen::VectorXd diag = a.diagonal();
+  const Index panel = n > 4096 ? 256 : spd_detail::block_size(n);
+  if (!spd_detail::cholesky(a, num_threads, interrupt, panel)) return false;
+  for (Index i = 0; i < n; ++i)
+    if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
   return true;
 }
 
