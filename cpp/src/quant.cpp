@@ -157,16 +157,59 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
   return grid_at_step(best);
 }
 
+// The reference fit_grid must match bit for bit: every one of the kMseSteps errors summed in
+// full with std::pow, no early exit, no screening, the first smallest error kept.
+template <class Scalar>
+GridPoint<Scalar> fit_grid_plain_scan(const Scalar* w, Index len, const QuantOptions& opt) {
+  double xmin = 0, xmax = 0;
+  for (Index i = 0; i < len; ++i) {
+    xmin = std::min(xmin, static_cast<double>(w[i]));
+    xmax = std::max(xmax, static_cast<double>(w[i]));
+  }
+  if (opt.grid == GridSearch::MinMax) return grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
+  const double inf = std::numeric_limits<double>::infinity();
+  GridPoint<Scalar> best{};
+  double best_err = 0;
+  for (int i = 0; i < kMseSteps; ++i) {
+    const double p = 1.0 - i / 100.0;
+    const GridPoint<Scalar> g = grid_for_range<Scalar>(p * xmin, p * xmax, opt.bits, opt.sym);
+    const double err = grid_error<Scalar>(w, len, g, opt.mse_norm, inf);
+    if (i == 0 || err < best_err) {
+      best = g;
+      best_err = err;
+    }
+  }
+  return best;
+}
+
+// make_grid's body, fitting each row / group by fit_grid or by the plain scan.
+template <class Scalar, bool kPlainScan>
+QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const QuantOptions& opt, int num_threads);
+
 }  // namespace
 
 namespace internal {
 
-// The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too).
-const GridScreenKernels& grid_screen_kernels() {
+// The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too),
+// with AVX-512 where the other kernels with such a copy use it (OBC_SIMD=avx2 turns it off).
+const char* grid_screen_isa() {
 #ifdef OBC_HAVE_AVX2_KERNELS
-  if (std::strcmp(kernels().isa, "generic") != 0) return grid_screen_kernels_avx2();
+  if (std::strcmp(kernels().isa, "generic") != 0)
+    return use_avx512_kernels() ? "avx512" : "avx2+fma";
 #endif
-  return grid_screen_kernels_generic();
+  return "generic";
+}
+
+const GridScreenKernels& grid_screen_kernels() {
+  static const GridScreenKernels& table = [] () -> const GridScreenKernels& {
+#ifdef OBC_HAVE_AVX2_KERNELS
+    if (std::strcmp(grid_screen_isa(), "avx512") == 0) return grid_screen_kernels_avx512();
+    if (std::strcmp(grid_screen_isa(), "avx2+fma") == 0) return grid_screen_kernels_avx2();
+#endif
+    return grid_screen_kernels_generic();
+  }();
+  return table;
 }
 
 void check_quant_options(const QuantOptions& opt, Index cols) {
@@ -241,9 +284,11 @@ const char* quant_method_name(QuantMethod method) {
 }
 
 
-template <class Scalar>
-QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
-                            int num_threads) {
+namespace {
+
+template <class Scalar, bool kPlainScan>
+QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const QuantOptions& opt, int num_threads) {
   check_quant_options(opt, W.cols());
   QuantGrid<Scalar> grid;
   grid.bits = opt.bits;
@@ -260,13 +305,29 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
     int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
     for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
       for (Index g = 0; g < groups; ++g) {
-        const GridPoint<Scalar> p =
-            fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt, guess);
+        const Scalar* w = W.row(r).data() + g * grid.group_size;
+        const GridPoint<Scalar> p = kPlainScan
+                                        ? fit_grid_plain_scan<Scalar>(w, grid.group_size, opt)
+                                        : fit_grid<Scalar>(w, grid.group_size, opt, guess);
         grid.scale(r, g) = p.scale;
         grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
       }
   });
   return grid;
+}
+
+}  // namespace
+
+template <class Scalar>
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
+                            int num_threads) {
+  return make_grid_with<Scalar, false>(W, opt, num_threads);
+}
+
+template <class Scalar>
+QuantGrid<Scalar> detail::make_grid_plain_scan(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                               const QuantOptions& opt, int num_threads) {
+  return make_grid_with<Scalar, true>(W, opt, num_threads);
 }
 
 template <class Scalar>
@@ -342,6 +403,8 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 #define OBC_INSTANTIATE(S)                                                                         \
   template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                        \
                                      const QuantOptions&, int);                                    \
+  template QuantGrid<S> detail::make_grid_plain_scan<S>(const Eigen::Ref<const RowMatrix<S>>&,   \
+                                                        const QuantOptions&, int);                 \
   template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
                                           const HessianRef&,                                       \
                                           const QuantOptions&, const HessianOptions&,              \

@@ -1,7 +1,7 @@
 // The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
 // (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
 // file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
-// 8 lanes with FMA in the AVX2 copy. It is built with -ffp-contract=off: q - w must be the very
+// 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy. It is built with -ffp-contract=off: q - w must be the very
 // float the exact scan (GridPoint::quantize, then the difference) computes, never a fused
 // multiply-subtract; the fused operations below are explicit.
 #include <algorithm>
@@ -12,7 +12,10 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define OBC_SCREEN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define OBC_SCREEN_AVX2 1
 #endif
@@ -129,6 +132,38 @@ inline __m256 pow_estimate8(__m256 u, __m256 norm) {
 }
 #endif
 
+#if defined(OBC_SCREEN_AVX512)
+// pow_estimate on 16 lanes with AVX-512's own pieces: getmant/getexp split u = m 2^e with m in
+// [0.75, 1.5) exactly (the same split as above), a reciprocal estimate refined by one Newton step
+// replaces the division in t (relative error ~1e-8, far below the bound), and scalef applies 2^k.
+inline __m512 pow_estimate16(__m512 u, __m512 norm) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  // getexp is floor(log2 u); a mantissa folded below 1 belongs to the next exponent.
+  __m512 e = _mm512_getexp_ps(u);
+  e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
+  const __m512 den = _mm512_add_ps(m, one);
+  __m512 inv = _mm512_rcp14_ps(den);  // relative error < 2^-14; one Newton step: < 2^-27
+  inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.0f)));
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(m, one), inv);
+  const __m512 t2 = _mm512_mul_ps(t, t);
+  __m512 series = _mm512_set1_ps(1.0f / 9);
+  for (const float c : {1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
+    series = _mm512_fmadd_ps(t2, series, _mm512_set1_ps(c));
+  const __m512 ln_m = _mm512_mul_ps(_mm512_add_ps(t, t), series);
+  const __m512 y = _mm512_max_ps(
+      _mm512_mul_ps(norm, _mm512_fmadd_ps(ln_m, _mm512_set1_ps(1.44269504f), e)),
+      _mm512_set1_ps(-126.0f));
+  const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(y, k), _mm512_set1_ps(0.693147181f));
+  __m512 two_f = _mm512_set1_ps(1.0f / 362880);
+  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
+                        0.5f, 1.0f, 1.0f})
+    two_f = _mm512_fmadd_ps(f, two_f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(two_f, k);
+}
+#endif
+
 // u^norm estimates of w[0, len) into terms (0 where u < kScreenSmall), u = |q(w) - w| / scale; returns
 // how many were below kScreenSmall. The rounding is GridPoint::quantize's: for |x| < 2^22,
 // (x + 1.5 2^23) - 1.5 2^23 is x rounded half to even, and larger |x| is clamped to the same end
@@ -176,7 +211,42 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
   *small = 0;
   *complete = false;
-#if defined(OBC_SCREEN_AVX2)
+#if defined(OBC_SCREEN_AVX512)
+  // 16 lanes into two fixed sets of 8 float64 lanes (the same sum on every run); the last
+  // partial vector of a block by masked loads, its unused lanes neither summed nor counted.
+  const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
+  const __m512 v_zero = _mm512_set1_ps(zero), v_maxq = _mm512_set1_ps(maxq);
+  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(norm);
+  __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+  KIndex n_small = 0;
+  const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex end = std::min(len, j0 + kBlock);
+    for (KIndex j = j0; j < end; j += 16) {
+      const __mmask16 live =
+          end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
+      const __m512 wv = _mm512_maskz_loadu_ps(live, w + j);
+      const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 c =
+          _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, v_zero), _mm512_setzero_ps()), v_maxq);
+      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, _mm512_sub_ps(c, v_zero)), wv);
+      const __m512 u = _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
+      const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
+      n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
+      const __m512 term = _mm512_maskz_mov_ps(live & ~tiny, pow_estimate16(u, v_norm));
+      sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(term)));
+      sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(term, 1)));
+    }
+    if (end < len && total() > stop_above) {
+      *small = n_small;
+      return total();
+    }
+  }
+  *small = n_small;
+  *complete = true;
+  return total();
+#elif defined(OBC_SCREEN_AVX2)
   // Straight into 8 float64 lanes (fixed: the same sum on every run), rounding as
   // estimate_terms (round half to even, then clamp: GridPoint::quantize's code).
   const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
