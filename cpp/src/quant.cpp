@@ -132,7 +132,17 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
           first = i;
         }
       }
-      for (int i = 0; i < kMseSteps; ++i) candidate[i] = !(low[i] > lowest_high);
+      int candidates = 0;
+      for (int i = 0; i < kMseSteps; ++i) {
+        candidate[i] = !(low[i] > lowest_high);
+        candidates += candidate[i] ? 1 : 0;
+      }
+      // `first` (lowest high bound) is always a candidate; alone, every other step's exact
+      // error is above its high bound, so it is the strict minimum: no exact sum is needed.
+      if (candidates == 1 && std::isfinite(lowest_high)) {
+        guess = first;
+        return grid_at_step(first);
+      }
     }
   }
   const double inf = std::numeric_limits<double>::infinity();

@@ -8,7 +8,7 @@
 namespace obc::internal {
 
 /// Relative error bound the screening uses for its estimates (they are within ~1e-5).
-constexpr double kScreenMargin = 1e-3;
+constexpr double kScreenMargin = 1e-4;
 /// |q - w| / scale below this: the term is estimated as 0 (and counted, see scaled_error).
 constexpr float kScreenSmall = 0x1p-20f;
 
