@@ -154,11 +154,13 @@ inline __m512 pow_estimate16(__m512 u, __m512 norm) {
   const __m512 y = _mm512_max_ps(
       _mm512_mul_ps(norm, _mm512_fmadd_ps(ln_m, _mm512_set1_ps(1.44269504f), e)),
       _mm512_set1_ps(-126.0f));
-  const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(y, k), _mm512_set1_ps(0.693147181f));
-  __m512 two_f = _mm512_set1_ps(1.0f / 362880);
-  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
-                        0.5f, 1.0f, 1.0f})
+  // 2^y = 2^k 2^f with k = round(y), f in [-1/2, 1/2]: 2^f by its Taylor series in f (terms
+  // (ln 2)^n / n!) to degree 7, truncation below 1e-9 relative.
+  const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, k);
+  __m512 two_f = _mm512_set1_ps(1.5252734e-5f);  // (ln 2)^7 / 7!
+  for (const float c : {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f,
+                        2.4022651e-1f, 6.9314718e-1f, 1.0f})
     two_f = _mm512_fmadd_ps(f, two_f, _mm512_set1_ps(c));
   return _mm512_scalef_ps(two_f, k);
 }
@@ -214,7 +216,8 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   *small = 0;
   *complete = false;
 #if defined(OBC_SCREEN_AVX512)
-  // 16 lanes into two fixed sets of 8 float64 lanes (the same sum on every run); the last
+  // 16 lanes, a block's two vectors added in float32, then into two fixed sets of 8 float64
+  // lanes (the same sum on every run); the last
   // partial vector of a block by masked loads, its unused lanes neither summed nor counted.
   const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
   const __m512 v_zero = _mm512_set1_ps(zero), v_maxq = _mm512_set1_ps(maxq);
@@ -224,6 +227,7 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
+    __m512 block_sum = _mm512_setzero_ps();  // two vectors' terms: float32 adds, error 2^-24
     for (KIndex j = j0; j < end; j += 16) {
       const __mmask16 live =
           end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
@@ -236,10 +240,11 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
       const __m512 u = _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
       const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
       n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
-      const __m512 term = _mm512_maskz_mov_ps(live & ~tiny, pow_estimate16(u, v_norm));
-      sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(term)));
-      sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(term, 1)));
+      block_sum = _mm512_add_ps(block_sum,
+                                _mm512_maskz_mov_ps(live & ~tiny, pow_estimate16(u, v_norm)));
     }
+    sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(block_sum)));
+    sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(block_sum, 1)));
     if (end < len && total() > stop_above) {
       *small = n_small;
       return total();
