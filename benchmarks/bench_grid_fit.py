@@ -10,8 +10,8 @@ a check that both chose the same grids. The SIMD copy is fixed per process (OBC_
 ISA runs in a subprocess of this script (`--worker`): generic, avx2 (OBC_SIMD=avx2: AVX2 even on
 AVX-512 CPUs) and the default (AVX-512 where the CPU has it).
 
---gptq: the share of make_grid in a whole quantize(method="gptq", refine=False) call on a
-ROWSxCOLS layer (default 4096x4096, H of rank 512 + diagonal): the call's median time, the
+--gptq: the share of make_grid in a whole quantize(method="gptq", refine=False) call (4-bit sym,
+per-row grids or --gptq-group) on a ROWSxCOLS layer (default 4096x4096, H of rank 512 + diagonal): the call's median time, the
 make_grid time in the same process (fast path, and the plain scan once), so share = grid / call.
 --before DIR: the same cases' make_grid time with another build (DIR: a python/ directory with
 its obc_native, e.g. main's before this change) against this one, both estimated as
@@ -131,14 +131,16 @@ def gptq_worker(args) -> dict:
     out = {"layer": args.gptq_layer, "build": obc.__file__, "loadavg": os.getloadavg()[0]}
 
     def call(grid):
-        return obc.quantize(W, H, 4, sym=True, group_size=128, grid=grid, method="gptq",
+        return obc.quantize(W, H, 4, sym=True, group_size=args.gptq_group or None, grid=grid,
+                            method="gptq",
                             refine=False, num_threads=args.gptq_threads)
 
     out["gptq_mse_s"], _ = median_time(lambda: call("mse"), args.gptq_reps)
     out["gptq_minmax_s"], _ = median_time(lambda: call("minmax"), args.gptq_reps)
     if hasattr(_core.f32, "_make_grid"):
         def fit(plain):
-            return _core.f32._make_grid(W, 4, True, 128, "mse", args.gptq_threads, plain)
+            return _core.f32._make_grid(W, 4, True, args.gptq_group, "mse", args.gptq_threads,
+                                        plain)
         out["make_grid_s"], _ = median_time(lambda: fit(False), args.gptq_reps)
         out["plain_scan_s"], _ = median_time(lambda: fit(True), 1)
         out["share"] = out["make_grid_s"] / out["gptq_mse_s"]
@@ -154,7 +156,8 @@ def run_worker(flag: str, env_extra: dict, args) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), flag, "--rows", str(args.rows), "--reps",
            str(args.reps), "--plain-reps", str(args.plain_reps), "--cols",
            ",".join(map(str, args.cols)), "--gptq-layer", args.gptq_layer, "--gptq-reps",
-           str(args.gptq_reps), "--gptq-threads", str(args.gptq_threads)]
+           str(args.gptq_reps), "--gptq-threads", str(args.gptq_threads), "--gptq-group",
+           str(args.gptq_group)]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -170,6 +173,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gptq-layer", default="4096x4096")
     ap.add_argument("--gptq-reps", type=int, default=3)
     ap.add_argument("--gptq-threads", type=int, default=2)
+    ap.add_argument("--gptq-group", type=int, default=0, help="0: per-row grids (default)")
     ap.add_argument("--gptq-before", default=None, metavar="DIR")
     ap.add_argument("--out", default=None)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -232,8 +236,9 @@ def main(argv=None) -> int:
         builds = [("after", {})]
         if args.gptq_before:
             builds.insert(0, ("before", {"PYTHONPATH": os.path.abspath(args.gptq_before)}))
-        print(f"\n### make_grid in quantize(method='gptq', 4 bit, group 128, refine=False), "
-              f"{args.gptq_layer}, {args.gptq_threads} threads\n")
+        group = args.gptq_group or "row"
+        print(f"\n### make_grid in quantize(method='gptq', 4 bit sym, group {group}, "
+              f"refine=False), {args.gptq_layer}, {args.gptq_threads} threads\n")
         for name, env in builds:
             res = run_worker("--gptq-worker", env, args)
             res["which"] = name
