@@ -88,7 +88,8 @@ bool can_screen(const Scalar* w, Index len, double norm) {
 // return it holds the chosen step, a good guess for the next row of similar weights. float32
 // rows are screened first (internal/grid_screen.hpp: an estimate of every candidate's error,
 // cheap and vectorized, with a proven relative error bound): only the candidates that can still
-// be the exact minimum are summed with std::pow, so the choice is the exact scan's.
+// be the exact minimum are summed with std::pow, so the choice is the exact scan's; when one
+// candidate is left (the usual case) it is the minimum and nothing is summed exactly.
 template <class Scalar>
 GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
   double xmin = 0, xmax = 0;
