@@ -11,17 +11,20 @@ ISA runs in a subprocess of this script (`--worker`): generic, avx2 (OBC_SIMD=av
 AVX-512 CPUs) and the default (AVX-512 where the CPU has it).
 
 --gptq: the share of make_grid in a whole quantize(method="gptq", refine=False) call (4-bit sym,
-per-row grids or --gptq-group) on a ROWSxCOLS layer (default 4096x4096, H of rank 512 + diagonal): the call's median time, the
-make_grid time in the same process (fast path, and the plain scan once), so share = grid / call.
---before DIR: the same cases' make_grid time with another build (DIR: a python/ directory with
-its obc_native, e.g. main's before this change) against this one, both estimated as
-t(quantize_rtn, mse) - t(quantize_rtn, minmax), 1 thread (that build has no _make_grid).
+per-row grids or --gptq-group) on a ROWSxCOLS layer (default 4096x4096, H of rank 512 +
+diagonal): the call's median time, the make_grid time in the same process (fast path, and the
+plain scan once), so share = grid / call.
+--before DIR: the same cases' make_grid time (row lengths --before-cols, default 4096) with
+another build (DIR: a python/ directory with its obc_native, e.g. main's before this change)
+against this one, both estimated as t(quantize_rtn, mse) - t(quantize_rtn, minmax), 1 thread
+(that build has no _make_grid).
 --gptq-before DIR additionally runs the same layer on another build (DIR: a python/ directory
 holding its obc_native, e.g. a copy of main's), whose make_grid share is estimated as
 t(gptq, mse) - t(gptq, minmax) (it has no _make_grid binding).
 
 Usage: python benchmarks/bench_grid_fit.py [--rows 32] [--reps 3] [--cols 4096,11008]
-       [--isas generic,avx2,default] [--before DIR] [--gptq] [--gptq-layer 4096x4096]
+       [--isas generic,avx2,default] [--before DIR] [--before-cols 4096] [--gptq]
+       [--gptq-layer 4096x4096]
        [--gptq-before DIR]
        [--out path.json]
 """
@@ -90,13 +93,13 @@ def worker(args) -> dict:
 def rtn_worker(args) -> dict:
     """make_grid(mse) of this process's build, for builds without _make_grid: the median of
     quantize_rtn(grid="mse") minus that of quantize_rtn(grid="minmax") (same rounding and loss
-    work, H = identity), 1 thread, each case as in worker()."""
+    work, H = identity), 1 thread, each case as in worker() on 4x the rows."""
     import obc_native as obc
 
     info = obc.build_info()
     cases = []
-    for cols in args.cols:
-        W = weights(args.rows, cols, seed=cols)
+    for cols in args.before_cols:
+        W = weights(4 * args.rows, cols, seed=cols)  # 4x the rows: make_grid above the noise
         H = np.eye(cols)
         for bits in (3, 4):
             for sym in (True, False):
@@ -155,7 +158,8 @@ def run_worker(flag: str, env_extra: dict, args) -> dict:
     env = dict(os.environ, **env_extra)
     cmd = [sys.executable, os.path.abspath(__file__), flag, "--rows", str(args.rows), "--reps",
            str(args.reps), "--plain-reps", str(args.plain_reps), "--cols",
-           ",".join(map(str, args.cols)), "--gptq-layer", args.gptq_layer, "--gptq-reps",
+           ",".join(map(str, args.cols)), "--before-cols", ",".join(map(str, args.before_cols)),
+           "--gptq-layer", args.gptq_layer, "--gptq-reps",
            str(args.gptq_reps), "--gptq-threads", str(args.gptq_threads), "--gptq-group",
            str(args.gptq_group)]
     done = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-reps", type=int, default=1, help="plain-scan calls per case")
     ap.add_argument("--cols", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 11008])
     ap.add_argument("--isas", default="generic,avx2,default")
+    ap.add_argument("--before-cols", type=lambda s: [int(x) for x in s.split(",")], default=[4096],
+                    help="row lengths of the --before comparison (its H is cols x cols)")
     ap.add_argument("--gptq", action="store_true")
     ap.add_argument("--gptq-layer", default="4096x4096")
     ap.add_argument("--gptq-reps", type=int, default=3)
@@ -205,10 +211,12 @@ def main(argv=None) -> int:
         res["requested"] = isa
         per_isa.append(res)
         print(f"\n### {isa} (screening copy: {res['isa']}, load average {res['loadavg']:.1f})\n")
-        print("| cols | bits | sym | group | threads | plain ms/row | fast ms/row | plain/fast | same |")
+        print("| cols | bits | sym | group | threads | plain ms/row | fast ms/row | plain/fast "
+              "| same |")
         print("|---:|---:|---|---|---:|---:|---:|---:|---|")
         for c in res["cases"]:
-            print(f"| {c['cols']} | {c['bits']} | {'sym' if c['sym'] else 'asym'} | {c['group']} | "
+            sym = "sym" if c["sym"] else "asym"
+            print(f"| {c['cols']} | {c['bits']} | {sym} | {c['group']} | "
                   f"{c['threads']} | {c['plain_ms_per_row']:.3f} | {c['fast_ms_per_row']:.3f} | "
                   f"{c['speedup']:.1f}x | {'yes' if c['same_grids'] else 'NO'} |", flush=True)
         if args.before:
@@ -244,7 +252,8 @@ def main(argv=None) -> int:
             res["which"] = name
             gptq.append(res)
             line = (f"{name}: gptq call {res['gptq_mse_s']:.2f} s (minmax grid "
-                    f"{res['gptq_minmax_s']:.2f} s, difference {100 * res['share_by_difference']:.0f}%)")
+                    f"{res['gptq_minmax_s']:.2f} s, difference "
+                    f"{100 * res['share_by_difference']:.0f}%)")
             if "make_grid_s" in res:
                 line += (f"; make_grid {res['make_grid_s']:.2f} s = {100 * res['share']:.1f}% of "
                          f"the call; plain scan {res['plain_scan_s']:.2f} s "
@@ -254,8 +263,8 @@ def main(argv=None) -> int:
         Path(__file__).resolve().parent / "results"
         / f"bench_grid_fit_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "build_info": obc.build_info(),
-                               "utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    utc = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    out.write_text(json.dumps({"args": vars(args), "build_info": obc.build_info(), "utc": utc,
                                "isas": per_isa, "gptq": gptq}, indent=1))
     print(f"wrote {out}")
     return 0
