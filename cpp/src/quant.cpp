@@ -96,7 +96,10 @@ const float* outliers_first(const float* w, Index len, double xmin, double xmax)
   thread_local std::vector<float> buffer;
   buffer.resize(static_cast<size_t>(len));
   Index a = 0, b = n_out;
-  for (Index j = 0; j < len; ++j) buffer[static_cast<size_t>((w[j] < lo || w[j] > hi) ? a++ : b++)] = w[j];
+  for (Index j = 0; j < len; ++j) {
+    const Index at = (w[j] < lo || w[j] > hi) ? a++ : b++;
+    buffer[static_cast<size_t>(at)] = w[j];
+  }
   return buffer.data();
 }
 

@@ -41,10 +41,12 @@ struct Exact {
 
 // The quantity the kernel estimates, term by term in float64 (q - w is the float32 the plain
 // scan computes: w / scale, round half to even, clamp, scale * (code - zero), difference).
-Exact exact_scaled_error(const std::vector<float>& w, float scale, int zero, int maxq, double norm) {
+Exact exact_scaled_error(const std::vector<float>& w, float scale, int zero, int maxq,
+                         double norm) {
   Exact e;
   for (const float x : w) {
-    const float c = std::fmin(std::fmax(std::nearbyint(x / scale) + float(zero), 0.0f), float(maxq));
+    const float c =
+        std::fmin(std::fmax(std::nearbyint(x / scale) + float(zero), 0.0f), float(maxq));
     const float d = std::fabs(scale * (c - float(zero)) - x);
     const float u = d * (1.0f / scale);
     if (u < k::kScreenSmall) {
@@ -64,7 +66,8 @@ OBC_TEST(estimate_within_bound_on_random_rows) {
     double worst = 0;
     for (int trial = 0; trial < 600; ++trial) {
       const int bits = 2 + trial % 7, maxq = (1 << bits) - 1;
-      const int zero = trial % 3 == 0 ? (1 << (bits - 1)) : int(unit(rng) * (maxq + 1)) % (maxq + 1);
+      const int zero =
+          trial % 3 == 0 ? (1 << (bits - 1)) : int(unit(rng) * (maxq + 1)) % (maxq + 1);
       const float scale = static_cast<float>(std::exp2(-70 + 140 * unit(rng)));
       const double norm = trial % 5 == 0 ? 1.0 : trial % 5 == 1 ? 4.0 : 1.0 + 3.0 * unit(rng);
       const KIndex len = 1 + static_cast<KIndex>(unit(rng) * 300);
@@ -74,7 +77,8 @@ OBC_TEST(estimate_within_bound_on_random_rows) {
         // error of any magnitude down to below kScreenSmall, or exactly on the grid
         const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
         const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * 1300 * unit(rng) : 0;
-        const double f = unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-24 + 23 * unit(rng));
+        const double f =
+            unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-24 + 23 * unit(rng));
         x = static_cast<float>(scale * (n + far + f));
       }
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);

@@ -1,9 +1,10 @@
 // The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
 // (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
 // file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
-// 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy. It is built with -ffp-contract=off: q - w must be the very
-// float the exact scan (GridPoint::quantize, then the difference) computes, never a fused
-// multiply-subtract; the fused operations below are explicit.
+// 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy (its own object library). It is
+// built with -ffp-contract=off: q - w must be the very float the exact scan (GridPoint::quantize,
+// then the difference) computes, never a fused multiply-subtract; the fused operations below are
+// explicit.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
