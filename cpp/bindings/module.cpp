@@ -241,6 +241,22 @@ void bind_scalar(py::module_& m) {
         },
         py::arg("W"), py::arg("H"), py::arg("bits"), py::arg("sym"), py::arg("group_size"),
         py::arg("grid"), py::arg("num_threads"));
+  // Private: make_grid alone, by its fast path or by the plain scan (the reference it must
+  // match bit for bit); for tests and benchmarks. Returns (scale, zero), rows x groups.
+  m.def("_make_grid",
+        [](RowRef<S> W, int bits, bool sym, Index group_size, const std::string& grid,
+           int num_threads, bool plain_scan) {
+          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          obc::QuantGrid<S> g;
+          {
+            py::gil_scoped_release release;
+            g = plain_scan ? obc::detail::make_grid_plain_scan<S>(W, opt, num_threads)
+                           : obc::make_grid<S>(W, opt, num_threads);
+          }
+          return py::make_tuple(to_array<S>(g.scale), to_array<std::uint8_t>(g.zero));
+        },
+        py::arg("W"), py::arg("bits"), py::arg("sym"), py::arg("group_size"), py::arg("grid"),
+        py::arg("num_threads"), py::arg("plain_scan") = false);
   m.def("layer_loss",
         [](RowRef<S> W, RowRef<S> W_hat, const py::array& H, int num_threads) {
           const obc::HessianRef h = hessian_ref(H);
@@ -293,6 +309,7 @@ PYBIND11_MODULE(_core, m) {
     d["simd"] = info.simd;
     d["kernel_isa"] = info.kernel_isa;
     d["avx512_kernels"] = info.avx512_kernels;
+    d["grid_screen_isa"] = info.grid_screen_isa;
     d["compiler"] = info.compiler;
     return d;
   });

@@ -1,6 +1,7 @@
 // build_info(): what this build of the core contains.
 #include "obc/build_info.hpp"
 
+#include "internal/grid_screen.hpp"
 #include "internal/row_kernels.hpp"
 
 #include <Eigen/Core>
@@ -25,6 +26,7 @@ BuildInfo build_info() {
   info.simd = Eigen::SimdInstructionSetsInUse();
   info.kernel_isa = internal::kernels().isa;
   info.avx512_kernels = internal::use_avx512_kernels();
+  info.grid_screen_isa = internal::grid_screen_isa();
   std::ostringstream compiler;
 #if defined(__clang__)
   compiler << "clang " << __clang_major__ << '.' << __clang_minor__;

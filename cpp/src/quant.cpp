@@ -82,13 +82,35 @@ bool can_screen(const Scalar* w, Index len, double norm) {
   }
 }
 
+// The weights a shrunk range can clip (beyond 0.21 of xmin or xmax: clipped at some step) first,
+// then the others, each part in index order, in a per-thread buffer; `w` itself when there are
+// none or too many. Only the screening reads this order: its sum is a bound whatever the order,
+// and with the clipped weights first, a strongly shrunk range's partial sum passes the stop
+// limit after a few terms instead of a share of the row (the exact sums keep index order).
+const float* outliers_first(const float* w, Index len, double xmin, double xmax) {
+  if (len < 512) return w;  // groups: the extra pass costs more than it saves
+  const float lo = static_cast<float>(0.21 * xmin), hi = static_cast<float>(0.21 * xmax);
+  Index n_out = 0;
+  for (Index j = 0; j < len; ++j) n_out += (w[j] < lo || w[j] > hi) ? 1 : 0;
+  if (n_out == 0 || n_out > len / 4) return w;
+  thread_local std::vector<float> buffer;
+  buffer.resize(static_cast<size_t>(len));
+  Index a = 0, b = n_out;
+  for (Index j = 0; j < len; ++j) {
+    const Index at = (w[j] < lo || w[j] > hi) ? a++ : b++;
+    buffer[static_cast<size_t>(at)] = w[j];
+  }
+  return buffer.data();
+}
+
 // The grid of one row / group. MSE: of the kMseSteps shrunk ranges, the one with the smallest
 // error (the first on ties). `guess` (a step index; only speed depends on it) is evaluated first,
 // so that its error bounds every other candidate's partial sum and most of them stop early; on
 // return it holds the chosen step, a good guess for the next row of similar weights. float32
 // rows are screened first (internal/grid_screen.hpp: an estimate of every candidate's error,
 // cheap and vectorized, with a proven relative error bound): only the candidates that can still
-// be the exact minimum are summed with std::pow, so the choice is the exact scan's.
+// be the exact minimum are summed with std::pow, so the choice is the exact scan's; when one
+// candidate is left (the usual case) it is the minimum and nothing is summed exactly.
 template <class Scalar>
 GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
   double xmin = 0, xmax = 0;
@@ -111,6 +133,7 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
       // is above the lowest high bound cannot be the minimum.
       double low[kMseSteps], lowest_high = std::numeric_limits<double>::infinity();
       const double small_term = std::pow(static_cast<double>(internal::kScreenSmall), opt.mse_norm);
+      const float* screened = outliers_first(w, len, xmin, xmax);
       const int start = first;  // the guess first: its high bound cuts the others short
       for (int n = 0; n < kMseSteps; ++n) {
         const int i = (start + n) % kMseSteps;
@@ -121,7 +144,7 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
         Index small = 0;
         bool complete = false;
         const double est = internal::grid_screen_kernels().scaled_error(
-            w, len, g.scale, g.zero, g.maxq, static_cast<float>(opt.mse_norm), stop, &small,
+            screened, len, g.scale, g.zero, g.maxq, static_cast<float>(opt.mse_norm), stop, &small,
             &complete);
         low[i] = (1 - internal::kScreenMargin) * est * unit;
         // Only a complete sum bounds the exact error from above.
@@ -132,7 +155,17 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
           first = i;
         }
       }
-      for (int i = 0; i < kMseSteps; ++i) candidate[i] = !(low[i] > lowest_high);
+      int candidates = 0;
+      for (int i = 0; i < kMseSteps; ++i) {
+        candidate[i] = !(low[i] > lowest_high);
+        candidates += candidate[i] ? 1 : 0;
+      }
+      // `first` (lowest high bound) is always a candidate; alone, every other step's exact
+      // error is above its high bound, so it is the strict minimum: no exact sum is needed.
+      if (candidates == 1 && std::isfinite(lowest_high)) {
+        guess = first;
+        return grid_at_step(first);
+      }
     }
   }
   const double inf = std::numeric_limits<double>::infinity();
@@ -157,16 +190,59 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
   return grid_at_step(best);
 }
 
+// The reference fit_grid must match bit for bit: every one of the kMseSteps errors summed in
+// full with std::pow, no early exit, no screening, the first smallest error kept.
+template <class Scalar>
+GridPoint<Scalar> fit_grid_plain_scan(const Scalar* w, Index len, const QuantOptions& opt) {
+  double xmin = 0, xmax = 0;
+  for (Index i = 0; i < len; ++i) {
+    xmin = std::min(xmin, static_cast<double>(w[i]));
+    xmax = std::max(xmax, static_cast<double>(w[i]));
+  }
+  if (opt.grid == GridSearch::MinMax) return grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
+  const double inf = std::numeric_limits<double>::infinity();
+  GridPoint<Scalar> best{};
+  double best_err = 0;
+  for (int i = 0; i < kMseSteps; ++i) {
+    const double p = 1.0 - i / 100.0;
+    const GridPoint<Scalar> g = grid_for_range<Scalar>(p * xmin, p * xmax, opt.bits, opt.sym);
+    const double err = grid_error<Scalar>(w, len, g, opt.mse_norm, inf);
+    if (i == 0 || err < best_err) {
+      best = g;
+      best_err = err;
+    }
+  }
+  return best;
+}
+
+// make_grid's body, fitting each row / group by fit_grid or by the plain scan.
+template <class Scalar, bool kPlainScan>
+QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const QuantOptions& opt, int num_threads);
+
 }  // namespace
 
 namespace internal {
 
-// The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too).
-const GridScreenKernels& grid_screen_kernels() {
+// The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too),
+// with AVX-512 where the other kernels with such a copy use it (OBC_SIMD=avx2 turns it off).
+const char* grid_screen_isa() {
 #ifdef OBC_HAVE_AVX2_KERNELS
-  if (std::strcmp(kernels().isa, "generic") != 0) return grid_screen_kernels_avx2();
+  if (std::strcmp(kernels().isa, "generic") != 0)
+    return use_avx512_kernels() ? "avx512" : "avx2+fma";
 #endif
-  return grid_screen_kernels_generic();
+  return "generic";
+}
+
+const GridScreenKernels& grid_screen_kernels() {
+  static const GridScreenKernels& table = [] () -> const GridScreenKernels& {
+#ifdef OBC_HAVE_AVX2_KERNELS
+    if (std::strcmp(grid_screen_isa(), "avx512") == 0) return grid_screen_kernels_avx512();
+    if (std::strcmp(grid_screen_isa(), "avx2+fma") == 0) return grid_screen_kernels_avx2();
+#endif
+    return grid_screen_kernels_generic();
+  }();
+  return table;
 }
 
 void check_quant_options(const QuantOptions& opt, Index cols) {
@@ -241,9 +317,11 @@ const char* quant_method_name(QuantMethod method) {
 }
 
 
-template <class Scalar>
-QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
-                            int num_threads) {
+namespace {
+
+template <class Scalar, bool kPlainScan>
+QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const QuantOptions& opt, int num_threads) {
   check_quant_options(opt, W.cols());
   QuantGrid<Scalar> grid;
   grid.bits = opt.bits;
@@ -260,13 +338,29 @@ QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const 
     int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
     for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
       for (Index g = 0; g < groups; ++g) {
-        const GridPoint<Scalar> p =
-            fit_grid<Scalar>(W.row(r).data() + g * grid.group_size, grid.group_size, opt, guess);
+        const Scalar* w = W.row(r).data() + g * grid.group_size;
+        const GridPoint<Scalar> p = kPlainScan
+                                        ? fit_grid_plain_scan<Scalar>(w, grid.group_size, opt)
+                                        : fit_grid<Scalar>(w, grid.group_size, opt, guess);
         grid.scale(r, g) = p.scale;
         grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
       }
   });
   return grid;
+}
+
+}  // namespace
+
+template <class Scalar>
+QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
+                            int num_threads) {
+  return make_grid_with<Scalar, false>(W, opt, num_threads);
+}
+
+template <class Scalar>
+QuantGrid<Scalar> detail::make_grid_plain_scan(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                               const QuantOptions& opt, int num_threads) {
+  return make_grid_with<Scalar, true>(W, opt, num_threads);
 }
 
 template <class Scalar>
@@ -342,6 +436,8 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 #define OBC_INSTANTIATE(S)                                                                         \
   template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                        \
                                      const QuantOptions&, int);                                    \
+  template QuantGrid<S> detail::make_grid_plain_scan<S>(const Eigen::Ref<const RowMatrix<S>>&,   \
+                                                        const QuantOptions&, int);                 \
   template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
                                           const HessianRef&,                                       \
                                           const QuantOptions&, const HessianOptions&,              \

@@ -425,5 +425,6 @@ def prune_magnitude(W, sparsity, *, spread="global") -> np.ndarray:
 def build_info() -> dict:
     """What the compiled core contains: version, openmp, max_threads, eigen_version, cuda,
     simd, kernel_isa (row kernels picked at run time), avx512_kernels (kernels with an
-    AVX-512 copy use it), compiler."""
+    AVX-512 copy use it), grid_screen_isa (the MSE grid fit's screening: "avx512",
+    "avx2+fma" or "generic"), compiler."""
     return dict(_core.build_info())

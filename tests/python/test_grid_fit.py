@@ -140,3 +140,145 @@ def test_generic_screening_chooses_the_same_grids(tmp_path):
                     key = f"{name}|{bits}|{sym}|{group}"
                     assert np.array_equal(generic[key + "|scale"], res.scale), key
                     assert np.array_equal(generic[key + "|zero"], res.zero), key
+
+
+# make_grid's fast path (screening, early exits, no exact sum when one candidate is left) against
+# the core's own plain scan (every error summed in full), through the private binding _make_grid:
+# bit-identical scales and zero points on random and adversarial rows, float32 and float64.
+
+
+def _kernels(dtype):
+    from obc_native import _core
+
+    return _core.f32 if dtype == np.float32 else _core.f64
+
+
+def _adversarial_rows(rng, cols):
+    """Rows that stress ties, the screen's range limits and its early exits."""
+    rows = []
+    rows.append(np.zeros(cols))  # every shrink factor has error 0: a 80-way tie
+    rows.append(np.full(cols, 0.37))  # constant, one-sided
+    rows.append(np.full(cols, -2.5e-3))
+    one = np.zeros(cols)
+    one[cols // 3] = 1.0
+    rows.append(one)  # a single non-zero weight
+    two = np.zeros(cols)
+    two[::2] = 0.5
+    two[1::2] = -0.5
+    rows.append(two)  # two values: exact representations at several steps
+    rows.append(np.round(rng.standard_normal(cols) * 3) / 7)  # on a grid: many zero errors
+    rows.append(np.round(rng.standard_normal(cols) * 7) / 15)
+    sym = rng.standard_normal(cols)
+    sym[cols // 2:] = -sym[:cols - cols // 2]  # mirror image: sym and asym grids alike
+    rows.append(sym)
+    g = rng.standard_normal(cols) * 0.02
+    g[rng.integers(0, cols, 3)] *= 60  # a few strong outliers: the best grid clips them
+    rows.append(g)
+    rows.append(rng.standard_normal(cols) * 1e-19)  # tiny: below the screen's range (2^-60)
+    rows.append(rng.standard_normal(cols) * 1e-17)  # near the bottom of the screen's range
+    rows.append(rng.standard_normal(cols) * 1e17)  # near its top (2^60)
+    rows.append(rng.standard_normal(cols) * 1e25)  # above it
+    mixed = rng.standard_normal(cols)
+    mixed[1::2] = 1e-9 * rng.standard_normal(cols // 2)  # errors below the screen's 2^-20
+    rows.append(mixed)
+    rows.append(np.abs(rng.standard_normal(cols)))  # no negative weight
+    rows.append(rng.uniform(-1, 1, cols))
+    heavy = rng.standard_t(2, cols)  # heavy tails
+    rows.append(heavy)
+    return np.array(rows)
+
+
+def _random_rows(rng, rows, cols):
+    w = rng.standard_normal((rows, cols)) * 0.02
+    w[rng.random((rows, cols)) < 0.002] *= 8  # sparse outliers, like LLM weights
+    w[: rows // 4] *= np.exp(rng.uniform(-8, 8, (rows // 4, 1)))  # rows of every magnitude
+    return w
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("group", [0, 32, 64, 128])
+def test_make_grid_equals_plain_scan_binding(dtype, group):
+    rng = np.random.default_rng(17 + group)
+    cols = 512
+    W = np.concatenate([_adversarial_rows(rng, cols), _random_rows(rng, 24, cols)])
+    W = np.ascontiguousarray(W, dtype=dtype)
+    k = _kernels(dtype)
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            fast = k._make_grid(W, bits, sym, group, "mse", 2, False)
+            plain = k._make_grid(W, bits, sym, group, "mse", 1, True)
+            assert fast[0].dtype == dtype and fast[1].dtype == np.uint8
+            for a, b in zip(fast, plain):
+                bad = np.argwhere(a != b)
+                assert bad.size == 0, (bits, sym, bad[:5].tolist())
+
+
+def test_plain_scan_binding_is_the_reference_scan():
+    # the C++ plain scan against this file's numpy scan: both references agree
+    rng = np.random.default_rng(5)
+    W = np.ascontiguousarray(_random_rows(rng, 8, 256), dtype=np.float32)
+    for bits, sym in ((3, True), (4, False)):
+        scale, zero = _kernels(np.float32)._make_grid(W, bits, sym, 0, "mse", 1, True)
+        for r in range(W.shape[0]):
+            s, z = _plain_scan(W[r], bits, sym)
+            assert scale[r, 0] == s and zero[r, 0] == z
+
+
+@pytest.mark.parametrize("cols", [4096, 11008])
+def test_make_grid_equals_plain_scan_realistic_rows(cols):
+    # realistic row lengths, per channel and in groups of 128, float32 (the screened dtype)
+    rng = np.random.default_rng(cols)
+    W = np.ascontiguousarray(_random_rows(rng, 4, cols), dtype=np.float32)
+    k = _kernels(np.float32)
+    for bits, sym, group in ((3, True, 0), (4, False, 0), (4, True, 128), (3, False, 128)):
+        fast = k._make_grid(W, bits, sym, group, "mse", 2, False)
+        plain = k._make_grid(W, bits, sym, group, "mse", 2, True)
+        assert np.array_equal(fast[0], plain[0]) and np.array_equal(fast[1], plain[1])
+
+
+_ISA_SCRIPT = r"""
+import sys
+import numpy as np
+import obc_native as obc
+from obc_native import _core
+W = np.load(sys.argv[1])
+out = {"isa": np.array(obc.build_info()["grid_screen_isa"])}
+for bits in (2, 3, 4, 8):
+    for sym in (True, False):
+        for group in (0, 64, 128):
+            s, z = _core.f32._make_grid(W, bits, sym, group, "mse", 2, False)
+            ps, pz = _core.f32._make_grid(W, bits, sym, group, "mse", 2, True)
+            out[f"{bits}|{sym}|{group}"] = np.array(np.array_equal(s, ps) and np.array_equal(z, pz))
+np.savez(sys.argv[2], **out)
+"""
+
+
+@pytest.mark.parametrize("simd", ["generic", "avx2"])
+def test_each_screening_copy_equals_plain_scan(tmp_path, simd):
+    # OBC_SIMD=generic: the SSE2 copy; =avx2: the AVX2+FMA one even on AVX-512 CPUs (the default
+    # run above checks whichever copy this CPU dispatches to, AVX-512 where present).
+    import os
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(23)
+    W = np.concatenate([_adversarial_rows(rng, 256), _random_rows(rng, 16, 256)])
+    np.save(tmp_path / "w.npy", np.ascontiguousarray(W, dtype=np.float32))
+    env = dict(os.environ, OBC_SIMD=simd)
+    subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(tmp_path / "w.npy"),
+                    str(tmp_path / "out.npz")], env=env, check=True, timeout=300)
+    out = np.load(tmp_path / "out.npz")
+    expected = {"generic": {"generic"}, "avx2": {"avx2+fma", "generic"}}[simd]
+    assert str(out["isa"]) in expected
+    for key in out.files:
+        if key != "isa":
+            assert bool(out[key]), key
+
+
+def test_build_info_reports_the_screening_isa():
+    info = obc.build_info()
+    assert info["grid_screen_isa"] in ("avx512", "avx2+fma", "generic")
+    if info["kernel_isa"] == "generic":
+        assert info["grid_screen_isa"] == "generic"
+    if info["avx512_kernels"]:
+        assert info["grid_screen_isa"] == "avx512"

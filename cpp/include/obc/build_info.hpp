@@ -14,6 +14,7 @@ struct BuildInfo {
   std::string simd;           ///< Eigen's SIMD instruction sets of the portable build, e.g. "SSE, SSE2"
   std::string kernel_isa;     ///< row kernels picked at run time: "avx2+fma" or "generic" (OBC_SIMD=generic forces it)
   bool avx512_kernels = false; ///< kernels with an AVX-512 copy use it (CPU has AVX-512, not OBC_SIMD=generic/avx2)
+  std::string grid_screen_isa; ///< MSE grid fit's screening: "avx512", "avx2+fma" or "generic"
   std::string compiler;       ///< compiler id and version
 };
 

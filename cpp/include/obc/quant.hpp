@@ -88,6 +88,15 @@ template <class Scalar>
 QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
                             int num_threads = 1);
 
+namespace detail {
+/// make_grid by the plain scan: each of the MSE search's 80 shrink factors' errors summed in full
+/// with std::pow (no early exit, no screening), the first smallest kept. The reference that
+/// make_grid's fast paths reproduce bit for bit; for tests and benchmarks, not a stable API.
+template <class Scalar>
+QuantGrid<Scalar> make_grid_plain_scan(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                       const QuantOptions& opt, int num_threads = 1);
+}  // namespace detail
+
 /// Rounds W to its grid (round-to-nearest, no error feedback): the RTN baseline.
 template <class Scalar>
 QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,

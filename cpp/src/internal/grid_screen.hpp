@@ -1,6 +1,6 @@
 // Plain interface of the MSE grid fit's screening estimate (see fit_grid in quant.cpp), so that
 // it is compiled once per SIMD level like the row kernels (kernels/grid_screen.cpp) and picked
-// with them at run time: 8 lanes with AVX2+FMA, 4 with SSE2.
+// with them at run time: 16 lanes with AVX-512, 8 with AVX2+FMA, 4 with SSE2.
 #pragma once
 
 #include "internal/row_kernels.hpp"
@@ -8,7 +8,7 @@
 namespace obc::internal {
 
 /// Relative error bound the screening uses for its estimates (they are within ~1e-5).
-constexpr double kScreenMargin = 1e-3;
+constexpr double kScreenMargin = 1e-4;
 /// |q - w| / scale below this: the term is estimated as 0 (and counted, see scaled_error).
 constexpr float kScreenSmall = 0x1p-20f;
 
@@ -27,5 +27,8 @@ struct GridScreenKernels {
 const GridScreenKernels& grid_screen_kernels();
 const GridScreenKernels& grid_screen_kernels_generic();
 const GridScreenKernels& grid_screen_kernels_avx2();
+const GridScreenKernels& grid_screen_kernels_avx512();
+/// "avx512", "avx2+fma" or "generic": the copy grid_screen_kernels() returns.
+const char* grid_screen_isa();
 
 }  // namespace obc::internal

@@ -1,9 +1,10 @@
 // The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
 // (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
 // file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
-// 8 lanes with FMA in the AVX2 copy. It is built with -ffp-contract=off: q - w must be the very
-// float the exact scan (GridPoint::quantize, then the difference) computes, never a fused
-// multiply-subtract; the fused operations below are explicit.
+// 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy (its own object library). It is
+// built with -ffp-contract=off: q - w must be the very float the exact scan (GridPoint::quantize,
+// then the difference) computes, never a fused multiply-subtract; the fused operations below are
+// explicit.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -12,7 +13,10 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define OBC_SCREEN_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define OBC_SCREEN_AVX2 1
 #endif
@@ -96,8 +100,9 @@ inline __m128 pow_estimate4(__m128 u, __m128 norm) {
 #endif
 
 #if defined(OBC_SCREEN_AVX2)
-// pow_estimate on 8 lanes: the same method, the polynomials by fused multiply-adds (only more
-// accurate than the bound needs) and an exact floor.
+// pow_estimate on 8 lanes: the same logarithm, its series by fused multiply-adds (only more
+// accurate than the bound needs); 2^y = 2^k 2^f with k = round(y), f in [-1/2, 1/2] and 2^f by
+// its Taylor series in f (terms (ln 2)^n / n!) to degree 7: truncation below 1e-8 relative.
 inline __m256 pow_estimate8(__m256 u, __m256 norm) {
   const __m256i bits = _mm256_castps_si256(u);
   __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
@@ -117,15 +122,49 @@ inline __m256 pow_estimate8(__m256 u, __m256 norm) {
       _mm256_mul_ps(norm,
                     _mm256_fmadd_ps(ln_m, _mm256_set1_ps(1.44269504f), _mm256_cvtepi32_ps(e))),
       _mm256_set1_ps(-126.0f));
-  const __m256 k = _mm256_floor_ps(y);
-  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(y, k), _mm256_set1_ps(0.693147181f));
-  __m256 two_f = _mm256_set1_ps(1.0f / 362880);
-  for (const float c : {1.0f / 40320, 1.0f / 5040, 1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6,
-                        0.5f, 1.0f, 1.0f})
+  const __m256 k = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, k);
+  __m256 two_f = _mm256_set1_ps(1.5252734e-5f);  // (ln 2)^7 / 7!
+  for (const float c : {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f,
+                        2.4022651e-1f, 6.9314718e-1f, 1.0f})
     two_f = _mm256_fmadd_ps(f, two_f, _mm256_set1_ps(c));
   const __m256 two_k = _mm256_castsi256_ps(
       _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23));
   return _mm256_mul_ps(two_f, two_k);
+}
+#endif
+
+#if defined(OBC_SCREEN_AVX512)
+// pow_estimate on 16 lanes with AVX-512's own pieces: getmant/getexp split u = m 2^e with m in
+// [0.75, 1.5) exactly (the same split as above), a reciprocal estimate refined by one Newton step
+// replaces the division in t (relative error ~1e-8, far below the bound), and scalef applies 2^k.
+inline __m512 pow_estimate16(__m512 u, __m512 norm) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 m = _mm512_getmant_ps(u, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  // getexp is floor(log2 u); a mantissa folded below 1 belongs to the next exponent.
+  __m512 e = _mm512_getexp_ps(u);
+  e = _mm512_mask_add_ps(e, _mm512_cmp_ps_mask(m, one, _CMP_LT_OQ), e, one);
+  const __m512 den = _mm512_add_ps(m, one);
+  __m512 inv = _mm512_rcp14_ps(den);  // relative error < 2^-14; one Newton step: < 2^-27
+  inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.0f)));
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(m, one), inv);
+  const __m512 t2 = _mm512_mul_ps(t, t);
+  __m512 series = _mm512_set1_ps(1.0f / 9);
+  for (const float c : {1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
+    series = _mm512_fmadd_ps(t2, series, _mm512_set1_ps(c));
+  const __m512 ln_m = _mm512_mul_ps(_mm512_add_ps(t, t), series);
+  const __m512 y = _mm512_max_ps(
+      _mm512_mul_ps(norm, _mm512_fmadd_ps(ln_m, _mm512_set1_ps(1.44269504f), e)),
+      _mm512_set1_ps(-126.0f));
+  // 2^y = 2^k 2^f with k = round(y), f in [-1/2, 1/2]: 2^f by its Taylor series in f (terms
+  // (ln 2)^n / n!) to degree 7, truncation below 1e-9 relative.
+  const __m512 k = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, k);
+  __m512 two_f = _mm512_set1_ps(1.5252734e-5f);  // (ln 2)^7 / 7!
+  for (const float c : {1.5403530e-4f, 1.3333558e-3f, 9.6181291e-3f, 5.5504109e-2f,
+                        2.4022651e-1f, 6.9314718e-1f, 1.0f})
+    two_f = _mm512_fmadd_ps(f, two_f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(two_f, k);
 }
 #endif
 
@@ -172,13 +211,54 @@ inline KIndex estimate_terms(const float* w, KIndex len, float scale, float zero
 
 double scaled_error(const float* w, KIndex len, float scale, int zero_point, int max_code,
                     float norm, double stop_above, KIndex* small, bool* complete) {
-  constexpr KIndex kBlock = 128;  // terms between two comparisons with stop_above
+  // Terms between two comparisons with stop_above: short enough that a hopeless shrink factor
+  // of a 128-group stops after a quarter of it, long enough that the comparisons stay cheap.
+  constexpr KIndex kBlock = 32;
   const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
   *small = 0;
   *complete = false;
-#if defined(OBC_SCREEN_AVX2)
-  // Straight into 8 float64 lanes (fixed: the same sum on every run), rounding as
-  // estimate_terms (round half to even, then clamp: GridPoint::quantize's code).
+#if defined(OBC_SCREEN_AVX512)
+  // 16 lanes, a block's two vectors added in float32, then into two fixed sets of 8 float64
+  // lanes (the same sum on every run); the last
+  // partial vector of a block by masked loads, its unused lanes neither summed nor counted.
+  const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
+  const __m512 v_zero = _mm512_set1_ps(zero), v_maxq = _mm512_set1_ps(maxq);
+  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(norm);
+  __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+  KIndex n_small = 0;
+  const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex end = std::min(len, j0 + kBlock);
+    __m512 block_sum = _mm512_setzero_ps();  // two vectors' terms: float32 adds, error 2^-24
+    for (KIndex j = j0; j < end; j += 16) {
+      const __mmask16 live =
+          end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
+      const __m512 wv = _mm512_maskz_loadu_ps(live, w + j);
+      const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512 c =
+          _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, v_zero), _mm512_setzero_ps()), v_maxq);
+      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, _mm512_sub_ps(c, v_zero)), wv);
+      const __m512 u = _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
+      const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
+      n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
+      block_sum = _mm512_add_ps(block_sum,
+                                _mm512_maskz_mov_ps(live & ~tiny, pow_estimate16(u, v_norm)));
+    }
+    sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(block_sum)));
+    sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(block_sum, 1)));
+    if (end < len && total() > stop_above) {
+      *small = n_small;
+      return total();
+    }
+  }
+  *small = n_small;
+  *complete = true;
+  return total();
+#elif defined(OBC_SCREEN_AVX2)
+  // A block's terms added in 8 float32 lanes, then into 8 float64 lanes (fixed: the same sum on
+  // every run), rounding as estimate_terms (round half to even, then clamp: GridPoint::quantize's
+  // code).
   const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
   const __m256 v_zero = _mm256_set1_ps(zero), v_maxq = _mm256_set1_ps(maxq);
   const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(norm);
@@ -199,6 +279,7 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
     KIndex j = j0;
+    __m256 block_sum = _mm256_setzero_ps();  // the block's terms: float32 adds, error <= 2^-22
     for (; j + 8 <= end; j += 8) {
       const __m256 wv = _mm256_loadu_ps(w + j);
       const __m256 r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
@@ -209,10 +290,10 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
       const __m256 u = _mm256_mul_ps(_mm256_andnot_ps(sign, d), v_inv);
       const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
       count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
-      const __m256 term = _mm256_andnot_ps(tiny, pow_estimate8(u, v_norm));
-      sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(term)));
-      sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(term, 1)));
+      block_sum = _mm256_add_ps(block_sum, _mm256_andnot_ps(tiny, pow_estimate8(u, v_norm)));
     }
+    sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(block_sum)));
+    sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(block_sum, 1)));
     if (j < end) {
       float terms[8];
       *small += estimate_terms(w + j, end - j, scale, zero, maxq, norm, terms);

@@ -1,0 +1,144 @@
+// The MSE grid fit's screening estimate (internal/grid_screen.hpp), every compiled copy this CPU
+// runs (generic SSE2, AVX2+FMA, AVX-512), against float64 std::pow: the relative error bound
+// that make_grid's exact choice rests on (kScreenMargin), the count of terms set to 0, the early
+// stop. A copy whose estimate drifted past the bound would let the fit drop the true minimum.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "check.hpp"
+#include "internal/grid_screen.hpp"
+
+namespace {
+
+namespace k = obc::internal;
+using k::KIndex;
+
+// What the bound has to hold against: |estimate - exact| <= kMaxRel * exact, with 5x room left
+// to kScreenMargin (per-term pow error ~1e-5, plus float32 roundings of u and of the term).
+constexpr double kMaxRel = 2e-5;
+
+std::vector<std::pair<const char*, const k::GridScreenKernels*>> copies() {
+  std::vector<std::pair<const char*, const k::GridScreenKernels*>> out{
+      {"generic", &k::grid_screen_kernels_generic()}};
+#if defined(OBC_TEST_AVX_COPIES) && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    out.push_back({"avx2", &k::grid_screen_kernels_avx2()});
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
+    out.push_back({"avx512", &k::grid_screen_kernels_avx512()});
+#endif
+  return out;
+}
+
+struct Exact {
+  double sum = 0;  // sum of (|q - w| / scale)^norm over the terms >= kScreenSmall
+  KIndex small = 0;
+};
+
+// The quantity the kernel estimates, term by term in float64 (q - w is the float32 the plain
+// scan computes: w / scale, round half to even, clamp, scale * (code - zero), difference).
+Exact exact_scaled_error(const std::vector<float>& w, float scale, int zero, int maxq,
+                         double norm) {
+  Exact e;
+  for (const float x : w) {
+    const float c =
+        std::fmin(std::fmax(std::nearbyint(x / scale) + float(zero), 0.0f), float(maxq));
+    const float d = std::fabs(scale * (c - float(zero)) - x);
+    const float u = d * (1.0f / scale);
+    if (u < k::kScreenSmall) {
+      ++e.small;
+    } else {
+      e.sum += std::pow(static_cast<double>(d), norm) / std::pow(static_cast<double>(scale), norm);
+    }
+  }
+  return e;
+}
+
+OBC_TEST(estimate_within_bound_on_random_rows) {
+  static_assert(kMaxRel * 5 <= k::kScreenMargin, "the fit's margin must cover the bound");
+  std::mt19937_64 rng(11);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (const auto& [name, table] : copies()) {
+    double worst = 0;
+    for (int trial = 0; trial < 600; ++trial) {
+      const int bits = 2 + trial % 7, maxq = (1 << bits) - 1;
+      const int zero =
+          trial % 3 == 0 ? (1 << (bits - 1)) : int(unit(rng) * (maxq + 1)) % (maxq + 1);
+      const float scale = static_cast<float>(std::exp2(-70 + 140 * unit(rng)));
+      const double norm = trial % 5 == 0 ? 1.0 : trial % 5 == 1 ? 4.0 : 1.0 + 3.0 * unit(rng);
+      const KIndex len = 1 + static_cast<KIndex>(unit(rng) * 300);
+      std::vector<float> w(static_cast<size_t>(len));
+      for (float& x : w) {
+        // an integer code (some far outside the grid: clamped, u up to ~1300) plus a rounding
+        // error of any magnitude down to below kScreenSmall, or exactly on the grid
+        const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
+        const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * 1300 * unit(rng) : 0;
+        const double f =
+            unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-24 + 23 * unit(rng));
+        x = static_cast<float>(scale * (n + far + f));
+      }
+      const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
+      KIndex small = -1;
+      bool complete = false;
+      const double est = table->scaled_error(w.data(), len, scale, zero, maxq, float(norm),
+                                             std::numeric_limits<double>::infinity(), &small,
+                                             &complete);
+      CHECK(complete);
+      CHECK(small == e.small);
+      const double rel = e.sum > 0 ? std::abs(est - e.sum) / e.sum : std::abs(est);
+      worst = std::max(worst, rel);
+      if (!(rel <= kMaxRel)) {
+        std::printf("  %s: trial %d rel error %.3g (norm %g, scale %g)\n", name, trial, rel, norm,
+                    double(scale));
+        CHECK(rel <= kMaxRel);
+      }
+    }
+    std::printf("  %s: worst relative error %.3g (bound %.3g)\n", name, worst, kMaxRel);
+  }
+}
+
+OBC_TEST(every_lane_position_within_bound) {
+  // one term value at every position of rows of 1..40 zeros-on-grid: each SIMD lane and tail
+  for (const auto& [name, table] : copies()) {
+    for (const double norm : {1.0, 2.0, 2.4, 3.3, 4.0}) {
+      for (KIndex len = 1; len <= 40; ++len) {
+        for (KIndex pos = 0; pos < len; ++pos) {
+          std::vector<float> w(static_cast<size_t>(len), 3.0f);  // on the grid: error 0
+          w[static_cast<size_t>(pos)] = 3.0f + 0.3173f + 0.001f * float(pos);
+          const Exact e = exact_scaled_error(w, 1.0f, 8, 15, norm);
+          KIndex small = 0;
+          bool complete = false;
+          const double est = table->scaled_error(w.data(), len, 1.0f, 8, 15, float(norm),
+                                                 std::numeric_limits<double>::infinity(), &small,
+                                                 &complete);
+          CHECK(complete && small == len - 1);
+          CHECK_NEAR(est, e.sum, kMaxRel);
+          (void)name;
+        }
+      }
+    }
+  }
+}
+
+OBC_TEST(early_stop_returns_a_partial_sum_above_the_limit) {
+  std::vector<float> w(1000);
+  for (size_t j = 0; j < w.size(); ++j) w[j] = 0.4f + 0.0001f * float(j % 7);  // u ~ 0.4 each
+  for (const auto& [name, table] : copies()) {
+    KIndex small = 0;
+    bool complete = true;
+    const double est = table->scaled_error(w.data(), KIndex(w.size()), 1.0f, 0, 15, 2.0f, 10.0,
+                                           &small, &complete);
+    CHECK(!complete);
+    CHECK(est > 10.0);
+    CHECK(est < 0.41 * 0.41 * 1000);
+    (void)name;
+  }
+}
+
+}  // namespace
+
+OBC_TEST_MAIN
