@@ -79,10 +79,11 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
   advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
   write_damped_hessian(H, prep, a.data(), true, threads);
   // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
-  // columns, in place along the cycles of perm (column k <- column perm[k]).
+  // columns, in place along the cycles of perm (column k <- column perm[k]); float skips this
+  // serial pass and reads column perm[k] of D directly below (D is written in full).
   std::vector<Index> perm(static_cast<size_t>(n));
   for (Index k = 0; k < n; ++k) perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
-  {
+  if constexpr (!f32) {
     std::vector<char> done(static_cast<size_t>(n), 0);
     std::vector<double> held(static_cast<size_t>(n));
     const auto column = [&](Index k) { return a.data() + k * n; };
@@ -117,9 +118,15 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
   parallel_for(items, threads, nullptr, [&](Index item, int) {
     std::vector<double> column(static_cast<size_t>(n));
     for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
-      std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
-      for (Index i = j; i < n; ++i)
-        f(i, j) = static_cast<T>(column[static_cast<size_t>(perm[static_cast<size_t>(i)])]);
+      if constexpr (f32) {  // a is D itself: its column perm[j], read in place
+        const double* from = a.col(perm[static_cast<size_t>(j)]).data();
+        for (Index i = j; i < n; ++i)
+          f(i, j) = static_cast<T>(from[perm[static_cast<size_t>(i)]]);
+      } else {
+        std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
+        for (Index i = j; i < n; ++i)
+          f(i, j) = static_cast<T>(column[static_cast<size_t>(perm[static_cast<size_t>(i)])]);
+      }
     }
   });
   if constexpr (f32) a.resize(0, 0);
