@@ -59,10 +59,19 @@ constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^
 // upper triangle gets row k of M = diag(L)^-1 L (M^T(i, k) = L(k, i) / L(k, k) = R(n-1-i, n-1-k) /
 // R(n-1-k, n-1-k): the tail of R's column n-1-k, reversed) and the diagonal L_kk = R(n-1-k,
 // n-1-k). The pivot check is prepare_hessian's (same tolerance, same error), on A's pivots.
+// T: the factor's precision. float (float32 weights): A is assembled in double as for double,
+// rounded to float32 once, then factored and rearranged in float32 (the cubic part at float32
+// GEMM rate); a failed pivot check or a non-finite entry then throws PrecisionLost (the caller
+// redoes the layer in float64) instead of the NotPositiveDefinite a float64 factor throws.
 // step_variance (may be null): set to 1 / L_kk^2 in step order, for the float32 range check.
-Eigen::MatrixXd gptq_factor(const HessianRef& H, const PreparedHessian& prep,
-                            const std::vector<Index>& order, const RunOptions& run,
-                            Eigen::VectorXd* step_variance) {
+template <class T>
+Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H,
+                                                             const PreparedHessian& prep,
+                                                             const std::vector<Index>& order,
+                                                             const RunOptions& run,
+                                                             Eigen::VectorXd* step_variance) {
+  using MatrixT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
+  constexpr bool f32 = std::is_same_v<T, float>;
   const Index n = prep.cols();
   const int threads = n < 384 ? 1 : run.num_threads;  // as spd_inverse: small ones on one thread
   const Index items = (n + kColumnChunk - 1) / kColumnChunk;
@@ -70,10 +79,11 @@ Eigen::MatrixXd gptq_factor(const HessianRef& H, const PreparedHessian& prep,
   advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
   write_damped_hessian(H, prep, a.data(), true, threads);
   // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
-  // columns, in place along the cycles of perm (column k <- column perm[k]).
+  // columns, in place along the cycles of perm (column k <- column perm[k]); float skips this
+  // serial pass and reads column perm[k] of D directly below (D is written in full).
   std::vector<Index> perm(static_cast<size_t>(n));
   for (Index k = 0; k < n; ++k) perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
-  {
+  if constexpr (!f32) {
     std::vector<char> done(static_cast<size_t>(n), 0);
     std::vector<double> held(static_cast<size_t>(n));
     const auto column = [&](Index k) { return a.data() + k * n; };
@@ -92,33 +102,74 @@ Eigen::MatrixXd gptq_factor(const HessianRef& H, const PreparedHessian& prep,
       }
     }
   }
-  // Then the rows of each column's lower part, from a copy of the column.
+  // Then the rows of each column's lower part, from a copy of the column (float: into the float32
+  // buffer; the double one is freed once that is filled).
+  MatrixT af;
+  if constexpr (f32) {
+    af.resize(n, n);
+    advise_huge_pages(af.data(), sizeof(T) * static_cast<size_t>(n * n));
+  }
+  MatrixT& f = [&]() -> MatrixT& {
+    if constexpr (f32)
+      return af;
+    else
+      return a;
+  }();
   parallel_for(items, threads, nullptr, [&](Index item, int) {
     std::vector<double> column(static_cast<size_t>(n));
     for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
-      std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
-      for (Index i = j; i < n; ++i)
-        a(i, j) = column[static_cast<size_t>(perm[static_cast<size_t>(i)])];
+      if constexpr (f32) {  // a is D itself: its column perm[j], read in place
+        const double* from = a.col(perm[static_cast<size_t>(j)]).data();
+        for (Index i = j; i < n; ++i)
+          f(i, j) = static_cast<T>(from[perm[static_cast<size_t>(i)]]);
+      } else {
+        std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
+        for (Index i = j; i < n; ++i)
+          f(i, j) = static_cast<T>(column[static_cast<size_t>(perm[static_cast<size_t>(i)])]);
+      }
     }
   });
-  if (!gptq_kernels().cholesky(a.data(), n, kPivotTolerance, run.num_threads, run.interrupt))
-    throw not_positive_definite(prep);
+  if constexpr (f32) a.resize(0, 0);
+  bool factored = false;
+  if constexpr (f32)
+    factored = gptq_kernels().cholesky_f32(f.data(), n, kPivotTolerance, run.num_threads,
+                                           run.interrupt);
+  else
+    factored = gptq_kernels().cholesky_f64(f.data(), n, kPivotTolerance, run.num_threads,
+                                           run.interrupt);
+  if (!factored) {
+    if constexpr (f32)
+      throw PrecisionLost("H: its float32 Cholesky factor for GPTQ lost positive definiteness");
+    else
+      throw not_positive_definite(prep);
+  }
   // R's diagonal, reversed: L_kk.
   Eigen::VectorXd lkk(n);
-  for (Index k = 0; k < n; ++k) lkk[k] = a(n - 1 - k, n - 1 - k);
+  for (Index k = 0; k < n; ++k) lkk[k] = static_cast<double>(f(n - 1 - k, n - 1 - k));
   if (step_variance != nullptr) *step_variance = lkk.cwiseAbs2().cwiseInverse();
   // Column k of the strict upper triangle from the strict lower part of column n-1-k: writes
-  // only above the diagonal, reads only below it, so the items never meet.
+  // only above the diagonal, reads only below it, so the items never meet (the quotient is taken
+  // in double and rounded once). float: a chunk with a non-finite entry marks the factor unusable.
+  std::vector<char> bad(static_cast<size_t>(items), 0);
   parallel_for(items, threads, nullptr, [&](Index item, int) {
     for (Index k = item * kColumnChunk; k < std::min(n, (item + 1) * kColumnChunk); ++k) {
-      const double* from = a.col(n - 1 - k).data();
-      double* to = a.col(k).data();
+      const T* from = f.col(n - 1 - k).data();
+      T* to = f.col(k).data();
       const double inv = 1.0 / lkk[k];
-      for (Index i = 0; i < k; ++i) to[i] = from[n - 1 - i] * inv;
+      for (Index i = 0; i < k; ++i)
+        to[i] = static_cast<T>(static_cast<double>(from[n - 1 - i]) * inv);
+      if constexpr (f32)
+        if (!f.col(k).head(k).allFinite()) bad[static_cast<size_t>(item)] = 1;
     }
   });
-  a.diagonal() = lkk;
-  return a;
+  if constexpr (f32)
+    if (std::find(bad.begin(), bad.end(), char(1)) != bad.end() || !lkk.allFinite())
+      throw PrecisionLost("H: its float32 Cholesky factor for GPTQ is not finite");
+  f.diagonal() = lkk.template cast<T>();
+  if constexpr (f32)
+    return af;
+  else
+    return a;
 }
 
 }  // namespace
@@ -136,18 +187,21 @@ void gptq_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const HessianRef& H
   if (gopt.act_order)
     std::stable_sort(order.begin(), order.end(),
                      [&](Index a, Index b) { return hdiag[a] > hdiag[b]; });
+  // float32 weights: the factor and the sweep in float32 (PrecisionLost where that fails; the
+  // public entry points then redo the layer in float64).
   Eigen::VectorXd step_variance;
   constexpr bool f32 = std::is_same_v<Scalar, float>;
-  const Eigen::MatrixXd factor = gptq_factor(H, prep, order, run, f32 ? &step_variance : nullptr);
+  const Eigen::Matrix<Scalar, Eigen::Dynamic, Eigen::Dynamic> factor =
+      gptq_factor<Scalar>(H, prep, order, run, f32 ? &step_variance : nullptr);
   // The float32 range check of check_layer_scale (prep has no H^-1 here), on the OBS steps'
   // [H_F^-1]_qq = 1 / L_kk^2 instead of diag(H^-1), which would take the inverse this factor
   // avoids: each is at most diag(P^T D^-1 P)_k (the inverse of a trailing block of H_p has a
-  // smaller diagonal than the trailing block of H_p^-1), with equality at k = 0. So the lower
-  // end is checked conservatively (it may raise where diag(H^-1) itself would fit), and the upper
-  // end on the values the sweep actually divides by (a diag(H^-1) above range whose steps' values
-  // all fit is let through: the sweep runs in float64 and its results lie on the grid).
+  // smaller diagonal than the trailing block of H_p^-1), with equality at k = 0. Where they do
+  // not fit float32 arithmetic the layer is redone in float64 (PrecisionLost), which needs no
+  // such range; its results lie on the float32 grid all the same.
   if constexpr (f32)
-    check_inverse_range<Scalar>(step_variance.minCoeff(), step_variance.maxCoeff());
+    if (!inverse_fits_float32(step_variance.minCoeff(), step_variance.maxCoeff()))
+      throw PrecisionLost("H: GPTQ's step variances are out of float32 range");
   out.resize(rows, cols);
   if (step_losses != nullptr) step_losses->resize(rows);
   const GptqJob<Scalar> job{W.data(),         W.outerStride(),     rows,
@@ -204,21 +258,22 @@ Eigen::VectorXd gptq_row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 }  // namespace internal
 
+namespace {
+
+// GPTQ on a given grid, in precision Scalar (float: PrecisionLost where float32 fails).
 template <class Scalar>
-QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                  const HessianRef& H, const QuantOptions& opt,
-                                  const GptqOptions& gopt, const HessianOptions& hopt,
-                                  const RunOptions& run) {
-  internal::check_quant_options(opt, W.cols());
-  internal::check_gptq_options(gopt);
-  // No H^-1: gptq_into factors the permuted Hessian itself.
+QuantResult<Scalar> gptq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                 const HessianRef& H, QuantGrid<Scalar>&& grid,
+                                 const GptqOptions& gopt, const HessianOptions& hopt,
+                                 const RunOptions& run) {
+  // No H^-1: gptq_into factors the permuted H itself.
   HessianOptions no_inverse = hopt;
   no_inverse.invert = false;
   const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
   internal::check_quant_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   QuantResult<Scalar> result;
-  result.grid = make_grid<Scalar>(W, opt, run.num_threads);
+  result.grid = std::move(grid);
   Eigen::VectorXd step_losses;
   internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
                               result.weight, &step_losses);
@@ -235,6 +290,32 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   result.damp = prep.damp;
   result.damp_absolute = prep.damp_absolute;
   return result;
+}
+
+}  // namespace
+
+template <class Scalar>
+QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                  const HessianRef& H, const QuantOptions& opt,
+                                  const GptqOptions& gopt, const HessianOptions& hopt,
+                                  const RunOptions& run) {
+  internal::check_quant_options(opt, W.cols());
+  internal::check_gptq_options(gopt);
+  internal::check_quant_inputs<Scalar>(W, H.rows());
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads);
+  if constexpr (std::is_same_v<Scalar, double>) {
+    return gptq_on_grid<double>(W, H, std::move(grid), gopt, hopt, run);
+  } else {
+    try {
+      return gptq_on_grid<float>(W, H, QuantGrid<float>(grid), gopt, hopt, run);
+    } catch (const PrecisionLost&) {  // the float32 factor failed: the layer in float64
+    }
+    return internal::redo_in_float64(W, H, std::move(grid), run,
+                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
+                                       return gptq_on_grid<double>(w64, H, std::move(grid64),
+                                                                   gopt, hopt, run);
+                                     });
+  }
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \

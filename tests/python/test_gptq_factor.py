@@ -29,7 +29,10 @@ from problems import assert_close, make_problem, make_realistic_layer
 # Half-integer distance (in grid steps) within which float64 round-off may decide a rounding:
 # w~ comes out of sums of ~cols products, each side's error is ~cols * 1e-16 relative to the
 # weights on well-conditioned H and up to cond(Hd) * 1e-16 on ill-conditioned ones.
-TIE = {"random": 1e-9, "illcond": 1e-5}
+# float32 weights run the factor and the sweep in float32 (test_gptq_float32.py): w~ then carries
+# float32 round-off, ~sqrt(cols) * 6e-8 relative to the weights on well-conditioned H (measured:
+# no code differs from the replay on the random and realistic cases), more with cond(Hd).
+TIE = {"random": 1e-9, "illcond": 1e-5, "float32": 1e-3, "float32-illcond": 1e-2}
 
 
 def _order(H, act_order):
@@ -146,7 +149,7 @@ def test_realistic_wide_layer():
     W, H = make_realistic_layer(256, 4224, seed=3)
     res = _quantize(W, H, 4, 0.01, True, group_size=128, grid="minmax")
     steps = [0, 1, 255, 256, 257, 3000, 4095, 4096, 4150, 4223]
-    n, ties, _ = replay_check(W, H, 0.01, res, 4, True, steps=steps)
+    n, ties, _ = replay_check(W, H, 0.01, res, 4, True, kind="float32", steps=steps)
     assert n == len(steps) and ties <= 1
     assert_close(res.row_losses, ref.layer_losses(W, res.weight, H), 1e-5)
 

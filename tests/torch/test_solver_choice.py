@@ -345,5 +345,7 @@ def test_compress_budget_applies_the_database_quantizer(mlp_batches):
         # the quantizer's own loss, as a recipe reports it (a joint level's: against the pruned weights)
         assert layer.quant_loss is not None and layer.quant_loss_unrefined is not None
         if level.kind == "quant":
-            assert layer.quant_loss == layer.quant_loss_unrefined == pytest.approx(layer.loss, rel=1e-9)
+            # float32 layers: GPTQ's factor and sweep run in float32, so its own (step) loss
+            # matches the measured one to float32 accuracy (measured 4e-8 relative), not 1e-9.
+            assert layer.quant_loss == layer.quant_loss_unrefined == pytest.approx(layer.loss, rel=1e-5)
     assert kinds == {"quant", "joint"}

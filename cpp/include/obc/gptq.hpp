@@ -35,14 +35,17 @@ struct GptqOptions {
 /// weights in their original column order, so with groups this is GPTQ's "static groups").
 /// Weights that are zero on entry stay exactly zero: in the order, they are set to 0 like any
 /// other column and their error is propagated (SparseGPT's joint mode, with the layer's mask).
-/// Dead inputs are zero. Computed in float64 (one shared cols x cols factor); each weight is
-/// rounded onto its grid in W's precision. Bit-identical for any thread count (rows are solved
-/// in fixed chunks). Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when
-/// the damped H has no Cholesky factor (a pivot below prepare_hessian's tolerance), Overflow for
-/// float32 W when 1 / L_kk^2 (the OBS steps' [H_F^-1]_qq) leaves float32's range.
-/// result.row_method is Gptq or GptqNatural.
+/// Dead inputs are zero. Computed in W's precision (one shared cols x cols factor; H's
+/// preparation and the loss sums in float64): for float32 W the factor and the sweep run in
+/// float32, and where that factor fails the pivot check, is not finite, or has 1 / L_kk^2 (the
+/// OBS steps' [H_F^-1]_qq) outside float32's range, the layer is redone in float64 on the float32
+/// grid (same damping) and result.float64_fallback is set. Bit-identical for any thread count
+/// (rows are solved in fixed chunks). Throws InvalidArgument for bad options or inputs,
+/// NotPositiveDefinite when the damped H has no float64 Cholesky factor (a pivot below
+/// prepare_hessian's tolerance). result.row_method is Gptq or GptqNatural.
 /// result.row_losses (1/2 dw H dw^T, undamped H) come from the sweep's own step losses, not from
-/// a second O(rows cols^2) pass: the same bits quantize_select reports for these weights.
+/// a second O(rows cols^2) pass: the same bits quantize_select reports for these weights (exact
+/// to float64 rounding, ~1e-13 relative; float32 sweeps: ~1e-6; the float64 fallback measures them).
 template <class Scalar>
 QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, const QuantOptions& opt,

@@ -12,14 +12,19 @@
 
 namespace obc::internal {
 
+/// Whether entries of diag(H^-1) from `smallest` to `largest` fit float32 arithmetic (a margin
+/// of 256 from both ends of its normal range).
+inline bool inverse_fits_float32(double smallest, double largest) {
+  return largest <= std::numeric_limits<float>::max() / 256 &&
+         smallest >= 256 * static_cast<double>(std::numeric_limits<float>::min());
+}
+
 /// The float32 part of check_layer_scale, for the smallest and largest entries of diag(H^-1)
 /// however they were found (nothing to check for float64).
 template <class Scalar>
 inline void check_inverse_range(double smallest, double largest) {
   if (!std::is_same_v<Scalar, float>) return;
-  if (largest <= std::numeric_limits<float>::max() / 256 &&
-      smallest >= 256 * static_cast<double>(std::numeric_limits<float>::min()))
-    return;
+  if (inverse_fits_float32(smallest, largest)) return;
   throw Overflow(detail::concat(
       "H: its inverse (diagonal from ", smallest, " to ", largest, ") is out of float32 range ",
       "for float32 weights; rescale H (e.g. by its mean diagonal) or pass float64 W"));

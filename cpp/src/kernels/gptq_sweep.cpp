@@ -32,23 +32,28 @@ using internal::GptqJob;
 // multiples of 256 (the Ray executor's) give the same bits.
 constexpr Index kRowChunk = 128;
 
-using MatrixD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
-using FactorMap = Eigen::Map<const MatrixD>;  // GptqJob::factor: M^T (strict upper) + diag(L)
+template <class S>
+using MatrixS = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
+// GptqJob::factor: M^T (strict upper) + diag(L), in the weights' precision.
+template <class S>
+using FactorMap = Eigen::Map<const MatrixS<S>>;
 
 // One chunk of rows. With e = w - q (original minus quantized weights, step order) and
 // M = diag(L)^-1 L, the weight that step k rounds is w~_k = w_k + sum_{i<k} M_ki e_i (the OBS
-// updates of the earlier steps, summed: see gptq_inverse_factor in gptq.cpp). Left-looking: the
+// updates of the earlier steps, summed: see gptq_factor in gptq.cpp). Left-looking: the
 // block's w~ - w is first E_{<b0} M_{B,<b0}^T (one GEMM), then column by column the block's own
 // earlier errors are added (a matrix-vector product on a contiguous column of M^T). The chunk's
 // weight buffer turns into E column by column, so one len x cols buffer holds both.
+// Everything runs in S (float32 weights: float32 GEMMs, twice the rate), except each row's sum of
+// step losses, which is accumulated in double (cols terms: float32 would lose ~cols * 6e-8).
 template <class S>
-void sweep_chunk(const GptqJob<S>& job, const FactorMap& mt, Index chunk) {
+void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, Index chunk) {
   const Index rows = job.rows, cols = job.cols, groups = cols / job.group_size;
   const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
   const Index block = std::min(job.block_size, cols);
   const int maxq = (1 << job.bits) - 1;
-  MatrixD w(len, cols);     // columns < k: e = w - q; columns >= k: the original weights
-  MatrixD add(len, block);  // w~ - w of the block's columns
+  MatrixS<S> w(len, cols);     // columns < k: e = w - q; columns >= k: the original weights
+  MatrixS<S> add(len, block);  // w~ - w of the block's columns
   std::vector<char> zero(static_cast<size_t>(len * cols));  // (i, k) at k * len + i
   for (Index k = 0; k < cols; ++k) {
     const Index c = job.order[k];
@@ -56,7 +61,7 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap& mt, Index chunk) {
     for (Index i = 0; i < len; ++i) {
       const S v = job.weight[(r0 + i) * job.weight_stride + c];
       zero[static_cast<size_t>(k * len + i)] = (dead || v == S(0)) ? 1 : 0;
-      w(i, k) = dead ? 0.0 : static_cast<double>(v);
+      w(i, k) = dead ? S(0) : v;
     }
   }
   Eigen::VectorXd losses = Eigen::VectorXd::Zero(len);
@@ -70,20 +75,20 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap& mt, Index chunk) {
       // This block's earlier steps, which the next column must see before it is rounded.
       if (k > b0) add.col(k - b0).noalias() += w.middleCols(b0, k - b0) * mt.col(k).segment(b0, k - b0);
       const Index c = job.order[k];
-      const double lkk = mt(k, k);
+      const double lkk = static_cast<double>(mt(k, k));
       for (Index i = 0; i < len; ++i) {
-        const double wt = w(i, k) + add(i, k - b0);
+        const S wt = w(i, k) + add(i, k - b0);
         S q = S(0);
         if (!zero[static_cast<size_t>(k * len + i)]) {
           const Index at = (r0 + i) * groups + c / job.group_size;
           const GridPoint<S> point{job.scale[at], static_cast<int>(job.zero[at]), maxq};
-          q = point.quantize(static_cast<S>(wt));
+          q = point.quantize(wt);
         }
         job.out[(r0 + i) * cols + c] = q;
         // The OBS step loss (w~_k - q_k)^2 / (2 [H_F^-1]_kk), [H_F^-1]_kk = 1 / L_kk^2.
-        const double eps = lkk * (wt - static_cast<double>(q));
+        const double eps = lkk * (static_cast<double>(wt) - static_cast<double>(q));
         losses[i] += 0.5 * eps * eps;
-        w(i, k) -= static_cast<double>(q);  // e_k: 0 where w_k was (or was made) 0
+        w(i, k) -= q;  // e_k: 0 where w_k was (or was made) 0
       }
     }
   }
@@ -93,7 +98,7 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap& mt, Index chunk) {
 
 template <class S>
 void sweep(const GptqJob<S>& job, const RunOptions& run) {
-  const FactorMap mt(job.factor, job.cols, job.cols);
+  const FactorMap<S> mt(job.factor, job.cols, job.cols);
   const Index chunks = (job.rows + kRowChunk - 1) / kRowChunk;
   parallel_for(chunks, run.num_threads, run.interrupt,
                [&](Index chunk, int) { sweep_chunk<S>(job, mt, chunk); });
@@ -106,7 +111,8 @@ void sweep(const GptqJob<S>& job, const RunOptions& run) {
 namespace obc::internal {
 
 const GptqKernels& OBC_GPTQ_TABLE() {
-  static const GptqKernels table{&OBC_KERNEL_NS::cholesky_factor_inplace,
+  static const GptqKernels table{&OBC_KERNEL_NS::cholesky_factor_inplace<double>,
+                                 &OBC_KERNEL_NS::cholesky_factor_inplace<float>,
                                  &OBC_KERNEL_NS::sweep<float>, &OBC_KERNEL_NS::sweep<double>};
   return table;
 }

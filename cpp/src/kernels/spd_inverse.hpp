@@ -43,22 +43,25 @@ inline void poll(InterruptHook* interrupt) {
 }
 
 /// Lower Cholesky in place (right-looking, blocked, panels of `panel` columns; 0: block_size).
-/// False when a pivot is not positive.
-inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt, Index panel = 0) {
+/// False when a pivot is not positive. T: double, or float (GPTQ's float32 factor).
+template <class T>
+inline bool cholesky_t(Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> a,
+                       int num_threads, InterruptHook* interrupt, Index panel = 0) {
+  using MatrixT = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>;
   const Index n = a.rows(), kBlock = panel > 0 ? panel : block_size(n);
   for (Index k = 0; k < n; k += kBlock) {
     poll(interrupt);
     const Index b = std::min(kBlock, n - k), rest = n - k - b;
-    Eigen::Ref<MatrixXd> diag_block = a.block(k, k, b, b);
-    Eigen::LLT<Eigen::Ref<MatrixXd>> llt(diag_block);  // factors the block in place
+    Eigen::Ref<MatrixT> diag_block = a.block(k, k, b, b);
+    Eigen::LLT<Eigen::Ref<MatrixT>> llt(diag_block);  // factors the block in place
     if (llt.info() != Eigen::Success) return false;
     if (rest == 0) break;
-    const auto l11 = a.block(k, k, b, b).triangularView<Eigen::Lower>();
+    const auto l11 = a.block(k, k, b, b).template triangularView<Eigen::Lower>();
     // Panel: A21 <- A21 L11^-T, row chunks are independent.
     parallel_for(chunks(rest, kBlock), num_threads, nullptr, [&](Index c, int) {
       const Index r0 = k + b + c * kBlock, len = std::min(kBlock, n - r0);
       auto panel = a.block(r0, k, len, b);
-      l11.transpose().solveInPlace<Eigen::OnTheRight>(panel);
+      l11.transpose().template solveInPlace<Eigen::OnTheRight>(panel);
     });
     // Trailing update, lower part: A22 -= A21 A21^T, one column chunk (from its diagonal down)
     // per item.
@@ -69,6 +72,10 @@ inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt, Index pan
     });
   }
   return true;
+}
+
+inline bool cholesky(Map a, int num_threads, InterruptHook* interrupt, Index panel = 0) {
+  return cholesky_t<double>(a, num_threads, interrupt, panel);
 }
 
 /// L <- L^-1 in place (L lower triangular), block columns from the last to the first:
@@ -168,15 +175,20 @@ inline bool cholesky_inverse_inplace(double* data, Index n, double pivot_tol, in
 /// Panels of 256 columns above 4096 (GEMM-shaped trailing updates with a deeper inner dimension,
 /// half the passes over the trailing matrix), else cholesky_inverse_inplace's panels (so the
 /// same n gives the same L bits as there). `interrupt` as there.
-inline bool cholesky_factor_inplace(double* data, Index n, double pivot_tol, int num_threads,
+/// T = float: the same factor in float32 (GPTQ on float32 weights); the pivot test is made in
+/// double on the float32 pivots, and a non-finite pivot fails it too (NaN compares false).
+template <class T>
+inline bool cholesky_factor_inplace(T* data, Index n, double pivot_tol, int num_threads,
                                     InterruptHook* interrupt) {
   if (n < 384) num_threads = 1;
-  spd_detail::Map a(data, n, n);
-  const Eigen::VectorXd diag = a.diagonal();
+  Eigen::Map<Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic>> a(data, n, n);
+  const Eigen::VectorXd diag = a.diagonal().template cast<double>();
   const Index panel = n > 4096 ? 256 : spd_detail::block_size(n);
-  if (!spd_detail::cholesky(a, num_threads, interrupt, panel)) return false;
-  for (Index i = 0; i < n; ++i)
-    if (!(a(i, i) * a(i, i) > pivot_tol * diag[i])) return false;
+  if (!spd_detail::cholesky_t<T>(a, num_threads, interrupt, panel)) return false;
+  for (Index i = 0; i < n; ++i) {
+    const double lii = static_cast<double>(a(i, i));
+    if (!(lii * lii > pivot_tol * diag[i])) return false;
+  }
   return true;
 }
 
