@@ -6,7 +6,9 @@ flop count (rows cols^2 for the lazy updates + 4/3 cols^3 for the inverse and th
 bench_quant.py), then --reps alternating timed calls of obc's whole gptq call (grid fit, inverse,
 factor, sweep, losses) and of gptq_baseline.gptq (float32, grid handed over; it fits nothing and
 computes no loss). Reported: best wall seconds and process CPU seconds of each, the ratio torch /
-obc (wall and CPU), and obc's rate on the nominal flops as a share of the float32 and float64
+obc (wall and CPU); the baseline's own grid fit (gptq_baseline.fit_grid, the same rule done the
+batched torch way, as GPTQ's reference quantizer fits it; timed once) and the like-for-like ratio
+(torch grid fit + torch GPTQ) / obc, whose call fits its grid too; and obc's rate on the nominal flops as a share of the float32 and float64
 GEMM rates. On a shared machine the CPU-time ratio is the steadier figure; the load average is
 printed with every row.
 
@@ -101,8 +103,8 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores")
     print("| layer | sgemm GF/s | dgemm GF/s | GPTQ GFLOP | obc s | torch s | torch/obc wall | "
           "obc CPU s | torch CPU s | torch/obc CPU | obc GF/s | % sgemm | % dgemm | loss obc/torch "
-          "| load |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| load | torch grid s | (torch grid + torch) / obc wall |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     cases = []
     for li, layer in enumerate(args.layers.split(",")):
         rows, cols = (int(x) for x in layer.split("x"))
@@ -121,6 +123,10 @@ def main(argv=None) -> int:
             base, t, c = timed(lambda: gb.gptq(W, H, args.bits, grid.scale, grid.zero, group))
             base_t.append(t)
             base_c.append(c)
+        (torch_scale, torch_zero), t_grid, _ = timed(
+            lambda: gb.fit_grid(W, args.bits, sym=True, group_size=group, grid=args.grid))
+        grids_same = bool(np.array_equal(torch_scale, grid.scale)
+                          and np.array_equal(torch_zero, grid.zero))
         flops = bq.gptq_flops(rows, cols)
         t_obc, t_base = min(obc_t), min(base_t)
         rate = flops / t_obc / 1e9
@@ -131,13 +137,17 @@ def main(argv=None) -> int:
                "speedup_wall": t_base / t_obc, "speedup_cpu": min(base_c) / min(obc_c),
                "obc_gflops": rate, "share_sgemm": rate / sgemm, "share_dgemm": rate / dgemm,
                "loss_obc_over_torch": loss_ratio, "loadavg": os.getloadavg()[0],
-               "obc_s_all": obc_t, "torch_s_all": base_t}
+               "obc_s_all": obc_t, "torch_s_all": base_t, "torch_grid_s": t_grid,
+               "speedup_wall_with_grid": (t_grid + t_base) / t_obc,
+               "torch_grid_equals_obc_grid": grids_same}
         cases.append(rec)
         print(f"| {layer} | {sgemm:.0f} | {dgemm:.0f} | {flops / 1e9:.0f} | {t_obc:.2f} | "
               f"{t_base:.2f} | {rec['speedup_wall']:.2f}x | {rec['obc_cpu_s']:.2f} | "
               f"{rec['torch_cpu_s']:.2f} | {rec['speedup_cpu']:.2f}x | {rate:.1f} | "
               f"{100 * rec['share_sgemm']:.0f}% | {100 * rec['share_dgemm']:.0f}% | "
-              f"{loss_ratio:.4f} | {rec['loadavg']:.1f} |", flush=True)
+              f"{loss_ratio:.4f} | {rec['loadavg']:.1f} | {t_grid:.2f}"
+              f"{'' if grids_same else ' (other grid)'} | {rec['speedup_wall_with_grid']:.2f}x |",
+              flush=True)
     out = Path(args.out) if args.out else (
         Path(__file__).resolve().parent / "results"
         / f"bench_gptq_speed_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")

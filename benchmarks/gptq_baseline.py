@@ -138,6 +138,57 @@ def gptq(W, H, bits: int, scale, zero, group_size: int | None = None, *, damp: f
                    seconds=time.perf_counter() - t0)
 
 
+MSE_STEPS = 80  # shrink factors p = 1 - i / 100, i < MSE_STEPS (docs/python_api.md)
+
+
+def fit_grid(W, bits: int, *, sym: bool = True, group_size: int | None = None,
+             grid: str = "mse", norm: float = 2.4) -> tuple[np.ndarray, np.ndarray]:
+    """The quantization grid fitted the straightforward batched way (GPTQ's reference code fits
+    it inside its quantizer): (scale (rows, groups) in W's dtype, zero (rows, groups) int64).
+
+    Same rule as obc_native's make_grid: per row (or group of group_size consecutive inputs) the
+    range [min(w, 0), max(w, 0)]; sym: zero point 2**(bits-1), scale max|w| / (2**(bits-1) - 1);
+    asym: scale (xmax - xmin) / (2**bits - 1), zero round(-xmin / scale); "mse": of the ranges
+    shrunk by p = 1 - i/100 (i < 80) the first with the smallest sum |q(w) - w|**norm. All groups
+    of all rows at once, one shrink factor at a time (80 passes over W). The error sums run in
+    W's dtype here (obc_native sums in float64), so near-ties may pick another grid."""
+    W = torch.as_tensor(np.asarray(W))
+    rows, cols = W.shape
+    gsize = cols if group_size is None else int(group_size)
+    w = W.reshape(rows * (cols // gsize), gsize)
+    xmin = torch.clamp(w.min(dim=1).values.double(), max=0.0)
+    xmax = torch.clamp(w.max(dim=1).values.double(), min=0.0)
+    maxq = 2**bits - 1
+
+    def grid_for(p: float) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = p * xmin, p * xmax
+        if sym:
+            half = 2 ** (bits - 1)
+            scale = torch.maximum(-lo, hi) / (half - 1)
+            zero = torch.full_like(scale, float(half))
+        else:
+            scale = (hi - lo) / maxq
+            zero = torch.clamp(torch.round(-lo / scale.to(W.dtype).double()), 0, maxq)
+        scale = scale.to(W.dtype)
+        scale = torch.where((scale > 0) & torch.isfinite(scale), scale, torch.ones_like(scale))
+        return scale, zero.to(W.dtype)
+
+    best_scale, best_zero = grid_for(1.0)
+    if grid == "mse":
+        best_err = torch.full((w.shape[0],), float("inf"), dtype=W.dtype)
+        for i in range(MSE_STEPS):
+            scale, zero = grid_for(1.0 - i / 100)
+            q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, maxq)
+            err = ((scale[:, None] * (q - zero[:, None]) - w).abs() ** norm).sum(dim=1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    groups = cols // gsize
+    return (best_scale.reshape(rows, groups).numpy(),
+            best_zero.reshape(rows, groups).to(torch.int64).numpy())
+
+
 def layer_loss(W, W_hat, H) -> np.ndarray:
     """Per-row loss 1/2 (w - w_hat) H (w - w_hat)^T with the undamped H, float64."""
     delta = np.asarray(W, np.float64) - np.asarray(W_hat, np.float64)
