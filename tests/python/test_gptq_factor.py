@@ -180,14 +180,20 @@ json.dump({"avx512": obc.build_info()["avx512_kernels"], "codes": res.codes.toli
 """
 
 
-def _simd_run(env_simd):
+def run_with_simd(script: str, env_simd: str | None):
+    """JSON printed by ``script`` run in a fresh interpreter with OBC_SIMD=env_simd (None: unset,
+    the dispatched copies); argv[1] is this folder, so the script can import problems.py."""
     env = dict(os.environ)
     env.pop("OBC_SIMD", None)
     if env_simd:
         env["OBC_SIMD"] = env_simd
-    proc = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, os.path.dirname(__file__)], env=env,
+    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], env=env,
                           capture_output=True, text=True, check=True, timeout=120)
     return json.loads(proc.stdout)
+
+
+def _simd_run(env_simd):
+    return run_with_simd(_SIMD_SCRIPT, env_simd)
 
 
 def test_avx2_and_avx512_copies_agree():

@@ -11,18 +11,13 @@ realistic (correlated inputs with outlier features) and moderately ill-condition
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 
 import obc_native
 import reference as ref
 from problems import assert_close, make_problem, make_realistic_layer
-from test_gptq_factor import replay_check
+from test_gptq_factor import replay_check, run_with_simd
 
 
 def _case(kind):
@@ -130,13 +125,7 @@ json.dump({"avx512": obc.build_info()["avx512_kernels"], "precision": res.precis
 
 
 def _simd_run(env_simd):
-    env = dict(os.environ)
-    env.pop("OBC_SIMD", None)
-    if env_simd:
-        env["OBC_SIMD"] = env_simd
-    proc = subprocess.run([sys.executable, "-c", _SIMD_SCRIPT, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, check=True, timeout=120)
-    return json.loads(proc.stdout)
+    return run_with_simd(_SIMD_SCRIPT, env_simd)
 
 
 def test_simd_copies_agree_in_float32():
