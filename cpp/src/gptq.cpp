@@ -270,7 +270,7 @@ QuantResult<Scalar> gptq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   HessianOptions no_inverse = hopt;
   no_inverse.invert = false;
   const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
-  internal::check_quant_inputs<Scalar>(W, prep.cols());
+  // W and H's shape were checked by quantize_gptq (and its float64 redo converts a checked W).
   internal::check_layer_scale<Scalar>(W, prep);
   QuantResult<Scalar> result;
   result.grid = std::move(grid);
@@ -278,11 +278,11 @@ QuantResult<Scalar> gptq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
                               result.weight, &step_losses);
   check_finite_result(result.weight, "weights");
-  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
+  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead, run.num_threads);
   // From the sweep's step losses, as quantize_select (and so quantize and the C API) takes them.
   result.row_losses = internal::gptq_row_losses<Scalar>(W, result.weight, H, prep,
                                                         std::move(step_losses), run);
-  internal::fill_codes(result);
+  internal::fill_codes(result, run.num_threads);
   result.row_losses_unrefined = result.row_losses;
   result.row_method.setConstant(
       W.rows(), static_cast<std::uint8_t>(gopt.act_order ? QuantMethod::Gptq

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "internal/damped_hessian.hpp"
@@ -37,15 +38,33 @@ struct EntryScan {
 
 // Scans the tiles of column tile `tile` at and below the diagonal, reading each (i, j), i >= j,
 // with its mirror (j, i): every entry of H is read once, both directions in cache.
+// Tile (ib, jb) of H and its mirror tile (jb, ib), copied in H's own storage order into
+// contiguous buffers: reading the mirror transposed in place walks H with a stride of n entries,
+// and at power-of-two n (4096 doubles = 32 KiB) all 64 rows of a tile fall in the same cache set,
+// so nearly every read missed (the copies read whole rows or columns of H instead).
+template <class M>
+struct TilePair {
+  using Buffer = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic,
+                               M::IsRowMajor ? Eigen::RowMajor : Eigen::ColMajor>;
+  Buffer lower, upper;  // lower(i - ib, j - jb) = H(i, j); upper(j - jb, i - ib) = H(j, i)
+  void load(const M& h, Index ib, Index jb) {
+    const Index n = h.rows(), height = std::min(kTile, n - ib), width = std::min(kTile, n - jb);
+    lower = h.block(ib, jb, height, width).template cast<double>();
+    upper = h.block(jb, ib, width, height).template cast<double>();
+  }
+};
+
 template <class M>
 EntryScan scan_tile_column(const M& h, Index tile) {
   const Index n = h.rows(), jb = tile * kTile;
   EntryScan scan;
   bool finite = true;
-  for (Index ib = jb; ib < n; ib += kTile)
+  TilePair<M> pair;
+  for (Index ib = jb; ib < n; ib += kTile) {
+    pair.load(h, ib, jb);
     for (Index j = jb; j < std::min(n, jb + kTile); ++j)
       for (Index i = std::max(ib, j); i < std::min(n, ib + kTile); ++i) {
-        const double lower = static_cast<double>(h(i, j)), upper = static_cast<double>(h(j, i));
+        const double lower = pair.lower(i - ib, j - jb), upper = pair.upper(j - jb, i - ib);
         const double abs_lower = std::abs(lower), abs_upper = std::abs(upper);
         // NaN fails every comparison and Inf exceeds the largest double.
         finite = finite && abs_lower <= std::numeric_limits<double>::max() &&
@@ -53,6 +72,7 @@ EntryScan scan_tile_column(const M& h, Index tile) {
         scan.max_abs = std::max(scan.max_abs, std::max(abs_lower, abs_upper));
         scan.max_asym = std::max(scan.max_asym, std::abs(lower - upper));
       }
+  }
   scan.finite = finite;
   return scan;
 }
@@ -103,21 +123,31 @@ void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, doub
   // One column tile per item (its writes also fault in a fresh buffer's pages on the thread that
   // uses them).
   H.visit([&](const auto& h) {
+    using M = std::decay_t<decltype(h)>;
     parallel_for(tiles_of(cols), pass_threads(cols, num_threads), nullptr, [&](Index tile, int) {
-      const Index jb = tile * kTile;
-      for (Index ib = jb; ib < cols; ib += kTile)
-        for (Index j = jb; j < std::min(cols, jb + kTile); ++j)
-          for (Index i = std::max(ib, j); i < std::min(cols, ib + kTile); ++i) {
-            double value;
+      const Index jb = tile * kTile, jend = std::min(cols, jb + kTile);
+      TilePair<M> pair;
+      Eigen::Matrix<double, kTile, kTile> value;  // the tile of D, for its mirror's writes
+      for (Index ib = jb; ib < cols; ib += kTile) {
+        const Index iend = std::min(cols, ib + kTile);
+        pair.load(h, ib, jb);
+        for (Index j = jb; j < jend; ++j)
+          for (Index i = std::max(ib, j); i < iend; ++i) {
+            double v;
             if (dead[i] || dead[j]) {
-              value = i == j ? 1.0 : 0.0;
+              v = i == j ? 1.0 : 0.0;
             } else {
-              value = 0.5 * (static_cast<double>(h(i, j)) + static_cast<double>(h(j, i)));
-              if (i == j) value += prep.damp_absolute;
+              v = 0.5 * (pair.lower(i - ib, j - jb) + pair.upper(j - jb, i - ib));
+              if (i == j) v += prep.damp_absolute;
             }
-            a(i, j) = value;
-            if (full) a(j, i) = value;
+            a(i, j) = v;
+            value(i - ib, j - jb) = v;
           }
+        // The mirror (j, i) column by column of a, i.e. contiguous writes (as the reads above).
+        if (full)
+          for (Index i = ib; i < iend; ++i)
+            for (Index j = jb; j < std::min(jend, i + 1); ++j) a(j, i) = value(i - ib, j - jb);
+      }
     });
   });
 }

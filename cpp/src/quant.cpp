@@ -224,6 +224,19 @@ QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 namespace internal {
 
+namespace {
+
+// Rows per parallel item of the O(rows cols) passes over a result (fill_codes, pruned_mask).
+constexpr Index kPassRows = 256;
+
+// Threads for such a pass: a parallel region costs more than a small layer's pass.
+template <class M>
+int pass_threads(const M& W, int num_threads) {
+  return W.rows() * W.cols() < (Index(1) << 20) ? 1 : num_threads;
+}
+
+}  // namespace
+
 // The screening compiled for the ISA the row kernels use (so OBC_SIMD=generic applies here too),
 // with AVX-512 where the other kernels with such a copy use it (OBC_SIMD=avx2 turns it off).
 const char* grid_screen_isa() {
@@ -257,12 +270,16 @@ void check_quant_options(const QuantOptions& opt, Index cols) {
 }
 
 template <class Scalar>
-void fill_codes(QuantResult<Scalar>& result) {
+void fill_codes(QuantResult<Scalar>& result, int num_threads) {
   const auto& W = result.weight;
   result.codes.resize(W.rows(), W.cols());
-  for (Index r = 0; r < W.rows(); ++r)
-    for (Index c = 0; c < W.cols(); ++c)
-      result.codes(r, c) = static_cast<std::uint8_t>(grid_at(result.grid, r, c).code(W(r, c)));
+  // Each entry on its own: any thread count gives the same codes.
+  const Index chunks = (W.rows() + kPassRows - 1) / kPassRows;
+  parallel_for(chunks, pass_threads(W, num_threads), nullptr, [&](Index chunk, int) {
+    for (Index r = chunk * kPassRows; r < std::min(W.rows(), (chunk + 1) * kPassRows); ++r)
+      for (Index c = 0; c < W.cols(); ++c)
+        result.codes(r, c) = static_cast<std::uint8_t>(grid_at(result.grid, r, c).code(W(r, c)));
+  });
 }
 
 template <class Scalar>
@@ -276,11 +293,14 @@ void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcol
 
 template <class Scalar>
 MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                       const std::vector<char>& dead) {
+                       const std::vector<char>& dead, int num_threads) {
   MaskMatrix pruned(W.rows(), W.cols());
-  for (Index r = 0; r < W.rows(); ++r)
-    for (Index c = 0; c < W.cols(); ++c)
-      pruned(r, c) = (W(r, c) == Scalar(0) || dead[static_cast<size_t>(c)]) ? 1 : 0;
+  const Index chunks = (W.rows() + kPassRows - 1) / kPassRows;
+  parallel_for(chunks, pass_threads(W, num_threads), nullptr, [&](Index chunk, int) {
+    for (Index r = chunk * kPassRows; r < std::min(W.rows(), (chunk + 1) * kPassRows); ++r)
+      for (Index c = 0; c < W.cols(); ++c)
+        pruned(r, c) = (W(r, c) == Scalar(0) || dead[static_cast<size_t>(c)]) ? 1 : 0;
+  });
   return pruned;
 }
 
@@ -448,10 +468,10 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                       const RunOptions&);
 
 #define OBC_INSTANTIATE_INTERNAL(S)                                                                \
-  template void internal::fill_codes<S>(QuantResult<S>&);                                         \
+  template void internal::fill_codes<S>(QuantResult<S>&, int);                                    \
   template void internal::check_quant_inputs<S>(const Eigen::Ref<const RowMatrix<S>>&, Index);    \
   template MaskMatrix internal::pruned_mask<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
-                                               const std::vector<char>&);                         \
+                                               const std::vector<char>&, int);                    \
   template void internal::obq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, PreparedHessian&,    \
                                       const QuantGrid<S>&, const QuantOptions&,                   \
                                       const RunOptions&, RowMatrix<S>&);

@@ -29,13 +29,15 @@ inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c
                            (1 << grid.bits) - 1};
 }
 
-/// codes from weight (every weight lies on its grid).
+/// codes from weight (every weight lies on its grid). num_threads: row chunks in parallel
+/// (the same codes for any count; large layers only).
 template <class Scalar>
-void fill_codes(QuantResult<Scalar>& result);
+void fill_codes(QuantResult<Scalar>& result, int num_threads = 1);
 
-/// rows x cols: 1 where W is zero or the input is dead.
+/// rows x cols: 1 where W is zero or the input is dead (num_threads as fill_codes).
 template <class Scalar>
-MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W, const std::vector<char>& dead);
+MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W, const std::vector<char>& dead,
+                       int num_threads = 1);
 
 /// OBQ weights into `out` (rows x cols). For float32, prep is switched to its float32 copy
 /// (PreparedHessian::keep_float32_only), so call this after anything that needs prep.hinv.

@@ -5,6 +5,7 @@
 // factor of spd_inverse.hpp). Compiled once per SIMD level like row_kernels.cpp (OBC_KERNEL_NS and
 // a renamed Eigen in the AVX2 and AVX-512 copies).
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "internal/gptq_kernels.hpp"
@@ -32,6 +33,10 @@ using internal::GptqJob;
 // multiples of 256 (the Ray executor's) give the same bits.
 constexpr Index kRowChunk = 128;
 
+// Columns per tile of the chunk's transposed copies of the weights (below): a tile of 128 rows
+// writes 64 entries of each of 64 columns, 32 KiB of float32, within L1.
+constexpr Index kTileCols = 64;
+
 template <class S>
 using MatrixS = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
 // GptqJob::factor: M^T (strict upper) + diag(L), in the weights' precision.
@@ -55,11 +60,25 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, Index chunk) {
   MatrixS<S> w(len, cols);     // columns < k: e = w - q; columns >= k: the original weights
   MatrixS<S> add(len, block);  // w~ - w of the block's columns
   std::vector<char> zero(static_cast<size_t>(len * cols));  // (i, k) at k * len + i
+  // The chunk's weights by original column, column-major: reading a permuted column straight
+  // from the rows strides by a whole row per entry, and at power-of-two widths (4096 floats =
+  // 16 KiB) all of a column's entries fall in the same cache set, so nearly every read missed.
+  // Transposed here in tiles (contiguous reads, few lines written per tile), then gathered a
+  // column at a time. The same buffer then collects the quantized weights by original column,
+  // written back to the rows in tiles at the end (the same cache argument for the writes).
+  MatrixS<S> natural(len, cols);
+  for (Index c0 = 0; c0 < cols; c0 += kTileCols) {
+    const Index c1 = std::min(cols, c0 + kTileCols);
+    for (Index i = 0; i < len; ++i) {
+      const S* row = job.weight + (r0 + i) * job.weight_stride;
+      for (Index c = c0; c < c1; ++c) natural(i, c) = row[c];
+    }
+  }
   for (Index k = 0; k < cols; ++k) {
     const Index c = job.order[k];
     const bool dead = job.dead[c] != 0;
     for (Index i = 0; i < len; ++i) {
-      const S v = job.weight[(r0 + i) * job.weight_stride + c];
+      const S v = natural(i, c);
       zero[static_cast<size_t>(k * len + i)] = (dead || v == S(0)) ? 1 : 0;
       w(i, k) = dead ? S(0) : v;
     }
@@ -76,20 +95,32 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, Index chunk) {
       if (k > b0) add.col(k - b0).noalias() += w.middleCols(b0, k - b0) * mt.col(k).segment(b0, k - b0);
       const Index c = job.order[k];
       const double lkk = static_cast<double>(mt(k, k));
+      // Per column, not per entry: the compiler cannot hoist them (the stores to natural may
+      // alias job's fields), and c / group_size was a 64-bit division per entry.
+      const S* scale = job.scale + r0 * groups + c / job.group_size;
+      const std::uint8_t* zero_point = job.zero + r0 * groups + c / job.group_size;
+      S* out = natural.col(c).data();
+      const char* is_zero = zero.data() + k * len;
       for (Index i = 0; i < len; ++i) {
         const S wt = w(i, k) + add(i, k - b0);
         S q = S(0);
-        if (!zero[static_cast<size_t>(k * len + i)]) {
-          const Index at = (r0 + i) * groups + c / job.group_size;
-          const GridPoint<S> point{job.scale[at], static_cast<int>(job.zero[at]), maxq};
+        if (!is_zero[i]) {
+          const GridPoint<S> point{scale[i * groups], static_cast<int>(zero_point[i * groups]), maxq};
           q = point.quantize(wt);
         }
-        job.out[(r0 + i) * cols + c] = q;
+        out[i] = q;
         // The OBS step loss (w~_k - q_k)^2 / (2 [H_F^-1]_kk), [H_F^-1]_kk = 1 / L_kk^2.
         const double eps = lkk * (static_cast<double>(wt) - static_cast<double>(q));
         losses[i] += 0.5 * eps * eps;
         w(i, k) -= q;  // e_k: 0 where w_k was (or was made) 0
       }
+    }
+  }
+  for (Index c0 = 0; c0 < cols; c0 += kTileCols) {
+    const Index c1 = std::min(cols, c0 + kTileCols);
+    for (Index i = 0; i < len; ++i) {
+      S* row = job.out + (r0 + i) * cols;
+      for (Index c = c0; c < c1; ++c) row[c] = natural(i, c);
     }
   }
   if (job.step_losses != nullptr)
