@@ -108,3 +108,15 @@ def write_manifest(directory, manifest: dict) -> None:
     full = dict(rest, manifest_sha256=hashlib.sha256(canonical.encode("utf-8")).hexdigest())
     with open(os.path.join(os.fspath(directory), "manifest.json"), "w", encoding="utf-8") as handle:
         json.dump(full, handle)
+
+
+def quantized_mlp():
+    """(model, report): a small MLP compressed to 4 bits in groups of 32 (no correction, no
+    baseline), for tests of what is written from a report."""
+    from obc_native.torch import LayerConfig, compress
+
+    torch.manual_seed(0)
+    model = MLP(sizes=(64, 32))
+    report = compress(model, [torch.randn(16, 64)], LayerConfig(bits=4, group_size=32), correction=None,
+                      baseline=False, quiet=True)
+    return model, report

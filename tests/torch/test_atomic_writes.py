@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from obc_torch_helpers import MLP
+from obc_torch_helpers import MLP, quantized_mlp
 
 from obc_native import _files
 from obc_native.budget import LevelDatabase
-from obc_native.torch import ExportError, LayerConfig, compress, export_onnx, save_compressed
+from obc_native.torch import ExportError, compress, export_onnx, save_compressed
 
 pytestmark = [pytest.mark.torch, pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits and FIFOs")]
 
@@ -34,14 +34,6 @@ def mode(path) -> int:
 
 def disk_full(*args, **kwargs):
     raise OSError(errno.ENOSPC, "No space left on device (test)")
-
-
-def quantized_mlp():
-    torch.manual_seed(0)
-    model = MLP(sizes=(64, 32))
-    report = compress(model, [torch.randn(16, 64)], LayerConfig(bits=4, group_size=32), correction=None,
-                      baseline=False, quiet=True)
-    return model, report
 
 
 def gguf_model():

@@ -8,10 +8,10 @@ import os
 
 import pytest
 import torch
-from obc_torch_helpers import MLP
+from obc_torch_helpers import MLP, quantized_mlp
 
 from obc_native.cli import main
-from obc_native.torch import ExportError, LayerConfig, compress, export_onnx, save_compressed
+from obc_native.torch import ExportError, compress, export_onnx, save_compressed
 
 pytestmark = [pytest.mark.torch, pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")]
 
@@ -55,14 +55,6 @@ def bad_folders(tmp_path):
         "read-only folder": (unwritable, "cannot write in the folder"),
         "under a read-only folder": (os.path.join(unwritable, "new"), "cannot create the folder"),
     }
-
-
-def quantized_mlp():
-    torch.manual_seed(0)
-    model = MLP(sizes=(64, 32))
-    report = compress(model, [torch.randn(16, 64)], LayerConfig(bits=4, group_size=32), correction=None,
-                      baseline=False, quiet=True)
-    return model, report
 
 
 # ----------------------------------------------------------------------------- Python functions
