@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--accuracy-level", type=int, default=0, choices=range(5), help="MatMulNBits accuracy_level (default 0)"
     )
+    export.add_argument(
+        "--external-data", choices=["auto", "yes", "no"], default="auto",
+        help="weights in FILE.data next to the .onnx: yes, no, or auto (the default: only when one file would "
+        "pass protobuf's 2 GiB limit)",
+    )
     export.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     shrink = commands.add_parser(
@@ -622,9 +627,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dense=args.dense,
         matmul_nbits=not args.no_matmul_nbits,
         accuracy_level=args.accuracy_level,
+        external_data={"auto": None, "yes": True, "no": False}[args.external_data],
     )
     if not args.quiet:
-        print(result.table())
+        print(result.table())  # ends with one line per file written, with its size
     return 0
 
 
