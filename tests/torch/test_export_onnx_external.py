@@ -84,6 +84,10 @@ def test_external_data_runs_like_the_single_file_with_the_same_codes(tmp_path, m
     assert sum(int(p["length"]) for p in places.values()) <= external.data_size
     assert external.file_size < single.file_size / 4
 
+    # the single file is written as before the external-data path existed: no location fields
+    assert not any(t.HasField("data_location") or t.external_data
+                   for t in onnx.load(str(tmp_path / "single.onnx")).graph.initializer)
+
     # the same tensors (quantized codes, scales, zero points, float weights), bit for bit
     expected, got = initializers(tmp_path / "single.onnx"), initializers(tmp_path / "ext.onnx")
     assert sorted(expected) == sorted(got)

@@ -1224,7 +1224,7 @@ class _TensorData:
         copy = TensorProto()  # packed 4-bit, bfloat16, float8 ...: onnx decodes them
         copy.CopyFrom(tensor)
         del copy.external_data[:]
-        copy.data_location = TensorProto.DEFAULT
+        copy.ClearField("data_location")
         copy.raw_data = raw
         return numpy_helper.to_array(copy)
 
@@ -1236,7 +1236,7 @@ class _TensorData:
             raw = self._data.pop(tensor.name, None)
             if raw is not None:
                 del tensor.external_data[:]
-                tensor.data_location = TensorProto.DEFAULT
+                tensor.ClearField("data_location")  # set to DEFAULT, it would still be written
                 tensor.raw_data = raw
         if self._data:  # a bug: data held for initializers the graph no longer has
             raise RuntimeError(f"initializer data without an initializer: {sorted(self._data)[:5]}")
