@@ -196,7 +196,9 @@ def export_onnx(
     work), a report naming layers the model lacks, a quantized layer whose weights are no longer
     on its grid or whose weight the exported graph does not use as a MatMul/Gemm/Conv constant,
     and for models ``torch.onnx.export`` cannot export; the message names the layer and what to
-    do (leave it out of the recipe, or list it in ``dense``).
+    do (leave it out of the recipe, or list it in ``dense``). Also, with ``external_data=False``,
+    for a model too large for one file (after the export work), and for a directory or other
+    non-file at ``path + ".data"`` unless ``external_data=False`` (before any work).
 
     Files are written through a staging folder next to ``path`` and renamed into place: a failed
     or interrupted export leaves the previous files (``path`` and its data file) as they were and
