@@ -199,7 +199,10 @@ def remove_stale_temporaries(directory: str) -> list[str]:
     Anything else is left alone: other names (including the unmarked temporary names of earlier
     versions), entries of other hosts sharing the folder over a network file system, entries of a
     running process (this one included), and, where the process table cannot be asked (not POSIX),
-    everything. A reused pid keeps the entry (never wrongly removed, only kept longer).
+    everything. A reused pid keeps the entry (never wrongly removed, only kept longer). Hosts are
+    told apart by host name only: two containers with the same host name, separate process ids and
+    a shared folder could take each other's live entries for dead ones (the write that loses its
+    file then fails; it never renames a damaged file into place).
     """
     host = _host_tag()
     removed = []
