@@ -1,12 +1,29 @@
 """Reading a small file that a user names (recipes, level databases): regular files only; writing
-every output file through a temporary file renamed into place (:func:`write_file_atomically`)."""
+every output file through a temporary file renamed into place (:func:`write_file_atomically`), or
+through a staging folder (:func:`make_staging_folder`); removing the temporary files and staging
+folders that a killed process left (:func:`remove_stale_temporaries`)."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import re
 import secrets
+import shutil
+import socket
 import stat
 from collections.abc import Callable
+
+logger = logging.getLogger("obc_native")
+
+# Every temporary name this module makes carries "<host>-<pid>-<token>": <host> 8 hex digits of
+# the host name's SHA-256, <pid> the creating process, <token> 12 random hex digits. A name of that
+# form whose host is this one and whose process is gone belongs to a write that was killed
+# (kill -9, power loss) before it could clean up, and is removed by the next write into the folder.
+_OWNER = r"(?P<host>[0-9a-f]{8})-(?P<pid>[1-9][0-9]{0,9})-[0-9a-f]{12}"
+_STALE_FILE = re.compile(rf"\..*obc-{_OWNER}\.tmp(\.[^.]*)?")  # create_file_next_to's names
+_STALE_FOLDER = re.compile(rf"\.obc-staging-{_OWNER}")  # make_staging_folder's names
 
 
 def read_regular_file(path: str) -> bytes:
@@ -32,6 +49,10 @@ def create_file_next_to(path: str, prefix: str = ".", suffix: str = ".tmp") -> t
     """``(descriptor, name)`` of a new, empty file in ``path``'s folder, open for writing, to be
     renamed onto ``path`` once complete.
 
+    Its name is ``prefix + "obc-<host>-<pid>-<token>" + suffix``; ``prefix`` should start with a
+    dot and ``suffix`` with ``.tmp`` (then :func:`remove_stale_temporaries` recognises the file
+    once its process is gone).
+
     Unlike ``tempfile.mkstemp`` (always mode 0600), the file is created with mode 0666 and the
     process umask applies, as for ``open(path, "w")``: a file renamed into place must be readable
     by whoever could read the file a plain write would have made. Created exclusively (``O_EXCL``),
@@ -41,7 +62,7 @@ def create_file_next_to(path: str, prefix: str = ".", suffix: str = ".tmp") -> t
     directory = os.path.dirname(os.path.abspath(path))
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        name = os.path.join(directory, f"{prefix}{secrets.token_hex(6)}{suffix}")
+        name = os.path.join(directory, f"{prefix}obc-{_owner_tag()}{suffix}")
         try:
             return os.open(name, flags, 0o666), name
         except FileExistsError:
@@ -108,6 +129,9 @@ def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
     link at ``path`` is replaced by the file, never written through. A directory, FIFO, device or
     socket at ``path`` raises ``error`` before anything is written. The file's data is flushed to
     disk (``fsync``) before the rename, so a crash cannot leave a renamed but empty file.
+
+    A process killed during the write (``kill -9``) leaves its temporary file; the next call
+    writing into the same folder removes it (:func:`remove_stale_temporaries`).
     """
     path = os.fspath(path)
     keep_mode = None
@@ -117,9 +141,11 @@ def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
             keep_mode = stat.S_IMODE(old) & 0o777
         elif not stat.S_ISLNK(old):
             raise error(f"{path}: exists and is not a regular file; refusing to replace it")
-    # ".name.<random>.tmp.ext": hidden, and ending in path's extension, which some writers check
-    # (torch.export.save warns about a name not ending in .pt2)
+    # ".name.obc-<host>-<pid>-<token>.tmp.ext": hidden, recognisable as ours once its process is
+    # gone, and ending in path's extension, which some writers check (torch.export.save warns about
+    # a name not ending in .pt2)
     stem, extension = os.path.splitext(os.path.basename(path))
+    remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
     fd, temp = create_file_next_to(path, prefix=f".{stem}.", suffix=f".tmp{extension}")
     try:
         try:
@@ -140,6 +166,98 @@ def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
             os.unlink(temp)
         raise
     _fsync_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def make_staging_folder(directory: str) -> str:
+    """Create and return a new, empty hidden folder ``.obc-staging-<host>-<pid>-<token>`` in
+    ``directory``, for a writer that makes several files (or files under names it chooses) before
+    they are renamed into place. The caller removes it (``shutil.rmtree``) when done, also on
+    failure; one that a killed process left is removed by the next call for the same folder, or by
+    :func:`write_file_atomically` writing there (:func:`remove_stale_temporaries`). Created with
+    mode 0700 (``os.mkdir``). ``OSError`` when ``directory`` cannot be written.
+    """
+    remove_stale_temporaries(directory)
+    for _ in range(100):
+        name = os.path.join(directory, f".obc-staging-{_owner_tag()}")
+        try:
+            os.mkdir(name, 0o700)
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{directory}: no free staging folder name after 100 tries")
+
+
+def remove_stale_temporaries(directory: str) -> list[str]:
+    """Remove the temporary files and staging folders in ``directory`` that a process killed while
+    writing left behind; returns their names (best effort: an entry that cannot be removed, or that
+    another process removes first, is left out).
+
+    An entry is removed only if it is provably ours and dead: its name has the exact form of
+    :func:`create_file_next_to`'s files (``.*obc-<host>-<pid>-<token>.tmp[.ext]``, a regular file) or
+    of :func:`make_staging_folder`'s folders (``.obc-staging-<host>-<pid>-<token>``, a real
+    folder, not a link), ``<host>`` is this host's tag, and no process ``<pid>`` exists on this host.
+    Anything else is left alone: other names (including the unmarked temporary names of earlier
+    versions), entries of other hosts sharing the folder over a network file system, entries of a
+    running process (this one included), and, where the process table cannot be asked (not POSIX),
+    everything. A reused pid keeps the entry (never wrongly removed, only kept longer). Hosts are
+    told apart by host name only: two containers with the same host name, separate process ids and
+    a shared folder could take each other's live entries for dead ones (the write that loses its
+    file then fails; it never renames a damaged file into place).
+    """
+    host = _host_tag()
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith("."):
+            continue
+        folder = _STALE_FOLDER.fullmatch(entry.name)
+        match = folder or _STALE_FILE.fullmatch(entry.name)
+        if match is None or match["host"] != host or _process_exists(int(match["pid"])):
+            continue
+        try:
+            if folder is not None:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                shutil.rmtree(entry.path)  # refuses a link; never follows links inside
+            else:
+                if not entry.is_file(follow_symlinks=False):
+                    continue
+                os.unlink(entry.path)
+        except OSError:
+            continue
+        removed.append(entry.name)
+    if removed:
+        logger.info("removed what killed writes left in %s: %s", directory, ", ".join(sorted(removed)))
+    return removed
+
+
+def _host_tag() -> str:
+    """8 hex digits naming this host in temporary names (pids are only meaningful per host)."""
+    return hashlib.sha256(socket.gethostname().encode("utf-8", "surrogateescape")).hexdigest()[:8]
+
+
+def _owner_tag() -> str:
+    """``<host>-<pid>-<token>``: who made a temporary name, and a random part to make it new.
+    The pid is read at each call (a forked child gets its own)."""
+    return f"{_host_tag()}-{os.getpid()}-{secrets.token_hex(6)}"
+
+
+def _process_exists(pid: int) -> bool:
+    """Whether process ``pid`` may exist on this host; True whenever that cannot be ruled out."""
+    if pid == os.getpid():
+        return True
+    if os.name != "posix" or pid <= 0:  # Windows' os.kill would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: exists, another user's
+        return True
+    return True
 
 
 def _fsync_file(path: str) -> None:

@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument(
         "--accuracy-level", type=int, default=0, choices=range(5), help="MatMulNBits accuracy_level (default 0)"
     )
+    export.add_argument(
+        "--external-data", choices=["auto", "yes", "no"], default="auto",
+        help="weights in FILE.data next to the .onnx: yes, no, or auto (the default: only when one file would "
+        "pass protobuf's 2 GiB limit)",
+    )
     export.add_argument("--quiet", action="store_true", help="print nothing on success")
 
     shrink = commands.add_parser(
@@ -622,9 +627,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dense=args.dense,
         matmul_nbits=not args.no_matmul_nbits,
         accuracy_level=args.accuracy_level,
+        external_data={"auto": None, "yes": True, "no": False}[args.external_data],
     )
     if not args.quiet:
-        print(result.table())
+        print(result.table())  # ends with one line per file written, with its size
     return 0
 
 
@@ -729,8 +735,11 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
         expected = _output_tensors(masked(*example_args, **(example_kwargs or {})))
         actual = _output_tensors(model(*example_args, **(example_kwargs or {})))
     difference = max((float((a - e).abs().max()) for a, e in zip(actual, expected) if a.numel()), default=0.0)
+    data_note = ""
     if fmt == "onnx":
-        export_onnx(model, example_args, args.out, example_kwargs=example_kwargs)
+        written = export_onnx(model, example_args, args.out, example_kwargs=example_kwargs)
+        if written.data_path is not None:  # above 2 GiB: the weights are in a file of their own
+            data_note = f"; weights in {written.data_path}, {written.data_size} bytes"
     else:
         _save_exported_program(model, example_args, example_kwargs, args.out)
     if not args.quiet:
@@ -738,8 +747,8 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
             print(heads.table())
         print(report.table())
         print(f"max |shrunk - masked| on --example: {difference:.3g}")
-        print(f"wrote {args.out} ({fmt}, {os.path.getsize(args.out)} bytes; weights as float, quantized layers "
-              "dequantized)")
+        print(f"wrote {args.out} ({fmt}, {os.path.getsize(args.out)} bytes{data_note}; weights as float, quantized "
+              "layers dequantized)")
     return 0
 
 

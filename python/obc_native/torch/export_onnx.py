@@ -32,7 +32,15 @@ computes with are bit-identical to the PyTorch model's. Outputs then differ only
 float operations (MatMulNBits accumulates differently).
 
 The graph's opset is 21 (converted from the exporter's with ``onnx.version_converter``), plus
-``com.microsoft`` version 1 when MatMulNBits is used. Files above 2 GB are not supported.
+``com.microsoft`` version 1 when MatMulNBits is used.
+
+Large models: protobuf cannot serialize a message of 2 GiB or more, so the weights of a model that
+big go to an external-data file next to the ``.onnx`` (ONNX's external data format; onnxruntime
+reads it from the model's folder). While the graph is built, every initializer of 1 KiB or more
+is held outside the ONNX proto (:class:`_TensorData`), so that neither the version converter, the
+rewrite nor the checker ever serializes the weights; torch exports a model whose parameters pass
+``_IN_MEMORY_TRACE_LIMIT`` into a staging folder rather than into memory (its in-memory export
+refuses more than 2 GiB).
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 import tempfile
 import threading
@@ -56,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import output_file_problem, write_file_atomically
+from .._files import make_staging_folder, output_file_problem, write_file_atomically
 from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
@@ -72,6 +81,22 @@ _EXPORT_OPSET = 17  # what torch.onnx.export writes before the conversion to OPS
 _MAX_BLOCK = 256  # largest MatMulNBits block_size used (onnxruntime's CPU kernels go to 256)
 _MSFT = "com.microsoft"
 _PLACEHOLDER_DOMAIN = "obc_native"
+
+_PROTOBUF_LIMIT = 2**31 - 1  # protobuf serializes no message larger (bytes)
+# external_data=None: a model whose graph and weights together pass this writes its weights to an
+# external-data file (the margin covers the fields the size estimate leaves out). Tests lower it.
+_SINGLE_FILE_LIMIT = _PROTOBUF_LIMIT - (64 << 20)
+# A model whose parameters and buffers pass this is exported by torch into a staging folder rather
+# than into memory: torch's in-memory export refuses models above 2 GiB, and constant folding can
+# add copies of weights (e.g. a tied embedding's transpose), so half the limit.
+_IN_MEMORY_TRACE_LIMIT = 1 << 30
+_DETACH_BYTES = 1024  # initializers of at least this size are held outside the proto while building
+_DATA_SUFFIX = ".data"  # the external-data file of "model.onnx" is "model.onnx.data"
+# Offsets of tensors of 1 MiB or more in the data file are multiples of 64 KiB (Windows' allocation
+# granularity, which onnx.save also uses): onnxruntime can map them from the file instead of
+# copying them.
+_ALIGN_BYTES = 1 << 20
+_ALIGNMENT = 1 << 16
 
 
 class ExportError(ValueError):
@@ -91,6 +116,9 @@ class OnnxExport:
         activations: per activation-quantized layer, ``"QDQ uint8"`` / ``"QDQ uint4"`` /
             ``"QDQ uint16"`` or ``"fake-quantize 3-bit (float ops)"``.
         opset: the default-domain opset of the graph.
+        data_path: the external-data file holding the weights (``path + ".data"``), or None when
+            the weights are inside the ONNX file.
+        data_size: its size in bytes (0 without one).
     """
 
     path: str
@@ -98,12 +126,24 @@ class OnnxExport:
     layers: dict[str, str] = field(default_factory=dict)
     activations: dict[str, str] = field(default_factory=dict)
     opset: int = OPSET
+    data_path: str | None = None
+    data_size: int = 0
+
+    @property
+    def files(self) -> dict[str, int]:
+        """The files written, ``{path: size in bytes}``: the ONNX file, then its data file if any."""
+        files = {self.path: self.file_size}
+        if self.data_path is not None:
+            files[self.data_path] = self.data_size
+        return files
 
     def table(self) -> str:
-        """One line per quantized layer, then the file size."""
+        """One line per quantized layer, then one per file written, with its size."""
         lines = [f"{name or '(model)'}: {form}" for name, form in self.layers.items()]
         lines += [f"{name} input: {form}" for name, form in self.activations.items()]
         lines.append(f"{self.path}: {self.file_size} bytes, opset {self.opset}")
+        if self.data_path is not None:
+            lines.append(f"{self.data_path}: {self.data_size} bytes (external data: the weights)")
         return "\n".join(lines)
 
 
@@ -120,6 +160,7 @@ def export_onnx(
     matmul_nbits: bool = True,
     accuracy_level: int = 0,
     dense: Sequence[str] = (),
+    external_data: bool | None = None,
 ) -> OnnxExport:
     """Export ``model`` (compressed by :func:`compress`) to the ONNX file ``path``.
 
@@ -141,18 +182,39 @@ def export_onnx(
         accuracy_level: MatMulNBits' ``accuracy_level``: 0 (unset: float32 inputs on CPU) ...
             4 (onnxruntime may quantize the *inputs* to int8 per block: faster, less accurate).
         dense: fnmatch patterns of quantized layers to export with dense float weights.
+        external_data: where the weights go. None (automatic): into the ONNX file, unless the
+            file would pass protobuf's 2 GiB limit; then as with True. True: into the file
+            ``path + ".data"`` next to it (ONNX's external data format: the ``.onnx`` file names
+            it relative to its own folder, where onnxruntime reads it; keep the two together).
+            False: always one file (ExportError, after the export work, if it would pass 2 GiB).
+            Initializers under 1 KiB stay in the ONNX file either way. A single-file export
+            removes a ``path + ".data"`` left by an earlier export to ``path``.
 
-    Returns an :class:`OnnxExport` (file size, per-layer storage).
+    Returns an :class:`OnnxExport` (files written and their sizes, per-layer storage).
 
     Raises :class:`ExportError` (a ``ValueError``) for a path that cannot be written (before any
     work), a report naming layers the model lacks, a quantized layer whose weights are no longer
     on its grid or whose weight the exported graph does not use as a MatMul/Gemm/Conv constant,
     and for models ``torch.onnx.export`` cannot export; the message names the layer and what to
-    do (leave it out of the recipe, or list it in ``dense``).
+    do (leave it out of the recipe, or list it in ``dense``). Also, with ``external_data=False``,
+    for a model too large for one file (after the export work), and for a directory or other
+    non-file at ``path + ".data"`` unless ``external_data=False`` (before any work).
+
+    Files are written through a staging folder next to ``path`` and renamed into place: a failed
+    or interrupted export leaves the previous files (``path`` and its data file) as they were and
+    no new or temporary file (a staging folder a killed export left is removed by the next one).
+    With external data the data file is renamed first, then ``path``: only a crash between the two
+    renames can leave a new data file next to an older ``path``.
     """
-    import onnx
+    import onnx  # noqa: F401 - ImportError before any work
 
     path = _check_output_path(path)
+    if external_data is not None and not isinstance(external_data, bool):
+        raise TypeError(f"external_data must be None, True or False, got {external_data!r}")
+    data_path = path + _DATA_SUFFIX
+    problem = output_file_problem(data_path)
+    if problem is not None and external_data is not False:
+        raise ExportError(f"external data file {problem}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(accuracy_level, int) or not 0 <= accuracy_level <= 4:
@@ -166,24 +228,33 @@ def export_onnx(
             continue
         layers[name] = (info, grid, _codes_of(name, info, grid, saved=isinstance(report, (str, os.PathLike))))
 
-    graph_model, placeholders = _torch_export(
-        model, example_args, example_kwargs, input_names, output_names, dynamic_batch
-    )
-    rewriter = _GraphRewriter(graph_model)
-    summary_layers: dict[str, str] = {}
-    for name, (info, grid, codes) in layers.items():
-        if info.kind == "embedding":
-            summary_layers[name] = rewriter.quantize_embedding(name, info, grid, codes, matmul_nbits)
-        else:
-            summary_layers[name] = rewriter.quantize_weight(name, info, grid, codes, matmul_nbits, accuracy_level)
-    activations = rewriter.lower_activation_placeholders(placeholders)
-    rewriter.finish()
-    graph_model.metadata_props.add(key="obc_native.layers", value=json.dumps(summary_layers, sort_keys=True))
     try:
-        onnx.checker.check_model(graph_model)
-    except onnx.checker.ValidationError as err:  # a rewrite bug, not a user error
-        raise RuntimeError(f"the rewritten ONNX graph is invalid: {err}") from err
-    _write_atomically(path, graph_model.SerializeToString())
+        staging = make_staging_folder(os.path.dirname(path))
+    except OSError as err:
+        raise ExportError(f"path {path}: cannot create a staging folder next to it ({err.strerror or err})") from err
+    try:
+        graph_model, placeholders, tensors = _torch_export(
+            model, example_args, example_kwargs, input_names, output_names, dynamic_batch, staging
+        )
+        rewriter = _GraphRewriter(graph_model, tensors)
+        summary_layers: dict[str, str] = {}
+        for name, (info, grid, codes) in layers.items():
+            if info.kind == "embedding":
+                summary_layers[name] = rewriter.quantize_embedding(name, info, grid, codes, matmul_nbits)
+            else:
+                summary_layers[name] = rewriter.quantize_weight(
+                    name, info, grid, codes, matmul_nbits, accuracy_level
+                )
+        activations = rewriter.lower_activation_placeholders(placeholders)
+        rewriter.finish()
+        del rewriter  # its cache of weight arrays
+        graph_model.metadata_props.add(key="obc_native.layers", value=json.dumps(summary_layers, sort_keys=True))
+        external = _write_files(graph_model, tensors, path, data_path, staging, external_data)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if external:
+        return OnnxExport(path, os.path.getsize(path), summary_layers, activations, OPSET,
+                          data_path, os.path.getsize(data_path))
     return OnnxExport(path, os.path.getsize(path), summary_layers, activations, OPSET)
 
 
@@ -350,8 +421,11 @@ def _has_activation_wrappers(model: nn.Module) -> bool:
     return any(isinstance(module, ActQuantWrapper) for module in model.modules())
 
 
-def _torch_export(model, example_args, example_kwargs, input_names, output_names, dynamic_batch):
-    """The dense ONNX model (in memory) of ``model`` traced on the examples."""
+def _torch_export(model, example_args, example_kwargs, input_names, output_names, dynamic_batch, staging):
+    """``(ONNX model, activation placeholders, tensor data)``: the dense ONNX model of ``model``
+    traced on the examples, its initializers of ``_DETACH_BYTES`` or more held in the returned
+    :class:`_TensorData` (the model proto stays small). A model above ``_IN_MEMORY_TRACE_LIMIT``
+    is exported into a file in the folder ``staging`` (removed after reading)."""
     import onnx
     from onnx import version_converter
 
@@ -373,7 +447,14 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         # some (e.g. transformers models); a wrapper takes every input positionally instead.
         traced = _KeywordCall(model, len(args), list(example_kwargs))
         args = (*args, *(v.cpu() if isinstance(v, torch.Tensor) else v for v in example_kwargs.values()))
-    buffer = io.BytesIO()
+    trace_folder = None
+    target: Any = io.BytesIO()
+    if _model_bytes(model) > _IN_MEMORY_TRACE_LIMIT:
+        # torch's own external-data files (one per tensor, named after it) go into a folder of
+        # their own
+        trace_folder = os.path.join(staging, "trace")
+        os.mkdir(trace_folder)
+        target = os.path.join(trace_folder, "model.onnx")
     model.eval()
     printed = _CapturedStdout()
     try:
@@ -395,7 +476,7 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
             torch.onnx.export(
                 traced,
                 args,
-                buffer,
+                target,
                 dynamo=False,
                 opset_version=_EXPORT_OPSET,
                 input_names=names_in,
@@ -434,7 +515,15 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
     finally:
         for module, flag in training.items():
             module.train(flag)
-    graph_model = onnx.load_from_string(buffer.getvalue())
+    tensors = _TensorData()
+    if trace_folder is None:
+        graph_model = onnx.load_from_string(target.getvalue())
+        del target
+        tensors.detach_all(graph_model)
+    else:
+        graph_model = onnx.load_model(target, load_external_data=False)
+        tensors.detach_all(graph_model, trace_folder)
+        shutil.rmtree(trace_folder)  # read: its disk space is free for the output
     # The version converter refuses unknown operators: each placeholder becomes an Identity of the
     # same name until it is lowered to Q/DQ (which needs opset 21 for uint4 and uint16).
     placeholders = {}
@@ -453,7 +542,15 @@ def _torch_export(model, example_args, example_kwargs, input_names, output_names
         graph_model = version_converter.convert_version(graph_model, OPSET)
     except Exception as err:  # noqa: BLE001 - onnx raises RuntimeError/ValueError/C++ errors
         raise ExportError(f"the exported graph cannot be converted to ONNX opset {OPSET} ({err})") from err
-    return graph_model, placeholders
+    return graph_model, placeholders, tensors
+
+
+def _model_bytes(model: nn.Module) -> int:
+    """Bytes of ``model``'s parameters and buffers (a tensor shared by several modules once)."""
+    seen: dict[tuple[int, int], int] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        seen[(tensor.data_ptr(), tensor.numel())] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 @contextlib.contextmanager
@@ -688,9 +785,10 @@ def _matmul_nbits_block(group_size: int) -> int | None:
 class _GraphRewriter:
     """Replaces float weight initializers of an exported ONNX model by their quantized forms."""
 
-    def __init__(self, graph_model):
+    def __init__(self, graph_model, tensors: _TensorData):
         self.model = graph_model
         self.graph = graph_model.graph
+        self.tensors = tensors
         self.initializers = {init.name: init for init in self.graph.initializer}
         self.used: set[str] = set()
         self.uses_msft = False
@@ -699,11 +797,15 @@ class _GraphRewriter:
     # -- lookup
 
     def _array(self, name: str) -> np.ndarray:
-        from onnx import numpy_helper
-
         if name not in self._arrays:
-            self._arrays[name] = numpy_helper.to_array(self.initializers[name])
+            self._arrays[name] = self.tensors.array(self.initializers[name])
         return self._arrays[name]
+
+    def _add_initializers(self, tensors) -> None:
+        """Append ``tensors`` to the graph, their data held in ``self.tensors`` if large."""
+        for tensor in tensors:
+            self.graph.initializer.append(tensor)
+            self.tensors.detach(self.graph.initializer[-1])  # the graph's copy, not the argument
 
     def _consumers(self, name: str) -> list[tuple[Any, int]]:
         return [(node, i) for node in self.graph.node for i, value in enumerate(node.input) if value == name]
@@ -800,7 +902,7 @@ class _GraphRewriter:
             numpy_helper.from_array(np.ascontiguousarray(scales), f"{base}:scales"),
             numpy_helper.from_array(np.ascontiguousarray(_pack_low_first(zeros, stored_bits)), f"{base}:zero_points"),
         ]
-        self.graph.initializer.extend(tensors)
+        self._add_initializers(tensors)
         for number, (node, _) in enumerate(gathers):
             suffix = "" if len(gathers) == 1 else f".{number}"
             new = helper.make_node(
@@ -869,7 +971,7 @@ class _GraphRewriter:
             numpy_helper.from_array(np.ascontiguousarray(scales), f"{base}:scales"),
             numpy_helper.from_array(np.ascontiguousarray(zeros), f"{base}:zero_points"),
         ]
-        self.graph.initializer.extend(tensors)
+        self._add_initializers(tensors)
         inputs = [node.input[0], *(t.name for t in tensors)]
         output = node.output[0]
         bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 and node.input[2] else None
@@ -918,7 +1020,7 @@ class _GraphRewriter:
             scale, zero = scale.reshape(-1), zero.reshape(-1)
         scale_tensor = numpy_helper.from_array(np.ascontiguousarray(scale), f"{base}:scale")
         zero_tensor = _uint_tensor(f"{base}:zero_point", zero, grid.bits)
-        self.graph.initializer.extend([code_tensor, scale_tensor, zero_tensor])
+        self._add_initializers([code_tensor, scale_tensor, zero_tensor])
         attributes: dict[str, int] = {"axis": 1 if transposed else 0}
         if not per_channel:
             attributes = {"axis": 0 if transposed else 1, "block_size": grid.group_size}
@@ -1036,6 +1138,7 @@ class _GraphRewriter:
         position = next(i for i, init in enumerate(self.graph.initializer) if init.name == name)
         del self.graph.initializer[position]
         self._arrays.pop(name, None)
+        self.tensors.drop(name)
 
     def finish(self) -> None:
         """Opset imports of the domains the rewritten graph uses; value_info of removed values."""
@@ -1057,7 +1160,211 @@ def _scope_of(node_name: str) -> str:
     return ".".join(parts[:-1])
 
 
-def _write_atomically(path: str, payload: bytes) -> None:
-    """Write ``payload`` to a temporary file next to ``path`` and rename it into place (a replaced
-    file keeps its mode; see ``write_file_atomically``)."""
-    write_file_atomically(path, payload, error=ExportError)
+# ----------------------------------------------------------------------------- large initializers and files
+
+
+class _TensorData:
+    """The data of an ONNX model's large initializers, held outside its proto while it is built.
+
+    Protobuf cannot serialize 2 GiB or more, and the version converter, the checker and
+    onnxruntime's loaders all serialize the model they are given. Each initializer of
+    ``_DETACH_BYTES`` or more therefore stays in the graph with its name, type and dims but no data:
+    marked as external data at the placeholder location ``_DETACHED`` (the version converter and the
+    rewrite keep such tensors as they are), its bytes (ONNX ``raw_data`` layout: little-endian,
+    4-bit types packed) kept here by name. :meth:`embed` puts them back (one file);
+    :meth:`write_external` writes them to a data file and points the tensors there.
+    """
+
+    _DETACHED = "obc-native-detached"
+
+    def __init__(self) -> None:
+        self._data: dict[str, bytes] = {}
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (the detached initializers' data)."""
+        return sum(len(raw) for raw in self._data.values())
+
+    def detach_all(self, graph_model, folder: str | None = None) -> None:
+        """Detach every large initializer of the graph; tensors already stored as external data
+        (torch's exporter does so above 2 GiB) are read from ``folder`` (their model's folder)."""
+        from onnx import TensorProto
+
+        for tensor in graph_model.graph.initializer:
+            if tensor.data_location == TensorProto.EXTERNAL:
+                raw = _read_external(tensor, folder)
+                self._data[tensor.name] = raw
+                _mark_external(tensor, self._DETACHED, 0, len(raw))
+            else:
+                self.detach(tensor)
+
+    def detach(self, tensor) -> None:
+        """Hold ``tensor``'s data here if it has ``_DETACH_BYTES`` or more of ``raw_data``."""
+        raw = tensor.raw_data
+        if len(raw) < _DETACH_BYTES:
+            return
+        self._data[tensor.name] = raw
+        _mark_external(tensor, self._DETACHED, 0, len(raw))
+
+    def drop(self, name: str) -> None:
+        """Forget the data of the initializer ``name`` (removed from the graph)."""
+        self._data.pop(name, None)
+
+    def array(self, tensor) -> np.ndarray:
+        """``tensor``'s values (read-only when detached: a view of the held bytes)."""
+        from onnx import TensorProto, helper, numpy_helper
+
+        raw = self._data.get(tensor.name)
+        if raw is None:
+            return numpy_helper.to_array(tensor)
+        plain = {TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16, TensorProto.BOOL, TensorProto.INT8,
+                 TensorProto.INT16, TensorProto.INT32, TensorProto.INT64, TensorProto.UINT8, TensorProto.UINT16,
+                 TensorProto.UINT32, TensorProto.UINT64}
+        if tensor.data_type in plain and sys.byteorder == "little":  # raw_data is little-endian
+            dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+            return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        copy = TensorProto()  # packed 4-bit, bfloat16, float8 ...: onnx decodes them
+        copy.CopyFrom(tensor)
+        del copy.external_data[:]
+        copy.ClearField("data_location")
+        copy.raw_data = raw
+        return numpy_helper.to_array(copy)
+
+    def embed(self, graph_model) -> None:
+        """Put every held tensor's data back into the graph (and no longer hold it)."""
+        from onnx import TensorProto
+
+        for tensor in graph_model.graph.initializer:
+            raw = self._data.pop(tensor.name, None)
+            if raw is not None:
+                del tensor.external_data[:]
+                tensor.ClearField("data_location")  # set to DEFAULT, it would still be written
+                tensor.raw_data = raw
+        if self._data:  # a bug: data held for initializers the graph no longer has
+            raise RuntimeError(f"initializer data without an initializer: {sorted(self._data)[:5]}")
+
+    def write_external(self, graph_model, file: str, location: str) -> None:
+        """Write the held tensors, in graph order, to ``file`` and point them there as external
+        data at ``location`` (the file's name relative to the ONNX file's folder)."""
+        names = {tensor.name for tensor in graph_model.graph.initializer}
+        if set(self._data) - names:  # a bug, as in embed
+            raise RuntimeError(f"initializer data without an initializer: {sorted(set(self._data) - names)[:5]}")
+        offset = 0
+        with open(file, "wb") as out:
+            for tensor in graph_model.graph.initializer:
+                raw = self._data.get(tensor.name)
+                if raw is None:
+                    continue
+                if len(raw) >= _ALIGN_BYTES:
+                    padding = -offset % _ALIGNMENT
+                    out.write(bytes(padding))
+                    offset += padding
+                out.write(raw)
+                _mark_external(tensor, location, offset, len(raw))
+                offset += len(raw)
+
+
+def _mark_external(tensor, location: str, offset: int, length: int) -> None:
+    """Make ``tensor`` an external-data tensor: ``length`` bytes at ``offset`` in ``location``."""
+    from onnx import TensorProto
+
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def _read_external(tensor, folder: str | None) -> bytes:
+    """The bytes of an external-data ``tensor`` whose file lies in ``folder``."""
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    location = info.get("location", "")
+    if folder is None:
+        raise RuntimeError(f"initializer {tensor.name!r} refers to external data {location!r} without a folder")
+    folder = os.path.abspath(folder)
+    file = os.path.abspath(os.path.join(folder, location))
+    if os.path.commonpath([file, folder]) != folder:
+        raise RuntimeError(f"initializer {tensor.name!r}: external data {location!r} lies outside {folder}")
+    offset = int(info.get("offset", 0))
+    with open(file, "rb") as handle:
+        handle.seek(offset)
+        if "length" in info:
+            raw = handle.read(int(info["length"]))
+            if len(raw) != int(info["length"]):
+                raise RuntimeError(f"initializer {tensor.name!r}: {file} ends before its data")
+            return raw
+        return handle.read()
+
+
+def _write_files(graph_model, tensors: _TensorData, path: str, data_path: str, staging: str,
+                 external_data: bool | None) -> bool:
+    """Write the ONNX file ``path`` (and with external data, ``data_path``) through ``staging``;
+    returns whether the weights went to ``data_path``. Both are made and checked in ``staging``,
+    then renamed into place, the data file first; should renaming ``path`` fail, the previous data
+    file is put back (or the new one removed), so that no new file is left."""
+    import onnx
+
+    size = graph_model.ByteSize() + tensors.nbytes
+    external = size > _SINGLE_FILE_LIMIT if external_data is None else external_data
+    if not external and size > _SINGLE_FILE_LIMIT:
+        raise ExportError(
+            f"the ONNX model takes about {size} bytes, more than one file can hold (protobuf's 2 GiB limit); "
+            f"export with external_data=True (or None) to write the weights to {data_path}"
+        )
+    staged = os.path.join(staging, os.path.basename(path))
+    staged_data = os.path.join(staging, os.path.basename(data_path))
+    if external:
+        tensors.write_external(graph_model, staged_data, os.path.basename(data_path))
+    else:
+        tensors.embed(graph_model)
+    if graph_model.ByteSize() > _PROTOBUF_LIMIT:  # external: constants of nodes alone pass 2 GiB
+        raise ExportError(
+            f"the ONNX graph without its initializers still takes {graph_model.ByteSize()} bytes (large constants "
+            "inside nodes), more than protobuf can write; this model cannot be exported to ONNX"
+        )
+    with open(staged, "wb") as handle:
+        handle.write(graph_model.SerializeToString())
+    try:
+        onnx.checker.check_model(staged)  # by path: reads the external data's folder, never serializes it
+    except onnx.checker.ValidationError as err:  # a rewrite bug, not a user error
+        raise RuntimeError(f"the rewritten ONNX graph is invalid: {err}") from err
+    if not external:
+        _install(staged, path)
+        if os.path.isfile(data_path) and not os.path.islink(data_path):
+            os.remove(data_path)  # an earlier export's weights, which the new file does not read
+            logger.info("removed %s, the external data of the ONNX file this export replaced", data_path)
+        return False
+    previous = _keep_previous(data_path, os.path.join(staging, "previous" + _DATA_SUFFIX))
+    _install(staged_data, data_path)
+    try:
+        _install(staged, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if previous is not None:
+                os.replace(previous, data_path)
+            else:
+                os.remove(data_path)
+        raise
+    return True
+
+
+def _keep_previous(data_path: str, backup: str) -> str | None:
+    """A second name ``backup`` for the regular file at ``data_path`` (a hard link; where the file
+    system has none, the file is moved there), or None if there is none."""
+    if not os.path.isfile(data_path) or os.path.islink(data_path):
+        return None
+    try:
+        os.link(data_path, backup)
+    except OSError:
+        try:
+            os.replace(data_path, backup)
+        except OSError:
+            return None
+    return backup
+
+
+def _install(staged: str, target: str) -> None:
+    """Rename the finished file ``staged`` onto ``target`` through ``write_file_atomically`` (a
+    replaced file keeps its mode, a link at ``target`` is replaced, the file is flushed to disk)."""
+    write_file_atomically(target, lambda temp: os.replace(staged, temp), error=ExportError)

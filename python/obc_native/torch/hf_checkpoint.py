@@ -20,12 +20,11 @@ import glob
 import logging
 import os
 import shutil
-import tempfile
 
 import torch
 from torch import nn
 
-from .._files import make_output_folder, output_file_problem, write_file_atomically
+from .._files import make_output_folder, make_staging_folder, output_file_problem, write_file_atomically
 
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
@@ -85,8 +84,10 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
         raise HFCheckpointError(problem)
     # save_pretrained writes its files in place, one after the other: it writes into a hidden
     # folder here instead, whose files are then renamed into place one by one (each file a previous
-    # save left there stays whole until its replacement is complete, and keeps its mode)
-    staging = tempfile.mkdtemp(prefix=".obc-staging-", dir=directory)
+    # save left there stays whole until its replacement is complete, and keeps its mode). The
+    # folder's name carries our pid: one that a killed save left is removed here (once its process
+    # is gone) before the new one is made.
+    staging = make_staging_folder(directory)
     try:
         model.save_pretrained(staging)
         saved = sorted(os.listdir(staging))
