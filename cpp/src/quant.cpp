@@ -6,8 +6,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
+
+#include <Eigen/LU>
 
 #include "internal/grid_point.hpp"
 #include "internal/grid_screen.hpp"
@@ -112,7 +115,8 @@ const float* outliers_first(const float* w, Index len, double xmin, double xmax)
 // be the exact minimum are summed with std::pow, so the choice is the exact scan's; when one
 // candidate is left (the usual case) it is the minimum and nothing is summed exactly.
 template <class Scalar>
-GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
+GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
+                           const internal::ScreenPow& pw, int& guess) {
   double xmin = 0, xmax = 0;
   for (Index i = 0; i < len; ++i) {
     xmin = std::min(xmin, static_cast<double>(w[i]));
@@ -134,6 +138,7 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
       double low[kMseSteps], lowest_high = std::numeric_limits<double>::infinity();
       const double small_term = std::pow(static_cast<double>(internal::kScreenSmall), opt.mse_norm);
       const float* screened = outliers_first(w, len, xmin, xmax);
+      const float amax = static_cast<float>(std::max(-xmin, xmax));  // exact: a weight's |w|
       const int start = first;  // the guess first: its high bound cuts the others short
       for (int n = 0; n < kMseSteps; ++n) {
         const int i = (start + n) % kMseSteps;
@@ -144,8 +149,7 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
         Index small = 0;
         bool complete = false;
         const double est = internal::grid_screen_kernels().scaled_error(
-            screened, len, g.scale, g.zero, g.maxq, static_cast<float>(opt.mse_norm), stop, &small,
-            &complete);
+            screened, len, g.scale, g.zero, g.maxq, pw, amax, stop, &small, &complete);
         low[i] = (1 - internal::kScreenMargin) * est * unit;
         // Only a complete sum bounds the exact error from above.
         const double high =
@@ -245,6 +249,71 @@ const char* grid_screen_isa() {
     return use_avx512_kernels() ? "avx512" : "avx2+fma";
 #endif
   return "generic";
+}
+
+namespace {
+
+// The tables of make_screen_pow for one norm (see ScreenPow).
+ScreenPow fit_screen_pow(double norm) {
+  ScreenPow pw;
+  pw.norm = static_cast<float>(norm);
+  if (!(norm >= 1.0 && norm <= 4.0)) return pw;
+  // Interpolation of (1.5 + t)^norm at the Chebyshev nodes of [-1/2, 1/2] (close to the best
+  // polynomial of this degree: relative error ~6e-8 at norm 2.4), solved for the monomial
+  // coefficients in t (7 x 7, nodes spread: well conditioned in double).
+  constexpr int n = kScreenPolyDegree + 1;
+  Eigen::Matrix<double, n, n> V;
+  Eigen::Matrix<double, n, 1> f;
+  for (int i = 0; i < n; ++i) {
+    const double t = 0.5 * std::cos((2 * i + 1) * 3.14159265358979323846 / (2 * n));
+    double tk = 1;
+    for (int k = 0; k < n; ++k, tk *= t) V(i, k) = tk;
+    f(i) = std::pow(1.5 + t, norm);
+  }
+  const Eigen::Matrix<double, n, 1> c = V.fullPivLu().solve(f);
+  for (int k = 0; k < n; ++k) pw.coef[k] = static_cast<float>(c(k));
+  // The error of what the kernels compute: float Horner by fused multiply-adds on t = m - 1.5
+  // (exact), against std::pow, on 2^13 + 1 points of [1, 2] and the top mantissa.
+  double worst = 0;
+  constexpr int kPoints = 1 << 13;
+  for (int i = 0; i <= kPoints; ++i) {
+    const float m = i == kPoints ? std::nextafter(2.0f, 0.0f) : 1.0f + float(i) / kPoints;
+    const float t = m - 1.5f;
+    float p = pw.coef[kScreenPolyDegree];
+    for (int k = kScreenPolyDegree - 1; k >= 0; --k) p = std::fma(p, t, pw.coef[k]);
+    const double exact = std::pow(static_cast<double>(m), norm);
+    worst = std::max(worst, std::abs(static_cast<double>(p) - exact) / exact);
+  }
+  // The table entries (rounded once each) and the product with them (AVX2: two entries, two
+  // products) add at most 3 roundings of 2^-24.
+  pw.max_rel_error = worst + 3 * 0x1p-24;
+  for (int e = -20; e <= 11; ++e)
+    pw.exp32[(e + 127) & 31] = static_cast<float>(std::exp2(e * norm));
+  for (int l = 0; l < 8; ++l) pw.exp_lo[l] = static_cast<float>(std::exp2(l * norm));
+  for (int h = 13; h <= 17; ++h) pw.exp_hi[h & 7] = static_cast<float>(std::exp2((8 * h - 127) * norm));
+  pw.usable = pw.max_rel_error <= 1e-6;
+  return pw;
+}
+
+}  // namespace
+
+ScreenPow make_screen_pow(double norm) {
+  // One norm per call of make_grid, nearly always the same few: keep the last 8 norms' tables
+  // (fitting and checking one costs ~0.2 ms, far more than a small layer's fit).
+  static std::mutex mutex;
+  static std::pair<double, ScreenPow> cache[8];
+  static int filled = 0, next = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int i = 0; i < filled; ++i)
+      if (cache[i].first == norm) return cache[i].second;
+  }
+  const ScreenPow pw = fit_screen_pow(norm);
+  std::lock_guard<std::mutex> lock(mutex);
+  cache[next] = {norm, pw};
+  next = (next + 1) % 8;
+  filled = std::min(filled + 1, 8);
+  return pw;
 }
 
 const GridScreenKernels& grid_screen_kernels() {
@@ -354,6 +423,11 @@ QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   constexpr Index kRowsPerItem = 16;
   const Index items = (W.rows() + kRowsPerItem - 1) / kRowsPerItem;
   const double work = static_cast<double>(W.size()) * (opt.grid == GridSearch::Mse ? kMseSteps : 1);
+  // The screen's u^norm tables (float32 MSE fits only; fitted once per norm and cached).
+  const internal::ScreenPow pw =
+      std::is_same_v<Scalar, float> && opt.grid == GridSearch::Mse && !kPlainScan
+          ? internal::make_screen_pow(opt.mse_norm)
+          : internal::ScreenPow{};
   parallel_for(items, work < 4e6 ? 1 : num_threads, nullptr, [&](Index item, int) {
     int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
     for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
@@ -361,7 +435,7 @@ QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
         const Scalar* w = W.row(r).data() + g * grid.group_size;
         const GridPoint<Scalar> p = kPlainScan
                                         ? fit_grid_plain_scan<Scalar>(w, grid.group_size, opt)
-                                        : fit_grid<Scalar>(w, grid.group_size, opt, guess);
+                                        : fit_grid<Scalar>(w, grid.group_size, opt, pw, guess);
         grid.scale(r, g) = p.scale;
         grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
       }

@@ -2,6 +2,7 @@
 // runs (generic SSE2, AVX2+FMA, AVX-512), against float64 std::pow: the relative error bound
 // that make_grid's exact choice rests on (kScreenMargin), the count of terms set to 0, the early
 // stop. A copy whose estimate drifted past the bound would let the fit drop the true minimum.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -32,6 +33,12 @@ std::vector<std::pair<const char*, const k::GridScreenKernels*>> copies() {
     out.push_back({"avx512", &k::grid_screen_kernels_avx512()});
 #endif
   return out;
+}
+
+float amax_of(const std::vector<float>& w) {
+  float amax = 0;
+  for (const float x : w) amax = std::max(amax, std::fabs(x));
+  return amax;
 }
 
 struct Exact {
@@ -84,7 +91,8 @@ OBC_TEST(estimate_within_bound_on_random_rows) {
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
       KIndex small = -1;
       bool complete = false;
-      const double est = table->scaled_error(w.data(), len, scale, zero, maxq, float(norm),
+      const double est = table->scaled_error(w.data(), len, scale, zero, maxq,
+                                             k::make_screen_pow(norm), amax_of(w),
                                              std::numeric_limits<double>::infinity(), &small,
                                              &complete);
       CHECK(complete);
@@ -112,7 +120,8 @@ OBC_TEST(every_lane_position_within_bound) {
           const Exact e = exact_scaled_error(w, 1.0f, 8, 15, norm);
           KIndex small = 0;
           bool complete = false;
-          const double est = table->scaled_error(w.data(), len, 1.0f, 8, 15, float(norm),
+          const double est = table->scaled_error(w.data(), len, 1.0f, 8, 15,
+                                                 k::make_screen_pow(norm), amax_of(w),
                                                  std::numeric_limits<double>::infinity(), &small,
                                                  &complete);
           CHECK(complete && small == len - 1);
@@ -130,12 +139,83 @@ OBC_TEST(early_stop_returns_a_partial_sum_above_the_limit) {
   for (const auto& [name, table] : copies()) {
     KIndex small = 0;
     bool complete = true;
-    const double est = table->scaled_error(w.data(), KIndex(w.size()), 1.0f, 0, 15, 2.0f, 10.0,
-                                           &small, &complete);
+    const double est = table->scaled_error(w.data(), KIndex(w.size()), 1.0f, 0, 15,
+                                           k::make_screen_pow(2.0), amax_of(w), 10.0, &small,
+                                           &complete);
     CHECK(!complete);
     CHECK(est > 10.0);
     CHECK(est < 0.41 * 0.41 * 1000);
     (void)name;
+  }
+}
+
+OBC_TEST(screen_pow_tables_fit_every_norm) {
+  // The polynomial for m^norm (float coefficients, float Horner) within its measured bound, and
+  // that bound far inside the fit's budget, for integer and fractional norms; the tables' u^norm
+  // against std::pow over the whole range they serve, u in [2^-20, 2^12).
+  for (const double norm : {1.0, 1.2, 1.5, 2.0, 2.4, 2.7, 3.0, 3.3, 3.9, 4.0}) {
+    const k::ScreenPow pw = k::make_screen_pow(norm);
+    CHECK(pw.usable);
+    CHECK(pw.max_rel_error <= 1e-6);
+    std::mt19937_64 rng(static_cast<unsigned>(norm * 100));
+    std::uniform_real_distribution<double> unit(0.0, 1.0);
+    double worst = 0;
+    for (int i = 0; i < 20000; ++i) {
+      const float u = static_cast<float>(std::exp2(-20 + 32 * unit(rng)));
+      if (!(u >= 0x1p-20f && u < 0x1p12f)) continue;
+      int e = 0;
+      const float m = 2 * std::frexp(u, &e);  // u = m 2^(e - 1), m in [1, 2)
+      const float t = m - 1.5f;
+      float p = pw.coef[k::kScreenPolyDegree];
+      for (int c = k::kScreenPolyDegree - 1; c >= 0; --c) p = std::fma(p, t, pw.coef[c]);
+      const int biased = e - 1 + 127;
+      const float est32 = p * pw.exp32[biased & 31];
+      const float est8 = p * (pw.exp_lo[biased & 7] * pw.exp_hi[(biased >> 3) & 7]);
+      const double exact = std::pow(static_cast<double>(u), norm);
+      const double rel = std::max(std::abs(est32 - exact), std::abs(est8 - exact)) / exact;
+      worst = std::max(worst, rel);
+    }
+    CHECK(worst <= pw.max_rel_error + 0x1p-24);
+    std::printf("  norm %g: polynomial bound %.3g, worst table estimate %.3g\n", norm,
+                pw.max_rel_error, worst);
+  }
+  // outside [1, 4] the tables are not used (the fit falls back to its plain scan there anyway)
+  CHECK(!k::make_screen_pow(0.5).usable);
+  CHECK(!k::make_screen_pow(4.5).usable);
+}
+
+OBC_TEST(rounding_ties_choose_the_division_codes) {
+  // Weights at and a few ulps around (n + 1/2) scale, where w * (1 / scale) and w / scale may
+  // round to different integers: the kernels must take the division's (GridPoint::quantize's)
+  // codes, or a term's error jumps by about one step and the estimate leaves its bound.
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (const auto& [name, table] : copies()) {
+    for (int trial = 0; trial < 300; ++trial) {
+      const int bits = 2 + trial % 7, maxq = (1 << bits) - 1, zero = trial % 2 ? 0 : maxq / 2;
+      const float scale = trial % 3 == 0 ? 0.25f : static_cast<float>(std::exp2(-40 + 80 * unit(rng)));
+      const double norm = trial % 4 == 0 ? 2.4 : 1.0 + 3.0 * unit(rng);
+      const KIndex len = 16 + static_cast<KIndex>(unit(rng) * 200);
+      std::vector<float> w(static_cast<size_t>(len));
+      for (float& x : w) {
+        const double n = std::floor(-zero - 2 + (maxq + 4) * unit(rng));
+        x = static_cast<float>((n + 0.5) * scale);
+        for (int ulps = static_cast<int>(unit(rng) * 9) - 4; ulps != 0; ulps += ulps > 0 ? -1 : 1)
+          x = std::nextafter(x, ulps > 0 ? INFINITY : -INFINITY);
+      }
+      const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
+      KIndex small = -1;
+      bool complete = false;
+      const double est = table->scaled_error(w.data(), len, scale, zero, maxq,
+                                             k::make_screen_pow(norm), amax_of(w),
+                                             std::numeric_limits<double>::infinity(), &small,
+                                             &complete);
+      CHECK(complete && small == e.small);
+      const double rel = e.sum > 0 ? std::abs(est - e.sum) / e.sum : std::abs(est);
+      if (!(rel <= kMaxRel))
+        std::printf("  %s: trial %d rel error %.3g (scale %g)\n", name, trial, rel, double(scale));
+      CHECK(rel <= kMaxRel);
+    }
   }
 }
 
