@@ -191,18 +191,24 @@ OBC_TEST(rounding_ties_choose_the_division_codes) {
   std::mt19937_64 rng(5);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   for (const auto& [name, table] : copies()) {
-    for (int trial = 0; trial < 300; ++trial) {
-      const int bits = 2 + trial % 7, maxq = (1 << bits) - 1, zero = trial % 2 ? 0 : maxq / 2;
-      const float scale = trial % 3 == 0 ? 0.25f : static_cast<float>(std::exp2(-40 + 80 * unit(rng)));
+    for (int trial = 0; trial < 3000; ++trial) {
+      // half the trials on 8-bit grids with codes 100..254 (|w / scale| large): there the two
+      // codes of a tie leave |q - w| apart by ~1e-5 relative or more, beyond the bound. Each
+      // row repeats one weight 32 times (every lane and the AVX2 tail), so a wrong code is
+      // not averaged away.
+      const bool wide = trial % 2 == 0;
+      const int bits = wide ? 8 : 2 + trial % 7, maxq = (1 << bits) - 1;
+      const int zero = wide ? 0 : trial % 4 == 1 ? 0 : maxq / 2;
+      const float scale =
+          trial % 5 == 1 ? 0.25f : static_cast<float>(std::exp2(-40 + 80 * unit(rng)));
       const double norm = trial % 4 == 0 ? 2.4 : 1.0 + 3.0 * unit(rng);
-      const KIndex len = 16 + static_cast<KIndex>(unit(rng) * 200);
-      std::vector<float> w(static_cast<size_t>(len));
-      for (float& x : w) {
-        const double n = std::floor(-zero - 2 + (maxq + 4) * unit(rng));
-        x = static_cast<float>((n + 0.5) * scale);
-        for (int ulps = static_cast<int>(unit(rng) * 9) - 4; ulps != 0; ulps += ulps > 0 ? -1 : 1)
-          x = std::nextafter(x, ulps > 0 ? INFINITY : -INFINITY);
-      }
+      const KIndex len = 32 + trial % 7;
+      const double n = wide ? std::floor(100 + 154 * unit(rng))
+                            : std::floor(-zero - 2 + (maxq + 4) * unit(rng));
+      float x = static_cast<float>((n + 0.5) * scale);
+      for (int ulps = static_cast<int>(unit(rng) * 9) - 4; ulps != 0; ulps += ulps > 0 ? -1 : 1)
+        x = std::nextafter(x, ulps > 0 ? INFINITY : -INFINITY);
+      const std::vector<float> w(static_cast<size_t>(len), x);
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
       KIndex small = -1;
       bool complete = false;
