@@ -7,8 +7,12 @@
 
 namespace obc::internal {
 
-/// Relative error bound the screening uses for its estimates (they are within ~1e-5).
+/// Relative error bound the screening uses for its general estimates (logarithm and
+/// exponential per term, the generic copy's; within ~2.3e-6 measured, 2e-5 asserted).
 constexpr double kScreenMargin = 1e-4;
+/// The same for the table estimates (ScreenPow) of the AVX2 / AVX-512 copies: within ~6e-7
+/// measured, 2e-6 asserted, plus the scale^norm factor's ~5e-7 (the fit's ScalePow).
+constexpr double kScreenTableMargin = 1e-5;
 /// |q - w| / scale below this: the term is estimated as 0 (and counted, see scaled_error).
 constexpr float kScreenSmall = 0x1p-20f;
 /// Degree of the screen's polynomial for m^norm, m in [1, 2) (ScreenPow).
@@ -21,6 +25,10 @@ constexpr int kScreenPolyDegree = 6;
 /// sum's relative error measured against std::pow).
 struct ScreenPow {
   float norm = 2.4f;
+  /// The norm as given (norm above is its float).
+  double norm_exact = 2.4;
+  /// kScreenSmall^norm.
+  double small_term = 0;
   /// m^norm ~ sum_k coef[k] (m - 1.5)^k on [1, 2), evaluated by fused multiply-adds.
   float coef[kScreenPolyDegree + 1] = {};
   /// [(e + 127) & 31] = 2^(e norm) for e in [-20, 11] (u in [2^-20, 2^12): AVX-512's one
@@ -47,10 +55,12 @@ struct GridScreenKernels {
   /// each term within ~1e-5 relative of its exact value or 0 where it is below kScreenSmall^norm.
   /// *small: how many terms were set to 0. Stops early once the partial sum exceeds stop_above
   /// (the terms are >= 0), returning that partial sum with *complete = false; else *complete =
-  /// true. `pw` (of the same norm) selects the table estimate where pw.usable.
+  /// true. `pw` (of the same norm) selects the table estimate where pw.usable (and every u
+  /// lies in the tables' range); *margin: the relative error bound of the estimate taken,
+  /// kScreenTableMargin or kScreenMargin (always <= kScreenMargin).
   double (*scaled_error)(const float* w, KIndex len, float scale, int zero, int maxq,
                          const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                         bool* complete);
+                         bool* complete, double* margin);
 };
 
 /// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses.

@@ -248,7 +248,7 @@ inline __m512 table_pow16(__m512 u, __m512 tab_lo, __m512 tab_hi, const __m512* 
 template <bool kTable>
 double scaled_error16(const float* w, KIndex len, float scale, int zero_point, int max_code,
                       const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                      bool* complete) {
+                      bool* complete, double* margin) {
   // Terms between two comparisons with stop_above: short enough that a hopeless shrink factor
   // of a 128-group stops after a quarter of it, long enough that the comparisons stay cheap.
   constexpr KIndex kBlock = 32;
@@ -268,6 +268,7 @@ double scaled_error16(const float* w, KIndex len, float scale, int zero_point, i
   KIndex n_small = 0;
   *small = 0;
   *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
   const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
@@ -330,7 +331,7 @@ inline __m256 table_pow8(__m256 u, __m256 tab_lo, __m256 tab_hi, const __m256* c
 template <bool kTable>
 double scaled_error8(const float* w, KIndex len, float scale, int zero_point, int max_code,
                      const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                     bool* complete) {
+                     bool* complete, double* margin) {
   constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
   // A block's terms added in 8 float32 lanes, then into 8 float64 lanes (fixed: the same sum on
   // every run); codes as in scaled_error16 (round half to even, clamp: GridPoint::quantize's).
@@ -345,25 +346,37 @@ double scaled_error8(const float* w, KIndex len, float scale, int zero_point, in
   const __m256 tab_lo = _mm256_loadu_ps(pw.exp_lo), tab_hi = _mm256_loadu_ps(pw.exp_hi);
   __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
   __m256i count = _mm256_setzero_si256();
-  double tail = 0;  // terms after the last multiple of 8 in a block
+  KIndex padding = 0;  // zero lanes of padded tail vectors, counted in `count`
   *small = 0;
   *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
   const auto total = [&] {
     alignas(32) double lanes[4];
     _mm256_store_pd(lanes, _mm256_add_pd(sum_lo, sum_hi));
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
   };
   const auto count_small = [&] {
     alignas(32) std::int32_t lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
     for (const std::int32_t l : lanes) *small += l;
+    *small -= padding;
   };
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
     KIndex j = j0;
     __m256 block_sum = _mm256_setzero_ps();  // the block's terms: float32 adds, error <= 2^-22
-    for (; j + 8 <= end; j += 8) {
-      const __m256 wv = _mm256_loadu_ps(w + j);
+    for (; j < end; j += 8) {
+      // a block's last partial vector from a copy padded with zeros: those lanes have q - w = 0,
+      // below kScreenSmall, so they add nothing and are taken off the small count at the end
+      __m256 wv;
+      if (j + 8 <= end) {
+        wv = _mm256_loadu_ps(w + j);
+      } else {
+        alignas(32) float padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(padded, w + j, sizeof(float) * static_cast<size_t>(end - j));
+        wv = _mm256_load_ps(padded);
+        padding += 8 - (end - j);
+      }
       __m256 r;
       if constexpr (kTable) {
         const __m256 x = _mm256_mul_ps(wv, v_inv);
@@ -387,11 +400,6 @@ double scaled_error8(const float* w, KIndex len, float scale, int zero_point, in
     }
     sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(block_sum)));
     sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(block_sum, 1)));
-    if (j < end) {
-      float terms[8];
-      *small += estimate_terms(w + j, end - j, scale, zero, maxq, pw.norm, terms);
-      for (KIndex i = 0; i < end - j; ++i) tail += static_cast<double>(terms[i]);
-    }
     if (end < len && total() > stop_above) {
       count_small();
       return total();
@@ -405,19 +413,19 @@ double scaled_error8(const float* w, KIndex len, float scale, int zero_point, in
 
 double scaled_error(const float* w, KIndex len, float scale, int zero_point, int max_code,
                     const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                    bool* complete) {
+                    bool* complete, double* margin) {
 #if defined(OBC_SCREEN_AVX512)
   return table_applies(pw, scale, max_code, amax)
              ? scaled_error16<true>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
-                                    small, complete)
+                                    small, complete, margin)
              : scaled_error16<false>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
-                                     small, complete);
+                                     small, complete, margin);
 #elif defined(OBC_SCREEN_AVX2)
   return table_applies(pw, scale, max_code, amax)
              ? scaled_error8<true>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
-                                   small, complete)
+                                   small, complete, margin)
              : scaled_error8<false>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
-                                    small, complete);
+                                    small, complete, margin);
 #else
   // The generic copy keeps the general estimate (logarithm and exponential per term).
   (void)amax;
@@ -426,6 +434,7 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   const float norm = pw.norm;
   *small = 0;
   *complete = false;
+  *margin = internal::kScreenMargin;
   float terms[kBlock];
   double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
