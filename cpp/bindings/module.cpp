@@ -248,10 +248,11 @@ void bind_scalar(py::module_& m) {
            int num_threads, bool plain_scan) {
           const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
           obc::QuantGrid<S> g;
+          PythonInterrupt hook;
           {
             py::gil_scoped_release release;
-            g = plain_scan ? obc::detail::make_grid_plain_scan<S>(W, opt, num_threads)
-                           : obc::make_grid<S>(W, opt, num_threads);
+            g = plain_scan ? obc::detail::make_grid_plain_scan<S>(W, opt, num_threads, &hook)
+                           : obc::make_grid<S>(W, opt, num_threads, &hook);
           }
           return py::make_tuple(to_array<S>(g.scale), to_array<std::uint8_t>(g.zero));
         },
