@@ -71,17 +71,47 @@ double grid_error(const Scalar* w, Index len, const GridPoint<Scalar>& g, double
 // keep every scale, 1 / scale and u^norm in pow_estimate's range (u <= 1300: clamped weights
 // are at most (1 - 0.21) / 0.21 ranges of 255 steps away). Short groups are not worth it.
 template <class Scalar>
-bool can_screen(const Scalar* w, Index len, double norm) {
+bool can_screen(bool finite, double amax, Index len, double norm) {
   if constexpr (!std::is_same_v<Scalar, float>) {
     return false;
   } else {
-    if (!(norm >= 1.0 && norm <= 4.0) || len < 64) return false;
-    float amax = 0;
-    for (Index j = 0; j < len; ++j) {
-      if (!std::isfinite(w[j])) return false;
-      amax = std::max(amax, std::abs(w[j]));
+    if (!(norm >= 1.0 && norm <= 4.0) || len < 64 || !finite) return false;
+    return amax >= 0x1p-60 && amax <= 0x1p60;
+  }
+}
+
+// xmin = min(0, w_j), xmax = max(0, w_j) over w[0, len) with the comparisons of std::min /
+// std::max (a NaN never replaces the running value), and whether every w_j is finite; one pass
+// with 8 independent chains (one chain of min / max costs its latency per weight: ~4 cycles,
+// a fifth of a 128-group's fit). Min and max do not depend on the order of the comparisons.
+template <class Scalar>
+void range_of(const Scalar* w, Index len, double& xmin, double& xmax, bool& finite) {
+  constexpr int kLanes = 8;
+  Scalar lo[kLanes] = {}, hi[kLanes] = {};
+  bool ok[kLanes];
+  std::fill(ok, ok + kLanes, true);
+  const Scalar big = std::numeric_limits<Scalar>::max();
+  Index j = 0;
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const Scalar x = w[j + l];
+      lo[l] = x < lo[l] ? x : lo[l];
+      hi[l] = hi[l] < x ? x : hi[l];
+      ok[l] = ok[l] && std::abs(x) <= big;  // false for NaN and infinities
     }
-    return amax >= 0x1p-60f && amax <= 0x1p60f;
+  for (; j < len; ++j) {
+    const Scalar x = w[j];
+    lo[0] = x < lo[0] ? x : lo[0];
+    hi[0] = hi[0] < x ? x : hi[0];
+    ok[0] = ok[0] && std::abs(x) <= big;
+  }
+  xmin = 0;
+  xmax = 0;
+  finite = true;
+  for (int l = 0; l < kLanes; ++l) {
+    xmin = std::min(xmin, static_cast<double>(lo[l]));
+    xmax = std::max(xmax, static_cast<double>(hi[l]));
+    finite = finite && ok[l];
   }
 }
 
@@ -114,11 +144,17 @@ struct ScalePow {
   int e = std::numeric_limits<int>::min();
   double two_en = 0;
   double operator()(float scale, const internal::ScreenPow& pw) {
-    int exponent = 0;
-    const double m = 2 * std::frexp(static_cast<double>(scale), &exponent);  // in [1, 2)
-    if (exponent - 1 != e) {
-      e = exponent - 1;
-      two_en = std::exp2(e * static_cast<double>(pw.norm_exact));
+    // scale is a normal float (2^-80..2^80): exponent and mantissa from its bits
+    std::uint32_t bits;
+    std::memcpy(&bits, &scale, sizeof bits);
+    const int exponent = static_cast<int>(bits >> 23) - 127;
+    const std::uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+    float mf;
+    std::memcpy(&mf, &mbits, sizeof mf);
+    const double m = mf;  // in [1, 2)
+    if (exponent != e) {
+      e = exponent;
+      two_en = std::exp2(e * pw.norm_exact);
     }
     const double t = m - 1.5;
     double p = pw.coef[internal::kScreenPolyDegree];
@@ -139,10 +175,8 @@ template <class Scalar>
 GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
                            const internal::ScreenPow& pw, int& guess) {
   double xmin = 0, xmax = 0;
-  for (Index i = 0; i < len; ++i) {
-    xmin = std::min(xmin, static_cast<double>(w[i]));
-    xmax = std::max(xmax, static_cast<double>(w[i]));
-  }
+  bool finite = true;
+  range_of(w, len, xmin, xmax, finite);
   if (opt.grid == GridSearch::MinMax) return grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
   const auto grid_at_step = [&](int i) {
     const double p = 1.0 - i / 100.0;
@@ -152,7 +186,7 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
   std::fill(candidate, candidate + kMseSteps, true);
   int first = std::clamp(guess, 0, kMseSteps - 1);
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (can_screen(w, len, opt.mse_norm)) {
+    if (can_screen<Scalar>(finite, std::max(-xmin, xmax), len, opt.mse_norm)) {
       // exact_i >= low_i = (1 - m) est_i (zeroed terms only lower the estimate) and
       // exact_i <= high_i = (1 + m) (est_i + small_i kSmall^norm): a candidate whose low bound
       // is above the lowest high bound cannot be the minimum. m: the kernel's bound for the
@@ -162,23 +196,35 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
       const double small_term = pw.usable ? pw.small_term
                                           : std::pow(static_cast<double>(internal::kScreenSmall),
                                                      opt.mse_norm);
+      // Every step's grid, scale^norm and stop factor first: independent of one another, so
+      // they overlap, while the screening loop below is one chain (each stop limit depends on
+      // the previous estimates).
+      GridPoint<float> grids[kMseSteps];
+      double units[kMseSteps], stop_factor[kMseSteps];
       ScalePow scale_pow;
+      for (int i = 0; i < kMseSteps; ++i) {
+        grids[i] = grid_at_step(i);
+        units[i] = pw.usable ? scale_pow(grids[i].scale, pw)
+                             : std::pow(static_cast<double>(grids[i].scale), opt.mse_norm);
+        // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above
+        // lowest_high * stop_factor (m <= kScreenMargin, whichever estimate the kernel takes;
+        // the product's rounding only moves the stop: low[i] below decides).
+        stop_factor[i] = 1 / ((1 - internal::kScreenMargin) * units[i]);
+      }
       const float* screened = outliers_first(w, len, xmin, xmax);
       const float amax = static_cast<float>(std::max(-xmin, xmax));  // exact: a weight's |w|
+      const internal::GridScreenKernels& screen = internal::grid_screen_kernels();
       const int start = first;  // the guess first: its high bound cuts the others short
       for (int n = 0; n < kMseSteps; ++n) {
         const int i = (start + n) % kMseSteps;
-        const GridPoint<float> g = grid_at_step(i);
-        const double unit = pw.usable ? scale_pow(g.scale, pw)
-                                      : std::pow(static_cast<double>(g.scale), opt.mse_norm);
-        // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above that
-        // (m <= kScreenMargin, whichever estimate the kernel takes).
-        const double stop = lowest_high / ((1 - internal::kScreenMargin) * unit);
+        const GridPoint<float>& g = grids[i];
+        const double unit = units[i];
+        const double stop = lowest_high * stop_factor[i];
         Index small = 0;
         bool complete = false;
         double m = internal::kScreenMargin;
-        const double est = internal::grid_screen_kernels().scaled_error(
-            screened, len, g.scale, g.zero, g.maxq, pw, amax, stop, &small, &complete, &m);
+        const double est = screen.scaled_error(screened, len, g.scale, g.zero, g.maxq, pw, amax,
+                                               stop, &small, &complete, &m);
         low[i] = (1 - m) * est * unit;
         // Only a complete sum bounds the exact error from above.
         const double high = (1 + m) * (est + static_cast<double>(small) * small_term) * unit;
