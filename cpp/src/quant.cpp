@@ -202,10 +202,25 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
       GridPoint<float> grids[kMseSteps];
       double units[kMseSteps], stop_factor[kMseSteps];
       ScalePow scale_pow;
+      double unit0 = 0;
       for (int i = 0; i < kMseSteps; ++i) {
         grids[i] = grid_at_step(i);
-        units[i] = pw.usable ? scale_pow(grids[i].scale, pw)
-                             : std::pow(static_cast<double>(grids[i].scale), opt.mse_norm);
+        // scale_i is (1 - i/100) scale_0 up to two float roundings: scale_i^norm is
+        // shrink_pow[i] scale_0^norm times c^norm, c = scale_i / ((1 - i/100) scale_0) within
+        // 2^-22 of 1, c^norm = 1 + norm (c - 1) to 1e-12; other ratios (the scale = 1
+        // fallback of an empty range): ScalePow.
+        const double c = i == 0 ? 1.0
+                                 : static_cast<double>(grids[i].scale) /
+                                       ((1.0 - i / 100.0) * static_cast<double>(grids[0].scale));
+        if (!pw.usable) {
+          units[i] = std::pow(static_cast<double>(grids[i].scale), opt.mse_norm);
+        } else if (i == 0) {
+          units[i] = unit0 = scale_pow(grids[i].scale, pw);
+        } else if (std::abs(c - 1) <= 0x1p-22) {
+          units[i] = unit0 * pw.shrink_pow[i] * (1 + pw.norm_exact * (c - 1));
+        } else {
+          units[i] = scale_pow(grids[i].scale, pw);
+        }
         // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above
         // lowest_high * stop_factor (m <= kScreenMargin, whichever estimate the kernel takes;
         // the product's rounding only moves the stop: low[i] below decides).
@@ -368,6 +383,7 @@ ScreenPow fit_screen_pow(double norm) {
   for (int l = 0; l < 8; ++l) pw.exp_lo[l] = static_cast<float>(std::exp2(l * norm));
   for (int h = 13; h <= 17; ++h) pw.exp_hi[h & 7] = static_cast<float>(std::exp2((8 * h - 127) * norm));
   pw.small_term = std::pow(static_cast<double>(kScreenSmall), norm);
+  for (int i = 0; i < 80; ++i) pw.shrink_pow[i] = std::pow(1.0 - i / 100.0, norm);
   pw.usable = pw.max_rel_error <= 1e-6;
   return pw;
 }

@@ -29,6 +29,8 @@ struct ScreenPow {
   double norm_exact = 2.4;
   /// kScreenSmall^norm.
   double small_term = 0;
+  /// (1 - i / 100)^norm for the MSE search's 80 shrink factors (fit_grid's scale^norm).
+  double shrink_pow[80] = {};
   /// m^norm ~ sum_k coef[k] (m - 1.5)^k on [1, 2), evaluated by fused multiply-adds.
   float coef[kScreenPolyDegree + 1] = {};
   /// [(e + 127) & 31] = 2^(e norm) for e in [-20, 11] (u in [2^-20, 2^12): AVX-512's one
