@@ -136,10 +136,12 @@ const float* outliers_first(const float* w, Index len, double xmin, double xmax)
   return buffer.data();
 }
 
-// scale^norm for the screen's bounds, within ScreenPow::max_rel_error (~5e-7) relative: scale =
-// m 2^e, m^norm by the screen's polynomial (in double), 2^(e norm) by std::exp2 once per exponent
-// (the 80 shrunk scales of a row share 3-4 exponents). Replaces 80 std::pow per row / group,
-// about a fifth of a 128-group's fit.
+// scale^norm for the screen's bounds, within ~5e-7 relative (the polynomial's interpolation
+// error and its float coefficients; ScreenPow::max_rel_error bounds it with float Horner on
+// top): scale = m 2^e, m^norm by the screen's polynomial evaluated in double, 2^(e norm) by
+// std::exp2 once per exponent. Used for scale_0 of each row / group (and for the shrunk scales
+// where the shortcut in fit_grid does not apply): 80 std::pow per row / group were about a
+// fifth of a 128-group's fit.
 struct ScalePow {
   int e = std::numeric_limits<int>::min();
   double two_en = 0;
