@@ -1,5 +1,7 @@
 // The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
-// (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
+// (|q - w| / scale)^norm with a bounded relative error, summed in float64: in the AVX2 and
+// AVX-512 copies from an exponent table and a mantissa polynomial (ScreenPow), elsewhere (and for
+// u beyond the tables) by a logarithm and exponential series (pow_estimate). This
 // file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
 // 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy (its own object library). It is
 // built with -ffp-contract=off: q - w must be the very float the exact scan (GridPoint::quantize,
