@@ -245,18 +245,20 @@ void bind_scalar(py::module_& m) {
   // match bit for bit); for tests and benchmarks. Returns (scale, zero), rows x groups.
   m.def("_make_grid",
         [](RowRef<S> W, int bits, bool sym, Index group_size, const std::string& grid,
-           int num_threads, bool plain_scan) {
-          const obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+           int num_threads, bool plain_scan, double mse_norm) {
+          obc::QuantOptions opt = quant_options(bits, sym, group_size, grid);
+          opt.mse_norm = mse_norm;
           obc::QuantGrid<S> g;
+          PythonInterrupt hook;
           {
             py::gil_scoped_release release;
-            g = plain_scan ? obc::detail::make_grid_plain_scan<S>(W, opt, num_threads)
-                           : obc::make_grid<S>(W, opt, num_threads);
+            g = plain_scan ? obc::detail::make_grid_plain_scan<S>(W, opt, num_threads, &hook)
+                           : obc::make_grid<S>(W, opt, num_threads, &hook);
           }
           return py::make_tuple(to_array<S>(g.scale), to_array<std::uint8_t>(g.zero));
         },
         py::arg("W"), py::arg("bits"), py::arg("sym"), py::arg("group_size"), py::arg("grid"),
-        py::arg("num_threads"), py::arg("plain_scan") = false);
+        py::arg("num_threads"), py::arg("plain_scan") = false, py::arg("mse_norm") = 2.4);
   m.def("layer_loss",
         [](RowRef<S> W, RowRef<S> W_hat, const py::array& H, int num_threads) {
           const obc::HessianRef h = hessian_ref(H);

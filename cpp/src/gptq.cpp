@@ -302,7 +302,7 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::check_quant_options(opt, W.cols());
   internal::check_gptq_options(gopt);
   internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads);
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   if constexpr (std::is_same_v<Scalar, double>) {
     return gptq_on_grid<double>(W, H, std::move(grid), gopt, hopt, run);
   } else {

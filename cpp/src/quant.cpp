@@ -6,8 +6,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <mutex>
 #include <type_traits>
 #include <vector>
+
+#include <Eigen/LU>
 
 #include "internal/grid_point.hpp"
 #include "internal/grid_screen.hpp"
@@ -68,17 +71,47 @@ double grid_error(const Scalar* w, Index len, const GridPoint<Scalar>& g, double
 // keep every scale, 1 / scale and u^norm in pow_estimate's range (u <= 1300: clamped weights
 // are at most (1 - 0.21) / 0.21 ranges of 255 steps away). Short groups are not worth it.
 template <class Scalar>
-bool can_screen(const Scalar* w, Index len, double norm) {
+bool can_screen(bool finite, double amax, Index len, double norm) {
   if constexpr (!std::is_same_v<Scalar, float>) {
     return false;
   } else {
-    if (!(norm >= 1.0 && norm <= 4.0) || len < 64) return false;
-    float amax = 0;
-    for (Index j = 0; j < len; ++j) {
-      if (!std::isfinite(w[j])) return false;
-      amax = std::max(amax, std::abs(w[j]));
+    if (!(norm >= 1.0 && norm <= 4.0) || len < 64 || !finite) return false;
+    return amax >= 0x1p-60 && amax <= 0x1p60;
+  }
+}
+
+// xmin = min(0, w_j), xmax = max(0, w_j) over w[0, len) with the comparisons of std::min /
+// std::max (a NaN never replaces the running value), and whether every w_j is finite; one pass
+// with 8 independent chains (one chain of min / max costs its latency per weight: ~4 cycles,
+// a fifth of a 128-group's fit). Min and max do not depend on the order of the comparisons.
+template <class Scalar>
+void range_of(const Scalar* w, Index len, double& xmin, double& xmax, bool& finite) {
+  constexpr int kLanes = 8;
+  Scalar lo[kLanes] = {}, hi[kLanes] = {};
+  bool ok[kLanes];
+  std::fill(ok, ok + kLanes, true);
+  const Scalar big = std::numeric_limits<Scalar>::max();
+  Index j = 0;
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) {
+      const Scalar x = w[j + l];
+      lo[l] = x < lo[l] ? x : lo[l];
+      hi[l] = hi[l] < x ? x : hi[l];
+      ok[l] = ok[l] && std::abs(x) <= big;  // false for NaN and infinities
     }
-    return amax >= 0x1p-60f && amax <= 0x1p60f;
+  for (; j < len; ++j) {
+    const Scalar x = w[j];
+    lo[0] = x < lo[0] ? x : lo[0];
+    hi[0] = hi[0] < x ? x : hi[0];
+    ok[0] = ok[0] && std::abs(x) <= big;
+  }
+  xmin = 0;
+  xmax = 0;
+  finite = true;
+  for (int l = 0; l < kLanes; ++l) {
+    xmin = std::min(xmin, static_cast<double>(lo[l]));
+    xmax = std::max(xmax, static_cast<double>(hi[l]));
+    finite = finite && ok[l];
   }
 }
 
@@ -103,6 +136,35 @@ const float* outliers_first(const float* w, Index len, double xmin, double xmax)
   return buffer.data();
 }
 
+// scale^norm for the screen's bounds, within ~5e-7 relative (the polynomial's interpolation
+// error and its float coefficients; ScreenPow::max_rel_error bounds it with float Horner on
+// top): scale = m 2^e, m^norm by the screen's polynomial evaluated in double, 2^(e norm) by
+// std::exp2 once per exponent. Used for scale_0 of each row / group (and for the shrunk scales
+// where the shortcut in fit_grid does not apply): 80 std::pow per row / group were about a
+// fifth of a 128-group's fit.
+struct ScalePow {
+  int e = std::numeric_limits<int>::min();
+  double two_en = 0;
+  double operator()(float scale, const internal::ScreenPow& pw) {
+    // scale is a normal float (2^-80..2^80): exponent and mantissa from its bits
+    std::uint32_t bits;
+    std::memcpy(&bits, &scale, sizeof bits);
+    const int exponent = static_cast<int>(bits >> 23) - 127;
+    const std::uint32_t mbits = (bits & 0x7fffffu) | 0x3f800000u;
+    float mf;
+    std::memcpy(&mf, &mbits, sizeof mf);
+    const double m = mf;  // in [1, 2)
+    if (exponent != e) {
+      e = exponent;
+      two_en = std::exp2(e * pw.norm_exact);
+    }
+    const double t = m - 1.5;
+    double p = pw.coef[internal::kScreenPolyDegree];
+    for (int k = internal::kScreenPolyDegree - 1; k >= 0; --k) p = p * t + pw.coef[k];
+    return p * two_en;
+  }
+};
+
 // The grid of one row / group. MSE: of the kMseSteps shrunk ranges, the one with the smallest
 // error (the first on ties). `guess` (a step index; only speed depends on it) is evaluated first,
 // so that its error bounds every other candidate's partial sum and most of them stop early; on
@@ -112,12 +174,11 @@ const float* outliers_first(const float* w, Index len, double xmin, double xmax)
 // be the exact minimum are summed with std::pow, so the choice is the exact scan's; when one
 // candidate is left (the usual case) it is the minimum and nothing is summed exactly.
 template <class Scalar>
-GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, int& guess) {
+GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt,
+                           const internal::ScreenPow& pw, int& guess) {
   double xmin = 0, xmax = 0;
-  for (Index i = 0; i < len; ++i) {
-    xmin = std::min(xmin, static_cast<double>(w[i]));
-    xmax = std::max(xmax, static_cast<double>(w[i]));
-  }
+  bool finite = true;
+  range_of(w, len, xmin, xmax, finite);
   if (opt.grid == GridSearch::MinMax) return grid_for_range<Scalar>(xmin, xmax, opt.bits, opt.sym);
   const auto grid_at_step = [&](int i) {
     const double p = 1.0 - i / 100.0;
@@ -127,29 +188,63 @@ GridPoint<Scalar> fit_grid(const Scalar* w, Index len, const QuantOptions& opt, 
   std::fill(candidate, candidate + kMseSteps, true);
   int first = std::clamp(guess, 0, kMseSteps - 1);
   if constexpr (std::is_same_v<Scalar, float>) {
-    if (can_screen(w, len, opt.mse_norm)) {
+    if (can_screen<Scalar>(finite, std::max(-xmin, xmax), len, opt.mse_norm)) {
       // exact_i >= low_i = (1 - m) est_i (zeroed terms only lower the estimate) and
       // exact_i <= high_i = (1 + m) (est_i + small_i kSmall^norm): a candidate whose low bound
-      // is above the lowest high bound cannot be the minimum.
+      // is above the lowest high bound cannot be the minimum. m: the kernel's bound for the
+      // estimate it took (1e-5 for the AVX2 / AVX-512 tables, 1e-4 for the general one), which
+      // also covers unit's error (ScalePow, ~5e-7).
       double low[kMseSteps], lowest_high = std::numeric_limits<double>::infinity();
-      const double small_term = std::pow(static_cast<double>(internal::kScreenSmall), opt.mse_norm);
+      const double small_term = pw.usable ? pw.small_term
+                                          : std::pow(static_cast<double>(internal::kScreenSmall),
+                                                     opt.mse_norm);
+      // Every step's grid, scale^norm and stop factor first: independent of one another, so
+      // they overlap, while the screening loop below is one chain (each stop limit depends on
+      // the previous estimates).
+      GridPoint<float> grids[kMseSteps];
+      double units[kMseSteps], stop_factor[kMseSteps];
+      ScalePow scale_pow;
+      double unit0 = 0;
+      for (int i = 0; i < kMseSteps; ++i) {
+        grids[i] = grid_at_step(i);
+        // scale_i is (1 - i/100) scale_0 up to two float roundings: scale_i^norm is
+        // shrink_pow[i] scale_0^norm times c^norm, c = scale_i / ((1 - i/100) scale_0) within
+        // 2^-22 of 1, c^norm = 1 + norm (c - 1) to 1e-12; other ratios (the scale = 1
+        // fallback of an empty range): ScalePow.
+        const double c = i == 0 ? 1.0
+                                 : static_cast<double>(grids[i].scale) /
+                                       ((1.0 - i / 100.0) * static_cast<double>(grids[0].scale));
+        if (!pw.usable) {
+          units[i] = std::pow(static_cast<double>(grids[i].scale), opt.mse_norm);
+        } else if (i == 0) {
+          units[i] = unit0 = scale_pow(grids[i].scale, pw);
+        } else if (std::abs(c - 1) <= 0x1p-22) {
+          units[i] = unit0 * pw.shrink_pow[i] * (1 + pw.norm_exact * (c - 1));
+        } else {
+          units[i] = scale_pow(grids[i].scale, pw);
+        }
+        // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above
+        // lowest_high * stop_factor (m <= kScreenMargin, whichever estimate the kernel takes;
+        // the product's rounding only moves the stop: low[i] below decides).
+        stop_factor[i] = 1 / ((1 - internal::kScreenMargin) * units[i]);
+      }
       const float* screened = outliers_first(w, len, xmin, xmax);
+      const float amax = static_cast<float>(std::max(-xmin, xmax));  // exact: a weight's |w|
+      const internal::GridScreenKernels& screen = internal::grid_screen_kernels();
       const int start = first;  // the guess first: its high bound cuts the others short
       for (int n = 0; n < kMseSteps; ++n) {
         const int i = (start + n) % kMseSteps;
-        const GridPoint<float> g = grid_at_step(i);
-        const double unit = std::pow(static_cast<double>(g.scale), opt.mse_norm);
-        // est * unit * (1 - m) > lowest_high excludes i, so the estimate may stop above that.
-        const double stop = lowest_high / ((1 - internal::kScreenMargin) * unit);
+        const GridPoint<float>& g = grids[i];
+        const double unit = units[i];
+        const double stop = lowest_high * stop_factor[i];
         Index small = 0;
         bool complete = false;
-        const double est = internal::grid_screen_kernels().scaled_error(
-            screened, len, g.scale, g.zero, g.maxq, static_cast<float>(opt.mse_norm), stop, &small,
-            &complete);
-        low[i] = (1 - internal::kScreenMargin) * est * unit;
+        double m = internal::kScreenMargin;
+        const double est = screen.scaled_error(screened, len, g.scale, g.zero, g.maxq, pw, amax,
+                                               stop, &small, &complete, &m);
+        low[i] = (1 - m) * est * unit;
         // Only a complete sum bounds the exact error from above.
-        const double high =
-            (1 + internal::kScreenMargin) * (est + static_cast<double>(small) * small_term) * unit;
+        const double high = (1 + m) * (est + static_cast<double>(small) * small_term) * unit;
         if (complete && high < lowest_high) {
           lowest_high = high;
           first = i;
@@ -218,7 +313,8 @@ GridPoint<Scalar> fit_grid_plain_scan(const Scalar* w, Index len, const QuantOpt
 // make_grid's body, fitting each row / group by fit_grid or by the plain scan.
 template <class Scalar, bool kPlainScan>
 QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const QuantOptions& opt, int num_threads);
+                                 const QuantOptions& opt, int num_threads,
+                                 InterruptHook* interrupt);
 
 }  // namespace
 
@@ -245,6 +341,74 @@ const char* grid_screen_isa() {
     return use_avx512_kernels() ? "avx512" : "avx2+fma";
 #endif
   return "generic";
+}
+
+namespace {
+
+// The tables of make_screen_pow for one norm (see ScreenPow).
+ScreenPow fit_screen_pow(double norm) {
+  ScreenPow pw;
+  pw.norm = static_cast<float>(norm);
+  pw.norm_exact = norm;
+  if (!(norm >= 1.0 && norm <= 4.0)) return pw;
+  // Interpolation of (1.5 + t)^norm at the Chebyshev nodes of [-1/2, 1/2] (close to the best
+  // polynomial of this degree: relative error ~6e-8 at norm 2.4), solved for the monomial
+  // coefficients in t (7 x 7, nodes spread: well conditioned in double).
+  constexpr int n = kScreenPolyDegree + 1;
+  Eigen::Matrix<double, n, n> V;
+  Eigen::Matrix<double, n, 1> f;
+  for (int i = 0; i < n; ++i) {
+    const double t = 0.5 * std::cos((2 * i + 1) * 3.14159265358979323846 / (2 * n));
+    double tk = 1;
+    for (int k = 0; k < n; ++k, tk *= t) V(i, k) = tk;
+    f(i) = std::pow(1.5 + t, norm);
+  }
+  const Eigen::Matrix<double, n, 1> c = V.fullPivLu().solve(f);
+  for (int k = 0; k < n; ++k) pw.coef[k] = static_cast<float>(c(k));
+  // The error of what the kernels compute: float Horner by fused multiply-adds on t = m - 1.5
+  // (exact), against std::pow, on 2^13 + 1 points of [1, 2] and the top mantissa.
+  double worst = 0;
+  constexpr int kPoints = 1 << 13;
+  for (int i = 0; i <= kPoints; ++i) {
+    const float m = i == kPoints ? std::nextafter(2.0f, 0.0f) : 1.0f + float(i) / kPoints;
+    const float t = m - 1.5f;
+    float p = pw.coef[kScreenPolyDegree];
+    for (int k = kScreenPolyDegree - 1; k >= 0; --k) p = std::fma(p, t, pw.coef[k]);
+    const double exact = std::pow(static_cast<double>(m), norm);
+    worst = std::max(worst, std::abs(static_cast<double>(p) - exact) / exact);
+  }
+  // The table entries (rounded once each) and the product with them (AVX2: two entries, two
+  // products) add at most 3 roundings of 2^-24.
+  pw.max_rel_error = worst + 3 * 0x1p-24;
+  for (int e = -20; e <= 11; ++e)
+    pw.exp32[(e + 127) & 31] = static_cast<float>(std::exp2(e * norm));
+  for (int l = 0; l < 8; ++l) pw.exp_lo[l] = static_cast<float>(std::exp2(l * norm));
+  for (int h = 13; h <= 17; ++h) pw.exp_hi[h & 7] = static_cast<float>(std::exp2((8 * h - 127) * norm));
+  pw.small_term = std::pow(static_cast<double>(kScreenSmall), norm);
+  for (int i = 0; i < 80; ++i) pw.shrink_pow[i] = std::pow(1.0 - i / 100.0, norm);
+  pw.usable = pw.max_rel_error <= 1e-6;
+  return pw;
+}
+
+}  // namespace
+
+ScreenPow make_screen_pow(double norm) {
+  // One norm per call of make_grid, nearly always the same few: keep the last 8 norms' tables
+  // (fitting and checking one costs ~0.2 ms, far more than a small layer's fit).
+  static std::mutex mutex;
+  static std::pair<double, ScreenPow> cache[8];
+  static int filled = 0, next = 0;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int i = 0; i < filled; ++i)
+      if (cache[i].first == norm) return cache[i].second;
+  }
+  const ScreenPow pw = fit_screen_pow(norm);
+  std::lock_guard<std::mutex> lock(mutex);
+  cache[next] = {norm, pw};
+  next = (next + 1) % 8;
+  filled = std::min(filled + 1, 8);
+  return pw;
 }
 
 const GridScreenKernels& grid_screen_kernels() {
@@ -341,7 +505,8 @@ namespace {
 
 template <class Scalar, bool kPlainScan>
 QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const QuantOptions& opt, int num_threads) {
+                                 const QuantOptions& opt, int num_threads,
+                                 InterruptHook* interrupt) {
   check_quant_options(opt, W.cols());
   QuantGrid<Scalar> grid;
   grid.bits = opt.bits;
@@ -354,14 +519,21 @@ QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   constexpr Index kRowsPerItem = 16;
   const Index items = (W.rows() + kRowsPerItem - 1) / kRowsPerItem;
   const double work = static_cast<double>(W.size()) * (opt.grid == GridSearch::Mse ? kMseSteps : 1);
-  parallel_for(items, work < 4e6 ? 1 : num_threads, nullptr, [&](Index item, int) {
+  // The screen's u^norm tables (float32 MSE fits only; fitted once per norm and cached).
+  const internal::ScreenPow pw =
+      std::is_same_v<Scalar, float> && opt.grid == GridSearch::Mse && !kPlainScan
+          ? internal::make_screen_pow(opt.mse_norm)
+          : internal::ScreenPow{};
+  // The calling thread polls `interrupt` between items (16 rows: at most ~0.25 s of the plain
+  // scan at 11008 columns, ~10 ms of the fast path).
+  parallel_for(items, work < 4e6 ? 1 : num_threads, interrupt, [&](Index item, int) {
     int guess = 15;  // p = 0.85, typical of 3-4 bit MSE grids; the rows' own choices follow
     for (Index r = item * kRowsPerItem; r < std::min(W.rows(), (item + 1) * kRowsPerItem); ++r)
       for (Index g = 0; g < groups; ++g) {
         const Scalar* w = W.row(r).data() + g * grid.group_size;
         const GridPoint<Scalar> p = kPlainScan
                                         ? fit_grid_plain_scan<Scalar>(w, grid.group_size, opt)
-                                        : fit_grid<Scalar>(w, grid.group_size, opt, guess);
+                                        : fit_grid<Scalar>(w, grid.group_size, opt, pw, guess);
         grid.scale(r, g) = p.scale;
         grid.zero(r, g) = static_cast<std::uint8_t>(p.zero);
       }
@@ -373,14 +545,15 @@ QuantGrid<Scalar> make_grid_with(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 template <class Scalar>
 QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
-                            int num_threads) {
-  return make_grid_with<Scalar, false>(W, opt, num_threads);
+                            int num_threads, InterruptHook* interrupt) {
+  return make_grid_with<Scalar, false>(W, opt, num_threads, interrupt);
 }
 
 template <class Scalar>
 QuantGrid<Scalar> detail::make_grid_plain_scan(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                               const QuantOptions& opt, int num_threads) {
-  return make_grid_with<Scalar, true>(W, opt, num_threads);
+                                               const QuantOptions& opt, int num_threads,
+                                               InterruptHook* interrupt) {
+  return make_grid_with<Scalar, true>(W, opt, num_threads, interrupt);
 }
 
 template <class Scalar>
@@ -392,7 +565,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   validate_hessian(H, hopt.symmetry_tol);
   internal::check_quant_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
-  result.grid = make_grid<Scalar>(W, opt, run.num_threads);
+  result.grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   result.weight.resize(W.rows(), W.cols());
   result.pruned.resize(W.rows(), W.cols());
   for (Index r = 0; r < W.rows(); ++r)
@@ -437,7 +610,7 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianOptions& hopt, const RunOptions& run) {
   check_quant_options(opt, W.cols());
   internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads);
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   if constexpr (std::is_same_v<Scalar, double>) {
     return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
   } else {
@@ -455,9 +628,9 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 #define OBC_INSTANTIATE(S)                                                                         \
   template QuantGrid<S> make_grid<S>(const Eigen::Ref<const RowMatrix<S>>&,                        \
-                                     const QuantOptions&, int);                                    \
+                                     const QuantOptions&, int, InterruptHook*);                    \
   template QuantGrid<S> detail::make_grid_plain_scan<S>(const Eigen::Ref<const RowMatrix<S>>&,   \
-                                                        const QuantOptions&, int);                 \
+                                                        const QuantOptions&, int, InterruptHook*); \
   template QuantResult<S> quantize_rtn<S>(const Eigen::Ref<const RowMatrix<S>>&,                   \
                                           const HessianRef&,                                       \
                                           const QuantOptions&, const HessianOptions&,              \

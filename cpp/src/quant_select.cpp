@@ -191,7 +191,7 @@ QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W
   internal::check_quant_options(opt, W.cols());
   check_select_options(sopt);
   internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads);  // fitted on the original W
+  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);  // fitted on the original W
   if constexpr (std::is_same_v<Scalar, double>) {
     return select_on_grid<double>(W, H, std::move(grid), opt, sopt, hopt, run);
   } else {

@@ -131,7 +131,7 @@ QuantResult<Scalar> quantize_sparsegpt(const Eigen::Ref<const RowMatrix<Scalar>>
                                        const QuantOptions& quant, const HessianOptions& hopt,
                                        const RunOptions& run) {
   QuantResult<Scalar> result;
-  result.grid = make_grid<Scalar>(W, quant, run.num_threads);  // validates the options first
+  result.grid = make_grid<Scalar>(W, quant, run.num_threads, run.interrupt);  // validates the options first
   PreparedHessian prep;
   auto [weight, pruned] = run_sweep<Scalar>(W, H, options, &result.grid, hopt, run, prep);
   result.weight = std::move(weight);

@@ -1,6 +1,8 @@
 // Tests for obc/quant.hpp: grids, codes, joint mode, OBQ against round-to-nearest.
 #include "obc/quant.hpp"
 
+#include <cmath>
+
 #include "check.hpp"
 #include "obc/errors.hpp"
 #include "problems.hpp"
@@ -55,6 +57,34 @@ OBC_TEST(bad_quant_options_throw) {
   opt.bits = 4;
   opt.group_size = 5;
   CHECK_THROWS(quantize<double>(p.W, p.H, opt), InvalidArgument);
+}
+
+OBC_TEST(make_grid_polls_its_interrupt_hook) {
+  // The MSE fit polls its hook between batches of 16 rows (parallel_for: at most every 50 ms,
+  // and once at the end): a hook that says stop ends the fit with Interrupted (on 1 thread and
+  // on 2), one that never does changes nothing.
+  struct StopAt : InterruptHook {
+    int polls = 0, stop_at;
+    explicit StopAt(int n) : stop_at(n) {}
+    bool should_stop() override { return ++polls >= stop_at; }
+  };
+  RowMatrix<float> W(256, 512);
+  for (Index r = 0; r < W.rows(); ++r)
+    for (Index c = 0; c < W.cols(); ++c)
+      W(r, c) = static_cast<float>(std::sin(0.37 * double(r * W.cols() + c)) * 0.02);
+  QuantOptions opt;
+  opt.bits = 4;
+  opt.grid = GridSearch::Mse;
+  for (const int threads : {1, 2}) {
+    StopAt stop(1);
+    CHECK_THROWS(make_grid<float>(W, opt, threads, &stop), Interrupted);
+    CHECK(stop.polls >= 1);
+    StopAt never(1 << 30);
+    const auto polled = make_grid<float>(W, opt, threads, &never);
+    const auto plain = make_grid<float>(W, opt, threads);
+    CHECK(never.polls > 0);
+    CHECK(polled.scale == plain.scale && polled.zero == plain.zero);
+  }
 }
 
 OBC_TEST_MAIN

@@ -282,3 +282,125 @@ def test_build_info_reports_the_screening_isa():
         assert info["grid_screen_isa"] == "generic"
     if info["avx512_kernels"]:
         assert info["grid_screen_isa"] == "avx512"
+
+
+# The screen's table estimate (ScreenPow: exponent table and mantissa polynomial per norm) and its
+# rounding by a product with 1 / scale (the division only near half-integers): rows built to
+# sit on rounding ties of the shrunk grids, denormal / tiny / huge magnitudes, constant rows,
+# every norm the table is fitted for, every bit width, groups of 32 and 128, each SIMD copy.
+
+NORMS = (1.0, 2.0, 2.4, 3.0, 4.0)
+
+
+def _tie_rows(rng, cols, bits, sym):
+    """Rows whose weights lie at, and one ulp around, (n + 1/2) scale_i of several shrink
+    factors i (the scales as grid_for_range<float> computes them from the row's own range)."""
+    rows = []
+    for _ in range(4):
+        amax = float(np.float32(np.exp(rng.uniform(-5, 5))))
+        xmin = -amax * float(rng.uniform(0.3, 1.0))
+        w = np.empty(cols, dtype=np.float32)
+        w[0], w[1] = amax, xmin  # fix the range: every step's scale is known
+        for j in range(2, cols):
+            i = int(rng.integers(0, 80))
+            p = 1.0 - i / 100.0
+            s, z = _grid(p * xmin, p * amax, bits, sym)
+            lo, hi = -z, 2**bits - 1 - z
+            n = int(rng.integers(lo, hi))  # n + 1/2 inside the grid
+            x = np.float32((n + 0.5) * float(s))
+            x = np.nextafter(x, np.float32(np.inf * rng.choice([-1, 1]))) if rng.random() < 0.5 else x
+            w[j] = np.clip(x, xmin, amax)
+        rows.append(w)
+    return rows
+
+
+def _magnitude_rows(rng, cols):
+    rows = []
+    rows.append(np.full(cols, 1e-40, dtype=np.float32))  # all denormal: not screened
+    d = (rng.standard_normal(cols) * 0.02).astype(np.float32)
+    d[::3] = np.float32(1e-41) * rng.choice([-1, 1], cols)[::3]  # denormals among normal weights
+    rows.append(d)
+    rows.append((rng.standard_normal(cols) * 1e-17).astype(np.float32))  # scales near 2^-60
+    rows.append((rng.standard_normal(cols) * 1e17).astype(np.float32))  # near 2^60
+    rows.append((rng.standard_normal(cols) * 1e30).astype(np.float32))  # beyond: the exact path
+    rows.append(np.full(cols, 0.37, dtype=np.float32))  # constant
+    rows.append(np.full(cols, -3.0e-3, dtype=np.float32))
+    rows.append(np.zeros(cols, dtype=np.float32))
+    g = (rng.standard_normal(cols) * 0.02).astype(np.float32)
+    g[rng.integers(0, cols, 4)] *= 200  # outliers far beyond the shrunk ranges (u up to ~1e3)
+    rows.append(g)
+    return rows
+
+
+def _screen_cases(cols, bits_list, sym_list, seed):
+    rng = np.random.default_rng(seed)
+    for bits in bits_list:
+        for sym in sym_list:
+            rows = _tie_rows(rng, cols, bits, sym) + _magnitude_rows(rng, cols)
+            rows += list(_random_rows(rng, 6, cols).astype(np.float32))
+            yield bits, sym, np.ascontiguousarray(np.array(rows), dtype=np.float32)
+
+
+def _check_screen_cases(core, cols, bits_list, sym_list, groups, norms, seed):
+    bad = []
+    for bits, sym, W in _screen_cases(cols, bits_list, sym_list, seed):
+        for group in groups:
+            for norm in norms:
+                fast = core.f32._make_grid(W, bits, sym, group, "mse", 2, False, norm)
+                plain = core.f32._make_grid(W, bits, sym, group, "mse", 1, True, norm)
+                for a, b in zip(fast, plain):
+                    if not np.array_equal(a, b):
+                        bad.append((bits, sym, group, norm, np.argwhere(a != b)[:3].tolist()))
+    return bad
+
+
+def test_screen_tables_equal_plain_scan_quick():
+    from obc_native import _core
+
+    bad = _check_screen_cases(_core, 512, (3, 4, 8), (True, False), (0, 128), NORMS, seed=31)
+    assert not bad, bad[:5]
+
+
+@pytest.mark.slow
+def test_screen_tables_equal_plain_scan_every_width():
+    from obc_native import _core
+
+    bad = _check_screen_cases(_core, 512, range(2, 9), (True, False), (0, 32, 128), NORMS,
+                              seed=37)
+    assert not bad, bad[:5]
+
+
+_SCREEN_SCRIPT = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+import obc_native as obc
+from obc_native import _core
+import test_grid_fit as t
+bad = t._check_screen_cases(_core, 512, (2, 4, 8), (True, False), (0, 32), t.NORMS, seed=41)
+print(obc.build_info()["grid_screen_isa"])
+print(len(bad), bad[:3])
+sys.exit(1 if bad else 0)
+"""
+
+
+@pytest.mark.parametrize("simd", ["generic", "avx2", "default"])
+def test_screen_tables_each_copy(simd):
+    # OBC_SIMD picks the copy per process: generic (no tables), AVX2 (the split 8-entry tables),
+    # default (AVX-512 where present: the 32-entry table)
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ)
+    if simd != "default":
+        env["OBC_SIMD"] = simd
+    here = Path(__file__).resolve().parent
+    env["PYTHONPATH"] = os.pathsep.join([str(here), env.get("PYTHONPATH", "")])
+    out = subprocess.run([sys.executable, "-c", _SCREEN_SCRIPT, str(here)], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    isa = out.stdout.split()[0]
+    expected = {"generic": {"generic"}, "avx2": {"avx2+fma", "generic"},
+                "default": {"avx512", "avx2+fma", "generic"}}[simd]
+    assert isa in expected

@@ -155,3 +155,27 @@ def test_alarm_stops_gptq():
     waited = _stopped_by_alarm(lambda: obc_native.quantize(W, H, 4, grid="minmax", method="gptq",
                                                            refine=False, num_threads=1))
     assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"
+
+
+def test_alarm_stops_the_mse_grid_fit():
+    # quantize(method="rtn") on a tall, narrow float64 layer is nearly all grid fit: float64 rows
+    # take the exact MSE search (80 shrink factors summed with std::pow, early exits only),
+    # ~2.5 s for 8192 x 256 on one thread (the rest, O(rows cols^2), ~0.1 s); the fit polls
+    # between batches of 16 rows.
+    rng = np.random.default_rng(4)
+    W = rng.standard_normal((8192, 256))
+    H = np.eye(256)
+    waited = _stopped_by_alarm(lambda: obc_native.quantize(W, H, 4, grid="mse", method="rtn",
+                                                           num_threads=1))
+    assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"
+
+
+def test_alarm_stops_the_float32_grid_fit_plain_scan():
+    # the private make_grid binding by the plain scan (every shrink factor summed in full,
+    # ~9 ms per 4096-column row): its hook reaches the same row-batch polling
+    from obc_native import _core
+
+    rng = np.random.default_rng(5)
+    W = np.ascontiguousarray(rng.standard_normal((512, 4096)), dtype=np.float32)
+    waited = _stopped_by_alarm(lambda: _core.f32._make_grid(W, 4, True, 0, "mse", 1, True))
+    assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"

@@ -83,10 +83,11 @@ struct QuantResult {
 
 /// Computes the grid of every row / group of W from W itself. Throws InvalidArgument for bits
 /// outside 2..8 or a group size that does not divide cols. Rows are fitted in parallel on
-/// num_threads threads (0: all; the result does not depend on it).
+/// num_threads threads (0: all; the result does not depend on it). `interrupt` (optional, not
+/// owned) is polled between batches of 16 rows; a stop throws obc::Interrupted.
 template <class Scalar>
 QuantGrid<Scalar> make_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W, const QuantOptions& opt,
-                            int num_threads = 1);
+                            int num_threads = 1, InterruptHook* interrupt = nullptr);
 
 namespace detail {
 /// make_grid by the plain scan: each of the MSE search's 80 shrink factors' errors summed in full
@@ -94,7 +95,8 @@ namespace detail {
 /// make_grid's fast paths reproduce bit for bit; for tests and benchmarks, not a stable API.
 template <class Scalar>
 QuantGrid<Scalar> make_grid_plain_scan(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                       const QuantOptions& opt, int num_threads = 1);
+                                       const QuantOptions& opt, int num_threads = 1,
+                                       InterruptHook* interrupt = nullptr);
 }  // namespace detail
 
 /// Rounds W to its grid (round-to-nearest, no error feedback): the RTN baseline.

@@ -1,5 +1,7 @@
 // The MSE grid fit's screening estimate (internal/grid_screen.hpp): every weight's
-// (|q - w| / scale)^norm by a cheap pow with a proven relative error, summed in float64. This
+// (|q - w| / scale)^norm with a bounded relative error, summed in float64: in the AVX2 and
+// AVX-512 copies from an exponent table and a mantissa polynomial (ScreenPow), elsewhere (and for
+// u beyond the tables) by a logarithm and exponential series (pow_estimate). This
 // file is compiled once per SIMD level like row_kernels.cpp: 4 lanes with SSE2 (part of x86-64),
 // 8 lanes with FMA in the AVX2 copy, 16 in the AVX-512 copy (its own object library). It is
 // built with -ffp-contract=off: q - w must be the very float the exact scan (GridPoint::quantize,
@@ -35,7 +37,9 @@ namespace obc::OBC_KERNEL_NS {
 namespace {
 
 using internal::KIndex;
+using internal::kScreenPolyDegree;
 using internal::kScreenSmall;
+using internal::ScreenPow;
 
 // u^norm for u in [2^-20, 2^11], 1 <= norm <= 4, relative error below 1e-5: 2^(norm log2 u),
 // log2 from the exponent and an odd series of ln on the mantissa in [0.75, 1.5), 2^f by a
@@ -209,24 +213,70 @@ inline KIndex estimate_terms(const float* w, KIndex len, float scale, float zero
   return n_small;
 }
 
-double scaled_error(const float* w, KIndex len, float scale, int zero_point, int max_code,
-                    float norm, double stop_above, KIndex* small, bool* complete) {
+// Whether the table estimate (ScreenPow) may be used for this grid: its tables are fitted and
+// every u lies in their range. |w| / scale <= amax / scale =: X, and u <= X + maxq (q within the
+// grid's codes), so u < 2^11 when X + maxq < 2^11; the screen's grids have X <= 255 / 0.21.
+inline bool table_applies(const ScreenPow& pw, float scale, int max_code, float amax) {
+  return pw.usable &&
+         static_cast<double>(amax) / static_cast<double>(scale) + max_code < 2048.0;
+}
+
+// The rounding x -> round_half_even(w / scale) by a product with 1 / scale instead of the
+// division (~10x the cost of a product): x = w * (1 / scale) is within 3 2^-24 |x| of the
+// division's float (each within one rounding of w / scale, 1 / scale one more), so the two
+// round to the same integer unless a half-integer lies that close to x. A lane with
+// | |x - round(x)| - 1/2 | <= tie_tol, tie_tol = 2^-20 X >= 16 2^-24 |x| (X = amax / scale),
+// redoes its vector with the division: the codes are GridPoint::quantize's in every case.
+// (Near such a tie both codes leave |q - w| ~ scale / 2, but apart by up to 12 2^-24 X
+// relative: more than the estimate's error budget for long grids, so the codes must agree.)
+inline float tie_limit(float scale, float amax) {
+  return static_cast<float>(0.5 - static_cast<double>(amax) / static_cast<double>(scale) * 0x1p-20);
+}
+
+#if defined(OBC_SCREEN_AVX512)
+// u^norm by the tables (ScreenPow): u = 2^e m, 2^(e norm) = exp32[(e + 127) & 31] (the
+// permute reads the low 5 bits of u's biased exponent), m^norm by the polynomial in m - 1.5.
+// u in [2^-20, 2^12) (smaller u: the callers discard the lane).
+inline __m512 table_pow16(__m512 u, __m512 tab_lo, __m512 tab_hi, const __m512* coef) {
+  const __m512i biased = _mm512_srli_epi32(_mm512_castps_si512(u), 23);
+  const __m512 two_en = _mm512_permutex2var_ps(tab_lo, biased, tab_hi);
+  const __m512 t = _mm512_sub_ps(_mm512_getmant_ps(u, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_zero),
+                                 _mm512_set1_ps(1.5f));
+  __m512 p = coef[kScreenPolyDegree];
+  for (int k = kScreenPolyDegree - 1; k >= 0; --k) p = _mm512_fmadd_ps(p, t, coef[k]);
+  return _mm512_mul_ps(p, two_en);
+}
+
+template <bool kTable>
+double scaled_error16(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                      const ScreenPow& pw, float amax, double stop_above, KIndex* small,
+                      bool* complete, double* margin) {
   // Terms between two comparisons with stop_above: short enough that a hopeless shrink factor
   // of a 128-group stops after a quarter of it, long enough that the comparisons stay cheap.
   constexpr KIndex kBlock = 32;
-  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
-  *small = 0;
-  *complete = false;
-#if defined(OBC_SCREEN_AVX512)
   // 16 lanes, a block's two vectors added in float32, then into two fixed sets of 8 float64
-  // lanes (the same sum on every run); the last
-  // partial vector of a block by masked loads, its unused lanes neither summed nor counted.
+  // lanes (the same sum on every run); the last partial vector of a block by masked loads, its
+  // unused lanes neither summed nor counted. c - zero is clamp(round(x), -zero, maxq - zero):
+  // integers below 2^12, the same value as GridPoint's clamp(round(x) + zero, 0, maxq) - zero.
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
   const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
-  const __m512 v_zero = _mm512_set1_ps(zero), v_maxq = _mm512_set1_ps(maxq);
-  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(norm);
+  const __m512 v_lo = _mm512_set1_ps(-zero), v_hi = _mm512_set1_ps(maxq - zero);
+  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(pw.norm);
+  const __m512 v_tie = _mm512_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
+  __m512 coef[kScreenPolyDegree + 1];
+  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm512_set1_ps(pw.coef[k]);
+  const __m512 tab_lo = _mm512_loadu_ps(pw.exp32), tab_hi = _mm512_loadu_ps(pw.exp32 + 16);
   __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
   KIndex n_small = 0;
+  *small = 0;
+  *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
   const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
+  // The comparison (a horizontal sum) every check_every blocks: in rows longer than 512, every
+  // 128 terms (a quarter of the loop's operations at every 32; a stopping candidate reads ~48
+  // more terms of thousands); groups keep 32, so that a hopeless 128-group can stop early.
+  const KIndex check_every = len > 512 ? 4 : 1;
+  KIndex blocks = 0;
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
     __m512 block_sum = _mm512_setzero_ps();  // two vectors' terms: float32 adds, error 2^-24
@@ -234,20 +284,29 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
       const __mmask16 live =
           end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
       const __m512 wv = _mm512_maskz_loadu_ps(live, w + j);
-      const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 c =
-          _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(r, v_zero), _mm512_setzero_ps()), v_maxq);
-      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, _mm512_sub_ps(c, v_zero)), wv);
+      __m512 r;
+      if constexpr (kTable) {
+        const __m512 x = _mm512_mul_ps(wv, v_inv);
+        r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        if (_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, r)), v_tie, _CMP_GT_OQ) != 0)
+          r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      const __m512 cz = _mm512_min_ps(_mm512_max_ps(r, v_lo), v_hi);
+      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, cz), wv);
       const __m512 u = _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
       const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
       n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
-      block_sum = _mm512_add_ps(block_sum,
-                                _mm512_maskz_mov_ps(live & ~tiny, pow_estimate16(u, v_norm)));
+      const __m512 term =
+          kTable ? table_pow16(u, tab_lo, tab_hi, coef) : pow_estimate16(u, v_norm);
+      block_sum = _mm512_mask_add_ps(block_sum, live & ~tiny, block_sum, term);
     }
     sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(block_sum)));
     sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(block_sum, 1)));
-    if (end < len && total() > stop_above) {
+    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
       *small = n_small;
       return total();
     }
@@ -255,51 +314,102 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   *small = n_small;
   *complete = true;
   return total();
-#elif defined(OBC_SCREEN_AVX2)
+}
+#endif
+
+#if defined(OBC_SCREEN_AVX2)
+// u^norm by the tables on 8 lanes: b = u's biased exponent, 2^(e norm) = exp_lo[b & 7] *
+// exp_hi[(b >> 3) & 7] (two 8-entry permutes, which read the low 3 bits), m^norm by the
+// polynomial in m - 1.5 (m from u's mantissa bits with exponent 0).
+inline __m256 table_pow8(__m256 u, __m256 tab_lo, __m256 tab_hi, const __m256* coef) {
+  const __m256i bits = _mm256_castps_si256(u);
+  const __m256i biased = _mm256_srli_epi32(bits, 23);
+  const __m256 two_en =
+      _mm256_mul_ps(_mm256_permutevar8x32_ps(tab_lo, biased),
+                    _mm256_permutevar8x32_ps(tab_hi, _mm256_srli_epi32(biased, 3)));
+  const __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x7fffff)), _mm256_set1_epi32(0x3f800000)));
+  const __m256 t = _mm256_sub_ps(m, _mm256_set1_ps(1.5f));
+  __m256 p = coef[kScreenPolyDegree];
+  for (int k = kScreenPolyDegree - 1; k >= 0; --k) p = _mm256_fmadd_ps(p, t, coef[k]);
+  return _mm256_mul_ps(p, two_en);
+}
+
+template <bool kTable>
+double scaled_error8(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                     const ScreenPow& pw, float amax, double stop_above, KIndex* small,
+                     bool* complete, double* margin) {
+  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
   // A block's terms added in 8 float32 lanes, then into 8 float64 lanes (fixed: the same sum on
-  // every run), rounding as estimate_terms (round half to even, then clamp: GridPoint::quantize's
-  // code).
+  // every run); codes as in scaled_error16 (round half to even, clamp: GridPoint::quantize's).
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
   const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
-  const __m256 v_zero = _mm256_set1_ps(zero), v_maxq = _mm256_set1_ps(maxq);
-  const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(norm);
+  const __m256 v_lo = _mm256_set1_ps(-zero), v_hi = _mm256_set1_ps(maxq - zero);
+  const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(pw.norm);
+  const __m256 v_tie = _mm256_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
   const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 coef[kScreenPolyDegree + 1];
+  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm256_set1_ps(pw.coef[k]);
+  const __m256 tab_lo = _mm256_loadu_ps(pw.exp_lo), tab_hi = _mm256_loadu_ps(pw.exp_hi);
   __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
   __m256i count = _mm256_setzero_si256();
-  double tail = 0;  // terms after the last multiple of 8 in a block
+  KIndex padding = 0;  // zero lanes of padded tail vectors, counted in `count`
+  *small = 0;
+  *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
   const auto total = [&] {
     alignas(32) double lanes[4];
     _mm256_store_pd(lanes, _mm256_add_pd(sum_lo, sum_hi));
-    return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + tail;
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
   };
   const auto count_small = [&] {
     alignas(32) std::int32_t lanes[8];
     _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
     for (const std::int32_t l : lanes) *small += l;
+    *small -= padding;
   };
+  const KIndex check_every = len > 512 ? 4 : 1;  // as in scaled_error16
+  KIndex blocks = 0;
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
     KIndex j = j0;
     __m256 block_sum = _mm256_setzero_ps();  // the block's terms: float32 adds, error <= 2^-22
-    for (; j + 8 <= end; j += 8) {
-      const __m256 wv = _mm256_loadu_ps(w + j);
-      const __m256 r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
-                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m256 c =
-          _mm256_min_ps(_mm256_max_ps(_mm256_add_ps(r, v_zero), _mm256_setzero_ps()), v_maxq);
-      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(v_scale, _mm256_sub_ps(c, v_zero)), wv);
+    for (; j < end; j += 8) {
+      // a block's last partial vector from a copy padded with zeros: those lanes have q - w = 0,
+      // below kScreenSmall, so they add nothing and are taken off the small count at the end
+      __m256 wv;
+      if (j + 8 <= end) {
+        wv = _mm256_loadu_ps(w + j);
+      } else {
+        alignas(32) float padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(padded, w + j, sizeof(float) * static_cast<size_t>(end - j));
+        wv = _mm256_load_ps(padded);
+        padding += 8 - (end - j);
+      }
+      __m256 r;
+      if constexpr (kTable) {
+        const __m256 x = _mm256_mul_ps(wv, v_inv);
+        r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256 off = _mm256_andnot_ps(sign, _mm256_sub_ps(x, r));
+        if (_mm256_movemask_ps(_mm256_cmp_ps(off, v_tie, _CMP_GT_OQ)) != 0)
+          r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      } else {
+        r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      }
+      const __m256 cz = _mm256_min_ps(_mm256_max_ps(r, v_lo), v_hi);
+      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(v_scale, cz), wv);
       const __m256 u = _mm256_mul_ps(_mm256_andnot_ps(sign, d), v_inv);
       const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
       count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
-      block_sum = _mm256_add_ps(block_sum, _mm256_andnot_ps(tiny, pow_estimate8(u, v_norm)));
+      const __m256 term =
+          kTable ? table_pow8(u, tab_lo, tab_hi, coef) : pow_estimate8(u, v_norm);
+      block_sum = _mm256_add_ps(block_sum, _mm256_andnot_ps(tiny, term));
     }
     sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(block_sum)));
     sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(block_sum, 1)));
-    if (j < end) {
-      float terms[8];
-      *small += estimate_terms(w + j, end - j, scale, zero, maxq, norm, terms);
-      for (KIndex i = 0; i < end - j; ++i) tail += static_cast<double>(terms[i]);
-    }
-    if (end < len && total() > stop_above) {
+    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
       count_small();
       return total();
     }
@@ -307,7 +417,33 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
   count_small();
   *complete = true;
   return total();
+}
+#endif
+
+double scaled_error(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                    const ScreenPow& pw, float amax, double stop_above, KIndex* small,
+                    bool* complete, double* margin) {
+#if defined(OBC_SCREEN_AVX512)
+  return table_applies(pw, scale, max_code, amax)
+             ? scaled_error16<true>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
+                                    small, complete, margin)
+             : scaled_error16<false>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
+                                     small, complete, margin);
+#elif defined(OBC_SCREEN_AVX2)
+  return table_applies(pw, scale, max_code, amax)
+             ? scaled_error8<true>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
+                                   small, complete, margin)
+             : scaled_error8<false>(w, len, scale, zero_point, max_code, pw, amax, stop_above,
+                                    small, complete, margin);
 #else
+  // The generic copy keeps the general estimate (logarithm and exponential per term).
+  (void)amax;
+  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
+  const float norm = pw.norm;
+  *small = 0;
+  *complete = false;
+  *margin = internal::kScreenMargin;
   float terms[kBlock];
   double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
