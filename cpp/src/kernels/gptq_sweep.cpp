@@ -33,11 +33,9 @@ using internal::GptqJob;
 // multiples of 256 (the Ray executor's) give the same bits.
 constexpr Index kRowChunk = 128;
 
-// Columns per tile of the chunk's transposed copies of the weights (below): per row one cache
-// line of float32 read, and 16 columns written, each a contiguous run. (64 columns were cheap
-// for 128 rows, but with up to 512 rows side by side the columns lie 2 KiB apart, in 2 sets of
-// a 12-way L1: the tile's 64 write streams evicted each other.)
-constexpr Index kTileCols = 16;
+// Columns per tile of the chunk's transposed copies of the weights (below): a tile of 128 rows
+// writes 64 entries of each of 64 columns, 32 KiB of float32, within L1.
+constexpr Index kTileCols = 64;
 
 template <class S>
 using MatrixS = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;  // column-major
@@ -83,82 +81,6 @@ void round_column(Index len, double lkk, int maxq, const S* scale, const S* zero
   }
 }
 
-// The block updates through Eigen's GEMM kernel (gebp) on panels packed once. Eigen's product
-// packs both operands on every call: each 128-row chunk re-packed the factor's rows of every
-// block (cols^2 / 2 entries per chunk, 32 times at 4096 rows) and its own earlier errors (again
-// cols^2 / 2 per chunk in all), ~12% of the sweep's CPU time at 4096 x 4096. Here the factor's
-// off-diagonal blocks M^T(J, B) (J an earlier block of columns, B a later one) are packed once
-// per layer, shared read-only by all chunks, and each chunk packs each finished block of its
-// errors E(:, J) once; block B's update is then one gebp call per earlier block J, with depth
-// |J| (gebp accumulates into `add`, J in increasing order: the same float operations for any
-// thread count). Used for blocks of at least kPackedMinBlock columns (below that, the calls
-// would be too small: Eigen's product per block, as before).
-constexpr Index kPackedMinBlock = 32;
-// At most this many 128-row chunks are solved side by side (sweep_chunk).
-constexpr Index kChunksTogether = 4;
-
-template <class S>
-using AlignedVector = std::vector<S, Eigen::aligned_allocator<S>>;
-
-// Offsets into packed buffers stay multiples of 16 entries (64 bytes at least): gebp loads its
-// packed left operand with aligned vector loads.
-inline Index padded(Index n) { return (n + 15) / 16 * 16; }
-
-template <class S>
-struct GebpTypes {
-  using Traits = Eigen::internal::gebp_traits<S, S>;
-  using LhsMapper = Eigen::internal::const_blas_data_mapper<S, Index, Eigen::ColMajor>;
-  using RhsMapper = Eigen::internal::const_blas_data_mapper<S, Index, Eigen::ColMajor>;
-  using ResMapper = Eigen::internal::blas_data_mapper<S, Index, Eigen::ColMajor, Eigen::Unaligned, 1>;
-  using PackLhs = Eigen::internal::gemm_pack_lhs<S, Index, LhsMapper, Traits::mr, Traits::LhsProgress,
-                                                 typename Traits::LhsPacket4Packing, Eigen::ColMajor>;
-  using PackRhs = Eigen::internal::gemm_pack_rhs<S, Index, RhsMapper, Traits::nr, Eigen::ColMajor>;
-  using Gebp = Eigen::internal::gebp_kernel<S, S, Index, ResMapper, Traits::mr, Traits::nr, false, false>;
-};
-
-// M^T(J, B) for every pair of blocks J < B, packed as gebp's right operand: pair (j, b) at
-// start[b] + j * stride[b] (block b's pairs side by side, each |J| x |B|, padded).
-template <class S>
-struct PackedFactor {
-  Index block = 0, blocks = 0;
-  std::vector<Index> start, stride;
-  AlignedVector<S> data;
-  const S* pair(Index j, Index b) const {
-    return data.data() + start[static_cast<size_t>(b)] + j * stride[static_cast<size_t>(b)];
-  }
-};
-
-template <class S>
-PackedFactor<S> pack_factor(const FactorMap<S>& mt, Index block, int num_threads) {
-  const Index cols = mt.cols();
-  PackedFactor<S> packed;
-  packed.block = block;
-  packed.blocks = (cols + block - 1) / block;
-  packed.start.resize(static_cast<size_t>(packed.blocks));
-  packed.stride.resize(static_cast<size_t>(packed.blocks));
-  Index total = 0;
-  for (Index b = 0; b < packed.blocks; ++b) {
-    const Index nb = std::min(block, cols - b * block);
-    packed.start[static_cast<size_t>(b)] = total;
-    packed.stride[static_cast<size_t>(b)] = padded(block * nb);
-    total += b * padded(block * nb);
-  }
-  packed.data.resize(static_cast<size_t>(total + 64));  // + gebp's read-ahead
-  typename GebpTypes<S>::PackRhs pack_rhs;
-  // Later blocks hold more pairs: items taken from both ends keep the threads' shares even.
-  parallel_for(packed.blocks, num_threads, nullptr, [&](Index item, int) {
-    const Index b = item % 2 == 0 ? packed.blocks - 1 - item / 2 : item / 2;
-    const Index b0 = b * block, nb = std::min(block, cols - b0);
-    for (Index j = 0; j < b; ++j) {
-      S* to = packed.data.data() + packed.start[static_cast<size_t>(b)] +
-              j * packed.stride[static_cast<size_t>(b)];
-      pack_rhs(to, typename GebpTypes<S>::RhsMapper(mt.data() + b0 * cols + j * block, cols),
-               block, nb);
-    }
-  });
-  return packed;
-}
-
 // One chunk of rows. With e = w - q (original minus quantized weights, step order) and
 // M = diag(L)^-1 L, the weight that step k rounds is w~_k = w_k + sum_{i<k} M_ki e_i (the OBS
 // updates of the earlier steps, summed: see gptq_factor in gptq.cpp). Left-looking: the
@@ -167,19 +89,10 @@ PackedFactor<S> pack_factor(const FactorMap<S>& mt, Index block, int num_threads
 // weight buffer turns into E column by column, so one len x cols buffer holds both.
 // Everything runs in S (float32 weights: float32 GEMMs, twice the rate), except each row's sum of
 // step losses, which is accumulated in double (cols terms: float32 would lose ~cols * 6e-8).
-// packed: the factor's packed blocks (pack_factor), or null for Eigen's product per block.
-// chunks: solved side by side, from chunk `first` on (packed only; else 1): each chunk's rows get
-// exactly the float operations they get alone (their own gebp calls, matrix-vector products and
-// packed errors, on row ranges of shared buffers), but each packed block of the factor is read
-// once for all of them while it is in cache: at 4096 x 4096 the chunks re-read the packed factor
-// (cols^2 / 2 entries) from memory once per chunk, and the GEMMs waited on it.
 template <class S>
-void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, const PackedFactor<S>* packed,
-                 Index first, Index chunks) {
+void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, Index chunk) {
   const Index rows = job.rows, cols = job.cols, groups = cols / job.group_size;
-  const Index r0 = first * kRowChunk, len = std::min(chunks * kRowChunk, rows - r0);
-  const Index subs = (len + kRowChunk - 1) / kRowChunk;  // chunks actually here
-  const auto sub_len = [&](Index sub) { return std::min(kRowChunk, len - sub * kRowChunk); };
+  const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
   const Index block = std::min(job.block_size, cols);
   const int maxq = (1 << job.bits) - 1;
   MatrixS<S> w(len, cols);     // columns < k: e = w - q; columns >= k: the original weights
@@ -219,34 +132,15 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, const PackedFact
     }
   std::vector<double> losses(static_cast<size_t>(len), 0.0);
   std::vector<S> rounded(static_cast<size_t>(len)), updated(static_cast<size_t>(len));
-  // packed: each chunk's errors E(:, J) of each finished block J, packed as gebp's left operand
-  // (chunk sub's block j at (sub * blocks + j) * panel).
-  AlignedVector<S> packed_errors;
-  const Index panel = padded(kRowChunk * block);
-  const Index blocks = packed != nullptr ? packed->blocks : 0;
-  if (packed != nullptr) packed_errors.resize(static_cast<size_t>(subs * blocks * panel + 64));
-  typename GebpTypes<S>::PackLhs pack_lhs;
-  typename GebpTypes<S>::Gebp gebp;
   for (Index b0 = 0; b0 < cols; b0 += block) {
     const Index nb = std::min(block, cols - b0);
-    if (packed != nullptr) {  // every earlier block's steps onto this block (level 3)
+    if (b0 == 0)
       add.leftCols(nb).setZero();
-      for (Index j = 0; j < b0 / block; ++j)
-        for (Index sub = 0; sub < subs; ++sub)
-          gebp(typename GebpTypes<S>::ResMapper(add.data() + sub * kRowChunk, len),
-               packed_errors.data() + (sub * blocks + j) * panel, packed->pair(j, b0 / block),
-               sub_len(sub), block, nb, S(1));
-    } else if (b0 == 0) {
-      add.leftCols(nb).setZero();
-    } else {  // every earlier block's steps onto this block at once (level 3)
+    else  // every earlier block's steps onto this block at once (level 3)
       add.leftCols(nb).noalias() = w.leftCols(b0) * mt.block(0, b0, b0, nb);
-    }
     for (Index k = b0; k < b0 + nb; ++k) {
       // This block's earlier steps, which the next column must see before it is rounded.
-      if (k > b0)
-        for (Index sub = 0; sub < subs; ++sub)
-          add.col(k - b0).segment(sub * kRowChunk, sub_len(sub)).noalias() +=
-              w.block(sub * kRowChunk, b0, sub_len(sub), k - b0) * mt.col(k).segment(b0, k - b0);
+      if (k > b0) add.col(k - b0).noalias() += w.middleCols(b0, k - b0) * mt.col(k).segment(b0, k - b0);
       const Index c = job.order[k];
       const Index g = c / job.group_size;
       round_column<S>(len, lkk_of(mt, k), maxq, grid_scale.data() + g * len,
@@ -254,11 +148,6 @@ void sweep_chunk(const GptqJob<S>& job, const FactorMap<S>& mt, const PackedFact
                       w.col(k).data(), natural.col(c).data(), rounded.data(), updated.data(),
                       losses.data());
     }
-    if (packed != nullptr && b0 + nb < cols)  // block b0's errors are final: pack them once
-      for (Index sub = 0; sub < subs; ++sub)
-        pack_lhs(packed_errors.data() + (sub * blocks + b0 / block) * panel,
-                 typename GebpTypes<S>::LhsMapper(w.data() + b0 * len + sub * kRowChunk, len), nb,
-                 sub_len(sub));
   }
   for (Index c0 = 0; c0 < cols; c0 += kTileCols) {
     const Index c1 = std::min(cols, c0 + kTileCols);
@@ -275,21 +164,8 @@ template <class S>
 void sweep(const GptqJob<S>& job, const RunOptions& run) {
   const FactorMap<S> mt(job.factor, job.cols, job.cols);
   const Index chunks = (job.rows + kRowChunk - 1) / kRowChunk;
-  const Index block = std::min(job.block_size, job.cols);
-  PackedFactor<S> packed;
-  const bool use_packed = block >= kPackedMinBlock && block < job.cols;
-  if (use_packed) packed = pack_factor<S>(mt, block, job.cols < 384 ? 1 : run.num_threads);
-  // Chunks per parallel item (results do not depend on it): up to kChunksTogether, while every
-  // thread still gets at least 4 items.
-  Index together = 1;
-  if (use_packed)
-    while (together < kChunksTogether &&
-           chunks / (2 * together) >= 4 * static_cast<Index>(resolve_num_threads(run.num_threads)))
-      together *= 2;
-  const Index items = (chunks + together - 1) / together;
-  parallel_for(items, run.num_threads, run.interrupt, [&](Index item, int) {
-    sweep_chunk<S>(job, mt, use_packed ? &packed : nullptr, item * together, together);
-  });
+  parallel_for(chunks, run.num_threads, run.interrupt,
+               [&](Index chunk, int) { sweep_chunk<S>(job, mt, chunk); });
 }
 
 }  // namespace
