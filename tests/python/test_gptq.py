@@ -332,11 +332,10 @@ def test_gptq_row_losses_do_not_depend_on_the_row_split():
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("block", [33, 128])
-def test_packed_sweep_does_not_depend_on_threads_or_row_split(dtype, block):
-    # Blocks of >= 32 columns narrower than the layer take the sweep's packed path, where up to 4
-    # chunks of 128 rows share a parallel item depending on rows and threads (1100 rows: 2 per
-    # item on 1 thread, 1 on 2 or 3): the bits must not change with that grouping, the thread
-    # count, an odd block width (33: unaligned packed panels) or a Ray-style row split.
+def test_multi_block_sweep_does_not_depend_on_threads_or_row_split(dtype, block):
+    # Several lazy blocks (300 inputs; 33: a block width that is no multiple of a SIMD width)
+    # and 9 row chunks, one of them short: the bits must not change with the thread count or a
+    # Ray-style row split (the row-split test above has a single block).
     W, H, _ = make_problem(1100, 300, seed=4, zeros=0.05)
     W = W.astype(dtype)
     runs = [obc_native.quantize(W, H, 4, method="gptq", refine=False, gptq_block_size=block,
@@ -349,9 +348,7 @@ def test_packed_sweep_does_not_depend_on_threads_or_row_split(dtype, block):
                                    gptq_block_size=block, num_threads=2)
         assert np.array_equal(part.weight, runs[0].weight[r0:r1])
         assert np.array_equal(part.row_losses, runs[0].row_losses[r0:r1])
-    # The sweep's step losses still add up to the exact loss of its weights (the packed GEMMs
-    # feed the same w~ as Eigen's product did; the brute-force replays of test_gptq_factor.py
-    # cover the codes on this path).
+    # The sweep's step losses add up to the exact loss of its weights.
     exact = ref.layer_losses(W.astype(np.float64), runs[0].weight.astype(np.float64), H)
     assert_close(runs[0].row_losses, exact, 1e-5 if dtype == np.float32 else 1e-11)
 
