@@ -55,9 +55,10 @@ double lkk_of(const FactorMap<S>& mt, Index k) {
 // entry by entry (w~ / scale, round half to even, + zero point, clamp to [0, maxq], scale * (code
 // - zero point): the code and the zero point are small integers, exact in S), written as plain
 // loops without branches so that the compiler vectorizes them (the old per-entry loop, with a
-// GridPoint and a strided grid read per entry and an out-of-line nearbyint, cost as much as a
-// third of the sweep's GEMMs at 4096 x 4096). std::rint rounds as nearbyint does (to nearest,
-// ties to even, in the default rounding mode) and is inlined as a vector instruction.
+// GridPoint and a strided grid read per entry and an out-of-line nearbyint, was 9% of a whole
+// 4096 x 4096 call's CPU time). std::rint rounds as nearbyint does (to nearest, ties to even, in
+// the default rounding mode) and is inlined as a vector instruction. Bit-identical to that loop
+// in every copy (generic, AVX2, AVX-512: hashed on 96 configurations).
 template <class S>
 void round_column(Index len, double lkk, int maxq, const S* scale, const S* zero_point,
                   const char* is_zero, const S* add, S* w, S* out, S* rounded, S* updated,
