@@ -271,13 +271,13 @@ QuantResult<Scalar> gptq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   no_inverse.invert = false;
   const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
   // W and H's shape were checked by quantize_gptq (and its float64 redo converts a checked W).
-  internal::check_layer_scale<Scalar>(W, prep);
+  internal::check_layer_scale<Scalar>(W, prep, run.num_threads);
   QuantResult<Scalar> result;
   result.grid = std::move(grid);
   Eigen::VectorXd step_losses;
   internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
                               result.weight, &step_losses);
-  check_finite_result(result.weight, "weights");
+  internal::check_finite_weights(result.weight, run.num_threads);
   result.pruned = internal::pruned_mask<Scalar>(W, prep.dead, run.num_threads);
   // From the sweep's step losses, as quantize_select (and so quantize and the C API) takes them.
   result.row_losses = internal::gptq_row_losses<Scalar>(W, result.weight, H, prep,

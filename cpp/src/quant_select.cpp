@@ -79,13 +79,15 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   HessianOptions prep_options = hopt;
   prep_options.invert = any_obq;  // GPTQ factors the permuted H itself (gptq_into)
   PreparedHessian prep = prepare_hessian(H, prep_options, run.num_threads, run.interrupt);
-  internal::check_quant_inputs<Scalar>(W, prep.cols());
-  internal::check_layer_scale<Scalar>(W, prep);
+  // W was checked by quantize_select (the float64 redo converts a checked W): only the shape
+  // here, not a second serial pass over W's values.
+  OBC_CHECK(prep.cols() == W.cols(), "internal: select_on_grid: shapes differ");
+  internal::check_layer_scale<Scalar>(W, prep, run.num_threads);
   const Index rows = W.rows(), cols = W.cols();
 
   QuantResult<Scalar> best;
   best.grid = std::move(grid);  // shared by every candidate
-  best.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
+  best.pruned = internal::pruned_mask<Scalar>(W, prep.dead, run.num_threads);
   best.damp = prep.damp;
   best.damp_absolute = prep.damp_absolute;
   const bool refine = sopt.refine.max_passes > 0;
@@ -122,7 +124,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                           : internal::grid_at(best.grid, r, c).quantize(W(r, c));
         break;
     }
-    check_finite_result(out, "weights");
+    internal::check_finite_weights(out, run.num_threads);
     const bool from_steps = step_losses.size() == rows;
     unrefined[i] = from_steps
                        ? internal::gptq_row_losses<Scalar>(W, out, H, prep,
@@ -177,7 +179,7 @@ QuantResult<Scalar> select_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
     best.row_losses_unrefined[r] = unrefined[i][r];
     best.row_method[r] = static_cast<std::uint8_t>(methods[i]);
   }
-  internal::fill_codes(best);
+  internal::fill_codes(best, run.num_threads);
   return best;
 }
 

@@ -330,6 +330,29 @@ def test_gptq_row_losses_do_not_depend_on_the_row_split():
             assert np.array_equal(part.row_losses, whole.row_losses[r0:r1])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("block", [33, 128])
+def test_multi_block_sweep_does_not_depend_on_threads_or_row_split(dtype, block):
+    # Several lazy blocks (300 inputs; 33: a block width that is no multiple of a SIMD width)
+    # and 9 row chunks, one of them short: the bits must not change with the thread count or a
+    # Ray-style row split (the row-split test above has a single block).
+    W, H, _ = make_problem(1100, 300, seed=4, zeros=0.05)
+    W = W.astype(dtype)
+    runs = [obc_native.quantize(W, H, 4, method="gptq", refine=False, gptq_block_size=block,
+                                num_threads=threads) for threads in (1, 2, 3)]
+    for other in runs[1:]:
+        assert np.array_equal(other.weight, runs[0].weight)
+        assert np.array_equal(other.row_losses, runs[0].row_losses)
+    for r0, r1 in ((0, 256), (256, 768), (768, 1100)):
+        part = obc_native.quantize(W[r0:r1], H, 4, method="gptq", refine=False,
+                                   gptq_block_size=block, num_threads=2)
+        assert np.array_equal(part.weight, runs[0].weight[r0:r1])
+        assert np.array_equal(part.row_losses, runs[0].row_losses[r0:r1])
+    # The sweep's step losses add up to the exact loss of its weights.
+    exact = ref.layer_losses(W.astype(np.float64), runs[0].weight.astype(np.float64), H)
+    assert_close(runs[0].row_losses, exact, 1e-5 if dtype == np.float32 else 1e-11)
+
+
 def test_dead_inputs_are_zero_and_loss_is_exact():
     W, H, damp = problem("random-zeros-dead", rows=10, cols=32)
     res = obc_native.quantize(W, H, 4)

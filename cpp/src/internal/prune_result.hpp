@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "obc/hessian.hpp"
+#include "obc/parallel.hpp"
 #include "obc/prune.hpp"
 
 namespace obc::internal {
@@ -32,13 +33,61 @@ inline void check_inverse_range(double smallest, double largest) {
 
 /// check_scale for a layer solved in W's own precision (float32 rows: float32 kernels, which
 /// also hold the inverse in float32: its diagonal, which bounds every entry, must fit there).
+/// num_threads: the rows' norms in parallel row chunks (large layers only; the same outcome).
 template <class Scalar>
 inline void check_layer_scale(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                              const PreparedHessian& prep) {
-  check_scale<Scalar>(W, prep.live_trace, static_cast<double>(std::numeric_limits<Scalar>::max()),
-                      std::is_same_v<Scalar, float> ? "float32" : "float64");
+                              const PreparedHessian& prep, int num_threads = 1) {
+  // check_scale reads every row on one thread (a serial pass of rows x cols at large layers):
+  // find the row of largest norm in parallel, with check_scale's own expression and its max's
+  // rule (a later row wins only when strictly larger), and hand check_scale that row alone: the
+  // max over rows, and so the outcome and the message, are those of all of W.
+  constexpr Index kRows = 256;
+  const Index rows = W.rows(), chunks = (rows + kRows - 1) / kRows;
+  if (chunks < 2 || W.size() < (Index(1) << 20)) {
+    check_scale<Scalar>(W, prep.live_trace, static_cast<double>(std::numeric_limits<Scalar>::max()),
+                        std::is_same_v<Scalar, float> ? "float32" : "float64");
+  } else {
+    std::vector<Index> chunk_row(static_cast<size_t>(chunks), 0);
+    std::vector<double> chunk_norm2(static_cast<size_t>(chunks), -1.0);
+    parallel_for(chunks, num_threads, nullptr, [&](Index chunk, int) {
+      const size_t at = static_cast<size_t>(chunk);
+      for (Index r = chunk * kRows; r < std::min(rows, (chunk + 1) * kRows); ++r) {
+        const double norm2 = W.row(r).template cast<double>().squaredNorm();
+        if (chunk_norm2[at] < norm2) {
+          chunk_norm2[at] = norm2;
+          chunk_row[at] = r;
+        }
+      }
+    });
+    Index largest = 0;
+    double best = -1.0;
+    for (size_t at = 0; at < chunk_norm2.size(); ++at)
+      if (best < chunk_norm2[at]) {
+        best = chunk_norm2[at];
+        largest = chunk_row[at];
+      }
+    check_scale<Scalar>(W.middleRows(largest, 1), prep.live_trace,
+                        static_cast<double>(std::numeric_limits<Scalar>::max()),
+                        std::is_same_v<Scalar, float> ? "float32" : "float64");
+  }
   if (prep.hinv.size() == 0) return;  // solvers without H^-1 check theirs (gptq_into)
   check_inverse_range<Scalar>(prep.hinv.diagonal().minCoeff(), prep.hinv.diagonal().maxCoeff());
+}
+
+/// check_finite_result(weight, "weights") with the rows read in parallel chunks on large layers
+/// (the check itself is a serial pass of rows x cols otherwise); the same exception.
+template <class Scalar>
+inline void check_finite_weights(const RowMatrix<Scalar>& weight, int num_threads) {
+  constexpr Index kRows = 256;
+  const Index rows = weight.rows(), chunks = (rows + kRows - 1) / kRows;
+  if (chunks < 2 || weight.size() < (Index(1) << 20)) return check_finite_result(weight, "weights");
+  std::vector<char> bad(static_cast<size_t>(chunks), 0);
+  parallel_for(chunks, num_threads, nullptr, [&](Index chunk, int) {
+    const Index r0 = chunk * kRows, len = std::min(kRows, rows - r0);
+    bad[static_cast<size_t>(chunk)] = weight.middleRows(r0, len).allFinite() ? 0 : 1;
+  });
+  if (std::find(bad.begin(), bad.end(), char(1)) != bad.end())
+    check_finite_result(weight, "weights");  // throws
 }
 
 /// Row losses are measured with the undamped H (see hessian.hpp row_losses).
