@@ -446,7 +446,7 @@ def test_onnx_table_not_read_by_gather_names_the_embedding(tmp_path):
          helper.make_tensor_value_info("table", onnx.TensorProto.FLOAT, list(table.shape))],
         [numpy_helper.from_array(table, "emb.weight")],
     )
-    rewriter = export_module._GraphRewriter(helper.make_model(graph))
+    rewriter = export_module._GraphRewriter(helper.make_model(graph), export_module._TensorData())
     info = describe_embedding("emb", model.emb)
     grid = report.layer("emb").grid
     codes = _quantize_exact(info, table, grid)
