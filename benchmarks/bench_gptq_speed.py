@@ -97,7 +97,10 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     group = None if args.group == "row" else int(args.group)
-    print(f"obc_native {getattr(obc, '__version__', '?')} ({obc.build_info().get('kernel_isa', '?')}), "
+    info = obc.build_info()
+    # kernel_isa is the row kernels' copy; GPTQ's factor and sweep also have an AVX-512 copy
+    isa = "avx512" if info.get("avx512_kernels") else info.get("kernel_isa", "?")
+    print(f"obc_native {getattr(obc, '__version__', '?')} (gptq kernels: {isa}), "
           f"torch {torch.__version__}, {args.threads} threads, {args.bits} bit, group "
           f"{args.group}, grid {args.grid}; load average {os.getloadavg()[0]:.1f} on "
           f"{os.cpu_count()} cores")

@@ -67,6 +67,24 @@ Exact exact_scaled_error(const std::vector<float>& w, float scale, int zero, int
   return e;
 }
 
+// The kernel's estimate of a whole row (no stop limit), with what it reports.
+struct Screened {
+  double estimate = 0;
+  KIndex small = -1;
+  bool complete = false;
+  double margin = 0;
+};
+
+Screened screen_whole_row(const k::GridScreenKernels& table, const std::vector<float>& w,
+                          float scale, int zero, int maxq, double norm) {
+  Screened s;
+  s.estimate = table.scaled_error(w.data(), KIndex(w.size()), scale, zero, maxq,
+                                  k::make_screen_pow(norm), amax_of(w),
+                                  std::numeric_limits<double>::infinity(), &s.small, &s.complete,
+                                  &s.margin);
+  return s;
+}
+
 OBC_TEST(estimate_within_bound_on_random_rows) {
   std::mt19937_64 rng(11);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
@@ -93,13 +111,7 @@ OBC_TEST(estimate_within_bound_on_random_rows) {
         x = static_cast<float>(scale * (n + far + f));
       }
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
-      KIndex small = -1;
-      bool complete = false;
-      double margin = 0;
-      const double est = table->scaled_error(w.data(), len, scale, zero, maxq,
-                                             k::make_screen_pow(norm), amax_of(w),
-                                             std::numeric_limits<double>::infinity(), &small,
-                                             &complete, &margin);
+      const auto [est, small, complete, margin] = screen_whole_row(*table, w, scale, zero, maxq, norm);
       CHECK(complete);
       CHECK(small == e.small);
       // the bound the kernel reports (the tables' 1e-5 or the general 1e-4), 5x inside
@@ -227,13 +239,7 @@ OBC_TEST(rounding_ties_choose_the_division_codes) {
         x = std::nextafter(x, ulps > 0 ? INFINITY : -INFINITY);
       const std::vector<float> w(static_cast<size_t>(len), x);
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
-      KIndex small = -1;
-      bool complete = false;
-      double margin = 0;
-      const double est = table->scaled_error(w.data(), len, scale, zero, maxq,
-                                             k::make_screen_pow(norm), amax_of(w),
-                                             std::numeric_limits<double>::infinity(), &small,
-                                             &complete, &margin);
+      const auto [est, small, complete, margin] = screen_whole_row(*table, w, scale, zero, maxq, norm);
       CHECK(complete && small == e.small);
       const double rel = e.sum > 0 ? std::abs(est - e.sum) / e.sum : std::abs(est);
       if (!(rel <= margin / 5))
