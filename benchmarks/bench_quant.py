@@ -6,7 +6,7 @@ fitting, the program runs on the SAME grid (the one quantize_rtn fits):
 
   rtn          quantize_rtn: round-to-nearest (the denominator of every loss ratio)
   default      quantize(): method="auto" (obq and gptq, each refined and scale-refitted, best
-               per row)
+               per row; above 1024 inputs gptq alone, i.e. gptq+refine, which is not re-run)
   gptq         quantize(method="gptq", refine=False)   (on the fitted grid)
   gptq+refine  quantize(method="gptq", refine=True)    (refined and scale-refitted)
   obq          quantize(method="obq", refine=False)
@@ -33,7 +33,7 @@ A program, never a test: prints a table and writes JSON into benchmarks/results/
 Run:  .venv/bin/python benchmarks/bench_quant.py [--large] [--layers 256x256,...] [--threads 2]
       [--kinds realistic,white] [--bits 4,3] [--groups row,128] [--grids mse[,minmax]]
 The default (small layers, MSE grids) took 320 s on 2 loaded cores: OBQ (alone and
-inside default's auto) dominates; --grids minmax,mse doubles it.
+inside default's auto up to 1024 inputs) dominates; --grids minmax,mse doubles it.
 """
 
 from __future__ import annotations
@@ -126,6 +126,11 @@ def timed(fn, reps: int = 1):
     return out, best
 
 
+def auto_methods(obc, cols: int) -> list:
+    """The default's candidates at this width (obq + gptq before auto_quant_methods existed)."""
+    return obc.auto_quant_methods(cols) if hasattr(obc, "auto_quant_methods") else ["obq", "gptq"]
+
+
 def run_case(obc, W, H, bits, group, grid, threads, skip_obq: bool, reps: int) -> dict:
     """All quantizers on one layer and grid; returns the JSON record of the case."""
     kw = dict(sym=True, group_size=group, grid=grid, num_threads=threads)
@@ -145,9 +150,14 @@ def run_case(obc, W, H, bits, group, grid, threads, skip_obq: bool, reps: int) -
     if not skip_obq:
         obq, times["obq"] = timed(lambda: obc.quantize(W, H, bits, method="obq", refine=False,
                                                        **kw))
-        default, times["default"] = timed(lambda: obc.quantize(W, H, bits, **kw))
         cands["obq"] = obq
-    else:  # auto runs OBQ; on the large shapes both are out of reach of a benchmark run
+    if auto_methods(obc, cols) == ["gptq"]:
+        # above AUTO_OBQ_MAX_COLS the default is refined GPTQ, bit for bit (tested): not re-run
+        default, times["default"] = gptq_r, t_gptq_r
+        rec["default_is_gptq_refine"] = True
+    elif not skip_obq:
+        default, times["default"] = timed(lambda: obc.quantize(W, H, bits, **kw))
+    else:  # the default runs OBQ here, which is out of reach of this run (--obq-max-cols)
         default = None
     losses = {name: r.loss for name, r in cands.items()}
     losses["torch-gptq"] = base_loss
@@ -216,7 +226,7 @@ def main(argv=None) -> int:
     ap.add_argument("--groups", default="row,128", help="'row' = one grid per row, or a size")
     ap.add_argument("--grids", default="mse", help="comma-separated: minmax, mse")
     ap.add_argument("--obq-max-cols", type=int, default=1024,
-                    help="skip obq and default (auto runs OBQ) above this many inputs")
+                    help="skip obq (and the default where it runs OBQ) above this many inputs")
     ap.add_argument("--reps", type=int, default=2,
                     help="timed calls of rtn, gptq and torch-gptq; the best counts")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")

@@ -300,6 +300,16 @@ PYBIND11_MODULE(_core, m) {
         "Number of items `sparsity` asks of `total`: ceil(sparsity * total), robust to binary "
         "rounding (0.3 * 10 gives 3). Raises ValueError unless 0 <= sparsity <= 1.",
         py::arg("total"), py::arg("sparsity"));
+  m.def("auto_quant_methods",
+        [](Index cols) {
+          std::vector<std::string> names;
+          for (const obc::QuantMethod method : obc::auto_quant_methods(cols))
+            names.emplace_back(obc::quant_method_name(method));
+          return names;
+        },
+        py::arg("cols"),
+        "The candidates of quantize(method='auto') for a layer of `cols` inputs.");
+  m.attr("AUTO_OBQ_MAX_COLS") = obc::kAutoObqMaxCols;
   m.def("build_info", []() {
     const obc::BuildInfo info = obc::build_info();
     py::dict d;

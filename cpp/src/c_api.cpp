@@ -352,7 +352,9 @@ void write_quant(const obc::QuantResult<S>& r, S* weight_out, std::uint8_t* code
 // obc_quant_options before `method` was added: its size then.
 constexpr std::size_t kQuantOptionsV1Size = offsetof(obc_quant_options, method);
 
-obc::QuantOptions resolve_quant(const obc_quant_options* quant, obc::QuantSelectOptions* select) {
+// cols: the layer's inputs, which decide the candidates of OBC_QUANT_AUTO.
+obc::QuantOptions resolve_quant(const obc_quant_options* quant, Index cols,
+                                obc::QuantSelectOptions* select) {
   obc_quant_options defaults;
   obc_quant_options_init(&defaults);
   if (quant == nullptr) quant = &defaults;
@@ -364,9 +366,8 @@ obc::QuantOptions resolve_quant(const obc_quant_options* quant, obc::QuantSelect
   select->refine.max_passes = 0;
   select->refit_rounds = 0;  // a v1 struct reproduces the quantizer of its time
   if (!v1) {
-
     switch (quant->method) {
-      case OBC_QUANT_AUTO: select->methods = {obc::QuantMethod::Obq, obc::QuantMethod::Gptq}; break;
+      case OBC_QUANT_AUTO: select->methods = obc::auto_quant_methods(cols); break;
       case OBC_QUANT_OBQ: select->methods = {obc::QuantMethod::Obq}; break;
       case OBC_QUANT_GPTQ: select->methods = {obc::QuantMethod::Gptq}; break;
       case OBC_QUANT_GPTQ_NATURAL: select->methods = {obc::QuantMethod::GptqNatural}; break;
@@ -412,7 +413,7 @@ obc_status quantize(const S* weight, std::size_t rows, std::size_t cols, const d
   return guard([&] {
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     obc::QuantSelectOptions select;
-    const obc::QuantOptions opt = resolve_quant(quant, &select);
+    const obc::QuantOptions opt = resolve_quant(quant, shape.cols, &select);
     Settings s;
     resolve(options, s);
     check_grid_outputs(shape, opt, scales_out, zeros_out, grid_size);
@@ -434,7 +435,7 @@ obc_status prune_quantize_sparsegpt(const S* weight, std::size_t rows, std::size
   return guard([&] {
     const Shape shape = check_layer(weight, rows, cols, hessian, hessian_dim, weight_out);
     obc::QuantSelectOptions unused_select;  // the sweep is the quantizer
-    const obc::QuantOptions opt = resolve_quant(quant, &unused_select);
+    const obc::QuantOptions opt = resolve_quant(quant, shape.cols, &unused_select);
     Settings s;
     resolve(options, s);
     check_grid_outputs(shape, opt, scales_out, zeros_out, grid_size);

@@ -209,6 +209,12 @@ QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W
   }
 }
 
+std::vector<QuantMethod> auto_quant_methods(Index cols) {
+  OBC_CHECK(cols >= 0, "cols: expected >= 0, got ", cols);
+  if (cols <= kAutoObqMaxCols) return {QuantMethod::Obq, QuantMethod::Gptq};
+  return {QuantMethod::Gptq};
+}
+
 #define OBC_INSTANTIATE(S)                                                                         \
   template QuantResult<S> quantize_select<S>(const Eigen::Ref<const RowMatrix<S>>&,                \
                                              const HessianRef&, const QuantOptions&,               \

@@ -5,6 +5,8 @@ The numpy-level API lives here; the optional PyTorch model layer is ``obc_native
 """
 
 from ._api import (
+    AUTO_OBQ_MAX_COLS,
+    auto_quant_methods,
     build_info,
     layer_loss,
     prune_blocked,
@@ -43,6 +45,7 @@ from .layer_solve import UnitResult, solve
 __version__ = build_info()["version"]
 
 __all__ = [
+    "AUTO_OBQ_MAX_COLS",
     "HessianAccumulator",
     "HessianError",
     "PruneResult",
@@ -50,6 +53,7 @@ __all__ = [
     "QuantResult",
     "Trace",
     "__version__",
+    "auto_quant_methods",
     "build_info",
     "layer_loss",
     "load_hessian",

@@ -64,7 +64,8 @@ class LayerConfig:
         method: "obc" (the Hessian-aware solvers below) or a baseline that ignores the Hessian,
             "magnitude" / "rtn" (synonyms: magnitude pruning, round-to-nearest quantization).
         quant_method: the quantizer of ``method="obc"``, as ``obc_native.quantize(method=)``:
-            "auto" (per row the best of "obq" and "gptq"), "obq", "gptq", "gptq-natural" or
+            "auto" (per row the best of "obq" and "gptq"; "gptq" alone above 1024 inputs,
+            see auto_quant_methods), "obq", "gptq", "gptq-natural" or
             "rtn" (round to nearest, as a candidate of the refinement).
         refine: coordinate-descent refinement of the quantized codes (``quantize(refine=)``).
         prune_method: the pruner of ``method="obc"``: "exact" (ExactOBS) or "sparsegpt"

@@ -365,6 +365,35 @@ OBC_TEST(quantization_methods_and_refinement) {
   CHECK(error_mentions("quant.refine_tol"));
 }
 
+OBC_TEST(auto_quantizer_drops_obq_above_its_width) {
+  // OBC_QUANT_AUTO is OBQ + GPTQ up to kAutoObqMaxCols inputs and GPTQ alone above: at 1032
+  // inputs it equals OBC_QUANT_GPTQ bit for bit, while the core's explicit pair (OBQ, GPTQ) keeps
+  // OBQ in some rows of these white-noise inputs, so the two results differ.
+  CHECK(auto_quant_methods(kAutoObqMaxCols).size() == 2 &&
+        auto_quant_methods(kAutoObqMaxCols + 1) == std::vector<QuantMethod>{QuantMethod::Gptq});
+  const Index rows = 4, cols = 1032;
+  const Layer l = make_layer(rows, cols, 2 * cols, 6);
+  RowMatrixXd auto_w(rows, cols), gptq_w(rows, cols);
+  Eigen::VectorXd auto_losses(rows), gptq_losses(rows);
+  obc_quant_options quant;
+  obc_quant_options_init(&quant);
+  quant.refine_passes = 1;
+  CHECK(obc_quantize_f64(l.weight.data(), rows, cols, l.hessian.data(), cols, &quant, nullptr,
+                         auto_w.data(), nullptr, nullptr, nullptr, 0, auto_losses.data(),
+                         nullptr) == OBC_OK);
+  quant.method = OBC_QUANT_GPTQ;
+  CHECK(obc_quantize_f64(l.weight.data(), rows, cols, l.hessian.data(), cols, &quant, nullptr,
+                         gptq_w.data(), nullptr, nullptr, nullptr, 0, gptq_losses.data(),
+                         nullptr) == OBC_OK);
+  CHECK(auto_w == gptq_w && auto_losses == gptq_losses);
+  QuantOptions opt;
+  QuantSelectOptions pair;
+  pair.refine.max_passes = 1;
+  const auto both = quantize_select<double>(l.weight, l.hessian, opt, pair);
+  CHECK((both.row_method.array() == static_cast<std::uint8_t>(QuantMethod::Obq)).any());
+  CHECK(both.row_losses.sum() < gptq_losses.sum());
+}
+
 OBC_TEST(bad_layer_calls_return_codes_and_leave_outputs) {
   const Layer l = make_layer(3, 8, 100, 4);
   const obc_options options = default_options();

@@ -226,6 +226,51 @@ def test_candidate_sequence_and_ties_to_the_first():
     assert np.array_equal(same.weight, g.weight)
 
 
+def test_auto_candidates_by_width():
+    assert obc_native.AUTO_OBQ_MAX_COLS == 1024
+    assert obc_native.auto_quant_methods(0) == ["obq", "gptq"]
+    assert obc_native.auto_quant_methods(1024) == ["obq", "gptq"]
+    assert obc_native.auto_quant_methods(1025) == ["gptq"]
+    assert obc_native.auto_quant_methods(np.int64(11008)) == ["gptq"]
+    with pytest.raises(ValueError, match="cols"):
+        obc_native.auto_quant_methods(-1)
+    with pytest.raises(TypeError, match="cols"):
+        obc_native.auto_quant_methods(1.5)
+
+
+@pytest.mark.parametrize("kind", ["realistic", "white"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_auto_above_the_obq_width_is_refined_gptq(kind, dtype):
+    # 1032 inputs: "auto" runs refined GPTQ alone, so it equals method="gptq" bit for bit and
+    # no row records OBQ; the explicit pair still runs OBQ at this width (on white inputs OBQ
+    # wins most rows). Groups of 129 inputs cut across GPTQ's blocks of 128.
+    if kind == "realistic":
+        W, H = make_realistic_layer(6, 1032, seed=3, dtype=dtype)
+    else:
+        W, H, _ = make_problem(6, 1032, seed=3, kind="random")
+        W = W.astype(dtype)
+    kw = dict(group_size=129, refine_passes=2, refit_rounds=1)
+    auto = obc_native.quantize(W, H, 4, **kw)
+    gptq = obc_native.quantize(W, H, 4, method="gptq", **kw)
+    for field in ("weight", "codes", "scale", "zero", "row_losses", "row_losses_unrefined",
+                  "row_methods"):
+        assert np.array_equal(getattr(auto, field), getattr(gptq, field)), field
+    assert set(auto.row_method_names()) == {"gptq"}
+    if kind == "white":
+        both = obc_native.quantize(W, H, 4, method=("obq", "gptq"), **kw)
+        assert "obq" in set(both.row_method_names())
+        assert np.all(both.row_losses <= gptq.row_losses) and both.loss < gptq.loss
+
+
+def test_auto_at_the_obq_width_keeps_both_candidates():
+    W, H, damp = problem("random", rows=4, cols=1024)
+    kw = dict(damp=damp, refine_passes=1, refit_rounds=0)
+    auto = obc_native.quantize(W, H, 4, **kw)
+    both = obc_native.quantize(W, H, 4, method=("obq", "gptq"), **kw)
+    assert np.array_equal(auto.weight, both.weight)
+    assert np.array_equal(auto.row_methods, both.row_methods)
+
+
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_obq_without_refinement_is_the_greedy_bit_for_bit(dtype):
     W, H, damp = problem("random-zeros-dead", rows=12, cols=48)

@@ -121,7 +121,9 @@ typedef enum obc_grid {
 /* The quantizer of obc_quantize_*: every method uses the same grids (fitted on the weights as
  * passed in), so the choice is made per row. */
 typedef enum obc_quant_method {
-  OBC_QUANT_AUTO = 0,         /* OBQ and GPTQ, each refined; every row keeps the lower loss */
+  OBC_QUANT_AUTO = 0,         /* OBQ and GPTQ, each refined; every row keeps the lower loss.
+                                 Above 1024 inputs GPTQ alone (refined): OBQ's cost grows as
+                                 cols^3 and it wins few rows of wide layers */
   OBC_QUANT_OBQ = 1,          /* greedy OBQ (the paper) */
   OBC_QUANT_GPTQ = 2,         /* fixed order by descending diag(H) ("act-order"), lazy blocks */
   OBC_QUANT_GPTQ_NATURAL = 3, /* fixed order 0, 1, ... */

@@ -16,6 +16,16 @@
 
 namespace obc {
 
+/// Widest layer (inputs) for which the default candidates include greedy OBQ. OBQ costs
+/// O(rows * cols^3): 25 s for 256 x 1024 and ~30 min for 4096 x 4096 on two cores, while past
+/// about a thousand inputs it wins few rows (768 x 3072 with outlier inputs: 6 of 768 rows, 0.03%
+/// of the loss, for 6.8x the time of refined GPTQ). Above it the default is refined GPTQ alone.
+inline constexpr Index kAutoObqMaxCols = 1024;
+
+/// The candidates of the default ("auto") quantizer for a layer of `cols` inputs: OBQ and GPTQ
+/// up to kAutoObqMaxCols inputs, GPTQ alone above. cols >= 0.
+std::vector<QuantMethod> auto_quant_methods(Index cols);
+
 struct QuantSelectOptions {
   /// Candidates, each at most once, non-empty; ties between candidates go to the one listed
   /// first. Obq, Gptq, GptqNatural, Rtn.
