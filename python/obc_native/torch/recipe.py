@@ -24,9 +24,10 @@ quantization (``bits``); both together is joint compression (prune, then quantiz
 zeros). ``method`` is "obc" (the Hessian-aware solvers) or the baseline: "magnitude" and "rtn" are
 the same baseline (magnitude pruning for the pruning part, round-to-nearest for the quantization
 part, no Hessian). With ``method="obc"``, ``quant_method`` and ``refine`` choose the quantizer
-(``quantize(method=, refine=)``: "auto" = per row the best of OBQ and GPTQ, refined) and
-``prune_method`` the pruner ("exact" = ExactOBS or "sparsegpt"); pruning with "sparsegpt" and
-quantizing with ``quant_method="auto"`` is one joint SparseGPT sweep (``prune_quantize_sparsegpt``).
+(``quantize(method=, refine=)``: "auto" = per row the best of OBQ and GPTQ, refined; GPTQ
+alone above 1024 inputs) and ``prune_method`` the pruner ("exact" = ExactOBS or "sparsegpt");
+pruning with "sparsegpt" and quantizing with ``quant_method="auto"`` is one joint SparseGPT
+sweep (``prune_quantize_sparsegpt``).
 
 Recipes load from dicts, JSON or YAML (:func:`load_recipe`)::
 
