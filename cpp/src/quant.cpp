@@ -17,6 +17,7 @@
 #include "internal/prepared_view.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_entry.hpp"
 #include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -603,49 +604,21 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   return result;
 }
 
-// OBQ of W on a given grid, with the kernels of precision Scalar.
-template <class Scalar>
-static QuantResult<Scalar> obq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                       const HessianRef& H, QuantGrid<Scalar>&& grid,
-                                       const QuantOptions& opt, const HessianOptions& hopt,
-                                       const RunOptions& run) {
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
-  internal::check_quant_inputs<Scalar>(W, prep.cols());
-  internal::check_layer_scale<Scalar>(W, prep);
-  QuantResult<Scalar> result;
-  result.grid = std::move(grid);
-  internal::obq_into<Scalar>(W, prep, result.grid, opt, run, result.weight);
-  check_finite_result(result.weight, "weights");
-  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
-  fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
-  result.row_losses_unrefined = result.row_losses;
-  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Obq));
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
-  return result;
-}
-
 template <class Scalar>
 QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
-  check_quant_options(opt, W.cols());
-  internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
-  if constexpr (std::is_same_v<Scalar, double>) {
-    return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
-  } else {
-    try {
-      return obq_on_grid<float>(W, H, QuantGrid<float>(grid), opt, hopt, run);
-    } catch (const PrecisionLost&) {
-    }
-    return internal::redo_in_float64(W, H, std::move(grid), run,
-                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
-                                       return obq_on_grid<double>(w64, H, std::move(grid64), opt,
-                                                                  hopt, run);
-                                     });
-  }
+  return internal::quantize_entry<Scalar>(
+      W, H, opt, run, [] {},
+      [&](const auto& w, auto&& grid) {
+        using S = typename std::decay_t<decltype(w)>::Scalar;
+        return internal::one_method_on_grid<S>(
+            w, H, std::move(grid), hopt, /*invert=*/true, QuantMethod::Obq, run,
+            [&](PreparedHessian& prep, const QuantGrid<S>& g, RowMatrix<S>& out) {
+              internal::obq_into<S>(w, prep, g, opt, run, out);
+              return Eigen::VectorXd();  // losses measured on the weights
+            });
+      });
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \
