@@ -264,21 +264,16 @@ QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, const QuantOptions& opt,
                                   const GptqOptions& gopt, const HessianOptions& hopt,
                                   const RunOptions& run) {
-  const QuantMethod method = gopt.act_order ? QuantMethod::Gptq : QuantMethod::GptqNatural;
-  return internal::quantize_entry<Scalar>(
-      W, H, opt, run, [&] { internal::check_gptq_options(gopt); },
-      [&](const auto& w, auto&& grid) {
-        using S = typename std::decay_t<decltype(w)>::Scalar;
-        // No H^-1: gptq_into factors the permuted H itself. The losses come from the sweep's
-        // step losses, as quantize_select (and so quantize and the C API) takes them.
-        return internal::one_method_on_grid<S>(
-            w, H, std::move(grid), hopt, /*invert=*/false, method, run,
-            [&](const PreparedHessian& prep, const QuantGrid<S>& g, RowMatrix<S>& out) {
-              Eigen::VectorXd step_losses;
-              internal::gptq_into<S>(w, H, prep, internal::hessian_diagonal(H), g, gopt, run, out,
-                                     &step_losses);
-              return step_losses;
-            });
+  // No H^-1: gptq_into factors the permuted H itself. The losses come from the sweep's step
+  // losses, as quantize_select (and so quantize and the C API) takes them.
+  return internal::quantize_one_method<Scalar>(
+      W, H, opt, hopt, run, gopt.act_order ? QuantMethod::Gptq : QuantMethod::GptqNatural,
+      /*invert=*/false, [&] { internal::check_gptq_options(gopt); },
+      [&](const auto& w, const PreparedHessian& prep, const auto& grid, auto& out) {
+        Eigen::VectorXd step_losses;
+        internal::gptq_into(w, H, prep, internal::hessian_diagonal(H), grid, gopt, run, out,
+                            &step_losses);
+        return step_losses;
       });
 }
 

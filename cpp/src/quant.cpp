@@ -470,15 +470,6 @@ void fill_codes(QuantResult<Scalar>& result, int num_threads) {
 }
 
 template <class Scalar>
-void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
-            hcols, "x", hcols);
-}
-
-template <class Scalar>
 MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                        const std::vector<char>& dead, int num_threads) {
   MaskMatrix pruned(W.rows(), W.cols());
@@ -586,7 +577,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const RunOptions& run) {
   check_quant_options(opt, W.cols());
   validate_hessian(H, hopt.symmetry_tol);
-  internal::check_quant_inputs<Scalar>(W, H.rows());
+  internal::check_layer_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   result.weight.resize(W.rows(), W.cols());
@@ -608,16 +599,11 @@ template <class Scalar>
 QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
-  return internal::quantize_entry<Scalar>(
-      W, H, opt, run, [] {},
-      [&](const auto& w, auto&& grid) {
-        using S = typename std::decay_t<decltype(w)>::Scalar;
-        return internal::one_method_on_grid<S>(
-            w, H, std::move(grid), hopt, /*invert=*/true, QuantMethod::Obq, run,
-            [&](PreparedHessian& prep, const QuantGrid<S>& g, RowMatrix<S>& out) {
-              internal::obq_into<S>(w, prep, g, opt, run, out);
-              return Eigen::VectorXd();  // losses measured on the weights
-            });
+  return internal::quantize_one_method<Scalar>(
+      W, H, opt, hopt, run, QuantMethod::Obq, /*invert=*/true, [] {},
+      [&](const auto& w, PreparedHessian& prep, const auto& grid, auto& out) {
+        internal::obq_into(w, prep, grid, opt, run, out);
+        return Eigen::VectorXd();  // no step losses: measured on the weights
       });
 }
 
@@ -637,7 +623,6 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 #define OBC_INSTANTIATE_INTERNAL(S)                                                                \
   template void internal::fill_codes<S>(QuantResult<S>&, int);                                    \
-  template void internal::check_quant_inputs<S>(const Eigen::Ref<const RowMatrix<S>>&, Index);    \
   template MaskMatrix internal::pruned_mask<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
                                                const std::vector<char>&, int);                    \
   template void internal::obq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, PreparedHessian&,    \

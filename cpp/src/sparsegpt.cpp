@@ -21,15 +21,6 @@ static_assert(static_cast<int>(SparsePattern::Unstructured) == 0 &&
 
 namespace {
 
-template <class Scalar>
-void check_layer(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hessian_cols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hessian_cols == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
-            " (cols of W), got ", hessian_cols, "x", hessian_cols);
-}
-
 // Weights per selection unit: 1 (unstructured), the block, or the N:M group.
 Index check_options(const SparseGptOptions& opt, Index cols) {
   OBC_CHECK(opt.lazy_block >= 1, "lazy_block: expected a column count >= 1, got ",
@@ -71,7 +62,7 @@ std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMat
   HessianOptions prepare = hopt;
   prepare.invert = true;
   prep = prepare_hessian(H, prepare, run.num_threads, run.interrupt);
-  check_layer<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);  // the sweep runs in W's precision
   RowMatrix<Scalar> weight = W;
   MaskMatrix pruned(W.rows(), W.cols());

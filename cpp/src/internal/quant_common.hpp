@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "internal/grid_point.hpp"
+#include "internal/prune_result.hpp"
 #include "obc/gptq.hpp"
 #include "obc/hessian.hpp"
 #include "obc/quant.hpp"
@@ -20,8 +21,11 @@ void check_quant_options(const QuantOptions& opt, Index cols);
 void check_refine_options(const RefineOptions& opt);
 void check_gptq_options(const GptqOptions& opt);
 
+/// check_layer_inputs (prune_result.hpp), under the name quant_refine.cpp calls it by.
 template <class Scalar>
-void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols);
+inline void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  check_layer_inputs<Scalar>(W, hcols);
+}
 
 template <class Scalar>
 inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {

@@ -69,7 +69,7 @@ QuantResult<Scalar> quantize_entry(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                    const RunOptions& run, CheckOwn&& check_own, Solve&& solve) {
   check_quant_options(opt, W.cols());
   check_own();
-  check_quant_inputs<Scalar>(W, H.rows());
+  check_layer_inputs<Scalar>(W, H.rows());
   QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   if constexpr (std::is_same_v<Scalar, double>) {
     return solve(W, std::move(grid));
@@ -104,7 +104,7 @@ void finish_one_method(QuantResult<Scalar>& result, Eigen::VectorXd&& losses, Qu
 /// One quantizer over the whole layer W (rows x cols, already checked) on `grid` (fitted on W),
 /// in precision Scalar (float: PrecisionLost where float32 arithmetic fails). Prepares H with
 /// hopt (H^-1 only when `invert`), checks W's scale against it (check_layer_scale), then calls
-/// into(prep, grid, weight): it writes the weights (rows x cols, on grid) and returns its
+/// into(W, prep, grid, weight): it writes the weights (rows x cols, on grid) and returns its
 /// step losses (rows: GPTQ's sweep, turned into row losses by gptq_row_losses), or an empty
 /// vector (the losses are then measured with row_losses). Every row reports `method`.
 template <class Scalar, class Into>
@@ -118,7 +118,7 @@ QuantResult<Scalar> one_method_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>
   check_layer_scale<Scalar>(W, prep, run.num_threads);
   QuantResult<Scalar> result;
   result.grid = std::move(grid);
-  Eigen::VectorXd step_losses = into(prep, result.grid, result.weight);
+  Eigen::VectorXd step_losses = into(W, prep, result.grid, result.weight);
   check_finite_weights(result.weight, run.num_threads);
   result.pruned = pruned_mask<Scalar>(W, prep.dead, run.num_threads);
   Eigen::VectorXd losses =
@@ -127,6 +127,22 @@ QuantResult<Scalar> one_method_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>
           : row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   finish_one_method(result, std::move(losses), method, prep, run.num_threads);
   return result;
+}
+
+/// The whole entry point of a quantizer that produces every row itself (quantize_entry with
+/// one_method_on_grid as the solve): `check_own` and `into` as theirs, `into` generic over the
+/// precision (into(w, prep, grid, weight) with w an Eigen::Ref<const RowMatrix<S>>, grid a
+/// const QuantGrid<S>&, weight a RowMatrix<S>&).
+template <class Scalar, class CheckOwn, class Into>
+QuantResult<Scalar> quantize_one_method(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                        const HessianRef& H, const QuantOptions& opt,
+                                        const HessianOptions& hopt, const RunOptions& run,
+                                        QuantMethod method, bool invert, CheckOwn&& check_own,
+                                        Into&& into) {
+  return quantize_entry<Scalar>(W, H, opt, run, check_own, [&](const auto& w, auto&& grid) {
+    using S = typename std::decay_t<decltype(w)>::Scalar;
+    return one_method_on_grid<S>(w, H, std::move(grid), hopt, invert, method, run, into);
+  });
 }
 
 }  // namespace obc::internal
