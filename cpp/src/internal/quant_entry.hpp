@@ -56,7 +56,7 @@ QuantResult<float> redo_in_float64(const Eigen::Ref<const RowMatrix<float>>& W, 
 
 /// The body of a quantizer's public entry point. Checks, in this order (the first failure's
 /// message is the one reported): `opt` (QuantOptions), then `check_own()` (the quantizer's own
-/// options), then W and H's shape; fits the grid on W as given (make_grid: rows in parallel,
+/// options), then W (non-empty, finite) against H's size (check_layer_inputs); fits the grid on W as given (make_grid: rows in parallel,
 /// polls run.interrupt); then returns solve(w, grid): w the layer (rows x cols) as
 /// Eigen::Ref<const RowMatrix<S>>, grid the fitted grid as QuantGrid<S>&&, S the precision to
 /// solve in (solve is generic: [&](const auto& w, auto&& grid) { using S = ...; }).
