@@ -14,6 +14,7 @@
 #include "internal/huge_pages.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_entry.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
@@ -258,64 +259,22 @@ Eigen::VectorXd gptq_row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 }  // namespace internal
 
-namespace {
-
-// GPTQ on a given grid, in precision Scalar (float: PrecisionLost where float32 fails).
-template <class Scalar>
-QuantResult<Scalar> gptq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                 const HessianRef& H, QuantGrid<Scalar>&& grid,
-                                 const GptqOptions& gopt, const HessianOptions& hopt,
-                                 const RunOptions& run) {
-  // No H^-1: gptq_into factors the permuted H itself.
-  HessianOptions no_inverse = hopt;
-  no_inverse.invert = false;
-  const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
-  // W and H's shape were checked by quantize_gptq (and its float64 redo converts a checked W).
-  internal::check_layer_scale<Scalar>(W, prep, run.num_threads);
-  QuantResult<Scalar> result;
-  result.grid = std::move(grid);
-  Eigen::VectorXd step_losses;
-  internal::gptq_into<Scalar>(W, H, prep, internal::hessian_diagonal(H), result.grid, gopt, run,
-                              result.weight, &step_losses);
-  internal::check_finite_weights(result.weight, run.num_threads);
-  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead, run.num_threads);
-  // From the sweep's step losses, as quantize_select (and so quantize and the C API) takes them.
-  result.row_losses = internal::gptq_row_losses<Scalar>(W, result.weight, H, prep,
-                                                        std::move(step_losses), run);
-  internal::fill_codes(result, run.num_threads);
-  result.row_losses_unrefined = result.row_losses;
-  result.row_method.setConstant(
-      W.rows(), static_cast<std::uint8_t>(gopt.act_order ? QuantMethod::Gptq
-                                                         : QuantMethod::GptqNatural));
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
-  return result;
-}
-
-}  // namespace
-
 template <class Scalar>
 QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, const QuantOptions& opt,
                                   const GptqOptions& gopt, const HessianOptions& hopt,
                                   const RunOptions& run) {
-  internal::check_quant_options(opt, W.cols());
-  internal::check_gptq_options(gopt);
-  internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
-  if constexpr (std::is_same_v<Scalar, double>) {
-    return gptq_on_grid<double>(W, H, std::move(grid), gopt, hopt, run);
-  } else {
-    try {
-      return gptq_on_grid<float>(W, H, QuantGrid<float>(grid), gopt, hopt, run);
-    } catch (const PrecisionLost&) {  // the float32 factor failed: the layer in float64
-    }
-    return internal::redo_in_float64(W, H, std::move(grid), run,
-                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
-                                       return gptq_on_grid<double>(w64, H, std::move(grid64),
-                                                                   gopt, hopt, run);
-                                     });
-  }
+  // No H^-1: gptq_into factors the permuted H itself. The losses come from the sweep's step
+  // losses, as quantize_select (and so quantize and the C API) takes them.
+  return internal::quantize_one_method<Scalar>(
+      W, H, opt, hopt, run, gopt.act_order ? QuantMethod::Gptq : QuantMethod::GptqNatural,
+      /*invert=*/false, [&] { internal::check_gptq_options(gopt); },
+      [&](const auto& w, const PreparedHessian& prep, const auto& grid, auto& out) {
+        Eigen::VectorXd step_losses;
+        internal::gptq_into(w, H, prep, internal::hessian_diagonal(H), grid, gopt, run, out,
+                            &step_losses);
+        return step_losses;
+      });
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \

@@ -22,15 +22,6 @@ using IndexVector = Eigen::Matrix<Index, Eigen::Dynamic, 1>;
 
 namespace {
 
-template <class Scalar>
-void check_weight(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hessian_cols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hessian_cols == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
-            " (cols of W), got ", hessian_cols, "x", hessian_cols);
-}
-
 void check_sparsity(double sparsity) {
   OBC_CHECK(std::isfinite(sparsity) && sparsity >= 0 && sparsity <= 1,
             "sparsity: expected a value in [0, 1], got ", sparsity);
@@ -139,7 +130,7 @@ template <class Scalar>
 Trace trace_rows(const Eigen::Ref<const RowMatrix<Scalar>>& W, const PreparedHessian& hessian,
                  Index block, const std::vector<Index>& record_steps,
                  std::vector<RowMatrix<Scalar>>& recorded, const RunOptions& run) {
-  check_weight<Scalar>(W, hessian.cols());
+  internal::check_layer_inputs<Scalar>(W, hessian.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
   for (Index steps : record_steps)
@@ -198,7 +189,7 @@ PruneResult<Scalar> solve_masked(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const HessianRef& H,
                                  const PreparedHessian& prep, const MaskMatrix& pruned_in,
                                  const RunOptions& run) {
-  check_weight<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   OBC_CHECK(H.rows() == prep.cols() && H.cols() == prep.cols(), "H: expected ", prep.cols(), "x",
             prep.cols(), ", got ", H.rows(), "x", H.cols());
   OBC_CHECK(pruned_in.rows() == W.rows() && pruned_in.cols() == W.cols(), "mask: expected ",
@@ -250,7 +241,7 @@ static PruneResult<Scalar> prune_traced(const Eigen::Ref<const RowMatrix<Scalar>
                                         const HessianOptions& hopt, const RunOptions& run) {
   check_sparsity(sparsity);
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
-  check_weight<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   OBC_CHECK(block >= 1 && W.cols() % block == 0, "block: expected a positive divisor of cols (",
             W.cols(), "), got ", block);
   internal::check_layer_scale<Scalar>(W, prep);
@@ -304,7 +295,7 @@ static PruneResult<Scalar> prune_nm_in(const Eigen::Ref<const RowMatrix<Scalar>>
   OBC_CHECK(W.cols() % m == 0, "m: expected a divisor of cols (", W.cols(), ") so that every ",
             "input belongs to a group of m, got m = ", m);
   PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
-  check_weight<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   if constexpr (std::is_same_v<Scalar, float>) prep.keep_float32_only();
   const Index rows = W.rows(), cols = W.cols();

@@ -17,6 +17,7 @@
 #include "internal/prepared_view.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_entry.hpp"
 #include "internal/row_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -469,15 +470,6 @@ void fill_codes(QuantResult<Scalar>& result, int num_threads) {
 }
 
 template <class Scalar>
-void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
-            hcols, "x", hcols);
-}
-
-template <class Scalar>
 MaskMatrix pruned_mask(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                        const std::vector<char>& dead, int num_threads) {
   MaskMatrix pruned(W.rows(), W.cols());
@@ -585,7 +577,7 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                  const RunOptions& run) {
   check_quant_options(opt, W.cols());
   validate_hessian(H, hopt.symmetry_tol);
-  internal::check_quant_inputs<Scalar>(W, H.rows());
+  internal::check_layer_inputs<Scalar>(W, H.rows());
   QuantResult<Scalar> result;
   result.grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
   result.weight.resize(W.rows(), W.cols());
@@ -603,49 +595,16 @@ QuantResult<Scalar> quantize_rtn(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   return result;
 }
 
-// OBQ of W on a given grid, with the kernels of precision Scalar.
-template <class Scalar>
-static QuantResult<Scalar> obq_on_grid(const Eigen::Ref<const RowMatrix<Scalar>>& W,
-                                       const HessianRef& H, QuantGrid<Scalar>&& grid,
-                                       const QuantOptions& opt, const HessianOptions& hopt,
-                                       const RunOptions& run) {
-  PreparedHessian prep = prepare_hessian(H, hopt, run.num_threads, run.interrupt);
-  internal::check_quant_inputs<Scalar>(W, prep.cols());
-  internal::check_layer_scale<Scalar>(W, prep);
-  QuantResult<Scalar> result;
-  result.grid = std::move(grid);
-  internal::obq_into<Scalar>(W, prep, result.grid, opt, run, result.weight);
-  check_finite_result(result.weight, "weights");
-  result.pruned = internal::pruned_mask<Scalar>(W, prep.dead);
-  fill_codes(result);
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
-  result.row_losses_unrefined = result.row_losses;
-  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::Obq));
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
-  return result;
-}
-
 template <class Scalar>
 QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                              const HessianRef& H, const QuantOptions& opt,
                              const HessianOptions& hopt, const RunOptions& run) {
-  check_quant_options(opt, W.cols());
-  internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);
-  if constexpr (std::is_same_v<Scalar, double>) {
-    return obq_on_grid<double>(W, H, std::move(grid), opt, hopt, run);
-  } else {
-    try {
-      return obq_on_grid<float>(W, H, QuantGrid<float>(grid), opt, hopt, run);
-    } catch (const PrecisionLost&) {
-    }
-    return internal::redo_in_float64(W, H, std::move(grid), run,
-                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
-                                       return obq_on_grid<double>(w64, H, std::move(grid64), opt,
-                                                                  hopt, run);
-                                     });
-  }
+  return internal::quantize_one_method<Scalar>(
+      W, H, opt, hopt, run, QuantMethod::Obq, /*invert=*/true, [] {},
+      [&](const auto& w, PreparedHessian& prep, const auto& grid, auto& out) {
+        internal::obq_into(w, prep, grid, opt, run, out);
+        return Eigen::VectorXd();  // no step losses: measured on the weights
+      });
 }
 
 #define OBC_INSTANTIATE(S)                                                                         \
@@ -664,7 +623,6 @@ QuantResult<Scalar> quantize(const Eigen::Ref<const RowMatrix<Scalar>>& W,
 
 #define OBC_INSTANTIATE_INTERNAL(S)                                                                \
   template void internal::fill_codes<S>(QuantResult<S>&, int);                                    \
-  template void internal::check_quant_inputs<S>(const Eigen::Ref<const RowMatrix<S>>&, Index);    \
   template MaskMatrix internal::pruned_mask<S>(const Eigen::Ref<const RowMatrix<S>>&,             \
                                                const std::vector<char>&, int);                    \
   template void internal::obq_into<S>(const Eigen::Ref<const RowMatrix<S>>&, PreparedHessian&,    \

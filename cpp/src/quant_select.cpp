@@ -9,6 +9,7 @@
 #include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/quant_entry.hpp"
 #include "internal/quant_refit.hpp"
 #include "obc/errors.hpp"
 
@@ -190,23 +191,14 @@ QuantResult<Scalar> quantize_select(const Eigen::Ref<const RowMatrix<Scalar>>& W
                                     const HessianRef& H, const QuantOptions& opt,
                                     const QuantSelectOptions& sopt, const HessianOptions& hopt,
                                     const RunOptions& run) {
-  internal::check_quant_options(opt, W.cols());
-  check_select_options(sopt);
-  internal::check_quant_inputs<Scalar>(W, H.rows());
-  QuantGrid<Scalar> grid = make_grid<Scalar>(W, opt, run.num_threads, run.interrupt);  // fitted on the original W
-  if constexpr (std::is_same_v<Scalar, double>) {
-    return select_on_grid<double>(W, H, std::move(grid), opt, sopt, hopt, run);
-  } else {
-    try {
-      return select_on_grid<float>(W, H, QuantGrid<float>(grid), opt, sopt, hopt, run);
-    } catch (const PrecisionLost&) {  // OBQ's float32 elimination: every candidate in float64
-    }
-    return internal::redo_in_float64(W, H, std::move(grid), run,
-                                     [&](const RowMatrix<double>& w64, QuantGrid<double>&& grid64) {
-                                       return select_on_grid<double>(w64, H, std::move(grid64),
-                                                                     opt, sopt, hopt, run);
-                                     });
-  }
+  // One grid fitted on the original W, shared by every candidate; a float32 failure (OBQ's
+  // elimination, GPTQ's factor) redoes every candidate in float64.
+  return internal::quantize_entry<Scalar>(
+      W, H, opt, run, [&] { check_select_options(sopt); },
+      [&](const auto& w, auto&& grid) {
+        using S = typename std::decay_t<decltype(w)>::Scalar;
+        return select_on_grid<S>(w, H, std::move(grid), opt, sopt, hopt, run);
+      });
 }
 
 std::vector<QuantMethod> auto_quant_methods(Index cols) {

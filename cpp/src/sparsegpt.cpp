@@ -6,8 +6,8 @@
 #include <type_traits>
 #include <utility>
 
-#include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
+#include "internal/quant_entry.hpp"
 #include "internal/sparsegpt_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
@@ -20,15 +20,6 @@ static_assert(static_cast<int>(SparsePattern::Unstructured) == 0 &&
               "SparseGptJob::pattern uses these values");
 
 namespace {
-
-template <class Scalar>
-void check_layer(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hessian_cols) {
-  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
-            W.rows(), "x", W.cols());
-  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
-  OBC_CHECK(hessian_cols == W.cols(), "H: expected ", W.cols(), "x", W.cols(),
-            " (cols of W), got ", hessian_cols, "x", hessian_cols);
-}
 
 // Weights per selection unit: 1 (unstructured), the block, or the N:M group.
 Index check_options(const SparseGptOptions& opt, Index cols) {
@@ -71,7 +62,7 @@ std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMat
   HessianOptions prepare = hopt;
   prepare.invert = true;
   prep = prepare_hessian(H, prepare, run.num_threads, run.interrupt);
-  check_layer<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);  // the sweep runs in W's precision
   RowMatrix<Scalar> weight = W;
   MaskMatrix pruned(W.rows(), W.cols());
@@ -136,22 +127,11 @@ QuantResult<Scalar> quantize_sparsegpt(const Eigen::Ref<const RowMatrix<Scalar>>
   auto [weight, pruned] = run_sweep<Scalar>(W, H, options, &result.grid, hopt, run, prep);
   result.weight = std::move(weight);
   result.pruned = std::move(pruned);
-  const QuantGrid<Scalar>& grid = result.grid;
-  result.codes.resize(W.rows(), W.cols());
-  for (Index r = 0; r < W.rows(); ++r)
-    for (Index c = 0; c < W.cols(); ++c) {
-      const Index g = c / grid.group_size;
-      const internal::GridPoint<Scalar> point{grid.scale(r, g), static_cast<int>(grid.zero(r, g)),
-                                              (1 << grid.bits) - 1};
-      result.codes(r, c) = static_cast<std::uint8_t>(point.code(result.weight(r, c)));
-    }
   check_finite_result(result.weight, "weights");
-  result.row_losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
-  result.row_losses_unrefined = result.row_losses;
+  Eigen::VectorXd losses = row_losses<Scalar>(W, result.weight, H, run.num_threads, run.interrupt);
   // The joint sweep quantizes the kept weights in natural column order: GPTQ's natural order.
-  result.row_method.setConstant(W.rows(), static_cast<std::uint8_t>(QuantMethod::GptqNatural));
-  result.damp = prep.damp;
-  result.damp_absolute = prep.damp_absolute;
+  internal::finish_one_method(result, std::move(losses), QuantMethod::GptqNatural, prep,
+                              run.num_threads);
   return result;
 }
 

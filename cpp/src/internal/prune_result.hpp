@@ -1,4 +1,5 @@
-// Assembling a PruneResult: the final weights, their mask, exact row losses and the damping.
+// Assembling a PruneResult: the final weights, their mask, exact row losses and the damping;
+// and the checks of a layer every solver makes (the quantizers' too).
 #pragma once
 
 #include <algorithm>
@@ -7,11 +8,23 @@
 #include <utility>
 #include <vector>
 
+#include "obc/errors.hpp"
 #include "obc/hessian.hpp"
 #include "obc/parallel.hpp"
 #include "obc/prune.hpp"
 
 namespace obc::internal {
+
+/// The check of a layer every solver's entry point makes: W (rows x cols) non-empty and finite,
+/// and H cols x cols (hcols: H's size). Throws InvalidArgument.
+template <class Scalar>
+inline void check_layer_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  OBC_CHECK(W.rows() > 0 && W.cols() > 0, "W: expected a non-empty rows x cols matrix, got ",
+            W.rows(), "x", W.cols());
+  OBC_CHECK(W.allFinite(), "W: expected finite values, got NaN or Inf");
+  OBC_CHECK(hcols == W.cols(), "H: expected ", W.cols(), "x", W.cols(), " (cols of W), got ",
+            hcols, "x", hcols);
+}
 
 /// Whether entries of diag(H^-1) from `smallest` to `largest` fit float32 arithmetic (a margin
 /// of 256 from both ends of its normal range).

@@ -1,6 +1,7 @@
 // Pieces shared by the quantizers (quant.cpp, gptq.cpp, quant_refine.cpp, quant_select.cpp):
 // option and input checks, grid lookup, codes, and each quantizer on an already prepared
-// Hessian and grid, so that quantize_select prepares them once for all candidates.
+// Hessian and grid, so that quantize_select prepares them once for all candidates (the entry
+// points' common steps around these are in quant_entry.hpp).
 #pragma once
 
 #include <Eigen/Core>
@@ -8,6 +9,7 @@
 #include <utility>
 
 #include "internal/grid_point.hpp"
+#include "internal/prune_result.hpp"
 #include "obc/gptq.hpp"
 #include "obc/hessian.hpp"
 #include "obc/quant.hpp"
@@ -19,8 +21,11 @@ void check_quant_options(const QuantOptions& opt, Index cols);
 void check_refine_options(const RefineOptions& opt);
 void check_gptq_options(const GptqOptions& opt);
 
+/// check_layer_inputs (prune_result.hpp), under the name quant_refine.cpp calls it by.
 template <class Scalar>
-void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols);
+inline void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
+  check_layer_inputs<Scalar>(W, hcols);
+}
 
 template <class Scalar>
 inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
@@ -87,43 +92,5 @@ template <class Scalar>
 int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::MatrixXd& hd,
                 double damp_absolute, const QuantGrid<Scalar>& grid, const MaskMatrix& pruned, const RefineOptions& ropt,
                 const RunOptions& run, RowMatrix<Scalar>& weight);
-
-/// A float32 layer redone in float64 because its float32 elimination lost positive definiteness
-/// (PrecisionLost): `solve(w64, grid64)` solves W widened to float64 on the float32 `grid` widened
-/// (same damping, never re-damped). The result takes the solved codes on the solved scales
-/// rounded to float32 (the float32 grid itself unless a scale refit changed it). The losses are those of
-/// the rounded weights; the result reports float64_fallback.
-template <class Solve>
-QuantResult<float> redo_in_float64(const Eigen::Ref<const RowMatrix<float>>& W, const HessianRef& H,
-                                   QuantGrid<float>&& grid, const RunOptions& run, Solve&& solve) {
-  QuantGrid<double> grid64;
-  grid64.scale = grid.scale.template cast<double>();
-  grid64.zero = grid.zero;
-  grid64.bits = grid.bits;
-  grid64.group_size = grid.group_size;
-  const RowMatrix<double> w64 = W.template cast<double>();
-  QuantResult<double> r64 = solve(w64, std::move(grid64));
-  QuantResult<float> result;
-  // The scales as solved (quantize_select's scale refit may have changed them), rounded to
-  // float32; the weights are the codes on those float32 scales, so they lie exactly on the grid
-  // (without a refit both are the float32 grid's own: a float32 scale times a code difference
-  // rounds once either way).
-  result.grid = std::move(grid);
-  result.grid.scale = r64.grid.scale.template cast<float>();
-  result.codes = std::move(r64.codes);
-  result.weight.resize(W.rows(), W.cols());
-  for (Index r = 0; r < W.rows(); ++r)
-    for (Index c = 0; c < W.cols(); ++c)
-      result.weight(r, c) = grid_at(result.grid, r, c).value(static_cast<int>(result.codes(r, c)));
-  result.pruned = std::move(r64.pruned);
-  result.row_losses = row_losses<float>(W, result.weight, H, run.num_threads, run.interrupt);
-  result.row_losses_unrefined = r64.row_losses_unrefined;
-  result.row_method = std::move(r64.row_method);
-  result.refine_passes = r64.refine_passes;
-  result.damp = r64.damp;
-  result.damp_absolute = r64.damp_absolute;
-  result.float64_fallback = true;
-  return result;
-}
 
 }  // namespace obc::internal
