@@ -40,9 +40,10 @@ def _stub_scopes() -> dict[str, dict[str, ast.AST]]:
         elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
             name = node.target.id
             scopes[""][name] = node
-            # a submodule, typed as a Protocol class that lists its functions
-            protocol = classes[ast.unparse(node.annotation)]
-            scopes[name] = {f.name: f for f in protocol.body if isinstance(f, ast.FunctionDef)}
+            # a submodule, typed as a Protocol class that lists its functions (else a constant)
+            protocol = classes.get(ast.unparse(node.annotation))
+            if protocol is not None:
+                scopes[name] = {f.name: f for f in protocol.body if isinstance(f, ast.FunctionDef)}
     for name, node in classes.items():
         if not name.startswith("_"):
             members = {}
