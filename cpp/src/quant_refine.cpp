@@ -3,6 +3,7 @@
 
 #include <Eigen/Cholesky>
 #include <algorithm>
+#include <cassert>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -67,25 +68,64 @@ std::vector<RefineBlock> refine_blocks(const MatrixD& hd, Index block_size, doub
 // Columns per block of the single-code sweep: a block's moves update g on its own columns at
 // once and on the others at the block's end, in one product for all rows of the chunk.
 constexpr Index kSweepBlock = 128;
+// Columns per lazy update of the GPTQ inside a block move's proposal.
+constexpr Index kGptqSub = 16;
+
+// Below this fraction of non-zero changes among the changed rows and columns of a block, the
+// deferred gradient update is made by column additions (work: the non-zeros) rather than by one
+// GEMM (work: all of them, but several times faster per element).
+constexpr double kDenseFraction = 0.25;
 
 // c = a b^T, b (c.cols() x a.cols()) column-major at b with column stride ldb: the dispatched
 // GEMM (AVX2 / AVX-512 where the CPU has them).
-void product(const RowMatrixD& a, const double* b, Index ldb, RowMatrixD& c) {
-  internal::refine_kernels().product(a.data(), a.cols(), b, ldb, a.rows(), c.cols(), a.cols(),
-                                     c.data(), c.cols());
+void product(const double* a, Index m, Index k, const double* b, Index ldb, double* c, Index n) {
+  internal::refine_kernels().product(a, k, b, ldb, m, n, k, c, n);
 }
+void product(const RowMatrixD& a, const double* b, Index ldb, RowMatrixD& c) {
+  product(a.data(), a.rows(), a.cols(), b, ldb, c.data(), c.cols());
+}
+
+// grid_at(grid, r, c), kept while (r, c) stays in one group: the hot loops walk the columns of
+// a row in order, and this spares them a division per code.
+template <class Scalar>
+class GridCache {
+ public:
+  explicit GridCache(const QuantGrid<Scalar>& grid) : grid_(grid) {}
+  const internal::GridPoint<Scalar>& at(Index r, Index c) {
+    if (r != row_ || c < begin_ || c >= end_) {
+      row_ = r;
+      begin_ = c / grid_.group_size * grid_.group_size;
+      end_ = begin_ + grid_.group_size;
+      point_ = internal::grid_at(grid_, r, c);
+    }
+    return point_;
+  }
+
+ private:
+  const QuantGrid<Scalar>& grid_;
+  Index row_ = -1, begin_ = 0, end_ = 0;
+  internal::GridPoint<Scalar> point_{};
+};
 
 // Code changes of one block of columns, for the rows of a chunk, not yet added to the chunk's
 // gradients g (len x cols): flush() adds D hd[B, :] for the rows and columns that changed, one
 // (changed rows x changed columns) by (changed columns x cols) product. hd symmetric.
 class LazyGradient {
  public:
-  LazyGradient(Index len, Index cols) : delta_(len, std::min<Index>(cols, 1)), cols_(cols) {}
+  // Workspaces at their largest (len rows, blocks of at most max_block columns) from the start:
+  // sizes that change per block would reallocate (and, above malloc's mmap threshold, have the
+  // kernel clear fresh pages) at every block.
+  LazyGradient(Index len, Index cols, Index max_block)
+      : delta_(len, max_block),
+        packed_(static_cast<size_t>(len * max_block)),
+        update_(static_cast<size_t>(len * cols)),
+        columns_(static_cast<size_t>(cols * max_block)),
+        cols_(cols) {}
 
   void begin_block(Index b0, Index nb) {
     b0_ = b0;
     nb_ = nb;
-    if (delta_.cols() < nb) delta_.resize(delta_.rows(), nb);
+    assert(nb <= delta_.cols());
     rows_.clear();
   }
   // Row i's block change d (nb), its first record in this block.
@@ -108,43 +148,67 @@ class LazyGradient {
     if (rows_.empty()) return;
     const Index nr = static_cast<Index>(rows_.size());
     used_.clear();
-    for (Index k = 0; k < nb_; ++k)
-      for (const Index i : rows_)
-        if (delta_(i, k) != 0.0) {
-          used_.push_back(k);
-          break;
-        }
+    Index nnz = 0;
+    for (Index k = 0; k < nb_; ++k) {
+      Index in_column = 0;
+      for (const Index i : rows_) in_column += delta_(i, k) != 0.0;
+      if (in_column > 0) used_.push_back(k);
+      nnz += in_column;
+    }
     const Index nk = static_cast<Index>(used_.size());
     if (nk == 0) return;
-    packed_.resize(nr, nk);
+    const internal::RefineKernels& kern = internal::refine_kernels();
+    const Index tail = cols_ - b0_ - nb_;
+    if (static_cast<double>(nnz) < kDenseFraction * static_cast<double>(nr * nk)) {
+      // Few changes: each row adds its own changed columns of hd (in cache: the block's).
+      for (const Index i : rows_) {
+        index_.clear();
+        values_.clear();
+        for (Index k = 0; k < nb_; ++k)
+          if (delta_(i, k) != 0.0) {
+            index_.push_back(b0_ + k);
+            values_.push_back(delta_(i, k));
+          }
+        const Index count = static_cast<Index>(index_.size());
+        double* g_row = g.row(i).data();
+        if (skip_block) {
+          kern.add_columns(g_row, b0_, hd.data(), cols_, index_.data(), values_.data(), count);
+          kern.add_columns(g_row + b0_ + nb_, tail, hd.data() + b0_ + nb_, cols_, index_.data(),
+                           values_.data(), count);
+        } else {
+          kern.add_columns(g_row, cols_, hd.data(), cols_, index_.data(), values_.data(), count);
+        }
+      }
+      return;
+    }
+    Eigen::Map<RowMatrixD> packed(packed_.data(), nr, nk), update(update_.data(), nr, cols_);
     for (Index j = 0; j < nr; ++j)
       for (Index u = 0; u < nk; ++u)
-        packed_(j, u) = delta_(rows_[static_cast<size_t>(j)], used_[static_cast<size_t>(u)]);
-    update_.resize(nr, cols_);
-    if (nk == nb_) {
-      product(packed_, hd.data() + b0_ * cols_, cols_, update_);
-    } else {
-      columns_.resize(cols_, nk);
-      for (Index u = 0; u < nk; ++u) columns_.col(u) = hd.col(b0_ + used_[static_cast<size_t>(u)]);
-      product(packed_, columns_.data(), cols_, update_);
+        packed(j, u) = delta_(rows_[static_cast<size_t>(j)], used_[static_cast<size_t>(u)]);
+    const double* columns = hd.data() + b0_ * cols_;
+    if (nk < nb_) {  // the changed columns of hd's block, gathered
+      for (Index u = 0; u < nk; ++u)
+        std::copy_n(hd.col(b0_ + used_[static_cast<size_t>(u)]).data(), cols_,
+                    columns_.data() + u * cols_);
+      columns = columns_.data();
     }
+    product(packed_.data(), nr, nk, columns, cols_, update_.data(), cols_);
     for (Index j = 0; j < nr; ++j) {
       auto g_row = g.row(rows_[static_cast<size_t>(j)]);
       if (skip_block) {
-        g_row.head(b0_) += update_.row(j).head(b0_);
-        const Index tail = cols_ - b0_ - nb_;
-        g_row.tail(tail) += update_.row(j).tail(tail);
+        g_row.head(b0_) += update.row(j).head(b0_);
+        g_row.tail(tail) += update.row(j).tail(tail);
       } else {
-        g_row += update_.row(j);
+        g_row += update.row(j);
       }
     }
   }
 
  private:
   RowMatrixD delta_;      // len x (at least nb): the block's changes, rows in rows_ valid
-  std::vector<Index> rows_, used_;
-  RowMatrixD packed_, update_;
-  MatrixD columns_;
+  std::vector<Index> rows_, used_, index_;
+  std::vector<double> values_;
+  std::vector<double> packed_, update_, columns_;  // see flush()
   Index cols_, b0_ = 0, nb_ = 0;
 };
 
@@ -216,35 +280,60 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
     std::vector<char> active(static_cast<size_t>(len), 1);
     std::vector<int> passes(static_cast<size_t>(len), 0);
     std::vector<Index> live;  // rows of the chunk still running passes
-    LazyGradient lazy(len, cols);
+    LazyGradient lazy(len, cols, std::max(kSweepBlock, ropt.block_size));
     // Block moves of the live rows: proposals (continuous optima, -g_B inverse, then the GPTQ
     // state), proposed_codes / changes (their codes, d = new - old), moved (rows of them whose
     // codes change), moved_changes (their d), block_rhs (products).
-    RowMatrixD proposals, changes, moved_changes, block_rhs;
+    RowMatrixD proposals, changes, moved_changes, block_rhs, errors, lazy_rhs;
+    std::vector<char> changed;
     RowMatrix<Scalar> proposed_codes;
     std::vector<Index> moved;
+    GridCache<Scalar> grid_of(grid);
 
-    // Block move, first half: re-quantize the block's codes of row i by GPTQ inside the block,
-    // from the block's continuous optimum x given all other codes (x: in, overwritten). The
-    // proposed codes go to proposed_codes.row(j), their change to changes.row(j); false if no
-    // code changes.
-    auto block_proposal = [&](Index i, Index j, const RefineBlock& blk) {
-      const Index r = r0 + i, b0 = blk.begin, nb = blk.len;
-      auto x = proposals.row(j);
-      for (Index k = 0; k < nb; ++k) x[k] += static_cast<double>(weight(r, b0 + k));
-      bool changed = false;
-      for (Index k = 0; k < nb; ++k) {
-        const Index c = b0 + k;
-        const Scalar q = pruned(r, c) ? Scalar(0)
-                                      : grid_at(grid, r, c).quantize(static_cast<Scalar>(x[k]));
-        proposed_codes(j, k) = q;
-        const double dk = static_cast<double>(q) - static_cast<double>(weight(r, c));
-        changes(j, k) = dk;
-        changed = changed || dk != 0.0;
-        const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
-        if (k + 1 < nb) x.tail(nb - k - 1).noalias() -= err * blk.upper.row(k).tail(nb - k - 1);
+    // Block move, first half: re-quantize the block's codes of the live rows by GPTQ inside the
+    // block, from the block's continuous optima x given all other codes (proposals: in,
+    // overwritten). GPTQ's lazy updates: within a sub-block of kGptqSub columns the errors are
+    // propagated at once, to the block's later columns once per sub-block as one product. The
+    // proposed codes go to proposed_codes, their changes to changes; changed[j]: row j's codes
+    // change.
+    auto block_proposals = [&](const RefineBlock& blk, Index n_live) {
+      const Index b0 = blk.begin, nb = blk.len;
+      for (Index j = 0; j < n_live; ++j) {
+        const Index r = r0 + live[static_cast<size_t>(j)];
+        for (Index k = 0; k < nb; ++k) proposals(j, k) += static_cast<double>(weight(r, b0 + k));
       }
-      return changed;
+      changed.assign(static_cast<size_t>(n_live), 0);
+      errors.resize(n_live, kGptqSub);
+      for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
+        const Index ns = std::min(kGptqSub, nb - s0);
+        for (Index j = 0; j < n_live; ++j) {
+          const Index r = r0 + live[static_cast<size_t>(j)];
+          auto x = proposals.row(j);
+          for (Index k = s0; k < s0 + ns; ++k) {
+            const Index c = b0 + k;
+            const Scalar q = pruned(r, c) ? Scalar(0)
+                                          : grid_of.at(r, c).quantize(static_cast<Scalar>(x[k]));
+            proposed_codes(j, k) = q;
+            const double dk = static_cast<double>(q) - static_cast<double>(weight(r, c));
+            changes(j, k) = dk;
+            changed[static_cast<size_t>(j)] |= dk != 0.0;
+            const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
+            errors(j, k - s0) = err;
+            const Index inside = s0 + ns - k - 1;
+            if (inside > 0)
+              x.segment(k + 1, inside).noalias() -= err * blk.upper.row(k).segment(k + 1, inside);
+          }
+        }
+        const Index rest = nb - s0 - ns;
+        if (rest == 0) continue;
+        // x[:, rest] -= errors upper[sub, rest]: b(t, u) = upper(s0 + u, s0 + ns + t), column u
+        // of b a row of the row-major upper.
+        lazy_rhs.resize(n_live, rest);
+        internal::refine_kernels().product(errors.data(), kGptqSub,
+                                           blk.upper.data() + s0 * nb + s0 + ns, nb, n_live, rest,
+                                           ns, lazy_rhs.data(), rest);
+        proposals.middleCols(s0 + ns, rest) -= lazy_rhs;
+      }
     };
 
     // Single-code moves over the columns [c0, c0 + nb) of row i: the 1-D quadratic's
@@ -256,7 +345,7 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
       auto g_block = g.row(i).segment(c0, nb);
       for (Index c = c0; c < c0 + nb; ++c) {
         if (pruned(r, c)) continue;
-        const GridPoint<Scalar> gp = grid_at(grid, r, c);
+        const GridPoint<Scalar>& gp = grid_of.at(r, c);
         const int code = gp.code(weight(r, c));
         const double current = static_cast<double>(weight(r, c));
         const double hcc = hd(c, c);
@@ -310,8 +399,9 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         proposed_codes.resize(n_live, nb);
         changes.resize(n_live, nb);
         moved.clear();
+        block_proposals(blk, n_live);
         for (Index j = 0; j < n_live; ++j)
-          if (block_proposal(live[static_cast<size_t>(j)], j, blk)) moved.push_back(j);
+          if (changed[static_cast<size_t>(j)]) moved.push_back(j);
         if (moved.empty()) continue;
         // Second half: the exact change of the objective, d g_B + 1/2 d H_BB d^T, the products
         // d H_BB of all moved rows at once; kept where it drops. g is exact on the block's

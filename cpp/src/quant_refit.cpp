@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "internal/quant_common.hpp"
+#include "internal/refine_kernels.hpp"
 #include "obc/parallel.hpp"
 
 namespace obc::internal {
@@ -47,10 +48,14 @@ Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eige
     std::vector<Eigen::MatrixXd> m(static_cast<size_t>(len), Eigen::MatrixXd(groups, groups));
     Eigen::MatrixXd b(len, groups);
     RowMatrix<double> hw(len, cols);
-    hw.noalias() = w * hd;  // hd symmetric: row i = (hd w_i)^T
+    // The products run in the dispatched GEMM (AVX2 / AVX-512 where the CPU has them).
+    const RefineKernels& kern = refine_kernels();
+    kern.product(w.data(), cols, hd.data(), cols, len, cols, cols, hw.data(), cols);  // w hd^T = w hd
     RowMatrix<double> p(len, cols);
     for (Index h = 0; h < groups; ++h) {
-      p.noalias() = a.middleCols(h * gs, gs) * hd.middleRows(h * gs, gs);  // row i: a_h^T hd_h.
+      // row i: a_h^T hd_h, hd_h = hd's rows [h gs, (h + 1) gs) = its columns there, transposed.
+      kern.product(a.data() + h * gs, cols, hd.data() + h * gs * cols, cols, len, cols, gs,
+                   p.data(), cols);
       for (Index i = 0; i < len; ++i)
         for (Index g = 0; g < groups; ++g)
           m[static_cast<size_t>(i)](g, h) =

@@ -14,6 +14,11 @@ struct RefineKernels {
   /// alias a or b. The summation order depends on (m, n, k) and the ISA only.
   void (*product)(const double* a, KIndex lda, const double* b, KIndex ldb, KIndex m, KIndex n,
                   KIndex k, double* c, KIndex ldc);
+  /// y[0, n) += sum_u delta[u] * b[index[u] * ldb + t] over t in [0, n), u in [0, count): a few
+  /// scaled columns of a column-major matrix added to one vector, in u order (pairs of columns
+  /// per pass over y).
+  void (*add_columns)(double* y, KIndex n, const double* b, KIndex ldb, const KIndex* index,
+                      const double* delta, KIndex count);
 };
 
 /// The copy for this CPU: AVX-512 where use_avx512_kernels() says so, else the ISA of the row
