@@ -282,7 +282,8 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
     std::vector<char> active(static_cast<size_t>(len), 1);
     std::vector<int> passes(static_cast<size_t>(len), 0);
     std::vector<Index> live;  // rows of the chunk still running passes
-    LazyGradient lazy(len, cols, std::max(kSweepBlock, ropt.block_size));
+    // Blocks are at most cols wide (refine_blocks clips; a huge block_size must not size these).
+    LazyGradient lazy(len, cols, std::min(cols, std::max(kSweepBlock, ropt.block_size)));
     // Block moves of the live rows: proposals (continuous optima, -g_B inverse, then the GPTQ
     // state), proposed_codes / changes (their codes, d = new - old), moved (rows of them whose
     // codes change), moved_changes (their d), block_rhs (products).
