@@ -3,12 +3,15 @@
 
 #include <Eigen/Cholesky>
 #include <algorithm>
+#include <cassert>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
+#include "internal/refine_kernels.hpp"
 #include "obc/errors.hpp"
 #include "obc/parallel.hpp"
 
@@ -33,7 +36,7 @@ struct RefineBlock {
   Index begin = 0, len = 0;
   bool usable = false;
   MatrixD inverse;  // (H_BB + lambda I)^-1
-  MatrixD upper;    // inverse = upper^T upper
+  RowMatrixD upper;  // inverse = upper^T upper (row-major: GPTQ reads its rows)
 };
 
 std::vector<RefineBlock> refine_blocks(const MatrixD& hd, Index block_size, double proposal_damp) {
@@ -62,9 +65,166 @@ std::vector<RefineBlock> refine_blocks(const MatrixD& hd, Index block_size, doub
   return blocks;
 }
 
+// Columns per block of the single-code sweep: a block's moves update g on its own columns at
+// once and on the others at the block's end, in one product for all rows of the chunk.
+constexpr Index kSweepBlock = 128;
+// Below this fraction of scale * h_cc, a gradient entry cannot move its code (code_sweep).
+constexpr double kStayFraction = 0.49;
+// Columns per lazy update of the GPTQ inside a block move's proposal.
+constexpr Index kGptqSub = 16;
+
+// Below this fraction of non-zero changes among the changed rows and columns of a block, the
+// deferred gradient update is made by column additions (work: the non-zeros) rather than by one
+// GEMM (work: all of them, but several times faster per element).
+constexpr double kDenseFraction = 0.25;
+
+// c = a b^T, b (c.cols() x a.cols()) column-major at b with column stride ldb: the dispatched
+// GEMM (AVX2 / AVX-512 where the CPU has them).
+void product(const double* a, Index m, Index k, const double* b, Index ldb, double* c, Index n) {
+  internal::refine_kernels().product(a, k, b, ldb, m, n, k, c, n);
+}
+void product(const RowMatrixD& a, const double* b, Index ldb, RowMatrixD& c) {
+  product(a.data(), a.rows(), a.cols(), b, ldb, c.data(), c.cols());
+}
+
+// grid_at(grid, r, c), kept while (r, c) stays in one group: the hot loops walk the columns of
+// a row in order, and this spares them a division per code.
+template <class Scalar>
+class GridCache {
+ public:
+  explicit GridCache(const QuantGrid<Scalar>& grid) : grid_(grid) {}
+  const internal::GridPoint<Scalar>& at(Index r, Index c) {
+    if (r != row_ || c < begin_ || c >= end_) {
+      row_ = r;
+      begin_ = c / grid_.group_size * grid_.group_size;
+      end_ = begin_ + grid_.group_size;
+      point_ = internal::grid_at(grid_, r, c);
+    }
+    return point_;
+  }
+
+ private:
+  const QuantGrid<Scalar>& grid_;
+  Index row_ = -1, begin_ = 0, end_ = 0;
+  internal::GridPoint<Scalar> point_{};
+};
+
+// Code changes of one block of columns, for the rows of a chunk, not yet added to the chunk's
+// gradients g (len x cols): flush() adds D hd[B, :] for the rows and columns that changed, one
+// (changed rows x changed columns) by (changed columns x cols) product. hd symmetric.
+class LazyGradient {
+ public:
+  // Workspaces at their largest (len rows, blocks of at most max_block columns) from the start:
+  // sizes that change per block would reallocate (and, above malloc's mmap threshold, have the
+  // kernel clear fresh pages) at every block.
+  LazyGradient(Index len, Index cols, Index max_block)
+      : delta_(len, max_block),
+        packed_(static_cast<size_t>(len * max_block)),
+        update_(static_cast<size_t>(len * cols)),
+        columns_(static_cast<size_t>(cols * max_block)),
+        cols_(cols) {}
+
+  void begin_block(Index b0, Index nb) {
+    b0_ = b0;
+    nb_ = nb;
+    assert(nb <= delta_.cols());
+    rows_.clear();
+  }
+  // Row i's block change d (nb), its first record in this block.
+  template <class Row>
+  void record(Index i, const Row& d) {
+    delta_.row(i).head(nb_) = d.transpose();
+    rows_.push_back(i);
+  }
+  // Row i's change at the block's column k; rows may record several.
+  void record_one(Index i, Index k, double delta) {
+    if (rows_.empty() || rows_.back() != i) {
+      delta_.row(i).head(nb_).setZero();
+      rows_.push_back(i);
+    }
+    delta_(i, k) += delta;
+  }
+  // g[rows, :] += D hd[B, :] (skip_block: all columns but the block's own, which the caller
+  // kept exact).
+  void flush(RowMatrixD& g, const MatrixD& hd, bool skip_block) {
+    if (rows_.empty()) return;
+    const Index nr = static_cast<Index>(rows_.size());
+    used_.clear();
+    Index nnz = 0;
+    for (Index k = 0; k < nb_; ++k) {
+      Index in_column = 0;
+      for (const Index i : rows_) in_column += delta_(i, k) != 0.0;
+      if (in_column > 0) used_.push_back(k);
+      nnz += in_column;
+    }
+    const Index nk = static_cast<Index>(used_.size());
+    if (nk == 0) return;
+    const internal::RefineKernels& kern = internal::refine_kernels();
+    const Index tail = cols_ - b0_ - nb_;
+    if (static_cast<double>(nnz) < kDenseFraction * static_cast<double>(nr * nk)) {
+      // Few changes: each row adds its own changed columns of hd (in cache: the block's).
+      for (const Index i : rows_) {
+        index_.clear();
+        values_.clear();
+        for (Index k = 0; k < nb_; ++k)
+          if (delta_(i, k) != 0.0) {
+            index_.push_back(b0_ + k);
+            values_.push_back(delta_(i, k));
+          }
+        const Index count = static_cast<Index>(index_.size());
+        double* g_row = g.row(i).data();
+        if (skip_block) {
+          kern.add_columns(g_row, b0_, hd.data(), cols_, index_.data(), values_.data(), count);
+          kern.add_columns(g_row + b0_ + nb_, tail, hd.data() + b0_ + nb_, cols_, index_.data(),
+                           values_.data(), count);
+        } else {
+          kern.add_columns(g_row, cols_, hd.data(), cols_, index_.data(), values_.data(), count);
+        }
+      }
+      return;
+    }
+    Eigen::Map<RowMatrixD> packed(packed_.data(), nr, nk), update(update_.data(), nr, cols_);
+    for (Index j = 0; j < nr; ++j)
+      for (Index u = 0; u < nk; ++u)
+        packed(j, u) = delta_(rows_[static_cast<size_t>(j)], used_[static_cast<size_t>(u)]);
+    const double* columns = hd.data() + b0_ * cols_;
+    if (nk < nb_) {  // the changed columns of hd's block, gathered
+      for (Index u = 0; u < nk; ++u)
+        std::copy_n(hd.col(b0_ + used_[static_cast<size_t>(u)]).data(), cols_,
+                    columns_.data() + u * cols_);
+      columns = columns_.data();
+    }
+    product(packed_.data(), nr, nk, columns, cols_, update_.data(), cols_);
+    for (Index j = 0; j < nr; ++j) {
+      auto g_row = g.row(rows_[static_cast<size_t>(j)]);
+      if (skip_block) {
+        g_row.head(b0_) += update.row(j).head(b0_);
+        g_row.tail(tail) += update.row(j).tail(tail);
+      } else {
+        g_row += update.row(j);
+      }
+    }
+  }
+
+ private:
+  RowMatrixD delta_;      // len x (at least nb): the block's changes, rows in rows_ valid
+  std::vector<Index> rows_, used_, index_;
+  std::vector<double> values_;
+  std::vector<double> packed_, update_, columns_;  // see flush()
+  Index cols_, b0_ = 0, nb_ = 0;
+};
+
 }  // namespace
 
 namespace internal {
+
+const RefineKernels& refine_kernels() {
+#ifdef OBC_HAVE_AVX2_KERNELS
+  if (use_avx512_kernels()) return refine_kernels_avx512();
+  if (std::strcmp(kernels().isa, "generic") != 0) return refine_kernels_avx2();
+#endif
+  return refine_kernels_generic();
+}
 
 void check_refine_options(const RefineOptions& opt) {
   OBC_CHECK(opt.max_passes >= 0, "refine_passes: expected >= 0, got ", opt.max_passes);
@@ -105,69 +265,100 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
   std::vector<int> passes_of_chunk(static_cast<size_t>(chunks), 0);
   parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
     const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
-    // residual e = q - w over the free (not pruned) inputs, 0 elsewhere, and g = e H.
-    RowMatrixD e(len, cols);
-    for (Index i = 0; i < len; ++i)
-      for (Index c = 0; c < cols; ++c)
-        e(i, c) = pruned(r0 + i, c) ? 0.0
-                                    : static_cast<double>(weight(r0 + i, c)) -
-                                          static_cast<double>(W(r0 + i, c));
+    // The gradient g = e hd of the residual e = q - w over the free (not pruned) inputs (0
+    // elsewhere), one row per row of the chunk.
     RowMatrixD g(len, cols);
-    g.noalias() = e * hd;  // hd symmetric
     Eigen::VectorXd objective(len), start(len);
-    for (Index i = 0; i < len; ++i) objective[i] = 0.5 * e.row(i).dot(g.row(i));
+    {
+      RowMatrixD e(len, cols);
+      for (Index i = 0; i < len; ++i)
+        for (Index c = 0; c < cols; ++c)
+          e(i, c) = pruned(r0 + i, c) ? 0.0
+                                      : static_cast<double>(weight(r0 + i, c)) -
+                                            static_cast<double>(W(r0 + i, c));
+      product(e, hd.data(), cols, g);  // e hd^T = e hd
+      for (Index i = 0; i < len; ++i) objective[i] = 0.5 * e.row(i).dot(g.row(i));
+    }
     std::vector<char> active(static_cast<size_t>(len), 1);
     std::vector<int> passes(static_cast<size_t>(len), 0);
-    Eigen::VectorXd x, d;
-    std::vector<Scalar> proposed;
+    std::vector<Index> live;  // rows of the chunk still running passes
+    // Blocks are at most cols wide (refine_blocks clips; a huge block_size must not size these).
+    LazyGradient lazy(len, cols, std::min(cols, std::max(kSweepBlock, ropt.block_size)));
+    // Block moves of the live rows: proposals (continuous optima, -g_B inverse, then the GPTQ
+    // state), proposed_codes / changes (their codes, d = new - old), moved (rows of them whose
+    // codes change), moved_changes (their d), block_rhs (products).
+    RowMatrixD proposals, changes, moved_changes, block_rhs, errors, lazy_rhs;
+    std::vector<char> changed;
+    RowMatrix<Scalar> proposed_codes;
+    std::vector<Index> moved;
+    GridCache<Scalar> grid_of(grid);
 
-    // Block move: re-quantize the block's codes of row i by GPTQ inside the block, from the
-    // block's continuous optimum given all other codes; kept only if the objective drops.
-    auto block_move = [&](Index i, const RefineBlock& blk) {
-      const Index r = r0 + i, b0 = blk.begin, nb = blk.len;
-      x.noalias() = -(blk.inverse * g.row(i).segment(b0, nb).transpose());
-      for (Index k = 0; k < nb; ++k) x[k] += static_cast<double>(weight(r, b0 + k));
-      d.resize(nb);
-      proposed.resize(static_cast<size_t>(nb));
-      bool changed = false;
-      for (Index k = 0; k < nb; ++k) {
-        const Index c = b0 + k;
-        const Scalar q = pruned(r, c) ? Scalar(0)
-                                      : grid_at(grid, r, c).quantize(static_cast<Scalar>(x[k]));
-        proposed[static_cast<size_t>(k)] = q;
-        d[k] = static_cast<double>(q) - static_cast<double>(weight(r, c));
-        changed = changed || d[k] != 0.0;
-        const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
-        if (k + 1 < nb)
-          x.tail(nb - k - 1).noalias() -= err * blk.upper.row(k).tail(nb - k - 1).transpose();
+    // Block move, first half: re-quantize the block's codes of the live rows by GPTQ inside the
+    // block, from the block's continuous optima x given all other codes (proposals: in,
+    // overwritten). GPTQ's lazy updates: within a sub-block of kGptqSub columns the errors are
+    // propagated at once, to the block's later columns once per sub-block as one product. The
+    // proposed codes go to proposed_codes, their changes to changes; changed[j]: row j's codes
+    // change.
+    auto block_proposals = [&](const RefineBlock& blk, Index n_live) {
+      const Index b0 = blk.begin, nb = blk.len;
+      for (Index j = 0; j < n_live; ++j) {
+        const Index r = r0 + live[static_cast<size_t>(j)];
+        for (Index k = 0; k < nb; ++k) proposals(j, k) += static_cast<double>(weight(r, b0 + k));
       }
-      if (!changed) return;
-      const double change = d.dot(g.row(i).segment(b0, nb)) +
-                            0.5 * d.dot(hd.block(b0, b0, nb, nb) * d);
-      if (!(change < 0.0)) return;
-      for (Index k = 0; k < nb; ++k) {
-        if (d[k] == 0.0) continue;
-        weight(r, b0 + k) = proposed[static_cast<size_t>(k)];
-        e(i, b0 + k) += d[k];
+      changed.assign(static_cast<size_t>(n_live), 0);
+      errors.resize(n_live, kGptqSub);
+      for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
+        const Index ns = std::min(kGptqSub, nb - s0);
+        for (Index j = 0; j < n_live; ++j) {
+          const Index r = r0 + live[static_cast<size_t>(j)];
+          auto x = proposals.row(j);
+          for (Index k = s0; k < s0 + ns; ++k) {
+            const Index c = b0 + k;
+            const Scalar q = pruned(r, c) ? Scalar(0)
+                                          : grid_of.at(r, c).quantize(static_cast<Scalar>(x[k]));
+            proposed_codes(j, k) = q;
+            const double dk = static_cast<double>(q) - static_cast<double>(weight(r, c));
+            changes(j, k) = dk;
+            changed[static_cast<size_t>(j)] |= dk != 0.0;
+            const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
+            errors(j, k - s0) = err;
+            const Index inside = s0 + ns - k - 1;
+            if (inside > 0)
+              x.segment(k + 1, inside).noalias() -= err * blk.upper.row(k).segment(k + 1, inside);
+          }
+        }
+        const Index rest = nb - s0 - ns;
+        if (rest == 0) continue;
+        // x[:, rest] -= errors upper[sub, rest]: b(t, u) = upper(s0 + u, s0 + ns + t), column u
+        // of b a row of the row-major upper.
+        lazy_rhs.resize(n_live, rest);
+        internal::refine_kernels().product(errors.data(), kGptqSub,
+                                           blk.upper.data() + s0 * nb + s0 + ns, nb, n_live, rest,
+                                           ns, lazy_rhs.data(), rest);
+        proposals.middleCols(s0 + ns, rest) -= lazy_rhs;
       }
-      g.row(i).noalias() += (hd.middleCols(b0, nb) * d).transpose();  // hd symmetric
-      objective[i] += change;
     };
 
-    // Single-code move of every free code of row i: the 1-D quadratic's minimizer, clamped,
-    // the two codes around it compared exactly.
-    auto code_sweep = [&](Index i) {
+    // Single-code moves over the columns [c0, c0 + nb) of row i: the 1-D quadratic's
+    // minimizer, clamped, the two codes around it compared exactly. Each accepted move updates
+    // g on the block's own columns at once (all a later move of this block reads) and is
+    // recorded for the other columns, which get the block's moves at its end.
+    auto code_sweep = [&](Index i, Index c0, Index nb) {
       const Index r = r0 + i;
-      auto e_row = e.row(i);
-      auto g_row = g.row(i);
-      for (Index c = 0; c < cols; ++c) {
+      auto g_block = g.row(i).segment(c0, nb);
+      for (Index c = c0; c < c0 + nb; ++c) {
         if (pruned(r, c)) continue;
-        const GridPoint<Scalar> gp = grid_at(grid, r, c);
+        const GridPoint<Scalar>& gp = grid_of.at(r, c);
+        const double hcc = hd(c, c);
+        const double gc = g_block[c - c0];
+        // Most codes stay: with |g_c| < 0.49 scale h_cc the 1-D minimizer lies within half a
+        // step of the current code, the only candidate is a neighbour, and its change
+        // delta g_c + delta^2 h_cc / 2 is positive (|delta| = scale up to float rounding, far
+        // inside the 2% margin). Skipping them spares the division and roundings below.
+        if (std::abs(gc) < kStayFraction * static_cast<double>(gp.scale) * hcc) continue;
         const int code = gp.code(weight(r, c));
         const double current = static_cast<double>(weight(r, c));
-        const double hcc = hd(c, c);
-        const double ideal =
-            static_cast<double>(code) - g_row[c] / (hcc * static_cast<double>(gp.scale));
+        const double ideal = static_cast<double>(code) - gc / (hcc * static_cast<double>(gp.scale));
         if (!std::isfinite(ideal)) continue;
         const double clamped = std::clamp(ideal, 0.0, static_cast<double>(maxq));
         const int lo = static_cast<int>(std::floor(clamped));
@@ -177,7 +368,7 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         for (const int candidate : {lo, hi}) {
           if (candidate == code) continue;
           const double delta = static_cast<double>(gp.value(candidate)) - current;
-          const double change = delta * g_row[c] + 0.5 * delta * delta * hcc;
+          const double change = delta * gc + 0.5 * delta * delta * hcc;
           if (change < best_change) {
             best_change = change;
             best_code = candidate;
@@ -186,18 +377,69 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         }
         if (best_code == code) continue;
         weight(r, c) = gp.value(best_code);
-        e_row[c] += best_delta;
-        g_row.noalias() += best_delta * hd.col(c).transpose();
+        g_block.noalias() += best_delta * hd.col(c).segment(c0, nb).transpose();
+        lazy.record_one(i, c - c0, best_delta);
         objective[i] += best_change;
       }
     };
 
-    for (Index i = 0; i < len; ++i) {
-      for (int pass = 1; pass <= ropt.max_passes && active[static_cast<size_t>(i)]; ++pass) {
-        start[i] = objective[i];
-        for (const RefineBlock& blk : blocks)
-          if (blk.usable) block_move(i, blk);
-        code_sweep(i);
+    // Passes run over all live rows of the chunk together, block by block, so that the deferred
+    // gradient updates of a block are one product for all rows (hd read once per chunk, not once
+    // per row). Rows are independent: each row sees the same sequence of its own moves as when
+    // the rows ran one after the other.
+    for (int pass = 1; pass <= ropt.max_passes; ++pass) {
+      live.clear();
+      for (Index i = 0; i < len; ++i)
+        if (active[static_cast<size_t>(i)]) live.push_back(i);
+      if (live.empty()) break;
+      const Index n_live = static_cast<Index>(live.size());
+      for (const Index i : live) start[i] = objective[i];
+      for (const RefineBlock& blk : blocks) {
+        if (!blk.usable) continue;
+        const Index b0 = blk.begin, nb = blk.len;
+        // The block's continuous optima of all live rows as one product: -g_B (H_BB + damp)^-1.
+        proposals.resize(n_live, nb);
+        for (Index j = 0; j < n_live; ++j)
+          proposals.row(j) = g.row(live[static_cast<size_t>(j)]).segment(b0, nb);
+        block_rhs.resize(n_live, nb);
+        product(proposals, blk.inverse.data(), nb, block_rhs);  // inverse symmetric
+        proposals = -block_rhs;
+        proposed_codes.resize(n_live, nb);
+        changes.resize(n_live, nb);
+        moved.clear();
+        block_proposals(blk, n_live);
+        for (Index j = 0; j < n_live; ++j)
+          if (changed[static_cast<size_t>(j)]) moved.push_back(j);
+        if (moved.empty()) continue;
+        // Second half: the exact change of the objective, d g_B + 1/2 d H_BB d^T, the products
+        // d H_BB of all moved rows at once; kept where it drops. g is exact on the block's
+        // columns here; the kept changes reach g at the block's end (lazy).
+        const Index n_moved = static_cast<Index>(moved.size());
+        moved_changes.resize(n_moved, nb);
+        for (Index m = 0; m < n_moved; ++m) moved_changes.row(m) = changes.row(moved[static_cast<size_t>(m)]);
+        block_rhs.resize(n_moved, nb);
+        product(moved_changes, hd.data() + b0 * cols + b0, cols, block_rhs);  // d H_BB, symmetric
+        lazy.begin_block(b0, nb);
+        for (Index m = 0; m < n_moved; ++m) {
+          const Index j = moved[static_cast<size_t>(m)], i = live[static_cast<size_t>(j)];
+          const Index r = r0 + i;
+          const auto d = moved_changes.row(m);
+          const double change = d.dot(g.row(i).segment(b0, nb)) + 0.5 * d.dot(block_rhs.row(m));
+          if (!(change < 0.0)) continue;
+          for (Index k = 0; k < nb; ++k)
+            if (d[k] != 0.0) weight(r, b0 + k) = proposed_codes(j, k);
+          lazy.record(i, d);
+          objective[i] += change;
+        }
+        lazy.flush(g, hd, /*skip_block=*/false);
+      }
+      for (Index c0 = 0; c0 < cols; c0 += kSweepBlock) {
+        const Index nb = std::min(kSweepBlock, cols - c0);
+        lazy.begin_block(c0, nb);
+        for (const Index i : live) code_sweep(i, c0, nb);
+        lazy.flush(g, hd, /*skip_block=*/true);
+      }
+      for (const Index i : live) {
         passes[static_cast<size_t>(i)] = pass;
         if (!(start[i] - objective[i] > ropt.rel_tol * start[i])) active[static_cast<size_t>(i)] = 0;
       }

@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "internal/quant_common.hpp"
+#include "internal/refine_kernels.hpp"
 #include "obc/parallel.hpp"
 
 namespace obc::internal {
@@ -43,22 +44,24 @@ Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eige
         a(i, c) = fixed ? 0.0 : static_cast<double>(gp.code(weight(r0 + i, c)) - gp.zero);
         w(i, c) = fixed ? 0.0 : static_cast<double>(W(r0 + i, c));
       }
-    // Per row, the normal equations M s = b: M(g, h) = a_g^T hd_gh a_h, b(g) = a_g^T (hd w)_g.
+    // Per row, the normal equations M s = b: M(g, h) = a_g^T hd_gh a_h, b(h) = a_h^T (hd w)_h.
+    // Both from p_h = a_h^T hd_h (a row per row: hd symmetric, rows [h gs, (h + 1) gs) of hd):
+    // M(g, h) = p_h[group g] . a[group g], b(h) = p_h . w. So the chunk costs one
+    // (chunk x cols) by (cols x cols) product in all, in the dispatched GEMM (AVX2 / AVX-512).
     std::vector<Eigen::MatrixXd> m(static_cast<size_t>(len), Eigen::MatrixXd(groups, groups));
     Eigen::MatrixXd b(len, groups);
-    RowMatrix<double> hw(len, cols);
-    hw.noalias() = w * hd;  // hd symmetric: row i = (hd w_i)^T
+    const RefineKernels& kern = refine_kernels();
     RowMatrix<double> p(len, cols);
     for (Index h = 0; h < groups; ++h) {
-      p.noalias() = a.middleCols(h * gs, gs) * hd.middleRows(h * gs, gs);  // row i: a_h^T hd_h.
-      for (Index i = 0; i < len; ++i)
+      kern.product(a.data() + h * gs, cols, hd.data() + h * gs * cols, cols, len, cols, gs,
+                   p.data(), cols);
+      for (Index i = 0; i < len; ++i) {
         for (Index g = 0; g < groups; ++g)
           m[static_cast<size_t>(i)](g, h) =
               p.row(i).segment(g * gs, gs).dot(a.row(i).segment(g * gs, gs));
+        b(i, h) = p.row(i).dot(w.row(i));
+      }
     }
-    for (Index i = 0; i < len; ++i)
-      for (Index g = 0; g < groups; ++g)
-        b(i, g) = hw.row(i).segment(g * gs, gs).dot(a.row(i).segment(g * gs, gs));
 
     Index changed = 0;
     std::vector<Index> live;

@@ -157,6 +157,17 @@ def test_alarm_stops_gptq():
     assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"
 
 
+def test_alarm_stops_the_refinement():
+    # RTN (min-max grid: milliseconds) leaves the refinement most of the work: 4096 x 2048, one
+    # thread, ~4 s; it polls between chunks of 64 rows (~0.06 s each here).
+    cols = 2048
+    H = _diagonally_dominant_hessian(cols, seed=6)
+    W = np.random.default_rng(6).standard_normal((4096, cols)).astype(np.float32)
+    waited = _stopped_by_alarm(lambda: obc_native.quantize(W, H, 4, grid="minmax", method="rtn",
+                                                           refit_rounds=0, num_threads=1))
+    assert waited < STOP_WITHIN_S, f"stopped {waited:.2f} s after the signal"
+
+
 def test_alarm_stops_the_mse_grid_fit():
     # quantize(method="rtn") on a tall, narrow float64 layer is nearly all grid fit: float64 rows
     # take the exact MSE search (80 shrink factors summed with std::pow, early exits only),

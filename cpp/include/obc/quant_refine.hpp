@@ -7,7 +7,11 @@
 // objective never increases. H is the undamped Hessian by default, so the loss that is reported
 // (row_losses) never increases; RefineOptions::damped uses the damped one the quantizers
 // minimize instead. The gradient g = H (q - w) is kept per row and updated in
-// O(cols) per change, so a pass costs O(cols) per code plus O(cols) per changed code.
+// O(cols) per change, so a pass costs O(cols) per code plus O(cols) per changed code. The rows
+// of a fixed chunk of 64 run their passes together, block by block, and g is kept exact only on
+// the current block's inputs, the block's changes reaching the rest of g at its end as one
+// product for all rows of the chunk (GPTQ's lazy updates): each row makes the same moves as
+// alone, and H is read once per chunk and block instead of once per row and change.
 #pragma once
 
 #include <Eigen/Core>
