@@ -459,7 +459,7 @@ void refine_quantized(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Hessia
   HessianOptions no_inverse = hopt;
   no_inverse.invert = false;
   const PreparedHessian prep = prepare_hessian(H, no_inverse, run.num_threads, run.interrupt);
-  internal::check_quant_inputs<Scalar>(W, prep.cols());
+  internal::check_layer_inputs<Scalar>(W, prep.cols());
   internal::check_layer_scale<Scalar>(W, prep);
   const Index rows = W.rows(), cols = W.cols();
   const QuantGrid<Scalar>& grid = result.grid;

@@ -21,12 +21,6 @@ void check_quant_options(const QuantOptions& opt, Index cols);
 void check_refine_options(const RefineOptions& opt);
 void check_gptq_options(const GptqOptions& opt);
 
-/// check_layer_inputs (prune_result.hpp), under the name quant_refine.cpp calls it by.
-template <class Scalar>
-inline void check_quant_inputs(const Eigen::Ref<const RowMatrix<Scalar>>& W, Index hcols) {
-  check_layer_inputs<Scalar>(W, hcols);
-}
-
 template <class Scalar>
 inline GridPoint<Scalar> grid_at(const QuantGrid<Scalar>& grid, Index r, Index c) {
   const Index g = c / grid.group_size;
