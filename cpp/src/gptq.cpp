@@ -78,7 +78,7 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
   const Index items = (n + kColumnChunk - 1) / kColumnChunk;
   Eigen::MatrixXd a(n, n);
   advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
-  write_damped_hessian(H, prep, a.data(), true, threads);
+  write_damped_hessian(H, prep, a.data(), true, threads, run.interrupt);
   // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
   // columns, in place along the cycles of perm (column k <- column perm[k]); float skips this
   // serial pass and reads column perm[k] of D directly below (D is written in full).
@@ -116,7 +116,9 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
     else
       return a;
   }();
-  parallel_for(items, threads, nullptr, [&](Index item, int) {
+  // Polled: the first writes to the fresh factor buffer fault in its pages (seconds at 6000
+  // inputs on some virtual machines).
+  parallel_for(items, threads, run.interrupt, [&](Index item, int) {
     std::vector<double> column(static_cast<size_t>(n));
     for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
       if constexpr (f32) {  // a is D itself: its column perm[j], read in place

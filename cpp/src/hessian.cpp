@@ -116,7 +116,7 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
 namespace internal {
 
 void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
-                          int num_threads) {
+                          int num_threads, InterruptHook* interrupt) {
   const Index cols = prep.cols();
   const char* dead = prep.dead.data();
   Eigen::Map<Eigen::MatrixXd> a(out, cols, cols);
@@ -124,7 +124,7 @@ void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, doub
   // uses them).
   H.visit([&](const auto& h) {
     using M = std::decay_t<decltype(h)>;
-    parallel_for(tiles_of(cols), pass_threads(cols, num_threads), nullptr, [&](Index tile, int) {
+    parallel_for(tiles_of(cols), pass_threads(cols, num_threads), interrupt, [&](Index tile, int) {
       const Index jb = tile * kTile, jend = std::min(cols, jb + kTile);
       TilePair<M> pair;
       Eigen::Matrix<double, kTile, kTile> value;  // the tile of D, for its mirror's writes
@@ -195,7 +195,7 @@ PreparedHessian prepare_hessian(const HessianRef& H, const HessianOptions& optio
   // triangle only): one cols x cols float64 buffer is all the preparation ever holds.
   prep.hinv.resize(cols, cols);
   internal::advise_huge_pages(prep.hinv.data(), sizeof(double) * static_cast<size_t>(cols * cols));
-  internal::write_damped_hessian(H, prep, prep.hinv.data(), false, num_threads);
+  internal::write_damped_hessian(H, prep, prep.hinv.data(), false, num_threads, interrupt);
   // The O(cols^3) inverse runs in the SIMD-dispatched kernels (see row_kernels.hpp). A pivot
   // below 1e-13 of its diagonal means H is numerically singular: the inverse would be dominated
   // by rounding, so say so instead of returning garbage.

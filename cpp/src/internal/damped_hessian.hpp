@@ -5,6 +5,7 @@
 
 #include "obc/errors.hpp"
 #include "obc/hessian.hpp"
+#include "obc/interrupt.hpp"
 
 namespace obc::internal {
 
@@ -12,9 +13,11 @@ namespace obc::internal {
 /// diagonal, with a unit row and column at each dead input (decoupled: such weights are zeroed,
 /// never updated), into `out` (cols x cols, column-major, float64): the entries (i, j) with
 /// i >= j, and their mirrors (j, i) too when `full`. prep: from prepare_hessian on the same H.
-/// On num_threads threads from 512 inputs up; the values do not depend on the count.
+/// On num_threads threads from 512 inputs up; the values do not depend on the count. Polls
+/// `interrupt` (may be null) between column tiles: writing a fresh buffer faults in its pages,
+/// which on some machines takes seconds at LLM widths.
 void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
-                          int num_threads);
+                          int num_threads, InterruptHook* interrupt);
 
 /// What prepare_hessian throws when the damped Hessian has no Cholesky factor (or a pivot below
 /// its tolerance): names the damping tried and the number of live inputs.
