@@ -269,6 +269,7 @@ def test_auto_at_the_obq_width_keeps_both_candidates():
     both = obc_native.quantize(W, H, 4, method=("obq", "gptq"), **kw)
     assert np.array_equal(auto.weight, both.weight)
     assert np.array_equal(auto.row_methods, both.row_methods)
+    assert "obq" in set(auto.row_method_names())  # OBQ ran: it wins these white-noise rows
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
