@@ -13,6 +13,10 @@ import numpy as np
 
 from . import _arrays, _core
 
+# The widest accumulator: the Hessian file format's limit on cols (docs/hessian_format.md). Far
+# beyond any memory (8 * cols**2 bytes); a larger request is a mistake, refused before allocating.
+MAX_COLS = 2**28
+
 
 def _as_path(path, name: str = "path") -> str:
     try:
@@ -21,7 +25,10 @@ def _as_path(path, name: str = "path") -> str:
         raise TypeError(
             f"{name}: expected a str or os.PathLike, got {type(path).__name__}"
         ) from None
-    return os.fsdecode(path) if isinstance(path, bytes) else path
+    path = os.fsdecode(path) if isinstance(path, bytes) else path
+    if "\0" in path:  # the C++ side would stop at the NUL: save("a\0b") wrote a file named "a"
+        raise ValueError(f"{name}: expected a path without NUL characters, got {path!r}")
+    return path
 
 
 def _as_activations(value, cols: int) -> np.ndarray:
@@ -45,7 +52,8 @@ class HessianAccumulator:
     """Accumulates the layer Hessian H = 2/n * sum_x x x^T from batches of activations.
 
     Args:
-        cols: input width of the layer (W has shape (rows, cols)).
+        cols: input width of the layer (W has shape (rows, cols)), 1..2**28 (the Hessian file
+            format's limit; the float64 sum takes 8 * cols**2 bytes).
         num_threads: threads for the Gram products (None = OpenMP default); the result is
             bit-identical for every thread count.
 
@@ -58,7 +66,7 @@ class HessianAccumulator:
     __slots__ = ("_impl",)
 
     def __init__(self, cols: int, *, num_threads: int | None = None):
-        cols = _arrays.as_int(cols, "cols", low=1)
+        cols = _arrays.as_int(cols, "cols", low=1, high=MAX_COLS)
         self._impl = _core.HessianAccumulator(cols, _arrays.as_threads(num_threads))
 
     @classmethod

@@ -249,6 +249,8 @@ def _read_json(path: str):
         raise LevelDatabaseError(f"{path}: not a level database (invalid JSON: {exc})") from None
     except RecursionError:
         raise LevelDatabaseError(f"{path}: not a level database (JSON nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's int_max_str_digits
+        raise LevelDatabaseError(f"{path}: not a level database ({exc})") from None
 
 
 def _checksum(body: Mapping) -> str:
