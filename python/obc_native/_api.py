@@ -366,8 +366,12 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
     record_steps = sorted({_arrays.count_for_sparsity(steps, _arrays.as_fraction(s, "record"))
                            for s in record})
     d = _kernels(W).trace(W, H, block, _arrays.as_damp(damp), threads, 0, record_steps)
+    # The Trace re-solves from W and H later (weights()): keep copies, because as_weight /
+    # as_hessian pass the caller's arrays through when they already fit, and a caller changing
+    # them after the call changed every later Trace.weights().
     return Trace(order=d["order"], losses=d["losses"], block=block, damp=d["damp"],
-                 damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W, _H=H,
+                 damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W.copy(),
+                 _H=H.copy(order="K"),
                  _num_threads=threads,
                  _recorded=dict(zip(record_steps, d["recorded"])))
 
@@ -375,7 +379,8 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
 def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=(), method="exact") -> Trace:
     """Complete unstructured ExactOBS trace of every row (order and step losses).
 
-    Memory: O(rows * cols) for the trace; weights at any sparsity are rebuilt with
+    Memory: O(rows * cols) for the trace, plus the Trace's own copies of W and H (so that
+    changing them after the call does not change it); weights at any sparsity are rebuilt with
     Trace.weights(sparsity, spread) in closed form, never stored per step.
 
     Args:

@@ -233,3 +233,17 @@ def test_inputs_unchanged_by_the_fixed_paths(wh):
     obc_native.solve(LayerConfig(prune="nm", n=2, m=4), W, H, column_perm=np.arange(COLS)[::-1])
     assert np.array_equal(W, W0) and np.array_equal(H, H0)
     assert math.isfinite(float(obc_native.layer_loss(W, W * 0.5, H).sum()))
+
+
+@pytest.mark.parametrize("which", ["W", "H"])
+def test_trace_does_not_alias_the_callers_arrays(wh, which):
+    # Trace.weights() re-solved from the caller's own W and H, so changing them after the call
+    # changed the trace's results.
+    W, H = wh
+    W, H = W.copy(), np.asfortranarray(H)  # a Fortran H is passed through without a copy too
+    trace = obc_native.trace_unstructured(W, H, record=(0.5,))
+    before = [trace.weights(0.5).weight, trace.weights(0.5, "uniform").row_losses]
+    (W if which == "W" else H)[0, 0] *= 3.0
+    after = [trace.weights(0.5).weight, trace.weights(0.5, "uniform").row_losses]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
