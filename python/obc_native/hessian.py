@@ -7,11 +7,10 @@ exactly, because S and n simply add.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import _arrays, _core
+from ._files import as_path
 
 # The widest accumulator: the Hessian file format's limit on cols (docs/hessian_format.md). Far
 # beyond any memory (8 * cols**2 bytes); a larger request is a mistake, refused before allocating.
@@ -19,16 +18,8 @@ MAX_COLS = 2**28
 
 
 def _as_path(path, name: str = "path") -> str:
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected a str or os.PathLike, got {type(path).__name__}"
-        ) from None
-    path = os.fsdecode(path) if isinstance(path, bytes) else path
-    if "\0" in path:  # the C++ side would stop at the NUL: save("a\0b") wrote a file named "a"
-        raise ValueError(f"{name}: expected a path without NUL characters, got {path!r}")
-    return path
+    # a NUL used to be cut there by the C++ side: save("a\0b") wrote a file named "a"
+    return as_path(path, name)
 
 
 def _as_activations(value, cols: int) -> np.ndarray:

@@ -247,3 +247,57 @@ def test_trace_does_not_alias_the_callers_arrays(wh, which):
     after = [trace.weights(0.5).weight, trace.weights(0.5, "uniform").row_losses]
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
+
+
+def _crafted_database(wh, edit):
+    """A level database dict edited by ``edit`` and re-checksummed, as a crafted file would be."""
+    from obc_native import level_database
+
+    W, H = wh
+    db = LevelDatabase()
+    db.add(obc_native.build_layer_levels(W, H, sparsities=(0.5,), bits=(4,), joint=((2, 4, 4),)))
+    data = db.to_dict()
+    edit(data["layers"][0])
+    data.pop("checksum")
+    data["checksum"] = level_database._checksum(data)
+    return json.loads(json.dumps(data))
+
+
+def _level(layer, kind):
+    return next(lv for lv in layer["levels"] if lv["kind"] == kind)
+
+
+@pytest.mark.parametrize("edit", [
+    lambda L: _level(L, "unstructured")["params"].pop("spread"),  # KeyError in apply() before
+    lambda L: _level(L, "quant")["params"].pop("grid"),
+    lambda L: _level(L, "quant")["params"].update(bits=9),  # RecipeError in apply() before
+    lambda L: _level(L, "joint")["params"].update(sym="yes"),
+    lambda L: _level(L, "unstructured")["params"].update(spread="rows"),
+    lambda L: L["settings"].update(damp=-1.0),
+    lambda L: L.update(shape=[6.7, 16]),  # truncated to 6 rows before
+    lambda L: L.update(shape=[True, 16]),
+], ids=["no-spread", "no-grid", "bits-9", "sym-str", "spread-bad", "damp-neg", "float-shape",
+        "bool-shape"])
+def test_level_database_levels_must_be_applicable(wh, edit):
+    with pytest.raises(LevelDatabaseError, match="malformed layer"):
+        LevelDatabase.from_dict(_crafted_database(wh, edit))
+
+
+def test_level_database_unedited_round_trip(wh):
+    db = LevelDatabase.from_dict(_crafted_database(wh, lambda L: None))
+    layer = db["layer"]
+    for level in layer.levels:
+        layer.apply(*wh, level)
+
+
+def test_level_database_paths_name_the_argument(tmp_path, monkeypatch, wh):
+    monkeypatch.chdir(tmp_path)
+    db = LevelDatabase()
+    db.add(obc_native.build_layer_levels(*wh, sparsities=(0.5,)))
+    for call, exc in ((lambda: LevelDatabase.load(None), TypeError),
+                      (lambda: db.save(None), TypeError),
+                      (lambda: LevelDatabase.load("a\0b"), ValueError),
+                      (lambda: db.save(b"a\0b"), ValueError)):
+        with pytest.raises(exc, match=names("path")):
+            call()
+    assert os.listdir(tmp_path) == []
