@@ -44,9 +44,12 @@ Index check_options(const SparseGptOptions& opt, Index cols) {
   throw InvalidArgument("pattern: unknown SparsePattern value");
 }
 
-// Columns per lazy block: a multiple of the unit, at least one unit.
-Index lazy_columns(Index lazy_block, Index unit) {
-  return std::max(unit, lazy_block - lazy_block % unit);
+// Columns per lazy block: a multiple of the unit, at least one unit, at most the layer. A wider
+// request means the same single block, but sized the rows x lazy_block error buffer by the
+// request (lazy_block = 1e9 asked for gigabytes for a 16-column layer).
+Index lazy_columns(Index lazy_block, Index unit, Index cols) {
+  const Index width = std::min(lazy_block, cols);  // cols is a multiple of unit
+  return std::max(unit, width - width % unit);
 }
 
 // Runs the sweep; returns the weights and the mask, and the damping used through `prep`.
@@ -72,7 +75,8 @@ std::pair<RowMatrix<Scalar>, MaskMatrix> run_sweep(const Eigen::Ref<const RowMat
   internal::SparseGptJob<Scalar> job{weight.data(), pruned.data(), prep.hinv.data(),
                                      W.rows(), W.cols(), static_cast<int>(options.pattern),
                                      options.spread == Spread::Uniform, options.sparsity, unit,
-                                     options.n, options.m, lazy_columns(options.lazy_block, unit)};
+                                     options.n, options.m,
+                                     lazy_columns(options.lazy_block, unit, W.cols())};
   if (grid != nullptr) {
     job.scale = grid->scale.data();
     job.zero = grid->zero.data();

@@ -27,7 +27,7 @@ def _method(method, lazy_block, mode: str, available: tuple[str, ...] = _METHODS
                              f"{lazy_block!r} with method={method!r}")
         return method, 0
     lazy = _DEFAULT_LAZY_BLOCK if lazy_block is None else _arrays.as_int(
-        lazy_block, "lazy_block", low=1)
+        lazy_block, "lazy_block", low=1, high=_arrays.INDEX_MAX)
     return method, lazy
 
 
@@ -184,7 +184,8 @@ def auto_quant_methods(cols: int) -> list[str]:
     O(rows * cols^3) (about 30 min for a 4096 x 4096 layer on two cores) and wins few rows of
     wide layers, where refined GPTQ is within a fraction of a percent of the pair's loss.
     """
-    return list(_core.auto_quant_methods(_arrays.as_int(cols, "cols", low=0)))
+    return list(_core.auto_quant_methods(_arrays.as_int(cols, "cols", low=0,
+                                                        high=_arrays.INDEX_MAX)))
 
 
 def _methods(method, cols: int) -> list:
@@ -208,7 +209,7 @@ def _methods(method, cols: int) -> list:
 def _refine_args(refine, refine_passes, refine_tol) -> tuple[int, float]:
     if not isinstance(refine, (bool, np.bool_)):
         raise TypeError(f"refine: expected a bool, got {type(refine).__name__}")
-    passes = _arrays.as_int(refine_passes, "refine_passes", low=0)
+    passes = _arrays.as_int(refine_passes, "refine_passes", low=0, high=_arrays.INT_MAX)
     if isinstance(refine_tol, bool) or not isinstance(refine_tol, (int, float, np.floating,
                                                                    np.integer)):
         raise TypeError(f"refine_tol: expected a number >= 0, got {type(refine_tol).__name__}")
@@ -286,10 +287,11 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
     passes, tol = _refine_args(refine, refine_passes, refine_tol)
     if not isinstance(refine_damped, (bool, np.bool_)):
         raise TypeError(f"refine_damped: expected a bool, got {type(refine_damped).__name__}")
-    block = _arrays.as_int(gptq_block_size, "gptq_block_size", low=1)
-    refine_block = _arrays.as_int(refine_block_size, "refine_block_size", low=0)
+    block = _arrays.as_int(gptq_block_size, "gptq_block_size", low=1, high=_arrays.INDEX_MAX)
+    refine_block = _arrays.as_int(refine_block_size, "refine_block_size", low=0,
+                                  high=_arrays.INDEX_MAX)
     rounds = (_DEFAULT_REFIT_ROUNDS if passes > 0 else 0) if refit_rounds is None else \
-        _arrays.as_int(refit_rounds, "refit_rounds", low=0)
+        _arrays.as_int(refit_rounds, "refit_rounds", low=0, high=_arrays.INT_MAX)
     return _quant_result(_kernels(W).quantize_select(
         W, H, bits, sym, group, grid, _arrays.as_damp(damp), _arrays.as_threads(num_threads),
         methods, passes, tol, bool(refine_damped), block, refine_block, rounds), bits, sym)
@@ -317,7 +319,8 @@ def prune_quantize_sparsegpt(W, H, bits, *, sparsity=None, n=None, m=None, block
         bits, sym, group_size, grid: the grid, as in quantize().
         sparsity: fraction of weights (block == 1) or of blocks of `block` weights to prune,
             counted as in prune_unstructured(method="sparsegpt"); or else
-        n, m: N:M pruning as in prune_nm(method="sparsegpt"). Give sparsity or (n, m).
+        n, m: N:M pruning as in prune_nm(method="sparsegpt"). Give sparsity or (n, m); with
+            (n, m), block must stay 1 (ValueError otherwise).
         spread: "global" or "uniform" (sparsity only).
         damp, lazy_block, num_threads: as prune_unstructured(method="sparsegpt").
     Returns:
@@ -340,6 +343,8 @@ def prune_quantize_sparsegpt(W, H, bits, *, sparsity=None, n=None, m=None, block
             raise ValueError(f"n: expected 0 < n < m = {m}, got n = {n}")
         if W.shape[1] % m:
             raise ValueError(f"m: expected a divisor of cols ({W.shape[1]}), got m = {m}")
+        if _arrays.as_int(block, "block", low=1) != 1:  # N:M groups are single weights, not blocks
+            raise ValueError(f"block: only used with sparsity; expected 1 with n and m, got {block!r}")
         pattern, sparsity, block = "nm", 0.0, 1
     else:
         sparsity = _arrays.as_fraction(sparsity, "sparsity")
@@ -361,8 +366,12 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
     record_steps = sorted({_arrays.count_for_sparsity(steps, _arrays.as_fraction(s, "record"))
                            for s in record})
     d = _kernels(W).trace(W, H, block, _arrays.as_damp(damp), threads, 0, record_steps)
+    # The Trace re-solves from W and H later (weights()): keep copies, because as_weight /
+    # as_hessian pass the caller's arrays through when they already fit, and a caller changing
+    # them after the call changed every later Trace.weights().
     return Trace(order=d["order"], losses=d["losses"], block=block, damp=d["damp"],
-                 damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W, _H=H,
+                 damp_absolute=d["damp_absolute"], precision=d["precision"], _W=W.copy(),
+                 _H=H.copy(order="K"),
                  _num_threads=threads,
                  _recorded=dict(zip(record_steps, d["recorded"])))
 
@@ -370,7 +379,8 @@ def _trace(W, H, block, damp, num_threads, record, method) -> Trace:
 def trace_unstructured(W, H, *, damp=0.01, num_threads=None, record=(), method="exact") -> Trace:
     """Complete unstructured ExactOBS trace of every row (order and step losses).
 
-    Memory: O(rows * cols) for the trace; weights at any sparsity are rebuilt with
+    Memory: O(rows * cols) for the trace, plus the Trace's own copies of W and H (so that
+    changing them after the call does not change it); weights at any sparsity are rebuilt with
     Trace.weights(sparsity, spread) in closed form, never stored per step.
 
     Args:

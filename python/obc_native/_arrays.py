@@ -114,6 +114,13 @@ def as_damp(value) -> float:
 MAX_THREADS = 1024
 
 
+# Bounds of integer arguments that the core takes as C int / as a signed 64-bit Index. Larger
+# Python ints would fail pybind11's conversion with a TypeError listing the internal signature
+# instead of naming the argument.
+INT_MAX = 2**31 - 1
+INDEX_MAX = 2**63 - 1
+
+
 def as_threads(value) -> int:
     """num_threads: None (OpenMP default) or an integer in [0, MAX_THREADS] (1024); 0 = default."""
     if value is None:

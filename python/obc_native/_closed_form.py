@@ -35,11 +35,18 @@ def solve_masked(W: np.ndarray, H: np.ndarray, mask, damp, num_threads) -> dict:
 
 
 def layer_loss(W, W_hat, H, *, num_threads=None) -> np.ndarray:
-    """(rows,) float64: 1/2 (w - w_hat) H (w - w_hat)^T per row = ||(W - W_hat) X||^2 / n."""
+    """(rows,) float64: 1/2 (w - w_hat) H (w - w_hat)^T per row = ||(W - W_hat) X||^2 / n.
+
+    W, W_hat: (rows, cols) float32 or float64 (float16 widened); when their dtypes differ both are
+    compared in float64. H: (cols, cols) Hessian.
+    """
     W = _arrays.as_weight(W, "W")
     W_hat = _arrays.as_weight(W_hat, "W_hat")
     if W_hat.shape != W.shape:
         raise ValueError(f"W_hat: expected shape {W.shape}, got {W_hat.shape}")
-    W_hat = W_hat.astype(W.dtype, copy=False)
+    if W_hat.dtype != W.dtype:
+        # Compare in float64: rounding the float64 one to float32 would hide (or invent) the
+        # difference being measured, e.g. a float64 W_hat within float32 rounding of W gave 0.
+        W, W_hat = W.astype(np.float64), W_hat.astype(np.float64)
     H = _arrays.as_hessian(H, W.shape[1], "H")
     return kernels(W).layer_loss(W, W_hat, H, _arrays.as_threads(num_threads))

@@ -26,6 +26,19 @@ _STALE_FILE = re.compile(rf"\..*obc-{_OWNER}\.tmp(\.[^.]*)?")  # create_file_nex
 _STALE_FOLDER = re.compile(rf"\.obc-staging-{_OWNER}")  # make_staging_folder's names
 
 
+def as_path(path, name: str = "path") -> str:
+    """``path`` (str, bytes or os.PathLike) as a str; TypeError / ValueError naming ``name`` for
+    anything else or a path with a NUL (which C++ and the OS calls would cut short there)."""
+    try:
+        path = os.fspath(path)
+    except TypeError:
+        raise TypeError(f"{name}: expected a str or os.PathLike, got {type(path).__name__}") from None
+    path = os.fsdecode(path) if isinstance(path, bytes) else path
+    if "\0" in path:
+        raise ValueError(f"{name}: expected a path without NUL characters, got {path!r}")
+    return path
+
+
 def read_regular_file(path: str) -> bytes:
     """The bytes of the regular file at ``path``.
 

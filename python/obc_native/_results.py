@@ -153,9 +153,20 @@ class Trace:
         return counts
 
     def pruned_mask(self, counts) -> np.ndarray:
-        """(rows, cols) bool, True where pruned by the first counts[r] steps of each row."""
+        """(rows, cols) bool, True where pruned by the first counts[r] steps of each row.
+
+        counts: (rows,) integers in [0, steps] (e.g. steps_per_row()); TypeError / ValueError
+        otherwise (a count past the end or below 0 would silently prune all or nothing).
+        """
         counts = np.asarray(counts)
         rows, steps = self.order.shape
+        if counts.dtype.kind not in "iu":
+            raise TypeError(f"counts: expected integers, got dtype {counts.dtype}")
+        if counts.shape != (rows,):
+            raise ValueError(f"counts: expected shape ({rows},), one count per row, got {counts.shape}")
+        if counts.size and (counts.min() < 0 or counts.max() > steps):
+            raise ValueError(f"counts: expected values in [0, {steps}] (steps per row), got "
+                             f"[{counts.min()}, {counts.max()}]")
         take = np.arange(steps)[None, :] < counts[:, None]
         pruned_blocks = np.zeros((rows, steps), dtype=bool)
         r_idx = np.broadcast_to(np.arange(rows)[:, None], (rows, steps))

@@ -27,6 +27,7 @@ LayerLevels, apply_level), ``costs`` (level_costs), ``level_builder`` (build_lay
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -166,7 +167,7 @@ def solve_levels(losses, costs, budget, *, buckets: int = 10000,
         if (co < 0).any():
             raise ValueError(f"costs[{i}]: expected values >= 0, got {float(co.min())}")
     budget = _finite(budget, "budget", nonneg=True)
-    buckets = _arrays.as_int(buckets, "buckets", low=1)
+    buckets = _arrays.as_int(buckets, "buckets", low=1, high=_arrays.INDEX_MAX)
     min_cost = 0.0
     for co in costs:
         min_cost += float(co.min())
@@ -217,6 +218,8 @@ def _parse_value(cost: str, text: str, source: str) -> BudgetSpec:
         raise ValueError(f"budget: expected a number, '<f>x' (f times less than dense) or, for "
                          f"bits, '<b>bpw', got {source!r}")
     value = float(match.group(1))
+    if not math.isfinite(value):  # e.g. "1e999": an infinite budget or factor means nothing
+        raise ValueError(f"budget: expected a finite number, got {source!r}")
     suffix = (match.group(2) or "").lower()
     if suffix == "x":
         if not value > 0:

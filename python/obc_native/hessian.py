@@ -7,21 +7,19 @@ exactly, because S and n simply add.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 
 from . import _arrays, _core
+from ._files import as_path
+
+# The widest accumulator: the Hessian file format's limit on cols (docs/hessian_format.md). Far
+# beyond any memory (8 * cols**2 bytes); a larger request is a mistake, refused before allocating.
+MAX_COLS = 2**28
 
 
 def _as_path(path, name: str = "path") -> str:
-    try:
-        path = os.fspath(path)
-    except TypeError:
-        raise TypeError(
-            f"{name}: expected a str or os.PathLike, got {type(path).__name__}"
-        ) from None
-    return os.fsdecode(path) if isinstance(path, bytes) else path
+    # a NUL used to be cut there by the C++ side: save("a\0b") wrote a file named "a"
+    return as_path(path, name)
 
 
 def _as_activations(value, cols: int) -> np.ndarray:
@@ -45,7 +43,8 @@ class HessianAccumulator:
     """Accumulates the layer Hessian H = 2/n * sum_x x x^T from batches of activations.
 
     Args:
-        cols: input width of the layer (W has shape (rows, cols)).
+        cols: input width of the layer (W has shape (rows, cols)), 1..2**28 (the Hessian file
+            format's limit; the float64 sum takes 8 * cols**2 bytes).
         num_threads: threads for the Gram products (None = OpenMP default); the result is
             bit-identical for every thread count.
 
@@ -58,7 +57,7 @@ class HessianAccumulator:
     __slots__ = ("_impl",)
 
     def __init__(self, cols: int, *, num_threads: int | None = None):
-        cols = _arrays.as_int(cols, "cols", low=1)
+        cols = _arrays.as_int(cols, "cols", low=1, high=MAX_COLS)
         self._impl = _core.HessianAccumulator(cols, _arrays.as_threads(num_threads))
 
     @classmethod

@@ -27,7 +27,7 @@ import numpy as np
 from . import _api, _arrays
 from ._arrays import count_for_sparsity
 from ._results import QUANT_METHODS, PruneResult, QuantResult
-from .layer_config import LayerConfig, structured_sparsity
+from .layer_config import LayerConfig, RecipeError, check_field, structured_sparsity
 
 __all__ = [
     "UnitResult",
@@ -172,6 +172,46 @@ def _prune(config: LayerConfig, weight: np.ndarray, hessian: np.ndarray, solvers
     return np.asarray(result.weight, dtype=weight.dtype), result
 
 
+def _check_config(config) -> None:
+    """TypeError unless ``config`` is a LayerConfig; RecipeError (a ValueError) naming the field for
+    an invalid field value or n >= m. A LayerConfig is not validated when constructed, and an
+    unknown ``prune`` (e.g. "bogus") would otherwise return W unchanged."""
+    if not isinstance(config, LayerConfig):
+        raise TypeError(f"config: expected a LayerConfig, got {type(config).__name__}")
+    for name in config.field_names():
+        check_field(name, getattr(config, name))
+    if config.prune == "nm" and not config.n < config.m:
+        raise RecipeError(f"N:M pruning needs integers 0 < n < m, got n={config.n!r}, m={config.m!r}")
+
+
+def _as_column_perm(column_perm, cols: int) -> np.ndarray | None:
+    """column_perm as an int64 permutation of range(cols), or None. A repeated index would
+    duplicate a column (and drop another) silently, so anything but a permutation raises."""
+    if column_perm is None:
+        return None
+    perm = np.asarray(column_perm)
+    if perm.dtype.kind not in "iu":
+        raise TypeError(f"column_perm: expected an integer array, got dtype {perm.dtype}")
+    if perm.shape != (cols,):
+        raise ValueError(f"column_perm: expected shape ({cols},), one index per column of W, got "
+                         f"shape {perm.shape}")
+    if not np.array_equal(np.sort(perm), np.arange(cols)):
+        raise ValueError(f"column_perm: expected a permutation of range({cols}), got repeated or "
+                         f"out-of-range indices")
+    return perm.astype(np.int64, copy=False)
+
+
+def _check_baseline_pattern(config: LayerConfig, cols: int, structured_group: int) -> None:
+    """ValueError naming the field when the magnitude baseline's pattern does not tile ``cols``."""
+    if config.prune == "nm" and cols % config.m:
+        raise ValueError(f"m: expected a divisor of cols ({cols}), got m = {config.m}")
+    if config.prune == "blocked" and cols % config.block:
+        raise ValueError(f"block: expected a positive divisor of cols ({cols}), got {config.block}")
+    if config.prune == "structured" and cols % (structured_group * config.structured_group):
+        raise ValueError(f"structured_group: expected structured_group * config.structured_group "
+                         f"({structured_group} * {config.structured_group}) to divide cols ({cols})")
+
+
 def solve(
     config: LayerConfig,
     W: np.ndarray,
@@ -203,12 +243,17 @@ def solve(
         a UnitResult in W's column order.
     """
     solvers = _api if solvers is None else solvers
+    _check_config(config)
     threads = {} if num_threads is None else {"num_threads": num_threads}
     baseline = config.is_baseline
     damp = None
     quant_stats: dict = {}
     current = _arrays.as_weight(W, "W")
     solver_result = None
+    column_perm = _as_column_perm(column_perm, current.shape[1])
+    structured_group = _arrays.as_int(structured_group, "structured_group", low=1)
+    if baseline:  # the solvers check their own patterns; the numpy baselines would only fail to reshape
+        _check_baseline_pattern(config, current.shape[1], structured_group)
 
     if config.prune == "structured":
         group = structured_group * config.structured_group

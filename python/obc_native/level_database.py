@@ -14,10 +14,9 @@ import hashlib
 import json
 import math
 import numbers
-import os
 from collections.abc import Iterable, Mapping
 
-from ._files import read_regular_file, write_file_atomically
+from ._files import as_path, read_regular_file, write_file_atomically
 from .costs import BUILTIN_COSTS
 from .layer_config import PRUNE_METHODS
 from .levels import (
@@ -60,6 +59,20 @@ def _check_quantizer(params: Mapping, j: int) -> None:
     if not isinstance(params.get("refine", False), bool):
         raise ValueError(f"level {j}: params 'refine' must be true or false, got "
                          f"{params['refine']!r}")
+
+
+def _check_solvable(level: Level, damp, j: int) -> None:
+    """ValueError unless ``level`` describes a valid solve with relative damping ``damp``: a level
+    missing a param (or with a bad value) loaded and then failed in apply() with a KeyError or
+    RecipeError."""
+    try:
+        config = level.config(damp)
+        if config is not None:
+            config.check()
+    except KeyError as exc:
+        raise ValueError(f"level {j}: params lack {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"level {j}: {exc}") from None
 
 
 class LevelDatabase:
@@ -214,7 +227,7 @@ class LevelDatabase:
                     raise ValueError(f"layer {layer.name!r} level {j} ({lv.label}): loss must be a finite "
                                      f"value >= 0 to be saved, got {lv.loss!r}")
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
-        path = os.fspath(path)
+        path = as_path(path)
         # a FIFO, device or directory at path is refused; a link there is replaced, never written through
         write_file_atomically(path, text.encode("utf-8"))
 
@@ -225,7 +238,7 @@ class LevelDatabase:
         Raises LevelDatabaseError for invalid JSON, a wrong format or version, a checksum
         mismatch, malformed contents, or a mismatch with ``shapes``; OSError if unreadable.
         """
-        path = os.fspath(path)
+        path = as_path(path)
         data = _read_json(path)
         db = _from_dict(data, path)
         if shapes is not None:
@@ -249,6 +262,8 @@ def _read_json(path: str):
         raise LevelDatabaseError(f"{path}: not a level database (invalid JSON: {exc})") from None
     except RecursionError:
         raise LevelDatabaseError(f"{path}: not a level database (JSON nested too deeply)") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's int_max_str_digits
+        raise LevelDatabaseError(f"{path}: not a level database ({exc})") from None
 
 
 def _checksum(body: Mapping) -> str:
@@ -287,6 +302,7 @@ def _from_dict(data, source: str) -> LevelDatabase:
             if not isinstance(entry, dict):
                 raise ValueError("expected an object")
             levels = []
+            damp = dict(entry.get("settings", {})).get("damp", 0.01)  # what apply() will use
             for j, lv in enumerate(entry["levels"]):
                 if lv["kind"] not in LEVEL_KINDS:
                     raise ValueError(f"level {j}: unknown kind {lv['kind']!r}")
@@ -305,6 +321,7 @@ def _from_dict(data, source: str) -> LevelDatabase:
                     _check_pruner(level.params, j)
                 elif "prune_method" in level.params:
                     raise ValueError(f"level {j}: a {level.kind} level prunes nothing; it has no 'prune_method'")
+                _check_solvable(level, damp, j)
                 levels.append(level)
             layer = LayerLevels(
                 name=entry["name"], shape=tuple(entry["shape"]), levels=levels,

@@ -173,6 +173,10 @@ class LayerLevels:
     def __post_init__(self):
         if not isinstance(self.name, str):
             raise TypeError(f"name: expected a str, got {type(self.name).__name__}")
+        # int() would turn 2.7 into 2, True into 1 and 1e308 into a 309-digit size (a crafted
+        # database file loaded with such a shape)
+        if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in self.shape):
+            raise TypeError(f"shape: expected two integers (rows, cols), got {self.shape!r}")
         shape = tuple(int(s) for s in self.shape)
         if len(shape) != 2 or min(shape) < 1:
             raise ValueError(f"shape: expected (rows, cols) >= 1, got {self.shape}")

@@ -782,6 +782,32 @@ OBC_TEST(sparsegpt_bad_calls_return_codes) {
   CHECK(error_mentions("grid_size"));
 }
 
+// A lazy block wider than the layer is the whole layer in one block. It sized a rows x lazy_block
+// buffer by the request before: OBC_ERR_OUT_OF_MEMORY for 2^40 on a 16-column layer.
+OBC_TEST(sparsegpt_lazy_block_wider_than_the_layer) {
+  const Layer l = make_layer(4, 16, 100, 14);
+  obc_options options = default_options();
+  options.prune_method = OBC_PRUNE_SPARSEGPT;
+  RowMatrixXd whole(4, 16), wide(4, 16);
+  RowMatrix<float> whole_f(4, 16), wide_f(4, 16);
+  const RowMatrix<float> weight_f = l.weight.cast<float>();
+  options.lazy_block = 16;
+  CHECK(obc_prune_nm_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 2, 4, &options,
+                         whole.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  CHECK(obc_prune_blocked_f32(weight_f.data(), 4, 16, l.hessian.data(), 16, 0.5, 4, &options,
+                              whole_f.data(), nullptr, nullptr, nullptr) == OBC_OK);
+  for (const size_t lazy : {size_t{17}, size_t{1} << 40,
+                            static_cast<size_t>(std::numeric_limits<std::int64_t>::max())}) {
+    options.lazy_block = lazy;
+    CHECK(obc_prune_nm_f64(l.weight.data(), 4, 16, l.hessian.data(), 16, 2, 4, &options,
+                           wide.data(), nullptr, nullptr, nullptr) == OBC_OK);
+    CHECK(wide == whole);
+    CHECK(obc_prune_blocked_f32(weight_f.data(), 4, 16, l.hessian.data(), 16, 0.5, 4, &options,
+                                wide_f.data(), nullptr, nullptr, nullptr) == OBC_OK);
+    CHECK(wide_f == whole_f);
+  }
+}
+
 OBC_TEST(options_struct_before_prune_method_means_exact) {
   // A host compiled against the header before prune_method / lazy_block passes the old size;
   // the library must not read past it and must run ExactOBS.

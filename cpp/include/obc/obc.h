@@ -106,8 +106,9 @@ typedef struct obc_options {
   int prune_method;           /* an obc_prune_method for the unstructured, N:M and blocked
                                  pruning calls; other calls ignore it. Default OBC_PRUNE_EXACT */
   size_t lazy_block;          /* SparseGPT's columns per lazy block (the paper's B), >= 1; rounded
-                                 down to a multiple of the block (or of m for N:M), at least one.
-                                 Unused by ExactOBS. Default 128 */
+                                 down to a multiple of the block (or of m for N:M), at least one;
+                                 wider than cols means cols (one block). Unused by ExactOBS.
+                                 Default 128 */
 } obc_options;
 
 /* Fills the defaults. Does nothing when options is NULL. */

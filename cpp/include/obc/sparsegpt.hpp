@@ -57,7 +57,7 @@ struct SparseGptOptions {
   /// keeps them all.
   Index n = 2, m = 4;
   /// Columns per lazy block (the paper's B), >= 1; rounded down to a multiple of the pattern's
-  /// unit (block, or m for N:M), and at least one unit. 128 is the paper's choice.
+  /// unit (block, or m for N:M), at least one unit and at most cols. 128 is the paper's choice.
   Index lazy_block = 128;
 };
 
