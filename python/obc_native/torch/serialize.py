@@ -151,8 +151,17 @@ def _dequantize(
     return scale[:, groups].astype(np.float32) * levels
 
 
-def _quantize_exact(info: LayerInfo, matrix: np.ndarray, grid: QuantGrid) -> np.ndarray | None:
-    """Codes of ``matrix`` (float32 ``out x cols``) on ``grid``, or None if it is not on it."""
+def _quantize_exact(
+    info: LayerInfo, matrix: np.ndarray, grid: QuantGrid, stored: torch.Tensor | None = None
+) -> np.ndarray | None:
+    """Codes of ``matrix`` (float32 ``out x cols``) on ``grid``, or None if it is not on it.
+
+    ``stored``: the weight matrix in the module's own dtype when that is not float32 (``matrix``
+    is then its float32 copy). A float16 / bfloat16 / float64 model holds the grid values cast
+    to its dtype (``set_weight_matrix`` casts the solver's float32 result), so the codes are
+    exact when the float32 dequantized values, cast the way :func:`_decode_layer` casts them,
+    give ``stored`` bit for bit.
+    """
     scale = np.asarray(grid.scale, dtype=np.float32)
     zero = np.asarray(grid.zero, dtype=np.uint8)
     groups = _group_index(info, grid.group_size, grid.column_order)
@@ -166,9 +175,21 @@ def _quantize_exact(info: LayerInfo, matrix: np.ndarray, grid: QuantGrid) -> np.
         return None
     codes = codes.astype(np.uint8)
     info_grid = {"group_size": grid.group_size, "column_order": grid.column_order}
-    if not np.array_equal(_dequantize(info, codes, info_grid, scale, zero).view(np.uint32), matrix.view(np.uint32)):
-        return None
+    dequantized = _dequantize(info, codes, info_grid, scale, zero)
+    if stored is None or stored.dtype == torch.float32:
+        if not np.array_equal(dequantized.view(np.uint32), matrix.view(np.uint32)):
+            return None
+    else:
+        decoded = torch.from_numpy(np.ascontiguousarray(dequantized, dtype=np.float32)).to(stored.dtype)
+        if not torch.equal(_bits(decoded), _bits(stored.cpu())):
+            return None
     return codes
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a floating-point tensor (so -0.0 differs from 0.0, NaN equals itself)."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(as_int)
 
 
 def _nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -268,8 +289,8 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
     codes = None
     if grid is not None:
         matrix32 = tensor.to(torch.float32).cpu().numpy()
-        if tensor.dtype == torch.float32:
-            codes = _quantize_exact(info, matrix32, grid)
+        if tensor.is_floating_point():
+            codes = _quantize_exact(info, matrix32, grid, tensor)
         if codes is None:
             logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
         else:
