@@ -125,3 +125,25 @@ def test_model_built_under_inference_mode_is_refused_before_any_work(monkeypatch
     with torch.inference_mode():  # where such a model can be written in place
         report = compress(model, batches(), LayerConfig(bits=4), quiet=True)
     assert len(report.compressed) == 2
+
+
+def test_nan_weight_is_named_before_any_work():
+    # before: "layer '2': calibration input contains NaN or Inf", pointing at the data
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[3, 1] = float("nan")
+    with pytest.raises(ValueError, match=r"model: parameter\(s\) 0\.weight contain NaN or Inf"):
+        compress(model, batches(), LayerConfig(bits=4), quiet=True)
+
+
+def test_inputs_and_labels_batches_hint_at_forward():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from obc_native.torch import CalibrationError
+
+    data = torch.cat(batches())
+    loader = DataLoader(TensorDataset(data, torch.zeros(len(data))), batch_size=48)
+    with pytest.raises(CalibrationError, match=r"forward=lambda model, batch: model\(batch\[0\]\)"):
+        compress(small_mlp(), loader, LayerConfig(bits=4), quiet=True)
+    report = compress(small_mlp(), loader, LayerConfig(bits=4), forward=lambda model, batch: model(batch[0]), quiet=True)
+    assert report.batches == 4

@@ -131,8 +131,15 @@ def run_calibration(
             except CalibrationError as err:
                 raise CalibrationError(f"calibration batch {index} ({_describe(batch)}): {err}") from None
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                hint = ""
+                if forward is None and isinstance(batch, (tuple, list)) and isinstance(err, TypeError):
+                    # the usual cause: a DataLoader yielding (inputs, labels)
+                    hint = (
+                        f"; a {type(batch).__name__} batch is passed as model(*batch): for (inputs, labels) "
+                        "pass forward=lambda model, batch: model(batch[0])"
+                    )
                 raise CalibrationError(
-                    f"calibration batch {index} ({_describe(batch)}) failed in the model's forward: {err}"
+                    f"calibration batch {index} ({_describe(batch)}) failed in the model's forward: {err}{hint}"
                 ) from err
             count += 1
     if count == 0:

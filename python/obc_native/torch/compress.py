@@ -114,24 +114,35 @@ class _Backup:
         self._saved.clear()
 
 
-def _check_writable(model: nn.Module) -> None:
-    """ValueError naming the tensors compression could not write in place.
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
-    Parameters and buffers created under ``torch.inference_mode()`` (e.g. a model built or
-    loaded there) refuse in-place writes outside that mode; found only after the first solve
-    otherwise, and the undo of a failed run would fail the same way.
+
+def _check_model_tensors(model: nn.Module) -> None:
+    """ValueError naming the model's tensors that compression cannot use, before any work.
+
+    - Parameters and buffers created under ``torch.inference_mode()`` (a model built or loaded
+      there) refuse in-place writes outside that mode: found only after the first solve
+      otherwise, and the undo of the failed run would fail the same way.
+    - A NaN or Inf parameter (a diverged checkpoint) would otherwise surface as "calibration
+      input contains NaN or Inf" at the next layer, pointing at the data instead.
     """
-    if torch.is_inference_mode_enabled():
-        return  # in-place writes to inference tensors are allowed here
     named = list(model.named_parameters()) + list(model.named_buffers())
-    frozen = [name for name, tensor in named if tensor.is_inference()]
-    if frozen:
-        listed = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else "")
-        raise ValueError(
-            f"model: {listed} are inference tensors (created under torch.inference_mode()), which cannot be "
-            "written in place outside it; build or load the model outside inference_mode, or call compress "
-            "inside torch.inference_mode()"
-        )
+    if not torch.is_inference_mode_enabled():  # inside it, in-place writes to them are allowed
+        frozen = [name for name, tensor in named if tensor.is_inference()]
+        if frozen:
+            raise ValueError(
+                f"model: {_listing(frozen)} are inference tensors (created under torch.inference_mode()), which "
+                "cannot be written in place outside it; build or load the model outside inference_mode, or call "
+                "compress inside torch.inference_mode()"
+            )
+    with torch.no_grad():
+        broken = [
+            name for name, param in model.named_parameters()
+            if param.is_floating_point() and not bool(torch.isfinite(param).all())
+        ]
+    if broken:
+        raise ValueError(f"model: parameter(s) {_listing(broken)} contain NaN or Inf")
 
 
 def _plan(model: nn.Module, recipe: Recipe | Mapping[str, LayerConfig | None]) -> dict[str, LayerPlan]:
@@ -296,7 +307,7 @@ class _Run:
         checkpoint: NoCheckpoint | None = None,
     ):
         self.start = time.perf_counter()
-        _check_writable(model)
+        _check_model_tensors(model)
         self.model = model
         self.infos = infos  # the layers a plan may name
         # name -> (LayerLevels, chosen Level) of a budget run: the database's column order for
