@@ -602,7 +602,10 @@ def _load_for_export(args: argparse.Namespace):
         raise CliError(f"--example {args.example}: no such file")
     manifest = read_manifest(args.directory)
     model = _saved_architecture(args, manifest)
-    load_compressed(model, args.directory)
+    # the architecture is built in float32; a float16 / bfloat16 save (e.g. an --hf model whose
+    # config says float16) is widened exactly, quantized layers to their float32 grid values,
+    # which the ONNX export needs
+    load_compressed(model, args.directory, widen=True)
     return manifest, model
 
 

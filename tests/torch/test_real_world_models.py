@@ -8,6 +8,7 @@ built under torch.inference_mode() failed with torch's in-place error after the 
 
 from __future__ import annotations
 
+import json
 import sys
 
 import numpy as np
@@ -147,3 +148,55 @@ def test_inputs_and_labels_batches_hint_at_forward():
         compress(small_mlp(), loader, LayerConfig(bits=4), quiet=True)
     report = compress(small_mlp(), loader, LayerConfig(bits=4), forward=lambda model, batch: model(batch[0]), quiet=True)
     assert report.batches == 4
+
+
+def test_half_precision_save_widens_into_a_float32_model(tmp_path):
+    from obc_native.torch import SerializationError, export_onnx
+
+    model = small_mlp(torch.float16)
+    report = compress(model, batches(torch.float16), LayerConfig(prune="nm", n=2, m=4, bits=4), quiet=True)
+    save_compressed(model, tmp_path / "out", report)
+    wide = small_mlp(torch.float32)
+    with pytest.raises(SerializationError, match="architecture mismatch"):
+        load_compressed(wide, tmp_path / "out")  # dtypes must match unless asked
+    load_compressed(wide, tmp_path / "out", widen=True)
+    assert wide[0].weight.dtype == torch.float32
+    assert torch.equal(wide[0].bias.half(), model[0].bias) and torch.equal(wide[0].bias, model[0].bias.float())
+    for index in (0, 2):  # the float32 grid values themselves, whose float16 rounding the model holds
+        grid = report.layer(str(index)).grid  # symmetric, one group per row
+        weight = wide[index].weight.detach()
+        scale = torch.from_numpy(np.repeat(grid.scale, weight.shape[1], axis=1).astype(np.float32))
+        assert torch.equal(weight, scale * (weight / scale).round())
+        assert torch.equal(weight.half(), model[index].weight)
+    export_onnx(wide, batches()[0][:4], tmp_path / "m.onnx", report=tmp_path / "out")  # needs float32 grids
+    narrow = small_mlp(torch.float16)
+    float32_model = small_mlp(torch.float32)
+    save_compressed(float32_model, tmp_path / "dense")
+    with pytest.raises(SerializationError, match="architecture mismatch"):
+        load_compressed(narrow, tmp_path / "dense", widen=True)  # narrowing is never done
+
+
+@pytest.mark.slow  # compress + from_pretrained check + ONNX export: about 14 s on a busy 2-core machine
+def test_cli_exports_a_float16_hugging_face_model(tmp_path, capsys):
+    pytest.importorskip("onnxruntime")
+    from obc_torch_helpers import tiny_gpt2
+    from safetensors.torch import save_file
+
+    from obc_native.cli import main
+
+    tiny_gpt2().half().save_pretrained(tmp_path / "hf")  # config.json says float16, as most LLMs' do
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
+    save_file({"input_ids": ids[:2], "attention_mask": torch.ones_like(ids[:2])}, tmp_path / "example.safetensors")
+    (tmp_path / "r.yaml").write_text("default: {bits: 4}\n")
+    args = ["compress", "--hf", str(tmp_path / "hf"), "--calibration", str(tmp_path / "ids.safetensors"),
+            "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {entry["dtype"] for entry in manifest["layers"].values()} == {"float16"}
+    assert {entry["storage"] for entry in manifest["layers"].values()} == {"quantized"}
+    capsys.readouterr()
+    args = ["export", str(tmp_path / "out"), "--out", str(tmp_path / "m.onnx"), "--example",
+            str(tmp_path / "example.safetensors")]
+    assert main(args) == 0, capsys.readouterr().err
+    assert "MatMulNBits 4-bit" in capsys.readouterr().out
