@@ -316,11 +316,25 @@ def _load_tensor_file(path: str) -> Any:
         except SafetensorError as err:
             raise CliError(f"{path}: not a readable safetensors file ({err})") from err
     if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as err:  # truncated, not .npy, or an object array
+            raise CliError(f"{path}: not a readable .npy array ({_reason(err)})") from err
+        try:
+            return torch.from_numpy(array)
+        except TypeError as err:  # a dtype torch has no tensor for (strings, ...)
+            raise CliError(f"{path}: a .npy array of dtype {array.dtype} is not a tensor ({_reason(err)})") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError for non-tensor content
-        raise CliError(f"{path}: not a plain tensor file readable with weights_only=True ({err})") from err
+        raise CliError(f"{path}: not a plain tensor file readable with weights_only=True ({_reason(err)})") from err
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty (an
+    empty file gives torch.load an EOFError without one)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_model(args: argparse.Namespace):
