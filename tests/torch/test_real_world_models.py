@@ -200,3 +200,21 @@ def test_cli_exports_a_float16_hugging_face_model(tmp_path, capsys):
             str(tmp_path / "example.safetensors")]
     assert main(args) == 0, capsys.readouterr().err
     assert "MatMulNBits 4-bit" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "legacy_weight_norm"])
+def test_parametrized_weights_are_skipped_not_reported_compressed(wrap, caplog):
+    # before: reported int4, while the weight stayed dense (a parametrization recomputes it)
+    model = small_mlp()
+    if wrap == "legacy_weight_norm":
+        with pytest.warns(FutureWarning):
+            nn.utils.weight_norm(model[0])
+    else:
+        getattr(nn.utils.parametrizations, wrap)(model[0])
+    report = compress(model, batches(), LayerConfig(bits=4), quiet=True)
+    assert [layer.name for layer in report.compressed] == ["2"]
+    assert "computed from other parameters" in report.skipped[0].skipped
+    assert "layer '0': weight is computed" in caplog.text
+    with torch.no_grad():
+        model(batches()[0])
+    assert len(torch.unique(model[2].weight[0])) <= 16  # the other layer is on its 4-bit grid

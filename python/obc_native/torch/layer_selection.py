@@ -24,7 +24,11 @@ def left_out_layers(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[st
       compressing it for one use would change the other;
     - the ``out_proj`` of an ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers):
       its forward passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never
-      calls the module, so no hook sees its inputs and it has no Hessian.
+      calls the module, so no hook sees its inputs and it has no Hessian;
+    - a weight that is computed, not stored (``torch.nn.utils.parametrize``, e.g.
+      ``parametrizations.weight_norm`` / ``spectral_norm``, or the older hook-based
+      ``nn.utils.weight_norm``): writing it changes a temporary, or is undone by the next
+      forward, so the layer would be reported compressed while it stays dense.
     """
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -39,6 +43,12 @@ def left_out_layers(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[st
         others = [n for n in owners.get(id(info.module.weight), []) if n != param_key(name, "weight")]
         if others:
             reasons[name] = f"weight is shared with {', '.join(others)} (tied); not compressed"
+        elif not isinstance(info.module._parameters.get("weight"), nn.Parameter):
+            reasons[name] = (
+                "weight is computed from other parameters (a parametrization such as weight_norm); not "
+                "compressed (remove it first: torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), "
+                "or nn.utils.remove_weight_norm)"
+            )
         elif name in attention_outputs:
             reasons[name] = (
                 "out_proj of nn.MultiheadAttention, whose forward reads the weight without calling the "
