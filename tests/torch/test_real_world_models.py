@@ -218,3 +218,23 @@ def test_parametrized_weights_are_skipped_not_reported_compressed(wrap, caplog):
     with torch.no_grad():
         model(batches()[0])
     assert len(torch.unique(model[2].weight[0])) <= 16  # the other layer is on its 4-bit grid
+
+
+def test_checkpoint_of_a_bfloat16_model_resumes(tmp_path, monkeypatch):
+    # before: TypeError "Got unsupported ScalarType BFloat16" writing the first layer's file
+    compress_module = sys.modules["obc_native.torch.compress"]
+    expected = small_mlp(torch.bfloat16)
+    compress(expected, batches(torch.bfloat16), LayerConfig(bits=4), quiet=True)
+    compress(small_mlp(torch.bfloat16), batches(torch.bfloat16), LayerConfig(bits=4), quiet=True, checkpoint=tmp_path)
+    solved = []
+    run = compress_module._Run.compress_layer
+
+    def counting(self, name, *args, **kwargs):
+        solved.append(name)
+        return run(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(compress_module._Run, "compress_layer", counting)
+    model = small_mlp(torch.bfloat16)
+    compress(model, batches(torch.bfloat16), LayerConfig(bits=4), quiet=True, checkpoint=tmp_path)
+    assert solved == []  # both layers came from the checkpoint, bit for bit
+    assert same_state(model, expected)
