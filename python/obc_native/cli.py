@@ -746,8 +746,21 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     heads_removed = heads is not None and any(a.removed for a in heads.attentions)
     if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
+        # layers the folder says were pruned structurally but that end no chain: say so, or the
+        # message reads as if the folder had no structured pruning (e.g. a Llama's down_proj)
+        ends = {chain.consumer for chain in report.chains} | set(report.skipped)
+        unreached = [name for name, entry in manifest.get("layers", {}).items()
+                     if isinstance(entry, dict) and (entry.get("config") or {}).get("prune") == "structured"
+                     and name not in ends]
+        found = ""
+        if unreached:
+            listed = ", ".join(unreached[:3]) + (f" and {len(unreached) - 3} more" if len(unreached) > 3 else "")
+            how = ("only BERT-like intermediate.dense -> output.dense blocks are found in a Hugging Face model, "
+                   "not GPT-2's Conv1D ones, and a gated MLP such as Llama's (two producers) cannot be shrunk; "
+                   "otherwise " if chains is not None and args.chains is None else "")
+            found = f"; no producer -> consumer chain ends in the structurally pruned {listed}: {how}give --chains"
         raise CliError(f"{args.directory}: no channel can be removed (structured pruning: "
-                       f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}")
+                       f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}{found}")
     with torch.no_grad():
         expected = _output_tensors(masked(*example_args, **(example_kwargs or {})))
         actual = _output_tensors(model(*example_args, **(example_kwargs or {})))
