@@ -238,3 +238,15 @@ def test_checkpoint_of_a_bfloat16_model_resumes(tmp_path, monkeypatch):
     compress(model, batches(torch.bfloat16), LayerConfig(bits=4), quiet=True, checkpoint=tmp_path)
     assert solved == []  # both layers came from the checkpoint, bit for bit
     assert same_state(model, expected)
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float16, torch.bfloat16])
+def test_batches_of_another_dtype_than_the_model_say_so(model_dtype):
+    from obc_native.torch import CalibrationError
+
+    name = str(model_dtype).replace("torch.", "")
+    with pytest.raises(CalibrationError, match=f"float32 tensors and the model's parameters are {name}: cast"):
+        compress(small_mlp(model_dtype), batches(torch.float32), LayerConfig(bits=4), quiet=True)
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3)).to(model_dtype)
+    with pytest.raises(CalibrationError, match=f"model's parameters are {name}"):
+        compress(conv, [torch.randn(2, 3, 6, 6)], LayerConfig(bits=4), quiet=True)
