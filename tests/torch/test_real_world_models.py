@@ -146,7 +146,8 @@ def test_inputs_and_labels_batches_hint_at_forward():
     loader = DataLoader(TensorDataset(data, torch.zeros(len(data))), batch_size=48)
     with pytest.raises(CalibrationError, match=r"forward=lambda model, batch: model\(batch\[0\]\)"):
         compress(small_mlp(), loader, LayerConfig(bits=4), quiet=True)
-    report = compress(small_mlp(), loader, LayerConfig(bits=4), forward=lambda model, batch: model(batch[0]), quiet=True)
+    first = lambda model, batch: model(batch[0])  # noqa: E731
+    report = compress(small_mlp(), loader, LayerConfig(bits=4), forward=first, quiet=True)
     assert report.batches == 4
 
 

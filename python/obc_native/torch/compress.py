@@ -70,7 +70,7 @@ from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .output_cache import ModuleTrace, OutputCache
 from .embeddings import EmbeddingRule, quantize_embedding, resolve_embeddings
-from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
 from .budgeting import OBJECTIVES, as_budget_spec, check_budget_reachable, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
 from .layer_selection import left_out_layers, select_layers
@@ -127,8 +127,8 @@ def _check_model_tensors(model: nn.Module) -> None:
     - A NaN or Inf parameter (a diverged checkpoint) would otherwise surface as "calibration
       input contains NaN or Inf" at the next layer, pointing at the data instead.
     """
-    named = list(model.named_parameters()) + list(model.named_buffers())
     if not torch.is_inference_mode_enabled():  # inside it, in-place writes to them are allowed
+        named = list(model.named_parameters()) + list(model.named_buffers())
         frozen = [name for name, tensor in named if tensor.is_inference()]
         if frozen:
             raise ValueError(
@@ -147,7 +147,8 @@ def _check_model_tensors(model: nn.Module) -> None:
 
 def _plan(model: nn.Module, recipe: Recipe | Mapping[str, LayerConfig | None]) -> dict[str, LayerPlan]:
     """Every supported layer's LayerPlan from a Recipe or a plan ``{name: LayerConfig or None}``
-    (checked against the layers' shapes; tied weights and attention out_proj skipped). RecipeError when nothing is left."""
+    (checked against the layers' shapes; the layers of :func:`left_out_layers` skipped, e.g. tied
+    weights). RecipeError when nothing is left."""
     layers = find_layers(model)
     if not layers:
         if isinstance(recipe, Recipe) and recipe.embeddings:  # only embeddings to quantize
