@@ -251,3 +251,11 @@ def test_batches_of_another_dtype_than_the_model_say_so(model_dtype):
     conv = nn.Sequential(nn.Conv2d(3, 4, 3)).to(model_dtype)
     with pytest.raises(CalibrationError, match=f"model's parameters are {name}"):
         compress(conv, [torch.randn(2, 3, 6, 6)], LayerConfig(bits=4), quiet=True)
+
+
+def test_a_batch_of_no_samples_is_not_called_a_branch_not_taken():
+    from obc_native.torch import CalibrationError
+
+    # before: "never called", though the layer ran (on a (0, 32) input)
+    with pytest.raises(CalibrationError, match=r"\['0', '2'\] were never called .*or only on batches of 0 samples"):
+        compress(small_mlp(), [torch.zeros(0, 32)], LayerConfig(bits=4), quiet=True)

@@ -265,7 +265,8 @@ def _never_called(stats: Mapping[str, int], what: str, hint: str = "skip them in
     missing = [name for name, count in stats.items() if count == 0]
     if missing:
         raise CalibrationError(
-            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated ({hint})"
+            f"layer(s) {missing} were never called during the {what} (or only on batches of 0 samples); "
+            f"they cannot be calibrated ({hint})"
         )
 
 
