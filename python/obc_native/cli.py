@@ -316,11 +316,25 @@ def _load_tensor_file(path: str) -> Any:
         except SafetensorError as err:
             raise CliError(f"{path}: not a readable safetensors file ({err})") from err
     if path.endswith(".npy"):
-        return torch.from_numpy(np.load(path, allow_pickle=False))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError, OSError) as err:  # truncated, not .npy, or an object array
+            raise CliError(f"{path}: not a readable .npy array ({_reason(err)})") from err
+        try:
+            return torch.from_numpy(array)
+        except TypeError as err:  # a dtype torch has no tensor for (strings, ...)
+            raise CliError(f"{path}: a .npy array of dtype {array.dtype} is not a tensor ({_reason(err)})") from err
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises UnpicklingError / RuntimeError for non-tensor content
-        raise CliError(f"{path}: not a plain tensor file readable with weights_only=True ({err})") from err
+        raise CliError(f"{path}: not a plain tensor file readable with weights_only=True ({_reason(err)})") from err
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of an exception's message, or its type when the message is empty (an
+    empty file gives torch.load an EOFError without one)."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _load_model(args: argparse.Namespace):
@@ -602,7 +616,10 @@ def _load_for_export(args: argparse.Namespace):
         raise CliError(f"--example {args.example}: no such file")
     manifest = read_manifest(args.directory)
     model = _saved_architecture(args, manifest)
-    load_compressed(model, args.directory)
+    # the architecture is built in float32; a float16 / bfloat16 save (e.g. an --hf model whose
+    # config says float16) is widened exactly, quantized layers to their float32 grid values,
+    # which the ONNX export needs
+    load_compressed(model, args.directory, widen=True)
     return manifest, model
 
 
@@ -729,8 +746,21 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     heads_removed = heads is not None and any(a.removed for a in heads.attentions)
     if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())
+        # layers the folder says were pruned structurally but that end no chain: say so, or the
+        # message reads as if the folder had no structured pruning (e.g. a Llama's down_proj)
+        ends = {chain.consumer for chain in report.chains} | set(report.skipped)
+        unreached = [name for name, entry in manifest.get("layers", {}).items()
+                     if isinstance(entry, dict) and (entry.get("config") or {}).get("prune") == "structured"
+                     and name not in ends]
+        found = ""
+        if unreached:
+            listed = ", ".join(unreached[:3]) + (f" and {len(unreached) - 3} more" if len(unreached) > 3 else "")
+            how = ("only BERT-like intermediate.dense -> output.dense blocks are found in a Hugging Face model, "
+                   "not GPT-2's Conv1D ones, and a gated MLP such as Llama's (two producers) cannot be shrunk; "
+                   "otherwise " if chains is not None and args.chains is None else "")
+            found = f"; no producer -> consumer chain ends in the structurally pruned {listed}: {how}give --chains"
         raise CliError(f"{args.directory}: no channel can be removed (structured pruning: "
-                       f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}")
+                       f"LayerConfig(prune='structured')){'; skipped ' + reasons if reasons else ''}{found}")
     with torch.no_grad():
         expected = _output_tensors(masked(*example_args, **(example_kwargs or {})))
         actual = _output_tensors(model(*example_args, **(example_kwargs or {})))

@@ -86,6 +86,28 @@ def _describe(batch: Any) -> str:
     return type(batch).__name__
 
 
+def _floating_dtypes(value: Any) -> set[torch.dtype]:
+    if isinstance(value, torch.Tensor):
+        return {value.dtype} if value.is_floating_point() else set()
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return set().union(*(_floating_dtypes(v) for v in value)) if value else set()
+    return set()
+
+
+def _dtype_hint(model: nn.Module, batch: Any) -> str:
+    """A hint when the batch's floating-point tensors differ in dtype from the model's first
+    floating-point parameter (a float16 model fed float32 data): calibration does not cast."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    found = _floating_dtypes(batch)
+    if param is None or not found or found == {param.dtype}:
+        return ""
+    listed = ", ".join(sorted(str(d).replace("torch.", "") for d in found))
+    wanted = str(param.dtype).replace("torch.", "")
+    return f"; the batch holds {listed} tensors and the model's parameters are {wanted}: cast the batches to {wanted}"
+
+
 def run_batch(model: nn.Module, batch: Any, device: torch.device, forward: Forward | None = None) -> Any:
     """Call the model on one batch (see the module docstring for how batches are passed)."""
     batch = _to_device(batch, device)
@@ -131,8 +153,16 @@ def run_calibration(
             except CalibrationError as err:
                 raise CalibrationError(f"calibration batch {index} ({_describe(batch)}): {err}") from None
             except (RuntimeError, TypeError, ValueError, IndexError) as err:
+                # torch says "dtype", "scalar type" or "Input type (float) and bias type (c10::Half)"
+                hint = _dtype_hint(model, batch) if "type" in str(err).lower() else ""
+                if forward is None and isinstance(batch, (tuple, list)) and isinstance(err, TypeError):
+                    # the usual cause: a DataLoader yielding (inputs, labels)
+                    hint = (
+                        f"; a {type(batch).__name__} batch is passed as model(*batch): for (inputs, labels) "
+                        "pass forward=lambda model, batch: model(batch[0])"
+                    )
                 raise CalibrationError(
-                    f"calibration batch {index} ({_describe(batch)}) failed in the model's forward: {err}"
+                    f"calibration batch {index} ({_describe(batch)}) failed in the model's forward: {err}{hint}"
                 ) from err
             count += 1
     if count == 0:

@@ -126,9 +126,9 @@ class LayerCheckpoint(NoCheckpoint):
         bias = getattr(module, "bias", None)
         save(module.weight, bias)
         with torch.no_grad():
-            module.weight.copy_(torch.from_numpy(record["weight"]).to(module.weight.dtype))
+            module.weight.copy_(_from_record(record["weight"]).to(module.weight.dtype))
             if record["bias"] is not None and isinstance(bias, torch.Tensor):
-                bias.copy_(torch.from_numpy(record["bias"]).to(bias.dtype))
+                bias.copy_(_from_record(record["bias"]).to(bias.dtype))
         return record["report"]
 
     def save(self, info: LayerInfo, report: LayerReport) -> None:
@@ -136,8 +136,8 @@ class LayerCheckpoint(NoCheckpoint):
         bias = getattr(module, "bias", None)
         record = {
             "name": info.name,
-            "weight": module.weight.detach().cpu().numpy().copy(),
-            "bias": bias.detach().cpu().numpy().copy() if isinstance(bias, torch.Tensor) else None,
+            "weight": _to_record(module.weight),
+            "bias": _to_record(bias) if isinstance(bias, torch.Tensor) else None,
             "report": report,
         }
         path = self._path(info.name)
@@ -153,6 +153,23 @@ class LayerCheckpoint(NoCheckpoint):
 
     def save_database(self, database: Any) -> None:
         database.save(os.path.join(self.directory, _DATABASE_FILE))  # atomic (LevelDatabase.save)
+
+
+def _to_record(tensor: torch.Tensor) -> Any:
+    """A tensor as a numpy array for the layer file, bit for bit. numpy has no bfloat16, so a
+    bfloat16 tensor is kept as its bits (int16) in a dict; other dtypes as plain arrays (the
+    form files written before bfloat16 support hold, still read by :func:`_from_record`)."""
+    tensor = tensor.detach().cpu().contiguous()
+    if tensor.dtype == torch.bfloat16:
+        return {"bfloat16_bits": tensor.view(torch.int16).numpy().copy()}
+    return tensor.numpy().copy()
+
+
+def _from_record(value: Any) -> torch.Tensor:
+    """The tensor :func:`_to_record` stored."""
+    if isinstance(value, dict):
+        return torch.from_numpy(value["bfloat16_bits"]).view(torch.bfloat16)
+    return torch.from_numpy(value)
 
 
 def as_checkpoint(

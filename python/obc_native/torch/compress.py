@@ -70,10 +70,10 @@ from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
 from .output_cache import ModuleTrace, OutputCache
 from .embeddings import EmbeddingRule, quantize_embedding, resolve_embeddings
-from .layers import LayerInfo, find_layers, param_key, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
 from .budgeting import OBJECTIVES, as_budget_spec, check_budget_reachable, measure_costs, solve_database
 from .database import _as_level_spec, _build, _database_layers
-from .layer_selection import select_layers
+from .layer_selection import left_out_layers, select_layers
 from .level_calibration import _Applications
 from .recipe import LayerConfig, LayerPlan, Recipe, RecipeError, as_recipe, is_plan, resolve_plan
 from .report import CompressionReport, LayerReport, QuantGrid
@@ -114,33 +114,51 @@ class _Backup:
         self._saved.clear()
 
 
-def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
-    """Parameter id -> every name it is reachable under (tied weights have several)."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    return owners
+def _listing(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def _check_model_tensors(model: nn.Module) -> None:
+    """ValueError naming the model's tensors that compression cannot use, before any work.
+
+    - Parameters and buffers created under ``torch.inference_mode()`` (a model built or loaded
+      there) refuse in-place writes outside that mode: found only after the first solve
+      otherwise, and the undo of the failed run would fail the same way.
+    - A NaN or Inf parameter (a diverged checkpoint) would otherwise surface as "calibration
+      input contains NaN or Inf" at the next layer, pointing at the data instead.
+    """
+    if not torch.is_inference_mode_enabled():  # inside it, in-place writes to them are allowed
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        frozen = [name for name, tensor in named if tensor.is_inference()]
+        if frozen:
+            raise ValueError(
+                f"model: {_listing(frozen)} are inference tensors (created under torch.inference_mode()), which "
+                "cannot be written in place outside it; build or load the model outside inference_mode, or call "
+                "compress inside torch.inference_mode()"
+            )
+    with torch.no_grad():
+        broken = [
+            name for name, param in model.named_parameters()
+            if param.is_floating_point() and not bool(torch.isfinite(param).all())
+        ]
+    if broken:
+        raise ValueError(f"model: parameter(s) {_listing(broken)} contain NaN or Inf")
 
 
 def _plan(model: nn.Module, recipe: Recipe | Mapping[str, LayerConfig | None]) -> dict[str, LayerPlan]:
     """Every supported layer's LayerPlan from a Recipe or a plan ``{name: LayerConfig or None}``
-    (checked against the layers' shapes; tied weights skipped). RecipeError when nothing is left."""
+    (checked against the layers' shapes; the layers of :func:`left_out_layers` skipped, e.g. tied
+    weights). RecipeError when nothing is left."""
     layers = find_layers(model)
     if not layers:
         if isinstance(recipe, Recipe) and recipe.embeddings:  # only embeddings to quantize
             return {}
         raise RecipeError("the model has no supported layers (nn.Linear, nn.Conv1d, nn.Conv2d, HF Conv1D)")
     plans = recipe.resolve(layers) if isinstance(recipe, Recipe) else resolve_plan(recipe, layers)
-    owners = _shared_weights(model)
-    for name, plan in plans.items():
-        if plan.config is None:
-            continue
-        names = owners.get(id(plan.info.module.weight), [])
-        others = [n for n in names if n != param_key(name, "weight")]
-        if others:
-            reason = f"weight is shared with {', '.join(others)} (tied); not compressed"
-            logger.warning("layer %r: %s", name, reason)
-            plans[name] = LayerPlan(plan.info, None, reason)
+    active = {name: plan.info for name, plan in plans.items() if plan.config is not None}
+    for name, reason in left_out_layers(model, active).items():
+        logger.warning("layer %r: %s", name, reason)
+        plans[name] = LayerPlan(plans[name].info, None, reason)
     if not (isinstance(recipe, Recipe) and recipe.embeddings) and not any(plan.config is not None for plan in plans.values()):
         listing = "; ".join(f"{n}: {p.reason}" for n, p in plans.items())
         raise RecipeError(f"no layer matches the recipe, nothing to compress ({listing})")
@@ -247,7 +265,8 @@ def _never_called(stats: Mapping[str, int], what: str, hint: str = "skip them in
     missing = [name for name, count in stats.items() if count == 0]
     if missing:
         raise CalibrationError(
-            f"layer(s) {missing} were never called during the {what}; they cannot be calibrated ({hint})"
+            f"layer(s) {missing} were never called during the {what} (or only on batches of 0 samples); "
+            f"they cannot be calibrated ({hint})"
         )
 
 
@@ -290,6 +309,7 @@ class _Run:
         checkpoint: NoCheckpoint | None = None,
     ):
         self.start = time.perf_counter()
+        _check_model_tensors(model)
         self.model = model
         self.infos = infos  # the layers a plan may name
         # name -> (LayerLevels, chosen Level) of a budget run: the database's column order for

@@ -15,7 +15,9 @@ These are exactly obc_native's symmetric grids (zero point ``2^(bits-1)``) with
 float16 scale: :func:`save_gguf` rounds each group's scale to float16 and sets the layer's
 weights to ``float16(scale) * (code - zero)`` with the codes OBQ/GPTQ chose, unchanged (a relative
 change of at most 2^-11 per group, reported), so that the model in memory, the file and
-``gguf``'s own dequantization agree bit for bit. Nothing is re-quantized by another tool.
+``gguf``'s own dequantization agree bit for bit. Nothing is re-quantized by another tool. A
+float16 / bfloat16 model holds those float32 values rounded to its dtype (its weights were on the
+grid only up to that rounding already); the file holds the exact codes and scales.
 
 Tensors keep their PyTorch state-dict names and other tensors are stored as float32 (or
 float16): the file holds the weights, not a llama.cpp architecture (whose runners expect their
@@ -190,7 +192,8 @@ def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, n
         largest = float(np.abs(scale).max())
         raise GGUFExportError(f"layer {name!r}: a scale outside float16's range ({largest:.3g} max); "
                               "GGUF blocks store float16 scales")
-    weight = module.weight.detach().float().cpu().numpy()
+    stored = module.weight.detach().cpu()
+    weight = stored.float().numpy()
     full_scale = np.repeat(scale, GGUF_BLOCK, axis=1)
     safe = np.where(full_scale == 0, np.float32(1), full_scale)
     codes = np.rint(weight.astype(np.float64) / safe) + (1 << (grid.bits - 1))
@@ -198,7 +201,9 @@ def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, n
         raise GGUFExportError(f"layer {name!r}: weights off the reported grid (changed after compression?)")
     codes = codes.astype(np.uint8)
     on_grid = full_scale * (codes.astype(np.float32) - np.float32(1 << (grid.bits - 1)))
-    if not np.array_equal(on_grid, weight):
+    # a float16 / bfloat16 / float64 model holds the float32 grid values cast to its dtype
+    # (compress casts the solver's result), so compare in that dtype
+    if not torch.equal(torch.from_numpy(on_grid).to(stored.dtype), stored):
         raise GGUFExportError(f"layer {name!r}: weights off the reported grid (changed after compression?)")
     return block_type, codes, scale16
 

@@ -12,22 +12,49 @@ from torch import nn
 from .layers import LayerInfo, find_layers, param_key
 from .recipe import LayerConfig, Recipe, RecipeError, as_recipe
 
-__all__ = ["select_layers"]
+__all__ = ["select_layers", "left_out_layers"]
 
 logger = logging.getLogger("obc_native.torch")
 
 
-def _tied(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[str, str]:
-    """Layers whose weight is reachable under another name too -> why they are left out."""
+def left_out_layers(model: nn.Module, infos: Mapping[str, LayerInfo]) -> dict[str, str]:
+    """Layers of ``infos`` that cannot be compressed however the recipe reads -> why.
+
+    - a weight reachable under another name too (tied, e.g. GPT-2's ``lm_head`` and ``wte``):
+      compressing it for one use would change the other;
+    - the ``out_proj`` of an ``nn.MultiheadAttention`` (also inside ``nn.Transformer*`` layers):
+      its forward passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` and never
+      calls the module, so no hook sees its inputs and it has no Hessian;
+    - a weight that is computed, not stored (``torch.nn.utils.parametrize``, e.g.
+      ``parametrizations.weight_norm`` / ``spectral_norm``, or the older hook-based
+      ``nn.utils.weight_norm``): writing it changes a temporary, or is undone by the next
+      forward, so the layer would be reported compressed while it stays dense.
+    """
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
-    tied = {}
+    attention_outputs = {
+        param_key(name, "out_proj")
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention)
+    }
+    reasons = {}
     for name, info in infos.items():
         others = [n for n in owners.get(id(info.module.weight), []) if n != param_key(name, "weight")]
         if others:
-            tied[name] = f"weight is shared with {', '.join(others)} (tied); not compressed"
-    return tied
+            reasons[name] = f"weight is shared with {', '.join(others)} (tied); not compressed"
+        elif not isinstance(info.module._parameters.get("weight"), nn.Parameter):
+            reasons[name] = (
+                "weight is computed from other parameters (a parametrization such as weight_norm); not "
+                "compressed (remove it first: torch.nn.utils.parametrize.remove_parametrizations(module, 'weight'), "
+                "or nn.utils.remove_weight_norm)"
+            )
+        elif name in attention_outputs:
+            reasons[name] = (
+                "out_proj of nn.MultiheadAttention, whose forward reads the weight without calling the "
+                "module (no inputs to calibrate on); not compressed"
+            )
+    return reasons
 
 
 def select_layers(
@@ -45,7 +72,8 @@ def select_layers(
         layers: names or :func:`fnmatch.fnmatchcase` patterns of the layers to include (default
             all supported layers); skip: patterns of layers to leave out.
     Every pattern must match a supported layer (RecipeError otherwise, catching typos; a
-    recipe's patterns only when it is ``strict``). Layers with tied weights are left out.
+    recipe's patterns only when it is ``strict``). Layers with tied weights and the ``out_proj`` of
+    ``nn.MultiheadAttention`` are left out (see :func:`left_out_layers`).
     Returns ``(selected, left_out)``: ``{name: LayerInfo}`` in module order and ``{name: reason}``.
     """
     found = find_layers(model)
@@ -79,7 +107,7 @@ def select_layers(
                 left_out[name] = reason
                 continue
         selected[name] = info
-    for name, reason in _tied(model, selected).items():
+    for name, reason in left_out_layers(model, selected).items():
         logger.warning("layer %r: %s", name, reason)
         del selected[name]
         left_out[name] = reason

@@ -151,8 +151,17 @@ def _dequantize(
     return scale[:, groups].astype(np.float32) * levels
 
 
-def _quantize_exact(info: LayerInfo, matrix: np.ndarray, grid: QuantGrid) -> np.ndarray | None:
-    """Codes of ``matrix`` (float32 ``out x cols``) on ``grid``, or None if it is not on it."""
+def _quantize_exact(
+    info: LayerInfo, matrix: np.ndarray, grid: QuantGrid, stored: torch.Tensor | None = None
+) -> np.ndarray | None:
+    """Codes of ``matrix`` (float32 ``out x cols``) on ``grid``, or None if it is not on it.
+
+    ``stored``: the weight matrix in the module's own dtype when that is not float32 (``matrix``
+    is then its float32 copy). A float16 / bfloat16 / float64 model holds the grid values cast
+    to its dtype (``set_weight_matrix`` casts the solver's float32 result), so the codes are
+    exact when the float32 dequantized values, cast the way :func:`_decode_layer` casts them,
+    give ``stored`` bit for bit.
+    """
     scale = np.asarray(grid.scale, dtype=np.float32)
     zero = np.asarray(grid.zero, dtype=np.uint8)
     groups = _group_index(info, grid.group_size, grid.column_order)
@@ -166,9 +175,21 @@ def _quantize_exact(info: LayerInfo, matrix: np.ndarray, grid: QuantGrid) -> np.
         return None
     codes = codes.astype(np.uint8)
     info_grid = {"group_size": grid.group_size, "column_order": grid.column_order}
-    if not np.array_equal(_dequantize(info, codes, info_grid, scale, zero).view(np.uint32), matrix.view(np.uint32)):
-        return None
+    dequantized = _dequantize(info, codes, info_grid, scale, zero)
+    if stored is None or stored.dtype == torch.float32:
+        if not np.array_equal(dequantized.view(np.uint32), matrix.view(np.uint32)):
+            return None
+    else:
+        decoded = torch.from_numpy(np.ascontiguousarray(dequantized, dtype=np.float32)).to(stored.dtype)
+        if not torch.equal(_bits(decoded), _bits(stored.cpu())):
+            return None
     return codes
+
+
+def _bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of a floating-point tensor (so -0.0 differs from 0.0, NaN equals itself)."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
+    return tensor.contiguous().view(as_int)
 
 
 def _nonzero_bits(tensor: torch.Tensor) -> torch.Tensor:
@@ -268,8 +289,8 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
     codes = None
     if grid is not None:
         matrix32 = tensor.to(torch.float32).cpu().numpy()
-        if tensor.dtype == torch.float32:
-            codes = _quantize_exact(info, matrix32, grid)
+        if tensor.is_floating_point():
+            codes = _quantize_exact(info, matrix32, grid, tensor)
         if codes is None:
             logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
         else:
@@ -496,8 +517,15 @@ def _check_layer_entry(name: str, entry: Any, fail) -> None:
         need("column_order", lambda v: v in ("native", "channels_last"), "'native' or 'channels_last'")
 
 
-def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The module weight (as stored in the module) from its manifest entry and tensors."""
+def _decode_layer(
+    name: str, info: LayerInfo, entry: dict[str, Any], tensors: dict[str, torch.Tensor],
+    target: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The module weight (as stored in the module) from its manifest entry and tensors.
+
+    ``target``: a wider dtype to decode quantized storage into (from the float32 grid values,
+    not through the saved dtype); other storages keep the saved dtype (widened by the caller).
+    """
     key = entry["weight_key"]
     storage = entry["storage"]
     dtype = getattr(torch, entry["dtype"], None)
@@ -564,7 +592,7 @@ def _decode_layer(name: str, info: LayerInfo, entry: dict[str, Any], tensors: di
             # ordered (numpy picks the layout of the fancy-indexed scale), and then reshape
             # returns a copy and the pruned entries would silently keep their dequantized value.
             matrix32 = np.where(mask.reshape(rows, cols), matrix32, np.float32(0.0))
-        matrix = torch.from_numpy(np.ascontiguousarray(matrix32, dtype=np.float32)).reshape(-1).to(dtype)
+        matrix = torch.from_numpy(np.ascontiguousarray(matrix32, dtype=np.float32)).reshape(-1).to(target or dtype)
     else:
         raise SerializationError(f"layer {name!r}: unknown storage {storage!r}")
     matrix = matrix.reshape(rows, cols)
@@ -578,12 +606,31 @@ def _module_kind(module: nn.Module) -> str | None:
     return "embedding" if isinstance(module, nn.Embedding) else layer_kind(module)
 
 
-def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str, Any]:
+# Lossless float conversions: every value of the first dtype is exactly a value of the second.
+_WIDENINGS = {
+    torch.float16: (torch.float32, torch.float64),
+    torch.bfloat16: (torch.float32, torch.float64),
+    torch.float32: (torch.float64,),
+}
+
+
+def _widens(source: torch.dtype, target: torch.dtype) -> bool:
+    return target in _WIDENINGS.get(source, ())
+
+
+def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bool = False) -> dict[str, Any]:
     """Load a model saved by :func:`save_compressed` into ``model`` (same architecture).
 
     Checks the manifest, the tensor file's SHA-256, that every compressed layer exists with
-    the same kind and shape, and that the state-dict keys and shapes match exactly; raises
-    :class:`SerializationError` otherwise (the model is unchanged then). Returns the manifest.
+    the same kind and shape, and that the state-dict keys, shapes and dtypes match exactly;
+    raises :class:`SerializationError` otherwise (the model is unchanged then). Returns the
+    manifest.
+
+    ``widen=True`` also accepts a model whose floating-point tensors are wider than the saved
+    ones (a float16 / bfloat16 save into a float32 or float64 model, float32 into float64):
+    every value is converted exactly, and quantized layers take their grid values
+    ``scale * (code - zero)`` (float32) directly, not their float16 rounding. This is how a
+    half-precision compressed model is exported to ONNX, which needs float32 grid values.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -636,8 +683,11 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
                 f"architecture mismatch: layer {name!r} has weight {list(info.weight_shape)} groups={info.groups}, "
                 f"saved {entry['weight_shape']} groups={entry['groups']}"
             )
+        saved_dtype = getattr(torch, str(entry.get("dtype")), None)
+        wanted = current[expected_key].dtype
+        target = wanted if widen and isinstance(saved_dtype, torch.dtype) and _widens(saved_dtype, wanted) else None
         try:
-            new_state[entry["weight_key"]] = _decode_layer(name, info, entry, tensors)
+            new_state[entry["weight_key"]] = _decode_layer(name, info, entry, tensors, target)
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, OverflowError) as err:
             if isinstance(err, SerializationError):
                 raise
@@ -649,6 +699,8 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike) -> dict[str,
             raise SerializationError(f"{tensor_path}: tensor {key!r} is missing")
         new_state[key] = tensors[key]
     for key, value in new_state.items():
+        if widen and _widens(value.dtype, current[key].dtype):
+            value = new_state[key] = value.to(current[key].dtype)
         if tuple(value.shape) != tuple(current[key].shape) or value.dtype != current[key].dtype:
             raise SerializationError(
                 f"architecture mismatch: {key!r} is {tuple(current[key].shape)} {current[key].dtype} in the model, "
