@@ -8,7 +8,6 @@
 #include <cstring>
 #include <vector>
 
-#include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
 #include "internal/refine_kernels.hpp"
@@ -302,7 +301,8 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
       }
       changed.assign(static_cast<size_t>(n_live), 0);
       live_rows.resize(static_cast<size_t>(n_live));
-      for (Index j = 0; j < n_live; ++j) live_rows[static_cast<size_t>(j)] = r0 + live[static_cast<size_t>(j)];
+      for (Index j = 0; j < n_live; ++j)
+        live_rows[static_cast<size_t>(j)] = r0 + live[static_cast<size_t>(j)];
       errors.resize(n_live, kGptqSub);
       for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
         const Index ns = std::min(kGptqSub, nb - s0);
@@ -363,7 +363,8 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
                                            moved_deltas.data()};
       const Index moves = sweep_codes(kern, job);
       for (Index m = 0; m < moves; ++m)
-        lazy.record_one(i, moved_columns[static_cast<size_t>(m)], moved_deltas[static_cast<size_t>(m)]);
+        lazy.record_one(i, moved_columns[static_cast<size_t>(m)],
+                        moved_deltas[static_cast<size_t>(m)]);
     };
 
     // Passes run over all live rows of the chunk together, block by block, so that the deferred
