@@ -8,7 +8,6 @@
 #include <cstring>
 #include <vector>
 
-#include "internal/grid_point.hpp"
 #include "internal/prune_result.hpp"
 #include "internal/quant_common.hpp"
 #include "internal/refine_kernels.hpp"
@@ -68,10 +67,9 @@ std::vector<RefineBlock> refine_blocks(const MatrixD& hd, Index block_size, doub
 // Columns per block of the single-code sweep: a block's moves update g on its own columns at
 // once and on the others at the block's end, in one product for all rows of the chunk.
 constexpr Index kSweepBlock = 128;
-// Below this fraction of scale * h_cc, a gradient entry cannot move its code (code_sweep).
-constexpr double kStayFraction = 0.49;
 // Columns per lazy update of the GPTQ inside a block move's proposal.
 constexpr Index kGptqSub = 16;
+static_assert(kGptqSub <= internal::kMaxProposeSub, "propose_codes runs sub-blocks of at most 16");
 
 // Below this fraction of non-zero changes among the changed rows and columns of a block, the
 // deferred gradient update is made by column additions (work: the non-zeros) rather than by one
@@ -87,27 +85,19 @@ void product(const RowMatrixD& a, const double* b, Index ldb, RowMatrixD& c) {
   product(a.data(), a.rows(), a.cols(), b, ldb, c.data(), c.cols());
 }
 
-// grid_at(grid, r, c), kept while (r, c) stays in one group: the hot loops walk the columns of
-// a row in order, and this spares them a division per code.
-template <class Scalar>
-class GridCache {
- public:
-  explicit GridCache(const QuantGrid<Scalar>& grid) : grid_(grid) {}
-  const internal::GridPoint<Scalar>& at(Index r, Index c) {
-    if (r != row_ || c < begin_ || c >= end_) {
-      row_ = r;
-      begin_ = c / grid_.group_size * grid_.group_size;
-      end_ = begin_ + grid_.group_size;
-      point_ = internal::grid_at(grid_, r, c);
-    }
-    return point_;
-  }
-
- private:
-  const QuantGrid<Scalar>& grid_;
-  Index row_ = -1, begin_ = 0, end_ = 0;
-  internal::GridPoint<Scalar> point_{};
-};
+// The per-code kernels of the weights' precision.
+void propose_codes(const internal::RefineKernels& k, const internal::ProposeRows<float>& job) {
+  k.propose_codes_f32(job);
+}
+void propose_codes(const internal::RefineKernels& k, const internal::ProposeRows<double>& job) {
+  k.propose_codes_f64(job);
+}
+Index sweep_codes(const internal::RefineKernels& k, const internal::SweepRow<float>& job) {
+  return k.sweep_codes_f32(job);
+}
+Index sweep_codes(const internal::RefineKernels& k, const internal::SweepRow<double>& job) {
+  return k.sweep_codes_f64(job);
+}
 
 // Code changes of one block of columns, for the rows of a chunk, not yet added to the chunk's
 // gradients g (len x cols): flush() adds D hd[B, :] for the rows and columns that changed, one
@@ -261,6 +251,8 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
   // objective drops, so this choice never makes the result worse than the single-code moves'.
   const double proposal_damp = ropt.damped ? 0.0 : 0.1 * damp_absolute;
   const std::vector<RefineBlock> blocks = refine_blocks(hd, ropt.block_size, proposal_damp);
+  const Eigen::VectorXd hdiag = hd.diagonal();  // read per code by the sweep: contiguous
+  const internal::RefineKernels& kern = internal::refine_kernels();
   const Index chunks = (rows + kRowChunk - 1) / kRowChunk;
   std::vector<int> passes_of_chunk(static_cast<size_t>(chunks), 0);
   parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
@@ -290,8 +282,10 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
     RowMatrixD proposals, changes, moved_changes, block_rhs, errors, lazy_rhs;
     std::vector<char> changed;
     RowMatrix<Scalar> proposed_codes;
-    std::vector<Index> moved;
-    GridCache<Scalar> grid_of(grid);
+    std::vector<Index> moved, live_rows;
+    // The single-code sweep's accepted moves of one row and block (columns - c0, changes).
+    std::vector<Index> moved_columns(static_cast<size_t>(kSweepBlock));
+    std::vector<double> moved_deltas(static_cast<size_t>(kSweepBlock));
 
     // Block move, first half: re-quantize the block's codes of the live rows by GPTQ inside the
     // block, from the block's continuous optima x given all other codes (proposals: in,
@@ -306,27 +300,34 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
         for (Index k = 0; k < nb; ++k) proposals(j, k) += static_cast<double>(weight(r, b0 + k));
       }
       changed.assign(static_cast<size_t>(n_live), 0);
+      live_rows.resize(static_cast<size_t>(n_live));
+      for (Index j = 0; j < n_live; ++j)
+        live_rows[static_cast<size_t>(j)] = r0 + live[static_cast<size_t>(j)];
       errors.resize(n_live, kGptqSub);
       for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
         const Index ns = std::min(kGptqSub, nb - s0);
-        for (Index j = 0; j < n_live; ++j) {
-          const Index r = r0 + live[static_cast<size_t>(j)];
-          auto x = proposals.row(j);
-          for (Index k = s0; k < s0 + ns; ++k) {
-            const Index c = b0 + k;
-            const Scalar q = pruned(r, c) ? Scalar(0)
-                                          : grid_of.at(r, c).quantize(static_cast<Scalar>(x[k]));
-            proposed_codes(j, k) = q;
-            const double dk = static_cast<double>(q) - static_cast<double>(weight(r, c));
-            changes(j, k) = dk;
-            changed[static_cast<size_t>(j)] |= dk != 0.0;
-            const double err = (x[k] - static_cast<double>(q)) / blk.upper(k, k);
-            errors(j, k - s0) = err;
-            const Index inside = s0 + ns - k - 1;
-            if (inside > 0)
-              x.segment(k + 1, inside).noalias() -= err * blk.upper.row(k).segment(k + 1, inside);
-          }
-        }
+        const internal::ProposeRows<Scalar> job{proposals.data(),
+                                                blk.upper.data(),
+                                                nb,
+                                                b0,
+                                                s0,
+                                                ns,
+                                                n_live,
+                                                live_rows.data(),
+                                                weight.data(),
+                                                pruned.data(),
+                                                cols,
+                                                grid.scale.data(),
+                                                grid.zero.data(),
+                                                grid.scale.cols(),
+                                                grid.group_size,
+                                                maxq,
+                                                proposed_codes.data(),
+                                                changes.data(),
+                                                errors.data(),
+                                                errors.cols(),
+                                                changed.data()};
+        propose_codes(kern, job);
         const Index rest = nb - s0 - ns;
         if (rest == 0) continue;
         // x[:, rest] -= errors upper[sub, rest]: b(t, u) = upper(s0 + u, s0 + ns + t), column u
@@ -345,42 +346,25 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
     // recorded for the other columns, which get the block's moves at its end.
     auto code_sweep = [&](Index i, Index c0, Index nb) {
       const Index r = r0 + i;
-      auto g_block = g.row(i).segment(c0, nb);
-      for (Index c = c0; c < c0 + nb; ++c) {
-        if (pruned(r, c)) continue;
-        const GridPoint<Scalar>& gp = grid_of.at(r, c);
-        const double hcc = hd(c, c);
-        const double gc = g_block[c - c0];
-        // Most codes stay: with |g_c| < 0.49 scale h_cc the 1-D minimizer lies within half a
-        // step of the current code, the only candidate is a neighbour, and its change
-        // delta g_c + delta^2 h_cc / 2 is positive (|delta| = scale up to float rounding, far
-        // inside the 2% margin). Skipping them spares the division and roundings below.
-        if (std::abs(gc) < kStayFraction * static_cast<double>(gp.scale) * hcc) continue;
-        const int code = gp.code(weight(r, c));
-        const double current = static_cast<double>(weight(r, c));
-        const double ideal = static_cast<double>(code) - gc / (hcc * static_cast<double>(gp.scale));
-        if (!std::isfinite(ideal)) continue;
-        const double clamped = std::clamp(ideal, 0.0, static_cast<double>(maxq));
-        const int lo = static_cast<int>(std::floor(clamped));
-        const int hi = std::min(lo + 1, maxq);
-        int best_code = code;
-        double best_change = 0.0, best_delta = 0.0;
-        for (const int candidate : {lo, hi}) {
-          if (candidate == code) continue;
-          const double delta = static_cast<double>(gp.value(candidate)) - current;
-          const double change = delta * gc + 0.5 * delta * delta * hcc;
-          if (change < best_change) {
-            best_change = change;
-            best_code = candidate;
-            best_delta = delta;
-          }
-        }
-        if (best_code == code) continue;
-        weight(r, c) = gp.value(best_code);
-        g_block.noalias() += best_delta * hd.col(c).segment(c0, nb).transpose();
-        lazy.record_one(i, c - c0, best_delta);
-        objective[i] += best_change;
-      }
+      const internal::SweepRow<Scalar> job{g.row(i).data() + c0,
+                                           hd.data(),
+                                           cols,
+                                           hdiag.data(),
+                                           c0,
+                                           nb,
+                                           weight.row(r).data(),
+                                           pruned.row(r).data(),
+                                           grid.scale.row(r).data(),
+                                           grid.zero.row(r).data(),
+                                           grid.group_size,
+                                           maxq,
+                                           &objective[i],
+                                           moved_columns.data(),
+                                           moved_deltas.data()};
+      const Index moves = sweep_codes(kern, job);
+      for (Index m = 0; m < moves; ++m)
+        lazy.record_one(i, moved_columns[static_cast<size_t>(m)],
+                        moved_deltas[static_cast<size_t>(m)]);
     };
 
     // Passes run over all live rows of the chunk together, block by block, so that the deferred

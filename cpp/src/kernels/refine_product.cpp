@@ -15,6 +15,12 @@
 
 namespace obc::OBC_KERNEL_NS {
 
+// In refine_codes.cpp (compiled without fused multiply-adds).
+template <class S>
+void propose_codes(const internal::ProposeRows<S>& job);
+template <class S>
+internal::KIndex sweep_codes(const internal::SweepRow<S>& job);
+
 namespace {
 
 using RowsD = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -81,7 +87,10 @@ void add_columns(double* y, internal::KIndex n, const double* b, internal::KInde
 namespace obc::internal {
 
 const RefineKernels& OBC_REFINE_TABLE() {
-  static const RefineKernels table{&OBC_KERNEL_NS::product, &OBC_KERNEL_NS::add_columns};
+  static const RefineKernels table{
+      &OBC_KERNEL_NS::product,             &OBC_KERNEL_NS::add_columns,
+      &OBC_KERNEL_NS::propose_codes<float>, &OBC_KERNEL_NS::propose_codes<double>,
+      &OBC_KERNEL_NS::sweep_codes<float>,   &OBC_KERNEL_NS::sweep_codes<double>};
   return table;
 }
 
