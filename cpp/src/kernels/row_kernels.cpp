@@ -315,7 +315,7 @@ inline double multiply_add(double p, double d, double acc) {
 template <int R>
 inline void lower_panel_block(const double* P, Index ld, Index ib, Index ne, Index nb,
                               const double* const* d, double* const* y) {
-  constexpr int E = 8;
+  [[maybe_unused]] constexpr int E = 8;  // the block width; only the AVX2 branch names it
   const Index below = std::min(ib, nb);  // columns c < ib: every element of the block is below
 #if defined(__AVX2__) && defined(__FMA__)
   if (ne == E) {
