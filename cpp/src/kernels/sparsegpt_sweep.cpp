@@ -104,7 +104,8 @@ template <class Scalar>
 class Sweep {
  public:
   Sweep(const SparseGptJob<Scalar>& job, const Scalar* upper, const RunOptions& run)
-      : opt_(job), unit_(job.unit), upper_(upper, job.cols, job.cols), weight_(job.weight, job.rows, job.cols),
+      : opt_(job), unit_(job.unit), upper_(upper, job.cols, job.cols),
+        weight_(job.weight, job.rows, job.cols),
         pruned_(job.pruned, job.rows, job.cols), run_(run), rows_(job.rows), cols_(job.cols),
         lazy_(job.lazy_block) {
     chunks_ = (rows_ + kRowChunk - 1) / kRowChunk;
