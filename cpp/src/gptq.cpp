@@ -55,15 +55,20 @@ constexpr Index kColumnChunk = 128;  // columns per parallel item of the O(cols^
 // (F the columns not yet rounded). L itself: with J the reversal, the lower Cholesky factor R of
 // A = J H_p J gives L = J R^T J (lower, and L^T L = J R R^T J = H_p). Cost: one Cholesky factor,
 // cols^3 / 3 flops (the inverse factor took a triangular inverse more, 2/3 cols^3 in all).
-// Everything happens in one cols x cols buffer (fresh pages are costly: the first touch of each
-// is a kernel fault): A's lower triangle is factored in place, then each column k of the strict
-// upper triangle gets row k of M = diag(L)^-1 L (M^T(i, k) = L(k, i) / L(k, k) = R(n-1-i, n-1-k) /
-// R(n-1-k, n-1-k): the tail of R's column n-1-k, reversed) and the diagonal L_kk = R(n-1-k,
-// n-1-k). The pivot check is prepare_hessian's (same tolerance, same error), on A's pivots.
-// T: the factor's precision. float (float32 weights): A is assembled in double as for double,
-// rounded to float32 once, then factored and rearranged in float32 (the cubic part at float32
-// GEMM rate); a failed pivot check or a non-finite entry then throws PrecisionLost (the caller
-// redoes the layer in float64) instead of the NotPositiveDefinite a float64 factor throws.
+// Everything happens in one cols x cols buffer of T (fresh pages are costly: the first touch of
+// each is a kernel fault, and on some virtual machines that zeroing took half the call's time):
+// D's columns are written already moved (column k holds column perm[k] of D), each column's
+// rows then gathered in place, A's lower triangle factored in place, then each column k of the
+// strict upper triangle gets row k of M = diag(L)^-1 L (M^T(i, k) = L(k, i) / L(k, k) =
+// R(n-1-i, n-1-k) / R(n-1-k, n-1-k): the tail of R's column n-1-k, reversed) and the diagonal
+// L_kk = R(n-1-k, n-1-k). The pivot check is prepare_hessian's (same tolerance, same error), on
+// A's pivots.
+// T: the factor's precision. float (float32 weights): A's entries are computed in double as for
+// double and rounded to float32 once (as they are written), then factored and rearranged in
+// float32 (the cubic part at float32 GEMM rate); a failed pivot check or a non-finite entry then
+// throws PrecisionLost (the caller redoes the layer in float64) instead of the
+// NotPositiveDefinite a float64 factor throws.
+// Memory: this buffer, sizeof(T) cols^2 bytes, is the only cols^2 allocation of a GPTQ call.
 // step_variance (may be null): set to 1 / L_kk^2 in step order, for the float32 range check.
 template <class T>
 Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H,
@@ -76,63 +81,27 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
   const Index n = prep.cols();
   const int threads = n < 384 ? 1 : run.num_threads;  // as spd_inverse: small ones on one thread
   const Index items = (n + kColumnChunk - 1) / kColumnChunk;
-  Eigen::MatrixXd a(n, n);
-  advise_huge_pages(a.data(), sizeof(double) * static_cast<size_t>(n * n));
-  write_damped_hessian(H, prep, a.data(), true, threads, run.interrupt);
   // A = J P^T D P J, i.e. A(i, j) = D(perm[i], perm[j]) with perm[k] = order[n-1-k]. First the
-  // columns, in place along the cycles of perm (column k <- column perm[k]); float skips this
-  // serial pass and reads column perm[k] of D directly below (D is written in full).
-  std::vector<Index> perm(static_cast<size_t>(n));
-  for (Index k = 0; k < n; ++k) perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
-  if constexpr (!f32) {
-    std::vector<char> done(static_cast<size_t>(n), 0);
-    std::vector<double> held(static_cast<size_t>(n));
-    const auto column = [&](Index k) { return a.data() + k * n; };
-    for (Index start = 0; start < n; ++start) {
-      if (done[static_cast<size_t>(start)]) continue;
-      std::copy(column(start), column(start) + n, held.begin());
-      for (Index k = start;;) {
-        done[static_cast<size_t>(k)] = 1;
-        const Index from = perm[static_cast<size_t>(k)];
-        if (from == start) {
-          std::copy(held.begin(), held.end(), column(k));
-          break;
-        }
-        std::copy(column(from), column(from) + n, column(k));
-        k = from;
-      }
-    }
+  // columns: column perm[k] of D is written as column k (column_of the inverse of perm).
+  std::vector<Index> perm(static_cast<size_t>(n)), column_of(static_cast<size_t>(n));
+  for (Index k = 0; k < n; ++k) {
+    perm[static_cast<size_t>(k)] = order[static_cast<size_t>(n - 1 - k)];
+    column_of[static_cast<size_t>(perm[static_cast<size_t>(k)])] = k;
   }
-  // Then the rows of each column's lower part, from a copy of the column (float: into the float32
-  // buffer; the double one is freed once that is filled).
-  MatrixT af;
-  if constexpr (f32) {
-    af.resize(n, n);
-    advise_huge_pages(af.data(), sizeof(T) * static_cast<size_t>(n * n));
-  }
-  MatrixT& f = [&]() -> MatrixT& {
-    if constexpr (f32)
-      return af;
-    else
-      return a;
-  }();
-  // Polled: the first writes to the fresh factor buffer fault in its pages (seconds at 6000
-  // inputs on some virtual machines).
+  MatrixT f(n, n);
+  advise_huge_pages(f.data(), sizeof(T) * static_cast<size_t>(n * n));
+  // Polled: these first writes fault in the fresh buffer's pages (seconds at 6000 inputs on some
+  // virtual machines).
+  write_damped_hessian_moved<T>(H, prep, f.data(), column_of.data(), threads, run.interrupt);
+  // Then the rows of each column's lower part, from a copy of the column.
   parallel_for(items, threads, run.interrupt, [&](Index item, int) {
-    std::vector<double> column(static_cast<size_t>(n));
+    std::vector<T> column(static_cast<size_t>(n));
     for (Index j = item * kColumnChunk; j < std::min(n, (item + 1) * kColumnChunk); ++j) {
-      if constexpr (f32) {  // a is D itself: its column perm[j], read in place
-        const double* from = a.col(perm[static_cast<size_t>(j)]).data();
-        for (Index i = j; i < n; ++i)
-          f(i, j) = static_cast<T>(from[perm[static_cast<size_t>(i)]]);
-      } else {
-        std::copy(a.col(j).data(), a.col(j).data() + n, column.begin());
-        for (Index i = j; i < n; ++i)
-          f(i, j) = static_cast<T>(column[static_cast<size_t>(perm[static_cast<size_t>(i)])]);
-      }
+      std::copy(f.col(j).data(), f.col(j).data() + n, column.begin());
+      for (Index i = j; i < n; ++i)
+        f(i, j) = column[static_cast<size_t>(perm[static_cast<size_t>(i)])];
     }
   });
-  if constexpr (f32) a.resize(0, 0);
   bool factored = false;
   if constexpr (f32)
     factored = gptq_kernels().cholesky_f32(f.data(), n, kPivotTolerance, run.num_threads,
@@ -169,10 +138,7 @@ Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic> gptq_factor(const HessianRef& H
     if (std::find(bad.begin(), bad.end(), char(1)) != bad.end() || !lkk.allFinite())
       throw PrecisionLost("H: its float32 Cholesky factor for GPTQ is not finite");
   f.diagonal() = lkk.template cast<T>();
-  if constexpr (f32)
-    return af;
-  else
-    return a;
+  return f;
 }
 
 }  // namespace

@@ -115,11 +115,16 @@ void validate_hessian(const HessianRef& H, double symmetry_tol, int num_threads)
 
 namespace internal {
 
-void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
-                          int num_threads, InterruptHook* interrupt) {
+namespace {
+
+// write_damped_hessian's body: `out` of element type T, column j of D into column
+// column_of[j] (identity when null).
+template <class T>
+void write_damped(const HessianRef& H, const PreparedHessian& prep, T* out, bool full,
+                  const Index* column_of, int num_threads, InterruptHook* interrupt) {
   const Index cols = prep.cols();
   const char* dead = prep.dead.data();
-  Eigen::Map<Eigen::MatrixXd> a(out, cols, cols);
+  const auto column = [&](Index j) { return out + (column_of ? column_of[j] : j) * cols; };
   // One column tile per item (its writes also fault in a fresh buffer's pages on the thread that
   // uses them).
   H.visit([&](const auto& h) {
@@ -131,7 +136,8 @@ void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, doub
       for (Index ib = jb; ib < cols; ib += kTile) {
         const Index iend = std::min(cols, ib + kTile);
         pair.load(h, ib, jb);
-        for (Index j = jb; j < jend; ++j)
+        for (Index j = jb; j < jend; ++j) {
+          T* to = column(j);
           for (Index i = std::max(ib, j); i < iend; ++i) {
             double v;
             if (dead[i] || dead[j]) {
@@ -140,17 +146,39 @@ void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, doub
               v = 0.5 * (pair.lower(i - ib, j - jb) + pair.upper(j - jb, i - ib));
               if (i == j) v += prep.damp_absolute;
             }
-            a(i, j) = v;
+            to[i] = static_cast<T>(v);
             value(i - ib, j - jb) = v;
           }
-        // The mirror (j, i) column by column of a, i.e. contiguous writes (as the reads above).
+        }
+        // The mirror (j, i) column by column of out, i.e. contiguous writes (as the reads above).
         if (full)
-          for (Index i = ib; i < iend; ++i)
-            for (Index j = jb; j < std::min(jend, i + 1); ++j) a(j, i) = value(i - ib, j - jb);
+          for (Index i = ib; i < iend; ++i) {
+            T* to = column(i);
+            for (Index j = jb; j < std::min(jend, i + 1); ++j)
+              to[j] = static_cast<T>(value(i - ib, j - jb));
+          }
       }
     });
   });
 }
+
+}  // namespace
+
+void write_damped_hessian(const HessianRef& H, const PreparedHessian& prep, double* out, bool full,
+                          int num_threads, InterruptHook* interrupt) {
+  write_damped<double>(H, prep, out, full, nullptr, num_threads, interrupt);
+}
+
+template <class T>
+void write_damped_hessian_moved(const HessianRef& H, const PreparedHessian& prep, T* out,
+                                const Index* column_of, int num_threads, InterruptHook* interrupt) {
+  write_damped<T>(H, prep, out, true, column_of, num_threads, interrupt);
+}
+
+template void write_damped_hessian_moved<float>(const HessianRef&, const PreparedHessian&, float*,
+                                                const Index*, int, InterruptHook*);
+template void write_damped_hessian_moved<double>(const HessianRef&, const PreparedHessian&,
+                                                 double*, const Index*, int, InterruptHook*);
 
 NotPositiveDefinite not_positive_definite(const PreparedHessian& prep) {
   return NotPositiveDefinite(detail::concat(

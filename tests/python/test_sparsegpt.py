@@ -63,6 +63,17 @@ def test_matches_float64_replay(pattern, kind, dtype):
     assert res.weight.dtype == dtype
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_matches_float64_replay_wide(dtype):
+    # 600 inputs: U is rounded to float32 in place in stages (65536 elements, then doubling
+    # ranges, the last one partial: 360000 in all), which 48 inputs never reach.
+    W, H, _ = make_problem(70, 600, seed=8, zeros=0.05, dead=3, n_samples=900, dtype=dtype)
+    res = run("unstructured", W, H, num_threads=2)
+    w_ref, pruned_ref = replay("unstructured", W, H)
+    np.testing.assert_array_equal(~res.mask, pruned_ref)
+    assert_rel(res.weight, w_ref, RTOL[dtype], "weight")
+
+
 def test_lazy_block_changes_only_rounding_for_a_fixed_mask():
     # N:M masks do not depend on lazy block boundaries: any lazy_block gives the same result
     # up to rounding (the lazy GEMM is exact algebra), and matches the replay.

@@ -46,6 +46,12 @@ struct GptqOptions {
 /// result.row_losses (1/2 dw H dw^T, undamped H) come from the sweep's own step losses, not from
 /// a second O(rows cols^2) pass: the same bits quantize_select reports for these weights (exact
 /// to float64 rounding, ~1e-13 relative; float32 sweeps: ~1e-6; the float64 fallback measures them).
+/// Memory besides the inputs and the result: one cols x cols buffer in W's precision,
+/// sizeof(Scalar) cols^2 bytes (4 cols^2 for float32, 8 cols^2 for float64; the damped Hessian
+/// is written into it already permuted, in the factor's precision, and factored in place), plus
+/// about (2 sizeof(Scalar) + 1) 64 cols bytes per thread for the sweep's row chunk. A float32
+/// layer redone in float64 frees its float32 buffer first, then needs 8 cols^2. The result
+/// itself (weights, codes, mask, losses) is about (sizeof(Scalar) + 2) rows cols bytes.
 template <class Scalar>
 QuantResult<Scalar> quantize_gptq(const Eigen::Ref<const RowMatrix<Scalar>>& W,
                                   const HessianRef& H, const QuantOptions& opt,

@@ -65,7 +65,8 @@ struct SparseGptOptions {
 /// layers in float32, as the paper); U is computed in float64 and rounded to Scalar.
 /// Throws InvalidArgument for bad options or inputs, NotPositiveDefinite when the damped H
 /// (or its inverse) has no Cholesky factor. Memory besides the result: the float64 cols x cols
-/// inverse (factored in place), U (cols x cols in Scalar) and a rows x lazy_block error block.
+/// inverse, 8 cols^2 bytes, which is factored in place and then holds U too (float32: rounded
+/// in place into its first half), and a rows x lazy_block error block.
 /// Flops: about cols^3 (inverse) + cols^3 / 3 (factor) + 2 rows cols^2 (sweep), against about
 /// rows cols^3 for ExactOBS.
 template <class Scalar>

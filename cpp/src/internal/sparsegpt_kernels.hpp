@@ -12,8 +12,9 @@ namespace obc::internal {
 /// One layer's sweep (obc/sparsegpt.hpp). weight: rows x cols row-major, W on entry, the result
 /// on exit; pruned: rows x cols, the weights pruned from the start (zeros, dead inputs) on entry,
 /// the final mask on exit; hinv: the damped H^-1, cols x cols column-major (lower triangle
-/// read), overwritten by its Cholesky factor. scale / zero: rows x groups row-major grids for
-/// joint quantization, or null.
+/// read), overwritten by its Cholesky factor and then by U, the factor the sweep reads (float32:
+/// narrowed in place; see kernels/sparsegpt_sweep.cpp). scale / zero: rows x groups row-major
+/// grids for joint quantization, or null.
 template <class S>
 struct SparseGptJob {
   S* weight;

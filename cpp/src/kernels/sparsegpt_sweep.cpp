@@ -3,6 +3,8 @@
 // per SIMD level like row_kernels.cpp (OBC_KERNEL_NS and a renamed Eigen in the AVX2 copy).
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -44,20 +46,56 @@ Index floor_share(Index total, Index part, Index whole) {
 #endif
 }
 
-// U with U^T U = H^-1, rounded to Scalar: the lower Cholesky factor L of H^-1 (in place, by the
-// blocked parallel factorization of spd_inverse.hpp), transposed. False when it does not exist.
+// U with U^T U = H^-1, rounded to Scalar, in hinv's own memory (no second cols x cols buffer:
+// fresh pages are costly, see gptq.cpp): the lower Cholesky factor L of H^-1 (in place, by the
+// blocked parallel factorization of spd_inverse.hpp) is U stored row-major, since L(i, j) and
+// U(j, i) sit at the same element offset j * n + i; the strict upper part of the column-major
+// buffer (U's strict lower part) is set to 0. For float, each element e is narrowed to the
+// float at element offset e of the same memory. Returns U (row-major, n x n, in hinv's memory),
+// or null when L does not exist.
 template <class Scalar>
-bool upper_factor_of_inverse(double* hinv, Index n, int num_threads, InterruptHook* interrupt,
-                             RowMatrix<Scalar>& upper) {
+Scalar* upper_factor_of_inverse(double* hinv, Index n, int num_threads, InterruptHook* interrupt) {
   spd_detail::Map a(hinv, n, n);
-  if (!spd_detail::cholesky(a, n < 384 ? 1 : num_threads, interrupt)) return false;
+  const int threads = n < 384 ? 1 : num_threads;
+  if (!spd_detail::cholesky(a, threads, interrupt)) return nullptr;
   for (Index i = 0; i < n; ++i)
-    if (!(a(i, i) > 0)) return false;
-  upper.setZero(n, n);
-  // Column j of L is row j of U: contiguous reads and writes.
-  for (Index j = 0; j < n; ++j)
-    for (Index i = j; i < n; ++i) upper(j, i) = static_cast<Scalar>(a(i, j));
-  return true;
+    if (!(a(i, i) > 0)) return nullptr;
+  const Index total = n * n;
+  // Element e of U, for e in [begin, end) into to[e - begin]: L's entry at the same offset on or
+  // below the diagonal (row e % n >= column e / n), else 0.
+  const auto narrow = [&](Index begin, Index end, Scalar* to) {
+    Index j = begin / n, i = begin % n;
+    for (Index e = begin; e < end; ++e) {
+      to[e - begin] = i >= j ? static_cast<Scalar>(hinv[e]) : Scalar(0);
+      if (++i == n) i = 0, ++j;
+    }
+  };
+  constexpr Index kChunk = Index(1) << 16;  // elements per parallel item
+  if constexpr (std::is_same_v<Scalar, double>) {
+    parallel_for(n, threads, nullptr, [&](Index j, int) {
+      std::fill(hinv + j * n, hinv + j * n + j, 0.0);
+    });
+    return hinv;
+  } else {
+    // Float e occupies bytes [4e, 4e + 4), inside double e / 2: narrowing the elements [p, 2p)
+    // writes only over doubles [p / 2, p), read by earlier stages, so each stage's reads and
+    // writes are disjoint and its items may run in any order; the first stage goes through a
+    // copy.
+    Scalar* f = reinterpret_cast<Scalar*>(hinv);
+    Index done = std::min(total, kChunk);
+    std::vector<Scalar> head(static_cast<size_t>(done));
+    narrow(0, done, head.data());
+    std::memcpy(f, head.data(), sizeof(Scalar) * static_cast<size_t>(done));
+    while (done < total) {
+      const Index begin = done, end = std::min(total, 2 * done);
+      parallel_for((end - begin + kChunk - 1) / kChunk, threads, nullptr, [&](Index item, int) {
+        const Index from = begin + item * kChunk;
+        narrow(from, std::min(end, from + kChunk), f + from);
+      });
+      done = end;
+    }
+    return f;
+  }
 }
 
 // The sweep over one layer; `weight` starts as W and ends as the result, `pruned` starts with
@@ -65,8 +103,9 @@ bool upper_factor_of_inverse(double* hinv, Index n, int num_threads, InterruptHo
 template <class Scalar>
 class Sweep {
  public:
-  Sweep(const SparseGptJob<Scalar>& job, const RowMatrix<Scalar>& upper, const RunOptions& run)
-      : opt_(job), unit_(job.unit), upper_(upper), weight_(job.weight, job.rows, job.cols),
+  Sweep(const SparseGptJob<Scalar>& job, const Scalar* upper, const RunOptions& run)
+      : opt_(job), unit_(job.unit), upper_(upper, job.cols, job.cols),
+        weight_(job.weight, job.rows, job.cols),
         pruned_(job.pruned, job.rows, job.cols), run_(run), rows_(job.rows), cols_(job.cols),
         lazy_(job.lazy_block) {
     chunks_ = (rows_ + kRowChunk - 1) / kRowChunk;
@@ -250,7 +289,7 @@ class Sweep {
 
   const SparseGptJob<Scalar>& opt_;
   Index unit_;
-  const RowMatrix<Scalar>& upper_;
+  Eigen::Map<const RowMatrix<Scalar>> upper_;  // in job.hinv's memory
   Eigen::Map<RowMatrix<Scalar>> weight_;
   Eigen::Map<MaskMatrix> pruned_;
   const RunOptions& run_;
@@ -264,8 +303,9 @@ class Sweep {
 
 template <class Scalar>
 bool sweep(const SparseGptJob<Scalar>& job, const RunOptions& run) {
-  RowMatrix<Scalar> upper;
-  if (!upper_factor_of_inverse<Scalar>(job.hinv, job.cols, run.num_threads, run.interrupt, upper)) return false;
+  const Scalar* upper =
+      upper_factor_of_inverse<Scalar>(job.hinv, job.cols, run.num_threads, run.interrupt);
+  if (upper == nullptr) return false;
   Sweep<Scalar>(job, upper, run).run();
   return true;
 }
