@@ -1,11 +1,15 @@
 // Tests for obc/gptq.hpp, obc/quant_refine.hpp and obc/quant_select.hpp: fixed-order quantization,
-// refinement of the codes, the per-row choice, and thread-count independence.
+// refinement of the codes, the per-row choice, and independence of the thread count and of the
+// CPU's cache size.
 #include "obc/gptq.hpp"
+
+#include <tuple>
 
 #include "check.hpp"
 #include "obc/errors.hpp"
 #include "obc/quant_refine.hpp"
 #include "obc/quant_select.hpp"
+#include "obc/sparsegpt.hpp"
 #include "problems.hpp"
 
 using namespace obc;
@@ -91,6 +95,40 @@ OBC_TEST(select_picks_the_lower_loss_per_row_for_any_thread_count) {
   QuantSelectOptions twice;
   twice.methods = {QuantMethod::Gptq, QuantMethod::Gptq};
   CHECK_THROWS(quantize_select<double>(p.W, p.H, opt, twice), InvalidArgument);
+}
+
+// Eigen cuts a product's inner dimension into panels sized from the L1 cache it detects, which
+// changes the rounding of long dot products from one CPU model to the next. The solvers must not
+// depend on it (a Ray worker on another CPU must reproduce a local run): their long sums are
+// the core's own fixed-order kernels, and their Eigen products stay shallower than any panel.
+// This fails if a solver starts summing through a deep Eigen product. The plain product at the
+// start shows that the L1 setting does change such a product's bits here.
+OBC_TEST(results_do_not_depend_on_the_l1_size_eigen_detected) {
+  auto p = obc_test::make_problem(64, 1100, 1400, 47, 1.0);
+  const RowMatrix<float> Wf = p.W.cast<float>();
+  std::ptrdiff_t l1 = 0, l2 = 0, l3 = 0;
+  Eigen::internal::manage_caching_sizes(Eigen::GetAction, &l1, &l2, &l3);
+  QuantOptions opt;
+  opt.bits = 4;
+  opt.group_size = 100;
+  SparseGptOptions sopt;
+  sopt.sparsity = 0.5;
+  Eigen::setCpuCacheSizes(32 * 1024, l2, l3);
+  const Eigen::MatrixXd deep_base = p.W * p.H;  // depth 1100
+  const auto base = std::make_tuple(quantize_select<double>(p.W, p.H, opt),
+                                    quantize_select<float>(Wf, p.H, opt), prune_sparsegpt<float>(Wf, p.H, sopt));
+  for (std::ptrdiff_t other : {std::ptrdiff_t{16 * 1024}, std::ptrdiff_t{64 * 1024}}) {
+    Eigen::setCpuCacheSizes(other, l2, l3);
+    const Eigen::MatrixXd deep = p.W * p.H;
+    CHECK(deep != deep_base);  // the setting matters for a deep product
+    const auto q64 = quantize_select<double>(p.W, p.H, opt);
+    const auto q32 = quantize_select<float>(Wf, p.H, opt);
+    const auto sparse = prune_sparsegpt<float>(Wf, p.H, sopt);
+    CHECK(q64.weight == std::get<0>(base).weight && q64.row_losses == std::get<0>(base).row_losses);
+    CHECK(q32.weight == std::get<1>(base).weight && q32.row_losses == std::get<1>(base).row_losses);
+    CHECK(sparse.weight == std::get<2>(base).weight);
+  }
+  Eigen::setCpuCacheSizes(l1, l2, l3);
 }
 
 OBC_TEST_MAIN
