@@ -220,8 +220,7 @@ def budget_plan(
     level columns. Raises InfeasibleBudgetError (a ValueError) when no choice fits the budget.
     """
     spec = as_budget_spec(budget)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    objective = _arrays.as_choice(objective, "objective", OBJECTIVES)
     database = _as_database(database)
     infos, _ = _database_layers(model, database, recipe)
     solution = solve_database(database, spec, objective=objective)
@@ -841,8 +840,7 @@ def compress_to_budget(
     executor = as_executor(executor)
     start = time.perf_counter()
     spec = as_budget_spec(budget)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    objective = _arrays.as_choice(objective, "objective", OBJECTIVES)
     if objective == "model" and database is None and not stitch:
         raise ValueError("objective: 'model' needs stitched model losses: pass stitch=True (or such a database)")
     solution = None
