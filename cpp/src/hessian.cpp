@@ -181,10 +181,32 @@ template void write_damped_hessian_moved<double>(const HessianRef&, const Prepar
                                                  double*, const Index*, int, InterruptHook*);
 
 NotPositiveDefinite not_positive_definite(const PreparedHessian& prep) {
+  const Index live = prep.cols() - prep.num_dead;
+  // If H were positive semidefinite, H + lambda I would have its eigenvalues in
+  // [lambda, live_trace] (H's largest is at most its trace), so condition number <= live_trace /
+  // lambda. Its Cholesky factorization then provably succeeds while that bound times
+  // live^2 * eps is well below 1 (Demmel's bound for the diagonally scaled matrix), and its
+  // pivots stay far above kPivotTolerance of their diagonal. A failure there can only mean
+  // that H itself has a negative eigenvalue, and more damping would only mask that.
+  const double cond_bound = prep.damp_absolute > 0 ? prep.live_trace / prep.damp_absolute : 0.0;
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double n = static_cast<double>(live);
+  const bool indefinite = cond_bound > 0 && cond_bound * n * n * eps <= 0.1 &&
+                          cond_bound * kPivotTolerance <= 0.01;
+  if (indefinite)
+    return NotPositiveDefinite(detail::concat(
+        "H is not positive semidefinite (it has a negative eigenvalue, which no Hessian "
+        "2/n X X^T has): even with damp = ", prep.damp, " (lambda = ", prep.damp_absolute,
+        " added to the diagonal of ", live, " live inputs) it has no Cholesky factor, which any "
+        "positive semidefinite H of its trace would. Was it accumulated from inconsistent data "
+        "(a Hessian or sum edited, subtracted, or pieced together from different layers)? "
+        "Increasing damp would only mask this."));
   return NotPositiveDefinite(detail::concat(
       "H is not positive definite after damping: damp = ", prep.damp,
-      " (lambda = ", prep.damp_absolute, " added to the diagonal of ", prep.cols() - prep.num_dead,
-      " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples."));
+      " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,
+      " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples; "
+      "if H was not accumulated as 2/n X X^T, it may itself be indefinite (not positive "
+      "semidefinite), which damping cannot make right."));
 }
 
 }  // namespace internal
