@@ -519,6 +519,24 @@ class _Run:
             damps.append(result.damp)
             units.append(result)
         new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
+        loss_unrounded = None
+        stored = info.module.weight.dtype
+        if stored not in (torch.float32, torch.float64):
+            # A float16 / bfloat16 model holds the float32 solution rounded to its dtype: report
+            # the loss and sparsity of those weights (what the model computes with; rounding
+            # can also flush tiny weights to zero) and keep the solver's loss beside it.
+            rounded = torch.from_numpy(new).to(stored).to(torch.float32).numpy()
+            if not np.all(np.isfinite(rounded)):
+                raise CompressionError(
+                    f"layer {info.name!r}: compressed weights exceed the range of the model's dtype {stored} "
+                    f"(largest magnitude {float(np.max(np.abs(new))):.6g}); compress the model in float32")
+            rounded[rounded == 0] = 0.0
+            loss_unrounded = loss
+            loss = 0.0
+            for g, hessian in enumerate(job.hessians):
+                part = slice(g * rows, (g + 1) * rows)
+                loss += float(np.sum(self.core.layer_loss(dense[part], rounded[part], hessian, **self.threads)))
+            new = rounded
 
         grid = None
         if config.bits is not None:
@@ -540,6 +558,7 @@ class _Run:
             sparsity=float(np.mean(new == 0)),
             bits=config.bits,
             loss=loss,
+            loss_unrounded=loss_unrounded,
             baseline_loss=baseline_loss,
             damp=max(present) if present else None,
             samples=stats.n,
