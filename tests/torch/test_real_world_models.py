@@ -138,6 +138,54 @@ def test_nan_weight_is_named_before_any_work():
         compress(model, batches(), LayerConfig(bits=4), quiet=True)
 
 
+def test_finiteness_check_needs_no_full_size_temporary(monkeypatch):
+    # before: torch.isfinite(param).all() per parameter, a boolean temporary of the parameter's
+    # size (131 MB for a 32000 x 4096 embedding). Now a sum, then chunks if the sum is not finite.
+    module = importlib.import_module("obc_native.torch.compress")
+    monkeypatch.setattr(module, "_FINITE_CHUNK", 7)
+    sizes = []
+    isfinite = torch.isfinite
+
+    def recording(t):
+        sizes.append(t.numel())
+        return isfinite(t)
+
+    monkeypatch.setattr(torch, "isfinite", recording)
+    base = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(2))
+    views = [
+        lambda t: t, lambda t: t.half(), lambda t: t.to(torch.bfloat16), lambda t: t.double(),
+        lambda t: t.transpose(0, 2), lambda t: t.permute(1, 2, 0), lambda t: t[:, ::2],
+        lambda t: t[0, 0, 0], lambda t: t.reshape(-1)[::3],
+        # finite, but the float16 sum overflows: decided by the chunks
+        lambda t: torch.full((40,), 60000.0, dtype=torch.float16),
+    ]
+    for make in views:
+        sizes.clear()
+        assert module._all_finite(make(base.clone()))
+        assert max(sizes) <= 7
+        for value in (float("nan"), float("inf"), -float("inf")):
+            size = make(base).numel()
+            for index in (0, size // 2, size - 1):
+                broken = make(base.clone())  # a view of the clone: writes reach what is checked
+                broken[tuple(int(i) for i in np.unravel_index(index, broken.shape))] = value
+                sizes.clear()
+                assert not module._all_finite(broken), (broken.shape, value, index)
+                assert max(sizes) <= 7
+    overflowing = views[-1](base)
+    assert not torch.isfinite(overflowing.sum())
+    sizes.clear()
+    assert module._all_finite(overflowing) and sizes[0] == 1 and len(sizes) > 1  # sum, then chunks
+    both = base.clone()  # +Inf and -Inf: the sum is NaN, still caught
+    both[0, 0, 0], both[5, 4, 3] = float("inf"), -float("inf")
+    assert not module._all_finite(both)
+    monkeypatch.undo()
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[63, 31] = float("inf")
+    with pytest.raises(ValueError, match=r"model: parameter\(s\) 0\.weight contain NaN or Inf"):
+        compress(model, batches(), LayerConfig(bits=4), quiet=True)
+
+
 def test_inputs_and_labels_batches_hint_at_forward():
     from torch.utils.data import DataLoader, TensorDataset
 
