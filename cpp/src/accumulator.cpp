@@ -291,6 +291,26 @@ HessianAccumulator HessianAccumulator::from_state(const Eigen::Ref<const Eigen::
   }
   OBC_CHECK(count > 0 || sum.cwiseAbs().maxCoeff() == 0,
             "sum: expected all zeros for a sample count of 0");
+  // A sum of x x^T is positive semidefinite, so every 2x2 principal minor is >= 0:
+  // |s_ij| <= sqrt(s_ii s_jj). Checking this costs O(cols^2), like reading the state; it catches
+  // the common inconsistencies (edited, subtracted or mismatched sums) here rather than as
+  // "increase damp" in a later solve, which still catches indefiniteness this test misses (a
+  // full test needs an O(cols^3) factorization). Rounding: each entry is a float64 sum of
+  // `count` products, within count * eps of sum |x_i x_j| <= sqrt(s_ii s_jj); 4x that is allowed.
+  const double slack =
+      1 + 1e-12 + 4 * std::numeric_limits<double>::epsilon() * static_cast<double>(count);
+  const Eigen::VectorXd root = sum.diagonal().cwiseSqrt();
+  for (Index j = 0; j < sum.cols(); ++j) {
+    for (Index i = j + 1; i < sum.rows(); ++i) {
+      if (std::abs(sum(i, j)) <= root[i] * root[j] * slack) continue;
+      throw InvalidArgument(detail::concat(
+          "sum: expected a positive semidefinite sum of x x^T, got an indefinite one: |sum[", i,
+          ",", j, "]| = ", std::abs(sum(i, j)), " exceeds sqrt(sum[", i, ",", i, "] * sum[", j,
+          ",", j, "]) = ", root[i] * root[j], ", which no sum of x x^T does; was it accumulated ",
+          "from inconsistent data (edited, subtracted, or pieced together from different "
+          "layers)?"));
+    }
+  }
   HessianAccumulator acc(sum.rows(), options);
   acc.sum_ = sum;
   acc.count_ = count;

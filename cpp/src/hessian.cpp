@@ -181,10 +181,32 @@ template void write_damped_hessian_moved<double>(const HessianRef&, const Prepar
                                                  double*, const Index*, int, InterruptHook*);
 
 NotPositiveDefinite not_positive_definite(const PreparedHessian& prep) {
+  const Index live = prep.cols() - prep.num_dead;
+  // If H were positive semidefinite, H + lambda I would have its eigenvalues in
+  // [lambda, live_trace] (H's largest is at most its trace), so condition number <= live_trace /
+  // lambda. Its Cholesky factorization then provably succeeds while that bound times
+  // live^2 * eps is well below 1 (Demmel's bound for the diagonally scaled matrix), and its
+  // pivots stay far above kPivotTolerance of their diagonal. A failure there can only mean
+  // that H itself has a negative eigenvalue, and more damping would only mask that.
+  const double cond_bound = prep.damp_absolute > 0 ? prep.live_trace / prep.damp_absolute : 0.0;
+  const double eps = std::numeric_limits<double>::epsilon();
+  const double n = static_cast<double>(live);
+  const bool indefinite = cond_bound > 0 && cond_bound * n * n * eps <= 0.1 &&
+                          cond_bound * kPivotTolerance <= 0.01;
+  if (indefinite)
+    return NotPositiveDefinite(detail::concat(
+        "H is not positive semidefinite (it has a negative eigenvalue, which no Hessian "
+        "2/n X X^T has): even with damp = ", prep.damp, " (lambda = ", prep.damp_absolute,
+        " added to the diagonal of ", live, " live inputs) it has no Cholesky factor, which any "
+        "positive semidefinite H of its trace would. Was it accumulated from inconsistent data "
+        "(a Hessian or sum edited, subtracted, or pieced together from different layers)? "
+        "Increasing damp would only mask this."));
   return NotPositiveDefinite(detail::concat(
       "H is not positive definite after damping: damp = ", prep.damp,
-      " (lambda = ", prep.damp_absolute, " added to the diagonal of ", prep.cols() - prep.num_dead,
-      " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples."));
+      " (lambda = ", prep.damp_absolute, " added to the diagonal of ", live,
+      " live inputs). Increase damp (e.g. 0.01 or 0.1) or collect more calibration samples; "
+      "if H was not accumulated as 2/n X X^T, it may itself be indefinite (not positive "
+      "semidefinite), which damping cannot make right."));
 }
 
 }  // namespace internal
@@ -287,6 +309,28 @@ void reject_negative_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   }
 }
 
+// W, W_hat and H are finite (validated), and the kernel sums in float64 whatever W's dtype: a
+// non-finite loss can only mean that 1/2 dw H dw^T overflowed float64 (e.g. |W - W_hat| ~ 1e300,
+// or float32 weights near FLT_MAX with a large H). Name the argument whose scale is to blame:
+// W_hat only when it is clearly the larger (the solvers pass their own result as W_hat, which
+// has W's scale, so there the message names the caller's W).
+template <class Scalar>
+[[noreturn]] void throw_loss_overflow(const Eigen::Ref<const RowMatrix<Scalar>>& W,
+                                      const Eigen::Ref<const RowMatrix<Scalar>>& W_hat,
+                                      const HessianRef& H) {
+  double w_norm2 = 0, hat_norm2 = 0;  // Inf when they overflow float64 themselves
+  for (Index r = 0; r < W.rows(); ++r) {
+    w_norm2 = std::max(w_norm2, W.row(r).template cast<double>().squaredNorm());
+    hat_norm2 = std::max(hat_norm2, W_hat.row(r).template cast<double>().squaredNorm());
+  }
+  const bool blame_hat = hat_norm2 > 4 * w_norm2;
+  throw Overflow(detail::concat(
+      blame_hat ? "W_hat" : "W", ": values too large: the loss 1/2 (w - w_hat) H (w - w_hat)^T "
+      "overflows float64 (max over rows of ||w||^2 = ", w_norm2, ", of ||w_hat||^2 = ", hat_norm2,
+      ", trace(H) = ", live_trace(H), "); rescale ", blame_hat ? "W_hat" : "W",
+      " or H (losses are quadratic in the weights, linear in H)"));
+}
+
 }  // namespace
 
 template <class Scalar>
@@ -307,7 +351,7 @@ Eigen::VectorXd row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   internal::row_kernels<Scalar>().row_losses(W.data(), W_hat.data(), W.rows(), W.cols(),
                                              internal::input_of(H), losses.data(), num_threads,
                                              interrupt);
-  check_finite_result(losses, "row losses");  // e.g. |W - W_hat| ~ 1e300: d H d^T overflows
+  if (!losses.allFinite()) throw_loss_overflow<Scalar>(W, W_hat, H);
   reject_negative_losses<Scalar>(W, W_hat, H, losses);
   return losses;
 }

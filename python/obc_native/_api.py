@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+
 import numpy as np
 
 from . import _arrays, _closed_form, _core
@@ -196,6 +198,11 @@ def _methods(method, cols: int) -> list:
     if isinstance(method, (bytes, bytearray)) or not np.iterable(method):
         raise TypeError(f"method: expected a string or a sequence of strings, got "
                         f"{type(method).__name__}")
+    if isinstance(method, collections.abc.Set):
+        # A set's iteration order follows string hashing, which varies between processes
+        # (PYTHONHASHSEED): the candidates' order breaks ties, so results would too.
+        raise TypeError(f"method: expected a string or a list or tuple of strings (their order "
+                        f"breaks ties), got a {type(method).__name__}, whose order is arbitrary")
     names = list(method)
     if not names:
         raise ValueError(f"method: expected at least one of {QUANT_METHODS}, got an empty sequence")
@@ -249,7 +256,8 @@ def quantize(W, H, bits, *, sym=True, group_size=None, grid="mse", damp=0.01, me
             "obq" (the paper's greedy OBQ: the weight whose rounding costs least goes first),
             "gptq" (fixed order by descending diag(H), "act-order", lazy block updates),
             "gptq-natural" (fixed order 0, 1, ...), "rtn" (round to nearest); or a sequence of
-            these names as the candidates (ties go to the one listed first). With zeros in W,
+            these names as the candidates (ties go to the one listed first; a set is refused,
+            its order varies between processes). With zeros in W,
             "gptq" sets the pruned weights to 0 in turn and propagates their error (SparseGPT's
             joint mode); "obq" removes them before it starts.
         refine: after each candidate, passes of exact descent over the codes until a pass gains

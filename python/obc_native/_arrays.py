@@ -129,7 +129,16 @@ def as_threads(value) -> int:
 
 
 def as_choice(value, name: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
+    """``value`` if it is one of the strings ``choices``.
+
+    Raises TypeError when value is not a string (None, a number, bytes: a wrong type, STYLE
+    rule 4) and ValueError when it is a string outside ``choices``; both messages name the
+    argument and list the choices.
+    """
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {choices}, got {value!r} "
+                        f"({type(value).__name__}, not a string)")
+    if value not in choices:
         raise ValueError(f"{name}: expected one of {choices}, got {value!r}")
     return value
 

@@ -223,6 +223,43 @@ def test_grid_and_damp_values(wh):
         obc_native.prune_unstructured(W, H, 0.5, num_threads=-1)
 
 
+# Every string-choice argument of the numpy API: a non-string is a wrong type (TypeError, STYLE
+# rule 4), an unknown string a wrong value (ValueError); both name the argument.
+CHOICE_ARGS = {
+    "prune_unstructured method": lambda W, H, v: obc_native.prune_unstructured(W, H, 0.5, method=v),
+    "prune_unstructured spread": lambda W, H, v: obc_native.prune_unstructured(W, H, 0.5, spread=v),
+    "prune_nm method": lambda W, H, v: obc_native.prune_nm(W, H, 2, 4, method=v),
+    "prune_blocked spread": lambda W, H, v: obc_native.prune_blocked(W, H, 0.5, 2, spread=v),
+    "prune_structured method": lambda W, H, v: obc_native.prune_structured(W, H, 0.5, method=v),
+    "trace_unstructured method": lambda W, H, v: obc_native.trace_unstructured(W, H, method=v),
+    "quantize method": lambda W, H, v: obc_native.quantize(W, H, 4, method=v),
+    "quantize method-list": lambda W, H, v: obc_native.quantize(W, H, 4, method=["gptq", v]),
+    "quantize grid": lambda W, H, v: obc_native.quantize(W, H, 4, grid=v),
+    "quantize_rtn grid": lambda W, H, v: obc_native.quantize_rtn(W, H, 4, grid=v),
+    "trace.weights spread": lambda W, H, v: obc_native.trace_unstructured(W, H).weights(0.5, v),
+    "build_layer_levels spread": lambda W, H, v: obc_native.build_layer_levels(
+        W, H, spread=v, nm=(), bits=()),
+    "build_layer_levels grid": lambda W, H, v: obc_native.build_layer_levels(
+        W, H, grid=v, nm=(), bits=()),
+    "build_layer_levels quant_method": lambda W, H, v: obc_native.build_layer_levels(
+        W, H, quant_method=v, nm=(), bits=()),
+    "build_layer_levels prune_method": lambda W, H, v: obc_native.build_layer_levels(
+        W, H, prune_method=v, nm=(), bits=()),
+}
+
+
+@pytest.mark.parametrize("case", CHOICE_ARGS)
+def test_choice_arguments_wrong_type_and_value(wh, case):
+    W, H = wh
+    arg = case.split()[1].split("-")[0]
+    for bad in (None, 3, 1.5, b"exact", True):
+        with pytest.raises(TypeError, match=names(arg)) as info:
+            CHOICE_ARGS[case](W, H, bad)
+        assert not isinstance(info.value, ValueError)
+    with pytest.raises(ValueError, match=names(arg) + ": expected one of"):
+        CHOICE_ARGS[case](W, H, "no-such-choice")
+
+
 # ----------------------------------------------------------------------------------------------
 # Singular Hessians
 # ----------------------------------------------------------------------------------------------

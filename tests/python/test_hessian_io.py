@@ -264,6 +264,10 @@ CORRUPTIONS = {
     "asymmetric": (lambda d: reseal(_put(d, 40, "<d", 1e3) or d), "invalid Hessian file contents"),
     "nan": (lambda d: reseal(_put(d, 32, "<d", np.nan) or d), "finite"),
     "negative-diagonal": (lambda d: reseal(_put(d, 32, "<d", -1.0) or d), "non-negative"),
+    # sum[0,1] = sum[1,0] far above sqrt(sum[0,0] sum[1,1]): symmetric but indefinite
+    "indefinite": (lambda d: reseal(_put(d, 40, "<d", 1e6) or _put(d, 64, "<d", 1e6) or d),
+                   r"invalid Hessian file contents: sum: expected a positive semidefinite .*"
+                   r"indefinite one: \|sum\[1,0\]\| = 1e\+06"),
 }
 
 
@@ -276,6 +280,40 @@ def test_corrupted_files_are_rejected(good_file, name):
     with pytest.raises(ValueError, match=message) as info:
         load_hessian(bad)
     assert "bad.obchess" in str(info.value)
+
+
+def test_indefinite_sum_is_refused_at_load_or_named_by_the_solve(tmp_path):
+    # Before: an indefinite sum loaded fine and the solve said only "increase damp". Now the load
+    # checks every 2x2 minor (O(cols^2)); an indefiniteness only larger minors show (here all
+    # 2x2 minors are positive, the determinant is not) is named by the solve instead.
+    count = 2
+    two_by_two = np.array([[1.0, 3.0], [3.0, 1.0]]) * count / 2
+    with pytest.raises(ValueError, match=r"sum: expected a positive semidefinite sum .* "
+                       r"indefinite one: \|sum\[1,0\]\| = 3 exceeds"):
+        HessianAccumulator._from_state(two_by_two, count)
+    H = np.array([[1.0, 0.9, -0.9], [0.9, 1.0, 0.9], [-0.9, 0.9, 1.0]])
+    assert np.linalg.eigvalsh(H)[0] < 0
+    acc = HessianAccumulator._from_state(H * count / 2, count)
+    acc.save(tmp_path / "h.obchess")
+    H_loaded = load_hessian(tmp_path / "h.obchess").hessian()
+    assert np.array_equal(H_loaded, H)
+    W = np.random.default_rng(3).standard_normal((2, 3))
+    for solve in (lambda: obc_native.quantize(W, H_loaded, 4),
+                  lambda: obc_native.quantize(W, H_loaded, 4, method="gptq"),
+                  lambda: obc_native.prune_unstructured(W, H_loaded, 0.5, damp=0.1)):
+        with pytest.raises(obc_native.HessianError, match=r"H is not positive semidefinite .* inconsistent data"):
+            solve()
+    # Without damping a merely singular H fails the same way: the message allows for both.
+    with pytest.raises(obc_native.HessianError, match=r"(?s)Increase damp.*may itself be indefinite"):
+        obc_native.quantize(W, H_loaded, 4, damp=0.0)
+    # Rounding never trips the load check: duplicated and opposite columns (|s_ij| = s_ii = s_jj)
+    X = np.random.default_rng(4).standard_normal((5000, 4)).astype(np.float32)
+    X = np.concatenate([X, X[:, :2], -X[:, 2:3] * 3], axis=1)
+    good = HessianAccumulator(7)
+    for start in range(0, 5000, 700):
+        good.add(X[start:start + 700])
+    good.save(tmp_path / "good.obchess")
+    assert np.array_equal(load_hessian(tmp_path / "good.obchess").sum(), good.sum())
 
 
 def test_missing_file_is_oserror(tmp_path):

@@ -96,8 +96,35 @@ def test_reported_cases():
         obc.quantize(row, np.eye(8), 3, sym=False, group_size=4)
     with pytest.raises(ValueError, match="W: values too large for float64"):
         obc.prune_structured(np.full((1, 2), DBL_MAX / 4), np.eye(2), 0.5)
-    with pytest.raises(ValueError, match="row losses"):
+    with pytest.raises(ValueError, match="W: values too large: the loss .* overflows float64"):
         obc.layer_loss(np.full((1, 2), DBL_MAX / 4), np.zeros((1, 2)), np.eye(2))
+
+
+def test_loss_overflow_names_the_argument():
+    # Losses are summed in float64 for every dtype, so a finite layer whose loss overflows float64
+    # is the caller's scale: the message names W (or W_hat) and says to rescale, instead of the
+    # generic "row losses: the solve produced NaN or Inf".
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((8, 40))
+    H = 2 / 40 * X @ X.T
+    big = rng.standard_normal((2, 8)) * 1e160
+    small = rng.standard_normal((2, 8))
+    w_msg = r"^W: values too large: the loss .* overflows float64 .*rescale W or H"
+    hat_msg = r"^W_hat: values too large: the loss .* overflows float64 .*rescale W_hat or H"
+    with pytest.raises(ValueError, match=w_msg):
+        obc.layer_loss(big, small, H)
+    with pytest.raises(ValueError, match=hat_msg):
+        obc.layer_loss(small, big, H)
+    with pytest.raises(ValueError, match=w_msg):
+        obc.quantize_rtn(big, H, 4)
+    # float32 weights near FLT_MAX: fine with a unit-scale H (float64 losses), too large with a
+    # huge one.
+    W32 = (small * 1e38).astype(np.float32)
+    assert np.all(np.isfinite(obc.quantize_rtn(W32, H, 4).row_losses))
+    with pytest.raises(ValueError, match=w_msg):
+        obc.quantize_rtn(W32, H * 1e300, 4)
+    with pytest.raises(ValueError, match=w_msg):
+        obc.layer_loss(W32, np.zeros_like(W32), H * 1e300)
 
 
 @pytest.mark.parametrize("dtype,exponent", [(np.float32, 40), (np.float64, 400)])

@@ -233,7 +233,7 @@ def test_bad_method_and_options():
     W, H, _ = make_problem(4, 8, seed=19)
     with pytest.raises(ValueError, match=r"method: expected one of \('exact', 'sparsegpt'\)"):
         obc.prune_unstructured(W, H, 0.5, method="sparse_gpt")
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(TypeError, match="method: expected one of"):
         obc.prune_nm(W, H, 2, 4, method=None)
     with pytest.raises(ValueError, match="'sparsegpt' is not available for structured"):
         obc.prune_structured(W, H, 0.5, method="sparsegpt")

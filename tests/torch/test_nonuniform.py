@@ -420,6 +420,8 @@ def test_bad_budgets(digits, prune_db):
         compress(model, calibration, budget="flops=2x", database=prune_db, objective="model", quiet=True)
     with pytest.raises(ValueError, match="objective"):
         compress(model, calibration, budget="flops=2x", objective="best", quiet=True)
+    with pytest.raises(TypeError, match="objective: expected one of"):  # a wrong type
+        compress(model, calibration, budget="flops=2x", objective=None, quiet=True)
     with pytest.raises(TypeError, match="database"):
         compress(model, calibration, budget="flops=2x", database={"layers": []}, quiet=True)
     assert_state_equal(model, state)

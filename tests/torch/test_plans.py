@@ -107,3 +107,5 @@ def test_budget_plan_checks_its_arguments():
         budget_plan(model, object(), "params=2x")
     with pytest.raises(ValueError, match="objective"):
         budget_plan(model, object(), "params=2x", objective="best")
+    with pytest.raises(TypeError, match="objective: expected one of"):
+        budget_plan(model, object(), "params=2x", objective=3)

@@ -8,6 +8,7 @@ built under torch.inference_mode() failed with torch's in-place error after the 
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -137,6 +138,54 @@ def test_nan_weight_is_named_before_any_work():
         compress(model, batches(), LayerConfig(bits=4), quiet=True)
 
 
+def test_finiteness_check_needs_no_full_size_temporary(monkeypatch):
+    # before: torch.isfinite(param).all() per parameter, a boolean temporary of the parameter's
+    # size (131 MB for a 32000 x 4096 embedding). Now a sum, then chunks if the sum is not finite.
+    module = importlib.import_module("obc_native.torch.compress")
+    monkeypatch.setattr(module, "_FINITE_CHUNK", 7)
+    sizes = []
+    isfinite = torch.isfinite
+
+    def recording(t):
+        sizes.append(t.numel())
+        return isfinite(t)
+
+    monkeypatch.setattr(torch, "isfinite", recording)
+    base = torch.randn(6, 5, 4, generator=torch.Generator().manual_seed(2))
+    views = [
+        lambda t: t, lambda t: t.half(), lambda t: t.to(torch.bfloat16), lambda t: t.double(),
+        lambda t: t.transpose(0, 2), lambda t: t.permute(1, 2, 0), lambda t: t[:, ::2],
+        lambda t: t[0, 0, 0], lambda t: t.reshape(-1)[::3],
+        # finite, but the float16 sum overflows: decided by the chunks
+        lambda t: torch.full((40,), 60000.0, dtype=torch.float16),
+    ]
+    for make in views:
+        sizes.clear()
+        assert module._all_finite(make(base.clone()))
+        assert max(sizes) <= 7
+        for value in (float("nan"), float("inf"), -float("inf")):
+            size = make(base).numel()
+            for index in (0, size // 2, size - 1):
+                broken = make(base.clone())  # a view of the clone: writes reach what is checked
+                broken[tuple(int(i) for i in np.unravel_index(index, broken.shape))] = value
+                sizes.clear()
+                assert not module._all_finite(broken), (broken.shape, value, index)
+                assert max(sizes) <= 7
+    overflowing = views[-1](base)
+    assert not torch.isfinite(overflowing.sum())
+    sizes.clear()
+    assert module._all_finite(overflowing) and sizes[0] == 1 and len(sizes) > 1  # sum, then chunks
+    both = base.clone()  # +Inf and -Inf: the sum is NaN, still caught
+    both[0, 0, 0], both[5, 4, 3] = float("inf"), -float("inf")
+    assert not module._all_finite(both)
+    monkeypatch.undo()
+    model = small_mlp()
+    with torch.no_grad():
+        model[0].weight[63, 31] = float("inf")
+    with pytest.raises(ValueError, match=r"model: parameter\(s\) 0\.weight contain NaN or Inf"):
+        compress(model, batches(), LayerConfig(bits=4), quiet=True)
+
+
 def test_inputs_and_labels_batches_hint_at_forward():
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -259,3 +308,52 @@ def test_a_batch_of_no_samples_is_not_called_a_branch_not_taken():
     # before: "never called", though the layer ran (on a (0, 32) input)
     with pytest.raises(CalibrationError, match=r"\['0', '2'\] were never called .*or only on batches of 0 samples"):
         compress(small_mlp(), [torch.zeros(0, 32)], LayerConfig(bits=4), quiet=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_report_loss_is_of_the_weights_as_stored(dtype):
+    # A half-precision model holds the float32 solution rounded to its dtype: the report's loss
+    # and sparsity are of those weights (before: of the float32 solution), the solver's own loss
+    # is loss_unrounded. Layer "0" sees the calibration batches themselves, so H is known here.
+    model = small_mlp(dtype)
+    dense = model[0].weight.detach().to(torch.float64).numpy()
+    data = batches(dtype)
+    report = compress(model, data, LayerConfig(prune="unstructured", sparsity=0.5, bits=4), quiet=True)
+    X = torch.cat(data).to(torch.float64).numpy()
+    H = 2.0 / X.shape[0] * X.T @ X
+    stored = model[0].weight.detach().to(torch.float64).numpy()
+    delta = dense - stored
+    expected = 0.5 * float(np.einsum("ri,ij,rj->", delta, H, delta))
+    row = report.layer("0")
+    assert row.loss == pytest.approx(expected, rel=1e-6)
+    assert row.sparsity == float(np.mean(stored == 0))
+    if dtype == torch.float32:
+        assert row.loss_unrounded is None
+    else:
+        assert row.loss_unrounded is not None and row.loss_unrounded != row.loss
+        assert row.loss_unrounded == pytest.approx(row.loss, rel=0.2)
+    assert type(row).from_dict(row.to_dict()) == row
+
+
+def test_weights_beyond_the_models_dtype_range_are_an_error(monkeypatch):
+    # A float16 model cannot hold a solution beyond 65504: an error naming the layer, not Inf
+    # weights in the model (before: stored as Inf, with a finite loss in the report).
+    import obc_native
+
+    module = importlib.import_module("obc_native.torch.compress")
+
+    class HugeCore:
+        def __getattr__(self, name):
+            return getattr(obc_native, name)
+
+        def prune_unstructured(self, W, H, *args, **kwargs):
+            result = obc_native.prune_unstructured(W, H, *args, **kwargs)
+            result.weight[0, 0] = 1e5
+            return result
+
+    monkeypatch.setattr(module, "get_core", HugeCore)
+    model = small_mlp(torch.float16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(module.CompressionError, match=r"layer '0': compressed weights exceed the range .*float16"):
+        compress(model, batches(torch.float16), LayerConfig(prune="unstructured", sparsity=0.5), quiet=True)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

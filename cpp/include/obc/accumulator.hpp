@@ -94,7 +94,9 @@ class HessianAccumulator {
 
   /// Rebuilds an accumulator from a saved state (e.g. a Hessian file). Throws InvalidArgument
   /// unless `sum` is square, non-empty, finite, at most kMaxSumEntry in magnitude, exactly
-  /// symmetric with a non-negative diagonal, and all zero when count == 0.
+  /// symmetric with a non-negative diagonal, and all zero when count == 0; also when an
+  /// off-diagonal entry breaks |s_ij| <= sqrt(s_ii s_jj) beyond rounding (an indefinite sum,
+  /// which no sum of x x^T is; indefiniteness this O(cols^2) test misses surfaces in the solve).
   static HessianAccumulator from_state(const Eigen::Ref<const Eigen::MatrixXd>& sum,
                                        std::uint64_t count, const AccumulatorOptions& options = {});
 

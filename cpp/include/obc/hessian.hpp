@@ -104,6 +104,8 @@ void check_finite_result(const Eigen::DenseBase<Derived>& values, const char* wh
 /// ||(W - W_hat) X||^2 / n for H = 2/n X X^T. Uses the undamped H. Returns `rows` values.
 /// Validates H like prepare_hessian (InvalidArgument); an indefinite H, which would give a
 /// negative loss beyond rounding, throws InvalidArgument too (rounding-level negatives give 0).
+/// A loss that overflows float64 (values of W or W_hat too large for H's scale) throws Overflow
+/// naming W (or W_hat, when its rows are clearly the larger) and saying to rescale.
 /// `interrupt` (may be null) is polled from the calling thread; a stop throws Interrupted.
 /// Each row's value depends only on that row, W's column count and H: the same bits whatever
 /// other rows are in the call and for any thread count (rows may be solved in separate calls).

@@ -118,6 +118,44 @@ def _listing(names: list[str]) -> str:
     return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
+# Elements per exact finiteness check: a boolean temporary of at most 1 MiB.
+_FINITE_CHUNK = 1 << 20
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element of a floating-point tensor (any shape, device, layout) is finite,
+    without a temporary of the tensor's size (torch.isfinite(t).all() makes one of t.numel()
+    bytes: 131 MB for a 32000 x 4096 embedding).
+
+    Fast path: a sum is finite only if every term is (NaN and Inf propagate), and a reduction
+    needs no full-size temporary. A non-finite sum can also come from finite values overflowing
+    (easily in float16), so then each chunk of at most _FINITE_CHUNK elements is checked exactly.
+    """
+    if bool(torch.isfinite(tensor.sum())):
+        return True
+    return _all_finite_chunked(tensor)
+
+
+def _all_finite_chunked(tensor: torch.Tensor) -> bool:
+    if tensor.dim() == 0 or tensor.numel() <= _FINITE_CHUNK:
+        return bool(torch.isfinite(tensor).all())
+    if tensor.is_contiguous():  # a flat view: chunks of exactly _FINITE_CHUNK elements
+        flat = tensor.view(-1)
+        return all(
+            bool(torch.isfinite(flat[start : start + _FINITE_CHUNK]).all())
+            for start in range(0, flat.numel(), _FINITE_CHUNK)
+        )
+    # strided: views of whole sub-tensors along the first dimension, as many as fit in a chunk,
+    # or one sub-tensor at a time (recursively, one dimension less) when one alone does not fit
+    inner = tensor[0].numel()
+    if inner > _FINITE_CHUNK:
+        return all(_all_finite_chunked(tensor[index]) for index in range(tensor.shape[0]))
+    step = _FINITE_CHUNK // inner
+    return all(
+        bool(torch.isfinite(tensor[start : start + step]).all()) for start in range(0, tensor.shape[0], step)
+    )
+
+
 def _check_model_tensors(model: nn.Module) -> None:
     """ValueError naming the model's tensors that compression cannot use, before any work.
 
@@ -138,8 +176,7 @@ def _check_model_tensors(model: nn.Module) -> None:
             )
     with torch.no_grad():
         broken = [
-            name for name, param in model.named_parameters()
-            if param.is_floating_point() and not bool(torch.isfinite(param).all())
+            name for name, param in model.named_parameters() if param.is_floating_point() and not _all_finite(param)
         ]
     if broken:
         raise ValueError(f"model: parameter(s) {_listing(broken)} contain NaN or Inf")
@@ -220,8 +257,7 @@ def budget_plan(
     level columns. Raises InfeasibleBudgetError (a ValueError) when no choice fits the budget.
     """
     spec = as_budget_spec(budget)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    objective = _arrays.as_choice(objective, "objective", OBJECTIVES)
     database = _as_database(database)
     infos, _ = _database_layers(model, database, recipe)
     solution = solve_database(database, spec, objective=objective)
@@ -520,6 +556,24 @@ class _Run:
             damps.append(result.damp)
             units.append(result)
         new[new == 0] = 0.0  # no negative zeros: masks on disk are "bits != 0"
+        loss_unrounded = None
+        stored = info.module.weight.dtype
+        if stored not in (torch.float32, torch.float64):
+            # A float16 / bfloat16 model holds the float32 solution rounded to its dtype: report
+            # the loss and sparsity of those weights (what the model computes with; rounding
+            # can also flush tiny weights to zero) and keep the solver's loss beside it.
+            rounded = torch.from_numpy(new).to(stored).to(torch.float32).numpy()
+            if not np.all(np.isfinite(rounded)):
+                raise CompressionError(
+                    f"layer {info.name!r}: compressed weights exceed the range of the model's dtype {stored} "
+                    f"(largest magnitude {float(np.max(np.abs(new))):.6g}); compress the model in float32")
+            rounded[rounded == 0] = 0.0
+            loss_unrounded = loss
+            loss = 0.0
+            for g, hessian in enumerate(job.hessians):
+                part = slice(g * rows, (g + 1) * rows)
+                loss += float(np.sum(self.core.layer_loss(dense[part], rounded[part], hessian, **self.threads)))
+            new = rounded
 
         grid = None
         if config.bits is not None:
@@ -541,6 +595,7 @@ class _Run:
             sparsity=float(np.mean(new == 0)),
             bits=config.bits,
             loss=loss,
+            loss_unrounded=loss_unrounded,
             baseline_loss=baseline_loss,
             damp=max(present) if present else None,
             samples=stats.n,
@@ -841,8 +896,7 @@ def compress_to_budget(
     executor = as_executor(executor)
     start = time.perf_counter()
     spec = as_budget_spec(budget)
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: expected one of {OBJECTIVES}, got {objective!r}")
+    objective = _arrays.as_choice(objective, "objective", OBJECTIVES)
     if objective == "model" and database is None and not stitch:
         raise ValueError("objective: 'model' needs stitched model losses: pass stitch=True (or such a database)")
     solution = None

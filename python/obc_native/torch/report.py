@@ -41,12 +41,17 @@ class LayerReport:
         name, kind, shape: the layer (``shape`` is the weight parameter's shape).
         mode: recipe label ("2:4", "unstructured 50%", "int4", ...) or "skipped".
         method: "obc", "magnitude"/"rtn", or "" when skipped.
-        sparsity: achieved fraction of zero weights after compression.
+        sparsity: achieved fraction of zero weights after compression (as stored).
         bits: quantization bits or None.
         loss: ||(W - W_hat) X||_F^2 / n summed over output rows (and conv groups), with the
-            undamped calibration Hessian of this layer, W the weights before compression.
+            undamped calibration Hessian of this layer, W the weights before compression and
+            W_hat the weights as the model stores them (for float16 / bfloat16 models: the
+            solution rounded to that dtype).
+        loss_unrounded: float16 / bfloat16 models: the same loss for the solver's float32
+            solution before rounding to the model's dtype (their difference is the rounding's
+            effect); None for float32 / float64 models, which store the solution exactly.
         baseline_loss: the same for the magnitude / round-to-nearest result of the same setting
-            (None when not computed).
+            in float32, before any rounding to the model's dtype (None when not computed).
         damp: relative damping used by the solver (None for magnitude pruning alone).
         samples: calibration samples n the Hessian was averaged over.
         seconds: wall time of the solve (with bias correction), plus in sequential mode the
@@ -88,6 +93,7 @@ class LayerReport:
     quant_rows: dict[str, int] | None = None
     quant_loss_unrefined: float | None = None
     quant_loss: float | None = None
+    loss_unrounded: float | None = None
     grid: QuantGrid | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
