@@ -331,6 +331,9 @@ def save_compressed(
     layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
     (e.g. how to rebuild the architecture).
 
+    ``metadata`` that ``json`` cannot write (objects, NaN, inf, tuple keys) raises
+    ``TypeError`` before any work.
+
     ``directory`` is created if missing; :class:`SerializationError` before any work when it is
     a file or cannot be created or written, or holds a FIFO, device or folder under one of the two
     file names. Each file is written to a temporary file renamed into place (a failed save leaves
@@ -338,6 +341,13 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata: expected a dict of JSON values or None, got {type(metadata).__name__}")
+    try:  # now: once the tensor file is replaced, a failing manifest would leave it unmatched
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise TypeError(f"metadata: expected JSON values (str, number, bool, None, lists, dicts; "
+                        f"no NaN or inf), {err}") from None
     directory = os.fspath(directory)
     problem = make_output_folder(directory)  # before the layers are encoded
     for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
