@@ -123,6 +123,18 @@ def test_save_compressed_checks_metadata_before_replacing_an_earlier_save(tmp_pa
     load_compressed(small_mlp(), tmp_path)  # still whole
 
 
+def test_load_compressed_widen_must_be_a_bool(tmp_path):
+    model = small_mlp().half()
+    report = compress(model, [torch.randn(64, 64).half()], Recipe(default=LayerConfig(bits=4, group_size=32)),
+                      quiet=True)
+    save_compressed(model, tmp_path, report)
+    target = small_mlp()
+    before = state_of(target)
+    with pytest.raises(TypeError, match="widen: expected True or False, got 'no'"):
+        load_compressed(target, tmp_path, widen="no")  # was taken as True
+    assert_state_unchanged(target, before)
+
+
 def test_gguf_refuses_bad_reports_and_tensor_types_with_clear_errors(tmp_path):
     pytest.importorskip("gguf")
     from obc_native.torch import GGUFExportError, gguf_layer_config, save_gguf

@@ -636,7 +636,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
     raises :class:`SerializationError` otherwise (the model is unchanged then). Returns the
     manifest.
 
-    ``widen=True`` also accepts a model whose floating-point tensors are wider than the saved
+    ``widen=True`` (a bool; TypeError otherwise) also accepts a model whose floating-point tensors are wider than the saved
     ones (a float16 / bfloat16 save into a float32 or float64 model, float32 into float64):
     every value is converted exactly, and quantized layers take their grid values
     ``scale * (code - zero)`` (float32) directly, not their float16 rounding. This is how a
@@ -645,6 +645,8 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not isinstance(widen, bool):  # widen="no" would widen
+        raise TypeError(f"widen: expected True or False, got {widen!r}")
     directory = os.fspath(directory)
     manifest = read_manifest(directory)
     tensor_path = _own_file(directory, manifest["tensors"])  # read_manifest checked it is one of our names
