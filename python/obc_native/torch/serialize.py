@@ -636,11 +636,12 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
     raises :class:`SerializationError` otherwise (the model is unchanged then). Returns the
     manifest.
 
-    ``widen=True`` (a bool; TypeError otherwise) also accepts a model whose floating-point tensors are wider than the saved
+    ``widen=True`` also accepts a model whose floating-point tensors are wider than the saved
     ones (a float16 / bfloat16 save into a float32 or float64 model, float32 into float64):
     every value is converted exactly, and quantized layers take their grid values
     ``scale * (code - zero)`` (float32) directly, not their float16 rounding. This is how a
     half-precision compressed model is exported to ONNX, which needs float32 grid values.
+    ``widen`` must be a bool (TypeError otherwise).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
