@@ -260,3 +260,34 @@ def test_reports_of_half_precision_models_export_after_widening(tmp_path):
     with torch.no_grad():
         expected = wide(x).numpy()
     assert np.abs(got - expected).max() <= 1e-5 * np.abs(expected).max()
+
+
+def test_shrink_with_fold_of_an_untraceable_model_changes_nothing():
+    """Given chains (for a model fx cannot trace) with fold_batchnorm=True used to cut the channels,
+    then fail to trace for the fold: an error with the model already changed."""
+    from obc_native.torch import ShrinkError
+
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3)
+            self.bn = nn.BatchNorm2d(8)
+            self.conv2 = nn.Conv2d(8, 4, 1)
+
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on a value: torch.fx cannot trace it
+                x = x * 1
+            return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+    torch.manual_seed(0)
+    model = DataDependent().eval()
+    with torch.no_grad():
+        model.conv2.weight[:, :3] = 0
+    before = state_of(model)
+    with pytest.raises(ShrinkError, match="fold_batchnorm=True: torch.fx cannot trace DataDependent.*nothing was "
+                                          "changed"):
+        shrink_structured(model, chains=[("conv1", "bn", "conv2")], fold_batchnorm=True)
+    assert_state_unchanged(model, before)
+    assert model.conv1.out_channels == 8
+    report = shrink_structured(model, chains=[("conv1", "bn", "conv2")])  # without folding it shrinks
+    assert report.chains[0].kept == 5
