@@ -291,3 +291,23 @@ def test_shrink_with_fold_of_an_untraceable_model_changes_nothing():
     assert model.conv1.out_channels == 8
     report = shrink_structured(model, chains=[("conv1", "bn", "conv2")])  # without folding it shrinks
     assert report.chains[0].kept == 5
+
+
+def test_shrink_error_in_a_later_given_chain_leaves_the_model_unchanged():
+    """The first given chain used to be cut before the second raised: conv 0 lost three channels."""
+    from obc_native.torch import ShrinkError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 16, 5)).eval()
+    with torch.no_grad():
+        model[2].weight[:, :3] = 0  # chain 0 -> 2: three removable channels
+        model[5].weight[:, :5] = 0  # chain 2 -> 5: five zero columns, not whole blocks of 16
+    before = state_of(model)
+    x = torch.randn(2, 3, 4, 4)
+    expected = model(x).detach()
+    with pytest.raises(ShrinkError, match="Linear '5': its zero input columns"):
+        shrink_structured(model, chains=[("0", "2"), ("2", "5")])
+    assert_state_unchanged(model, before)
+    assert (model[0].out_channels, model[2].in_channels) == (8, 8)
+    assert torch.equal(model(x).detach(), expected)

@@ -180,7 +180,8 @@ def shrink_structured(
 
     Raises:
         ShrinkError: a given chain names a missing module or one of the wrong type or width; a
-            given conv -> Linear chain whose Linear zero columns do not form whole channel blocks;
+            given conv -> Linear chain whose Linear zero columns do not form whole channel blocks
+            (chains cut before it are restored: the model is unchanged);
             a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
             channels (the spatial size cannot be inferred); or ``chains`` is None and the model
             cannot be traced.
@@ -221,17 +222,25 @@ def shrink_structured(
         if repeated:
             raise ShrinkError(f"chains: {', '.join(repeated)} in more than one chain")
     shared = _shared_parameter_owners(model)
-    with torch.no_grad():
-        for chain in found:
-            tied = [name for name in chain if name in shared]
-            if tied:
-                report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
-                continue
-            result = _shrink_chain(chain, modules)
-            if isinstance(result, str):
-                report.skipped[chain[-1]] = result
-            else:
-                report.chains.append(result)
+    # a later given chain can still raise (zero Linear columns that are not whole channel blocks):
+    # the chains cut before it are put back, so that an error leaves the model as it was
+    saved = [_module_state(modules[name]) for name in sorted({name for chain in found for name in chain})]
+    try:
+        with torch.no_grad():
+            for chain in found:
+                tied = [name for name in chain if name in shared]
+                if tied:
+                    report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
+                    continue
+                result = _shrink_chain(chain, modules)
+                if isinstance(result, str):
+                    report.skipped[chain[-1]] = result
+                else:
+                    report.chains.append(result)
+    except BaseException:
+        for state in saved:
+            _restore_module_state(*state)
+        raise
     if fold_batchnorm:
         try:
             report.folded = _fold_batchnorm(model, concrete_args=concrete_args)
@@ -243,6 +252,25 @@ def shrink_structured(
     logger.info("shrink_structured: %d channel(s) removed in %d chain(s); %d -> %d parameters", removed,
                 len(report.chains), report.parameters_before, report.parameters_after)
     return report
+
+
+_WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+
+
+def _module_state(module: nn.Module) -> tuple:
+    """What cutting channels replaces in ``module``: its parameter and buffer entries (the tensors
+    themselves are never changed in place, see :func:`_replace`) and its width attributes."""
+    widths = {name: getattr(module, name) for name in _WIDTHS if hasattr(module, name)}
+    return module, dict(module._parameters), dict(module._buffers), widths
+
+
+def _restore_module_state(module: nn.Module, parameters: dict, buffers: dict, widths: dict) -> None:
+    module._parameters.clear()
+    module._parameters.update(parameters)
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    for name, value in widths.items():
+        setattr(module, name, value)
 
 
 def _shared_parameter_owners(model: nn.Module) -> set[str]:
