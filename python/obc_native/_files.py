@@ -5,6 +5,7 @@ folders that a killed process left (:func:`remove_stale_temporaries`)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -89,8 +90,13 @@ def output_file_problem(path: str) -> str | None:
     ``path`` must not be a directory, its folder must exist and take a new file (tried: a file is
     created and removed again, so read-only folders and file systems show), and an existing
     ``path`` must be a regular file or a symbolic link (a FIFO or device is never replaced).
-    The reason names ``path`` or its folder and says what to give instead.
+    The reason names ``path`` or its folder and says what to give instead. A NUL character, and a
+    name too long for the file system once the temporary file's suffix is added (the probe file
+    has that longest name), are reasons too: found here, not by the write after the work.
     """
+    path = os.fsdecode(path)
+    if "\0" in path:  # os.path.* answer False for it; open() would raise ValueError after the work
+        return f"{path!r}: contains a NUL character; give a path without one"
     if os.path.isdir(path):
         return f"{path}: is a directory; give the name of the file to write"
     parent = os.path.dirname(os.path.abspath(path))
@@ -99,19 +105,35 @@ def output_file_problem(path: str) -> str | None:
     if not os.path.isdir(parent):
         return f"{path}: {parent} is a file, not a folder"
     try:
-        fd, probe = create_file_next_to(path, prefix=".write-probe-")
+        # the name write_file_atomically will create, the longest one written for ``path``
+        fd, probe = create_file_next_to(path, *_temporary_affixes(path))
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
+        if err.errno == errno.ENAMETOOLONG:
+            return (f"{path}: file name too long for the file system ({len(os.path.basename(path))} characters, "
+                    "plus about 40 for the temporary file written first); give a shorter name")
         return f"{path}: cannot write in {parent} ({err.strerror or err})"
     if os.path.lexists(path) and not (os.path.isfile(path) or os.path.islink(path)):
         return f"{path}: exists and is not a regular file; refusing to replace it"
     return None
 
 
+def _temporary_affixes(path: str) -> tuple[str, str]:
+    """(prefix, suffix) of :func:`write_file_atomically`'s temporary file for ``path``:
+    ".name.obc-<host>-<pid>-<token>.tmp.ext": hidden, recognisable as ours once its process is
+    gone, and ending in path's extension, which some writers check (torch.export.save warns about
+    a name not ending in .pt2)."""
+    stem, extension = os.path.splitext(os.path.basename(path))
+    return f".{stem}.", f".tmp{extension}"
+
+
 def make_output_folder(directory: str) -> str | None:
     """Create ``directory`` (and missing parents) if needed; why files cannot be written there, or
     None. Tried, not guessed from permission bits: a file is created and removed again."""
+    directory = os.fsdecode(directory)
+    if "\0" in directory:  # os.makedirs would raise ValueError
+        return f"{directory!r}: contains a NUL character; give a folder without one"
     if os.path.exists(directory) and not os.path.isdir(directory):
         return f"{directory}: is a file; give a folder to write into"
     try:
@@ -154,12 +176,8 @@ def write_file_atomically(path: str, write: bytes | Callable[[str], None], *,
             keep_mode = stat.S_IMODE(old) & 0o777
         elif not stat.S_ISLNK(old):
             raise error(f"{path}: exists and is not a regular file; refusing to replace it")
-    # ".name.obc-<host>-<pid>-<token>.tmp.ext": hidden, recognisable as ours once its process is
-    # gone, and ending in path's extension, which some writers check (torch.export.save warns about
-    # a name not ending in .pt2)
-    stem, extension = os.path.splitext(os.path.basename(path))
     remove_stale_temporaries(os.path.dirname(os.path.abspath(path)))
-    fd, temp = create_file_next_to(path, prefix=f".{stem}.", suffix=f".tmp{extension}")
+    fd, temp = create_file_next_to(path, *_temporary_affixes(path))
     try:
         try:
             mode = stat.S_IMODE(os.fstat(fd).st_mode) if keep_mode is None else keep_mode  # open()'s mode

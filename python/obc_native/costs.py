@@ -28,6 +28,9 @@ compression, ``total = rows * cols``; ``b`` = the level's weight bits):
 from __future__ import annotations
 
 import math
+import numbers
+
+from ._arrays import as_int
 
 __all__ = ["BUILTIN_COSTS", "GRID_BITS", "level_costs"]
 
@@ -41,10 +44,31 @@ def level_costs(shape, nnz: int, *, bits: int | None = None, group_size: int | N
                 flops_per_weight: float = 1.0, act_bits=None, dense_bits: int = 32) -> dict:
     """The built-in costs of a ``shape = (rows, cols)`` weight matrix with ``nnz`` non-zeros,
     quantized to ``bits`` (None: not quantized) with ``group_size`` inputs per grid (None: one
-    grid per row). See the module docstring for the definitions."""
-    rows, cols = (int(s) for s in shape)
+    grid per row). See the module docstring for the definitions.
+
+    Raises TypeError / ValueError naming the argument for a shape that is not two integers >= 0,
+    ``nnz`` outside ``[0, rows * cols]``, ``bits`` / ``dense_bits`` / an integer ``act_bits``
+    outside 1..64, a ``group_size`` that does not divide ``cols``, or a ``flops_per_weight`` that
+    is negative or not finite (each used to give a cost silently: e.g. a group larger than the row
+    counted no grid at all, ``bits=4.5`` mixed 4.5 and 4 bits).
+    """
+    if isinstance(shape, (str, bytes)) or not hasattr(shape, "__len__") or len(shape) != 2:
+        raise TypeError(f"shape: expected (rows, cols), got {shape!r}")
+    rows, cols = (as_int(size, "shape", low=0) for size in shape)
     total = rows * cols
-    nnz = int(nnz)
+    nnz = as_int(nnz, "nnz", low=0, high=total)
+    if bits is not None:
+        bits = as_int(bits, "bits", low=1, high=64)
+    dense_bits = as_int(dense_bits, "dense_bits", low=1, high=64)
+    if group_size is not None:
+        group_size = as_int(group_size, "group_size", low=1)
+        if cols % group_size:
+            raise ValueError(f"group_size: expected a divisor of the {cols} columns, got {group_size}")
+    if isinstance(flops_per_weight, bool) or not isinstance(flops_per_weight, numbers.Real) or not (
+            math.isfinite(flops_per_weight) and flops_per_weight >= 0):
+        raise ValueError(f"flops_per_weight: expected a finite number >= 0, got {flops_per_weight!r}")
+    if act_bits is not None and act_bits != "same":
+        act_bits = as_int(act_bits, "act_bits", low=1, high=64)
     mask_bits = 8 * math.ceil(total / 8)
     storage = [total * dense_bits, mask_bits + nnz * dense_bits]
     if bits is not None:

@@ -16,7 +16,7 @@ import math
 import numbers
 from collections.abc import Iterable, Mapping
 
-from ._files import as_path, read_regular_file, write_file_atomically
+from ._files import as_path, output_file_problem, read_regular_file, write_file_atomically
 from .costs import BUILTIN_COSTS
 from .layer_config import PRUNE_METHODS
 from .levels import (
@@ -219,7 +219,12 @@ class LevelDatabase:
         return _from_dict(data, source)
 
     def save(self, path) -> None:
-        """Write the database as JSON (atomically: a temporary file, then a rename)."""
+        """Write the database as JSON (atomically: a temporary file, then a rename).
+
+        Raises ValueError for a loss that ``load`` would reject or a path with a NUL character;
+        OSError naming ``path`` when it cannot be written (a missing folder, a directory or FIFO
+        there, a name too long for the file system, a read-only folder).
+        """
         # Never write a file that load() would reject: layer losses are sums of squares.
         for layer in self:
             for j, lv in enumerate(layer.levels):
@@ -228,7 +233,11 @@ class LevelDatabase:
                                      f"value >= 0 to be saved, got {lv.loss!r}")
         text = json.dumps(self.to_dict(), indent=1, allow_nan=False)
         path = as_path(path)
-        # a FIFO, device or directory at path is refused; a link there is replaced, never written through
+        # a FIFO, device or directory at path is refused; a link there is replaced, never written through;
+        # checked first for a message that names path, not the temporary file
+        problem = output_file_problem(path)
+        if problem is not None:
+            raise OSError(f"path {problem}")
         write_file_atomically(path, text.encode("utf-8"))
 
     @classmethod

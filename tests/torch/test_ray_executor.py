@@ -438,6 +438,25 @@ def test_ray_survives_a_worker_killed_mid_task(ray_cluster, tmp_path, capsys):
 
 
 @ray_warnings
+def test_ray_worker_lost_on_every_attempt_names_the_layer(ray_cluster):
+    """Every attempt of a row task of layers.1 kills its worker (as the out-of-memory killer would):
+    was Ray's own WorkerCrashedError, which names neither the layer nor max_retries."""
+    from obc_native.torch.ray_executor import RayWorkerLostError
+
+    def always_die(layer, first_row):
+        if layer == "layers.1":
+            os._exit(1)
+
+    model = mlp_model()
+    before = copy.deepcopy(model)
+    with pytest.raises(RayWorkerLostError, match=r"a task of layer 'layers.1' lost its worker on each of its 2 "
+                                                 r"attempt\(s\).*max_retries"):
+        compress(model, mlp_batches(), LayerConfig(prune="nm", n=2, m=4), quiet=True,
+                 executor=ray_executor(task_hook=always_die, max_retries=1))
+    assert_state_equal(model, before)
+
+
+@ray_warnings
 def test_ray_build_database_and_budget_are_bit_identical(ray_cluster):
     batches = mlp_batches()
     levels = {"sparsities": [0.25, 0.5], "nm": [[2, 4]]}

@@ -221,6 +221,8 @@ def export_onnx(
         raise ValueError(f"accuracy_level must be an integer in 0..4, got {accuracy_level!r}")
     if isinstance(dense, str):
         dense = [dense]
+    if not isinstance(dense, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in dense):
+        raise TypeError(f"dense: expected a list of layer-name patterns (str), got {dense!r}")
     grids = _collect_grids(model, report)
     layers: dict[str, tuple[LayerInfo, QuantGrid, np.ndarray]] = {}
     for name, (info, grid) in grids.items():
@@ -356,8 +358,16 @@ def _codes_of(name: str, info: LayerInfo, grid: QuantGrid, saved: bool = False) 
     weight = info.module.weight
     if weight.dtype != torch.float32:
         raise ExportError(
-            f"layer {name!r}: weights are {weight.dtype}; export quantized layers from a float32 model "
-            f"(model.float()), or list the layer in dense=[...]"
+            f"layer {name!r}: weights are {weight.dtype}; export quantized layers from a float32 model holding "
+            "the float32 grid values: save_compressed(model, folder, report), then load_compressed(float32_model, "
+            "folder, widen=True) and export it with report=folder (model.float() keeps the "
+            f"{weight.dtype} rounding, off the grid); or list the layer in dense=[...]"
+        )
+    rows = np.shape(grid.scale)[0] if np.ndim(grid.scale) == 2 else None
+    if rows != info.out_features:  # else reported below as weights off the grid, which misleads
+        raise ExportError(
+            f"layer {name!r}: the report's grid has {rows} rows of scales, the layer {info.out_features} outputs; "
+            "pass the report (or saved folder) of this model's compression"
         )
     matrix = weight_matrix(info).cpu().numpy()
     codes = _quantize_exact(info, matrix, grid)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import output_file_problem, write_file_atomically
+from .._files import as_path, output_file_problem, write_file_atomically
 from .recipe import LayerConfig
 from .report import CompressionReport
 
@@ -46,6 +46,7 @@ logger = logging.getLogger("obc_native.torch")
 
 GGUF_BLOCK = 32  # inputs per block (one float16 scale) of Q4_0 and Q8_0
 _BITS = {"Q4_0": 4, "Q8_0": 8}
+_INTEGERS = (torch.int8, torch.int16, torch.int32, torch.int64)  # I8..I64, what gguf's writer stores
 
 
 class GGUFExportError(ValueError):
@@ -102,19 +103,36 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
     Raises:
         GGUFExportError: a quantized layer is not ``nn.Linear``, or its grid is not symmetric 4- or
             8-bit with groups of 32 along its inputs (recipe: ``gguf_layer_config``), or a scale
-            does not fit float16; or ``path`` cannot be written (a directory, a missing or
-            read-only folder, a FIFO). Nothing is written or changed then.
+            does not fit float16, or its grid is not of the layer's shape (another model's report);
+            a state-dict tensor of a type GGUF cannot hold (bool, uint8, complex); or ``path`` cannot
+            be written (a directory, a missing or read-only folder, a FIFO, a NUL character, a name
+            too long). Nothing is written or changed then.
+        TypeError: ``model`` is not an ``nn.Module``, ``report`` not a ``CompressionReport``, or
+            ``path`` not a path.
         ImportError: the ``gguf`` package is missing.
     """
     import gguf
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(report, CompressionReport):
+        raise TypeError(f"report: expected the CompressionReport returned by compress (its grids give the "
+                        f"scales), got {type(report).__name__}")
     if float_type not in ("F32", "F16"):
         raise ValueError(f"float_type: expected 'F32' or 'F16', got {float_type!r}")
-    path = os.fspath(path)
+    path = as_path(path)
     problem = output_file_problem(path)  # before the weights are snapped to float16 scales
     if problem is not None:
         raise GGUFExportError(f"path {problem}")
     modules = dict(model.named_modules())
+    state = model.state_dict()
+    # gguf's writer refuses other dtypes (bool masks, uint8, complex) only deep inside, without the key
+    unsupported = [(key, value.dtype) for key, value in state.items() if isinstance(value, torch.Tensor)
+                   and not value.is_floating_point() and value.dtype not in _INTEGERS]
+    if unsupported:
+        key, dtype = unsupported[0]
+        raise GGUFExportError(f"state-dict tensor {key!r} is {dtype}; GGUF holds floating-point and int8..int64 "
+                              "tensors only: convert it (e.g. to torch.int8) or make it a non-persistent buffer")
     plans = {}
     for layer in report.layers:
         if layer.grid is None:
@@ -124,7 +142,6 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
     # no path here: the writer opens the temporary file that write_file_atomically renames into place
     writer = gguf.GGUFWriter(None, architecture)
     writer.add_name(type(model).__name__)
-    state = model.state_dict()
     keys = {f"{name}.weight": name for name in plans}
     snapped = {name: torch.from_numpy(_values(codes, scale16, _BITS[block_type]))
                for name, (block_type, codes, scale16) in plans.items()}
@@ -182,6 +199,11 @@ def _plan(name: str, module: nn.Module | None, grid) -> tuple[str, np.ndarray, n
             f"layer {name!r}: grid of {grid.bits} bits, sym={grid.sym}, group_size={grid.group_size} on {cols} inputs "
             f"is not a GGUF block format; use gguf_layer_config('Q4_0') or ('Q8_0') (symmetric, groups of 32 along "
             "inputs that are a multiple of 32)")
+    # a report of another model: caught here, not as a numpy broadcasting error below
+    if np.shape(grid.scale) != (rows, cols // GGUF_BLOCK) or np.shape(grid.zero) != (rows, cols // GGUF_BLOCK):
+        raise GGUFExportError(f"layer {name!r}: the report's grid has scales of shape {np.shape(grid.scale)}, but "
+                              f"the layer is {rows} x {cols} (expected {(rows, cols // GGUF_BLOCK)}); pass the report "
+                              "of this model's compression")
     zero = np.asarray(grid.zero)
     if not np.all(zero == 1 << (grid.bits - 1)):
         raise GGUFExportError(f"layer {name!r}: zero points other than {1 << (grid.bits - 1)} (not a symmetric grid)")

@@ -49,7 +49,7 @@ from .executors import (
 from .hessian import LayerHessian
 from .layers import LayerInfo, find_layers
 
-__all__ = ["RayExecutor", "RayUnavailableError"]
+__all__ = ["RayExecutor", "RayUnavailableError", "RayWorkerLostError"]
 
 # How long the reachability check of a cluster address waits for a TCP connection.
 _CONNECT_TIMEOUT_S = 5.0
@@ -57,6 +57,11 @@ _CONNECT_TIMEOUT_S = 5.0
 
 class RayUnavailableError(RuntimeError):
     """The Ray executor cannot run: the ``ray`` package is missing or the cluster is unreachable."""
+
+
+class RayWorkerLostError(RuntimeError):
+    """A task's worker process (or its node) died on every attempt, ``max_retries + 1`` times:
+    killed from outside, e.g. by the out-of-memory killer. Names the layer (or calibration)."""
 
 
 def _import_ray():
@@ -258,15 +263,25 @@ class RayExecutor(Executor):
                 self._progress.update(len(done))
                 self._progress.set_postfix_str(f"layers {self._layers_done}/{self._layers_total}")
 
-    def _get(self, refs: list) -> list:
+    def _get(self, refs: list, what: str) -> list:
+        """The results of ``refs``, the tasks of ``what`` (e.g. "layer 'fc1'", for messages)."""
         self._wait(refs)
+        exceptions = self._ray.exceptions
         try:
             return self._ray.get(refs)
-        except self._ray.exceptions.RayTaskError as err:
+        except exceptions.RayTaskError as err:
             cause = getattr(err, "cause", None)
             if isinstance(cause, BaseException):
                 raise cause from None
             raise
+        except (exceptions.WorkerCrashedError, exceptions.NodeDiedError, exceptions.OutOfMemoryError) as err:
+            # Ray's own message names neither the work nor the setting that retries it
+            first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RayWorkerLostError(
+                f"executor 'ray': a task of {what} lost its worker on each of its {self.max_retries + 1} attempt(s) "
+                f"({type(err).__name__}: {first_line}); give the workers more memory (a killed process is the usual "
+                "cause), raise RayExecutor(max_retries=...), or run it locally"
+            ) from err
 
     # ---- calibration
 
@@ -297,7 +312,7 @@ class RayExecutor(Executor):
         ]
         self._refs["<calibration>"] = list(refs)
         self._add_tasks(len(refs), layer=False)
-        results = self._get(refs)
+        results = self._get(refs, "calibration")
         hessians = {name: LayerHessian(info) for name, info in infos.items()}
         order: list[str] = []
         count = 0
@@ -325,7 +340,7 @@ class RayExecutor(Executor):
 
     def result(self, key: str) -> Any:
         ref = self._calls.pop(key)
-        return self._get([ref])[0]
+        return self._get([ref], f"{key!r}")[0]
 
     # ---- layer solves
 
@@ -362,7 +377,7 @@ class RayExecutor(Executor):
     def layer_solution(self, job: LayerJob, core: Any = None) -> list[UnitSolution]:
         self.submit_layer(job)
         tasks = self._pending_layers.pop(job.info.name)
-        pieces = self._get([ref for _, _, ref in tasks])
+        pieces = self._get([ref for _, _, ref in tasks], f"layer {job.info.name!r}")
         solutions = []
         for unit in range(len(job.hessians)):
             solutions.append(merge_rows([piece for (u, _, _), piece in zip(tasks, pieces) if u == unit]))

@@ -331,6 +331,9 @@ def save_compressed(
     layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
     (e.g. how to rebuild the architecture).
 
+    ``metadata`` that ``json`` cannot write (objects, NaN, inf, tuple keys) raises
+    ``TypeError`` before any work.
+
     ``directory`` is created if missing; :class:`SerializationError` before any work when it is
     a file or cannot be created or written, or holds a FIFO, device or folder under one of the two
     file names. Each file is written to a temporary file renamed into place (a failed save leaves
@@ -338,6 +341,13 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
+    if metadata is not None and not isinstance(metadata, dict):
+        raise TypeError(f"metadata: expected a dict of JSON values or None, got {type(metadata).__name__}")
+    try:  # now: once the tensor file is replaced, a failing manifest would leave it unmatched
+        json.dumps(metadata, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise TypeError(f"metadata: expected JSON values (str, number, bool, None, lists, dicts; "
+                        f"no NaN or inf), {err}") from None
     directory = os.fspath(directory)
     problem = make_output_folder(directory)  # before the layers are encoded
     for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
@@ -631,10 +641,13 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
     every value is converted exactly, and quantized layers take their grid values
     ``scale * (code - zero)`` (float32) directly, not their float16 rounding. This is how a
     half-precision compressed model is exported to ONNX, which needs float32 grid values.
+    ``widen`` must be a bool (TypeError otherwise).
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if not isinstance(widen, bool):  # widen="no" would widen
+        raise TypeError(f"widen: expected True or False, got {widen!r}")
     directory = os.fspath(directory)
     manifest = read_manifest(directory)
     tensor_path = _own_file(directory, manifest["tensors"])  # read_manifest checked it is one of our names

@@ -173,17 +173,19 @@ def shrink_structured(
     Returns:
         a :class:`ShrinkReport`. Layers with zero input channels and no removable producer
         (e.g. the first layer, a channel read by two layers, a residual add, a reshape other
-        than ``flatten(1)``) are listed in ``report.skipped`` and stay masked; so is a traced
+        than ``flatten(1)``, an ``x.view(-1, 400)`` whose width is a number in the code rather than
+        read from the Linear) are listed in ``report.skipped`` and stay masked; so is a traced
         Linear after a flatten whose zero columns do not form whole channel blocks (also
         logged as a warning: prune it with ``structured_group = h*w``).
 
     Raises:
         ShrinkError: a given chain names a missing module or one of the wrong type or width; a
-            given conv -> Linear chain whose Linear zero columns do not form whole channel blocks;
+            given conv -> Linear chain whose Linear zero columns do not form whole channel blocks
+            (chains cut before it are restored: the model is unchanged);
             a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
             channels (the spatial size cannot be inferred); or ``chains`` is None and the model
             cannot be traced.
-            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace.
+            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace (checked before any change).
         TypeError: ``model`` is not an ``nn.Module``; ``fold_batchnorm`` is not a bool.
 
     Grouped convolutions: channels are removed only if every group loses the same number (the
@@ -196,6 +198,18 @@ def shrink_structured(
         raise TypeError(f"fold_batchnorm: expected a bool, got {type(fold_batchnorm).__name__}")
     report = ShrinkReport(parameters_before=_parameter_count(model))
     modules = dict(model.named_modules())
+    if fold_batchnorm and chains is not None:
+        # folding traces the model: find out now, not after the channels are cut (chains are given
+        # mostly for models fx cannot trace)
+        from torch.fx import symbolic_trace  # not "import torch.fx": that would make torch a local name here
+
+        try:
+            symbolic_trace(model, concrete_args=concrete_args)
+        except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
+            first_line = str(err).splitlines()[0] if str(err) else ""
+            raise ShrinkError(f"fold_batchnorm=True: torch.fx cannot trace {type(model).__name__} "
+                              f"({type(err).__name__}: {first_line}); nothing was changed: shrink with "
+                              "fold_batchnorm=False") from err
     if chains is None:
         found, skipped = _trace_chains(model, modules, concrete_args)
         report.skipped.update(skipped)
@@ -208,17 +222,25 @@ def shrink_structured(
         if repeated:
             raise ShrinkError(f"chains: {', '.join(repeated)} in more than one chain")
     shared = _shared_parameter_owners(model)
-    with torch.no_grad():
-        for chain in found:
-            tied = [name for name in chain if name in shared]
-            if tied:
-                report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
-                continue
-            result = _shrink_chain(chain, modules)
-            if isinstance(result, str):
-                report.skipped[chain[-1]] = result
-            else:
-                report.chains.append(result)
+    # a later given chain can still raise (zero Linear columns that are not whole channel blocks):
+    # the chains cut before it are put back, so that an error leaves the model as it was
+    saved = [_module_state(modules[name]) for name in sorted({name for chain in found for name in chain})]
+    try:
+        with torch.no_grad():
+            for chain in found:
+                tied = [name for name in chain if name in shared]
+                if tied:
+                    report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
+                    continue
+                result = _shrink_chain(chain, modules)
+                if isinstance(result, str):
+                    report.skipped[chain[-1]] = result
+                else:
+                    report.chains.append(result)
+    except BaseException:
+        for state in saved:
+            _restore_module_state(*state)
+        raise
     if fold_batchnorm:
         try:
             report.folded = _fold_batchnorm(model, concrete_args=concrete_args)
@@ -230,6 +252,25 @@ def shrink_structured(
     logger.info("shrink_structured: %d channel(s) removed in %d chain(s); %d -> %d parameters", removed,
                 len(report.chains), report.parameters_before, report.parameters_after)
     return report
+
+
+_WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+
+
+def _module_state(module: nn.Module) -> tuple:
+    """What cutting channels replaces in ``module``: its parameter and buffer entries (the tensors
+    themselves are never changed in place, see :func:`_replace`) and its width attributes."""
+    widths = {name: getattr(module, name) for name in _WIDTHS if hasattr(module, name)}
+    return module, dict(module._parameters), dict(module._buffers), widths
+
+
+def _restore_module_state(module: nn.Module, parameters: dict, buffers: dict, widths: dict) -> None:
+    module._parameters.clear()
+    module._parameters.update(parameters)
+    module._buffers.clear()
+    module._buffers.update(buffers)
+    for name, value in widths.items():
+        setattr(module, name, value)
 
 
 def _shared_parameter_owners(model: nn.Module) -> set[str]:
@@ -324,6 +365,12 @@ def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args
             skipped[consumer] = found
         else:
             chains.append(found)
+    viewed = [chain for chain in chains if isinstance(chain, FlattenChain) and chain.width_node is not None]
+    for chain in _fixed_widths(model, modules, concrete_args, viewed) if viewed else []:
+        chains.remove(chain)
+        skipped[chain[-1]] = (f"the flatten before it, view/reshape(-1, {modules[chain[-1]].in_features}), fixes the "
+                              "width in the code (removing channels would break the model); write x.flatten(1) or "
+                              "x.view(x.size(0), -1), or read the width from the layer (self.fc.in_features)")
     return chains, skipped
 
 
@@ -486,16 +533,56 @@ _POOL_FUNCTIONS = {
 
 class FlattenChain(tuple):
     """A chain ``(conv, [norm, ...], linear)`` through a ``flatten(1)``: module names as in any chain,
-    plus ``spatial``, the Linear input columns per conv output channel (``h*w``), and ``given``:
-    the user named it (misaligned zero columns are then an error, not a skipped layer)."""
+    plus ``spatial``, the Linear input columns per conv output channel (``h*w``), ``given``:
+    the user named it (misaligned zero columns are then an error, not a skipped layer), and
+    ``width_node``: the name of a traced ``x.view(-1, width)`` / ``x.reshape(-1, width)`` flatten
+    (its width must follow the Linear's ``in_features``, see :func:`_fixed_widths`), else None."""
 
     spatial: int
     given: bool
+    width_node: str | None
 
-    def __new__(cls, names, spatial: int, given: bool):
+    def __new__(cls, names, spatial: int, given: bool, width_node: str | None = None):
         chain = super().__new__(cls, names)
-        chain.spatial, chain.given = spatial, given
+        chain.spatial, chain.given, chain.width_node = spatial, given, width_node
         return chain
+
+
+def _view_width(node) -> int | None:
+    """``width`` of a traced ``x.view(-1, width)`` / ``x.reshape(-1, width)``, else None."""
+    if node is None or node.op != "call_method" or node.target not in ("view", "reshape") or node.kwargs:
+        return None
+    args = list(node.args[1:])
+    shape = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args
+    if len(shape) == 2 and shape[0] == -1 and isinstance(shape[1], int):
+        return shape[1]
+    return None
+
+
+def _fixed_widths(model: nn.Module, modules: dict[str, nn.Module], concrete_args,
+                  chains: list[FlattenChain]) -> list[FlattenChain]:
+    """The chains whose ``x.view(-1, width)`` flatten has a width that does not follow the Linear.
+
+    fx records ``x.view(-1, 400)`` and ``x.view(-1, self.fc.in_features)`` alike, as the number.
+    Only the second still runs once channels are removed (the first, as in the PyTorch tutorial's
+    LeNet, then fails with a shape error; so does a view that folds channels into the batch,
+    ``x.view(-1, h*w)``). Traced again with each Linear's ``in_features`` one larger (only the
+    attribute: tracing runs no layer), a width read from the Linear follows; any other does not.
+    """
+    consumers = {chain[-1]: modules[chain[-1]] for chain in chains}
+    widths = {name: module.in_features for name, module in consumers.items()}
+    import torch.fx
+
+    try:
+        for module in consumers.values():
+            module.in_features += 1
+        nodes = {node.name: node for node in torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph.nodes}
+    except Exception:  # traced once already; if it no longer does, nothing is proven
+        nodes = {}
+    finally:
+        for name, module in consumers.items():
+            module.in_features = widths[name]
+    return [chain for chain in chains if _view_width(nodes.get(chain.width_node)) != widths[chain[-1]] + 1]
 
 
 def _flatten_spatial(conv_name: str, conv: nn.Module, linear_name: str, linear: nn.Linear) -> int:
@@ -569,7 +656,9 @@ def _walk_back_from_flatten(flatten, consumer: str, modules: dict[str, nn.Module
                 return f"{current.target} is called more than once (or its tensors are read directly)"
             if isinstance(module, _CONVS):
                 spatial = _flatten_spatial(current.target, module, consumer, modules[consumer])
-                return FlattenChain((current.target, *reversed(between), consumer), spatial, given=False)
+                width_node = flatten.name if _view_width(flatten) is not None else None
+                return FlattenChain((current.target, *reversed(between), consumer), spatial, given=False,
+                                    width_node=width_node)
             if isinstance(module, _NORMS):
                 between.append(current.target)
             elif not isinstance(module, (*_ELEMENTWISE_MODULES, *_POOL_MODULES)):
