@@ -356,7 +356,8 @@ OBC_TEST(f64_every_lane_position_and_early_stop) {
 
 OBC_TEST(f64_rounding_ties_choose_the_division_codes) {
   // rounding_ties_choose_the_division_codes for float64 weights: a few double ulps around
-  // (n + 1/2) scale, where w * (1 / scale) and w / scale may round apart
+  // (n + 1/2) scale, where w * (1 / scale) and w / scale may round apart (in double a flipped
+  // code would stay inside the bound too, see grid_screen.cpp: this checks the bound there)
   std::mt19937_64 rng(7);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
   for (const auto& [name, table] : copies()) {
