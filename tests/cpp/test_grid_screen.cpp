@@ -333,7 +333,8 @@ OBC_TEST(f64_every_lane_position_and_early_stop) {
           std::vector<double> w(static_cast<size_t>(len), 3.0);  // on the grid: error 0
           w[static_cast<size_t>(pos)] = 3.0 + 0.3173 + 0.001 * double(pos);
           const Exact e = exact_scaled_error_f64(w, 1.0, 8, 15, norm);
-          const auto [est, small, complete, margin] = screen_whole_row_f64(*table, w, 1.0, 8, 15, norm);
+          const auto [est, small, complete, margin] =
+              screen_whole_row_f64(*table, w, 1.0, 8, 15, norm);
           CHECK(complete && small == len - 1);
           CHECK_NEAR(est, e.sum, margin / 5);
         }
@@ -366,7 +367,8 @@ OBC_TEST(f64_rounding_ties_choose_the_division_codes) {
       const bool wide = trial % 2 == 0;
       const int bits = wide ? 8 : 2 + trial % 7, maxq = (1 << bits) - 1;
       const int zero = wide ? 0 : trial % 4 == 1 ? 0 : maxq / 2;
-      const double scale = trial % 5 == 1 ? 0.25 : std::exp2(-40 + 80 * unit(rng)) * (1 + unit(rng));
+      const double scale =
+          trial % 5 == 1 ? 0.25 : std::exp2(-40 + 80 * unit(rng)) * (1 + unit(rng));
       const double norm = trial % 4 == 0 ? 2.4 : 1.0 + 3.0 * unit(rng);
       const KIndex len = 32 + trial % 7;
       const double n = wide ? std::floor(100 + 154 * unit(rng))

@@ -18,7 +18,8 @@ MSE_NORM = 2.4
 STEPS = 80
 
 
-def _grid(xmin: float, xmax: float, bits: int, sym: bool, dtype=np.float32) -> tuple[np.float32, int]:
+def _grid(xmin: float, xmax: float, bits: int, sym: bool,
+          dtype=np.float32) -> tuple[np.float32, int]:
     """(scale, zero) of the range [xmin, xmax] as the core's grid_for_range<float> (or <double>)."""
     maxq = 2**bits - 1
     scale, zero = 1.0, 0
