@@ -16,8 +16,13 @@ Layers: "realistic" inputs as bench_quant.py (correlated features, 6 outliers) u
 inputs; above that a cheaper Hessian of the same kind (diag + rank-1024 correlated part with
 outliers), which costs O(cols^2 1024) to build instead of O(cols^3).
 
+--float64: also obc's gptq call on the same layer as float64 arrays (W widened, H as built: numpy's
+default dtype), alternating with the float32 call; a second table gives both calls' best wall and
+CPU seconds and the float64 / float32 CPU ratio (the flops are the same; float64 GEMMs run at
+half the float32 rate, so ~2x is the expected cost).
+
 Usage: python benchmarks/bench_gptq_speed.py [--layers 768x3072,4096x4096] [--threads 2]
-       [--bits 4] [--group row|128] [--reps 2] [--cheap-h] [--out path.json]
+       [--bits 4] [--group row|128] [--reps 2] [--cheap-h] [--float64] [--out path.json]
 """
 
 from __future__ import annotations
@@ -91,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--cheap-h", action="store_true",
                     help="the diag + low-rank Hessian for every layer (fast to build)")
+    ap.add_argument("--float64", action="store_true",
+                    help="also time obc's gptq call on float64 W and H (second table)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     import obc_native as obc
@@ -117,12 +124,18 @@ def main(argv=None) -> int:
         sgemm, dgemm = gemm_rate(n, np.float32), gemm_rate(n, np.float64)
         kw = dict(sym=True, group_size=group, grid=args.grid, num_threads=args.threads)
         grid = obc.quantize_rtn(W, H, args.bits, **kw)
-        obc_t, obc_c, base_t, base_c = [], [], [], []
+        obc_t, obc_c, base_t, base_c, f64_t, f64_c = [], [], [], [], [], []
+        W64, H64 = W.astype(np.float64), np.asarray(H, dtype=np.float64)
         for _ in range(args.reps):  # alternating, so that both see the same load
             res, t, c = timed(lambda: obc.quantize(W, H, args.bits, method="gptq", refine=False,
                                                    **kw))
             obc_t.append(t)
             obc_c.append(c)
+            if args.float64:
+                _, t, c = timed(lambda: obc.quantize(W64, H64, args.bits, method="gptq",
+                                                     refine=False, **kw))
+                f64_t.append(t)
+                f64_c.append(c)
             base, t, c = timed(lambda: gb.gptq(W, H, args.bits, grid.scale, grid.zero, group))
             base_t.append(t)
             base_c.append(c)
@@ -143,6 +156,11 @@ def main(argv=None) -> int:
                "obc_s_all": obc_t, "torch_s_all": base_t, "torch_grid_s": t_grid,
                "speedup_wall_with_grid": (t_grid + t_base) / t_obc,
                "torch_grid_equals_obc_grid": grids_same}
+        if args.float64:
+            rec.update({"obc_f64_s": min(f64_t), "obc_f64_cpu_s": min(f64_c),
+                        "obc_f64_s_all": f64_t,
+                        "f64_over_f32_cpu": min(f64_c) / min(obc_c),
+                        "f64_over_f32_wall": min(f64_t) / t_obc})
         cases.append(rec)
         print(f"| {layer} | {sgemm:.0f} | {dgemm:.0f} | {flops / 1e9:.0f} | {t_obc:.2f} | "
               f"{t_base:.2f} | {rec['speedup_wall']:.2f}x | {rec['obc_cpu_s']:.2f} | "
@@ -151,6 +169,14 @@ def main(argv=None) -> int:
               f"{loss_ratio:.4f} | {rec['loadavg']:.1f} | {t_grid:.2f}"
               f"{'' if grids_same else ' (other grid)'} | {rec['speedup_wall_with_grid']:.2f}x |",
               flush=True)
+    if args.float64:
+        print("\n| layer | obc f32 s | obc f64 s | f64/f32 wall | f32 CPU s | f64 CPU s | "
+              "f64/f32 CPU |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for rec in cases:
+            print(f"| {rec['layer']} | {rec['obc_s']:.2f} | {rec['obc_f64_s']:.2f} | "
+                  f"{rec['f64_over_f32_wall']:.2f}x | {rec['obc_cpu_s']:.2f} | "
+                  f"{rec['obc_f64_cpu_s']:.2f} | {rec['f64_over_f32_cpu']:.2f}x |")
     out = Path(args.out) if args.out else (
         Path(__file__).resolve().parent / "results"
         / f"bench_gptq_speed_{dt.datetime.now(dt.timezone.utc):%Y%m%dT%H%M%SZ}.json")

@@ -249,6 +249,149 @@ OBC_TEST(rounding_ties_choose_the_division_codes) {
   }
 }
 
+// float64 weights (scaled_error_f64): the same quantity with GridPoint<double>'s code and
+// difference; a term counts as small where its u, rounded to float as the kernels round it, is
+// below kScreenSmall.
+Exact exact_scaled_error_f64(const std::vector<double>& w, double scale, int zero, int maxq,
+                             double norm) {
+  Exact e;
+  for (const double x : w) {
+    const double c =
+        std::fmin(std::fmax(std::nearbyint(x / scale) + double(zero), 0.0), double(maxq));
+    const double d = std::fabs(scale * (c - double(zero)) - x);
+    if (static_cast<float>(d * (1.0 / scale)) < k::kScreenSmall) {
+      ++e.small;
+    } else {
+      e.sum += std::pow(d, norm) / std::pow(scale, norm);
+    }
+  }
+  return e;
+}
+
+Screened screen_whole_row_f64(const k::GridScreenKernels& table, const std::vector<double>& w,
+                              double scale, int zero, int maxq, double norm) {
+  double amax = 0;
+  for (const double x : w) amax = std::max(amax, std::fabs(x));
+  Screened s;
+  s.estimate = table.scaled_error_f64(w.data(), KIndex(w.size()), scale, zero, maxq,
+                                      k::make_screen_pow(norm), amax,
+                                      std::numeric_limits<double>::infinity(), &s.small,
+                                      &s.complete, &s.margin);
+  return s;
+}
+
+OBC_TEST(f64_estimate_within_bound_on_random_rows) {
+  // as estimate_within_bound_on_random_rows, float64 weights: rounding errors down to 2^-50 of
+  // a step (below float32's resolution), so u's rounding to float is exercised too
+  std::mt19937_64 rng(13);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (const auto& [name, table] : copies()) {
+    double worst = 0;
+    int tables = 0;
+    for (int trial = 0; trial < 600; ++trial) {
+      const int bits = 2 + trial % 7, maxq = (1 << bits) - 1;
+      const int zero =
+          trial % 3 == 0 ? (1 << (bits - 1)) : int(unit(rng) * (maxq + 1)) % (maxq + 1);
+      const double scale = std::exp2(-70 + 140 * unit(rng)) * (1 + 1e-9 * unit(rng));
+      const double norm = trial % 5 == 0 ? 1.0 : trial % 5 == 1 ? 4.0 : 1.0 + 3.0 * unit(rng);
+      const KIndex len = 1 + static_cast<KIndex>(unit(rng) * 300);
+      std::vector<double> w(static_cast<size_t>(len));
+      for (double& x : w) {
+        const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
+        const double far_max = trial % 10 == 9 ? 2600 : 1300;
+        const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * far_max * unit(rng) : 0;
+        const double f =
+            unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-50 + 49 * unit(rng));
+        x = scale * (n + far + f);
+      }
+      const Exact e = exact_scaled_error_f64(w, scale, zero, maxq, norm);
+      const auto [est, small, complete, margin] =
+          screen_whole_row_f64(*table, w, scale, zero, maxq, norm);
+      CHECK(complete);
+      CHECK(small == e.small);
+      CHECK(margin == k::kScreenMargin || margin == k::kScreenTableMargin);
+      const double rel = e.sum > 0 ? std::abs(est - e.sum) / e.sum : std::abs(est);
+      worst = std::max(worst, rel / margin);
+      tables += margin == k::kScreenTableMargin ? 1 : 0;
+      if (!(rel <= margin / 5)) {
+        std::printf("  %s f64: trial %d rel error %.3g (norm %g, scale %g)\n", name, trial, rel,
+                    norm, scale);
+        CHECK(rel <= margin / 5);
+      }
+    }
+    std::printf("  %s f64: worst relative error / margin %.3g (%d of 600 rows by the tables)\n",
+                name, worst, tables);
+    if (std::string(name) != "generic") CHECK(tables > 400 && tables < 600);
+  }
+}
+
+OBC_TEST(f64_every_lane_position_and_early_stop) {
+  for (const auto& [name, table] : copies()) {
+    for (const double norm : {1.0, 2.4, 4.0}) {
+      for (KIndex len = 1; len <= 40; ++len) {
+        for (KIndex pos = 0; pos < len; ++pos) {
+          std::vector<double> w(static_cast<size_t>(len), 3.0);  // on the grid: error 0
+          w[static_cast<size_t>(pos)] = 3.0 + 0.3173 + 0.001 * double(pos);
+          const Exact e = exact_scaled_error_f64(w, 1.0, 8, 15, norm);
+          const auto [est, small, complete, margin] =
+              screen_whole_row_f64(*table, w, 1.0, 8, 15, norm);
+          CHECK(complete && small == len - 1);
+          CHECK_NEAR(est, e.sum, margin / 5);
+        }
+      }
+    }
+    std::vector<double> w(1000);
+    for (size_t j = 0; j < w.size(); ++j) w[j] = 0.4 + 0.0001 * double(j % 7);
+    KIndex small = 0;
+    bool complete = true;
+    double margin = 0;
+    const double est = table->scaled_error_f64(w.data(), KIndex(w.size()), 1.0, 0, 15,
+                                               k::make_screen_pow(2.0), 0.41, 10.0, &small,
+                                               &complete, &margin);
+    CHECK(!complete);
+    CHECK(est > 10.0);
+    CHECK(est < 0.41 * 0.41 * 1000);
+    (void)name;
+  }
+}
+
+OBC_TEST(f64_rounding_ties_choose_the_division_codes) {
+  // rounding_ties_choose_the_division_codes for float64 weights: a few double ulps around
+  // (n + 1/2) scale, where w * (1 / scale) and w / scale may round apart (in double a flipped
+  // code would stay inside the bound too, see grid_screen.cpp: this checks the bound there)
+  std::mt19937_64 rng(7);
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  for (const auto& [name, table] : copies()) {
+    int ties = 0;
+    for (int trial = 0; trial < 3000; ++trial) {
+      const bool wide = trial % 2 == 0;
+      const int bits = wide ? 8 : 2 + trial % 7, maxq = (1 << bits) - 1;
+      const int zero = wide ? 0 : trial % 4 == 1 ? 0 : maxq / 2;
+      const double scale =
+          trial % 5 == 1 ? 0.25 : std::exp2(-40 + 80 * unit(rng)) * (1 + unit(rng));
+      const double norm = trial % 4 == 0 ? 2.4 : 1.0 + 3.0 * unit(rng);
+      const KIndex len = 32 + trial % 7;
+      const double n = wide ? std::floor(100 + 154 * unit(rng))
+                            : std::floor(-zero - 2 + (maxq + 4) * unit(rng));
+      double x = (n + 0.5) * scale;
+      for (int ulps = static_cast<int>(unit(rng) * 9) - 4; ulps != 0; ulps += ulps > 0 ? -1 : 1)
+        x = std::nextafter(x, ulps > 0 ? INFINITY : -INFINITY);
+      ties += std::nearbyint(x / scale) != std::nearbyint(x * (1.0 / scale)) ? 1 : 0;
+      const std::vector<double> w(static_cast<size_t>(len), x);
+      const Exact e = exact_scaled_error_f64(w, scale, zero, maxq, norm);
+      const auto [est, small, complete, margin] =
+          screen_whole_row_f64(*table, w, scale, zero, maxq, norm);
+      CHECK(complete && small == e.small);
+      const double rel = e.sum > 0 ? std::abs(est - e.sum) / e.sum : std::abs(est);
+      if (!(rel <= margin / 5))
+        std::printf("  %s f64: trial %d rel error %.3g (scale %g)\n", name, trial, rel, scale);
+      CHECK(rel <= margin / 5);
+    }
+    std::printf("  %s f64: %d of 3000 rows where the product and the division round apart\n",
+                name, ties);
+  }
+}
+
 }  // namespace
 
 OBC_TEST_MAIN

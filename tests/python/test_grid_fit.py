@@ -1,4 +1,4 @@
-"""The MSE grid fit's fast paths (early exit, float32 screening) choose exactly the plain scan's grid.
+"""The MSE grid fit's fast paths (early exit, screening) choose exactly the plain scan's grid.
 
 The reference here is the plain scan written in the core's own arithmetic for float32 layers:
 w / scale, round half to even, clamp and scale * (code - zero) in float32, |q - w|^2.4 summed
@@ -18,8 +18,9 @@ MSE_NORM = 2.4
 STEPS = 80
 
 
-def _grid(xmin: float, xmax: float, bits: int, sym: bool) -> tuple[np.float32, int]:
-    """(scale, zero) of the range [xmin, xmax] as the core's grid_for_range<float>."""
+def _grid(xmin: float, xmax: float, bits: int, sym: bool,
+          dtype=np.float32) -> tuple[np.float32, int]:
+    """(scale, zero) of the range [xmin, xmax] as the core's grid_for_range<float> (or <double>)."""
     maxq = 2**bits - 1
     scale, zero = 1.0, 0
     if sym:
@@ -28,11 +29,11 @@ def _grid(xmin: float, xmax: float, bits: int, sym: bool) -> tuple[np.float32, i
         if amax > 0:
             scale = amax / (zero - 1)
     elif xmax > xmin:
-        scale = float(np.float32((xmax - xmin) / maxq))
+        scale = float(dtype((xmax - xmin) / maxq))
         zero = int(np.clip(np.rint(-xmin / scale), 0, maxq))
-    s = np.float32(scale)
+    s = dtype(scale)
     if not (s > 0) or not np.isfinite(s):
-        s = np.float32(1.0)
+        s = dtype(1.0)
     return s, zero
 
 
@@ -224,12 +225,13 @@ def test_plain_scan_binding_is_the_reference_scan():
             assert scale[r, 0] == s and zero[r, 0] == z
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("cols", [4096, 11008])
-def test_make_grid_equals_plain_scan_realistic_rows(cols):
-    # realistic row lengths, per channel and in groups of 128, float32 (the screened dtype)
+def test_make_grid_equals_plain_scan_realistic_rows(cols, dtype):
+    # realistic row lengths, per channel and in groups of 128, both screened dtypes
     rng = np.random.default_rng(cols)
-    W = np.ascontiguousarray(_random_rows(rng, 4, cols), dtype=np.float32)
-    k = _kernels(np.float32)
+    W = np.ascontiguousarray(_random_rows(rng, 4, cols), dtype=dtype)
+    k = _kernels(dtype)
     for bits, sym, group in ((3, True, 0), (4, False, 0), (4, True, 128), (3, False, 128)):
         fast = k._make_grid(W, bits, sym, group, "mse", 2, False)
         plain = k._make_grid(W, bits, sym, group, "mse", 2, True)
@@ -243,12 +245,14 @@ import obc_native as obc
 from obc_native import _core
 W = np.load(sys.argv[1])
 out = {"isa": np.array(obc.build_info()["grid_screen_isa"])}
-for bits in (2, 3, 4, 8):
-    for sym in (True, False):
-        for group in (0, 64, 128):
-            s, z = _core.f32._make_grid(W, bits, sym, group, "mse", 2, False)
-            ps, pz = _core.f32._make_grid(W, bits, sym, group, "mse", 2, True)
-            out[f"{bits}|{sym}|{group}"] = np.array(np.array_equal(s, ps) and np.array_equal(z, pz))
+for kern, Wd in ((_core.f32, W), (_core.f64, W.astype(np.float64))):
+    for bits in (2, 3, 4, 8):
+        for sym in (True, False):
+            for group in (0, 64, 128):
+                s, z = kern._make_grid(Wd, bits, sym, group, "mse", 2, False)
+                ps, pz = kern._make_grid(Wd, bits, sym, group, "mse", 2, True)
+                key = f"{Wd.dtype}|{bits}|{sym}|{group}"
+                out[key] = np.array(np.array_equal(s, ps) and np.array_equal(z, pz))
 np.savez(sys.argv[2], **out)
 """
 
@@ -292,23 +296,24 @@ def test_build_info_reports_the_screening_isa():
 NORMS = (1.0, 2.0, 2.4, 3.0, 4.0)
 
 
-def _tie_rows(rng, cols, bits, sym):
+def _tie_rows(rng, cols, bits, sym, dtype=np.float32):
     """Rows whose weights lie at, and one ulp around, (n + 1/2) scale_i of several shrink
-    factors i (the scales as grid_for_range<float> computes them from the row's own range)."""
+    factors i (the scales as grid_for_range<float> (<double>) computes them from the row's own
+    range)."""
     rows = []
     for _ in range(4):
-        amax = float(np.float32(np.exp(rng.uniform(-5, 5))))
-        xmin = -amax * float(rng.uniform(0.3, 1.0))
-        w = np.empty(cols, dtype=np.float32)
+        amax = float(dtype(np.exp(rng.uniform(-5, 5))))
+        xmin = float(dtype(-amax * float(rng.uniform(0.3, 1.0))))
+        w = np.empty(cols, dtype=dtype)
         w[0], w[1] = amax, xmin  # fix the range: every step's scale is known
         for j in range(2, cols):
             i = int(rng.integers(0, 80))
             p = 1.0 - i / 100.0
-            s, z = _grid(p * xmin, p * amax, bits, sym)
+            s, z = _grid(p * xmin, p * amax, bits, sym, dtype)
             lo, hi = -z, 2**bits - 1 - z
             n = int(rng.integers(lo, hi))  # n + 1/2 inside the grid
-            x = np.float32((n + 0.5) * float(s))
-            x = np.nextafter(x, np.float32(np.inf * rng.choice([-1, 1]))) if rng.random() < 0.5 else x
+            x = dtype((n + 0.5) * float(s))
+            x = np.nextafter(x, dtype(np.inf * rng.choice([-1, 1]))) if rng.random() < 0.5 else x
             w[j] = np.clip(x, xmin, amax)
         rows.append(w)
     return rows
@@ -332,32 +337,39 @@ def _magnitude_rows(rng, cols):
     return rows
 
 
-def _screen_cases(cols, bits_list, sym_list, seed):
+def _screen_cases(cols, bits_list, sym_list, seed, dtype=np.float32):
     rng = np.random.default_rng(seed)
     for bits in bits_list:
         for sym in sym_list:
-            rows = _tie_rows(rng, cols, bits, sym) + _magnitude_rows(rng, cols)
-            rows += list(_random_rows(rng, 6, cols).astype(np.float32))
-            yield bits, sym, np.ascontiguousarray(np.array(rows), dtype=np.float32)
+            rows = [r.astype(dtype) for r in _magnitude_rows(rng, cols)]
+            if dtype == np.float64:  # magnitudes only float64 holds, and double ties
+                rows += [np.full(cols, 1e-310), rng.standard_normal(cols) * 1e-200,
+                         rng.standard_normal(cols) * 1e200]
+            rows = _tie_rows(rng, cols, bits, sym, dtype) + rows
+            rows += list(_random_rows(rng, 6, cols).astype(dtype))
+            yield bits, sym, np.ascontiguousarray(np.array(rows), dtype=dtype)
 
 
-def _check_screen_cases(core, cols, bits_list, sym_list, groups, norms, seed):
+def _check_screen_cases(core, cols, bits_list, sym_list, groups, norms, seed, dtype=np.float32):
     bad = []
-    for bits, sym, W in _screen_cases(cols, bits_list, sym_list, seed):
+    kern = core.f32 if dtype == np.float32 else core.f64
+    for bits, sym, W in _screen_cases(cols, bits_list, sym_list, seed, dtype):
         for group in groups:
             for norm in norms:
-                fast = core.f32._make_grid(W, bits, sym, group, "mse", 2, False, norm)
-                plain = core.f32._make_grid(W, bits, sym, group, "mse", 1, True, norm)
+                fast = kern._make_grid(W, bits, sym, group, "mse", 2, False, norm)
+                plain = kern._make_grid(W, bits, sym, group, "mse", 1, True, norm)
                 for a, b in zip(fast, plain):
                     if not np.array_equal(a, b):
                         bad.append((bits, sym, group, norm, np.argwhere(a != b)[:3].tolist()))
     return bad
 
 
-def test_screen_tables_equal_plain_scan_quick():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_screen_tables_equal_plain_scan_quick(dtype):
     from obc_native import _core
 
-    bad = _check_screen_cases(_core, 512, (3, 4, 8), (True, False), (0, 128), NORMS, seed=31)
+    bad = _check_screen_cases(_core, 512, (3, 4, 8), (True, False), (0, 128), NORMS, seed=31,
+                              dtype=dtype)
     assert not bad, bad[:5]
 
 
@@ -376,7 +388,10 @@ sys.path.insert(0, sys.argv[1])
 import obc_native as obc
 from obc_native import _core
 import test_grid_fit as t
+import numpy as np
 bad = t._check_screen_cases(_core, 512, (2, 4, 8), (True, False), (0, 32), t.NORMS, seed=41)
+bad += t._check_screen_cases(_core, 512, (2, 4, 8), (True, False), (0, 32), t.NORMS, seed=43,
+                             dtype=np.float64)
 print(obc.build_info()["grid_screen_isa"])
 print(len(bad), bad[:3])
 sys.exit(1 if bad else 0)

@@ -63,6 +63,14 @@ struct GridScreenKernels {
   double (*scaled_error)(const float* w, KIndex len, float scale, int zero, int maxq,
                          const ScreenPow& pw, float amax, double stop_above, KIndex* small,
                          bool* complete, double* margin);
+  /// The same estimate for float64 weights (the float64 MSE fit): q and q - w computed in
+  /// double as GridPoint<double>::quantize does (the very code and difference of the exact sum),
+  /// u = |q - w| / scale in double, then rounded to float for the same u^norm estimates (the
+  /// rounding adds at most norm 2^-24 <= 2.4e-7 relative per term, inside either margin);
+  /// scale, 1 / scale in [2^-80, 2^80], amax >= max_j |w_j| as above.
+  double (*scaled_error_f64)(const double* w, KIndex len, double scale, int zero, int maxq,
+                             const ScreenPow& pw, double amax, double stop_above, KIndex* small,
+                             bool* complete, double* margin);
 };
 
 /// The copy for this CPU: the one whose ISA the row kernels' table (kernels()) uses.

@@ -461,6 +461,223 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
 #endif
 }
 
+// float64 weights (scaled_error_f64). Each term's u = |q - w| / scale is computed in double with
+// GridPoint<double>'s code and difference, then rounded to float once (relative error 2^-24, so
+// u^norm within norm 2^-24 <= 2.4e-7: inside either margin, see grid_screen.hpp) and estimated
+// by the float machinery above; the sums are the float32 path's. The code's rounding is by a
+// product with 1 / scale as in tie_limit, with double's tolerance: x = w * (1 / scale) is within
+// 3 2^-53 |x| of the division's double, so a lane with | |x - round(x)| - 1/2 | <= 2^-48 X
+// (X = amax / scale >= |x|) redoes its vector with the division, and the codes are always
+// GridPoint<double>::code's. Clamped lanes (|x| beyond the grid) take the same end code either way.
+// (Unlike float32, a code flipped at such a tie would move |q - w| by only ~2^-49 X <= 3e-12
+// relative, far inside the bound (X <= ~1300 for the fit's grids): the redo is not what keeps the
+// estimate in its bound, only what keeps the codes identical; it costs one compare per vector.)
+inline double tie_limit_f64(double scale, double amax) { return 0.5 - amax / scale * 0x1p-48; }
+
+// The scalar u of one float64 weight: GridPoint<double>::quantize's code (w / scale rounded half
+// to even by adding and subtracting 1.5 2^52, exact below 2^51; larger quotients are integers
+// already), clamp, scale * (code - zero) - w, then |.| / scale in double (a product with
+// inv_scale: 2 roundings, far inside the float rounding after it).
+inline float scaled_u_f64(double w, double scale, double inv_scale, double zero, double maxq) {
+  const double x = w / scale;
+  const double r = std::abs(x) < 0x1p51 ? (x + 0x1.8p52) - 0x1.8p52 : x;
+  const double cz = std::min(std::max(r, -zero), maxq - zero);
+  return static_cast<float>(std::abs(scale * cz - w) * inv_scale);
+}
+
+#if defined(OBC_SCREEN_AVX512)
+template <bool kTable>
+double scaled_error_f64_16(const double* w, KIndex len, double scale, int zero_point,
+                           int max_code, const ScreenPow& pw, double amax, double stop_above,
+                           KIndex* small, bool* complete, double* margin) {
+  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
+  // 16 terms per vector as in scaled_error16: two sets of 8 double lanes give the u's, rounded
+  // to float and joined into one float vector.
+  const double zero = static_cast<double>(zero_point), maxq = static_cast<double>(max_code);
+  const __m512d v_scale = _mm512_set1_pd(scale), v_inv = _mm512_set1_pd(1.0 / scale);
+  const __m512d v_lo = _mm512_set1_pd(-zero), v_hi = _mm512_set1_pd(maxq - zero);
+  const __m512d v_tie = _mm512_set1_pd(tie_limit_f64(scale, amax));
+  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(pw.norm);
+  __m512 coef[kScreenPolyDegree + 1];
+  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm512_set1_ps(pw.coef[k]);
+  const __m512 tab_lo = _mm512_loadu_ps(pw.exp32), tab_hi = _mm512_loadu_ps(pw.exp32 + 16);
+  const auto u_of = [&](__mmask8 live, const double* at) -> __m256 {
+    const __m512d wv = _mm512_maskz_loadu_pd(live, at);
+    const __m512d x = _mm512_mul_pd(wv, v_inv);
+    __m512d r = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    if (_mm512_cmp_pd_mask(_mm512_abs_pd(_mm512_sub_pd(x, r)), v_tie, _CMP_GT_OQ) != 0)
+      r = _mm512_roundscale_pd(_mm512_div_pd(wv, v_scale),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512d cz = _mm512_min_pd(_mm512_max_pd(r, v_lo), v_hi);
+    const __m512d d = _mm512_sub_pd(_mm512_mul_pd(v_scale, cz), wv);
+    return _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_abs_pd(d), v_inv));
+  };
+  __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
+  KIndex n_small = 0;
+  *small = 0;
+  *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
+  const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
+  const KIndex check_every = len > 512 ? 4 : 1;
+  KIndex blocks = 0;
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex end = std::min(len, j0 + kBlock);
+    __m512 block_sum = _mm512_setzero_ps();
+    for (KIndex j = j0; j < end; j += 16) {
+      const __mmask16 live =
+          end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
+      const __m256 u_lo = u_of(static_cast<__mmask8>(live & 0xff), w + j);
+      const __m256 u_hi = u_of(static_cast<__mmask8>(live >> 8), w + j + 8);
+      const __m512 u = _mm512_insertf32x8(_mm512_castps256_ps512(u_lo), u_hi, 1);
+      const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
+      n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
+      const __m512 term =
+          kTable ? table_pow16(u, tab_lo, tab_hi, coef) : pow_estimate16(u, v_norm);
+      block_sum = _mm512_mask_add_ps(block_sum, live & ~tiny, block_sum, term);
+    }
+    sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(block_sum)));
+    sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(block_sum, 1)));
+    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
+      *small = n_small;
+      return total();
+    }
+  }
+  *small = n_small;
+  *complete = true;
+  return total();
+}
+#endif
+
+#if defined(OBC_SCREEN_AVX2)
+template <bool kTable>
+double scaled_error_f64_8(const double* w, KIndex len, double scale, int zero_point, int max_code,
+                          const ScreenPow& pw, double amax, double stop_above, KIndex* small,
+                          bool* complete, double* margin) {
+  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
+  // 8 terms per vector as in scaled_error8: two sets of 4 double lanes give the u's.
+  const double zero = static_cast<double>(zero_point), maxq = static_cast<double>(max_code);
+  const __m256d v_scale = _mm256_set1_pd(scale), v_inv = _mm256_set1_pd(1.0 / scale);
+  const __m256d v_lo = _mm256_set1_pd(-zero), v_hi = _mm256_set1_pd(maxq - zero);
+  const __m256d v_tie = _mm256_set1_pd(tie_limit_f64(scale, amax));
+  const __m256d sign_d = _mm256_set1_pd(-0.0);
+  const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(pw.norm);
+  __m256 coef[kScreenPolyDegree + 1];
+  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm256_set1_ps(pw.coef[k]);
+  const __m256 tab_lo = _mm256_loadu_ps(pw.exp_lo), tab_hi = _mm256_loadu_ps(pw.exp_hi);
+  const auto u_of = [&](__m256d wv) -> __m128 {
+    const __m256d x = _mm256_mul_pd(wv, v_inv);
+    __m256d r = _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256d off = _mm256_andnot_pd(sign_d, _mm256_sub_pd(x, r));
+    if (_mm256_movemask_pd(_mm256_cmp_pd(off, v_tie, _CMP_GT_OQ)) != 0)
+      r = _mm256_round_pd(_mm256_div_pd(wv, v_scale),
+                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256d cz = _mm256_min_pd(_mm256_max_pd(r, v_lo), v_hi);
+    const __m256d d = _mm256_sub_pd(_mm256_mul_pd(v_scale, cz), wv);
+    return _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_andnot_pd(sign_d, d), v_inv));
+  };
+  __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
+  __m256i count = _mm256_setzero_si256();
+  KIndex padding = 0;  // zero lanes of padded tail vectors, counted in `count`
+  *small = 0;
+  *complete = false;
+  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
+  const auto total = [&] {
+    alignas(32) double lanes[4];
+    _mm256_store_pd(lanes, _mm256_add_pd(sum_lo, sum_hi));
+    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  };
+  const auto count_small = [&] {
+    alignas(32) std::int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
+    for (const std::int32_t l : lanes) *small += l;
+    *small -= padding;
+  };
+  const KIndex check_every = len > 512 ? 4 : 1;
+  KIndex blocks = 0;
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex end = std::min(len, j0 + kBlock);
+    __m256 block_sum = _mm256_setzero_ps();
+    for (KIndex j = j0; j < end; j += 8) {
+      // a partial vector from a copy padded with zeros (u = 0: below kScreenSmall, not summed,
+      // taken off the small count at the end)
+      __m256d w_lo, w_hi;
+      if (j + 8 <= end) {
+        w_lo = _mm256_loadu_pd(w + j);
+        w_hi = _mm256_loadu_pd(w + j + 4);
+      } else {
+        alignas(32) double padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        std::memcpy(padded, w + j, sizeof(double) * static_cast<size_t>(end - j));
+        w_lo = _mm256_load_pd(padded);
+        w_hi = _mm256_load_pd(padded + 4);
+        padding += 8 - (end - j);
+      }
+      const __m256 u = _mm256_set_m128(u_of(w_hi), u_of(w_lo));
+      const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
+      count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
+      const __m256 term =
+          kTable ? table_pow8(u, tab_lo, tab_hi, coef) : pow_estimate8(u, v_norm);
+      block_sum = _mm256_add_ps(block_sum, _mm256_andnot_ps(tiny, term));
+    }
+    sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(block_sum)));
+    sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(block_sum, 1)));
+    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
+      count_small();
+      return total();
+    }
+  }
+  count_small();
+  *complete = true;
+  return total();
+}
+#endif
+
+double scaled_error_f64(const double* w, KIndex len, double scale, int zero_point, int max_code,
+                        const ScreenPow& pw, double amax, double stop_above, KIndex* small,
+                        bool* complete, double* margin) {
+#if defined(OBC_SCREEN_AVX512)
+  return table_applies(pw, static_cast<float>(scale), max_code, static_cast<float>(amax))
+             ? scaled_error_f64_16<true>(w, len, scale, zero_point, max_code, pw, amax,
+                                         stop_above, small, complete, margin)
+             : scaled_error_f64_16<false>(w, len, scale, zero_point, max_code, pw, amax,
+                                          stop_above, small, complete, margin);
+#elif defined(OBC_SCREEN_AVX2)
+  return table_applies(pw, static_cast<float>(scale), max_code, static_cast<float>(amax))
+             ? scaled_error_f64_8<true>(w, len, scale, zero_point, max_code, pw, amax,
+                                        stop_above, small, complete, margin)
+             : scaled_error_f64_8<false>(w, len, scale, zero_point, max_code, pw, amax,
+                                         stop_above, small, complete, margin);
+#else
+  // The generic copy: scalar u's, the general estimate per term, summed as the float32 one.
+  (void)amax;
+  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above
+  const double zero = static_cast<double>(zero_point), maxq = static_cast<double>(max_code);
+  const double inv_scale = 1.0 / scale;
+  const float norm = pw.norm;
+  *small = 0;
+  *complete = false;
+  *margin = internal::kScreenMargin;
+  float terms[kBlock];
+  double sum[4] = {0, 0, 0, 0};  // fixed lanes: the same sum on every run
+  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
+    const KIndex n = std::min(kBlock, len - j0);
+    for (KIndex j = 0; j < n; ++j) {
+      const float u = scaled_u_f64(w[j0 + j], scale, inv_scale, zero, maxq);
+      const bool tiny = u < kScreenSmall;
+      *small += tiny ? 1 : 0;
+      terms[j] = tiny ? 0.0f : pow_estimate(u, norm);
+    }
+    KIndex j = 0;
+    for (; j + 4 <= n; j += 4)
+      for (int l = 0; l < 4; ++l) sum[l] += static_cast<double>(terms[j + l]);
+    for (; j < n; ++j) sum[0] += static_cast<double>(terms[j]);
+    const double total = (sum[0] + sum[1]) + (sum[2] + sum[3]);
+    if (total > stop_above && j0 + n < len) return total;
+  }
+  *complete = true;
+  return (sum[0] + sum[1]) + (sum[2] + sum[3]);
+#endif
+}
+
 }  // namespace
 
 }  // namespace obc::OBC_KERNEL_NS
@@ -468,7 +685,8 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
 namespace obc::internal {
 
 const GridScreenKernels& OBC_GRID_SCREEN_TABLE() {
-  static const GridScreenKernels table{&OBC_KERNEL_NS::scaled_error};
+  static const GridScreenKernels table{&OBC_KERNEL_NS::scaled_error,
+                                       &OBC_KERNEL_NS::scaled_error_f64};
   return table;
 }
 
