@@ -403,8 +403,9 @@ void row_losses_with(const S* W, const S* W_hat, Index rows, Index cols, const H
         // lower_panel_block reads one line from each of the nb columns at a time, again for
         // every group of rows; with a stride of a multiple of 8 lines (cols a multiple of 64,
         // e.g. 2048 or 4096: 16 or 32 KiB) those lines all fall in a few sets of the L1 cache,
-        // which evicts them before the next group reads them (row_losses ran at a third of the
-        // speed). Only the layout changes: every y element takes the same terms in the same order.
+        // which evicts them before the next group reads them (4096 x 4096: 3.1 CPU s per call
+        // instead of 3.5-4.1). Only the layout changes: each y element takes the same terms in
+        // the same order.
         const Index ldp = ((ld + 7) / 8 % 2 == 0) ? (ld + 7) / 8 * 8 + 8 : (ld + 7) / 8 * 8;
         // panel(i - j, c - j) = H_s(i, c) for i >= j (only i > c is read), in 32 x 32 tiles:
         // H(i, c) and H(c, i) are both read from a few cache lines, whichever way H is laid out
