@@ -94,8 +94,8 @@ constexpr KIndex kRefineChunk = 64;
 /// [starts[i], starts[i + 1]) (starts has items + 1 entries, the last = chunks). An item's rows
 /// share one product with hd (the refinement's initial gradients, the refit's per-group
 /// products), so that Eigen packs hd (cols x cols, streamed from memory) once per item instead
-/// of once per chunk: at 2048 x 2048 that packing took two thirds as long as the product's
-/// arithmetic. A row's floats are the same in any such product: Eigen blocks the depth by the
+/// of once per chunk (Eigen's packing fell from 19% to 10% of a default quantize() at 4096 x
+/// 4096, benchmarks/README.md). A row's floats are the same in any such product: Eigen blocks the depth by the
 /// depth and the cache sizes only, and every item starts at a whole chunk (whole register
 /// panels); a last chunk of fewer rows, which Eigen may treat otherwise, is an item of its
 /// own. Items of several chunks come first, then 2 single chunks per thread, so that the
