@@ -95,10 +95,10 @@ constexpr KIndex kRefineChunk = 64;
 /// share one product with hd (the refinement's initial gradients, the refit's per-group
 /// products), so that Eigen packs hd (cols x cols, streamed from memory) once per item instead
 /// of once per chunk (Eigen's packing fell from 19% to 10% of a default quantize() at 4096 x
-/// 4096, benchmarks/README.md). A row's floats are the same in any such product: Eigen blocks the depth by the
-/// depth and the cache sizes only, and every item starts at a whole chunk (whole register
-/// panels); a last chunk of fewer rows, which Eigen may treat otherwise, is an item of its
-/// own. Items of several chunks come first, then 2 single chunks per thread, so that the
+/// 4096, benchmarks/README.md). A row's floats are the same in any such product: Eigen
+/// blocks the depth by the depth and the cache sizes only, and every item starts at a whole
+/// chunk (whole register panels); a last chunk of fewer rows, which Eigen may treat otherwise,
+/// is an item of its own. Items of several chunks come first, then 2 single chunks per thread, so that the
 /// dynamic hand-out ends on small items and the threads finish together. row_bytes: the
 /// item's workspace per row (it stays under 64 MiB).
 std::vector<KIndex> refine_items(KIndex chunks, KIndex row_bytes, int num_threads);
