@@ -98,9 +98,9 @@ constexpr KIndex kRefineChunk = 64;
 /// 4096, benchmarks/README.md). A row's floats are the same in any such product: Eigen
 /// blocks the depth by the depth and the cache sizes only, and every item starts at a whole
 /// chunk (whole register panels); a last chunk of fewer rows, which Eigen may treat otherwise,
-/// is an item of its own. Items of several chunks come first, then 2 single chunks per thread, so that the
-/// dynamic hand-out ends on small items and the threads finish together. row_bytes: the
-/// item's workspace per row (it stays under 64 MiB).
+/// is an item of its own. Items of several chunks come first, then 2 single chunks per
+/// thread, so that the dynamic hand-out ends on small items and the threads finish together.
+/// row_bytes: the item's workspace per row (it stays under 64 MiB).
 std::vector<KIndex> refine_items(KIndex chunks, KIndex row_bytes, int num_threads);
 
 /// The copy for this CPU: AVX-512 where use_avx512_kernels() says so, else the ISA of the row
