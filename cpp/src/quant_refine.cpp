@@ -18,9 +18,8 @@ namespace obc {
 
 namespace {
 
-// Rows whose gradients start with one (chunk x cols) by (cols x cols) product. Fixed, so the
-// floats do not depend on the thread count.
-constexpr Index kRowChunk = 64;
+// Rows refined together (their passes run block by block as one batch): refine_items' chunk.
+constexpr Index kRowChunk = internal::kRefineChunk;
 
 using MatrixD = Eigen::MatrixXd;
 using RowMatrixD = RowMatrix<double>;
@@ -216,6 +215,24 @@ const RefineKernels& refine_kernels() {
   return refine_kernels_generic();
 }
 
+std::vector<Index> refine_items(Index chunks, Index row_bytes, int num_threads) {
+  // Up to 4 chunks per item (256 rows: Eigen's packing of hd is then a small part of the
+  // product), within 64 MiB of item memory.
+  constexpr Index kMaxChunksPerItem = 4;
+  constexpr Index kMaxItemBytes = Index(64) << 20;
+  const Index threads = resolve_num_threads(num_threads);
+  const Index singles = std::min(chunks, 2 * threads);
+  const Index grouped = chunks - singles;
+  const Index by_memory = kMaxItemBytes / (kRefineChunk * std::max<Index>(row_bytes, 1));
+  const Index per_item =
+      std::max<Index>(1, std::min({kMaxChunksPerItem, grouped / (2 * threads), by_memory}));
+  std::vector<Index> starts;
+  for (Index c = 0; c < grouped; c += per_item) starts.push_back(c);
+  for (Index c = grouped; c < chunks; ++c) starts.push_back(c);
+  starts.push_back(chunks);
+  return starts;
+}
+
 void check_refine_options(const RefineOptions& opt) {
   OBC_CHECK(opt.max_passes >= 0, "refine_passes: expected >= 0, got ", opt.max_passes);
   OBC_CHECK(std::isfinite(opt.rel_tol) && opt.rel_tol >= 0, "refine_tol: expected >= 0, got ",
@@ -255,180 +272,201 @@ int refine_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eigen::Matri
   const internal::RefineKernels& kern = internal::refine_kernels();
   const Index chunks = (rows + kRowChunk - 1) / kRowChunk;
   std::vector<int> passes_of_chunk(static_cast<size_t>(chunks), 0);
-  parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
-    const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
-    // The gradient g = e hd of the residual e = q - w over the free (not pruned) inputs (0
-    // elsewhere), one row per row of the chunk.
-    RowMatrixD g(len, cols);
-    Eigen::VectorXd objective(len), start(len);
+  // Items of several chunks: their initial gradients are one product (refine_items).
+  const std::vector<Index> item_starts =
+      refine_items(chunks, cols * Index(2 * sizeof(double)), run.num_threads);
+  const Index items = static_cast<Index>(item_starts.size()) - 1;
+  parallel_for(items, run.num_threads, run.interrupt, [&](Index item, int) {
+    const Index first_chunk = item_starts[static_cast<size_t>(item)];
+    const Index last_chunk = item_starts[static_cast<size_t>(item) + 1];
+    const Index item_r0 = first_chunk * kRowChunk;
+    const Index item_rows = std::min(rows, last_chunk * kRowChunk) - item_r0;
+    // The gradients G = E hd of the residuals E = Q - W over the free (not pruned) inputs (0
+    // elsewhere), one row per row of the item, and the objectives 1/2 e g^T.
+    RowMatrixD item_g(item_rows, cols);
+    Eigen::VectorXd item_objective(item_rows);
     {
-      RowMatrixD e(len, cols);
-      for (Index i = 0; i < len; ++i)
+      RowMatrixD e(item_rows, cols);
+      for (Index i = 0; i < item_rows; ++i)
         for (Index c = 0; c < cols; ++c)
-          e(i, c) = pruned(r0 + i, c) ? 0.0
-                                      : static_cast<double>(weight(r0 + i, c)) -
-                                            static_cast<double>(W(r0 + i, c));
-      product(e, hd.data(), cols, g);  // e hd^T = e hd
-      for (Index i = 0; i < len; ++i) objective[i] = 0.5 * e.row(i).dot(g.row(i));
+          e(i, c) = pruned(item_r0 + i, c) ? 0.0
+                                           : static_cast<double>(weight(item_r0 + i, c)) -
+                                                 static_cast<double>(W(item_r0 + i, c));
+      // e hd^T = e hd: the whole chunks in one product, a last chunk of fewer rows on its own.
+      const Index whole = item_rows - item_rows % kRowChunk;
+      if (whole > 0) product(e.data(), whole, cols, hd.data(), cols, item_g.data(), cols);
+      if (whole < item_rows)
+        product(e.data() + whole * cols, item_rows - whole, cols, hd.data(), cols,
+                item_g.data() + whole * cols, cols);
+      for (Index i = 0; i < item_rows; ++i)
+        item_objective[i] = 0.5 * e.row(i).dot(item_g.row(i));
     }
-    std::vector<char> active(static_cast<size_t>(len), 1);
-    std::vector<int> passes(static_cast<size_t>(len), 0);
-    std::vector<Index> live;  // rows of the chunk still running passes
-    // Blocks are at most cols wide (refine_blocks clips; a huge block_size must not size these).
-    LazyGradient lazy(len, cols, std::min(cols, std::max(kSweepBlock, ropt.block_size)));
-    // Block moves of the live rows: proposals (continuous optima, -g_B inverse, then the GPTQ
-    // state), proposed_codes / changes (their codes, d = new - old), moved (rows of them whose
-    // codes change), moved_changes (their d), block_rhs (products).
-    RowMatrixD proposals, changes, moved_changes, block_rhs, errors, lazy_rhs;
-    std::vector<char> changed;
-    RowMatrix<Scalar> proposed_codes;
-    std::vector<Index> moved, live_rows;
-    // The single-code sweep's accepted moves of one row and block (columns - c0, changes).
-    std::vector<Index> moved_columns(static_cast<size_t>(kSweepBlock));
-    std::vector<double> moved_deltas(static_cast<size_t>(kSweepBlock));
+    for (Index chunk = first_chunk; chunk < last_chunk; ++chunk) {
+      const Index r0 = chunk * kRowChunk, len = std::min(kRowChunk, rows - r0);
+      RowMatrixD g = item_g.middleRows(r0 - item_r0, len);
+      Eigen::VectorXd objective = item_objective.segment(r0 - item_r0, len), start(len);
+      std::vector<char> active(static_cast<size_t>(len), 1);
+      std::vector<int> passes(static_cast<size_t>(len), 0);
+      std::vector<Index> live;  // rows of the chunk still running passes
+      // Blocks are at most cols wide (refine_blocks clips; a huge block_size must not size these).
+      LazyGradient lazy(len, cols, std::min(cols, std::max(kSweepBlock, ropt.block_size)));
+      // Block moves of the live rows: proposals (continuous optima, -g_B inverse, then the GPTQ
+      // state), proposed_codes / changes (their codes, d = new - old), moved (rows of them whose
+      // codes change), moved_changes (their d), block_rhs (products).
+      RowMatrixD proposals, changes, moved_changes, block_rhs, errors, lazy_rhs;
+      std::vector<char> changed;
+      RowMatrix<Scalar> proposed_codes;
+      std::vector<Index> moved, live_rows;
+      // The single-code sweep's accepted moves of one row and block (columns - c0, changes).
+      std::vector<Index> moved_columns(static_cast<size_t>(kSweepBlock));
+      std::vector<double> moved_deltas(static_cast<size_t>(kSweepBlock));
 
-    // Block move, first half: re-quantize the block's codes of the live rows by GPTQ inside the
-    // block, from the block's continuous optima x given all other codes (proposals: in,
-    // overwritten). GPTQ's lazy updates: within a sub-block of kGptqSub columns the errors are
-    // propagated at once, to the block's later columns once per sub-block as one product. The
-    // proposed codes go to proposed_codes, their changes to changes; changed[j]: row j's codes
-    // change.
-    auto block_proposals = [&](const RefineBlock& blk, Index n_live) {
-      const Index b0 = blk.begin, nb = blk.len;
-      for (Index j = 0; j < n_live; ++j) {
-        const Index r = r0 + live[static_cast<size_t>(j)];
-        for (Index k = 0; k < nb; ++k) proposals(j, k) += static_cast<double>(weight(r, b0 + k));
-      }
-      changed.assign(static_cast<size_t>(n_live), 0);
-      live_rows.resize(static_cast<size_t>(n_live));
-      for (Index j = 0; j < n_live; ++j)
-        live_rows[static_cast<size_t>(j)] = r0 + live[static_cast<size_t>(j)];
-      errors.resize(n_live, kGptqSub);
-      for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
-        const Index ns = std::min(kGptqSub, nb - s0);
-        const internal::ProposeRows<Scalar> job{proposals.data(),
-                                                blk.upper.data(),
-                                                nb,
-                                                b0,
-                                                s0,
-                                                ns,
-                                                n_live,
-                                                live_rows.data(),
-                                                weight.data(),
-                                                pruned.data(),
-                                                cols,
-                                                grid.scale.data(),
-                                                grid.zero.data(),
-                                                grid.scale.cols(),
-                                                grid.group_size,
-                                                maxq,
-                                                proposed_codes.data(),
-                                                changes.data(),
-                                                errors.data(),
-                                                errors.cols(),
-                                                changed.data()};
-        propose_codes(kern, job);
-        const Index rest = nb - s0 - ns;
-        if (rest == 0) continue;
-        // x[:, rest] -= errors upper[sub, rest]: b(t, u) = upper(s0 + u, s0 + ns + t), column u
-        // of b a row of the row-major upper.
-        lazy_rhs.resize(n_live, rest);
-        internal::refine_kernels().product(errors.data(), kGptqSub,
-                                           blk.upper.data() + s0 * nb + s0 + ns, nb, n_live, rest,
-                                           ns, lazy_rhs.data(), rest);
-        proposals.middleCols(s0 + ns, rest) -= lazy_rhs;
-      }
-    };
-
-    // Single-code moves over the columns [c0, c0 + nb) of row i: the 1-D quadratic's
-    // minimizer, clamped, the two codes around it compared exactly. Each accepted move updates
-    // g on the block's own columns at once (all a later move of this block reads) and is
-    // recorded for the other columns, which get the block's moves at its end.
-    auto code_sweep = [&](Index i, Index c0, Index nb) {
-      const Index r = r0 + i;
-      const internal::SweepRow<Scalar> job{g.row(i).data() + c0,
-                                           hd.data(),
-                                           cols,
-                                           hdiag.data(),
-                                           c0,
-                                           nb,
-                                           weight.row(r).data(),
-                                           pruned.row(r).data(),
-                                           grid.scale.row(r).data(),
-                                           grid.zero.row(r).data(),
-                                           grid.group_size,
-                                           maxq,
-                                           &objective[i],
-                                           moved_columns.data(),
-                                           moved_deltas.data()};
-      const Index moves = sweep_codes(kern, job);
-      for (Index m = 0; m < moves; ++m)
-        lazy.record_one(i, moved_columns[static_cast<size_t>(m)],
-                        moved_deltas[static_cast<size_t>(m)]);
-    };
-
-    // Passes run over all live rows of the chunk together, block by block, so that the deferred
-    // gradient updates of a block are one product for all rows (hd read once per chunk, not once
-    // per row). Rows are independent: each row sees the same sequence of its own moves as when
-    // the rows ran one after the other.
-    for (int pass = 1; pass <= ropt.max_passes; ++pass) {
-      live.clear();
-      for (Index i = 0; i < len; ++i)
-        if (active[static_cast<size_t>(i)]) live.push_back(i);
-      if (live.empty()) break;
-      const Index n_live = static_cast<Index>(live.size());
-      for (const Index i : live) start[i] = objective[i];
-      for (const RefineBlock& blk : blocks) {
-        if (!blk.usable) continue;
+      // Block move, first half: re-quantize the block's codes of the live rows by GPTQ inside the
+      // block, from the block's continuous optima x given all other codes (proposals: in,
+      // overwritten). GPTQ's lazy updates: within a sub-block of kGptqSub columns the errors are
+      // propagated at once, to the block's later columns once per sub-block as one product. The
+      // proposed codes go to proposed_codes, their changes to changes; changed[j]: row j's codes
+      // change.
+      auto block_proposals = [&](const RefineBlock& blk, Index n_live) {
         const Index b0 = blk.begin, nb = blk.len;
-        // The block's continuous optima of all live rows as one product: -g_B (H_BB + damp)^-1.
-        proposals.resize(n_live, nb);
-        for (Index j = 0; j < n_live; ++j)
-          proposals.row(j) = g.row(live[static_cast<size_t>(j)]).segment(b0, nb);
-        block_rhs.resize(n_live, nb);
-        product(proposals, blk.inverse.data(), nb, block_rhs);  // inverse symmetric
-        proposals = -block_rhs;
-        proposed_codes.resize(n_live, nb);
-        changes.resize(n_live, nb);
-        moved.clear();
-        block_proposals(blk, n_live);
-        for (Index j = 0; j < n_live; ++j)
-          if (changed[static_cast<size_t>(j)]) moved.push_back(j);
-        if (moved.empty()) continue;
-        // Second half: the exact change of the objective, d g_B + 1/2 d H_BB d^T, the products
-        // d H_BB of all moved rows at once; kept where it drops. g is exact on the block's
-        // columns here; the kept changes reach g at the block's end (lazy).
-        const Index n_moved = static_cast<Index>(moved.size());
-        moved_changes.resize(n_moved, nb);
-        for (Index m = 0; m < n_moved; ++m) moved_changes.row(m) = changes.row(moved[static_cast<size_t>(m)]);
-        block_rhs.resize(n_moved, nb);
-        product(moved_changes, hd.data() + b0 * cols + b0, cols, block_rhs);  // d H_BB, symmetric
-        lazy.begin_block(b0, nb);
-        for (Index m = 0; m < n_moved; ++m) {
-          const Index j = moved[static_cast<size_t>(m)], i = live[static_cast<size_t>(j)];
-          const Index r = r0 + i;
-          const auto d = moved_changes.row(m);
-          const double change = d.dot(g.row(i).segment(b0, nb)) + 0.5 * d.dot(block_rhs.row(m));
-          if (!(change < 0.0)) continue;
-          for (Index k = 0; k < nb; ++k)
-            if (d[k] != 0.0) weight(r, b0 + k) = proposed_codes(j, k);
-          lazy.record(i, d);
-          objective[i] += change;
+        for (Index j = 0; j < n_live; ++j) {
+          const Index r = r0 + live[static_cast<size_t>(j)];
+          for (Index k = 0; k < nb; ++k) proposals(j, k) += static_cast<double>(weight(r, b0 + k));
         }
-        lazy.flush(g, hd, /*skip_block=*/false);
+        changed.assign(static_cast<size_t>(n_live), 0);
+        live_rows.resize(static_cast<size_t>(n_live));
+        for (Index j = 0; j < n_live; ++j)
+          live_rows[static_cast<size_t>(j)] = r0 + live[static_cast<size_t>(j)];
+        errors.resize(n_live, kGptqSub);
+        for (Index s0 = 0; s0 < nb; s0 += kGptqSub) {
+          const Index ns = std::min(kGptqSub, nb - s0);
+          const internal::ProposeRows<Scalar> job{proposals.data(),
+                                                  blk.upper.data(),
+                                                  nb,
+                                                  b0,
+                                                  s0,
+                                                  ns,
+                                                  n_live,
+                                                  live_rows.data(),
+                                                  weight.data(),
+                                                  pruned.data(),
+                                                  cols,
+                                                  grid.scale.data(),
+                                                  grid.zero.data(),
+                                                  grid.scale.cols(),
+                                                  grid.group_size,
+                                                  maxq,
+                                                  proposed_codes.data(),
+                                                  changes.data(),
+                                                  errors.data(),
+                                                  errors.cols(),
+                                                  changed.data()};
+          propose_codes(kern, job);
+          const Index rest = nb - s0 - ns;
+          if (rest == 0) continue;
+          // x[:, rest] -= errors upper[sub, rest]: b(t, u) = upper(s0 + u, s0 + ns + t), column u
+          // of b a row of the row-major upper.
+          lazy_rhs.resize(n_live, rest);
+          internal::refine_kernels().product(errors.data(), kGptqSub,
+                                             blk.upper.data() + s0 * nb + s0 + ns, nb, n_live, rest,
+                                             ns, lazy_rhs.data(), rest);
+          proposals.middleCols(s0 + ns, rest) -= lazy_rhs;
+        }
+      };
+
+      // Single-code moves over the columns [c0, c0 + nb) of row i: the 1-D quadratic's
+      // minimizer, clamped, the two codes around it compared exactly. Each accepted move updates
+      // g on the block's own columns at once (all a later move of this block reads) and is
+      // recorded for the other columns, which get the block's moves at its end.
+      auto code_sweep = [&](Index i, Index c0, Index nb) {
+        const Index r = r0 + i;
+        const internal::SweepRow<Scalar> job{g.row(i).data() + c0,
+                                             hd.data(),
+                                             cols,
+                                             hdiag.data(),
+                                             c0,
+                                             nb,
+                                             weight.row(r).data(),
+                                             pruned.row(r).data(),
+                                             grid.scale.row(r).data(),
+                                             grid.zero.row(r).data(),
+                                             grid.group_size,
+                                             maxq,
+                                             &objective[i],
+                                             moved_columns.data(),
+                                             moved_deltas.data()};
+        const Index moves = sweep_codes(kern, job);
+        for (Index m = 0; m < moves; ++m)
+          lazy.record_one(i, moved_columns[static_cast<size_t>(m)],
+                          moved_deltas[static_cast<size_t>(m)]);
+      };
+
+      // Passes run over all live rows of the chunk together, block by block, so that the deferred
+      // gradient updates of a block are one product for all rows (hd read once per chunk, not once
+      // per row). Rows are independent: each row sees the same sequence of its own moves as when
+      // the rows ran one after the other.
+      for (int pass = 1; pass <= ropt.max_passes; ++pass) {
+        live.clear();
+        for (Index i = 0; i < len; ++i)
+          if (active[static_cast<size_t>(i)]) live.push_back(i);
+        if (live.empty()) break;
+        const Index n_live = static_cast<Index>(live.size());
+        for (const Index i : live) start[i] = objective[i];
+        for (const RefineBlock& blk : blocks) {
+          if (!blk.usable) continue;
+          const Index b0 = blk.begin, nb = blk.len;
+          // The block's continuous optima of all live rows as one product: -g_B (H_BB + damp)^-1.
+          proposals.resize(n_live, nb);
+          for (Index j = 0; j < n_live; ++j)
+            proposals.row(j) = g.row(live[static_cast<size_t>(j)]).segment(b0, nb);
+          block_rhs.resize(n_live, nb);
+          product(proposals, blk.inverse.data(), nb, block_rhs);  // inverse symmetric
+          proposals = -block_rhs;
+          proposed_codes.resize(n_live, nb);
+          changes.resize(n_live, nb);
+          moved.clear();
+          block_proposals(blk, n_live);
+          for (Index j = 0; j < n_live; ++j)
+            if (changed[static_cast<size_t>(j)]) moved.push_back(j);
+          if (moved.empty()) continue;
+          // Second half: the exact change of the objective, d g_B + 1/2 d H_BB d^T, the products
+          // d H_BB of all moved rows at once; kept where it drops. g is exact on the block's
+          // columns here; the kept changes reach g at the block's end (lazy).
+          const Index n_moved = static_cast<Index>(moved.size());
+          moved_changes.resize(n_moved, nb);
+          for (Index m = 0; m < n_moved; ++m)
+            moved_changes.row(m) = changes.row(moved[static_cast<size_t>(m)]);
+          block_rhs.resize(n_moved, nb);
+          product(moved_changes, hd.data() + b0 * cols + b0, cols, block_rhs);  // d H_BB, symmetric
+          lazy.begin_block(b0, nb);
+          for (Index m = 0; m < n_moved; ++m) {
+            const Index j = moved[static_cast<size_t>(m)], i = live[static_cast<size_t>(j)];
+            const Index r = r0 + i;
+            const auto d = moved_changes.row(m);
+            const double change = d.dot(g.row(i).segment(b0, nb)) + 0.5 * d.dot(block_rhs.row(m));
+            if (!(change < 0.0)) continue;
+            for (Index k = 0; k < nb; ++k)
+              if (d[k] != 0.0) weight(r, b0 + k) = proposed_codes(j, k);
+            lazy.record(i, d);
+            objective[i] += change;
+          }
+          lazy.flush(g, hd, /*skip_block=*/false);
+        }
+        for (Index c0 = 0; c0 < cols; c0 += kSweepBlock) {
+          const Index nb = std::min(kSweepBlock, cols - c0);
+          lazy.begin_block(c0, nb);
+          for (const Index i : live) code_sweep(i, c0, nb);
+          lazy.flush(g, hd, /*skip_block=*/true);
+        }
+        for (const Index i : live) {
+          passes[static_cast<size_t>(i)] = pass;
+          if (!(start[i] - objective[i] > ropt.rel_tol * start[i]))
+            active[static_cast<size_t>(i)] = 0;
+        }
       }
-      for (Index c0 = 0; c0 < cols; c0 += kSweepBlock) {
-        const Index nb = std::min(kSweepBlock, cols - c0);
-        lazy.begin_block(c0, nb);
-        for (const Index i : live) code_sweep(i, c0, nb);
-        lazy.flush(g, hd, /*skip_block=*/true);
-      }
-      for (const Index i : live) {
-        passes[static_cast<size_t>(i)] = pass;
-        if (!(start[i] - objective[i] > ropt.rel_tol * start[i])) active[static_cast<size_t>(i)] = 0;
-      }
+      passes_of_chunk[static_cast<size_t>(chunk)] =
+          *std::max_element(passes.begin(), passes.end());
     }
-    passes_of_chunk[static_cast<size_t>(chunk)] = *std::max_element(passes.begin(), passes.end());
   });
   return *std::max_element(passes_of_chunk.begin(), passes_of_chunk.end());
 }

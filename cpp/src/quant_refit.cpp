@@ -14,9 +14,9 @@ namespace obc::internal {
 
 namespace {
 
-// Rows per chunk: the per-group products below are (chunk x group) by (group x cols) GEMMs.
-// Fixed, so the floats do not depend on the thread count.
-constexpr Index kRefitChunk = 64;
+// Rows per chunk: the per-group products below are (rows x group) by (group x cols) GEMMs over
+// an item's whole chunks (refine_items).
+constexpr Index kRefitChunk = kRefineChunk;
 // Above this many groups per row the joint solve (a groups x groups system per row, kept for a
 // whole chunk) is skipped: the scales stay as fitted. 128-input groups reach it at 32768 inputs.
 constexpr Index kMaxGroups = 256;
@@ -31,9 +31,17 @@ Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eige
   const Index gs = grid.group_size, groups = cols / gs;
   if (groups > kMaxGroups || rows == 0) return 0;
   const Index chunks = (rows + kRefitChunk - 1) / kRefitChunk;
-  std::vector<Index> changed_of_chunk(static_cast<size_t>(chunks), 0);
-  parallel_for(chunks, run.num_threads, run.interrupt, [&](Index chunk, int) {
-    const Index r0 = chunk * kRefitChunk, len = std::min(kRefitChunk, rows - r0);
+  // Items of several chunks: one product per group for all their rows (refine_items).
+  const std::vector<Index> item_starts = refine_items(
+      chunks, (3 * cols + groups * groups + groups) * Index(sizeof(double)), run.num_threads);
+  const Index items = static_cast<Index>(item_starts.size()) - 1;
+  std::vector<Index> changed_of_item(static_cast<size_t>(items), 0);
+  parallel_for(items, run.num_threads, run.interrupt, [&](Index item, int) {
+    const Index r0 = item_starts[static_cast<size_t>(item)] * kRefitChunk;
+    const Index len =
+        std::min(item_starts[static_cast<size_t>(item) + 1] * kRefitChunk, rows) - r0;
+    // The item's whole chunks share the products; a last chunk of fewer rows has its own.
+    const Index whole = len - len % kRefitChunk;
     // a = code - zero and w over the free inputs, 0 at pruned ones (which lie at 0 on any grid
     // and so drop out of the residual w - A s).
     RowMatrix<double> a(len, cols), w(len, cols);
@@ -53,8 +61,12 @@ Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eige
     const RefineKernels& kern = refine_kernels();
     RowMatrix<double> p(len, cols);
     for (Index h = 0; h < groups; ++h) {
-      kern.product(a.data() + h * gs, cols, hd.data() + h * gs * cols, cols, len, cols, gs,
-                   p.data(), cols);
+      if (whole > 0)
+        kern.product(a.data() + h * gs, cols, hd.data() + h * gs * cols, cols, whole, cols, gs,
+                     p.data(), cols);
+      if (whole < len)
+        kern.product(a.data() + whole * cols + h * gs, cols, hd.data() + h * gs * cols, cols,
+                     len - whole, cols, gs, p.data() + whole * cols, cols);
       for (Index i = 0; i < len; ++i) {
         for (Index g = 0; g < groups; ++g)
           m[static_cast<size_t>(i)](g, h) =
@@ -106,10 +118,10 @@ Index refit_scales_into(const Eigen::Ref<const RowMatrix<Scalar>>& W, const Eige
         weight(r, c) = grid_at(grid, r, c).value(static_cast<int>(std::lround(a(i, c))) + zero);
       }
     }
-    changed_of_chunk[static_cast<size_t>(chunk)] = changed;
+    changed_of_item[static_cast<size_t>(item)] = changed;
   });
   Index changed = 0;
-  for (const Index c : changed_of_chunk) changed += c;
+  for (const Index c : changed_of_item) changed += c;
   return changed;
 }
 

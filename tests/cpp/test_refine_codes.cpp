@@ -3,10 +3,12 @@
 // (the refinement's code before the kernels, built here without FMA contraction): bit for bit,
 // on row counts that leave partial groups of lanes, odd sub-blocks and blocks, several grids per
 // row, pruned inputs, float32 and float64 weights. Any difference would make the refinement's
-// results depend on the CPU.
+// results depend on the CPU. Also: each copy's product gives a row the same bits however many
+// whole chunks share the product (the refinement's work items).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <type_traits>
@@ -237,7 +239,53 @@ void check_sweep(std::mt19937& rng) {
   CHECK(total_moves >= 40);  // the trials do move codes (and skip most)
 }
 
+// The refinement's initial gradients and the scale refit's products are one product per work
+// item of several 64-row chunks (refine_items, quant_refine.cpp), the items depending on the
+// thread count: a row's floats must not depend on how many whole chunks share its product, nor
+// where its chunk sits in it. Checked against one product per chunk, bit for bit, with depths
+// that Eigen does and does not block; a partial chunk (37 rows) always has a product of its own.
+void check_product_chunks(const char* name, const k::RefineKernels& kern, std::mt19937& rng) {
+  constexpr KIndex kChunk = k::kRefineChunk, kWhole = 5, kRows = kWhole * kChunk + 37;
+  std::normal_distribution<double> normal(0.0, 1.0);
+  for (const auto& [depth, n] : std::vector<std::pair<KIndex, KIndex>>{
+           {5, 5}, {100, 100}, {264, 264}, {1030, 150}, {2100, 200}}) {
+    std::vector<double> a(static_cast<size_t>(kRows * depth)), b(static_cast<size_t>(n * depth));
+    for (double& x : a) x = normal(rng);
+    for (double& x : b) x = normal(rng);
+    auto run = [&](KIndex first, KIndex count, std::vector<double>& c) {
+      kern.product(a.data() + first * depth, depth, b.data(), n, count, n, depth,
+                   c.data() + first * n, n);
+    };
+    std::vector<double> per_chunk(static_cast<size_t>(kRows * n));
+    for (KIndex r0 = 0; r0 < kRows; r0 += kChunk)
+      run(r0, std::min(kChunk, kRows - r0), per_chunk);
+    for (const std::vector<KIndex>& starts : std::vector<std::vector<KIndex>>{
+             {0, 5}, {0, 2, 5}, {0, 4, 5}, {0, 1, 4, 5}}) {
+      std::vector<double> grouped(per_chunk.size(), -1.0);
+      for (size_t i = 0; i + 1 < starts.size(); ++i)
+        run(starts[i] * kChunk, (starts[i + 1] - starts[i]) * kChunk, grouped);
+      run(kWhole * kChunk, kRows - kWhole * kChunk, grouped);
+      if (!same_bits(grouped, per_chunk))
+        std::fprintf(stderr, "%s: depth %td, %zu items: rows differ\n", name, depth,
+                     starts.size() - 1);
+      CHECK(same_bits(grouped, per_chunk));
+    }
+    if (depth == 2100) {
+      // The check can fail: a product of one row (the plain loop, one sum over the whole depth)
+      // differs from the same row in a blocked GEMM.
+      std::vector<double> one(per_chunk.size(), 0.0);
+      run(3, 1, one);
+      CHECK(!std::equal(one.begin() + 3 * n, one.begin() + 4 * n, per_chunk.begin() + 3 * n));
+    }
+  }
+}
+
 }  // namespace
+
+OBC_TEST(product_rows_do_not_depend_on_the_chunks_sharing_it) {
+  std::mt19937 rng(13);
+  for (const auto& [name, kern] : copies()) check_product_chunks(name, *kern, rng);
+}
 
 OBC_TEST(propose_codes_copies_match_the_row_by_row_loop) {
   std::mt19937 rng(11);

@@ -107,3 +107,19 @@ def test_bit_identical_for_any_thread_count(kind, block, group_size, bits):
         assert np.array_equal(other.scale, runs[0].scale)
         assert np.array_equal(other.row_losses, runs[0].row_losses)
     assert runs[0].refine_passes >= 2
+
+
+@pytest.mark.parametrize("group_size", [None, 24])
+def test_bit_identical_for_any_grouping_of_chunks(group_size):
+    # 709 rows = 11 chunks of 64 and a partial one. The refinement's initial gradients and the
+    # scale refit's products are one product per work item of several chunks (refine_items in
+    # quant_refine.cpp), and the items depend on the thread count: 1 thread groups chunks by 4,
+    # 2 threads by 2, 3 threads not at all. 264 inputs: Eigen blocks the products' depth.
+    W, H = make_realistic_layer(709, 264, seed=7)
+    runs = [obc_native.quantize(W, H, 4, group_size=group_size, method="gptq", num_threads=t)
+            for t in (1, 2, 3)]
+    for other in runs[1:]:
+        for field in ("weight", "scale", "row_losses", "row_losses_unrefined"):
+            assert np.array_equal(getattr(other, field), getattr(runs[0], field)), field
+        assert other.refine_passes == runs[0].refine_passes
+    assert runs[0].refine_passes >= 2

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "internal/row_kernels.hpp"
 
@@ -83,6 +84,24 @@ struct RefineKernels {
   KIndex (*sweep_codes_f32)(const SweepRow<float>&);
   KIndex (*sweep_codes_f64)(const SweepRow<double>&);
 };
+
+/// Rows per chunk of the refinement and of the scale refit (quant_refine.cpp, quant_refit.cpp):
+/// a chunk's rows run their passes together. Fixed, so the floats do not depend on the thread
+/// count.
+constexpr KIndex kRefineChunk = 64;
+
+/// The work items of a loop over `chunks` chunks of kRefineChunk rows: item i is the chunks
+/// [starts[i], starts[i + 1]) (starts has items + 1 entries, the last = chunks). An item's rows
+/// share one product with hd (the refinement's initial gradients, the refit's per-group
+/// products), so that Eigen packs hd (cols x cols, streamed from memory) once per item instead
+/// of once per chunk (Eigen's packing fell from 19% to 10% of a default quantize() at 4096 x
+/// 4096, benchmarks/README.md). A row's floats are the same in any such product: Eigen
+/// blocks the depth by the depth and the cache sizes only, and every item starts at a whole
+/// chunk (whole register panels); a last chunk of fewer rows, which Eigen may treat otherwise,
+/// is an item of its own. Items of several chunks come first, then 2 single chunks per
+/// thread, so that the dynamic hand-out ends on small items and the threads finish together.
+/// row_bytes: the item's workspace per row (it stays under 64 MiB).
+std::vector<KIndex> refine_items(KIndex chunks, KIndex row_bytes, int num_threads);
 
 /// The copy for this CPU: AVX-512 where use_avx512_kernels() says so, else the ISA of the row
 /// kernels' table (kernels(), so OBC_SIMD=generic applies too).
