@@ -193,7 +193,9 @@ Eigen::VectorXd gptq_row_losses(const Eigen::Ref<const RowMatrix<Scalar>>& W,
   OBC_CHECK(out.rows() == rows && out.cols() == cols && step_losses.size() == rows,
             "internal: gptq_row_losses: shapes differ");
   check_finite_result(step_losses, "row losses");  // before the clamp, which would hide a NaN
-  constexpr Index kMeasureChunk = 256;  // row_losses' row chunk: its values depend on the chunk
+  // Rows are re-measured exactly in chunks, only where one of a chunk's rows needs it (the
+  // flags below); row_losses gives each row the same bits in any chunk.
+  constexpr Index kMeasureChunk = 256;
   const Index chunks = (rows + kMeasureChunk - 1) / kMeasureChunk;
   std::vector<char> measure(static_cast<size_t>(chunks), 0);
   const double lambda = prep.damp_absolute;

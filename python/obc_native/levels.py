@@ -65,6 +65,7 @@ def level_label(kind: str, params: Mapping[str, Any]) -> str:
         method = p.get("prune_method", DEFAULT_PRUNE_METHOD)
         return "" if method == DEFAULT_PRUNE_METHOD else f"@{method}"
 
+    _arrays.as_choice(kind, "kind", LEVEL_KINDS)
     if kind == "dense":
         return "dense"
     if kind == "unstructured":
@@ -75,9 +76,7 @@ def level_label(kind: str, params: Mapping[str, Any]) -> str:
         return f"nm{params['n']}:{params['m']}{pruner(params)}"
     if kind == "quant":
         return quant(params)
-    if kind == "joint":
-        return f"nm{params['n']}:{params['m']}{pruner(params)}+{quant(params)}"
-    raise ValueError(f"kind: expected one of {LEVEL_KINDS}, got {kind!r}")
+    return f"nm{params['n']}:{params['m']}{pruner(params)}+{quant(params)}"
 
 
 @dataclass(eq=False)

@@ -245,6 +245,7 @@ CHOICE_ARGS = {
         W, H, quant_method=v, nm=(), bits=()),
     "build_layer_levels prune_method": lambda W, H, v: obc_native.build_layer_levels(
         W, H, prune_method=v, nm=(), bits=()),
+    "level_label kind": lambda W, H, v: obc_native.levels.level_label(v, {}),
 }
 
 

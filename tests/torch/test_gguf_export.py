@@ -81,6 +81,8 @@ def test_grids_gguf_cannot_hold_are_refused(tmp_path):
         gguf_layer_config("Q4_0", bits=3)
     with pytest.raises(ValueError, match="block_type: expected one of"):
         gguf_layer_config("Q5_K")
+    with pytest.raises(TypeError, match="block_type: expected one of"):
+        gguf_layer_config(4)
 
 
 def test_scale_outside_float16_is_refused(tmp_path):

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._arrays import as_choice
 from .._files import as_path, output_file_problem, write_file_atomically
 from .recipe import LayerConfig
 from .report import CompressionReport
@@ -73,8 +74,7 @@ def gguf_layer_config(block_type: str, **fields) -> LayerConfig:
     ``fields``: other :class:`LayerConfig` fields (e.g. ``prune="nm"``); ``bits``, ``sym`` and
     ``group_size`` are fixed by the format.
     """
-    if block_type not in _BITS:
-        raise ValueError(f"block_type: expected one of {sorted(_BITS)}, got {block_type!r}")
+    as_choice(block_type, "block_type", tuple(sorted(_BITS)))
     clash = sorted({"bits", "sym", "group_size"} & set(fields))
     if clash:
         raise ValueError(f"gguf_layer_config: {clash} are fixed by {block_type}")
