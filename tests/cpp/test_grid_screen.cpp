@@ -85,6 +85,27 @@ Screened screen_whole_row(const k::GridScreenKernels& table, const std::vector<f
   return s;
 }
 
+// The weights of a random-row trial: each an integer code (some far outside the grid: clamped,
+// u up to ~1300) plus a rounding error of any magnitude from 2^-1 down to 2^min_exp of a step,
+// or exactly on the grid; every 10th trial reaches past the tables' range (u up to 2600): the
+// general estimate. Shared by the float32 and float64 tests so that both draw the same kinds.
+template <class T>
+std::vector<T> random_row(std::mt19937_64& rng, KIndex len, int trial, double scale, int zero,
+                          int maxq, int min_exp) {
+  std::uniform_real_distribution<double> unit(0.0, 1.0);
+  const int span = -1 - min_exp;  // exponents of the rounding error: min_exp .. -1
+  std::vector<T> w(static_cast<size_t>(len));
+  for (T& x : w) {
+    const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
+    const double far_max = trial % 10 == 9 ? 2600 : 1300;
+    const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * far_max * unit(rng) : 0;
+    const double f =
+        unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(min_exp + span * unit(rng));
+    x = static_cast<T>(scale * (n + far + f));
+  }
+  return w;
+}
+
 OBC_TEST(estimate_within_bound_on_random_rows) {
   std::mt19937_64 rng(11);
   std::uniform_real_distribution<double> unit(0.0, 1.0);
@@ -98,18 +119,8 @@ OBC_TEST(estimate_within_bound_on_random_rows) {
       const float scale = static_cast<float>(std::exp2(-70 + 140 * unit(rng)));
       const double norm = trial % 5 == 0 ? 1.0 : trial % 5 == 1 ? 4.0 : 1.0 + 3.0 * unit(rng);
       const KIndex len = 1 + static_cast<KIndex>(unit(rng) * 300);
-      std::vector<float> w(static_cast<size_t>(len));
-      for (float& x : w) {
-        // an integer code (some far outside the grid: clamped, u up to ~1300) plus a rounding
-        // error of any magnitude down to below kScreenSmall, or exactly on the grid
-        const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
-        // every 10th row reaches past the tables' range (u up to 2600): the general estimate
-        const double far_max = trial % 10 == 9 ? 2600 : 1300;
-        const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * far_max * unit(rng) : 0;
-        const double f =
-            unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-24 + 23 * unit(rng));
-        x = static_cast<float>(scale * (n + far + f));
-      }
+      // rounding errors down to 2^-24 of a step: below kScreenSmall
+      const std::vector<float> w = random_row<float>(rng, len, trial, scale, zero, maxq, -24);
       const Exact e = exact_scaled_error(w, scale, zero, maxq, norm);
       const auto [est, small, complete, margin] = screen_whole_row(*table, w, scale, zero, maxq, norm);
       CHECK(complete);
@@ -295,15 +306,7 @@ OBC_TEST(f64_estimate_within_bound_on_random_rows) {
       const double scale = std::exp2(-70 + 140 * unit(rng)) * (1 + 1e-9 * unit(rng));
       const double norm = trial % 5 == 0 ? 1.0 : trial % 5 == 1 ? 4.0 : 1.0 + 3.0 * unit(rng);
       const KIndex len = 1 + static_cast<KIndex>(unit(rng) * 300);
-      std::vector<double> w(static_cast<size_t>(len));
-      for (double& x : w) {
-        const double n = std::floor(-zero - 40 + (maxq + 80) * unit(rng));
-        const double far_max = trial % 10 == 9 ? 2600 : 1300;
-        const double far = unit(rng) < 0.05 ? (unit(rng) < 0.5 ? -1 : 1) * far_max * unit(rng) : 0;
-        const double f =
-            unit(rng) < 0.05 ? 0 : (unit(rng) < 0.5 ? -1 : 1) * std::exp2(-50 + 49 * unit(rng));
-        x = scale * (n + far + f);
-      }
+      const std::vector<double> w = random_row<double>(rng, len, trial, scale, zero, maxq, -50);
       const Exact e = exact_scaled_error_f64(w, scale, zero, maxq, norm);
       const auto [est, small, complete, margin] =
           screen_whole_row_f64(*table, w, scale, zero, maxq, norm);

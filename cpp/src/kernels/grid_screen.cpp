@@ -247,22 +247,19 @@ inline __m512 table_pow16(__m512 u, __m512 tab_lo, __m512 tab_hi, const __m512* 
   return _mm512_mul_ps(p, two_en);
 }
 
-template <bool kTable>
-double scaled_error16(const float* w, KIndex len, float scale, int zero_point, int max_code,
-                      const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                      bool* complete, double* margin) {
+// The screening loop of the 16-lane kernels, for float32 and float64 weights alike: they differ
+// only in how a vector of u = |q - w| / scale is made, u_at(j, live) for terms j.. (lanes
+// outside `live` may hold anything: they are neither summed nor counted).
+template <bool kTable, class UAt>
+inline double screen_sum16(KIndex len, const UAt& u_at, const ScreenPow& pw, double stop_above,
+                           KIndex* small, bool* complete, double* margin) {
   // Terms between two comparisons with stop_above: short enough that a hopeless shrink factor
   // of a 128-group stops after a quarter of it, long enough that the comparisons stay cheap.
   constexpr KIndex kBlock = 32;
   // 16 lanes, a block's two vectors added in float32, then into two fixed sets of 8 float64
-  // lanes (the same sum on every run); the last partial vector of a block by masked loads, its
-  // unused lanes neither summed nor counted. c - zero is clamp(round(x), -zero, maxq - zero):
-  // integers below 2^12, the same value as GridPoint's clamp(round(x) + zero, 0, maxq) - zero.
-  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
-  const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
-  const __m512 v_lo = _mm512_set1_ps(-zero), v_hi = _mm512_set1_ps(maxq - zero);
+  // lanes (the same sum on every run); the last partial vector of a block has its unused lanes
+  // neither summed nor counted.
   const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(pw.norm);
-  const __m512 v_tie = _mm512_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
   __m512 coef[kScreenPolyDegree + 1];
   for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm512_set1_ps(pw.coef[k]);
   const __m512 tab_lo = _mm512_loadu_ps(pw.exp32), tab_hi = _mm512_loadu_ps(pw.exp32 + 16);
@@ -283,21 +280,7 @@ double scaled_error16(const float* w, KIndex len, float scale, int zero_point, i
     for (KIndex j = j0; j < end; j += 16) {
       const __mmask16 live =
           end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
-      const __m512 wv = _mm512_maskz_loadu_ps(live, w + j);
-      __m512 r;
-      if constexpr (kTable) {
-        const __m512 x = _mm512_mul_ps(wv, v_inv);
-        r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        if (_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, r)), v_tie, _CMP_GT_OQ) != 0)
-          r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      } else {
-        r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
-                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      const __m512 cz = _mm512_min_ps(_mm512_max_ps(r, v_lo), v_hi);
-      const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, cz), wv);
-      const __m512 u = _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
+      const __m512 u = u_at(j, live);
       const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
       n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
       const __m512 term =
@@ -314,6 +297,36 @@ double scaled_error16(const float* w, KIndex len, float scale, int zero_point, i
   *small = n_small;
   *complete = true;
   return total();
+}
+
+template <bool kTable>
+double scaled_error16(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                      const ScreenPow& pw, float amax, double stop_above, KIndex* small,
+                      bool* complete, double* margin) {
+  // Lanes outside `live` load as zeros. c - zero is clamp(round(x), -zero, maxq - zero):
+  // integers below 2^12, the same value as GridPoint's clamp(round(x) + zero, 0, maxq) - zero.
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
+  const __m512 v_scale = _mm512_set1_ps(scale), v_inv = _mm512_set1_ps(1.0f / scale);
+  const __m512 v_lo = _mm512_set1_ps(-zero), v_hi = _mm512_set1_ps(maxq - zero);
+  const __m512 v_tie = _mm512_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
+  const auto u_at = [=](KIndex j, __mmask16 live) {
+    const __m512 wv = _mm512_maskz_loadu_ps(live, w + j);
+    __m512 r;
+    if constexpr (kTable) {
+      const __m512 x = _mm512_mul_ps(wv, v_inv);
+      r = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      if (_mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_sub_ps(x, r)), v_tie, _CMP_GT_OQ) != 0)
+        r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                                 _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      r = _mm512_roundscale_ps(_mm512_div_ps(wv, v_scale),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m512 cz = _mm512_min_ps(_mm512_max_ps(r, v_lo), v_hi);
+    const __m512 d = _mm512_sub_ps(_mm512_mul_ps(v_scale, cz), wv);
+    return _mm512_mul_ps(_mm512_abs_ps(d), v_inv);
+  };
+  return screen_sum16<kTable>(len, u_at, pw, stop_above, small, complete, margin);
 }
 #endif
 
@@ -335,19 +348,17 @@ inline __m256 table_pow8(__m256 u, __m256 tab_lo, __m256 tab_hi, const __m256* c
   return _mm256_mul_ps(p, two_en);
 }
 
-template <bool kTable>
-double scaled_error8(const float* w, KIndex len, float scale, int zero_point, int max_code,
-                     const ScreenPow& pw, float amax, double stop_above, KIndex* small,
-                     bool* complete, double* margin) {
+// The screening loop of the 8-lane kernels, for float32 and float64 weights alike: u_at(j, end)
+// gives the vector of u = |q - w| / scale for terms j.. . A block's last partial vector comes
+// from a copy padded with zeros: those lanes have q - w = 0, u below kScreenSmall, so they add
+// nothing and are taken off the small count at the end.
+template <bool kTable, class UAt>
+inline double screen_sum8(KIndex len, const UAt& u_at, const ScreenPow& pw, double stop_above,
+                          KIndex* small, bool* complete, double* margin) {
   constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
   // A block's terms added in 8 float32 lanes, then into 8 float64 lanes (fixed: the same sum on
-  // every run); codes as in scaled_error16 (round half to even, clamp: GridPoint::quantize's).
-  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
-  const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
-  const __m256 v_lo = _mm256_set1_ps(-zero), v_hi = _mm256_set1_ps(maxq - zero);
+  // every run).
   const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(pw.norm);
-  const __m256 v_tie = _mm256_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
-  const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 coef[kScreenPolyDegree + 1];
   for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm256_set1_ps(pw.coef[k]);
   const __m256 tab_lo = _mm256_loadu_ps(pw.exp_lo), tab_hi = _mm256_loadu_ps(pw.exp_hi);
@@ -368,39 +379,14 @@ double scaled_error8(const float* w, KIndex len, float scale, int zero_point, in
     for (const std::int32_t l : lanes) *small += l;
     *small -= padding;
   };
-  const KIndex check_every = len > 512 ? 4 : 1;  // as in scaled_error16
+  const KIndex check_every = len > 512 ? 4 : 1;  // as in screen_sum16
   KIndex blocks = 0;
   for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
     const KIndex end = std::min(len, j0 + kBlock);
-    KIndex j = j0;
     __m256 block_sum = _mm256_setzero_ps();  // the block's terms: float32 adds, error <= 2^-22
-    for (; j < end; j += 8) {
-      // a block's last partial vector from a copy padded with zeros: those lanes have q - w = 0,
-      // below kScreenSmall, so they add nothing and are taken off the small count at the end
-      __m256 wv;
-      if (j + 8 <= end) {
-        wv = _mm256_loadu_ps(w + j);
-      } else {
-        alignas(32) float padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        std::memcpy(padded, w + j, sizeof(float) * static_cast<size_t>(end - j));
-        wv = _mm256_load_ps(padded);
-        padding += 8 - (end - j);
-      }
-      __m256 r;
-      if constexpr (kTable) {
-        const __m256 x = _mm256_mul_ps(wv, v_inv);
-        r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256 off = _mm256_andnot_ps(sign, _mm256_sub_ps(x, r));
-        if (_mm256_movemask_ps(_mm256_cmp_ps(off, v_tie, _CMP_GT_OQ)) != 0)
-          r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
-                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      } else {
-        r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
-                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      }
-      const __m256 cz = _mm256_min_ps(_mm256_max_ps(r, v_lo), v_hi);
-      const __m256 d = _mm256_sub_ps(_mm256_mul_ps(v_scale, cz), wv);
-      const __m256 u = _mm256_mul_ps(_mm256_andnot_ps(sign, d), v_inv);
+    for (KIndex j = j0; j < end; j += 8) {
+      if (end - j < 8) padding += 8 - (end - j);
+      const __m256 u = u_at(j, end);
       const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
       count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
       const __m256 term =
@@ -417,6 +403,44 @@ double scaled_error8(const float* w, KIndex len, float scale, int zero_point, in
   count_small();
   *complete = true;
   return total();
+}
+
+template <bool kTable>
+double scaled_error8(const float* w, KIndex len, float scale, int zero_point, int max_code,
+                     const ScreenPow& pw, float amax, double stop_above, KIndex* small,
+                     bool* complete, double* margin) {
+  // Codes as in scaled_error16 (round half to even, clamp: GridPoint::quantize's).
+  const float zero = static_cast<float>(zero_point), maxq = static_cast<float>(max_code);
+  const __m256 v_scale = _mm256_set1_ps(scale), v_inv = _mm256_set1_ps(1.0f / scale);
+  const __m256 v_lo = _mm256_set1_ps(-zero), v_hi = _mm256_set1_ps(maxq - zero);
+  const __m256 v_tie = _mm256_set1_ps(kTable ? tie_limit(scale, amax) : 0.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const auto u_at = [=](KIndex j, KIndex end) {
+    __m256 wv;
+    if (j + 8 <= end) {
+      wv = _mm256_loadu_ps(w + j);
+    } else {  // zero padding (see screen_sum8)
+      alignas(32) float padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(padded, w + j, sizeof(float) * static_cast<size_t>(end - j));
+      wv = _mm256_load_ps(padded);
+    }
+    __m256 r;
+    if constexpr (kTable) {
+      const __m256 x = _mm256_mul_ps(wv, v_inv);
+      r = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 off = _mm256_andnot_ps(sign, _mm256_sub_ps(x, r));
+      if (_mm256_movemask_ps(_mm256_cmp_ps(off, v_tie, _CMP_GT_OQ)) != 0)
+        r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
+                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    } else {
+      r = _mm256_round_ps(_mm256_div_ps(wv, v_scale),
+                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    const __m256 cz = _mm256_min_ps(_mm256_max_ps(r, v_lo), v_hi);
+    const __m256 d = _mm256_sub_ps(_mm256_mul_ps(v_scale, cz), wv);
+    return _mm256_mul_ps(_mm256_andnot_ps(sign, d), v_inv);
+  };
+  return screen_sum8<kTable>(len, u_at, pw, stop_above, small, complete, margin);
 }
 #endif
 
@@ -464,7 +488,7 @@ double scaled_error(const float* w, KIndex len, float scale, int zero_point, int
 // float64 weights (scaled_error_f64). Each term's u = |q - w| / scale is computed in double with
 // GridPoint<double>'s code and difference, then rounded to float once (relative error 2^-24, so
 // u^norm within norm 2^-24 <= 2.4e-7: inside either margin, see grid_screen.hpp) and estimated
-// by the float machinery above; the sums are the float32 path's. The code's rounding is by a
+// by the float machinery above; the sums are screen_sum16 / 8's. The code's rounding is by a
 // product with 1 / scale as in tie_limit, with double's tolerance: x = w * (1 / scale) is within
 // 3 2^-53 |x| of the division's double, so a lane with | |x - round(x)| - 1/2 | <= 2^-48 X
 // (X = amax / scale >= |x|) redoes its vector with the division, and the codes are always
@@ -490,18 +514,13 @@ template <bool kTable>
 double scaled_error_f64_16(const double* w, KIndex len, double scale, int zero_point,
                            int max_code, const ScreenPow& pw, double amax, double stop_above,
                            KIndex* small, bool* complete, double* margin) {
-  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
   // 16 terms per vector as in scaled_error16: two sets of 8 double lanes give the u's, rounded
   // to float and joined into one float vector.
   const double zero = static_cast<double>(zero_point), maxq = static_cast<double>(max_code);
   const __m512d v_scale = _mm512_set1_pd(scale), v_inv = _mm512_set1_pd(1.0 / scale);
   const __m512d v_lo = _mm512_set1_pd(-zero), v_hi = _mm512_set1_pd(maxq - zero);
   const __m512d v_tie = _mm512_set1_pd(tie_limit_f64(scale, amax));
-  const __m512 v_small = _mm512_set1_ps(kScreenSmall), v_norm = _mm512_set1_ps(pw.norm);
-  __m512 coef[kScreenPolyDegree + 1];
-  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm512_set1_ps(pw.coef[k]);
-  const __m512 tab_lo = _mm512_loadu_ps(pw.exp32), tab_hi = _mm512_loadu_ps(pw.exp32 + 16);
-  const auto u_of = [&](__mmask8 live, const double* at) -> __m256 {
+  const auto u_of = [=](__mmask8 live, const double* at) -> __m256 {
     const __m512d wv = _mm512_maskz_loadu_pd(live, at);
     const __m512d x = _mm512_mul_pd(wv, v_inv);
     __m512d r = _mm512_roundscale_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -512,39 +531,12 @@ double scaled_error_f64_16(const double* w, KIndex len, double scale, int zero_p
     const __m512d d = _mm512_sub_pd(_mm512_mul_pd(v_scale, cz), wv);
     return _mm512_cvtpd_ps(_mm512_mul_pd(_mm512_abs_pd(d), v_inv));
   };
-  __m512d sum_lo = _mm512_setzero_pd(), sum_hi = _mm512_setzero_pd();
-  KIndex n_small = 0;
-  *small = 0;
-  *complete = false;
-  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
-  const auto total = [&] { return _mm512_reduce_add_pd(_mm512_add_pd(sum_lo, sum_hi)); };
-  const KIndex check_every = len > 512 ? 4 : 1;
-  KIndex blocks = 0;
-  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
-    const KIndex end = std::min(len, j0 + kBlock);
-    __m512 block_sum = _mm512_setzero_ps();
-    for (KIndex j = j0; j < end; j += 16) {
-      const __mmask16 live =
-          end - j >= 16 ? __mmask16(0xffff) : __mmask16((1u << (end - j)) - 1u);
-      const __m256 u_lo = u_of(static_cast<__mmask8>(live & 0xff), w + j);
-      const __m256 u_hi = u_of(static_cast<__mmask8>(live >> 8), w + j + 8);
-      const __m512 u = _mm512_insertf32x8(_mm512_castps256_ps512(u_lo), u_hi, 1);
-      const __mmask16 tiny = _mm512_cmp_ps_mask(u, v_small, _CMP_LT_OQ);
-      n_small += __builtin_popcount(static_cast<unsigned>(tiny & live));
-      const __m512 term =
-          kTable ? table_pow16(u, tab_lo, tab_hi, coef) : pow_estimate16(u, v_norm);
-      block_sum = _mm512_mask_add_ps(block_sum, live & ~tiny, block_sum, term);
-    }
-    sum_lo = _mm512_add_pd(sum_lo, _mm512_cvtps_pd(_mm512_castps512_ps256(block_sum)));
-    sum_hi = _mm512_add_pd(sum_hi, _mm512_cvtps_pd(_mm512_extractf32x8_ps(block_sum, 1)));
-    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
-      *small = n_small;
-      return total();
-    }
-  }
-  *small = n_small;
-  *complete = true;
-  return total();
+  const auto u_at = [=](KIndex j, __mmask16 live) {
+    const __m256 u_lo = u_of(static_cast<__mmask8>(live & 0xff), w + j);
+    const __m256 u_hi = u_of(static_cast<__mmask8>(live >> 8), w + j + 8);
+    return _mm512_insertf32x8(_mm512_castps256_ps512(u_lo), u_hi, 1);
+  };
+  return screen_sum16<kTable>(len, u_at, pw, stop_above, small, complete, margin);
 }
 #endif
 
@@ -553,18 +545,13 @@ template <bool kTable>
 double scaled_error_f64_8(const double* w, KIndex len, double scale, int zero_point, int max_code,
                           const ScreenPow& pw, double amax, double stop_above, KIndex* small,
                           bool* complete, double* margin) {
-  constexpr KIndex kBlock = 32;  // terms between two comparisons with stop_above (see above)
   // 8 terms per vector as in scaled_error8: two sets of 4 double lanes give the u's.
   const double zero = static_cast<double>(zero_point), maxq = static_cast<double>(max_code);
   const __m256d v_scale = _mm256_set1_pd(scale), v_inv = _mm256_set1_pd(1.0 / scale);
   const __m256d v_lo = _mm256_set1_pd(-zero), v_hi = _mm256_set1_pd(maxq - zero);
   const __m256d v_tie = _mm256_set1_pd(tie_limit_f64(scale, amax));
   const __m256d sign_d = _mm256_set1_pd(-0.0);
-  const __m256 v_small = _mm256_set1_ps(kScreenSmall), v_norm = _mm256_set1_ps(pw.norm);
-  __m256 coef[kScreenPolyDegree + 1];
-  for (int k = 0; k <= kScreenPolyDegree; ++k) coef[k] = _mm256_set1_ps(pw.coef[k]);
-  const __m256 tab_lo = _mm256_loadu_ps(pw.exp_lo), tab_hi = _mm256_loadu_ps(pw.exp_hi);
-  const auto u_of = [&](__m256d wv) -> __m128 {
+  const auto u_of = [=](__m256d wv) -> __m128 {
     const __m256d x = _mm256_mul_pd(wv, v_inv);
     __m256d r = _mm256_round_pd(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     const __m256d off = _mm256_andnot_pd(sign_d, _mm256_sub_pd(x, r));
@@ -575,59 +562,20 @@ double scaled_error_f64_8(const double* w, KIndex len, double scale, int zero_po
     const __m256d d = _mm256_sub_pd(_mm256_mul_pd(v_scale, cz), wv);
     return _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_andnot_pd(sign_d, d), v_inv));
   };
-  __m256d sum_lo = _mm256_setzero_pd(), sum_hi = _mm256_setzero_pd();
-  __m256i count = _mm256_setzero_si256();
-  KIndex padding = 0;  // zero lanes of padded tail vectors, counted in `count`
-  *small = 0;
-  *complete = false;
-  *margin = kTable ? internal::kScreenTableMargin : internal::kScreenMargin;
-  const auto total = [&] {
-    alignas(32) double lanes[4];
-    _mm256_store_pd(lanes, _mm256_add_pd(sum_lo, sum_hi));
-    return (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-  };
-  const auto count_small = [&] {
-    alignas(32) std::int32_t lanes[8];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), count);
-    for (const std::int32_t l : lanes) *small += l;
-    *small -= padding;
-  };
-  const KIndex check_every = len > 512 ? 4 : 1;
-  KIndex blocks = 0;
-  for (KIndex j0 = 0; j0 < len; j0 += kBlock) {
-    const KIndex end = std::min(len, j0 + kBlock);
-    __m256 block_sum = _mm256_setzero_ps();
-    for (KIndex j = j0; j < end; j += 8) {
-      // a partial vector from a copy padded with zeros (u = 0: below kScreenSmall, not summed,
-      // taken off the small count at the end)
-      __m256d w_lo, w_hi;
-      if (j + 8 <= end) {
-        w_lo = _mm256_loadu_pd(w + j);
-        w_hi = _mm256_loadu_pd(w + j + 4);
-      } else {
-        alignas(32) double padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        std::memcpy(padded, w + j, sizeof(double) * static_cast<size_t>(end - j));
-        w_lo = _mm256_load_pd(padded);
-        w_hi = _mm256_load_pd(padded + 4);
-        padding += 8 - (end - j);
-      }
-      const __m256 u = _mm256_set_m128(u_of(w_hi), u_of(w_lo));
-      const __m256 tiny = _mm256_cmp_ps(u, v_small, _CMP_LT_OQ);
-      count = _mm256_sub_epi32(count, _mm256_castps_si256(tiny));
-      const __m256 term =
-          kTable ? table_pow8(u, tab_lo, tab_hi, coef) : pow_estimate8(u, v_norm);
-      block_sum = _mm256_add_ps(block_sum, _mm256_andnot_ps(tiny, term));
+  const auto u_at = [=](KIndex j, KIndex end) {
+    __m256d w_lo, w_hi;
+    if (j + 8 <= end) {
+      w_lo = _mm256_loadu_pd(w + j);
+      w_hi = _mm256_loadu_pd(w + j + 4);
+    } else {  // zero padding (see screen_sum8)
+      alignas(32) double padded[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      std::memcpy(padded, w + j, sizeof(double) * static_cast<size_t>(end - j));
+      w_lo = _mm256_load_pd(padded);
+      w_hi = _mm256_load_pd(padded + 4);
     }
-    sum_lo = _mm256_add_pd(sum_lo, _mm256_cvtps_pd(_mm256_castps256_ps128(block_sum)));
-    sum_hi = _mm256_add_pd(sum_hi, _mm256_cvtps_pd(_mm256_extractf128_ps(block_sum, 1)));
-    if (end < len && ++blocks % check_every == 0 && total() > stop_above) {
-      count_small();
-      return total();
-    }
-  }
-  count_small();
-  *complete = true;
-  return total();
+    return _mm256_set_m128(u_of(w_hi), u_of(w_lo));
+  };
+  return screen_sum8<kTable>(len, u_at, pw, stop_above, small, complete, margin);
 }
 #endif
 
