@@ -57,7 +57,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import make_output_folder, output_file_problem, write_file_atomically
+from .._files import make_output_folder, output_file_problem, path_str, write_file_atomically
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -319,12 +319,13 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
 
 def save_compressed(
     model: nn.Module,
-    directory: str | os.PathLike,
+    directory: str | bytes | os.PathLike,
     report: CompressionReport | None = None,
     *,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save ``model`` (compressed by :func:`compress`) to ``directory``; returns the manifest.
+    """Save ``model`` (compressed by :func:`compress`) to ``directory`` (str, bytes or
+    os.PathLike); returns the manifest.
 
     ``report`` (the return value of ``compress``) supplies the quantization grids and the
     per-layer description; without it, sparse layers are still stored compactly but quantized
@@ -348,7 +349,7 @@ def save_compressed(
     except (TypeError, ValueError, RecursionError) as err:
         raise TypeError(f"metadata: expected JSON values (str, number, bool, None, lists, dicts; "
                         f"no NaN or inf), {err}") from None
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     problem = make_output_folder(directory)  # before the layers are encoded
     for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
         problem = problem or output_file_problem(os.path.join(directory, name))
@@ -420,12 +421,12 @@ def _write_atomically(path: str, write) -> None:
     write_file_atomically(path, write, error=SerializationError)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(directory: str | bytes | os.PathLike) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a saved model: format, version, checksum and schema checked.
 
     Raises :class:`SerializationError` for a missing, unreadable, corrupted or malformed manifest.
     """
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     path = _own_file(directory, MANIFEST_NAME)
     try:
         with _open_regular(path) as handle:
@@ -628,7 +629,7 @@ def _widens(source: torch.dtype, target: torch.dtype) -> bool:
     return target in _WIDENINGS.get(source, ())
 
 
-def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bool = False) -> dict[str, Any]:
+def load_compressed(model: nn.Module, directory: str | bytes | os.PathLike, *, widen: bool = False) -> dict[str, Any]:
     """Load a model saved by :func:`save_compressed` into ``model`` (same architecture).
 
     Checks the manifest, the tensor file's SHA-256, that every compressed layer exists with
@@ -648,7 +649,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
 
     if not isinstance(widen, bool):  # widen="no" would widen
         raise TypeError(f"widen: expected True or False, got {widen!r}")
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     manifest = read_manifest(directory)
     tensor_path = _own_file(directory, manifest["tensors"])  # read_manifest checked it is one of our names
     before = os.stat(tensor_path)
