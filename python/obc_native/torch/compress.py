@@ -723,9 +723,9 @@ def compress(
             cluster: the one ``ray.init`` connected to, or a new local one), or an executor
             object such as ``RayExecutor(address="head:6379")`` (see ``torch/executors.py``).
             Results are bit-identical to a local run.
-        checkpoint: a directory (str, bytes or os.PathLike): each finished layer is written there, and a rerun of the same
-            compression (same model, recipe and mode) resumes after a crash without redoing the
-            layers found there (see ``torch/checkpoint.py``); with a budget the level database is
+        checkpoint: a directory (str, bytes or os.PathLike): each finished layer is written
+            there, and a rerun of the same compression (same model, recipe and mode) resumes after
+            a crash without redoing the layers found there (see ``torch/checkpoint.py``); with a budget the level database is
             kept there too.
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform

@@ -168,7 +168,8 @@ def export_onnx(
         model: the compressed model (on any device; exported on the CPU, in eval mode, and left
             as it was). Layers wrapped in :class:`ActQuantWrapper` get activation Q/DQ.
         example_args: a tensor or a tuple of positional inputs used to trace the model.
-        path: the ``.onnx`` file to write (str, bytes or os.PathLike); its folder must exist and be writable (checked first).
+        path: the ``.onnx`` file to write (str, bytes or os.PathLike); its folder must exist and be
+            writable (checked first).
         report: where the quantization grids come from: the :class:`CompressionReport` returned
             by ``compress`` (its per-layer grids), or the folder written by ``save_compressed``
             (the grids stored there). None: every weight is exported dense.

@@ -81,7 +81,8 @@ def gguf_layer_config(block_type: str, **fields) -> LayerConfig:
     return LayerConfig(bits=_BITS[block_type], sym=True, group_size=GGUF_BLOCK, **fields)
 
 
-def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | os.PathLike, *, architecture: str = "obc_native",
+def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | os.PathLike, *,
+              architecture: str = "obc_native",
               float_type: str = "F32") -> list[GGUFLayer]:
     """Write ``model``'s state dict as a GGUF file, quantized Linear layers as Q4_0 / Q8_0 blocks.
 

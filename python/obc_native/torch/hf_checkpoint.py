@@ -53,9 +53,10 @@ def save_hf_checkpoint(model: nn.Module, directory: str | bytes | os.PathLike, *
     Args:
         model: a ``transformers`` model after compression (plain modules: save before
             ``quantize_activations``, whose wrappers rename parameters).
-        directory: the output folder (str, bytes or os.PathLike; created if missing); existing weight files there are replaced,
-            each file through a temporary file renamed into place (a failed save leaves the
-            previous files whole; a replaced file keeps its permission bits).
+        directory: the output folder (str, bytes or os.PathLike; created if missing); existing
+            weight files there are replaced, each file through a temporary file renamed into place
+            (a failed save leaves the previous files whole; a replaced file keeps its permission
+            bits).
         source: the folder the model was loaded from; its tokenizer / preprocessor files
             (``HF_SIDE_FILES``) are copied unless ``directory`` already has them.
         verify: load the folder back with ``from_pretrained`` and compare every tensor.
