@@ -725,8 +725,8 @@ def compress(
             Results are bit-identical to a local run.
         checkpoint: a directory (str, bytes or os.PathLike): each finished layer is written
             there, and a rerun of the same compression (same model, recipe and mode) resumes after
-            a crash without redoing the layers found there (see ``torch/checkpoint.py``); with a budget the level database is
-            kept there too.
+            a crash without redoing the layers found there (see ``torch/checkpoint.py``); with a
+            budget the level database is kept there too.
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
             compression; ``sequential`` is not supported there).
