@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fold import fold_batchnorm as _fold_batchnorm
+from .fold import foldable_pairs
 
 __all__ = ["shrink_structured", "hf_ffn_chains", "ShrinkReport", "ShrunkChain", "ShrinkError"]
 
@@ -185,7 +186,8 @@ def shrink_structured(
             a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
             channels (the spatial size cannot be inferred); or ``chains`` is None and the model
             cannot be traced.
-            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace (checked before any change).
+            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace, or a BatchNorm to fold
+            in training mode (call ``model.eval()`` first); both checked before any change.
         TypeError: ``model`` is not an ``nn.Module``; ``fold_batchnorm`` is not a bool.
 
     Grouped convolutions: channels are removed only if every group loses the same number (the
@@ -198,18 +200,16 @@ def shrink_structured(
         raise TypeError(f"fold_batchnorm: expected a bool, got {type(fold_batchnorm).__name__}")
     report = ShrinkReport(parameters_before=_parameter_count(model))
     modules = dict(model.named_modules())
-    if fold_batchnorm and chains is not None:
-        # folding traces the model: find out now, not after the channels are cut (chains are given
-        # mostly for models fx cannot trace)
-        from torch.fx import symbolic_trace  # not "import torch.fx": that would make torch a local name here
-
+    if fold_batchnorm:
+        # folding traces the model and needs eval-mode BatchNorm: find out now, not after the
+        # channels are cut (chains are given mostly for models fx cannot trace). Cutting channels
+        # changes no pair, so the pairs found now are the ones folded then.
         try:
-            symbolic_trace(model, concrete_args=concrete_args)
-        except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            raise ShrinkError(f"fold_batchnorm=True: torch.fx cannot trace {type(model).__name__} "
-                              f"({type(err).__name__}: {first_line}); nothing was changed: shrink with "
-                              "fold_batchnorm=False") from err
+            foldable_pairs(model, concrete_args)
+        except ValueError as err:
+            reason = str(err).removeprefix("fold_batchnorm: ")
+            raise ShrinkError(f"fold_batchnorm=True: {reason}; nothing was changed (shrink with "
+                              "fold_batchnorm=False to leave BatchNorm as it is)") from err
     if chains is None:
         found, skipped = _trace_chains(model, modules, concrete_args)
         report.skipped.update(skipped)
