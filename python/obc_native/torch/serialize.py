@@ -21,7 +21,9 @@ quantized have no such entries and load as before). Dequantized values are ``sca
 in float32, where for convolutions the group ``g`` of native column ``c*K + k`` is
 ``(k*C + c) // group_size`` (channels-last grouping). Each layer is stored in whichever of
 dense, sparse (mask + values), quantized (codes) or sparse quantized (mask + codes) is smallest;
-weights that are not exactly on the layer's grid (changed after compression) fall back to values.
+weights that are not exactly on the layer's grid (changed after compression), or whose grid does
+not have the layer's shape (the report of another model, a layer shrunk after compression), fall
+back to values: what is saved is always the model's own weights, bit for bit.
 
 Loading never unpickles: safetensors and JSON only. It reads nothing but the directory's own
 two files: ``manifest.json`` and the tensor file must be regular files (a symbolic link is
@@ -186,6 +188,18 @@ def _quantize_exact(
     return codes
 
 
+def _grid_fits(info: LayerInfo, grid: QuantGrid) -> bool:
+    """Whether ``grid`` has the shape that :func:`load_compressed` reads back for ``info``'s
+    weight: ``group_size`` divides the columns, and scales and zero points are ``out x groups``.
+    A shrunk layer's grid may still cover its weights (``_quantize_exact`` accepts spare groups)
+    but not in that shape: the saved folder would not load."""
+    size, cols = grid.group_size, info.cols
+    if not isinstance(size, (int, np.integer)) or size < 1 or cols % size:
+        return False
+    expected = (info.out_features, cols // size)
+    return np.shape(grid.scale) == expected and np.shape(grid.zero) == expected
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The bit patterns of a floating-point tensor (so -0.0 differs from 0.0, NaN equals itself)."""
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
@@ -289,9 +303,16 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
     codes = None
     if grid is not None:
         matrix32 = tensor.to(torch.float32).cpu().numpy()
-        if tensor.is_floating_point():
+        fits = _grid_fits(info, grid)
+        if tensor.is_floating_point() and fits:
             codes = _quantize_exact(info, matrix32, grid, tensor)
-        if codes is None:
+        if not fits:
+            # another model's report, or a layer shrink_structured cut after compression: the values
+            # stored are still the layer's own, exactly (load_compressed restores them bit for bit)
+            logger.warning("layer %r: the report's grid (scales %s, groups of %s) does not fit the %d x %d weight "
+                           "(the report of another model, or a shrunk layer); stored as values", info.name,
+                           tuple(np.shape(grid.scale)), grid.group_size, info.out_features, info.cols)
+        elif codes is None:
             logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
         else:
             grid_bytes = grid.scale.size * 5
@@ -329,8 +350,10 @@ def save_compressed(
 
     ``report`` (the return value of ``compress``) supplies the quantization grids and the
     per-layer description; without it, sparse layers are still stored compactly but quantized
-    layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
-    (e.g. how to rebuild the architecture).
+    layers are stored as values. So are the layers whose weights the report's grids do not hold
+    (the report of another model, weights changed or shrunk after compression), with a warning
+    naming the layer; the manifest still describes them as the report does. ``metadata``:
+    JSON-serialisable extras kept in the manifest (e.g. how to rebuild the architecture).
 
     ``metadata`` that ``json`` cannot write (objects, NaN, inf, tuple keys) raises
     ``TypeError`` before any work.
