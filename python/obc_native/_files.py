@@ -27,14 +27,24 @@ _STALE_FILE = re.compile(rf"\..*obc-{_OWNER}\.tmp(\.[^.]*)?")  # create_file_nex
 _STALE_FOLDER = re.compile(rf"\.obc-staging-{_OWNER}")  # make_staging_folder's names
 
 
-def as_path(path, name: str = "path") -> str:
-    """``path`` (str, bytes or os.PathLike) as a str; TypeError / ValueError naming ``name`` for
-    anything else or a path with a NUL (which C++ and the OS calls would cut short there)."""
+def path_str(path, name: str = "path") -> str:
+    """``path`` (str, bytes or os.PathLike) as a str: the one type rule of every file and folder
+    argument, so that a path one function takes is taken by all. bytes are decoded as ``open``
+    would (``os.fsdecode``). TypeError naming ``name`` for anything else. A NUL character is left
+    to the caller's check (:func:`output_file_problem` / :func:`make_output_folder` report it in
+    the caller's own error class; :func:`as_path` raises ValueError)."""
     try:
         path = os.fspath(path)
     except TypeError:
-        raise TypeError(f"{name}: expected a str or os.PathLike, got {type(path).__name__}") from None
-    path = os.fsdecode(path) if isinstance(path, bytes) else path
+        raise TypeError(f"{name}: expected a str, bytes or os.PathLike, got {type(path).__name__}") from None
+    return os.fsdecode(path) if isinstance(path, bytes) else path
+
+
+def as_path(path, name: str = "path") -> str:
+    """``path`` (str, bytes or os.PathLike) as a str (:func:`path_str`); TypeError / ValueError
+    naming ``name`` for anything else or a path with a NUL (which C++ and the OS calls would cut
+    short there)."""
+    path = path_str(path, name)
     if "\0" in path:
         raise ValueError(f"{name}: expected a path without NUL characters, got {path!r}")
     return path

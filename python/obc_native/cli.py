@@ -742,7 +742,9 @@ def _cmd_shrink(args: argparse.Namespace) -> int:
     # ShrinkError (a ValueError): one error line. Its INFO summary ("shrink_structured: N channel(s)
     # removed ...", "fold_batchnorm: ...") said again what the table printed below says
     with _library_warnings_only():
-        report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm)
+        # the example checks each chain (--chains are otherwise unchecked for models fx cannot trace)
+        report = shrink_structured(model, chains, fold_batchnorm=args.fold_batchnorm,
+                                   example_inputs=example_args, example_kwargs=example_kwargs)
     heads_removed = heads is not None and any(a.removed for a in heads.attentions)
     if not any(chain.removed for chain in report.chains) and not heads_removed:
         reasons = "; ".join(f"{name}: {reason}" for name, reason in report.skipped.items())

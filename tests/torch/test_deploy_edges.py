@@ -142,7 +142,7 @@ def test_gguf_refuses_bad_reports_and_tensor_types_with_clear_errors(tmp_path):
     model, report, _ = quantized(Recipe(default=gguf_layer_config("Q4_0")))
     with pytest.raises(TypeError, match="report: expected the CompressionReport"):
         save_gguf(model, None, tmp_path / "m.gguf")
-    with pytest.raises(TypeError, match="path: expected a str or os.PathLike, got int"):
+    with pytest.raises(TypeError, match="path: expected a str, bytes or os.PathLike, got int"):
         save_gguf(model, report, 3)
     # the report of a model of other widths: was a numpy broadcasting error
     other = small_mlp((64, 32, 32))

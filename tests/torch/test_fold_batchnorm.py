@@ -108,3 +108,30 @@ def test_fold_option_must_be_a_bool(cnn, value):
         shrink_structured(cnn, fold_batchnorm=value)
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
         fold_batchnorm("model")
+
+
+def test_batchnorm_in_training_mode_is_refused_before_any_change(cnn, cnn_batches):
+    """Folding running statistics changes what a training-mode BatchNorm computes (it normalizes
+    with each batch's statistics): it used to be folded anyway."""
+    model = randomize_norms(Pairs()).train()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"BatchNorm 'bn_biased', 'bn_line', 'bn_cube' in training mode.*"
+                                         r"call model.eval\(\) first"):
+        fold_batchnorm(model)
+    assert isinstance(model.bn_biased, nn.BatchNorm2d)
+    assert all(torch.equal(value, before[key]) for key, value in model.state_dict().items())
+    # only the BatchNorm layers that would be folded count: one after a ReLU may train
+    model.eval()
+    model.bn_after_relu.train()
+    assert fold_batchnorm(model) == [("biased", "bn_biased"), ("line", "bn_line"), ("cube", "bn_cube")]
+    # shrink_structured(fold_batchnorm=True) refuses before it cuts a channel
+    recipe = Recipe(default=LayerConfig(prune="structured", sparsity=0.5), skip=["conv1"],
+                    overrides=[Override("fc", structured_group=16)])
+    compress(cnn, cnn_batches, recipe, quiet=True)
+    cnn.bn2.train()
+    widths = cnn.conv2.weight.shape
+    with pytest.raises(ShrinkError, match=r"fold_batchnorm=True: BatchNorm 'bn2' in training mode.*nothing was changed"):
+        shrink_structured(cnn, fold_batchnorm=True)
+    assert cnn.conv2.weight.shape == widths
+    cnn.eval()
+    assert shrink_structured(cnn, fold_batchnorm=True).folded == [("conv1", "bn1"), ("conv2", "bn2")]

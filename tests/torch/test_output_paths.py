@@ -4,14 +4,16 @@ given as the file, a read-only folder) are refused before any work, by the Pytho
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 
 import pytest
 import torch
 from obc_torch_helpers import MLP, quantized_mlp
 
 from obc_native.cli import main
-from obc_native.torch import ExportError, compress, export_onnx, save_compressed
+from obc_native.torch import ExportError, LayerConfig, compress, export_onnx, save_compressed
 
 pytestmark = [pytest.mark.torch, pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="POSIX FIFOs")]
 
@@ -171,3 +173,52 @@ def test_cli_compress_hf(tmp_path, capsys, no_load):
                      "--recipe", str(tmp_path / "r.yaml"), "--out", str(out), "--quiet"]) == 1
         one_error_line(capsys, expected)
 
+
+
+# ----------------------------------------------------------------------------- path types
+
+
+def path_forms(path):
+    """{what: the same output path as str, bytes and os.PathLike}."""
+    return {"str": str(path), "bytes": os.fsencode(path), "PathLike": path}
+
+
+def test_every_writer_takes_str_bytes_and_pathlike_and_names_a_wrong_type(tmp_path):
+    """One type rule for every output path (``_files.path_str``): export_onnx used to refuse bytes
+    that save_gguf took; save_compressed, save_hf_checkpoint and compress(checkpoint=) failed on
+    bytes with os.path.join's "Can't mix strings and bytes in path components"."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    pytest.importorskip("onnx")
+    from obc_native.torch import build_database, gguf_layer_config, load_compressed, save_gguf, save_hf_checkpoint
+
+    model, report = quantized_mlp()
+    gguf_model = torch.nn.Sequential(torch.nn.Linear(64, 8))
+    gguf_report = compress(gguf_model, [torch.randn(16, 64)], gguf_layer_config("Q4_0"), correction=None,
+                           baseline=False, quiet=True)
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=8)
+    bert = transformers.BertModel(config)
+    small, batch = MLP(sizes=(16, 8)), torch.randn(32, 16)
+    database = build_database(small, [batch], quiet=True)
+    writers = {  # name: (write(path), the argument's name in a TypeError, what the path must be afterwards)
+        "export_onnx": (lambda p: export_onnx(MLP(sizes=(4, 2)), torch.randn(1, 4), p), "path", os.path.isfile),
+        # a copy each time: save_gguf snaps the model's weights to float16 scales, off the report's grid
+        "save_gguf": (lambda p: save_gguf(copy.deepcopy(gguf_model), gguf_report, p), "path", os.path.isfile),
+        "save_compressed": (lambda p: save_compressed(model, p, report), "directory", os.path.isdir),
+        "save_hf_checkpoint": (lambda p: save_hf_checkpoint(bert, p), "directory", os.path.isdir),
+        "LevelDatabase.save": (database.save, "path", os.path.isfile),
+        "compress(checkpoint=)": (lambda p: compress(copy.deepcopy(small), [batch], LayerConfig(bits=4), checkpoint=p,
+                                                     quiet=True),
+                                  "checkpoint", os.path.isdir),
+    }
+    for name, (write, argument, exists) in writers.items():
+        for form, path in path_forms(tmp_path / f"{name}-out").items():
+            write(path)
+            assert exists(tmp_path / f"{name}-out"), (name, form)
+        with pytest.raises(TypeError, match=f"{re.escape(argument)}: expected a str, bytes or os.PathLike, got int"):
+            write(3)
+    saved = os.fsencode(tmp_path / "save_compressed-out")
+    fresh = MLP(sizes=(64, 32))
+    load_compressed(fresh, saved)  # the saved folder reads back under the same bytes path
+    assert torch.equal(fresh.layers[0].weight, model.layers[0].weight)

@@ -8,7 +8,16 @@ import pytest
 import torch
 from torch import nn
 
-from obc_native.torch import LayerConfig, Override, Recipe, RecipeError, as_recipe, find_layers, load_recipe
+from obc_native.torch import (
+    LayerConfig,
+    Override,
+    Recipe,
+    RecipeError,
+    as_recipe,
+    find_layers,
+    load_recipe,
+    select_layers,
+)
 
 pytestmark = pytest.mark.torch
 
@@ -69,11 +78,31 @@ def test_overrides_apply_in_order_and_only_to_matches(layers):
 
 
 def test_skip_wins_and_reason_is_reported(layers):
-    recipe = Recipe(default=LayerConfig(bits=4), overrides=[Override("head", bits=8)], skip=["head", "blocks.0.*"])
+    recipe = Recipe(default=LayerConfig(bits=4), overrides=[Override("head", bits=8)], skip=["head", "blocks.0.*"],
+                    strict=False)  # strict: the override of a skipped layer only is an error (next test)
     plans = recipe.resolve(layers)
     assert plans["head"].config is None and "'head'" in plans["head"].reason
     assert all(plans[n].config is None for n in layers if n.startswith("blocks.0."))
     assert all(plans[n].config is not None for n in layers if n.startswith("blocks.1."))
+
+
+def test_an_override_of_skipped_layers_only_is_an_error_when_strict(layers):
+    """It used to be dropped silently: the user's bits=8 for "head" never applied."""
+    recipe = Recipe(default=LayerConfig(bits=4), overrides=[Override("head", bits=8), Override("blocks.0.*", bits=3)],
+                    skip=["head", "blocks.0.*"])
+    with pytest.raises(RecipeError) as info:
+        recipe.resolve(layers)
+    text = str(info.value)
+    assert "override pattern 'head' matches only layers the recipe skips (layer 'head')" in text
+    assert "override pattern 'blocks.0.*' matches only layers the recipe skips (layers 'blocks.0." in text
+    # the layer selection of non-uniform compression applies the same rule
+    with pytest.raises(RecipeError, match="recipe override pattern 'head' matches only layers the recipe skips"):
+        select_layers(Blocks(), recipe=Recipe(default=LayerConfig(bits=4), overrides=[Override("head", bits=8)],
+                                              skip=["head"]))
+    # an override that still reaches one layer is live; strict=False accepts a dead one
+    Recipe(default=LayerConfig(bits=4), overrides=[Override("blocks.*", bits=8)], skip=["blocks.0.*"]).resolve(layers)
+    recipe.strict = False
+    assert recipe.resolve(layers)["head"].config is None
 
 
 def test_no_default_compresses_only_matched(layers):

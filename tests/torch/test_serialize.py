@@ -235,3 +235,49 @@ def test_negative_zero_and_other_dtypes_round_trip(tmp_path):
     load_compressed(fresh, tmp_path)
     assert_bit_identical(model, fresh)
     assert torch.signbit(fresh.layers[0].weight[0, 0])
+
+
+def test_another_models_report_or_a_shrunk_layer_stores_the_weights_as_values(tmp_path, caplog):
+    """A report of another model (same widths or not) never changes what is saved: its grids do
+    not hold these weights, so each layer is stored as values, with a warning that says why, and
+    loads back bit for bit. A shrunk model saves with its own report the same way."""
+    from obc_native.torch import shrink_structured
+
+    def mlp(seed, sizes=(64, 64, 32)):
+        torch.manual_seed(seed)
+        return MLP(sizes=sizes).eval()
+
+    batch = torch.randn(64, 64, generator=torch.Generator().manual_seed(5))
+    recipe = Recipe(default=LayerConfig(bits=4, group_size=32))
+    model, other = mlp(0), mlp(1)
+    report = compress(model, [batch], recipe, correction=None, quiet=True)
+    compress(other, [batch], recipe, correction=None, quiet=True)
+    manifest = save_compressed(other, tmp_path / "same_widths", report)
+    assert {e["storage"] for e in manifest["layers"].values()} <= {"dense", "sparse"}
+    assert "weights are not on its quantization grid; stored as values" in caplog.text
+    loaded = mlp(2)
+    load_compressed(loaded, tmp_path / "same_widths")
+    assert_bit_identical(other, loaded)
+
+    caplog.clear()
+    wider = mlp(3, sizes=(64, 96, 32))
+    save_compressed(wider, tmp_path / "other_widths", report)
+    assert ("layer 'layers.0': the report's grid (scales (64, 2), groups of 32) does not fit the 96 x 64 weight (the report of "
+            "another model, or a shrunk layer); stored as values") in caplog.text
+    loaded = mlp(4, sizes=(64, 96, 32))
+    load_compressed(loaded, tmp_path / "other_widths")
+    assert_bit_identical(wider, loaded)
+
+    pruned = mlp(5)
+    report = compress(pruned, [batch], Recipe(default=LayerConfig(prune="structured", sparsity=0.5, bits=4)),
+                      correction=None, quiet=True)
+    shrink_structured(pruned)
+    assert pruned.layers[0].out_features < 64
+    caplog.clear()
+    # layers.1's per-row grid (groups of 64) still covers its 32 remaining columns, but not in a
+    # shape load_compressed reads: this folder used to be written and then refused as malformed
+    save_compressed(pruned, tmp_path / "shrunk", report)
+    assert "layer 'layers.1': the report's grid (scales (32, 1), groups of 64) does not fit" in caplog.text
+    loaded = mlp(6, sizes=(64, pruned.layers[0].out_features, 32))
+    load_compressed(loaded, tmp_path / "shrunk")
+    assert_bit_identical(pruned, loaded)

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .._files import write_file_atomically
+from .._files import path_str, write_file_atomically
 from .layers import LayerInfo
 from .report import LayerReport
 
@@ -84,8 +84,8 @@ class LayerCheckpoint(NoCheckpoint):
             raises ValueError.
     """
 
-    def __init__(self, directory: str | os.PathLike, fingerprint: str):
-        self.directory = os.fspath(directory)
+    def __init__(self, directory: str | bytes | os.PathLike, fingerprint: str):
+        self.directory = path_str(directory, "checkpoint")
         os.makedirs(self.directory, exist_ok=True)
         run_path = os.path.join(self.directory, _RUN_FILE)
         if os.path.exists(run_path):
@@ -173,13 +173,10 @@ def _from_record(value: Any) -> torch.Tensor:
 
 
 def as_checkpoint(
-    directory: str | os.PathLike | None, description: Mapping[str, Any], infos: Mapping[str, LayerInfo]
+    directory: str | bytes | os.PathLike | None, description: Mapping[str, Any], infos: Mapping[str, LayerInfo]
 ) -> NoCheckpoint:
     """A LayerCheckpoint in ``directory`` for this run, or a NoCheckpoint when None."""
     if directory is None:
         return NoCheckpoint()
-    try:
-        os.fspath(directory)
-    except TypeError:
-        raise TypeError(f"checkpoint: expected a directory path or None, got {type(directory).__name__}") from None
+    path_str(directory, "checkpoint")  # TypeError before the fingerprint is computed
     return LayerCheckpoint(directory, run_fingerprint(description, infos))

@@ -687,7 +687,7 @@ def compress(
     quiet: bool = False,
     restore_on_error: bool = True,
     executor: str | Executor = "local",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | bytes | os.PathLike | None = None,
     budget: str | BudgetSpec | None = None,
     **budget_options: Any,
 ) -> CompressionReport:
@@ -723,10 +723,10 @@ def compress(
             cluster: the one ``ray.init`` connected to, or a new local one), or an executor
             object such as ``RayExecutor(address="head:6379")`` (see ``torch/executors.py``).
             Results are bit-identical to a local run.
-        checkpoint: a directory: each finished layer is written there, and a rerun of the same
-            compression (same model, recipe and mode) resumes after a crash without redoing the
-            layers found there (see ``torch/checkpoint.py``); with a budget the level database is
-            kept there too.
+        checkpoint: a directory (str, bytes or os.PathLike): each finished layer is written
+            there, and a rerun of the same compression (same model, recipe and mode) resumes after
+            a crash without redoing the layers found there (see ``torch/checkpoint.py``); with a
+            budget the level database is kept there too.
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
             compression; ``sequential`` is not supported there).
@@ -855,7 +855,7 @@ def compress_to_budget(
     quiet: bool = False,
     restore_on_error: bool = True,
     executor: str | Executor = "local",
-    checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | bytes | os.PathLike | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
 
@@ -867,7 +867,7 @@ def compress_to_budget(
     Args:
         model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error,
         executor: as in :func:`compress` (with Ray, the database's layers are tasks too).
-        checkpoint: a directory: the level database, once built, and each finished layer are
+        checkpoint: a directory (str, bytes or os.PathLike): the level database, once built, and each finished layer are
             written there; a rerun of the same compression (same model, budget, levels and
             options) resumes without rebuilding the database or redoing those layers.
         budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),

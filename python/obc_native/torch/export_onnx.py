@@ -65,7 +65,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import make_staging_folder, output_file_problem, write_file_atomically
+from .._files import make_staging_folder, output_file_problem, path_str, write_file_atomically
 from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
@@ -150,7 +150,7 @@ class OnnxExport:
 def export_onnx(
     model: nn.Module,
     example_args: Any,
-    path: str | os.PathLike,
+    path: str | bytes | os.PathLike,
     *,
     report: CompressionReport | str | os.PathLike | None = None,
     example_kwargs: dict[str, Any] | None = None,
@@ -168,7 +168,8 @@ def export_onnx(
         model: the compressed model (on any device; exported on the CPU, in eval mode, and left
             as it was). Layers wrapped in :class:`ActQuantWrapper` get activation Q/DQ.
         example_args: a tensor or a tuple of positional inputs used to trace the model.
-        path: the ``.onnx`` file to write; its folder must exist and be writable (checked first).
+        path: the ``.onnx`` file to write (str, bytes or os.PathLike); its folder must exist and be
+            writable (checked first).
         report: where the quantization grids come from: the :class:`CompressionReport` returned
             by ``compress`` (its per-layer grids), or the folder written by ``save_compressed``
             (the grids stored there). None: every weight is exported dense.
@@ -260,7 +261,7 @@ def export_onnx(
     return OnnxExport(path, os.path.getsize(path), summary_layers, activations, OPSET)
 
 
-def grids_from_saved(directory: str | os.PathLike) -> dict[str, QuantGrid]:
+def grids_from_saved(directory: str | bytes | os.PathLike) -> dict[str, QuantGrid]:
     """The quantization grids stored by :func:`save_compressed` in ``directory``, by layer name.
 
     Only layers stored with codes (``quantized`` / ``sparse_quantized``) have a grid; the manifest
@@ -271,7 +272,7 @@ def grids_from_saved(directory: str | os.PathLike) -> dict[str, QuantGrid]:
 
     from .serialize import SerializationError, _own_file, _sha256, read_manifest
 
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     manifest = read_manifest(directory)
     tensor_path = _own_file(directory, manifest["tensors"])
     if _sha256(tensor_path) != manifest["sha256"]:
@@ -299,11 +300,9 @@ def grids_from_saved(directory: str | os.PathLike) -> dict[str, QuantGrid]:
 # ----------------------------------------------------------------------------- checks and inputs
 
 
-def _check_output_path(path: str | os.PathLike) -> str:
+def _check_output_path(path: str | bytes | os.PathLike) -> str:
     """The absolute output path, after checking that a file can be created next to it."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    path = os.path.abspath(os.fspath(path))
+    path = os.path.abspath(path_str(path))
     problem = output_file_problem(path)
     if problem is not None:
         raise ExportError(f"path {problem}")

@@ -29,7 +29,9 @@ def fold_batchnorm(model: nn.Module, *, concrete_args: dict[str, Any] | None = N
 
     A pair is folded when ``torch.fx`` tracing shows the BatchNorm's input is the conv's output and
     nothing else reads that output, each module is called once, and the BatchNorm has running
-    statistics (``track_running_stats``); the conv gains a bias if it had none.
+    statistics (``track_running_stats``); the conv gains a bias if it had none. Every BatchNorm to
+    fold must be in eval mode: in training mode it normalizes with the batch's statistics, which
+    the folded conv (running statistics) would no longer do.
 
     Args:
         model: an ``nn.Module`` that ``torch.fx.symbolic_trace`` can trace.
@@ -38,12 +40,26 @@ def fold_batchnorm(model: nn.Module, *, concrete_args: dict[str, Any] | None = N
         ``[(conv name, batchnorm name), ...]`` of the folded pairs (empty: nothing to fold).
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        ValueError: the model cannot be traced (the message says why).
+        ValueError: the model cannot be traced (the message says why), or a BatchNorm to fold is in
+            training mode (call ``model.eval()`` first); nothing is changed then.
     """
-    import torch.fx
-
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    pairs = foldable_pairs(model, concrete_args)
+    modules = dict(model.named_modules())
+    for conv_name, norm_name in pairs:
+        _fold(modules[conv_name], modules[norm_name])
+        _set_module(model, norm_name, nn.Identity())
+    logger.info("fold_batchnorm: %d BatchNorm layer(s) folded", len(pairs))
+    return pairs
+
+
+def foldable_pairs(model: nn.Module, concrete_args: dict[str, Any] | None = None) -> list[tuple[str, str]]:
+    """``[(conv name, batchnorm name), ...]``: the pairs :func:`fold_batchnorm` would fold, found
+    without changing anything. ValueError when ``model`` cannot be traced or one of those
+    BatchNorm layers is in training mode."""
+    import torch.fx
+
     try:
         graph = torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph
     except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
@@ -58,7 +74,7 @@ def fold_batchnorm(model: nn.Module, *, concrete_args: dict[str, Any] | None = N
         elif node.op == "get_attr":  # a module's tensors read directly: leave it as it is
             owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
             calls[owner] = calls.get(owner, 0) + 2
-    folded = []
+    pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or len(node.args) != 1 or not isinstance(node.args[0], torch.fx.Node):
             continue
@@ -72,11 +88,13 @@ def fold_batchnorm(model: nn.Module, *, concrete_args: dict[str, Any] | None = N
             continue
         if norm.running_mean is None or conv.out_channels != norm.num_features:
             continue
-        _fold(conv, norm)
-        _set_module(model, node.target, nn.Identity())
-        folded.append((source.target, node.target))
-    logger.info("fold_batchnorm: %d BatchNorm layer(s) folded", len(folded))
-    return folded
+        pairs.append((source.target, node.target))
+    training = [norm for _, norm in pairs if modules[norm].training]
+    if training:
+        raise ValueError(f"fold_batchnorm: BatchNorm {', '.join(map(repr, training))} in training mode, where it "
+                         "normalizes with each batch's statistics; folding its running statistics would change "
+                         "what the model computes: call model.eval() first")
+    return pairs
 
 
 def _fold(conv: nn.Module, norm: nn.Module) -> None:

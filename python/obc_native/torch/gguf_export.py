@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from .._arrays import as_choice
-from .._files import as_path, output_file_problem, write_file_atomically
+from .._files import output_file_problem, path_str, write_file_atomically
 from .recipe import LayerConfig
 from .report import CompressionReport
 
@@ -81,7 +81,8 @@ def gguf_layer_config(block_type: str, **fields) -> LayerConfig:
     return LayerConfig(bits=_BITS[block_type], sym=True, group_size=GGUF_BLOCK, **fields)
 
 
-def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLike, *, architecture: str = "obc_native",
+def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | os.PathLike, *,
+              architecture: str = "obc_native",
               float_type: str = "F32") -> list[GGUFLayer]:
     """Write ``model``'s state dict as a GGUF file, quantized Linear layers as Q4_0 / Q8_0 blocks.
 
@@ -90,7 +91,8 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
             layer's weights are set to its float16-scale grid values (see the module docstring),
             once the file is in place.
         report: the compression report (its per-layer grids give the scales and zero points).
-        path: the ``.gguf`` file to write (its folder must exist and be writable; checked first).
+        path: the ``.gguf`` file to write (str, bytes or os.PathLike; its folder must exist and be
+            writable; checked first).
             Written to a temporary file renamed into place: a failed or interrupted write leaves
             a previous file at ``path`` as it was (and the model unchanged); a replaced file keeps
             its permission bits.
@@ -120,7 +122,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | os.PathLi
                         f"scales), got {type(report).__name__}")
     if float_type not in ("F32", "F16"):
         raise ValueError(f"float_type: expected 'F32' or 'F16', got {float_type!r}")
-    path = as_path(path)
+    path = path_str(path)
     problem = output_file_problem(path)  # before the weights are snapped to float16 scales
     if problem is not None:
         raise GGUFExportError(f"path {problem}")

@@ -24,7 +24,7 @@ import shutil
 import torch
 from torch import nn
 
-from .._files import make_output_folder, make_staging_folder, output_file_problem, write_file_atomically
+from .._files import make_output_folder, make_staging_folder, output_file_problem, path_str, write_file_atomically
 
 __all__ = ["save_hf_checkpoint", "HFCheckpointError", "HF_SIDE_FILES"]
 
@@ -45,16 +45,18 @@ class HFCheckpointError(ValueError):
     """The model cannot be written as a checkpoint that ``from_pretrained`` loads faithfully."""
 
 
-def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source: str | os.PathLike | None = None,
+def save_hf_checkpoint(model: nn.Module, directory: str | bytes | os.PathLike, *,
+                       source: str | bytes | os.PathLike | None = None,
                        verify: bool = True) -> list[str]:
     """Write ``model`` (a ``transformers.PreTrainedModel``) as a Hugging Face folder with its weights.
 
     Args:
         model: a ``transformers`` model after compression (plain modules: save before
             ``quantize_activations``, whose wrappers rename parameters).
-        directory: the output folder (created if missing); existing weight files there are replaced,
-            each file through a temporary file renamed into place (a failed save leaves the
-            previous files whole; a replaced file keeps its permission bits).
+        directory: the output folder (str, bytes or os.PathLike; created if missing); existing
+            weight files there are replaced, each file through a temporary file renamed into place
+            (a failed save leaves the previous files whole; a replaced file keeps its permission
+            bits).
         source: the folder the model was loaded from; its tokenizer / preprocessor files
             (``HF_SIDE_FILES``) are copied unless ``directory`` already has them.
         verify: load the folder back with ``from_pretrained`` and compare every tensor.
@@ -76,7 +78,8 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
         raise ImportError("save_hf_checkpoint needs transformers: pip install 'obc_native[hf]'") from err
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"model: expected a transformers.PreTrainedModel, got {type(model).__name__}")
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
+    source = None if source is None else path_str(source, "source")
     problem = make_output_folder(directory)
     for name in _REPLACED_FILES:  # a FIFO or folder there: refused now, not after save_pretrained
         problem = problem or output_file_problem(os.path.join(directory, name))
@@ -103,7 +106,7 @@ def save_hf_checkpoint(model: nn.Module, directory: str | os.PathLike, *, source
     copied = []
     if source is not None:
         for name in HF_SIDE_FILES:
-            origin, target = os.path.join(os.fspath(source), name), os.path.join(directory, name)
+            origin, target = os.path.join(source, name), os.path.join(directory, name)
             if os.path.isfile(origin) and not os.path.exists(target):
                 write_file_atomically(target, lambda temp, origin=origin: shutil.copyfile(origin, temp),
                                       error=HFCheckpointError)

@@ -82,13 +82,11 @@ def select_layers(
     recipe = None if recipe is None else as_recipe(recipe)
     include = None if layers is None else _patterns(layers, "layers")
     excluded = _patterns(skip, "skip")
-    problems = []
     checks = [("layers", p) for p in include or []] + [("skip", p) for p in excluded]
+    problems = [f"{what} pattern {pattern!r} matches no supported layer" for what, pattern in checks
+                if not any(fnmatchcase(name, pattern) for name in found)]
     if recipe is not None and recipe.strict:
-        checks += [("recipe skip", p) for p in recipe.skip] + [("recipe override", o.pattern) for o in recipe.overrides]
-    for what, pattern in checks:
-        if not any(fnmatchcase(name, pattern) for name in found):
-            problems.append(f"{what} pattern {pattern!r} matches no supported layer")
+        problems += recipe.pattern_problems(found, "recipe ")
     if problems:
         raise RecipeError("layer selection cannot be applied:\n  " + "\n  ".join(problems))
     selected: dict[str, LayerInfo] = {}

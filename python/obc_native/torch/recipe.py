@@ -9,7 +9,9 @@ A :class:`Recipe` has
   the fields it names; so a later override wins over an earlier one. Put general patterns first
   and specific ones last;
 - ``skip``: patterns of layers left untouched (skips win over everything);
-- ``strict``: every pattern must match at least one supported layer (catches typos);
+- ``strict``: every pattern must match at least one supported layer (catches typos), and every
+  override at least one layer that no skip pattern matches (an override of skipped layers only
+  changes nothing);
 - ``embeddings``: ``nn.Embedding`` tables to quantize, by name (:class:`EmbeddingRule`: pattern,
   bits, sym, group_size, grid; see ``embeddings.py``). Only this list selects embeddings: the
   default and overrides never apply to them. Every pattern must match an ``nn.Embedding``.
@@ -42,7 +44,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -161,18 +163,33 @@ class Recipe:
             return None, "no recipe rule matches"
         return config, ""
 
+    def pattern_problems(self, names: Iterable[str], prefix: str = "") -> list[str]:
+        """Why the recipe's patterns are dead for the supported layers called ``names``: a skip
+        or override pattern that matches none of them, and an override whose every match is
+        skipped by :attr:`skip` (skips win, so it would change nothing). One line each, starting
+        with ``prefix`` (e.g. "recipe "); empty when every pattern is live. ``strict`` recipes
+        raise RecipeError with these lines; the check itself ignores ``strict``."""
+        names = list(names)
+        problems = [f"{prefix}skip pattern {p!r} matches no supported layer"
+                    for p in self.skip if not any(fnmatchcase(name, p) for name in names)]
+        for item in self.overrides:
+            matched = [name for name in names if item.matches(name)]
+            if not matched:
+                problems.append(f"{prefix}override pattern {item.pattern!r} matches no supported layer")
+            elif all(any(fnmatchcase(name, p) for p in self.skip) for name in matched):
+                problems.append(f"{prefix}override pattern {item.pattern!r} matches only layers the recipe skips "
+                                f"({_layers_text(matched, len(names))}); it changes nothing: remove it or the skip "
+                                "pattern")
+        return problems
+
     def resolve(self, layers: Mapping[str, LayerInfo]) -> dict[str, LayerPlan]:
         """Plan every layer and validate the whole recipe against all of them.
 
-        Raises RecipeError listing every problem (unmatched patterns when ``strict``, invalid
+        Raises RecipeError listing every problem (dead patterns when ``strict``: see
+        :meth:`pattern_problems`; invalid
         configurations, patterns a layer's shape cannot take), before anything is modified.
         """
-        problems = []
-        if self.strict:
-            patterns = [("skip", p) for p in self.skip] + [("override", o.pattern) for o in self.overrides]
-            for what, pattern in patterns:
-                if not any(fnmatchcase(name, pattern) for name in layers):
-                    problems.append(f"{what} pattern {pattern!r} matches no supported layer")
+        problems = self.pattern_problems(layers) if self.strict else []
         where = "recipe" if self.source is None else f"recipe file {self.source!r}"
         return _checked_plans(layers, self.config_for, where, problems)
 

@@ -21,7 +21,9 @@ quantized have no such entries and load as before). Dequantized values are ``sca
 in float32, where for convolutions the group ``g`` of native column ``c*K + k`` is
 ``(k*C + c) // group_size`` (channels-last grouping). Each layer is stored in whichever of
 dense, sparse (mask + values), quantized (codes) or sparse quantized (mask + codes) is smallest;
-weights that are not exactly on the layer's grid (changed after compression) fall back to values.
+weights that are not exactly on the layer's grid (changed after compression), or whose grid does
+not have the layer's shape (the report of another model, a layer shrunk after compression), fall
+back to values: what is saved is always the model's own weights, bit for bit.
 
 Loading never unpickles: safetensors and JSON only. It reads nothing but the directory's own
 two files: ``manifest.json`` and the tensor file must be regular files (a symbolic link is
@@ -57,7 +59,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._files import make_output_folder, output_file_problem, write_file_atomically
+from .._files import make_output_folder, output_file_problem, path_str, write_file_atomically
 from .embeddings import describe_embedding, find_embeddings
 from .layers import LayerInfo, channels_last_perm, describe_layer, find_layers, layer_kind, weight_matrix
 from .report import CompressionReport, QuantGrid
@@ -186,6 +188,18 @@ def _quantize_exact(
     return codes
 
 
+def _grid_fits(info: LayerInfo, grid: QuantGrid) -> bool:
+    """Whether ``grid`` has the shape that :func:`load_compressed` reads back for ``info``'s
+    weight: ``group_size`` divides the columns, and scales and zero points are ``out x groups``.
+    A shrunk layer's grid may still cover its weights (``_quantize_exact`` accepts spare groups)
+    but not in that shape: the saved folder would not load."""
+    size, cols = grid.group_size, info.cols
+    if not isinstance(size, (int, np.integer)) or size < 1 or cols % size:
+        return False
+    expected = (info.out_features, cols // size)
+    return np.shape(grid.scale) == expected and np.shape(grid.zero) == expected
+
+
 def _bits(tensor: torch.Tensor) -> torch.Tensor:
     """The bit patterns of a floating-point tensor (so -0.0 differs from 0.0, NaN equals itself)."""
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
@@ -289,9 +303,16 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
     codes = None
     if grid is not None:
         matrix32 = tensor.to(torch.float32).cpu().numpy()
-        if tensor.is_floating_point():
+        fits = _grid_fits(info, grid)
+        if tensor.is_floating_point() and fits:
             codes = _quantize_exact(info, matrix32, grid, tensor)
-        if codes is None:
+        if not fits:
+            # another model's report, or a layer shrink_structured cut after compression: the values
+            # stored are still the layer's own, exactly (load_compressed restores them bit for bit)
+            logger.warning("layer %r: the report's grid (scales %s, groups of %s) does not fit the %d x %d weight "
+                           "(the report of another model, or a shrunk layer); stored as values", info.name,
+                           tuple(np.shape(grid.scale)), grid.group_size, info.out_features, info.cols)
+        elif codes is None:
             logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
         else:
             grid_bytes = grid.scale.size * 5
@@ -319,17 +340,20 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
 
 def save_compressed(
     model: nn.Module,
-    directory: str | os.PathLike,
+    directory: str | bytes | os.PathLike,
     report: CompressionReport | None = None,
     *,
     metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Save ``model`` (compressed by :func:`compress`) to ``directory``; returns the manifest.
+    """Save ``model`` (compressed by :func:`compress`) to ``directory`` (str, bytes or
+    os.PathLike); returns the manifest.
 
     ``report`` (the return value of ``compress``) supplies the quantization grids and the
     per-layer description; without it, sparse layers are still stored compactly but quantized
-    layers are stored as values. ``metadata``: JSON-serialisable extras kept in the manifest
-    (e.g. how to rebuild the architecture).
+    layers are stored as values. So are the layers whose weights the report's grids do not hold
+    (the report of another model, weights changed or shrunk after compression), with a warning
+    naming the layer; the manifest still describes them as the report does. ``metadata``:
+    JSON-serialisable extras kept in the manifest (e.g. how to rebuild the architecture).
 
     ``metadata`` that ``json`` cannot write (objects, NaN, inf, tuple keys) raises
     ``TypeError`` before any work.
@@ -348,7 +372,7 @@ def save_compressed(
     except (TypeError, ValueError, RecursionError) as err:
         raise TypeError(f"metadata: expected JSON values (str, number, bool, None, lists, dicts; "
                         f"no NaN or inf), {err}") from None
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     problem = make_output_folder(directory)  # before the layers are encoded
     for name in (TENSORS_NAME, MANIFEST_NAME):  # a FIFO or folder there: refused now, not after the encoding
         problem = problem or output_file_problem(os.path.join(directory, name))
@@ -420,12 +444,12 @@ def _write_atomically(path: str, write) -> None:
     write_file_atomically(path, write, error=SerializationError)
 
 
-def read_manifest(directory: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(directory: str | bytes | os.PathLike) -> dict[str, Any]:
     """The parsed ``manifest.json`` of a saved model: format, version, checksum and schema checked.
 
     Raises :class:`SerializationError` for a missing, unreadable, corrupted or malformed manifest.
     """
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     path = _own_file(directory, MANIFEST_NAME)
     try:
         with _open_regular(path) as handle:
@@ -628,7 +652,7 @@ def _widens(source: torch.dtype, target: torch.dtype) -> bool:
     return target in _WIDENINGS.get(source, ())
 
 
-def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bool = False) -> dict[str, Any]:
+def load_compressed(model: nn.Module, directory: str | bytes | os.PathLike, *, widen: bool = False) -> dict[str, Any]:
     """Load a model saved by :func:`save_compressed` into ``model`` (same architecture).
 
     Checks the manifest, the tensor file's SHA-256, that every compressed layer exists with
@@ -648,7 +672,7 @@ def load_compressed(model: nn.Module, directory: str | os.PathLike, *, widen: bo
 
     if not isinstance(widen, bool):  # widen="no" would widen
         raise TypeError(f"widen: expected True or False, got {widen!r}")
-    directory = os.fspath(directory)
+    directory = path_str(directory, "directory")
     manifest = read_manifest(directory)
     tensor_path = _own_file(directory, manifest["tensors"])  # read_manifest checked it is one of our names
     before = os.stat(tensor_path)

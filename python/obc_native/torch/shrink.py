@@ -41,6 +41,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .fold import fold_batchnorm as _fold_batchnorm
+from .fold import foldable_pairs
 
 __all__ = ["shrink_structured", "hf_ffn_chains", "ShrinkReport", "ShrunkChain", "ShrinkError"]
 
@@ -149,7 +150,7 @@ def hf_ffn_chains(model: nn.Module) -> list[tuple[str, str]]:
 
 def shrink_structured(
     model: nn.Module, chains: Sequence[Sequence[str]] | None = None, *, concrete_args: dict[str, Any] | None = None,
-    fold_batchnorm: bool = False,
+    fold_batchnorm: bool = False, example_inputs: Any = None, example_kwargs: dict[str, Any] | None = None,
 ) -> ShrinkReport:
     """Remove the zero input channels of layers and the producing channels, in place.
 
@@ -159,16 +160,26 @@ def shrink_structured(
             chains as sequences of module names ``(producer, consumer)`` or ``(producer, norm...,
             consumer)``, for models fx cannot trace. A given chain promises that each channel of the
             producer's output reaches only the same channel of the consumer's input, through the
-            listed BatchNorm layers and parameter-free element-wise ops (not checked: it cannot be
-            without a trace). Producer and consumer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``; a conv
-            producer with a Linear consumer means conv -> ... -> ``flatten(1)`` -> Linear (each
-            conv channel a block of ``in_features / out_channels`` columns).
+            listed BatchNorm layers and parameter-free element-wise ops. Checked with
+            ``example_inputs`` (below); without them, against the ``torch.fx`` graph when the model
+            traces (the chain must be the one the trace finds ending in its consumer); not at all
+            when it does not (e.g. Hugging Face BERT: give ``example_inputs``). Producer and
+            consumer: ``nn.Linear`` or ``nn.Conv1d/2d/3d``; a conv producer with a Linear consumer
+            means conv -> ... -> ``flatten(1)`` -> Linear (each conv channel a block of
+            ``in_features / out_channels`` columns).
         concrete_args: passed to ``torch.fx.symbolic_trace`` (e.g. to fix an optional argument).
         fold_batchnorm: after shrinking, fold every BatchNorm that directly follows a conv into
             that conv (:func:`obc_native.torch.fold_batchnorm`; the BatchNorm becomes
             ``nn.Identity``): one layer instead of two in PyTorch eager and in ``torch.export``
             programs (``torch.onnx.export`` folds them by itself in eval mode). Needs a model
             ``torch.fx`` can trace. Outputs equal the eval-mode model's up to float rounding.
+        example_inputs, example_kwargs: an input of the model (a tensor or a tuple of positional
+            arguments, and keyword arguments), e.g. one calibration batch: the model's output on
+            it is computed before any change and again after each chain that removes channels, in
+            eval mode (each module's training flag is restored after); a chain after which an
+            output tensor differs by more than ``sqrt(eps)`` of its dtype times its largest
+            magnitude (3.5e-4 relative in float32: removing exact zeros only changes the order of
+            the sums), or after which the model fails to run, raises ShrinkError naming the chain.
 
     Returns:
         a :class:`ShrinkReport`. Layers with zero input channels and no removable producer
@@ -185,8 +196,13 @@ def shrink_structured(
             a conv -> flatten -> Linear chain whose Linear width is not a multiple of the conv's
             channels (the spatial size cannot be inferred); or ``chains`` is None and the model
             cannot be traced.
-            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace (checked before any change).
-        TypeError: ``model`` is not an ``nn.Module``; ``fold_batchnorm`` is not a bool.
+            With ``fold_batchnorm``, also a model ``torch.fx`` cannot trace, or a BatchNorm to fold
+            in training mode (call ``model.eval()`` first); both checked before any change.
+            A given chain that the traced graph contradicts (without ``example_inputs``), or one
+            after which the output on ``example_inputs`` changes (the model is then restored
+            as it was); a model that does not run on ``example_inputs`` (before any change).
+        TypeError: ``model`` is not an ``nn.Module``; ``fold_batchnorm`` is not a bool;
+            ``example_inputs`` not a tensor or tuple, ``example_kwargs`` not a dict.
 
     Grouped convolutions: channels are removed only if every group loses the same number (the
     smallest count of zero channels of any group, so some zero channels may stay). At least one
@@ -196,20 +212,19 @@ def shrink_structured(
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(fold_batchnorm, bool):
         raise TypeError(f"fold_batchnorm: expected a bool, got {type(fold_batchnorm).__name__}")
+    example = _as_example(example_inputs, example_kwargs)
     report = ShrinkReport(parameters_before=_parameter_count(model))
     modules = dict(model.named_modules())
-    if fold_batchnorm and chains is not None:
-        # folding traces the model: find out now, not after the channels are cut (chains are given
-        # mostly for models fx cannot trace)
-        from torch.fx import symbolic_trace  # not "import torch.fx": that would make torch a local name here
-
+    if fold_batchnorm:
+        # folding traces the model and needs eval-mode BatchNorm: find out now, not after the
+        # channels are cut (chains are given mostly for models fx cannot trace). Cutting channels
+        # changes no pair, so the pairs found now are the ones folded then.
         try:
-            symbolic_trace(model, concrete_args=concrete_args)
-        except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ...
-            first_line = str(err).splitlines()[0] if str(err) else ""
-            raise ShrinkError(f"fold_batchnorm=True: torch.fx cannot trace {type(model).__name__} "
-                              f"({type(err).__name__}: {first_line}); nothing was changed: shrink with "
-                              "fold_batchnorm=False") from err
+            foldable_pairs(model, concrete_args)
+        except ValueError as err:
+            reason = str(err).removeprefix("fold_batchnorm: ")
+            raise ShrinkError(f"fold_batchnorm=True: {reason}; nothing was changed (shrink with "
+                              "fold_batchnorm=False to leave BatchNorm as it is)") from err
     if chains is None:
         found, skipped = _trace_chains(model, modules, concrete_args)
         report.skipped.update(skipped)
@@ -221,13 +236,18 @@ def shrink_structured(
         repeated = sorted({role for role in roles if roles.count(role) > 1})
         if repeated:
             raise ShrinkError(f"chains: {', '.join(repeated)} in more than one chain")
+        if example is None:  # with an example, the outputs are compared instead (below)
+            _check_given_chains(model, modules, concrete_args, found)
+    labels = [f"chains[{i}] ({' -> '.join(c)})" if chains is not None else f"chain {' -> '.join(c)}"
+              for i, c in enumerate(found)]
+    expected = None if example is None else _example_outputs(model, example, "before any change")
     shared = _shared_parameter_owners(model)
     # a later given chain can still raise (zero Linear columns that are not whole channel blocks):
     # the chains cut before it are put back, so that an error leaves the model as it was
     saved = [_module_state(modules[name]) for name in sorted({name for chain in found for name in chain})]
     try:
         with torch.no_grad():
-            for chain in found:
+            for chain, label in zip(found, labels):
                 tied = [name for name in chain if name in shared]
                 if tied:
                     report.skipped[chain[-1]] = f"{tied[0]} shares a parameter with another module (tied weights)"
@@ -235,8 +255,10 @@ def shrink_structured(
                 result = _shrink_chain(chain, modules)
                 if isinstance(result, str):
                     report.skipped[chain[-1]] = result
-                else:
-                    report.chains.append(result)
+                    continue
+                report.chains.append(result)
+                if expected is not None and result.removed:
+                    _compare_outputs(model, example, expected, label)
     except BaseException:
         for state in saved:
             _restore_module_state(*state)
@@ -255,6 +277,105 @@ def shrink_structured(
 
 
 _WIDTHS = ("in_features", "out_features", "in_channels", "out_channels", "num_features")
+
+
+def _as_example(example_inputs: Any, example_kwargs: Any) -> tuple[tuple, dict] | None:
+    """``(args, kwargs)`` to call the model with, or None when no example is given."""
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs: expected a dict of keyword arguments or None, got "
+                        f"{type(example_kwargs).__name__}")
+    if example_inputs is None:
+        return None if not example_kwargs else ((), dict(example_kwargs))
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, tuple):
+        raise TypeError(f"example_inputs: expected a tensor or a tuple of positional arguments, got "
+                        f"{type(example_inputs).__name__}")
+    return example_inputs, dict(example_kwargs or {})
+
+
+def _example_outputs(model: nn.Module, example: tuple[tuple, dict], when: str) -> list[torch.Tensor]:
+    """The tensors of the model's output on ``example``, in eval mode (no dropout, no BatchNorm
+    statistics update; every module's training flag restored after)."""
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return _output_tensors(model(*example[0], **example[1]))
+    except Exception as err:
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ShrinkError(f"example_inputs: the model does not run on them {when} "
+                          f"({type(err).__name__}: {first_line})") from err
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def _output_tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors of a model output (a tensor, or tuples / lists / dicts such as a Hugging Face
+    ModelOutput of them), in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (tuple, list)):
+        return [tensor for item in value for tensor in _output_tensors(item)]
+    return []
+
+
+def _compare_outputs(model: nn.Module, example: tuple[tuple, dict], expected: list[torch.Tensor], label: str) -> None:
+    """ShrinkError naming the chain ``label`` when the model's output on ``example`` is no longer
+    ``expected`` up to float rounding (see :func:`shrink_structured`)."""
+    cause = ("its channels also reach something other than the consumer, through the listed BatchNorm "
+             "layers and element-wise ops: a residual add, another layer, a normalization over channels, ...")
+    try:
+        actual = _example_outputs(model, example, f"after {label} was shrunk")
+    except ShrinkError as err:
+        raise ShrinkError(f"{label}: {err}; {cause}; the model is unchanged") from err
+    problem = None
+    if len(actual) != len(expected):
+        problem = f"{len(actual)} output tensors instead of {len(expected)}"
+    for index, (new, old) in enumerate(zip(actual, expected)):
+        if problem is not None:
+            break
+        if new.shape != old.shape or new.dtype != old.dtype:
+            problem = f"output {index}: {new.dtype} {tuple(new.shape)} instead of {old.dtype} {tuple(old.shape)}"
+        elif not old.is_floating_point():
+            if not torch.equal(new, old):
+                problem = f"output {index}: other values"
+        else:
+            finite = old[torch.isfinite(old)]
+            scale = float(finite.abs().max()) if finite.numel() else 0.0
+            tolerance = torch.finfo(old.dtype).eps ** 0.5 * scale
+            same = torch.isclose(new, old, rtol=0.0, atol=tolerance, equal_nan=True)
+            if not bool(same.all()):
+                difference = float((new.double() - old.double()).abs().nan_to_num(float("inf")).max())
+                problem = (f"output {index}: differs by up to {difference:.3g}, more than float rounding "
+                           f"({tolerance:.3g}: sqrt(eps) x the largest magnitude {scale:.3g})")
+    if problem is not None:
+        raise ShrinkError(f"{label}: the shrunk model's output on example_inputs is not the masked model's "
+                          f"({problem}); {cause}; the model is unchanged")
+
+
+def _check_given_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args,
+                        chains: list[tuple[str, ...]]) -> None:
+    """ShrinkError naming the first given chain that the ``torch.fx`` graph contradicts: its
+    consumer's input does not come from its producer through its listed BatchNorm layers and
+    element-wise ops only (what :func:`_walk_back` accepts). Nothing when the model does not
+    trace (a given chain is then unchecked without example inputs)."""
+    try:
+        graph, calls = _traced_graph(model, concrete_args)
+    except ShrinkError:
+        return
+    nodes = {node.target: node for node in graph.nodes if node.op == "call_module"}
+    for index, chain in enumerate(chains):
+        node = nodes.get(chain[-1])
+        traced = "the consumer is not called in the traced graph" if node is None else _walk_back(node, modules, calls)
+        if isinstance(traced, str) or tuple(traced) != tuple(chain):
+            why = traced if isinstance(traced, str) else f"the graph's chain is {' -> '.join(traced)}"
+            raise ShrinkError(f"chains[{index}] ({' -> '.join(chain)}): the torch.fx graph does not show this chain "
+                              f"({why}); removing its channels could change what the model computes (nothing was "
+                              "changed). If the chain is right, pass example_inputs= to check it on an input instead")
 
 
 def _module_state(module: nn.Module) -> tuple:
@@ -335,24 +456,7 @@ def _out_channels(module: nn.Module) -> int:
 
 def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args) -> tuple[list, dict[str, str]]:
     """Chains found in the fx graph, and the reasons for layers with zero input channels left alone."""
-    import torch.fx
-
-    try:
-        graph = torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph
-    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
-        first_line = str(err).splitlines()[0] if str(err) else ""
-        raise ShrinkError(
-            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line}); "
-            "pass chains=[(producer, [norm, ...], consumer), ...] (for Hugging Face BERT-like models: "
-            "chains=hf_ffn_chains(model))"
-        ) from err
-    calls: dict[str, int] = {}
-    for node in graph.nodes:
-        if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
-        elif node.op == "get_attr":  # a layer's tensors read directly: its shape must not change
-            owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
-            calls[owner] = calls.get(owner, 0) + 2
+    graph, calls = _traced_graph(model, concrete_args)
     chains, skipped = [], {}
     for node in graph.nodes:
         if node.op != "call_module" or _kind(modules[node.target]) is None:
@@ -372,6 +476,30 @@ def _trace_chains(model: nn.Module, modules: dict[str, nn.Module], concrete_args
                               "width in the code (removing channels would break the model); write x.flatten(1) or "
                               "x.view(x.size(0), -1), or read the width from the layer (self.fc.in_features)")
     return chains, skipped
+
+
+def _traced_graph(model: nn.Module, concrete_args) -> tuple[Any, dict[str, int]]:
+    """The model's ``torch.fx`` graph and how often each module is called (a module whose tensors
+    are read directly counts twice: its shape must not change); ShrinkError if it does not trace."""
+    import torch.fx
+
+    try:
+        graph = torch.fx.symbolic_trace(model, concrete_args=concrete_args).graph
+    except Exception as err:  # fx raises TraceError, TypeError, NotImplementedError, ... on dynamic code
+        first_line = str(err).splitlines()[0] if str(err) else ""
+        raise ShrinkError(
+            f"torch.fx cannot trace {type(model).__name__} ({type(err).__name__}: {first_line}); "
+            "pass chains=[(producer, [norm, ...], consumer), ...] (for Hugging Face BERT-like models: "
+            "chains=hf_ffn_chains(model))"
+        ) from err
+    calls: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+        elif node.op == "get_attr":  # a layer's tensors read directly: its shape must not change
+            owner = node.target.rsplit(".", 1)[0] if "." in node.target else ""
+            calls[owner] = calls.get(owner, 0) + 2
+    return graph, calls
 
 
 def _walk_back(node, modules: dict[str, nn.Module], calls: dict[str, int]) -> tuple[str, ...] | str:
