@@ -237,7 +237,8 @@ def test_masked_tokens_selects_rows_of_matching_leading_dimensions():
     mask = torch.tensor([[True, False, True]])
     x = torch.arange(12.0).reshape(1, 3, 4)
     assert torch.equal(masked_tokens(x, mask), x[0, [0, 2]])
-    assert masked_tokens(x.reshape(3, 4), mask) is not None and masked_tokens(x.reshape(3, 4), mask).shape == (3, 4)
+    flat = x.reshape(3, 4)
+    assert masked_tokens(flat, mask) is flat  # (B*T, C): not (B, T, ...), taken whole
     assert masked_tokens(x.reshape(1, 3, 2, 2), mask).shape == (2, 2, 2)
     assert masked_tokens(x, None) is x
 
@@ -268,12 +269,6 @@ def test_mask_options():
         as_token_mask("")
 
 
-def bad(batches, index, **change):
-    batches = [dict(b) for b in batches]
-    batches[index].update(change)
-    return batches
-
-
 @pytest.mark.parametrize(
     "change, message",
     [
@@ -296,6 +291,22 @@ def test_bad_masks_name_the_batch(change, message):
         compress(model, batches, LayerConfig(bits=4), quiet=True)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_inputs_embeds_and_a_none_mask():
+    model = tiny_bert()
+    reference = collect_hessians(model, padded_batches())
+    embed = model.embeddings.word_embeddings
+    embedded = [
+        {"inputs_embeds": embed(b["input_ids"]).detach(), "attention_mask": b["attention_mask"]} for b in padded_batches()
+    ]
+    stats = collect_hessians(model, embedded)
+    assert stats["encoder.layer.0.attention.self.query"].n == reference["encoder.layer.0.attention.self.query"].n
+    embedded[2] = {**embedded[2], "attention_mask": embedded[2]["attention_mask"][:, :-2]}
+    with pytest.raises(CalibrationError, match=r"calibration batch 2: .*shape \(2, 22\), and 'inputs_embeds'"):
+        collect_hessians(model, embedded)
+    unmasked = [{**b, "attention_mask": None} for b in padded_batches()]  # "auto": a None mask is no mask
+    assert collect_hessians(model, unmasked)["encoder.layer.0.output.dense"].n == len(LENGTHS) * PAD_TO
 
 
 def test_a_missing_key_names_the_batch():

@@ -24,6 +24,8 @@ contributes only the positions where the mask is 1, and the sample count ``n`` c
 Inputs of any other shape are taken whole, masked or not: a convolution's input, a Linear layer
 applied to a flattened ``(B*T, C)`` or a transposed ``(T, B, C)`` tensor (with ``B == T`` a
 ``(T, B, C)`` input would be read as ``(B, T, C)``: pass ``token_mask=None`` for such a model).
+A batch has one mask: in an encoder-decoder model the decoder's ``(B, T_dec, C)`` inputs are
+masked by it too when ``T_dec == T`` (pass a callable, or None, if they should not be).
 The same rule applies to every statistic read from calibration: Hessians, input means (bias
 correction), dense output means (sequential bias correction), activation-quantization ranges
 and the mean squared error of stitched model losses. The options:
@@ -112,7 +114,8 @@ def batch_token_mask(
         mask = batch[token_mask]
         source = f"{token_mask!r}"
     elif token_mask == "auto":
-        if not isinstance(batch, Mapping) or _AUTO_KEY not in batch:
+        # a collator may leave the key at None: no mask, as without the key
+        if not isinstance(batch, Mapping) or batch.get(_AUTO_KEY) is None:
             return None
         mask = batch[_AUTO_KEY]
         source = f"{_AUTO_KEY!r}"
@@ -129,11 +132,13 @@ def batch_token_mask(
         raise CalibrationError(
             f"{where}: the token mask {source} must be (batch, tokens), got shape {tuple(mask.shape)}{off}"
         )
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    if isinstance(ids, torch.Tensor) and tuple(ids.shape) != tuple(mask.shape):
-        raise CalibrationError(
-            f"{where}: the token mask {source} has shape {tuple(mask.shape)}, and 'input_ids' {tuple(ids.shape)}"
-        )
+    for key, dims in (("input_ids", 2), ("inputs_embeds", 3)):  # the tokens the mask is about
+        tokens = batch.get(key) if isinstance(batch, Mapping) else None
+        if isinstance(tokens, torch.Tensor) and (tokens.dim() != dims or tokens.shape[:2] != mask.shape):
+            raise CalibrationError(
+                f"{where}: the token mask {source} has shape {tuple(mask.shape)}, and {key!r} "
+                f"{tuple(tokens.shape)}"
+            )
     if mask.dtype != torch.bool:
         if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
             raise CalibrationError(
