@@ -38,7 +38,8 @@ and the mean squared error of stitched model losses. The options:
 - ``None`` or ``False``: no mask, every position counts (the behaviour before masking existed).
 
 A mask must be a 2-D tensor of 0/1 values (bool, integer or floating point), of the shape of
-``batch["input_ids"]`` when the batch has one, with at least one 1 per batch; anything else is a
+``batch["input_ids"]`` (of the first two dimensions of ``batch["inputs_embeds"]``) when the batch
+has one, with at least one 1 per batch; anything else is a
 :class:`CalibrationError` naming the batch. The FLOPs of a level database
 (:func:`~obc_native.torch.level_calibration.flops_per_weight`) are not masked: they measure the
 compute of the model on its batches, padding included.
@@ -101,7 +102,8 @@ def batch_token_mask(
     batch as given, before it is moved), on ``device`` (default: where it is); None: no mask.
 
     Raises CalibrationError naming the batch for a mask that is not a 2-D tensor of 0/1 values,
-    whose shape differs from ``batch["input_ids"]``, or that masks every token."""
+    whose shape differs from ``batch["input_ids"]`` (``batch["inputs_embeds"]``'s first two
+    dimensions), or that masks every token."""
     if token_mask is None:
         return None
     where = f"calibration batch {index}"
