@@ -12,10 +12,10 @@ are restored afterwards. The level's ``model_loss`` is
 The squared error leaves out the padding positions of a padded token batch (``token_mask``, as
 for the Hessians: an output whose leading dimensions are the mask's ``(B, T)``, e.g. logits
 ``(B, T, vocab)``; see ``calibration.py``); a ``loss_fn`` receives the batch, mask included,
-and masks itself. Outputs that are not tensors: a mapping's ``"logits"`` (Hugging Face outputs) or the first
-tensor of a tuple or list is used for the squared error; anything else needs a ``loss_fn``. The
-dense outputs of all calibration batches are held in memory while stitching. Cost:
-``levels x batches`` forward passes per layer.
+and masks itself. Outputs that are not tensors: a mapping's ``"logits"`` (Hugging Face
+outputs) or the first tensor of a tuple or list is used for the squared error; anything else
+needs a ``loss_fn``. The dense outputs of all calibration batches are held in memory while
+stitching. Cost: ``levels x batches`` forward passes per layer.
 """
 
 from __future__ import annotations
