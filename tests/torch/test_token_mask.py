@@ -317,3 +317,14 @@ def test_a_missing_key_names_the_batch():
         collect_hessians(model, batches, token_mask="pad")
     with pytest.raises(CalibrationError, match="calibration batch 0: token_mask='pad'"):
         batch_token_mask(torch.zeros(2, 3), "pad", 0)
+
+
+def test_a_checkpoint_belongs_to_its_token_mask(tmp_path):
+    """Another mask gives other Hessians: a checkpoint of one is not resumed by the other."""
+    compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=4), token_mask=None, checkpoint=tmp_path, quiet=True)
+    with pytest.raises(ValueError, match="holds layers of another run"):
+        compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=4), checkpoint=tmp_path, quiet=True)
+    resumed = compress(
+        tiny_gpt2(), padded_batches(), LayerConfig(bits=4), token_mask=False, checkpoint=tmp_path, quiet=True
+    )
+    assert {row.samples for row in resumed.compressed} == {len(LENGTHS) * PAD_TO}
