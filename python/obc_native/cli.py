@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--trust-pickle", action="store_true", help="allow unpickling a whole saved module")
     compress.add_argument("--calibration", required=True, help="calibration tensor file (.pt, .safetensors, .npy)")
     compress.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
+    compress.add_argument(
+        "--token-mask", default="auto", metavar="KEY",
+        help="the padding mask of a calibration dict: its padding positions are left out of the statistics "
+        "(default auto: 'attention_mask' when present; none: every position counts)",
+    )
     compress.add_argument("--recipe", help="recipe file (.yaml, .yml or .json); with --budget it only selects layers")
     compress.add_argument(
         "--budget",
@@ -505,6 +510,7 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
         recipe,
         sequential=args.sequential,
         cache_outputs=args.cache_outputs,
+        token_mask=None if args.token_mask == "none" else args.token_mask,
         correction=None if args.correction == "none" else args.correction,
         num_threads=args.threads,
         quiet=args.quiet,

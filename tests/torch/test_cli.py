@@ -102,6 +102,33 @@ def test_compress_hf_directory(tmp_path, capsys):
     assert float((fresh.transformer.h[0].mlp.c_fc.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
 
 
+def test_compress_padded_token_calibration(tmp_path, capsys):
+    """A dict with an attention_mask: only the real tokens count (--token-mask none: every
+    position); a bad mask is one error line naming the batch."""
+    from safetensors.torch import save_file
+
+    bert = tiny_bert_dir(tmp_path)
+    ids = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(12) < torch.tensor([3, 5, 12, 4, 7, 9, 2, 6])[:, None]).long()
+    save_file({"input_ids": ids * mask, "attention_mask": mask}, tmp_path / "padded.safetensors")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"bits": 4}}))
+    base = ["compress", "--hf", str(bert), "--calibration", str(tmp_path / "padded.safetensors")]
+    base += ["--batch-size", "4", "--recipe", str(recipe), "--quiet"]
+    for option, expected in (([], int(mask.sum())), (["--token-mask", "none"], mask.numel())):
+        out = tmp_path / f"out{len(option)}"
+        assert main([*base, *option, "--out", str(out)]) == 0
+        rows = read_manifest(out)["report"]["layers"]
+        samples = {row["name"]: row["samples"] for row in rows if row["name"] != "pooler.dense"}
+        assert set(samples.values()) == {expected}, option
+    save_file({"input_ids": ids, "attention_mask": mask * 2}, tmp_path / "bad.safetensors")
+    bad = ["compress", "--hf", str(bert), "--calibration", str(tmp_path / "bad.safetensors"), "--batch-size", "4"]
+    capsys.readouterr()
+    assert main([*bad, "--recipe", str(recipe), "--out", str(tmp_path / "bad"), "--quiet"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("obc-native: error: ")]
+    assert len(errors) == 1 and "calibration batch 0" in errors[0] and "only 0 and 1" in errors[0], errors
+
+
 def tiny_bert_dir(tmp_path):
     """A randomly initialised one-block BERT saved as a Hugging Face directory (no download)."""
     transformers = pytest.importorskip("transformers")

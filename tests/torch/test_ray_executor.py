@@ -471,6 +471,41 @@ def test_ray_build_database_and_budget_are_bit_identical(ray_cluster):
 
 
 @ray_warnings
+def test_ray_padded_token_batches_are_bit_identical(ray_cluster):
+    """Padded token batches with their attention masks: the shards leave out the same padding
+    positions as a local run (which also shares q/k/v's Hessian): the same bits, and a bad mask
+    in a later shard is named by its number in the whole calibration set."""
+    pytest.importorskip("transformers")
+    from obc_native.torch.hessian import CalibrationError
+    from test_token_mask import LENGTHS, padded_batches, tiny_bert
+
+    batches = padded_batches(per_batch=2)  # 4 batches in 2 shards
+    local = tiny_bert()
+    local_report = compress(local, batches, LayerConfig(bits=4), quiet=True)
+    remote = tiny_bert()
+    remote_report = compress(
+        remote, batches, LayerConfig(bits=4), quiet=True, executor=ray_executor(calibration_tasks=2)
+    )
+    assert_state_equal(remote, local)
+    assert_reports_equal(remote_report, local_report)
+    samples = {row.name: row.samples for row in remote_report.compressed}
+    assert samples == {row.name: row.samples for row in local_report.compressed}
+    assert samples.pop("pooler.dense") == len(LENGTHS) and set(samples.values()) == {sum(LENGTHS)}
+    executor = ray_executor(calibration_tasks=2)  # the option reaches the shards: off, every position
+    executor.start(quiet=True)
+    try:
+        model = tiny_bert()
+        infos = {name: info for name, info in find_layers(model).items() if name != "pooler.dense"}
+        whole = executor.calibrate(model, infos, batches, device=model_device(model), token_mask=None)
+    finally:
+        executor.close()
+    assert {stats.n for stats in whole.hessians.values()} == {sum(b["input_ids"].numel() for b in batches)}
+    batches[3] = {**batches[3], "attention_mask": batches[3]["attention_mask"] * 2}
+    with pytest.raises(CalibrationError, match="calibration batch 3: .*only 0 and 1"):
+        compress(tiny_bert(), batches, LayerConfig(bits=4), quiet=True, executor=ray_executor(calibration_tasks=2))
+
+
+@ray_warnings
 def test_ray_solver_errors_surface_unchanged(ray_cluster):
     model = mlp_model()
     before = copy.deepcopy(model)

@@ -10,6 +10,9 @@ scale)`` with the range widened to contain 0; symmetric: ``zero = 2^(bits-1)``,
 ``scale = max|x| / (2^(bits-1) - 1)``. The MSE grid shrinks the range by ``p = 1 - i/100``,
 i < 80, and keeps the ``p`` with the smallest mean squared error on a sample of the inputs.
 
+The ranges are observed on the positions that count (``token_mask``, as for the Hessians: the
+padding positions of a padded token batch do not set the scales; see ``calibration.py``).
+
 Wrapping renames the layer's parameters (``name.weight`` becomes ``name.module.weight``), so
 save a compressed model before adding activation quantization; :func:`remove_activation_quantization`
 undoes the wrapping.
@@ -24,8 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibration import Forward, as_batches, model_device, run_calibration
-from .layers import find_layers
+from .calibration import Forward, TokenMask, as_batches, as_token_mask, model_device, run_calibration
+from .layers import find_layers, masked_tokens
 
 __all__ = ["ActQuantWrapper", "fake_quantize", "quantize_activations", "remove_activation_quantization"]
 
@@ -118,6 +121,16 @@ class _RangeObserver:
         return best
 
 
+class _BatchMask:
+    """The current calibration batch's padding mask, for :func:`run_calibration`'s ``hooks``."""
+
+    def __init__(self) -> None:
+        self.token_mask: torch.Tensor | None = None
+
+    def begin_batch(self, token_mask: torch.Tensor | None = None) -> None:
+        self.token_mask = token_mask
+
+
 def quantize_activations(
     model: nn.Module,
     calibration: Any,
@@ -130,6 +143,7 @@ def quantize_activations(
     max_samples: int = 1 << 18,
     seed: int = 0,
     forward: Forward | None = None,
+    token_mask: TokenMask = "auto",
 ) -> dict[str, ActQuantWrapper]:
     """Wrap matching layers in :class:`ActQuantWrapper`, calibrated on ``calibration``.
 
@@ -140,8 +154,11 @@ def quantize_activations(
         include / exclude: fnmatch patterns over supported layer names.
         max_samples: values kept per layer for the MSE search.
         forward: optional ``forward(model, batch)``, as for :func:`compress`.
+        token_mask: which positions of padded token batches are observed, as for
+            :func:`compress` (default: a dict batch's ``"attention_mask"``).
     Returns the wrappers by layer name.
     """
+    token_mask = as_token_mask(token_mask)
     if method not in ("minmax", "mse"):
         raise ValueError(f"method must be 'minmax' or 'mse', got {method!r}")
     layers = {
@@ -157,11 +174,14 @@ def quantize_activations(
     observers = {name: _RangeObserver(max_samples, generator) for name in layers}
     handles = []
     training = {module: module.training for module in model.modules()}
+    current = _BatchMask()
 
     def make_hook(name: str):
+        masked = not layers[name].is_conv  # a convolution's (B, C, ...) input is not (B, T, ...)
+
         def hook(module, args):
             try:
-                observers[name].add(args[0])
+                observers[name].add(masked_tokens(args[0], current.token_mask) if masked else args[0])
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
 
@@ -171,7 +191,10 @@ def quantize_activations(
         model.eval()
         for name, info in layers.items():
             handles.append(info.module.register_forward_pre_hook(make_hook(name)))
-        run_calibration(model, as_batches(calibration), device=model_device(model), forward=forward)
+        run_calibration(
+            model, as_batches(calibration), current, device=model_device(model), forward=forward,
+            token_mask=token_mask,
+        )
     finally:
         for handle in handles:
             handle.remove()

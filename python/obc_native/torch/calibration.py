@@ -14,12 +14,41 @@ a list first; re-iterable collections (lists, DataLoaders) are iterated again fo
 For anything else (a DataLoader yielding ``(inputs, labels)``, a model needing extra arguments)
 pass ``forward=lambda model, batch: model(batch[0])``: it receives the batch already moved to the
 model's device and replaces the default call.
+
+Padding tokens (``token_mask``). A padded, tokenized batch ``{"input_ids": (B, T),
+"attention_mask": (B, T)}`` runs every position through the layers, the padding ones too, whose
+activations are pad embeddings, not text. By default (``token_mask="auto"``) a Mapping batch with
+an ``"attention_mask"`` key is masked: a layer input (or output) whose leading dimensions are
+exactly ``(B, T)``, e.g. the ``(B, T, C)`` input of a Linear or Hugging Face Conv1D layer,
+contributes only the positions where the mask is 1, and the sample count ``n`` counts only those.
+Inputs of any other shape are taken whole, masked or not: a convolution's input, a Linear layer
+applied to a flattened ``(B*T, C)`` or a transposed ``(T, B, C)`` tensor (with ``B == T`` a
+``(T, B, C)`` input would be read as ``(B, T, C)``: pass ``token_mask=None`` for such a model).
+A batch has one mask: in an encoder-decoder model the decoder's ``(B, T_dec, C)`` inputs are
+masked by it too when ``T_dec == T`` (pass a callable, or None, if they should not be).
+The same rule applies to every statistic read from calibration: Hessians, input means (bias
+correction), dense output means (sequential bias correction), activation-quantization ranges
+and the mean squared error of stitched model losses. The options:
+
+- ``"auto"`` (default): ``batch["attention_mask"]`` when the batch is a Mapping holding that key,
+  else no mask;
+- a key (str): ``batch[key]``; every batch must be a Mapping holding it;
+- a callable ``token_mask(batch) -> (B, T) tensor or None``, given the batch as it was given
+  (e.g. ``lambda batch: batch[1]`` for ``(input_ids, attention_mask)`` tuples);
+- ``None`` or ``False``: no mask, every position counts (the behaviour before masking existed).
+
+A mask must be a 2-D tensor of 0/1 values (bool, integer or floating point), of the shape of
+``batch["input_ids"]`` (of the first two dimensions of ``batch["inputs_embeds"]``) when the batch
+has one, with at least one 1 per batch; anything else is a
+:class:`CalibrationError` naming the batch. The FLOPs of a level database
+(:func:`~obc_native.torch.level_calibration.flops_per_weight`) are not masked: they measure the
+compute of the model on its batches, padding included.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, Union
 
 import torch
 from torch import nn
@@ -27,10 +56,100 @@ from torch import nn
 from .hessian import CalibrationError, LayerHessian, LayerHooks, _StopForward
 from .layers import find_layers
 
-__all__ = ["as_batches", "model_device", "run_batch", "run_calibration", "collect_hessians", "Forward"]
+__all__ = [
+    "as_batches",
+    "model_device",
+    "run_batch",
+    "run_calibration",
+    "collect_hessians",
+    "Forward",
+    "TokenMask",
+    "as_token_mask",
+    "batch_token_mask",
+]
 
 Forward = Callable[[nn.Module, Any], Any]
 """A custom forward: ``forward(model, batch)`` with the batch on the model's device."""
+
+TokenMask = Union[str, Callable[[Any], Any], None, bool]
+"""Where a batch's padding mask is: "auto", a Mapping key, a callable, or None / False (off)."""
+
+# The key of the padding mask in Hugging Face batches (tokenizers and data collators).
+_AUTO_KEY = "attention_mask"
+
+
+def as_token_mask(token_mask: Any) -> TokenMask:
+    """The checked ``token_mask`` option (see the module docstring): "auto", a non-empty key, a
+    callable, or None (``False`` becomes None). TypeError / ValueError naming ``token_mask``."""
+    if token_mask is None or token_mask is False:
+        return None
+    if isinstance(token_mask, str):
+        if not token_mask:
+            raise ValueError("token_mask: expected 'auto', a batch key, a callable or None, got ''")
+        return token_mask
+    if callable(token_mask) and not isinstance(token_mask, (bool, torch.Tensor)):
+        return token_mask
+    raise TypeError(
+        "token_mask: expected 'auto', the key of the mask in dict batches (str), a callable "
+        f"token_mask(batch) -> (B, T) tensor, or None, got {type(token_mask).__name__}"
+    )
+
+
+def batch_token_mask(
+    batch: Any, token_mask: TokenMask, index: int, device: torch.device | None = None
+) -> torch.Tensor | None:
+    """The ``(B, T)`` bool mask of calibration batch number ``index`` under ``token_mask`` (the
+    batch as given, before it is moved), on ``device`` (default: where it is); None: no mask.
+
+    Raises CalibrationError naming the batch for a mask that is not a 2-D tensor of 0/1 values,
+    whose shape differs from ``batch["input_ids"]`` (``batch["inputs_embeds"]``'s first two
+    dimensions), or that masks every token."""
+    if token_mask is None:
+        return None
+    where = f"calibration batch {index}"
+    if callable(token_mask):
+        mask = token_mask(batch)
+        if mask is None:
+            return None
+        source = "token_mask(batch)"
+    elif isinstance(batch, Mapping) and token_mask in batch:
+        mask = batch[token_mask]
+        source = f"{token_mask!r}"
+    elif token_mask == "auto":
+        # a collator may leave the key at None: no mask, as without the key
+        if not isinstance(batch, Mapping) or batch.get(_AUTO_KEY) is None:
+            return None
+        mask = batch[_AUTO_KEY]
+        source = f"{_AUTO_KEY!r}"
+    else:
+        have = f"keys {list(batch)}" if isinstance(batch, Mapping) else f"a {type(batch).__name__}"
+        raise CalibrationError(
+            f"{where}: token_mask={token_mask!r} names a key of dict batches, and the batch is {have}; "
+            "pass the right key, a callable token_mask(batch), or token_mask=None"
+        )
+    if not isinstance(mask, torch.Tensor):
+        raise CalibrationError(f"{where}: the token mask {source} must be a tensor, got {type(mask).__name__}")
+    off = "; pass token_mask=None to count every position"
+    if mask.dim() != 2:
+        raise CalibrationError(
+            f"{where}: the token mask {source} must be (batch, tokens), got shape {tuple(mask.shape)}{off}"
+        )
+    for key, dims in (("input_ids", 2), ("inputs_embeds", 3)):  # the tokens the mask is about
+        tokens = batch.get(key) if isinstance(batch, Mapping) else None
+        if isinstance(tokens, torch.Tensor) and (tokens.dim() != dims or tokens.shape[:2] != mask.shape):
+            raise CalibrationError(
+                f"{where}: the token mask {source} has shape {tuple(mask.shape)}, and {key!r} "
+                f"{tuple(tokens.shape)}"
+            )
+    if mask.dtype != torch.bool:
+        if mask.is_complex() or not bool(((mask == 0) | (mask == 1)).all()):
+            raise CalibrationError(
+                f"{where}: the token mask {source} must hold only 0 and 1 (1: a real token, 0: padding){off}"
+            )
+        mask = mask != 0
+    if not bool(mask.any()):
+        raise CalibrationError(f"{where}: the token mask {source} masks every token: nothing to calibrate on")
+    return mask if device is None else mask.to(device)
 
 
 def as_batches(calibration: Any) -> Iterable[Any]:
@@ -130,20 +249,27 @@ def run_calibration(
     device: torch.device | None = None,
     forward: Forward | None = None,
     begin_batch: Callable[[int, Any], None] | None = None,
+    token_mask: TokenMask = "auto",
+    first_batch: int = 0,
 ) -> int:
     """Forward every batch through ``model`` under ``torch.no_grad()``; returns the batch count.
 
-    ``begin_batch(index, batch)``, when given, is called before each batch (after the hooks'
-    ``begin_batch``), e.g. by the output cache of sequential calibration (``output_cache.py``).
+    ``hooks``: any object with ``begin_batch(token_mask=...)`` (e.g. :class:`LayerHooks`), called
+    before each batch with the batch's ``(B, T)`` bool padding mask under ``token_mask`` (see the
+    module docstring; on ``device``), or None. ``begin_batch(index, batch)``, when given, is
+    called before each batch (after the hooks' ``begin_batch``), e.g. by the output cache of
+    sequential calibration (``output_cache.py``). ``first_batch``: the number of the first of
+    ``batches`` in the whole calibration set (a calibration shard's), for error messages.
     A pass that the hooks stop early counts as done. Errors raised by the model (wrong shape or
     dtype of a batch) are re-raised as :class:`CalibrationError` naming the batch.
     """
     device = device or model_device(model)
+    token_mask = as_token_mask(token_mask)
     count = 0
     with torch.no_grad():
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(batches, start=first_batch):
             if hooks is not None:
-                hooks.begin_batch()
+                hooks.begin_batch(token_mask=batch_token_mask(batch, token_mask, index, device))
             if begin_batch is not None:
                 begin_batch(index, batch)
             try:
@@ -176,12 +302,16 @@ def collect_hessians(
     layers: Iterable[str] | None = None,
     *,
     forward: Forward | None = None,
+    token_mask: TokenMask = "auto",
 ) -> dict[str, LayerHessian]:
     """Hessians of ``layers`` (names; default all supported layers) from one dense pass.
 
     Returns ``{name: LayerHessian}``; ``acc.hessians()`` gives one float64
-    ``cols x cols`` array per unit (conv group), ``acc.n`` the sample count.
+    ``cols x cols`` array per unit (conv group), ``acc.n`` the sample count. ``token_mask``:
+    which positions of padded batches count (default: a dict batch's ``"attention_mask"``; see
+    the module docstring).
     """
+    token_mask = as_token_mask(token_mask)
     found = find_layers(model)
     names = list(found) if layers is None else list(layers)
     unknown = [n for n in names if n not in found]
@@ -191,7 +321,10 @@ def collect_hessians(
     try:
         model.eval()
         with LayerHooks({n: found[n] for n in names}) as hooks:
-            run_calibration(model, as_batches(calibration), hooks, device=model_device(model), forward=forward)
+            run_calibration(
+                model, as_batches(calibration), hooks, device=model_device(model), forward=forward,
+                token_mask=token_mask,
+            )
     finally:
         for module, flag in training.items():
             module.train(flag)

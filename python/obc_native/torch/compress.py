@@ -62,7 +62,7 @@ from .. import _arrays
 from .._results import QUANT_METHODS
 from ..budget import BUILTIN_COSTS, BudgetSpec, LayerLevels, Level, LevelDatabase
 from ._solvers import get_core
-from .calibration import Forward, as_batches, model_device, run_calibration
+from .calibration import Forward, TokenMask, as_batches, as_token_mask, model_device, run_calibration
 from .checkpoint import NoCheckpoint, as_checkpoint
 from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .executor_choice import as_executor
@@ -343,8 +343,10 @@ class _Run:
         restore_on_error: bool,
         executor: Executor,
         checkpoint: NoCheckpoint | None = None,
+        token_mask: TokenMask = "auto",
     ):
         self.start = time.perf_counter()
+        self.token_mask = as_token_mask(token_mask)  # a bad option fails before any work
         _check_model_tensors(model)
         self.model = model
         self.infos = infos  # the layers a plan may name
@@ -395,7 +397,8 @@ class _Run:
         start = time.perf_counter()
         with LayerHooks(infos, **options) as hooks, (extra or nullcontext()):
             self.report.batches = run_calibration(
-                self.model, self.batches, hooks, device=self.device, forward=self.forward, begin_batch=begin_batch
+                self.model, self.batches, hooks, device=self.device, forward=self.forward, begin_batch=begin_batch,
+                token_mask=self.token_mask,
             )
         self.report.passes += 1
         self.report.hessian_seconds += hooks.hessian_seconds
@@ -417,7 +420,8 @@ class _Run:
         if self.executor.calibrates_remotely:
             start = time.perf_counter()
             done = self.executor.calibrate(
-                self.model, infos, self.batches, device=self.device, forward=self.forward, counter=counter
+                self.model, infos, self.batches, device=self.device, forward=self.forward, counter=counter,
+                token_mask=self.token_mask,
             )
             self.report.batches = done.batches
             self.report.passes += 1
@@ -681,6 +685,7 @@ def compress(
     sequential: bool = False,
     cache_outputs: bool = False,
     forward: Forward | None = None,
+    token_mask: TokenMask = "auto",
     correction: str | None = "auto",
     baseline: bool = True,
     num_threads: int | None = None,
@@ -713,6 +718,11 @@ def compress(
             the calibration set per cached module. Opt-in: needs modules without side effects or
             randomness in eval mode and the same batches in the same order every pass.
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
+        token_mask: which positions of padded token batches count in the Hessians and every other
+            calibration statistic: "auto" (default: a dict batch's ``"attention_mask"``, where
+            present), the key of the mask in dict batches, a callable ``token_mask(batch) -> (B,
+            T) tensor``, or None / False (every position). Applies to layer inputs (and outputs)
+            whose leading dimensions are the mask's ``(B, T)``; see ``calibration.py``.
         correction: "auto" (BatchNorm re-estimation if the model has BatchNorm, else bias
             correction), "batchnorm", "bias", or None.
         baseline: also compute ``baseline_loss`` (magnitude / RTN) for every layer.
@@ -746,7 +756,8 @@ def compress(
         if sequential:
             raise ValueError("sequential: not supported with a budget (the level database is built on the dense model)")
         return compress_to_budget(
-            model, calibration, budget, recipe=recipe, forward=forward, correction=correction, baseline=baseline,
+            model, calibration, budget, recipe=recipe, forward=forward, token_mask=token_mask, correction=correction,
+            baseline=baseline,
             num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
             checkpoint=checkpoint, **budget_options,
         )
@@ -767,12 +778,13 @@ def compress(
     run = _Run(
         model, calibration, infos, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
         baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
-        executor=executor,
+        executor=executor, token_mask=token_mask,
     )
     with run.guarded():
         description = {"recipe": recipe, "sequential": sequential, "correction": correction, "baseline": baseline}
         if rules:
             description["embeddings"] = [rule.to_dict() for rule in rules]
+        description.update(_token_mask_description(run.token_mask))
         run.saved = as_checkpoint(checkpoint, description, infos)
         # first, so that the layers after them calibrate on the quantized tables
         run.quantize_embeddings(embeddings)
@@ -836,6 +848,17 @@ def _budget_run_description(
     }
 
 
+def _token_mask_description(token_mask: TokenMask) -> dict[str, Any]:
+    """The token_mask entry of a checkpoint's description: none for the default "auto" (so that
+    checkpoints written before the option existed still match), else the key, the callable's
+    name, or None."""
+    if token_mask == "auto":
+        return {}
+    if callable(token_mask):
+        return {"token_mask": getattr(token_mask, "__qualname__", type(token_mask).__name__)}
+    return {"token_mask": token_mask}
+
+
 def compress_to_budget(
     model: nn.Module,
     calibration: Any,
@@ -849,6 +872,7 @@ def compress_to_budget(
     damp: float = 0.01,
     recipe: Recipe | LayerConfig | Mapping[str, Any] | str | None = None,
     forward: Forward | None = None,
+    token_mask: TokenMask = "auto",
     correction: str | None = "auto",
     baseline: bool = True,
     num_threads: int | None = None,
@@ -865,11 +889,12 @@ def compress_to_budget(
     layer is then compressed to its level by the same loop as :func:`compress`.
 
     Args:
-        model, calibration, forward, correction, baseline, num_threads, quiet, restore_on_error,
-        executor: as in :func:`compress` (with Ray, the database's layers are tasks too).
-        checkpoint: a directory (str, bytes or os.PathLike): the level database, once built, and each finished layer are
-            written there; a rerun of the same compression (same model, budget, levels and
-            options) resumes without rebuilding the database or redoing those layers.
+        model, calibration, forward, token_mask, correction, baseline, num_threads, quiet,
+        restore_on_error, executor: as in :func:`compress` (with Ray, the database's layers are
+            tasks too; ``token_mask`` also applies to the stitched losses' squared error).
+        checkpoint: a directory (str, bytes or os.PathLike): the level database, once built, and
+            each finished layer are written there; a rerun of the same compression (same model,
+            budget, levels and options) resumes without rebuilding the database or redoing those layers.
         budget: a total-cost budget such as "flops=2x" (2x fewer FLOPs than the dense layers),
             "params=2x", "bits=4.5" (bits per weight on average) or an absolute "flops=1e6", or a
             BudgetSpec (see ``obc_native.budget``).
@@ -919,13 +944,14 @@ def compress_to_budget(
     run = _Run(
         model, calibration, infos, mode="dense", forward=forward, correction=correction, baseline=baseline,
         num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
+        token_mask=token_mask,
     )
     run.start = start
     with run.guarded():
         run.saved = as_checkpoint(checkpoint, _budget_run_description(
             spec, objective, database, None if database is not None else level_spec, damp, stitch, loss_fn,
             recipe, correction, baseline,
-        ), infos)
+        ) | _token_mask_description(run.token_mask), infos)
         hessians, order, applications = run.dense_hessians(infos, hint="leave them out", counter=_Applications)
         if database is None:
             database = run.saved.load_database()  # built by an interrupted run of this compression
@@ -939,7 +965,7 @@ def compress_to_budget(
             database = _build(
                 model, infos, hessians, per_sample, order, level_spec,
                 damp=damp, stitch=stitch, loss_fn=loss_fn, batches=run.batches, batch_count=run.report.batches,
-                forward=forward, num_threads=num_threads, quiet=quiet, executor=executor,
+                forward=forward, num_threads=num_threads, quiet=quiet, executor=executor, token_mask=run.token_mask,
             )
             if stitch:
                 run.report.passes += 1 + sum(len(layer.levels) - 1 for layer in database)  # dense reference + levels

@@ -33,7 +33,7 @@ from ..level_builder import DEFAULT_SPARSITIES, build_layer_levels
 from ..level_database import LevelDatabase, LevelDatabaseError
 from ..layer_config import PRUNE_METHODS, LayerConfig
 from ..levels import QUANT_LEVEL_METHODS, LayerLevels, Level
-from .calibration import Forward, as_batches, model_device
+from .calibration import Forward, TokenMask, as_batches, as_token_mask, model_device
 from .executor_choice import as_executor
 from .executors import shipped_info
 from .hessian import LayerHessian
@@ -327,9 +327,11 @@ def _build(
     num_threads: int | None,
     quiet: bool,
     executor: Any = None,
+    token_mask: TokenMask = "auto",
 ) -> LevelDatabase:
     """The database from collected Hessians (layers in call order); the layers' levels are
-    computed by ``executor`` (default here; one task per layer)."""
+    computed by ``executor`` (default here; one task per layer). ``token_mask``: the padding
+    positions left out of the stitched losses' squared error."""
     executor = as_executor(executor)
     if loss_fn is not None and not stitch:
         raise ValueError("loss_fn: only used with stitch=True")
@@ -346,7 +348,7 @@ def _build(
     try:
         model.eval()
         if stitch:
-            stitcher = _Stitcher(model, batches, model_device(model), forward, loss_fn)
+            stitcher = _Stitcher(model, batches, model_device(model), forward, loss_fn, token_mask)
 
         def submit(name: str) -> None:
             info = infos[name]
@@ -391,6 +393,7 @@ def build_database(
     stitch: bool = False,
     loss_fn: Callable[[Any, Any], Any] | None = None,
     forward: Forward | None = None,
+    token_mask: TokenMask = "auto",
     num_threads: int | None = None,
     quiet: bool = False,
     executor: Any = "local",
@@ -410,6 +413,8 @@ def build_database(
         loss_fn: ``loss_fn(output, batch) -> scalar`` task loss for stitching (default: mean
             squared error against the dense outputs).
         forward: optional ``forward(model, batch)`` replacing the default call of the model.
+        token_mask: which positions of padded token batches count, as for :func:`compress`
+            (the Hessians and the stitched losses' squared error; not ``flops_per_weight``).
         num_threads: threads for the solvers; quiet: no progress bar.
         executor: "local", "ray" or an executor object (see :func:`compress`): the calibration
             shards and each layer's levels run there; the database is bit-identical.
@@ -422,16 +427,17 @@ def build_database(
         _arrays.as_threads(num_threads)
     if loss_fn is not None and not callable(loss_fn):
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
+    token_mask = as_token_mask(token_mask)
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)
     batches = as_batches(calibration)
     executor = as_executor(executor)
     executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
     try:
-        hessians, applications, order, count = _calibrate(model, infos, batches, forward, executor)
+        hessians, applications, order, count = _calibrate(model, infos, batches, forward, executor, token_mask)
         return _build(
             model, infos, hessians, applications, order, spec, damp=damp, stitch=stitch, loss_fn=loss_fn,
             batches=batches, batch_count=count, forward=forward, num_threads=num_threads, quiet=quiet,
-            executor=executor,
+            executor=executor, token_mask=token_mask,
         )
     finally:
         executor.close()

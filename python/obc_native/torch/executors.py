@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .calibration import Forward, run_calibration
+from .calibration import Forward, TokenMask, run_calibration
 from .hessian import LayerHessian, LayerHooks
 from .layers import LayerInfo
 from .recipe import LayerConfig
@@ -267,17 +267,22 @@ def calibrate_here(
     forward: Forward | None,
     counter: Callable[[Mapping[str, LayerInfo]], Any] | None = None,
     keep_partials: bool = False,
+    token_mask: TokenMask = "auto",
+    first_batch: int = 0,
 ) -> tuple[LayerHooks, int, dict[str, int] | None]:
     """One pass in this process: the hooks (Hessians, order), the batch count, and the
-    counter's totals when one is given."""
+    counter's totals when one is given. ``token_mask``: the padding positions left out of the
+    Hessians (see ``calibration.py``); ``first_batch``: the number of the first batch in the
+    whole calibration set (a shard's), for error messages."""
+    options = {"device": device, "forward": forward, "token_mask": token_mask, "first_batch": first_batch}
     applications = None
     with LayerHooks(infos, record_order=True, keep_partials=keep_partials) as hooks:
         if counter is not None:
             with counter(infos) as counting:
-                count = run_calibration(model, batches, hooks, device=device, forward=forward)
+                count = run_calibration(model, batches, hooks, **options)
             applications = dict(counting.totals)
         else:
-            count = run_calibration(model, batches, hooks, device=device, forward=forward)
+            count = run_calibration(model, batches, hooks, **options)
     return hooks, count, applications
 
 
@@ -308,15 +313,17 @@ class Executor:
         device: torch.device,
         forward: Forward | None = None,
         counter: Callable[[Mapping[str, LayerInfo]], Any] | None = None,
+        token_mask: TokenMask = "auto",
     ) -> Calibration:
         """One dense pass of ``model`` (already in eval mode) over ``batches``.
 
         ``counter``: optional ``counter(infos)``, a context manager of forward hooks whose
         ``.totals`` (layer name -> int) add up over batches (e.g. ``level_calibration._Applications``,
         the applications per weight); its totals become ``Calibration.applications``.
+        ``token_mask``: which positions of padded batches count (see ``calibration.py``).
         """
         hooks, count, applications = calibrate_here(
-            model, infos, batches, device=device, forward=forward, counter=counter
+            model, infos, batches, device=device, forward=forward, counter=counter, token_mask=token_mask
         )
         return Calibration(hooks.hessians, list(hooks.order), count, applications)
 

@@ -1,9 +1,10 @@
 """Layer Hessians H = 2/n sum x x^T from forward hooks, accumulated as float64 sums per batch.
 
 ``n`` counts samples, not batches: every row of a linear layer's input (all leading dimensions,
-e.g. every token of a (B, T, C) input) and every unfolded patch of a convolution (one per output
-position per image). Scaling conventions matter only for the absolute value of the reported
-losses, which are then per sample: loss = ||(W - W_hat) X||_F^2 / n.
+e.g. every token of a (B, T, C) input; only the real tokens of a padded batch, see
+``calibration.py``) and every unfolded patch of a convolution (one per output position per
+image). Scaling conventions matter only for the absolute value of the reported losses, which are
+then per sample: loss = ||(W - W_hat) X||_F^2 / n.
 """
 
 from __future__ import annotations
@@ -152,13 +153,14 @@ class LayerHessian:
         # symmetrizing, 0.5 (H + H^T) = H bit for bit, is skipped: a transposed pass over H)
         self._exactly_symmetric = True
 
-    def add(self, x: torch.Tensor) -> None:
-        """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`)."""
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add the samples of one forward input ``x`` (see :func:`layers.input_samples`), without
+        the padding positions of ``token_mask`` (``(B, T)`` bool, or None)."""
         name = self.info.name
         if not torch.is_floating_point(x):
             raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
         try:
-            samples = input_samples(self.info, x.detach())
+            samples = input_samples(self.info, x.detach(), token_mask)
         except ValueError as err:
             raise CalibrationError(str(err)) from None
         native = samples.device.type == "cpu" and _CORE_GRAM
@@ -279,8 +281,9 @@ class OutputMeanAccumulator:
         self.n = 0
         self.total: torch.Tensor | None = None
 
-    def add(self, y: torch.Tensor) -> None:
-        sums, count = output_channel_sum(self.info, y.detach())
+    def add(self, y: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        """Add one output ``y`` of the layer, without the padding positions of ``token_mask``."""
+        sums, count = output_channel_sum(self.info, y.detach(), token_mask)
         self.total = sums if self.total is None else self.total + sums
         self.n += count
 
@@ -313,7 +316,9 @@ class LayerHooks(HookSet):
             :meth:`LayerHessian.batch_partials`).
 
     The hooks check that inputs are floating point and finite, raising :class:`CalibrationError`
-    naming the layer. ``hessian_seconds`` is the time spent accumulating Hessians.
+    naming the layer. ``hessian_seconds`` is the time spent accumulating Hessians. The padding
+    mask of the current batch (given to :meth:`begin_batch`) applies to the Hessians and output
+    means alike (see ``calibration.py``).
     """
 
     def __init__(
@@ -345,14 +350,17 @@ class LayerHooks(HookSet):
         self._signatures = {name: sample_signature(info) for name, info in self.layers.items()} if share_inputs else {}
         self._inputs: dict[str, list[_Token]] = {name: [] for name in self.layers}
         self._seen: dict[tuple[int, Hashable], _SeenInput] = {}  # by (id, sample signature)
+        self.token_mask: torch.Tensor | None = None
 
-    def begin_batch(self) -> None:
+    def begin_batch(self, token_mask: torch.Tensor | None = None) -> None:
         """Close the previous batch's Hessian partial sums and reset the per-forward-pass call
-        counters (and the inputs seen in the pass)."""
+        counters (and the inputs seen in the pass); ``token_mask``: the next batch's ``(B, T)``
+        bool padding mask, or None (see :func:`~obc_native.torch.calibration.batch_token_mask`)."""
         for stats in {id(stats): stats for stats in self.hessians.values()}.values():  # shared: once
             stats.end_batch()
         self.calls = {name: 0 for name in self.layers}
         self._seen.clear()
+        self.token_mask = token_mask
 
     def install(self) -> None:
         for name, info in self.layers.items():
@@ -391,7 +399,7 @@ class LayerHooks(HookSet):
                 token = _Token(name, len(self._inputs[name]))
                 if name in self.hessians:
                     start = time.perf_counter()
-                    self.hessians[name].add(x)
+                    self.hessians[name].add(x, self.token_mask)
                     self.hessian_seconds += time.perf_counter() - start
                 elif not torch.is_floating_point(x):
                     raise CalibrationError(f"layer {name!r}: input dtype {x.dtype} is not a floating point type")
@@ -411,7 +419,7 @@ class LayerHooks(HookSet):
     def _make_post_hook(self, name: str):
         def hook(module, args, output):
             if isinstance(output, torch.Tensor):
-                self.outputs[name].add(output)
+                self.outputs[name].add(output, self.token_mask)
             self._maybe_stop()
             return None
 

@@ -37,6 +37,7 @@ __all__ = [
     "set_weight_matrix",
     "input_samples",
     "output_channel_sum",
+    "masked_tokens",
     "channels_last_perm",
     "param_key",
 ]
@@ -191,13 +192,25 @@ def _conv_padding(module: nn.Module, kernel: tuple[int, ...]) -> list[int]:
     return flat
 
 
-def input_samples(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
+def masked_tokens(x: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """The positions of ``x`` that count under a ``(B, T)`` bool padding mask: ``x[token_mask]``,
+    ``(real tokens, *x.shape[2:])`` in row-major order, when ``x`` has at least 3 dimensions and
+    its leading two are exactly ``(B, T)``; otherwise ``x`` whole (no mask, or a tensor of
+    another layout, which is then taken unmasked; see ``calibration.py``)."""
+    if token_mask is None or x.dim() < 3 or tuple(x.shape[:2]) != tuple(token_mask.shape):
+        return x
+    return x[token_mask.to(x.device)]
+
+
+def input_samples(info: LayerInfo, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The samples the layer sees in input ``x``: ``(groups, n, cols)`` in native column order.
 
-    Linear / HF Conv1D: ``x`` is ``(..., in_features)``; each leading index is one sample.
+    Linear / HF Conv1D: ``x`` is ``(..., in_features)``; each leading index is one sample, except
+    the padding positions of ``token_mask`` (a ``(B, T)`` bool mask, applied when ``x`` is
+    ``(B, T, ..., in_features)``; see :func:`masked_tokens`).
     Conv1d: ``x`` is ``(B, C_in, L)`` or ``(C_in, L)``; Conv2d: ``(B, C_in, H, W)`` or
     ``(C_in, H, W)``. Every output position is one sample: the unfolded patch of kernel size,
-    stride, padding (any padding_mode) and dilation.
+    stride, padding (any padding_mode) and dilation (``token_mask`` does not apply).
     """
     if not info.is_conv:
         if x.shape[-1] != info.in_per_group:
@@ -205,7 +218,7 @@ def input_samples(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
                 f"layer {info.name!r}: expected inputs with last dimension {info.in_per_group}, "
                 f"got shape {tuple(x.shape)}"
             )
-        return x.reshape(1, -1, info.in_per_group)
+        return masked_tokens(x, token_mask).reshape(1, -1, info.in_per_group)
 
     module = info.module
     spatial = len(info.kernel)
@@ -231,17 +244,20 @@ def input_samples(info: LayerInfo, x: torch.Tensor) -> torch.Tensor:
     return patches.permute(1, 0, 3, 2).reshape(info.groups, batch * positions, info.cols)
 
 
-def output_channel_sum(info: LayerInfo, y: torch.Tensor) -> tuple[torch.Tensor, int]:
+def output_channel_sum(
+    info: LayerInfo, y: torch.Tensor, token_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, int]:
     """Sum over samples of the layer output per output channel, and the sample count.
 
     Returns ``(sum (out_features,) float64, n)``; convs: channel dim 1 (or 0 unbatched).
+    Linear layers: the padding positions of ``token_mask`` left out (see :func:`input_samples`).
     """
     if info.is_conv:
         if y.dim() == len(info.kernel) + 1:
             y = y.unsqueeze(0)
         y = y.transpose(0, 1).reshape(info.out_features, -1)
         return y.sum(dim=1, dtype=torch.float64), y.shape[1]
-    y = y.reshape(-1, info.out_features)
+    y = masked_tokens(y, token_mask).reshape(-1, info.out_features)
     # summed in float64 without a float64 copy (the same values in the same order as y.double())
     return y.sum(dim=0, dtype=torch.float64), y.shape[0]
 

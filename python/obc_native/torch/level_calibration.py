@@ -5,7 +5,10 @@ weight is applied per sample (``flops_per_weight``).
 sample (the leading dimension of a batch), measured on the calibration pass: the output positions
 ``H_out * W_out`` of a convolution, the tokens per sample of a linear layer on ``(B, T, C)``
 inputs (1 on ``(B, C)``), summed over the calls of a layer that runs several times per forward
-pass, and averaged over the calibration batches.
+pass, and averaged over the calibration batches. Padding positions count (``token_mask`` does
+not apply): the FLOPs are those the model spends on its batches, and every linear layer of a
+token model sees the same positions, so the ratios a budget such as "flops=2x" compares do not
+depend on them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 from torch import nn
 
 from ._hook_set import HookSet
-from .calibration import Forward, as_batches, model_device, run_calibration
+from .calibration import Forward, TokenMask, as_batches, model_device, run_calibration
 from .executor_choice import as_executor
 from .hessian import CalibrationError, LayerHessian
 from .layers import LayerInfo, find_layers
@@ -62,14 +65,16 @@ class _Applications(HookSet):
 def _calibrate(
     model: nn.Module, infos: Mapping[str, LayerInfo], batches: Iterable[Any], forward: Forward | None,
     executor: Any = None,
+    token_mask: TokenMask = "auto",
 ) -> tuple[dict[str, LayerHessian], dict[str, float], list[str], int]:
-    """One dense pass (by ``executor``, default here): Hessians, flops_per_weight, the call order
-    and the batch count."""
+    """One dense pass (by ``executor``, default here): Hessians (without the padding positions
+    of ``token_mask``), flops_per_weight (with them), the call order and the batch count."""
     training = {module: module.training for module in model.modules()}
     try:
         model.eval()
         done = as_executor(executor).calibrate(
-            model, infos, batches, device=model_device(model), forward=forward, counter=_Applications
+            model, infos, batches, device=model_device(model), forward=forward, counter=_Applications,
+            token_mask=token_mask,
         )
     finally:
         for module, flag in training.items():

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .calibration import Forward
+from .calibration import Forward, TokenMask
 from .executors import (
     ROW_ALIGN,
     Calibration,
@@ -94,15 +94,18 @@ def _calibrate_shard(
     forward: Forward | None,
     torch_threads: int,
     counter: Callable | None,
+    token_mask: TokenMask,
+    first_batch: int,
 ) -> tuple[dict[str, list], list[str], int, dict[str, int] | None]:
-    """A calibration task: the partial sums of each of its batches, per layer."""
+    """A calibration task: the partial sums of each of its batches, per layer (its batches are
+    the calibration set's from number ``first_batch`` on: errors name them by that number)."""
     torch.set_num_threads(torch_threads)
     model.eval()
     found = find_layers(model)
     infos = {name: found[name] for name in names}
     hooks, count, applications = calibrate_here(
         model, infos, batches, device=torch.device("cpu"), forward=forward,
-        counter=counter, keep_partials=True,
+        counter=counter, keep_partials=True, token_mask=token_mask, first_batch=first_batch,
     )
     partials = {name: stats.batch_partials() for name, stats in hooks.hessians.items()}
     return partials, list(hooks.order), count, applications
@@ -294,6 +297,7 @@ class RayExecutor(Executor):
         device: torch.device,
         forward: Forward | None = None,
         counter: Callable | None = None,
+        token_mask: TokenMask = "auto",
     ) -> Calibration:
         ray = self._started()
         if device.type != "cpu":
@@ -307,7 +311,7 @@ class RayExecutor(Executor):
         model_ref = ray.put(model)
         names = list(infos)
         refs = [
-            remote.remote(model_ref, names, batches[a:b], forward, torch.get_num_threads(), counter)
+            remote.remote(model_ref, names, batches[a:b], forward, torch.get_num_threads(), counter, token_mask, a)
             for a, b in shards
         ]
         self._refs["<calibration>"] = list(refs)

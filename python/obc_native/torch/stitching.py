@@ -9,10 +9,13 @@ are restored afterwards. The level's ``model_loss`` is
 - with ``loss_fn(output, batch) -> scalar``: the task loss, averaged over the calibration
   batches, minus the dense model's (so the dense level has 0, and a level may be negative).
 
-Outputs that are not tensors: a mapping's ``"logits"`` (Hugging Face outputs) or the first
-tensor of a tuple or list is used for the squared error; anything else needs a ``loss_fn``. The
-dense outputs of all calibration batches are held in memory while stitching. Cost:
-``levels x batches`` forward passes per layer.
+The squared error leaves out the padding positions of a padded token batch (``token_mask``, as
+for the Hessians: an output whose leading dimensions are the mask's ``(B, T)``, e.g. logits
+``(B, T, vocab)``; see ``calibration.py``); a ``loss_fn`` receives the batch, mask included,
+and masks itself. Outputs that are not tensors: a mapping's ``"logits"`` (Hugging Face
+outputs) or the first tensor of a tuple or list is used for the squared error; anything else
+needs a ``loss_fn``. The dense outputs of all calibration batches are held in memory while
+stitching. Cost: ``levels x batches`` forward passes per layer.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ import numpy as np
 import torch
 
 from ..levels import LayerLevels
-from .calibration import run_batch
+from .calibration import as_token_mask, batch_token_mask, run_batch
 from .hessian import CalibrationError
-from .layers import LayerInfo, set_weight_matrix, weight_matrix
+from .layers import LayerInfo, masked_tokens, set_weight_matrix, weight_matrix
 
 __all__: list[str] = []
 
@@ -50,13 +53,19 @@ def _output_tensor(output: Any) -> torch.Tensor:
 class _Stitcher:
     """Model-level loss of replacing one layer's weights, against the dense model."""
 
-    def __init__(self, model, batches, device, forward, loss_fn):
+    def __init__(self, model, batches, device, forward, loss_fn, token_mask="auto"):
         self.model, self.batches, self.device, self.forward, self.loss_fn = model, batches, device, forward, loss_fn
         self.reference: list[torch.Tensor] = []
+        self.masks: list[torch.Tensor | None] = []
         self.dense_value = 0.0
         with torch.no_grad():
             if loss_fn is None:
-                self.reference = [_output_tensor(self._run(batch)).detach().double() for batch in batches]
+                token_mask = as_token_mask(token_mask)
+                self.masks = [batch_token_mask(batch, token_mask, index) for index, batch in enumerate(batches)]
+                self.reference = [
+                    masked_tokens(_output_tensor(self._run(batch)).detach(), mask).double()
+                    for batch, mask in zip(batches, self.masks)
+                ]
             else:
                 self.dense_value = self._task_loss()
 
@@ -75,8 +84,8 @@ class _Stitcher:
             if self.loss_fn is not None:
                 return self._task_loss() - self.dense_value
             total, count = 0.0, 0
-            for batch, reference in zip(self.batches, self.reference):
-                output = _output_tensor(self._run(batch)).double()
+            for batch, reference, mask in zip(self.batches, self.reference, self.masks):
+                output = masked_tokens(_output_tensor(self._run(batch)), mask).double()
                 if output.shape != reference.shape:
                     raise CalibrationError(
                         f"stitch: output shape {tuple(output.shape)} differs from the dense {tuple(reference.shape)}"
