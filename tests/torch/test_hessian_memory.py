@@ -295,3 +295,35 @@ def test_bad_hessian_memory_fails_before_any_work(value, error):
         build_database(MLP(), float_batches((4, 16)), hessian_memory=value)
     with pytest.raises(error, match="hessian_memory"):
         compress(blocks(), token_batches(), budget="params=2x", hessian_memory=value)
+
+
+# ---------------------------------------------------------------- the command line
+
+
+def test_cli_hessian_memory(tmp_path, capsys):
+    from obc_native.cli import main
+    from obc_native.demo.model import WEIGHTS_PATH, DigitsCNN, load_data
+    from obc_native.torch import find_layers, read_manifest
+    from obc_native.torch.hessian_memory import ACCUMULATION_COPIES, hessian_bytes
+
+    calibration = tmp_path / "calib.pt"
+    torch.save(load_data().train_x[:64].clone(), calibration)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("default: {prune: nm, n: 2, m: 4}\nskip: [features.0]\n")
+    base = ["compress", "--model", WEIGHTS_PATH, "--arch", "obc_native.demo.model:DigitsCNN", "--quiet"]
+    base += ["--calibration", str(calibration), "--recipe", str(recipe)]
+    assert main([*base, "--out", str(tmp_path / "bad"), "--hessian-memory", "lots"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("obc-native: error: --hessian-memory: expected 'auto'") and "\n" not in err
+    assert main([*base, "--out", str(tmp_path / "small"), "--hessian-memory", "1KiB"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "alone needs" in err[0] and "hessian_memory=1.0 KiB" in err[0]
+    # the largest Hessian alone fits: one group per Hessian, the same files as one pass
+    needs = [ACCUMULATION_COPIES * hessian_bytes(info) for name, info in find_layers(DigitsCNN()).items()]
+    assert main([*base, "--out", str(tmp_path / "one")]) == 0
+    assert main([*base, "--out", str(tmp_path / "split"), "--hessian-memory", str(max(needs))]) == 0
+    one, split = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "split")
+    assert split["report"]["passes"] > one["report"]["passes"]
+    assert (tmp_path / "one" / "compressed.safetensors").read_bytes() == (
+        tmp_path / "split" / "compressed.safetensors"
+    ).read_bytes()

@@ -568,6 +568,9 @@ class _Run:
                     stop_after={other: calls[other] for other in names},
                 )
             hessians.update(found)
+            for other in names if self.executor.runs_ahead else ():  # a cluster solves the group at once
+                if plan[other] is not None:  # (its layers still hold their dense weights here)
+                    self.executor.submit_layer(self._job(other, plan[other], found[other]))
             return found[name]
 
         self.compress_layers(plan, order, {name: name for name in order}, hessians, calibrate_group=calibrate_group)
