@@ -130,7 +130,8 @@ def test_available_memory_reads_memavailable(tmp_path, monkeypatch):
     meminfo.write_text("MemTotal:       32000000 kB\nMemFree:  100 kB\nMemAvailable:   1000 kB\n")
     assert available_memory("cpu", meminfo=str(meminfo)) == 1000 * 1024
     # without the line (an old kernel, another system): the free physical pages, else unknown
-    monkeypatch.setattr(hessian_memory_module.os, "sysconf", lambda key: {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}[key])
+    pages = {"SC_AVPHYS_PAGES": 3, "SC_PAGE_SIZE": 4096}
+    monkeypatch.setattr(hessian_memory_module.os, "sysconf", pages.__getitem__)
     assert available_memory("cpu", meminfo=str(tmp_path / "missing")) == 3 * 4096
 
     def no_sysconf(key):
@@ -220,17 +221,29 @@ def test_split_conv_model_with_batchnorm(cnn, cnn_batches):
 def test_split_run_resumes_from_a_checkpoint(tmp_path):
     data = token_batches()
     one = run(blocks, data, RECIPE, hessian_memory="1GiB")
-    first = run(blocks, data, RECIPE, hessian_memory=4700, checkpoint=tmp_path / "ck")
-    again = run(blocks, data, RECIPE, hessian_memory=4700, checkpoint=tmp_path / "ck")  # all restored
-    assert_same_run(one, first)
-    assert_same_run(one, again)
+    for stop in ("blocks.0.k", "blocks.0.out"):  # within a group, at a group's first layer
+        original = compress_module._Run.compress_layer
+
+        def failing(self, name, *args):
+            if name == stop:
+                raise KeyboardInterrupt
+            return original(self, name, *args)
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(compress_module._Run, "compress_layer", failing)
+            with pytest.raises(KeyboardInterrupt):
+                run(blocks, data, RECIPE, hessian_memory=4700, checkpoint=tmp_path / stop)
+        resumed = run(blocks, data, RECIPE, hessian_memory=4700, checkpoint=tmp_path / stop)
+        assert_same_run(one, resumed)
+        assert_same_run(one, run(blocks, data, RECIPE, hessian_memory=4700, checkpoint=tmp_path / stop))  # all done
 
 
 def test_a_failed_split_run_restores_the_model():
     data = token_batches()
     net = blocks()
     before = state(net)
-    plan = {name: LayerConfig(prune="unstructured", sparsity=0.5) for name in ("embed", "blocks.0.q", "blocks.1.out", "head")}
+    config = LayerConfig(prune="unstructured", sparsity=0.5)
+    plan = {name: config for name in ("embed", "blocks.0.q", "blocks.1.out", "head")}  # one group each
 
     calls = []
     original = compress_module._Run.compress_layer
@@ -246,6 +259,7 @@ def test_a_failed_split_run_restores_the_model():
         with pytest.raises(RuntimeError, match="boom"):
             compress(net, data, plan, quiet=True, hessian_memory=2400)
     assert calls == ["embed", "blocks.0.q", "blocks.1.out", "head"]
+    assert net.forwards == 3 + 4 * 3  # the pass without Hessians, then one pass per group
     after = state(net)
     for key in before:
         assert torch.equal(before[key], after[key]), key
