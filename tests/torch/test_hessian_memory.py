@@ -178,6 +178,23 @@ def test_split_dense_calibration_is_bit_identical_to_one_pass(caplog):
     assert split[0].layers[0].name == "emb" and split[0].layers[0].mode != "skipped"  # quantized first
 
 
+def test_hessians_that_fit_once_shared_take_one_more_pass(caplog):
+    data = token_batches()
+    one = run(blocks, data, RECIPE, hessian_memory="1GiB")
+    with caplog.at_level(logging.INFO, logger="obc_native.torch"):
+        shared = run(blocks, data, RECIPE, hessian_memory=15000)  # 21760 B apart, 12544 B shared
+    assert shared[0].passes == 2 and "once layers reading one input share one" in caplog.text
+    assert_same_run(one, shared)
+    # a budget run goes on too (it holds them all, shared)
+    budget = [blocks(), blocks()]
+    reports = [
+        compress_to_budget(net, data, "params=2x", hessian_memory=memory, quiet=True)
+        for net, memory in zip(budget, ("1GiB", 15000))
+    ]
+    assert [report.passes for report in reports] == [1, 2]
+    assert_same_run((reports[0], state(budget[0])), (reports[1], state(budget[1])))
+
+
 def test_one_group_per_hessian_and_the_auto_limit(monkeypatch):
     data = token_batches()
     one = run(blocks, data, RECIPE)  # auto: plenty of memory here
