@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sequential: look up the cached outputs of finished modules instead of recomputing them",
     )
     compress.add_argument(
+        "--hessian-memory", default="auto", metavar="SIZE",
+        help="most memory the Hessians may take at once, e.g. 8GiB or 500MB (default auto: 75%% of the available "
+        "memory); dense calibration beyond it runs in groups of layers, one pass each",
+    )
+    compress.add_argument(
         "--correction", default="auto", choices=["auto", "batchnorm", "bias", "none"], help="statistics correction"
     )
     compress.add_argument(
@@ -474,6 +479,12 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         raise CliError("--sequential is not supported with --budget")
     if args.cache_outputs and not args.sequential:
         raise CliError("--cache-outputs applies to sequential calibration: add --sequential")
+    from obc_native.torch.hessian_memory import parse_memory
+
+    try:  # a bad size is one line before the model is loaded
+        args.hessian_memory = parse_memory(args.hessian_memory, "--hessian-memory")
+    except ValueError as err:
+        raise CliError(str(err)) from None
     recipe = load_recipe(args.recipe) if args.recipe else None
     args.executor = _start_executor(args)
     created = _prepare_out(args.out)
@@ -516,6 +527,7 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
         quiet=args.quiet,
         executor=getattr(args, "executor", "local"),
         checkpoint=args.checkpoint,
+        hessian_memory=args.hessian_memory,
         **options,
     )
     save_compressed(model, args.out, report, metadata=metadata)

@@ -343,6 +343,20 @@ def ray_executor(**kwargs):
 
 
 @ray_warnings
+def test_ray_split_dense_calibration_is_bit_identical_to_a_local_run(ray_cluster):
+    # Hessians (counted twice) of 2 * 8 * (16^2, 520^2, 8^2) = 4096, 4326400, 1024 bytes: one at a time
+    recipe = {"default": {"prune": "nm", "n": 2, "m": 4, "bits": 4}}
+    batches = mlp_batches()
+    local = mlp_model()
+    local_report = compress(local, batches, recipe, quiet=True)
+    remote = mlp_model()
+    remote_report = compress(remote, batches, recipe, quiet=True, executor=ray_executor(), hessian_memory=4_327_000)
+    assert remote_report.passes == 1 + 3 and local_report.passes == 1
+    assert_state_equal(remote, local)
+    assert_reports_equal(remote_report, local_report)
+
+
+@ray_warnings
 def test_ray_calibration_shards_give_bit_identical_hessians(ray_cluster):
     model = TinyCNN().eval()
     batches = [torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)]

@@ -31,6 +31,7 @@ from .correction import recalibrate_batchnorm
 from .export_onnx import ExportError, OnnxExport, export_onnx
 from .gguf_export import GGUFExportError, gguf_layer_config, save_gguf
 from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .hessian_memory import HessianMemoryError
 from .hf_checkpoint import HFCheckpointError, save_hf_checkpoint
 from .layers import LayerInfo, describe_layer, find_layers
 from .nonuniform import (
@@ -59,6 +60,7 @@ __all__ = [
     "CompressionReport",
     "LayerReport",
     "CompressionError",
+    "HessianMemoryError",
     "CalibrationError",
     "LayerConfig",
     "EmbeddingRule",

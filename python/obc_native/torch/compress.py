@@ -23,7 +23,11 @@ Two calibration modes:
 
 - dense (``sequential=False``, the paper's way): one forward pass over the calibration set with
   hooks on every layer to compress; all Hessians are held at once (sum over distinct inputs of
-  ``groups * cols^2`` float64), then each layer is solved. One pass, fastest.
+  ``groups * cols^2`` float64), then each layer is solved. One pass, fastest. When they exceed
+  ``hessian_memory`` (default: 75% of the available memory; ``hessian_memory.py``), the pass is
+  split into groups of layers in execution order, each group's Hessians from a pass of its own
+  over the dense model (the layers solved so far have their dense weights swapped back in for
+  it), freed before the next: bit for bit the one-pass result, at the cost of more passes.
 - sequential (``sequential=True``): layers are compressed one at a time in execution order
   (discovered by a first pass); each layer's Hessian is collected from a fresh pass through the
   model whose earlier layers are already compressed, so it sees the inputs it will see after
@@ -68,6 +72,9 @@ from .correction import batchnorm_layers, corrected_bias, recalibrate_batchnorm
 from .executor_choice import as_executor
 from .executors import Executor, LayerJob, UnitSolveError
 from .hessian import CalibrationError, LayerHessian, LayerHooks
+from .hessian_memory import (
+    ACCUMULATION_COPIES, HessianMemoryError, format_bytes, hessian_bytes, resolve_budget, split_in_groups,
+)
 from .output_cache import ModuleTrace, OutputCache
 from .embeddings import EmbeddingRule, quantize_embedding, resolve_embeddings
 from .layers import LayerInfo, find_layers, set_weight_matrix, weight_matrix
@@ -106,6 +113,27 @@ class _Backup:
 
     def __len__(self) -> int:
         return len(self._saved)
+
+    def keys(self) -> set[int]:
+        """Which tensors are saved (by id)."""
+        return set(self._saved)
+
+    @contextmanager
+    def originals(self, keep: set[int] = frozenset()) -> Iterator[None]:
+        """Every saved tensor but those in ``keep`` (ids) holds its original values for the
+        duration: the saved copy is swapped in as its storage (no copy made), and the current
+        values are swapped back on exit, also on error. Split dense calibration runs its passes
+        on the dense model this way (see ``_Run.compress_in_groups``)."""
+        swapped = [(tensor, copy) for key, (tensor, copy) in self._saved.items() if key not in keep]
+        current: list[torch.Tensor] = []
+        try:
+            for tensor, copy in swapped:
+                current.append(tensor.data)
+                tensor.data = copy
+            yield
+        finally:
+            for (tensor, _), data in zip(swapped, current):
+                tensor.data = data
 
     def restore(self) -> None:
         with torch.no_grad():
@@ -344,6 +372,7 @@ class _Run:
         executor: Executor,
         checkpoint: NoCheckpoint | None = None,
         token_mask: TokenMask = "auto",
+        hessian_memory: Any = "auto",
     ):
         self.start = time.perf_counter()
         self.token_mask = as_token_mask(token_mask)  # a bad option fails before any work
@@ -356,6 +385,8 @@ class _Run:
         self.correction = _resolve_correction(model, correction)
         self.batches = as_batches(calibration)
         self.device = model_device(model)
+        # how many bytes of Hessians the run may hold at once (a bad option fails before any work)
+        self.hessian_budget = resolve_budget(hessian_memory, self.device)
         self.forward = forward
         self.baseline = baseline
         self.num_threads = num_threads
@@ -406,13 +437,16 @@ class _Run:
         return hooks
 
     def dense_hessians(
-        self, infos: Mapping[str, LayerInfo], *, hint: str, counter: Any = None
+        self, infos: Mapping[str, LayerInfo], *, hint: str, counter: Any = None,
+        stop_after: Mapping[str, int] | None = None,
     ) -> tuple[dict[str, LayerHessian], list[str], dict[str, int] | None]:
         """Every layer's Hessian from one pass over the dense model (layers reading the same
         input share one object), the layers in call order, and the totals of ``counter`` (a
         context manager class ``counter(infos)`` with ``.totals``, e.g. ``_Applications``;
         None without one). Layers whose inputs were only partly shared get a second pass of
         their own. ``hint``: what to do about a layer the pass never reached (CalibrationError).
+        ``stop_after``: ``{name: calls per forward pass}`` to stop each local pass after (see
+        ``LayerHooks``; a pass over part of the layers, see :meth:`compress_in_groups`).
 
         An executor that calibrates elsewhere (Ray: shards of the batches) runs the pass instead;
         its Hessians are accumulated layer by layer, without input sharing (bit for bit the same).
@@ -429,15 +463,117 @@ class _Run:
             hessians, order, totals = done.hessians, list(done.order), done.applications
         else:
             counting = counter(infos) if counter is not None else None
-            hooks = self.calibrate(infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=counting)
+            hooks = self.calibrate(
+                infos, record_order=True, share_inputs=_SHARE_INPUTS, extra=counting, stop_after=stop_after
+            )
             _, mixed = hooks.share_hessians()
             hessians = hooks.hessians
             if mixed:
-                hessians.update(self.calibrate({name: infos[name] for name in mixed}).hessians)
+                stop = None if stop_after is None else {name: stop_after[name] for name in mixed}
+                hessians.update(self.calibrate({name: infos[name] for name in mixed}, stop_after=stop).hessians)
             order = list(hooks.order)
             totals = None if counting is None else dict(counting.totals)
         _never_called({name: hessians[name].n for name in infos}, "calibration pass", hint)
         return hessians, order, totals
+
+    # ---------------------------------------------------------------- Hessian memory
+
+    def check_largest_hessian(self, infos: Mapping[str, LayerInfo]) -> None:
+        """HessianMemoryError before any pass when the largest Hessian of ``infos`` alone (a
+        Hessian is never split; layers sharing one hold it once) exceeds ``hessian_memory``."""
+        limit = self.hessian_budget.limit
+        if limit is None or not infos:
+            return
+        needs = {name: ACCUMULATION_COPIES * hessian_bytes(info) for name, info in infos.items()}
+        name = max(needs, key=needs.__getitem__)  # the first of the largest
+        if needs[name] > limit:
+            raise HessianMemoryError(
+                f"hessian_memory: layer {name!r} alone needs {format_bytes(needs[name])} to calibrate (its float64 "
+                f"Hessian of {format_bytes(needs[name] // ACCUMULATION_COPIES)} and one batch's partial sum), more "
+                f"than {self.hessian_budget.origin} allows; pass a larger hessian_memory, or leave the layer out"
+            )
+
+    def dense_plan(
+        self, infos: Mapping[str, LayerInfo], *, hint: str, split: bool = True, advice: str = ""
+    ) -> tuple[list[str], list[list[str]], dict[str, int]] | None:
+        """How the dense calibration of ``infos`` fits in ``hessian_memory``; checked before any
+        Hessian is accumulated. None: every Hessian fits at once (one pass, as without a limit).
+        Else ``(order, groups, calls)``: the layers in call order, consecutive groups of them
+        whose Hessians fit together (layers sharing an input in one group), and each layer's
+        most calls per forward pass, from a pass without Hessians (counted in the report).
+
+        HessianMemoryError when one Hessian alone does not fit, or, with ``split=False`` (the
+        budget runs, which need all at once), when they do not fit together (``advice``: what
+        to do then). The bytes of a layer: :data:`ACCUMULATION_COPIES` times its Hessian's.
+        """
+        budget = self.hessian_budget
+        if budget.limit is None:
+            return None
+        self.check_largest_hessian(infos)
+        needs = {name: ACCUMULATION_COPIES * hessian_bytes(info) for name, info in infos.items()}
+        if sum(needs.values()) <= budget.limit:
+            return None
+        # Which layers share an input is known only from a pass: one without Hessians (the
+        # executor's remote pass shares nothing, so there every layer is its own unit)
+        share = _SHARE_INPUTS and not self.executor.calibrates_remotely
+        trace = self.calibrate(infos, hessians=False, record_order=True, share_inputs=share)
+        _never_called({name: trace.calls_total(name) for name in infos}, "calibration pass", hint)
+        owner, _ = trace.input_owners() if share else ({}, [])
+        units: dict[str, list[str]] = {}  # owner -> its layers, in call order
+        for name in trace.order:
+            units.setdefault(owner.get(name, name), []).append(name)
+        total = sum(needs[name] for name in units)
+        if total <= budget.limit:
+            logger.info(
+                "dense calibration: the Hessians fit in %s once layers reading one input share one (%s)",
+                budget.origin, format_bytes(total),
+            )
+            return None
+        if not split:
+            raise HessianMemoryError(
+                f"hessian_memory: the {len(units)} Hessian(s) of {len(infos)} layer(s) need {format_bytes(total)} at "
+                f"once, more than {budget.origin} allows; {advice}"
+            )
+        groups = [
+            [name for unit in group for name in units[unit]]
+            for group in split_in_groups(((unit, needs[unit]) for unit in units), budget.limit)
+        ]
+        logger.info(
+            "dense calibration in %d groups of layers, one pass each: the Hessians need %s at once, more than %s "
+            "allows", len(groups), format_bytes(total), budget.origin,
+        )
+        return list(trace.order), groups, dict(trace.most_calls)
+
+    def compress_in_groups(
+        self, plan: Mapping[str, LayerConfig | None], order: list[str], groups: list[list[str]],
+        calls: Mapping[str, int], *, hint: str,
+    ) -> None:
+        """Dense calibration in ``groups`` of layers (from :meth:`dense_plan`): each group's
+        Hessians come from a pass of its own over the dense model, stopped after the group's
+        last call, and are freed as their layers are solved, before the next group's pass.
+
+        The layers solved so far are written back as usual, and their dense values swapped in
+        for each later pass (:meth:`_Backup.originals`; the embedding tables quantized before
+        stay quantized, as in one pass): every Hessian is that of one pass, bit for bit.
+        """
+        group_of = {name: index for index, group in enumerate(groups) for name in group}
+        before = self.backup.keys()  # modified before the layers: stays so in every pass
+        hessians: dict[str, LayerHessian] = {}
+
+        def calibrate_group(name: str) -> LayerHessian:
+            names = [other for other in groups[group_of[name]] if not self.saved.done(other)]
+            with self.backup.originals(keep=before):
+                found, _, _ = self.dense_hessians(
+                    {other: self.infos[other] for other in names}, hint=hint,
+                    stop_after={other: calls[other] for other in names},
+                )
+            hessians.update(found)
+            for other in names if self.executor.runs_ahead else ():  # a cluster solves the group at once
+                if plan[other] is not None:  # (its layers still hold their dense weights here)
+                    self.executor.submit_layer(self._job(other, plan[other], found[other]))
+            return found[name]
+
+        self.compress_layers(plan, order, {name: name for name in order}, hessians, calibrate_group=calibrate_group)
 
     # ---------------------------------------------------------------- the layer loop
 
@@ -693,6 +829,7 @@ def compress(
     restore_on_error: bool = True,
     executor: str | Executor = "local",
     checkpoint: str | bytes | os.PathLike | None = None,
+    hessian_memory: int | str = "auto",
     budget: str | BudgetSpec | None = None,
     **budget_options: Any,
 ) -> CompressionReport:
@@ -737,6 +874,16 @@ def compress(
             there, and a rerun of the same compression (same model, recipe and mode) resumes after
             a crash without redoing the layers found there (see ``torch/checkpoint.py``); with a
             budget the level database is kept there too.
+        hessian_memory: the most memory the Hessians may take at once, in bytes (int) or as a
+            string such as "8GiB" or "500MB"; default "auto": 75% of the memory available when
+            the run starts (Linux ``MemAvailable``; a CUDA model's free GPU memory; no limit
+            where unknown). A layer counts twice its float64 Hessian (``groups * cols^2 * 8``
+            bytes): the running total and one batch's partial sum. Dense mode whose Hessians
+            do not fit at once runs in groups of layers, in execution order, one pass over the
+            dense model each (plus one pass to find the order and the shared inputs): the same
+            result bit for bit, more passes (``report.passes``; the log says why). A single
+            Hessian larger than this raises HessianMemoryError (a ValueError) before any pass,
+            in sequential mode too (which holds one at a time).
         budget, budget_options: ``compress(model, calibration, recipe, budget=b, **options)`` is
             ``compress_to_budget(model, calibration, b, recipe=recipe, **options)`` (non-uniform
             compression; ``sequential`` is not supported there).
@@ -759,7 +906,7 @@ def compress(
             model, calibration, budget, recipe=recipe, forward=forward, token_mask=token_mask, correction=correction,
             baseline=baseline,
             num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
-            checkpoint=checkpoint, **budget_options,
+            checkpoint=checkpoint, hessian_memory=hessian_memory, **budget_options,
         )
     unknown = sorted(set(budget_options) - _BUDGET_OPTIONS)
     if unknown:
@@ -778,7 +925,7 @@ def compress(
     run = _Run(
         model, calibration, infos, mode="sequential" if sequential else "dense", forward=forward, correction=correction,
         baseline=baseline, num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error,
-        executor=executor, token_mask=token_mask,
+        executor=executor, token_mask=token_mask, hessian_memory=hessian_memory,
     )
     with run.guarded():
         description = {"recipe": recipe, "sequential": sequential, "correction": correction, "baseline": baseline}
@@ -791,10 +938,15 @@ def compress(
         if not plan:  # the recipe names only embeddings: no layer to calibrate or solve
             pass
         elif not sequential:
-            hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
-            owner = {name: name for name in order}  # shared Hessians are already the same object
-            run.compress_layers(plan, order, owner, hessians)
+            split = run.dense_plan(infos, hint="skip them in the recipe")
+            if split is None:
+                hessians, order, _ = run.dense_hessians(infos, hint="skip them in the recipe")
+                owner = {name: name for name in order}  # shared Hessians are already the same object
+                run.compress_layers(plan, order, owner, hessians)
+            else:
+                run.compress_in_groups(plan, *split, hint="skip them in the recipe")
         else:
+            run.check_largest_hessian(infos)  # one Hessian at a time
             # a first pass for the order of calls, the inputs layers share and the dense outputs
             bias = run.correction == "bias"
             modules = ModuleTrace(model, infos) if cache_outputs else None
@@ -829,6 +981,12 @@ def compress(
     )
     return report
 
+
+# What to do when a budget run's Hessians do not fit in hessian_memory together (it holds them all).
+_BUDGET_MEMORY_ADVICE = (
+    "a budget run holds every layer's Hessian at once: pass a larger hessian_memory, select fewer layers "
+    "(recipe=), or compress with a recipe and sequential=True (one Hessian at a time)"
+)
 
 _BUDGET_OPTIONS = frozenset({"database", "levels", "objective", "stitch", "loss_fn", "damp"})
 
@@ -880,6 +1038,7 @@ def compress_to_budget(
     restore_on_error: bool = True,
     executor: str | Executor = "local",
     checkpoint: str | bytes | os.PathLike | None = None,
+    hessian_memory: int | str = "auto",
 ) -> CompressionReport:
     """Compress ``model`` in place non-uniformly: the least total loss within ``budget``.
 
@@ -904,6 +1063,9 @@ def compress_to_budget(
             budget's cost type).
         objective: "auto", "layer", "normalized" or "model" (see ``nonuniform.OBJECTIVES``).
         stitch, loss_fn: compute stitched model losses while building (see ``build_database``).
+        hessian_memory: as in :func:`compress`, but a budget run holds every layer's Hessian at
+            once and does not split: HessianMemoryError (a ValueError) before the calibration
+            pass when they do not fit.
         damp: relative damping of the database's solves.
         recipe: only selects the layers (its skip patterns, and layers no rule matches, are left
             out; see ``select_layers``).
@@ -944,7 +1106,7 @@ def compress_to_budget(
     run = _Run(
         model, calibration, infos, mode="dense", forward=forward, correction=correction, baseline=baseline,
         num_threads=num_threads, quiet=quiet, restore_on_error=restore_on_error, executor=executor,
-        token_mask=token_mask,
+        token_mask=token_mask, hessian_memory=hessian_memory,
     )
     run.start = start
     with run.guarded():
@@ -952,6 +1114,7 @@ def compress_to_budget(
             spec, objective, database, None if database is not None else level_spec, damp, stitch, loss_fn,
             recipe, correction, baseline,
         ) | _token_mask_description(run.token_mask), infos)
+        run.dense_plan(infos, hint="leave them out", split=False, advice=_BUDGET_MEMORY_ADVICE)
         hessians, order, applications = run.dense_hessians(infos, hint="leave them out", counter=_Applications)
         if database is None:
             database = run.saved.load_database()  # built by an interrupted run of this compression

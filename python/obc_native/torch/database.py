@@ -37,6 +37,7 @@ from .calibration import Forward, TokenMask, as_batches, as_token_mask, model_de
 from .executor_choice import as_executor
 from .executors import shipped_info
 from .hessian import LayerHessian
+from .hessian_memory import ACCUMULATION_COPIES, HessianMemoryError, format_bytes, hessian_bytes, resolve_budget
 from .layer_selection import select_layers
 from .layers import LayerInfo, channels_last_perm, find_layers, weight_matrix
 from .level_calibration import _calibrate
@@ -381,6 +382,23 @@ def _build(
     return db
 
 
+def _check_hessian_memory(infos: Mapping[str, LayerInfo], hessian_memory: Any, device: torch.device) -> None:
+    """HessianMemoryError when the Hessians of ``infos``, all held at once, exceed ``hessian_memory``."""
+    budget = resolve_budget(hessian_memory, device)
+    if budget.limit is None:
+        return
+    needs = {name: ACCUMULATION_COPIES * hessian_bytes(info) for name, info in infos.items()}
+    total = sum(needs.values())
+    if total > budget.limit:
+        largest = max(needs, key=needs.__getitem__)
+        raise HessianMemoryError(
+            f"hessian_memory: the Hessians of {len(infos)} layer(s) need {format_bytes(total)} at once (each counted "
+            f"twice: the running total and one batch's partial sum; the largest, {largest!r}, "
+            f"{format_bytes(needs[largest])}), more than {budget.origin} allows; a level database holds every "
+            "layer's Hessian at once: pass a larger hessian_memory or select fewer layers (layers=, skip=, recipe=)"
+        )
+
+
 def build_database(
     model: nn.Module,
     calibration: Any,
@@ -397,6 +415,7 @@ def build_database(
     num_threads: int | None = None,
     quiet: bool = False,
     executor: Any = "local",
+    hessian_memory: int | str = "auto",
 ) -> LevelDatabase:
     """The level database of ``model``'s layers from one calibration pass over the dense model.
 
@@ -418,6 +437,10 @@ def build_database(
         num_threads: threads for the solvers; quiet: no progress bar.
         executor: "local", "ray" or an executor object (see :func:`compress`): the calibration
             shards and each layer's levels run there; the database is bit-identical.
+        hessian_memory: the most memory the Hessians may take at once, as for :func:`compress`
+            (bytes, a string such as "8GiB", or "auto"). The database holds every layer's
+            Hessian at once (no input sharing here): HessianMemoryError (a ValueError) before
+            the calibration pass when they do not fit.
     Returns:
         a LevelDatabase, layers in execution order; ``db.save(path)`` writes it.
     """
@@ -429,6 +452,7 @@ def build_database(
         raise TypeError(f"loss_fn: expected a callable loss_fn(output, batch), got {type(loss_fn).__name__}")
     token_mask = as_token_mask(token_mask)
     infos, _ = select_layers(model, recipe=recipe, layers=layers, skip=skip)
+    _check_hessian_memory(infos, hessian_memory, model_device(model))
     batches = as_batches(calibration)
     executor = as_executor(executor)
     executor.start(quiet=quiet)  # a missing ray package or an unreachable cluster fails here, before any work
