@@ -77,7 +77,7 @@ def test_onnx_export_refuses_unwritable_names_before_any_work(tmp_path, case, mo
 
 
 @pytest.mark.parametrize("case", list(BAD_NAMES))
-def test_gguf_refuses_unwritable_names_before_changing_the_model(tmp_path, case):
+def test_gguf_refuses_unwritable_names_and_leaves_the_model(tmp_path, case):
     pytest.importorskip("gguf")
     from obc_native.torch import gguf_layer_config, save_gguf
 
@@ -87,7 +87,7 @@ def test_gguf_refuses_unwritable_names_before_changing_the_model(tmp_path, case)
     with pytest.raises(ValueError, match=message):
         save_gguf(model, report, str(tmp_path / name))
     assert os.listdir(tmp_path) == []
-    assert_state_unchanged(model, before)  # the float16-scale snap did not happen
+    assert_state_unchanged(model, before)
 
 
 def test_level_database_save_names_the_path(tmp_path):
