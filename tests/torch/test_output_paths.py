@@ -83,6 +83,21 @@ def test_save_gguf_leaves_the_model_unchanged(tmp_path):
         assert torch.equal(model[0].weight, before), what
 
 
+def test_export_onnx_takes_a_saved_folder_as_bytes(tmp_path):
+    """report= a save_compressed folder was taken as str or os.PathLike but not as bytes (a
+    TypeError "report must be a CompressionReport ...") while every other path argument took it."""
+    pytest.importorskip("onnx")
+    model, report = quantized_mlp()
+    save_compressed(model, tmp_path / "saved", report)
+    example = torch.randn(2, model.layers[0].in_features)
+    layers = {}
+    for form in (str, os.fsencode, lambda p: p):
+        layers[form] = export_onnx(model, example, tmp_path / "m.onnx", report=form(tmp_path / "saved")).layers
+    assert len({tuple(sorted(v.items())) for v in layers.values()}) == 1 and layers[str]
+    with pytest.raises(TypeError, match="report must be a CompressionReport, a saved model folder or None, got int"):
+        export_onnx(model, example, tmp_path / "m.onnx", report=3)
+
+
 def test_save_compressed(tmp_path, monkeypatch):
     model, report = quantized_mlp()
     from obc_native.torch import serialize
