@@ -562,6 +562,8 @@ def _print_report(directory: str, manifest: dict[str, Any]) -> None:
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
         stored = f"{entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}"
+        if entry.get("stored_as_values"):  # a quantized layer the file holds as plain values
+            stored += f"; stored as values, not codes: {entry['stored_as_values']}"
         print(f"  {name or '(model)'}: {stored}")
 
 

@@ -448,6 +448,26 @@ def test_report_of_a_malformed_manifest(digits_files, tmp_path, capsys):
     one_error_line(capsys, "malformed manifest", "storage")
 
 
+def test_report_says_which_quantized_layers_are_stored_as_values(tmp_path, capsys):
+    """A quantized layer save_compressed stores as values (its grid does not fit, e.g. a shrunk
+    layer) used to be listed with the report's mode only, as if the file held its codes."""
+    from obc_native.torch import LayerConfig, compress, save_compressed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    report = compress(model, [torch.randn(64, 64)], LayerConfig(bits=4, group_size=32), quiet=True)
+    with torch.no_grad():  # as if cut: the first layer's weights leave the grid
+        model[0].weight.add_(1e-3)
+    save_compressed(model, tmp_path / "out", report)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  0: dense, 4096 non-zeros of [64, 64]; stored as values, not codes: weights are not on its quantization " \
+           "grid" in lines
+    assert [line for line in lines if line.startswith("  2: ")][0].startswith("  2: quantized, 4-bit codes, ")
+    assert sum("stored as values" in line for line in lines) == 1
+
+
 def test_interrupt_is_one_line(monkeypatch, capsys):
     def interrupted(args):
         raise KeyboardInterrupt
