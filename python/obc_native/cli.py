@@ -433,7 +433,8 @@ def _calibration_batches(path: str, batch_size: int, model: Any = None) -> list[
 # the library's words for its token_mask option, and the flag's (no callable on the command line)
 _TOKEN_MASK_WORDS = (
     (", a callable token_mask(batch), or token_mask=None", ", or --token-mask none"),
-    ("token_mask: expected 'auto', a batch key, a callable or None", "--token-mask: expected auto, a batch key or none"),
+    ("token_mask: expected 'auto', a batch key, a callable or None",
+     "--token-mask: expected auto, a batch key or none"),
     ("token_mask=None", "--token-mask none"),
     ("token_mask=", "--token-mask "),
     ("token_mask (the default)", "--token-mask (the default, auto)"),
