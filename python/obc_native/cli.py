@@ -435,6 +435,28 @@ def _calibration_batches(path: str, batch_size: int, model: Any = None) -> list[
     raise CliError(f"{path}: expected a tensor, a list of tensors or a dict of tensors")
 
 
+# the library's words for its token_mask option, and the flag's (no callable on the command line)
+_TOKEN_MASK_WORDS = (
+    (", a callable token_mask(batch), or token_mask=None", ", or --token-mask none"),
+    ("token_mask: expected 'auto', a batch key, a callable or None",
+     "--token-mask: expected auto, a batch key or none"),
+    ("token_mask=None", "--token-mask none"),
+    ("token_mask=", "--token-mask "),
+    ("token_mask (the default)", "--token-mask (the default, auto)"),
+    ("token_mask (", "--token-mask ("),
+    ("the token_mask option", "the --token-mask option"),
+)
+
+
+def _token_mask_flag(message: str) -> str:
+    """A library message about ``token_mask`` in the words of ``--token-mask``, the flag the
+    command line user gave (the library's own advice, e.g. ``pass token_mask=None``, names an
+    argument they cannot pass)."""
+    for words, flag in _TOKEN_MASK_WORDS:
+        message = message.replace(words, flag)
+    return message
+
+
 def _budget_options(args: argparse.Namespace) -> dict[str, Any]:
     """compress() keyword arguments of --budget, --database, --levels, --stitch, --objective."""
     if not args.budget:
@@ -515,21 +537,26 @@ def _compress_and_save(args: argparse.Namespace, recipe: Any, options: dict[str,
 
     model, metadata = _load_model(args)
     batches = _calibration_batches(args.calibration, args.batch_size, model)
-    report = compress(
-        model,
-        batches,
-        recipe,
-        sequential=args.sequential,
-        cache_outputs=args.cache_outputs,
-        token_mask=None if args.token_mask == "none" else args.token_mask,
-        correction=None if args.correction == "none" else args.correction,
-        num_threads=args.threads,
-        quiet=args.quiet,
-        executor=getattr(args, "executor", "local"),
-        checkpoint=args.checkpoint,
-        hessian_memory=args.hessian_memory,
-        **options,
-    )
+    try:
+        report = compress(
+            model,
+            batches,
+            recipe,
+            sequential=args.sequential,
+            cache_outputs=args.cache_outputs,
+            token_mask=None if args.token_mask == "none" else args.token_mask,
+            correction=None if args.correction == "none" else args.correction,
+            num_threads=args.threads,
+            quiet=args.quiet,
+            executor=getattr(args, "executor", "local"),
+            checkpoint=args.checkpoint,
+            hessian_memory=args.hessian_memory,
+            **options,
+        )
+    except ValueError as err:  # CalibrationError, a checkpoint of another mask, ...
+        if "token_mask" not in str(err):
+            raise
+        raise CliError(_token_mask_flag(str(err))) from err
     save_compressed(model, args.out, report, metadata=metadata)
     if args.hf:
         from obc_native.torch.hf_checkpoint import save_hf_checkpoint
@@ -574,6 +601,8 @@ def _print_report(directory: str, manifest: dict[str, Any]) -> None:
         level = entry.get("level") or levels.get(name)
         level = f", level {level}" if level else ""
         stored = f"{entry['storage']}{bits}, {entry['nonzeros']} non-zeros of {entry['weight_shape']}{level}"
+        if entry.get("stored_as_values"):  # a quantized layer the file holds as plain values
+            stored += f"; stored as values, not codes: {entry['stored_as_values']}"
         print(f"  {name or '(model)'}: {stored}")
 
 

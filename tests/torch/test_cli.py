@@ -127,6 +127,47 @@ def test_compress_padded_token_calibration(tmp_path, capsys):
     assert main([*bad, "--recipe", str(recipe), "--out", str(tmp_path / "bad"), "--quiet"]) == 1
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("obc-native: error: ")]
     assert len(errors) == 1 and "calibration batch 0" in errors[0] and "only 0 and 1" in errors[0], errors
+    # the advice names the flag, not the library's argument (was "pass token_mask=None")
+    assert errors[0].endswith("; pass --token-mask none to count every position"), errors
+
+
+def test_token_mask_errors_name_the_flag(tmp_path, capsys, monkeypatch):
+    """Errors about the mask said "token_mask=None" / "token_mask='pad'" (the Python argument)
+    on the command line too, whose flag is --token-mask."""
+    import importlib
+
+    from safetensors.torch import save_file
+
+    bert = tiny_bert_dir(tmp_path)
+    ids = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(12) < torch.tensor([3, 5, 12, 4, 7, 9, 2, 6])[:, None]).long()
+    save_file({"input_ids": ids * mask, "attention_mask": mask}, tmp_path / "padded.safetensors")
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"default": {"bits": 4}}))
+    base = ["compress", "--hf", str(bert), "--calibration", str(tmp_path / "padded.safetensors"), "--batch-size", "4",
+            "--recipe", str(recipe), "--quiet"]
+
+    def error_of(*options):
+        capsys.readouterr()
+        assert main([*base, *options, "--out", str(tmp_path / "out")]) == 1
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("obc-native: error: ")]
+        assert len(errors) == 1 and "token_mask" not in errors[0].replace(str(tmp_path), "TMP"), errors
+        return errors[0]
+
+    assert error_of("--token-mask", "pad") == (
+        "obc-native: error: calibration batch 0: --token-mask 'pad' names a key of dict batches, and the batch is "
+        "keys ['attention_mask', 'input_ids']; pass the right key, or --token-mask none")
+    assert error_of("--token-mask", "").endswith("--token-mask: expected auto, a batch key or none, got ''")
+    checkpoint = tmp_path / "ckpt"
+    with monkeypatch.context() as old_version:  # a checkpoint written before the option existed
+        old_version.setattr(importlib.import_module("obc_native.torch.compress"), "_token_mask_description",
+                            lambda token_mask: {})
+        old_version.setattr(importlib.import_module("obc_native.torch.checkpoint"), "_FORMAT", 1)
+        assert main([*base, "--token-mask", "none", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "o")]) == 0
+    message = error_of("--checkpoint", str(checkpoint))
+    assert "was written before the --token-mask option existed" in message
+    assert "this run's --token-mask (the default, auto) could give" in message
+    assert "Resume it with --token-mask none (as it was run)" in message
 
 
 def tiny_bert_dir(tmp_path):
@@ -446,6 +487,26 @@ def test_report_of_a_malformed_manifest(digits_files, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(out)]) == 1
     one_error_line(capsys, "malformed manifest", "storage")
+
+
+def test_report_says_which_quantized_layers_are_stored_as_values(tmp_path, capsys):
+    """A quantized layer save_compressed stores as values (its grid does not fit, e.g. a shrunk
+    layer) used to be listed with the report's mode only, as if the file held its codes."""
+    from obc_native.torch import LayerConfig, compress, save_compressed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).eval()
+    report = compress(model, [torch.randn(64, 64)], LayerConfig(bits=4, group_size=32), quiet=True)
+    with torch.no_grad():  # as if cut: the first layer's weights leave the grid
+        model[0].weight.add_(1e-3)
+    save_compressed(model, tmp_path / "out", report)
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  0: dense, 4096 non-zeros of [64, 64]; stored as values, not codes: weights are not on its quantization " \
+           "grid" in lines
+    assert [line for line in lines if line.startswith("  2: ")][0].startswith("  2: quantized, 4-bit codes, ")
+    assert sum("stored as values" in line for line in lines) == 1
 
 
 def test_interrupt_is_one_line(monkeypatch, capsys):

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 from obc_native.torch import (
     ExportError,
     LayerConfig,
+    Override,
     Recipe,
     SerializationError,
     build_database,
@@ -77,7 +78,7 @@ def test_onnx_export_refuses_unwritable_names_before_any_work(tmp_path, case, mo
 
 
 @pytest.mark.parametrize("case", list(BAD_NAMES))
-def test_gguf_refuses_unwritable_names_before_changing_the_model(tmp_path, case):
+def test_gguf_refuses_unwritable_names_and_leaves_the_model(tmp_path, case):
     pytest.importorskip("gguf")
     from obc_native.torch import gguf_layer_config, save_gguf
 
@@ -87,7 +88,7 @@ def test_gguf_refuses_unwritable_names_before_changing_the_model(tmp_path, case)
     with pytest.raises(ValueError, match=message):
         save_gguf(model, report, str(tmp_path / name))
     assert os.listdir(tmp_path) == []
-    assert_state_unchanged(model, before)  # the float16-scale snap did not happen
+    assert_state_unchanged(model, before)
 
 
 def test_level_database_save_names_the_path(tmp_path):
@@ -165,11 +166,45 @@ def test_onnx_export_names_bad_dense_and_another_models_report(tmp_path):
     model, report, batch = quantized()
     with pytest.raises(TypeError, match="dense: expected a list of layer-name patterns"):
         export_onnx(model, batch[:2], tmp_path / "m.onnx", report=report, dense=None)
-    other, _, _ = quantized(widths=(64, 96, 32))
-    # was "its weights are no longer on its quantization grid (changed after compression?)"
-    with pytest.raises(ExportError, match="layer '0': the report's grid has 64 rows of scales, the layer 96 outputs"):
-        export_onnx(other, batch[:2], tmp_path / "m.onnx", report=report)
     assert os.listdir(tmp_path) == []
+
+
+def test_onnx_export_of_another_models_report_or_a_shrunk_model_keeps_the_layers_that_fit(tmp_path, caplog):
+    """A grid that no longer has its layer's shape (a layer shrink_structured cut, or the report of
+    a model of other widths) used to raise "the report's grid has 64 rows of scales"; the CLI's
+    shrink exported float weights. Now such a layer is exported with float weights and a warning
+    naming it, as save_compressed stores it as values; the layers whose grids fit stay quantized."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    model, report, batch = quantized()
+    other, _, _ = quantized(widths=(64, 96, 32))
+    written = export_onnx(other, batch[:2], tmp_path / "other.onnx", report=report)
+    assert list(written.layers) == []
+    assert ("layer '0': the report's grid (scales (64, 2), groups of 32) does not fit the 96 x 64 weight (a layer "
+            "shrink_structured cut, or the report of another model); exported with float weights") in caplog.text
+    assert "layer '2': the report's grid (scales (32, 2), groups of 32) does not fit the 32 x 96 weight" in caplog.text
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    recipe = Recipe(default=LayerConfig(bits=4, group_size=32),
+                    overrides=[Override("2", prune="structured", sparsity=0.5)])
+    report = compress(mlp, [batch], recipe, quiet=True)
+    x = batch[:4]
+    shrink = shrink_structured(mlp)
+    assert [(c.producer, c.consumer, c.kept) for c in shrink.chains if c.removed] == [("0", "2", 32)]
+    caplog.clear()
+    written = export_onnx(mlp, x, tmp_path / "shrunk.onnx", report=report)
+    assert set(written.layers) == {"4"}  # still on its grid: quantized
+    warned = sorted(r.getMessage().split("'")[1] for r in caplog.records if "exported with float" in r.getMessage())
+    assert warned == ["0", "2"]
+    session = ort.InferenceSession(str(tmp_path / "shrunk.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert np.allclose(got, mlp(x).numpy(), rtol=1e-4, atol=1e-5)
+    # the saved folder of the same model and report: the same layers are stored as values
+    manifest = save_compressed(mlp, tmp_path / "saved", report)
+    assert {name: e["storage"] for name, e in manifest["layers"].items()}["4"] in ("quantized", "sparse_quantized")
+    assert {manifest["layers"][name]["storage"] for name in ("0", "2")} <= {"dense", "sparse"}
 
 
 class LeNet(nn.Module):

@@ -1,4 +1,4 @@
-"""save_gguf: Q4_0 / Q8_0 blocks that gguf's own reader dequantizes to exactly the model's weights."""
+"""save_gguf: Q4_0 / Q8_0 blocks that gguf's own reader dequantizes to the model's codes on float16 scales."""
 
 from __future__ import annotations
 
@@ -23,27 +23,53 @@ BATCHES = [torch.randn(96, 64, generator=torch.Generator().manual_seed(1))]
 
 
 @pytest.mark.parametrize("block_type", ["Q4_0", "Q8_0"])
-def test_gguf_reader_dequantizes_to_the_model_weights(tmp_path, block_type):
+def test_gguf_reader_dequantizes_to_the_model_codes_on_float16_scales(tmp_path, block_type):
     model = small_model()
     report = compress(model, BATCHES, Recipe(default=gguf_layer_config(block_type), skip=["2", "4"]), quiet=True)
     before = model[0].weight.detach().clone()
     layers = save_gguf(model, report, tmp_path / "m.gguf")
     assert [(l.name, l.type, l.shape) for l in layers] == [("0", block_type, (48, 64))]
-    # float16 scales: a change of at most 2^-11 of a group's scale per level
-    assert 0 < layers[0].max_abs_change <= float(before.abs().max()) * 2**-10
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     tensors = {t.name: t for t in reader.tensors}
     assert tensors["0.weight"].tensor_type == getattr(gguf.GGMLQuantizationType, block_type)
     dequantized = gguf.quants.dequantize(tensors["0.weight"].data, tensors["0.weight"].tensor_type)
     assert dequantized.shape == (48, 64)
-    assert np.array_equal(dequantized.view(np.uint32), model[0].weight.detach().numpy().view(np.uint32))
+    # the same codes as the model's, on the report's scales rounded to float16
+    scale = torch.from_numpy(report.layers[0].grid.scale).repeat_interleave(32, dim=1)
+    levels = torch.round(before / scale)
+    expected = (scale.half().float() * levels).numpy()
+    assert np.array_equal(dequantized.view(np.uint32), expected.view(np.uint32))
+    # float16 scales: a change of at most 2^-11 of a group's scale per level, reported
+    assert layers[0].max_abs_change == float(np.abs(dequantized - before.numpy()).max())
+    assert 0 < layers[0].max_abs_change <= float(before.abs().max()) * 2**-10
+    assert torch.equal(model[0].weight, before)  # the model is left as it was
     for key, value in model.state_dict().items():
         if key != "0.weight":
             assert tensors[key].tensor_type == gguf.GGMLQuantizationType.F32
             assert np.array_equal(np.asarray(tensors[key].data).reshape(value.shape), value.numpy()), key
-    # the same codes as before: only the scales were rounded
-    scale = torch.from_numpy(report.layers[0].grid.scale).repeat_interleave(32, dim=1)
-    assert torch.equal(torch.round(before / scale), torch.round(model[0].weight / scale))
+
+
+def test_gguf_twice_gives_the_same_file_and_leaves_the_model_unchanged(tmp_path):
+    """save_gguf used to set the model's weights to their float16-scale values, so a second call
+    with the same model and report failed with "weights off the reported grid"."""
+    from obc_native.torch import EmbeddingRule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(40, 64), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 40)).eval()
+    ids = [torch.randint(0, 40, (4, 6), generator=torch.Generator().manual_seed(2))]
+    recipe = Recipe(default=gguf_layer_config("Q8_0"), skip=["3"],
+                    embeddings=[EmbeddingRule("0", bits=4, sym=True, group_size=32)])
+    report = compress(model, ids, recipe, quiet=True)
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    first = save_gguf(model, report, tmp_path / "a.gguf")
+    second = save_gguf(model, report, tmp_path / "b.gguf")
+    assert first == second and sorted(l.name for l in first) == ["0", "1"]
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for key, value in before.items():
+        assert after[key].dtype == value.dtype and torch.equal(after[key].view(torch.uint8).flatten(),
+                                                               value.view(torch.uint8).flatten()), key
 
 
 def test_gguf_q4_0_blocks_match_ggml_reference_packing(tmp_path):
@@ -114,4 +140,6 @@ def test_quantized_embedding_table_as_q4_0(tmp_path):
     assert [(l.name, l.type, l.shape) for l in layers] == [("0", "Q4_0", (40, 64))]
     tensor = {t.name: t for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}["0.weight"]
     dequantized = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    assert np.array_equal(dequantized.view(np.uint32), model[0].weight.detach().numpy().view(np.uint32))
+    scale = torch.from_numpy(next(l for l in report.layers if l.name == "0").grid.scale).repeat_interleave(32, dim=1)
+    expected = scale.half().float() * torch.round(model[0].weight.detach() / scale)
+    assert np.array_equal(dequantized.view(np.uint32), expected.numpy().view(np.uint32))

@@ -80,7 +80,22 @@ def test_save_gguf_leaves_the_model_unchanged(tmp_path):
     for what, (path, expected) in bad_files(tmp_path).items():
         with pytest.raises(GGUFExportError, match=expected):
             save_gguf(model, report, path)
-        assert torch.equal(model[0].weight, before), what  # not snapped to float16 scales
+        assert torch.equal(model[0].weight, before), what
+
+
+def test_export_onnx_takes_a_saved_folder_as_bytes(tmp_path):
+    """report= a save_compressed folder was taken as str or os.PathLike but not as bytes (a
+    TypeError "report must be a CompressionReport ...") while every other path argument took it."""
+    pytest.importorskip("onnx")
+    model, report = quantized_mlp()
+    save_compressed(model, tmp_path / "saved", report)
+    example = torch.randn(2, model.layers[0].in_features)
+    layers = {}
+    for form in (str, os.fsencode, lambda p: p):
+        layers[form] = export_onnx(model, example, tmp_path / "m.onnx", report=form(tmp_path / "saved")).layers
+    assert len({tuple(sorted(v.items())) for v in layers.values()}) == 1 and layers[str]
+    with pytest.raises(TypeError, match="report must be a CompressionReport, a saved model folder or None, got int"):
+        export_onnx(model, example, tmp_path / "m.onnx", report=3)
 
 
 def test_save_compressed(tmp_path, monkeypatch):
@@ -203,8 +218,7 @@ def test_every_writer_takes_str_bytes_and_pathlike_and_names_a_wrong_type(tmp_pa
     database = build_database(small, [batch], quiet=True)
     writers = {  # name: (write(path), the argument's name in a TypeError, what the path must be afterwards)
         "export_onnx": (lambda p: export_onnx(MLP(sizes=(4, 2)), torch.randn(1, 4), p), "path", os.path.isfile),
-        # a copy each time: save_gguf snaps the model's weights to float16 scales, off the report's grid
-        "save_gguf": (lambda p: save_gguf(copy.deepcopy(gguf_model), gguf_report, p), "path", os.path.isfile),
+        "save_gguf": (lambda p: save_gguf(gguf_model, gguf_report, p), "path", os.path.isfile),
         "save_compressed": (lambda p: save_compressed(model, p, report), "directory", os.path.isdir),
         "save_hf_checkpoint": (lambda p: save_hf_checkpoint(bert, p), "directory", os.path.isdir),
         "LevelDatabase.save": (database.save, "path", os.path.isfile),

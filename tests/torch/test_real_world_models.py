@@ -78,8 +78,10 @@ def test_gguf_of_a_half_precision_model(tmp_path, dtype):
     reader = gguf.GGUFReader(tmp_path / "m.gguf")
     tensor = next(t for t in reader.tensors if t.name == "0.weight")
     dequantized = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-    # the file holds the exact grid; the model holds it rounded to its dtype
-    assert torch.equal(torch.from_numpy(np.ascontiguousarray(dequantized)).to(dtype), model[0].weight.detach())
+    # the file holds the model's codes on float16 scales; the model holds its float32 grid rounded to its dtype
+    scale = torch.from_numpy(report.layers[0].grid.scale).repeat_interleave(32, dim=1)
+    codes = torch.round(model[0].weight.detach().float() / scale)
+    assert torch.equal(torch.from_numpy(np.ascontiguousarray(dequantized)), scale.half().float() * codes)
 
 
 def transformer():

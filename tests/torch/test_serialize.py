@@ -254,6 +254,7 @@ def test_another_models_report_or_a_shrunk_layer_stores_the_weights_as_values(tm
     compress(other, [batch], recipe, correction=None, quiet=True)
     manifest = save_compressed(other, tmp_path / "same_widths", report)
     assert {e["storage"] for e in manifest["layers"].values()} <= {"dense", "sparse"}
+    assert {e["stored_as_values"] for e in manifest["layers"].values()} == {"weights are not on its quantization grid"}
     assert "weights are not on its quantization grid; stored as values" in caplog.text
     loaded = mlp(2)
     load_compressed(loaded, tmp_path / "same_widths")
@@ -276,8 +277,14 @@ def test_another_models_report_or_a_shrunk_layer_stores_the_weights_as_values(tm
     caplog.clear()
     # layers.1's per-row grid (groups of 64) still covers its 32 remaining columns, but not in a
     # shape load_compressed reads: this folder used to be written and then refused as malformed
-    save_compressed(pruned, tmp_path / "shrunk", report)
+    manifest = save_compressed(pruned, tmp_path / "shrunk", report)
     assert "layer 'layers.1': the report's grid (scales (32, 1), groups of 64) does not fit" in caplog.text
+    # the entry keeps the report's mode, and says the file holds values, not codes, and why
+    entry = manifest["layers"]["layers.1"]
+    assert entry["storage"] in ("dense", "sparse") and "bits" not in entry and entry["mode"] == report.layers[1].mode
+    assert entry["stored_as_values"] == ("the report's grid (scales (32, 1), groups of 64) does not fit the 32 x "
+                                         f"{pruned.layers[0].out_features} weight (the report of another model, or "
+                                         "a shrunk layer)")
     loaded = mlp(6, sizes=(64, pruned.layers[0].out_features, 32))
     load_compressed(loaded, tmp_path / "shrunk")
     assert_bit_identical(pruned, loaded)

@@ -319,6 +319,41 @@ def test_a_missing_key_names_the_batch():
         batch_token_mask(torch.zeros(2, 3), "pad", 0)
 
 
+def test_a_checkpoint_from_before_token_mask_resumes_only_unmasked(tmp_path, monkeypatch):
+    """run.json format 1 (written before the token_mask option, every token counted) fingerprinted
+    no mask, and the default "auto" added nothing: it was resumed under the default, solving the
+    layers still to do on masked Hessians after unmasked ones. Now only token_mask=None resumes it."""
+    import json
+
+    import importlib
+
+    checkpoint_module = importlib.import_module("obc_native.torch.checkpoint")
+    compress_module = importlib.import_module("obc_native.torch.compress")
+
+    def compress_tiny(**options):
+        return compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=4), checkpoint=tmp_path, quiet=True, **options)
+
+    with monkeypatch.context() as old_version:  # as the version before token_mask wrote it
+        old_version.setattr(compress_module, "_token_mask_description", lambda token_mask: {})
+        old_version.setattr(checkpoint_module, "_FORMAT", 1)
+        first = compress_tiny(token_mask=None)
+    assert json.loads((tmp_path / "run.json").read_text())["format"] == 1
+    for options in ({}, {"token_mask": "auto"}, {"token_mask": "attention_mask"}):
+        with pytest.raises(ValueError, match=r"was written before the token_mask option existed, when every token of "
+                                             r"a padded batch counted; this run's token_mask \((the default|"
+                                             r"'attention_mask')\) could give the layers still to do other Hessians. "
+                                             r"Resume it with token_mask=None"):
+            compress_tiny(**options)
+    resumed = compress_tiny(token_mask=None)
+    assert [(r.name, r.loss, r.samples) for r in resumed.compressed] == [
+        (r.name, r.loss, r.samples) for r in first.compressed]
+    with pytest.raises(ValueError, match="holds layers of another run"):  # another recipe: as before
+        compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=8), token_mask=None, checkpoint=tmp_path, quiet=True)
+    # a checkpoint written now records the default too
+    compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=4), checkpoint=tmp_path / "new", quiet=True)
+    assert json.loads((tmp_path / "new" / "run.json").read_text())["format"] == 2
+
+
 def test_a_checkpoint_belongs_to_its_token_mask(tmp_path):
     """Another mask gives other Hessians: a checkpoint of one is not resumed by the other."""
     compress(tiny_gpt2(), padded_batches(), LayerConfig(bits=4), token_mask=None, checkpoint=tmp_path, quiet=True)

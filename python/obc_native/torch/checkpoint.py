@@ -8,6 +8,12 @@ belongs to: a fingerprint of the recipe, the calibration mode, the layers' names
 the dense weights of the layers to compress. A directory written by another run (another
 recipe, model or mode) is refused with a ValueError, never mixed in.
 
+``run.json`` format 2 fingerprints the ``token_mask`` option too, its default ``"auto"``
+included. Format 1 was written before that option existed, when every token of a padded batch
+counted (as ``token_mask=None`` does now): it resumes under ``token_mask=None`` only; under any
+other mask the layers still to do could see other Hessians than the finished ones, so it is
+refused with a ValueError that says so.
+
 Resuming: the model given to the rerun is the dense one; each checkpointed layer's weights are
 written back into it, in the run's layer order, and its solve is skipped. Calibration still runs
 (dense mode: one pass; sequential mode: the passes of the layers not yet done, on the model with
@@ -35,7 +41,7 @@ __all__ = ["LayerCheckpoint", "NoCheckpoint", "as_checkpoint", "run_fingerprint"
 
 _RUN_FILE = "run.json"
 _DATABASE_FILE = "levels.json"  # budget runs: the level database, written once it is built
-_FORMAT = 1
+_FORMAT = 2  # 1: before the token_mask option (its runs counted every token: token_mask=None)
 
 
 def run_fingerprint(description: Mapping[str, Any], infos: Mapping[str, LayerInfo]) -> str:
@@ -84,7 +90,10 @@ class LayerCheckpoint(NoCheckpoint):
             raises ValueError.
     """
 
-    def __init__(self, directory: str | bytes | os.PathLike, fingerprint: str):
+    def __init__(self, directory: str | bytes | os.PathLike, fingerprint: str, *,
+                 before_token_mask: Callable[[], str] | None = None, token_mask: Any = None):
+        """``before_token_mask``: the fingerprint a format-1 checkpoint of this run holds (computed
+        only when one is found); ``token_mask``: the run's token_mask, as in its description."""
         self.directory = path_str(directory, "checkpoint")
         os.makedirs(self.directory, exist_ok=True)
         run_path = os.path.join(self.directory, _RUN_FILE)
@@ -94,7 +103,18 @@ class LayerCheckpoint(NoCheckpoint):
                     found = json.load(handle)
                 except json.JSONDecodeError as err:
                     raise ValueError(f"checkpoint: {run_path} is not a checkpoint description ({err})") from None
-            if not isinstance(found, dict) or found.get("fingerprint") != fingerprint:
+            old = (isinstance(found, dict) and found.get("format") == 1 and before_token_mask is not None
+                   and found.get("fingerprint") != fingerprint and found.get("fingerprint") == before_token_mask())
+            if old and token_mask is not None:
+                # its layers were solved on Hessians of every token; a masked run's later layers
+                # would be solved on others, and the mix matches neither run
+                raise ValueError(
+                    f"checkpoint: {self.directory} was written before the token_mask option existed, when every "
+                    "token of a padded batch counted; this run's token_mask "
+                    f"({'the default' if token_mask == 'auto' else repr(token_mask)}) could give the layers still "
+                    "to do other Hessians. Resume it with token_mask=None (as it was run), or use an empty directory"
+                )
+            if not old and (not isinstance(found, dict) or found.get("fingerprint") != fingerprint):
                 raise ValueError(
                     f"checkpoint: {self.directory} holds layers of another run (other model weights, recipe or "
                     "mode); use an empty directory or remove it"
@@ -179,4 +199,8 @@ def as_checkpoint(
     if directory is None:
         return NoCheckpoint()
     path_str(directory, "checkpoint")  # TypeError before the fingerprint is computed
-    return LayerCheckpoint(directory, run_fingerprint(description, infos))
+    # format 1 fingerprinted the description without its token_mask entry
+    before = {key: value for key, value in description.items() if key != "token_mask"}
+    return LayerCheckpoint(directory, run_fingerprint(description, infos),
+                           before_token_mask=lambda: run_fingerprint(before, infos),
+                           token_mask=description.get("token_mask"))

@@ -1007,11 +1007,8 @@ def _budget_run_description(
 
 
 def _token_mask_description(token_mask: TokenMask) -> dict[str, Any]:
-    """The token_mask entry of a checkpoint's description: none for the default "auto" (so that
-    checkpoints written before the option existed still match), else the key, the callable's
-    name, or None."""
-    if token_mask == "auto":
-        return {}
+    """The token_mask entry of a checkpoint's description: "auto", the key, the callable's name,
+    or None (checkpoints written before the option existed lack it: see ``torch/checkpoint.py``)."""
     if callable(token_mask):
         return {"token_mask": getattr(token_mask, "__qualname__", type(token_mask).__name__)}
     return {"token_mask": token_mask}

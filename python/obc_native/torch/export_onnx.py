@@ -70,7 +70,7 @@ from .actquant import ActQuantWrapper, fake_quantize
 from .embeddings import describe_embedding
 from .layers import LayerInfo, channels_last_perm, describe_layer, layer_kind, param_key, weight_matrix
 from .report import CompressionReport, QuantGrid
-from .serialize import _quantize_exact
+from .serialize import _grid_fits, _quantize_exact
 
 __all__ = ["ExportError", "OnnxExport", "export_onnx", "grids_from_saved"]
 
@@ -152,7 +152,7 @@ def export_onnx(
     example_args: Any,
     path: str | bytes | os.PathLike,
     *,
-    report: CompressionReport | str | os.PathLike | None = None,
+    report: CompressionReport | str | bytes | os.PathLike | None = None,
     example_kwargs: dict[str, Any] | None = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
@@ -172,7 +172,11 @@ def export_onnx(
             writable (checked first).
         report: where the quantization grids come from: the :class:`CompressionReport` returned
             by ``compress`` (its per-layer grids), or the folder written by ``save_compressed``
-            (the grids stored there). None: every weight is exported dense.
+            (the grids stored there; str, bytes or os.PathLike). None: every weight is exported
+            dense. A layer whose grid no longer has its weight's shape (a layer that
+            ``shrink_structured`` cut after compression, or the report of a model of other
+            widths) is exported with float weights, with a warning naming it, as
+            ``save_compressed`` stores it as values.
         example_kwargs: keyword inputs for the trace (e.g. ``{"attention_mask": mask}``).
         input_names, output_names: graph input / output names (default ``input_0``, ... and
             ``output_0``, ...; keyword inputs keep their keyword).
@@ -224,12 +228,20 @@ def export_onnx(
         dense = [dense]
     if not isinstance(dense, (list, tuple, set, frozenset)) or not all(isinstance(p, str) for p in dense):
         raise TypeError(f"dense: expected a list of layer-name patterns (str), got {dense!r}")
+    saved = isinstance(report, (str, bytes, os.PathLike))
     grids = _collect_grids(model, report)
     layers: dict[str, tuple[LayerInfo, QuantGrid, np.ndarray]] = {}
     for name, (info, grid) in grids.items():
         if any(fnmatchcase(name, pattern) for pattern in dense):
             continue
-        layers[name] = (info, grid, _codes_of(name, info, grid, saved=isinstance(report, (str, os.PathLike))))
+        if not _grid_fits(info, grid):
+            # its codes did not survive the cut (or never were this layer's): its float weights are
+            # still exactly the model's, as save_compressed stores them
+            logger.warning("layer %r: the report's grid (scales %s, groups of %s) does not fit the %d x %d weight "
+                           "(a layer shrink_structured cut, or the report of another model); exported with float "
+                           "weights", name, tuple(np.shape(grid.scale)), grid.group_size, info.out_features, info.cols)
+            continue
+        layers[name] = (info, grid, _codes_of(name, info, grid, saved=saved))
 
     try:
         staging = make_staging_folder(os.path.dirname(path))
@@ -322,8 +334,8 @@ def _collect_grids(model: nn.Module, report: Any) -> dict[str, tuple[LayerInfo, 
     """Layer geometry and grid of every quantized layer named by ``report``."""
     if report is None:
         return {}
-    if isinstance(report, (str, os.PathLike)):
-        grids = grids_from_saved(report)
+    if isinstance(report, (str, bytes, os.PathLike)):
+        grids = grids_from_saved(path_str(report, "report"))
     elif isinstance(report, CompressionReport):
         grids = {layer.name: layer.grid for layer in report.compressed if layer.grid is not None}
         lacking = [layer.name for layer in report.compressed if layer.bits is not None and layer.grid is None]
@@ -361,12 +373,6 @@ def _codes_of(name: str, info: LayerInfo, grid: QuantGrid, saved: bool = False) 
             "the float32 grid values: save_compressed(model, folder, report), then load_compressed(float32_model, "
             "folder, widen=True) and export it with report=folder (model.float() keeps the "
             f"{weight.dtype} rounding, off the grid); or list the layer in dense=[...]"
-        )
-    rows = np.shape(grid.scale)[0] if np.ndim(grid.scale) == 2 else None
-    if rows != info.out_features:  # else reported below as weights off the grid, which misleads
-        raise ExportError(
-            f"layer {name!r}: the report's grid has {rows} rows of scales, the layer {info.out_features} outputs; "
-            "pass the report (or saved folder) of this model's compression"
         )
     matrix = weight_matrix(info).cpu().numpy()
     codes = _quantize_exact(info, matrix, grid)

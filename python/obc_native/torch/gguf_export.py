@@ -12,12 +12,13 @@ inputs of a row, stored as float16 ``d``:
 
 These are exactly obc_native's symmetric grids (zero point ``2^(bits-1)``) with
 ``group_size=32``: ``gguf_layer_config("Q4_0")`` is that recipe entry. The one difference is the
-float16 scale: :func:`save_gguf` rounds each group's scale to float16 and sets the layer's
-weights to ``float16(scale) * (code - zero)`` with the codes OBQ/GPTQ chose, unchanged (a relative
-change of at most 2^-11 per group, reported), so that the model in memory, the file and
-``gguf``'s own dequantization agree bit for bit. Nothing is re-quantized by another tool. A
-float16 / bfloat16 model holds those float32 values rounded to its dtype (its weights were on the
-grid only up to that rounding already); the file holds the exact codes and scales.
+float16 scale: :func:`save_gguf` rounds each group's scale to float16 and stores the codes OBQ/GPTQ
+chose, unchanged, so the file's values are ``float16(scale) * (code - zero)`` (a relative change of
+at most 2^-11 per group from the model's weights, reported as ``max_abs_change``). Nothing is
+re-quantized by another tool, and the model is not changed: a writer leaves its input as it was, so
+the same model and report can be written again (a second file is bit-identical to the first).
+A float16 / bfloat16 model's weights are its float32 grid values rounded to its dtype; the file
+holds the exact codes and scales.
 
 Tensors keep their PyTorch state-dict names and other tensors are stored as float32 (or
 float16): the file holds the weights, not a llama.cpp architecture (whose runners expect their
@@ -58,8 +59,8 @@ class GGUFExportError(ValueError):
 class GGUFLayer:
     """One Linear layer written as a GGUF block format.
 
-    ``max_abs_change``: largest change of a weight when its group's scale was rounded to float16
-    (0 when the scales already were float16 values).
+    ``max_abs_change``: largest difference between a weight of the model and its value in the file,
+    where its group's scale was rounded to float16 (0 when the scales already were float16 values).
     """
 
     name: str
@@ -87,14 +88,13 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | o
     """Write ``model``'s state dict as a GGUF file, quantized Linear layers as Q4_0 / Q8_0 blocks.
 
     Args:
-        model: the model after ``compress`` with ``report``. Changed in place: each quantized
-            layer's weights are set to its float16-scale grid values (see the module docstring),
-            once the file is in place.
+        model: the model after ``compress`` with ``report``; not changed (the file holds each
+            quantized layer's float16-scale grid values, see the module docstring).
         report: the compression report (its per-layer grids give the scales and zero points).
         path: the ``.gguf`` file to write (str, bytes or os.PathLike; its folder must exist and be
             writable; checked first).
             Written to a temporary file renamed into place: a failed or interrupted write leaves
-            a previous file at ``path`` as it was (and the model unchanged); a replaced file keeps
+            a previous file at ``path`` as it was; a replaced file keeps
             its permission bits.
         architecture: the file's ``general.architecture`` value.
         float_type: "F32" or "F16", the type of every other floating-point tensor.
@@ -108,7 +108,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | o
             does not fit float16, or its grid is not of the layer's shape (another model's report);
             a state-dict tensor of a type GGUF cannot hold (bool, uint8, complex); or ``path`` cannot
             be written (a directory, a missing or read-only folder, a FIFO, a NUL character, a name
-            too long). Nothing is written or changed then.
+            too long). Nothing is written then.
         TypeError: ``model`` is not an ``nn.Module``, ``report`` not a ``CompressionReport``, or
             ``path`` not a path.
         ImportError: the ``gguf`` package is missing.
@@ -123,7 +123,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | o
     if float_type not in ("F32", "F16"):
         raise ValueError(f"float_type: expected 'F32' or 'F16', got {float_type!r}")
     path = path_str(path)
-    problem = output_file_problem(path)  # before the weights are snapped to float16 scales
+    problem = output_file_problem(path)  # before any layer is encoded
     if problem is not None:
         raise GGUFExportError(f"path {problem}")
     modules = dict(model.named_modules())
@@ -148,7 +148,7 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | o
     snapped = {name: torch.from_numpy(_values(codes, scale16, _BITS[block_type]))
                for name, (block_type, codes, scale16) in plans.items()}
     # a weight tied to a quantized layer's (e.g. an output head sharing the embedding) is written
-    # with the values the model will hold: the float16-scale grid values
+    # with the values that layer has in the file: the float16-scale grid values
     tied = {modules[name].weight.data_ptr(): values for name, values in snapped.items()}
     for key, tensor in state.items():
         values = tied.get(tensor.data_ptr())
@@ -175,15 +175,13 @@ def save_gguf(model: nn.Module, report: CompressionReport, path: str | bytes | o
             writer.close()
 
     write_file_atomically(path, write, error=GGUFExportError)
-    # the weights take their float16-scale values once the file is in place: a failed write
-    # leaves the model as it was
+    # the model keeps its weights: the snapped values are computed apart (``snapped``), so a second
+    # call with the same model and report finds them on the report's grid again
     written = []
-    with torch.no_grad():
-        for name, (block_type, codes, scale16) in plans.items():
-            weight = modules[name].weight
-            change = float((snapped[name] - weight.detach().float().cpu()).abs().max())
-            weight.copy_(snapped[name].to(weight.dtype))
-            written.append(GGUFLayer(name, block_type, tuple(weight.shape), change))
+    for name, (block_type, codes, scale16) in plans.items():
+        weight = modules[name].weight
+        change = float((snapped[name] - weight.detach().float().cpu()).abs().max())
+        written.append(GGUFLayer(name, block_type, tuple(weight.shape), change))
     logger.info("GGUF written to %s: %d layer(s) as block formats", path, len(written))
     return written
 

@@ -301,6 +301,7 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
     element = tensor.element_size()
     options = {"dense": total * element, "sparse": mask_bytes + nnz * element}
     codes = None
+    why_values = "values take fewer bytes than codes on its grid"  # a quantized layer stored as values
     if grid is not None:
         matrix32 = tensor.to(torch.float32).cpu().numpy()
         fits = _grid_fits(info, grid)
@@ -309,17 +310,23 @@ def _encode_layer(info: LayerInfo, grid: QuantGrid | None, key: str) -> tuple[di
         if not fits:
             # another model's report, or a layer shrink_structured cut after compression: the values
             # stored are still the layer's own, exactly (load_compressed restores them bit for bit)
-            logger.warning("layer %r: the report's grid (scales %s, groups of %s) does not fit the %d x %d weight "
-                           "(the report of another model, or a shrunk layer); stored as values", info.name,
-                           tuple(np.shape(grid.scale)), grid.group_size, info.out_features, info.cols)
+            why_values = (f"the report's grid (scales {tuple(np.shape(grid.scale))}, groups of {grid.group_size}) "
+                          f"does not fit the {info.out_features} x {info.cols} weight (the report of another "
+                          "model, or a shrunk layer)")
+            logger.warning("layer %r: %s; stored as values", info.name, why_values)
         elif codes is None:
-            logger.warning("layer %r: weights are not on its quantization grid; stored as values", info.name)
+            why_values = "weights are not on its quantization grid"
+            logger.warning("layer %r: %s; stored as values", info.name, why_values)
         else:
             grid_bytes = grid.scale.size * 5
             options["quantized"] = math.ceil(total * grid.bits / 8) + grid_bytes
             options["sparse_quantized"] = mask_bytes + math.ceil(nnz * grid.bits / 8) + grid_bytes
     storage = min(options, key=options.get)
     entry["storage"] = storage
+    if grid is not None and storage in ("dense", "sparse"):
+        # the entry keeps the report's mode and config (what compression did); this says that the
+        # file holds no codes for it, so that a reader (obc-native report) does not claim them
+        entry["stored_as_values"] = why_values
     tensors: dict[str, torch.Tensor] = {}
     if storage == "dense":
         tensors[key] = info.module.weight.detach().cpu().contiguous().clone()
@@ -352,7 +359,8 @@ def save_compressed(
     per-layer description; without it, sparse layers are still stored compactly but quantized
     layers are stored as values. So are the layers whose weights the report's grids do not hold
     (the report of another model, weights changed or shrunk after compression), with a warning
-    naming the layer; the manifest still describes them as the report does. ``metadata``:
+    naming the layer; the manifest entry keeps the report's mode and config (what compression
+    did) and says why the file holds values, not codes (``stored_as_values``). ``metadata``:
     JSON-serialisable extras kept in the manifest (e.g. how to rebuild the architecture).
 
     ``metadata`` that ``json`` cannot write (objects, NaN, inf, tuple keys) raises
